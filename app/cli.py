@@ -1,0 +1,65 @@
+"""The `lamina` command: `weights`, `serve`, `bench engine`, `bench serve`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_weights(args: argparse.Namespace) -> int:
+    from app.weights import WeightsError, prepare_default_model
+
+    try:
+        prepare_default_model(force=args.force)
+    except WeightsError as exc:
+        print(f"lamina weights: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from app.config import SettingsError, load_settings
+    from app.main import serve
+
+    try:
+        settings = load_settings(host=args.host, port=args.port, model=args.model)
+    except SettingsError as exc:
+        print(f"lamina serve: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    return serve(settings)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_target == "engine":
+        from app.bench.engine_bench import main as bench_engine
+
+        return bench_engine(args.rest)
+    from app.bench.serve_bench import main as bench_serve
+
+    return bench_serve(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lamina", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    weights = sub.add_parser("weights", help="prepare the default model in model_weights/")
+    weights.add_argument("--force", action="store_true", help="rebuild even when present")
+    weights.set_defaults(func=_cmd_weights)
+
+    serve = sub.add_parser("serve", help="serve the HTTP API (settings from LAMINA_* env)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--model", help="local HF model folder (LAMINA_MODEL)")
+    serve.set_defaults(func=_cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks: `engine` (offline) or `serve` (HTTP)")
+    bench.add_argument("bench_target", choices=["engine", "serve"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)

@@ -1,0 +1,43 @@
+"""The contracts the engine depends on, implemented elsewhere (model/runner.py, tokenizer.py).
+
+Keeping them here lets the scheduler and engine be tested with fakes, without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceOf
+from typing import Protocol
+
+from app.core import SampleOutput, ScheduledBatch
+
+
+class Runner(Protocol):
+    """Runs one batched forward pass plus sampling. Owned by the engine thread."""
+
+    block_size: int  # tokens per KV block
+    num_blocks: int  # KV blocks in the preallocated cache
+    max_model_len: int  # context window in tokens (prompt + output)
+
+    def execute(self, batch: ScheduledBatch) -> list[SampleOutput | None]:
+        """Compute `batch` and return one entry per `batch.seqs`, in order.
+
+        The entry is a SampleOutput where `ScheduledSeq.sample` is True, None otherwise.
+        Reads each sequence's tokens, positions and block table; writes K/V into the
+        cache slots of the new tokens. Never mutates the sequences.
+        Raises on failure; the engine fails the affected requests.
+        """
+        ...
+
+    def release(self, seq_ids: SequenceOf[int]) -> None:
+        """Forget per-sequence state (seeded generators, penalty counts) of finished sequences."""
+        ...
+
+
+class TokenizerLike(Protocol):
+    """What the detokenizer and engine need from a tokenizer."""
+
+    eos_token_ids: frozenset[int]
+
+    def decode(self, token_ids: SequenceOf[int], skip_special_tokens: bool = True) -> str: ...
+
+    def is_special(self, token_id: int) -> bool: ...

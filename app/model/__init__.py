@@ -1,0 +1,1 @@
+"""Everything that touches tensors: the LLaMA model, paged attention, KV cache, sampler."""
