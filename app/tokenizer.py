@@ -1,0 +1,78 @@
+"""Tokenizer wrapper: encoding, chat template, special and stop ids, token texts.
+
+One instance per thread that uses it (the event loop and the engine thread each load
+their own): Hugging Face fast tokenizers are not safe to share across threads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence as SequenceOf
+from pathlib import Path
+from typing import Any
+
+
+class ChatTemplateError(ValueError):
+    """The messages could not be rendered with the model's chat template."""
+
+
+class Tokenizer:
+    """Everything lamina needs from a Hugging Face tokenizer folder."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        from transformers import AutoTokenizer  # lazy: keeps `import app` light
+
+        self.model_dir = Path(model_dir)
+        self._hf = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.vocab_size = len(self._hf)
+        self.eos_token_ids = frozenset(self._collect_eos_ids())
+        self._special_ids = frozenset(self._hf.all_special_ids)
+        self.has_chat_template = bool(getattr(self._hf, "chat_template", None))
+
+    def _collect_eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        if self._hf.eos_token_id is not None:
+            ids.add(int(self._hf.eos_token_id))
+        gen_config = self.model_dir / "generation_config.json"
+        if gen_config.is_file():
+            eos = json.loads(gen_config.read_text()).get("eos_token_id")
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, list):
+                ids.update(int(i) for i in eos)
+        return ids
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._hf.bos_token_id
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Render chat messages with the model's template and tokenize them."""
+        if not self.has_chat_template:
+            raise ChatTemplateError("this model has no chat template; use /v1/completions")
+        try:
+            text = self._hf.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        except Exception as exc:  # jinja errors raised by the template itself
+            raise ChatTemplateError(f"chat template failed: {exc}") from None
+        # The template already wrote any BOS/role markers it wants.
+        return self.encode(text, add_special_tokens=False)
+
+    def decode(self, token_ids: SequenceOf[int], skip_special_tokens: bool = True) -> str:
+        return self._hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token on its own (for logprobs); never skips specials."""
+        return self._hf.decode([token_id], skip_special_tokens=False)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def is_valid_id(self, token_id: int) -> bool:
+        return 0 <= token_id < self.vocab_size

@@ -1,0 +1,54 @@
+"""Fixtures shared by every test folder. Folder-specific fixtures live in that folder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from app.weights import default_model_dir, is_complete
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    """The default SmolLM2-135M-Instruct folder (`make test` prepares it first)."""
+    path = default_model_dir()
+    if not is_complete(path):
+        pytest.fail(f"{path} is missing: run `lamina weights` (make test does it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
+    """A tiny random LLaMA (2 layers, GQA, untied head) with the default model's tokenizer.
+
+    Fast enough for unit tests; transformers writes it, so it is a faithful HF layout.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "generation_config.json"):
+        src = default_model_path / name
+        if src.is_file():
+            shutil.copy(src, out / name)
+    return out
