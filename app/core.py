@@ -190,6 +190,17 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class RequestTimings:
+    """Engine-side timestamps of one sequence (time.monotonic seconds), for metrics."""
+
+    arrival: float  # accepted by Engine.generate
+    first_scheduled: float | None  # first step that computed any of its tokens
+    first_token: float | None  # first output token sampled
+    finished: float
+    num_preemptions: int = 0
+
+
+@dataclass(frozen=True)
 class TokenDelta:
     """What one engine step produced for one sequence of a request.
 
@@ -206,6 +217,7 @@ class TokenDelta:
     stop_reason: str | int | None = None  # the stop string or token id that matched
     usage: Usage | None = None
     error: str | None = None  # set with FinishReason.ERROR / ABORT for the caller
+    timings: RequestTimings | None = None  # on the last delta of a sequence
 
     @property
     def finished(self) -> bool:

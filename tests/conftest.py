@@ -46,8 +46,12 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory, default_model_path
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "generation_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ):
         src = default_model_path / name
         if src.is_file():
             shutil.copy(src, out / name)

@@ -1,0 +1,1 @@
+"""Benchmarks: `lamina bench engine` (offline) and `lamina bench serve` (HTTP)."""

@@ -1,0 +1,193 @@
+"""`lamina bench engine`: offline throughput of our engine vs transformers' generate.
+
+Fixed workload (seeded): N prompts of about P tokens, O new tokens each, EOS ignored.
+For each concurrency C, lamina's EngineCore runs a closed loop with C sequences in
+flight, and transformers' `generate` runs the same prompts in static left-padded
+batches of C. Both run in the same process, one after the other, so the ratio holds
+even on a noisy machine. Model-FLOPs utilisation is achieved FLOP/s over a matmul
+peak measured here and now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from app.bench.flops import measure_matmul_peak, model_flops_per_token
+from app.config import load_settings
+from app.core import SamplingParams
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    num_requests: int
+    output_tokens: int
+    lamina_seconds: float
+    lamina_tok_s: float
+    lamina_mfu: float
+    baseline_seconds: float | None
+    baseline_tok_s: float | None
+    ratio: float | None
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lamina bench engine", description=__doc__)
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=128, help="mean prompt tokens")
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--weight-dtype", default="auto")
+    parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
+    parser.add_argument("--quick", action="store_true", help="small workload (smoke run)")
+    parser.add_argument("--json", type=Path, help="write results here")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_prompts, args.output_len = min(args.num_prompts, 16), min(args.output_len, 32)
+    return args
+
+
+def make_prompts(vocab_size: int, num: int, mean_len: int, seed: int) -> list[list[int]]:
+    """Seeded random token ids, lengths within +-6% of the mean (so padding is real)."""
+    rng = random.Random(seed)
+    spread = max(1, mean_len // 16)
+    # Skip the low ids, where the special tokens of most vocabularies live.
+    return [
+        [rng.randrange(100, vocab_size) for _ in range(mean_len + rng.randint(-spread, spread))]
+        for _ in range(num)
+    ]
+
+
+def run_lamina(
+    core, prompts: list[list[int]], concurrency: int, output_len: int
+) -> tuple[int, float]:
+    """Closed loop: keep `concurrency` requests in flight until all prompts are done."""
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    queue = list(enumerate(prompts))
+    in_flight, num_tokens = 0, 0
+    start = time.perf_counter()
+    while queue or core.has_unfinished():
+        while queue and in_flight < concurrency:
+            index, prompt = queue.pop(0)
+            core.add_request(f"bench-{concurrency}-{index}", prompt, params)
+            in_flight += 1
+        for delta in core.step():
+            if delta.error:
+                raise RuntimeError(delta.error)
+            num_tokens += len(delta.token_ids)
+            if delta.finished:
+                in_flight -= 1
+    return num_tokens, time.perf_counter() - start
+
+
+def run_transformers(
+    model, prompts: list[list[int]], batch_size: int, output_len: int, pad_id: int
+) -> tuple[int, float]:
+    """transformers' generate in static left-padded batches (its usual offline use)."""
+    num_tokens = 0
+    start = time.perf_counter()
+    for first in range(0, len(prompts), batch_size):
+        batch = prompts[first : first + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=model.device)
+        mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in batch], device=model.device
+        )
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=output_len,
+                min_new_tokens=output_len,
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
+        num_tokens += (out.shape[1] - width) * len(batch)
+    return num_tokens, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    from app.engine.engine_core import EngineCore
+    from app.model.runner import ModelRunner
+    from app.tokenizer import Tokenizer
+
+    args = parse_args(argv or [])
+    levels = [int(c) for c in args.concurrency.split(",")]
+    settings = load_settings(
+        device=args.device,
+        dtype=args.dtype,
+        weight_dtype=args.weight_dtype,
+        max_num_seqs=max(levels),
+        enable_prefix_caching=False,
+        max_num_batched_tokens=max(512, max(levels)),
+    )
+    runner = ModelRunner.from_settings(settings)
+    runner.warmup()
+    tokenizer = Tokenizer(settings.model)
+    prompts = make_prompts(tokenizer.vocab_size, args.num_prompts, args.prompt_len, args.seed)
+    device, dtype = torch.device(runner.device), runner.dtype
+    peak = measure_matmul_peak(device, dtype)
+    mean_prompt = sum(map(len, prompts)) / len(prompts)
+    flops_per_request = (mean_prompt + args.output_len) * model_flops_per_token(
+        settings.model, int(mean_prompt + args.output_len / 2)
+    )
+    baseline = None if args.no_baseline else _load_baseline(settings.model, device, dtype)
+    print(_header(runner, peak, args), flush=True)
+    results = []
+    for level in levels:
+        core = EngineCore(runner, tokenizer, settings)
+        run_lamina(core, prompts[: min(4, len(prompts))], level, 4)  # warm this shape
+        tokens, seconds = run_lamina(core, prompts, level, args.output_len)
+        mfu = flops_per_request * len(prompts) / seconds / peak
+        b_tokens = b_seconds = None
+        if baseline is not None:
+            b_tokens, b_seconds = run_transformers(baseline, prompts, level, args.output_len, 2)
+        result = LevelResult(
+            level,
+            len(prompts),
+            tokens,
+            seconds,
+            tokens / seconds,
+            mfu,
+            b_seconds,
+            b_tokens / b_seconds if b_tokens else None,
+            (tokens / seconds) / (b_tokens / b_seconds) if b_tokens else None,
+        )
+        results.append(result)
+        print(_row(result), flush=True)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0
+
+
+def _load_baseline(model_dir: Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    return model.eval()
+
+
+def _header(runner, peak: float, args: argparse.Namespace) -> str:
+    return (
+        f"lamina bench engine: device={runner.device} dtype={runner.dtype} "
+        f"threads={torch.get_num_threads()} matmul peak={peak / 1e9:.0f} GFLOP/s\n"
+        f"workload: {args.num_prompts} prompts x ~{args.prompt_len} tokens, "
+        f"{args.output_len} new tokens each, EOS ignored\n"
+        f"{'conc':>5} {'lamina tok/s':>13} {'MFU':>6} {'transformers tok/s':>19} {'ratio':>6}"
+    )
+
+
+def _row(r: LevelResult) -> str:
+    base = f"{r.baseline_tok_s:19.1f}" if r.baseline_tok_s else f"{'-':>19}"
+    ratio = f"{r.ratio:6.2f}" if r.ratio else f"{'-':>6}"
+    return f"{r.concurrency:5d} {r.lamina_tok_s:13.1f} {r.lamina_mfu:6.1%} {base} {ratio}"

@@ -1,0 +1,138 @@
+"""Fixtures for engine tests on the default model: one runner, transformers references."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from app.config import load_settings
+from app.core import SamplingParams, TokenDelta
+from app.engine.engine_core import EngineCore
+from app.tokenizer import Tokenizer
+from tests.engine.corpus import PASSAGE
+
+NUM_NEW_TOKENS = 32
+GREEDY = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0.0)
+# (start, length) slices of the corpus: 8 prompts from 5 to 500 tokens.
+PROMPT_SLICES = [(0, 5), (37, 19), (90, 64), (150, 121), (210, 200), (5, 287), (60, 403), (0, 500)]
+
+
+@dataclass
+class SizedRunner:
+    """A runner wrapper that reports fewer KV blocks, to force preemption in tests."""
+
+    inner: object
+    num_blocks: int
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def execute(self, batch):  # noqa: ANN001, ANN201 - Runner protocol
+        return self.inner.execute(batch)
+
+    def release(self, seq_ids):  # noqa: ANN001, ANN201
+        return self.inner.release(seq_ids)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_path) -> Tokenizer:
+    return Tokenizer(default_model_path)
+
+
+@pytest.fixture(scope="session")
+def corpus_ids(tokenizer) -> list[int]:
+    ids = tokenizer.encode(PASSAGE)
+    assert len(ids) >= 500, len(ids)
+    return ids
+
+
+@pytest.fixture(scope="session")
+def parity_prompts(corpus_ids) -> list[list[int]]:
+    return [corpus_ids[start : start + length] for start, length in PROMPT_SLICES]
+
+
+@pytest.fixture(scope="session")
+def hf_model(default_model_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
+    return model.eval()
+
+
+def hf_greedy(model, prompt: list[int], num_new_tokens: int = NUM_NEW_TOKENS) -> list[int]:
+    """transformers' own generate, greedy, fp32: the reference every engine path must equal."""
+    input_ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=num_new_tokens,
+            do_sample=False,
+            pad_token_id=2,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="session")
+def hf_references(hf_model, parity_prompts) -> list[list[int]]:
+    return [hf_greedy(hf_model, prompt) for prompt in parity_prompts]
+
+
+@pytest.fixture(scope="session")
+def engine_settings(default_model_path):
+    return load_settings(
+        environ={}, model=default_model_path, kv_cache_gb=0.5, device="cpu", dtype="float32"
+    )
+
+
+@pytest.fixture(scope="session")
+def runner(engine_settings):
+    from app.model.runner import ModelRunner
+
+    return ModelRunner.from_settings(engine_settings)
+
+
+@pytest.fixture
+def make_core(runner, tokenizer, engine_settings):
+    """Build an EngineCore over the shared runner; checks no block stays referenced."""
+    cores: list[EngineCore] = []
+
+    def build(num_blocks: int | None = None, **overrides) -> EngineCore:
+        settings = engine_settings.model_copy(update=overrides)
+        wrapped = runner if num_blocks is None else SizedRunner(runner, num_blocks)
+        core = EngineCore(wrapped, tokenizer, settings)
+        cores.append(core)
+        return core
+
+    yield build
+    for core in cores:
+        assert not core.has_unfinished()
+        assert core.block_manager.num_used_blocks == 0, "a KV block is still referenced"
+
+
+def drive(
+    core: EngineCore,
+    arrivals: dict[int, Iterable[tuple[str, list[int]]]],
+    params: SamplingParams = GREEDY,
+    max_steps: int = 100_000,
+) -> dict[str, list[int]]:
+    """Add requests at the given step numbers and step until all finish; return token ids."""
+    pending = {step: list(reqs) for step, reqs in arrivals.items()}
+    tokens: dict[str, list[int]] = defaultdict(list)
+    for step in range(max_steps):
+        for request_id, prompt in pending.pop(step, []):
+            assert core.add_request(request_id, prompt, params) == []
+        if not pending and not core.has_unfinished():
+            return dict(tokens)
+        for delta in core.step():
+            assert_ok(delta)
+            tokens[delta.request_id].extend(delta.token_ids)
+    raise AssertionError("the engine did not finish")
+
+
+def assert_ok(delta: TokenDelta) -> None:
+    assert delta.error is None, delta.error
