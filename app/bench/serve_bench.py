@@ -1,0 +1,135 @@
+"""`lamina bench serve`: an HTTP load benchmark for any OpenAI-compatible server.
+
+N streaming clients in a closed loop (each sends its next request when the previous
+one ends), seeded random prompts of a fixed token length sent as token ids, a fixed
+output length (ignore_eos), for a sweep of concurrencies. Reports output tokens/s,
+requests/s, TTFT, inter-token and end-to-end latency percentiles and errors; writes
+JSON and a PNG plot. `--spawn` starts lamina itself; `--baseline transformers` also
+starts a static-batching transformers server and measures it in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from app.bench.serve_client import RequestRecord, completion_body, stream_one
+from app.bench.serve_stats import LevelSummary, summarize
+from app.bench.spawn import spawned_server
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lamina bench serve", description=__doc__)
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    parser.add_argument("--model", help="model id (default: the server's first model)")
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spawn", action="store_true", help="start a lamina server first")
+    parser.add_argument("--baseline", choices=["none", "transformers"], default="none")
+    parser.add_argument("--out", type=Path, default=Path("bench_results"))
+    parser.add_argument("--timeout-s", type=float, default=600.0)
+    return parser.parse_args(argv)
+
+
+@dataclass
+class ServerRun:
+    name: str
+    levels: list[LevelSummary]
+
+
+def seeded_prompts(num: int, length: int, seed: int, vocab_size: int = 49152) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab_size) for _ in range(length)] for _ in range(num)]
+
+
+async def _client_loop(
+    client: httpx.AsyncClient, url: str, bodies: list[dict], records: list, progress
+) -> None:
+    for body in bodies:
+        records.append(await stream_one(client, url, body))
+        progress.update(1)
+
+
+async def run_level(
+    base_url: str, model: str, concurrency: int, args: argparse.Namespace
+) -> LevelSummary:
+    """Run one concurrency level: `concurrency` clients, each sending its share in turn."""
+    from tqdm import tqdm
+
+    total = concurrency * args.requests_per_client
+    prompts = seeded_prompts(total, args.prompt_len, args.seed + concurrency)
+    bodies = [completion_body(model, p, args.output_len) for p in prompts]
+    records: list[RequestRecord] = []
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    timeout = httpx.Timeout(args.timeout_s, connect=30.0)
+    url = f"{base_url}/v1/completions"
+    with tqdm(total=total, desc=f"concurrency {concurrency:>3}", unit="req", leave=False) as bar:
+        async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+            start = time.perf_counter()
+            shares = [bodies[i::concurrency] for i in range(concurrency)]
+            await asyncio.gather(*(_client_loop(client, url, s, records, bar) for s in shares))
+            elapsed = time.perf_counter() - start
+    return summarize(concurrency, records, elapsed)
+
+
+async def _first_model(base_url: str) -> str:
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.get(f"{base_url}/v1/models")
+        response.raise_for_status()
+        return response.json()["data"][0]["id"]
+
+
+async def sweep(name: str, base_url: str, args: argparse.Namespace) -> ServerRun:
+    model = args.model or await _first_model(base_url)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    # One short request first, so no level pays for a cold start.
+    await run_level(
+        base_url,
+        model,
+        1,
+        argparse.Namespace(**{**vars(args), "output_len": 4, "requests_per_client": 1}),
+    )
+    summaries = []
+    for level in levels:
+        summary = await run_level(base_url, model, level, args)
+        print(f"{name:>12} {summary.table_row()}", flush=True)
+        summaries.append(summary)
+    return ServerRun(name, summaries)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from app.bench.serve_report import write_plot, write_table
+
+    args = parse_args(argv or [])
+    runs: list[ServerRun] = []
+    print(f"{'server':>12} {LevelSummary.table_header()}", flush=True)
+    if args.spawn:
+        with spawned_server("lamina") as url:
+            runs.append(asyncio.run(sweep("lamina", url, args)))
+    else:
+        runs.append(asyncio.run(sweep("target", args.url.rstrip("/"), args)))
+    if args.baseline == "transformers":
+        with spawned_server("transformers") as url:
+            runs.append(asyncio.run(sweep("transformers", url, args)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "workload": {k: v for k, v in vars(args).items() if k != "out"},
+        "runs": [{"server": r.name, "levels": [asdict(lv) for lv in r.levels]} for r in runs],
+    }
+    (args.out / "serve_bench.json").write_text(json.dumps(payload, indent=2, default=str))
+    write_table(runs, args.out / "serve_bench.md")
+    write_plot(runs, args.out / "serve_bench.png")
+    print(f"results: {args.out}/serve_bench.json, .md, .png")
+    failed = sum(lv.num_errors for r in runs for lv in r.levels)
+    return 1 if failed else 0

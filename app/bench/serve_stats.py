@@ -1,0 +1,86 @@
+"""Percentiles and per-level summaries for `lamina bench serve`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.bench.serve_client import RequestRecord
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass
+class LevelSummary:
+    concurrency: int
+    num_requests: int
+    num_errors: int
+    duration_s: float
+    output_tok_s: float
+    requests_per_s: float
+    ttft_p50_s: float | None
+    ttft_p90_s: float | None
+    ttft_p99_s: float | None
+    itl_p50_s: float | None
+    itl_p90_s: float | None
+    itl_p99_s: float | None
+    e2e_p50_s: float | None
+    e2e_p90_s: float | None
+    e2e_p99_s: float | None
+    first_error: str | None = None
+
+    @staticmethod
+    def table_header() -> str:
+        return (
+            f"{'conc':>5} {'tok/s':>8} {'req/s':>6} {'TTFT p50/p99 ms':>16} "
+            f"{'ITL p50/p99 ms':>15} {'E2E p50/p99 s':>14} {'errors':>6}"
+        )
+
+    def table_row(self) -> str:
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v * 1000:.0f}"
+
+        def s(v: float | None) -> str:
+            return "-" if v is None else f"{v:.1f}"
+
+        return (
+            f"{self.concurrency:5d} {self.output_tok_s:8.1f} {self.requests_per_s:6.2f} "
+            f"{ms(self.ttft_p50_s) + '/' + ms(self.ttft_p99_s):>16} "
+            f"{ms(self.itl_p50_s) + '/' + ms(self.itl_p99_s):>15} "
+            f"{s(self.e2e_p50_s) + '/' + s(self.e2e_p99_s):>14} {self.num_errors:6d}"
+        )
+
+
+def summarize(concurrency: int, records: list[RequestRecord], duration_s: float) -> LevelSummary:
+    ok = [r for r in records if r.ok]
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    gaps = [g for r in ok for g in r.chunk_gaps_s]
+    e2e = [r.e2e_s for r in ok]
+    tokens = sum(r.output_tokens for r in ok)
+    errors = [r for r in records if not r.ok]
+    return LevelSummary(
+        concurrency=concurrency,
+        num_requests=len(records),
+        num_errors=len(errors),
+        duration_s=duration_s,
+        output_tok_s=tokens / duration_s if duration_s > 0 else 0.0,
+        requests_per_s=len(ok) / duration_s if duration_s > 0 else 0.0,
+        ttft_p50_s=percentile(ttft, 50),
+        ttft_p90_s=percentile(ttft, 90),
+        ttft_p99_s=percentile(ttft, 99),
+        itl_p50_s=percentile(gaps, 50),
+        itl_p90_s=percentile(gaps, 90),
+        itl_p99_s=percentile(gaps, 99),
+        e2e_p50_s=percentile(e2e, 50),
+        e2e_p90_s=percentile(e2e, 90),
+        e2e_p99_s=percentile(e2e, 99),
+        first_error=errors[0].error if errors else None,
+    )

@@ -1,0 +1,57 @@
+"""Start a server process for a benchmark on a free loopback port; stop it afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+
+COMMANDS = {
+    "lamina": [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port"],
+    "transformers": [sys.executable, "-m", "app.bench.baseline_server", "--port"],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_serving(url: str, process: subprocess.Popen, timeout_s: float = 300.0) -> None:
+    """Poll GET /v1/models until it answers 200 (lamina answers only once ready)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with code {process.returncode} during start-up")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"server at {url} not ready after {timeout_s:.0f}s")
+
+
+@contextlib.contextmanager
+def spawned_server(kind: str, extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "LAMINA_LOG_LEVEL": "warning", **(extra_env or {})}
+    process = subprocess.Popen([*COMMANDS[kind], str(port)], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, process)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
