@@ -1,0 +1,256 @@
+"""Token-budget scheduler: continuous batching with chunked prefill and preemption.
+
+There are no prefill and decode phases. Each step, every scheduled sequence catches
+`num_computed_tokens` up towards `num_tokens` (prompt + output so far) by as many tokens
+as the step's budget allows, so a long prompt is simply computed in chunks over several
+steps while other sequences keep decoding. Running sequences go first, in admission
+order, then waiting ones in FIFO order.
+
+KV blocks are allocated lazily: only what the step computes (positions up to
+num_computed_tokens + num_new_tokens), not the whole prompt or max_tokens up front. That
+admits as many sequences as the cache holds right now, at the price of preemption when
+they grow: the most recently admitted running sequence gives its blocks back and is
+recomputed later from prompt + output (its full blocks usually survive in the prefix
+cache, so recomputing is cheap).
+
+A sequence that cannot fit even in the whole cache is failed instead of blocking
+everyone: it is finished with FinishReason.ERROR, its blocks freed, and returned once by
+`pop_failed()` so the engine can tell its caller.
+
+Pure Python; never reads a clock (timing is the engine's job).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from app.core import (
+    FinishReason,
+    SampleOutput,
+    ScheduledBatch,
+    ScheduledSeq,
+    Sequence,
+    SequenceStatus,
+)
+from app.engine.block_manager import BlockManager
+from app.engine.stopping import check_stop, default_criteria
+
+
+@dataclass
+class SeqUpdate:
+    """What one step did to one sequence that sampled a token."""
+
+    seq: Sequence
+    output: SampleOutput  # the token sampled this step
+    finish_reason: FinishReason | None  # token-level stop: EOS, stop token id, length
+    stop_reason: int | None  # the stop_token_ids entry that matched, if any
+
+
+class Scheduler:
+    """Decides, step by step, which sequences advance and by how many tokens."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: frozenset[int],
+    ) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.stop_criteria = default_criteria(self.eos_token_ids, max_model_len)
+        self.waiting: deque[Sequence] = deque()  # FIFO; preempted ones re-enter at the front
+        self.running: list[Sequence] = []  # admission order: the last is preempted first
+        self._failed: list[Sequence] = []  # finished with ERROR, not yet reported
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------- queues
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Enqueue a WAITING sequence (FIFO)."""
+        if seq.status is not SequenceStatus.WAITING:
+            raise ValueError(f"sequence {seq.seq_id} is {seq.status.value}, not waiting")
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a sequence now (stop string, error): free its blocks, forget it. Idempotent."""
+        if seq.is_finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def abort_request(self, request_id: str) -> list[Sequence]:
+        """Finish every unfinished sequence of a request with ABORT; returns them."""
+        aborted = [s for s in (*self.running, *self.waiting) if s.request_id == request_id]
+        for seq in aborted:
+            self.finish(seq, FinishReason.ABORT)
+        return aborted
+
+    def pop_failed(self) -> list[Sequence]:
+        """Sequences the scheduler failed since the last call (already FINISHED, ERROR).
+
+        Today the only cause is a sequence that needs more KV blocks than the whole cache.
+        """
+        failed, self._failed = self._failed, []
+        return failed
+
+    # ----------------------------------------------------------------- schedule
+    def schedule(self) -> ScheduledBatch:
+        """Plan one step under the token and sequence budgets; may preempt and fail seqs."""
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+        budget = self._schedule_running(budget, scheduled, preempted)
+        # Admitting right after preempting would hand the freed blocks to a newcomer and
+        # preempt again next step; let the running ones grow first.
+        if not preempted:
+            self._schedule_waiting(budget, scheduled)
+        num_tokens = sum(s.num_new_tokens for s in scheduled)
+        return ScheduledBatch(seqs=scheduled, num_batched_tokens=num_tokens, preempted=preempted)
+
+    def _schedule_running(
+        self, budget: int, scheduled: list[ScheduledSeq], preempted: list[Sequence]
+    ) -> int:
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if num_new <= 0:  # nothing to compute (cannot happen after update; be safe)
+                index += 1
+                continue
+            if not self._make_room(seq, num_new, preempted):
+                break  # seq itself left the running list, and it was the last one
+            self.block_manager.append_slots(seq, num_new)
+            scheduled.append(self._scheduled(seq, num_new))
+            budget -= num_new
+            index += 1
+        return budget
+
+    def _make_room(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
+        """Preempt the most recently admitted sequences until seq can grow by num_new.
+
+        Victims come from the end of the running list, after seq, so a sequence already
+        scheduled this step is never taken. Returns False when seq itself had to go:
+        preempted, or failed if it alone needs more blocks than the whole cache.
+        """
+        while not self.block_manager.can_append_slots(seq, num_new):
+            victim = self.running[-1]
+            if victim is seq and self._never_fits(seq.num_computed_tokens + num_new):
+                self._fail(seq)
+                return False
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _schedule_waiting(self, budget: int, scheduled: list[ScheduledSeq]) -> None:
+        manager = self.block_manager
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                return
+            if not self._dependency_ready(seq):
+                continue  # its prompt's blocks are still being computed by a sibling
+            if self._never_fits(seq.num_tokens):
+                self.waiting.remove(seq)
+                self._fail(seq)
+                continue
+            cached_block_ids = manager.match_prefix(seq)
+            num_cached = len(cached_block_ids) * manager.block_size
+            num_new = min(seq.num_tokens - num_cached, budget)
+            if not manager.can_allocate(seq, num_cached + num_new, cached_block_ids):
+                return  # FIFO: nobody overtakes the head for blocks
+            manager.allocate(seq, num_cached + num_new, cached_block_ids)
+            self._admit(seq, num_cached)
+            scheduled.append(self._scheduled(seq, num_new))
+            budget -= num_new
+
+    def _dependency_ready(self, seq: Sequence) -> bool:
+        """n > 1: wait until the sibling computed the shared prompt (or finished)."""
+        parent = seq.wait_for_seq
+        if parent is None or not self.block_manager.enable_prefix_caching:
+            return True
+        return parent.is_finished or parent.num_computed_tokens >= parent.num_prompt_tokens
+
+    def _admit(self, seq: Sequence, num_cached: int) -> None:
+        self.waiting.remove(seq)
+        if seq.num_preemptions == 0:  # usage reports the first admission's prompt hits
+            seq.num_cached_tokens = min(num_cached, seq.num_prompt_tokens)
+        seq.num_computed_tokens = num_cached
+        seq.wait_for_seq = None  # shared once; a later preemption need not wait again
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    @staticmethod
+    def _scheduled(seq: Sequence, num_new: int) -> ScheduledSeq:
+        reaches_end = seq.num_computed_tokens + num_new == seq.num_tokens
+        return ScheduledSeq(seq=seq, num_new_tokens=num_new, sample=reaches_end)
+
+    def _never_fits(self, num_tokens: int) -> bool:
+        return self.block_manager.num_blocks_for(num_tokens) > self.block_manager.num_blocks
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Give seq's blocks back; it is recomputed later from prompt + output."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _fail(self, seq: Sequence) -> None:
+        self.finish(seq, FinishReason.ERROR)
+        self._failed.append(seq)
+
+    # ------------------------------------------------------------------- update
+    def update(self, batch: ScheduledBatch, outputs: list[SampleOutput | None]) -> list[SeqUpdate]:
+        """Apply a step's results: advance computed tokens, append samples, check stops.
+
+        Returns one SeqUpdate per sequence that sampled. Sequences that hit a token-level
+        stop are FINISHED, their blocks freed (their full blocks stay in the prefix cache).
+        """
+        if len(outputs) != len(batch.seqs):
+            raise ValueError(f"{len(outputs)} outputs for {len(batch.seqs)} scheduled sequences")
+        updates: list[SeqUpdate] = []
+        for scheduled, output in zip(batch.seqs, outputs):
+            seq = scheduled.seq
+            if seq.is_finished:  # ended between schedule and update (abort, error)
+                continue
+            seq.num_computed_tokens += scheduled.num_new_tokens
+            self.block_manager.cache_full_blocks(seq)
+            if not scheduled.sample:
+                continue
+            if output is None:
+                raise ValueError(f"no sample for sequence {seq.seq_id} that should sample")
+            seq.output_token_ids.append(output.token_id)
+            decision = check_stop(seq, self.stop_criteria)
+            if decision is None:
+                updates.append(SeqUpdate(seq, output, None, None))
+                continue
+            self.finish(seq, decision.reason)
+            updates.append(SeqUpdate(seq, output, decision.reason, decision.stop_token_id))
+        return updates
