@@ -37,7 +37,7 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._params = params
         self._max_stop_len = max((len(s) for s in params.stop), default=0)
-        self._ids = list(prompt_token_ids[-NUM_CONTEXT_TOKENS:])
+        self._ids = self._context(prompt_token_ids)
         self._prefix_offset = 0  # start of the decode window
         self._read_offset = len(self._ids)  # tokens before it are in _settled_text
         self._prefix_text = self._decode(self._ids)
@@ -46,6 +46,18 @@ class IncrementalDetokenizer:
         self._num_output_tokens = 0
         self._done = False  # a stop string matched, or flush() ran
         self.output_text = ""  # everything emitted so far
+
+    def _context(self, prompt_token_ids: list[int]) -> list[int]:
+        """The prompt's last tokens, minus any that end in half a character.
+
+        A prompt given as token ids may end inside a character; the output's first bytes
+        must not complete it (they would vanish into the prompt's text), so those
+        trailing tokens are left out of the context.
+        """
+        context = list(prompt_token_ids[-NUM_CONTEXT_TOKENS:])
+        while context and self._decode(context).endswith(_REPLACEMENT_CHAR):
+            context.pop()
+        return context
 
     def _decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(
