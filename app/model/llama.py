@@ -1,0 +1,195 @@
+"""LLaMA over a flat batch of tokens: RMSNorm, rotary embeddings, GQA attention, SwiGLU.
+
+There is no batch dimension: the tokens of every sequence in a step are concatenated
+into N rows, and the attention metadata says which rows belong together and where
+their keys and values live in the paged cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from app.model.attention import AttentionMetadata, paged_attention
+from app.model.kv_cache import KVCache
+from app.model.loader import ModelConfig, rope_inverse_frequencies
+
+
+class Linear(nn.Module):
+    """y = x W^T + b. Every matmul of the model goes through this class.
+
+    The weight is stored [out_features, in_features] in the model dtype. Changing how
+    weights are stored (layout, precision) is a local change: `forward` and
+    `prepare_for_inference` (called once after loading) are the only places that know.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def prepare_for_inference(self) -> None:
+        """Hook to re-lay the loaded weight out for speed; the reference layout needs nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, in] -> [N, out]
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, hidden]
+        # Statistics in fp32 whatever the model dtype, as the reference implementation does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates each (i, i + head_dim/2) pair of q and k by position * inv_freq[i].
+
+    cos/sin are precomputed for every position once, so a step only gathers rows.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.cos: torch.Tensor | None = None  # [max_positions, head_dim]
+        self.sin: torch.Tensor | None = None
+
+    def build_cache(self, max_positions: int, device: torch.device, dtype: torch.dtype) -> None:
+        inv_freq = rope_inverse_frequencies(self.config).to(device)  # [head_dim / 2]
+        positions = torch.arange(max_positions, device=device, dtype=torch.float32)
+        angles = positions[:, None] * inv_freq[None, :]  # [max_positions, head_dim / 2]
+        angles = torch.cat((angles, angles), dim=-1)  # [max_positions, head_dim]
+        self.cos = angles.cos().to(dtype)
+        self.sin = angles.sin().to(dtype)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for each token: [N] -> two [N, 1, head_dim] (broadcast over heads)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, head_dim] rotated; cos/sin [N, 1, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.split_sizes = (config.q_size, config.kv_size, config.kv_size)
+        self.qkv_proj = Linear(config.hidden_size, sum(self.split_sizes), config.attention_bias)
+        self.o_proj = Linear(config.q_size, config.hidden_size, config.attention_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [N, hidden]
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [N, 1, head_dim]
+        metadata: AttentionMetadata,
+        cache: tuple[torch.Tensor, torch.Tensor],  # this layer's key and value caches
+    ) -> torch.Tensor:  # [N, hidden]
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = paged_attention(q, k, v, cache[0], cache[1], metadata, self.scale)
+        return self.o_proj(out.reshape(num_tokens, -1))  # [N, num_heads * head_dim] in
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up as one matmul."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = Linear(
+            config.hidden_size, 2 * config.intermediate_size, config.mlp_bias
+        )
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, hidden]
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = LlamaAttention(config)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [N, hidden]
+        rope: tuple[torch.Tensor, torch.Tensor],
+        metadata: AttentionMetadata,
+        cache: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        x = x + self.attn(self.input_norm(x), rope, metadata, cache)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only LLaMA. Build on the meta device; loader.load_model fills it."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+
+    def finish_loading(self, device: torch.device, max_positions: int) -> None:
+        """After the weights were assigned: re-tie the head, build rope tables, relayout."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        dtype = self.embed_tokens.weight.dtype
+        self.rotary.build_cache(max_positions, device, dtype)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepare_for_inference()
+
+    @property
+    def max_positions(self) -> int:
+        return self.rotary.cos.shape[0]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [N] int64
+        positions: torch.Tensor,  # [N] int64
+        metadata: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:  # [N, hidden], after the final norm
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions)  # shared by every layer
+        for index, layer in enumerate(self.layers):
+            x = layer(x, rope, metadata, kv_cache.layer(index))
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[S, hidden] -> [S, vocab]; call it only on the rows that sample."""
+        return self.lm_head(hidden)

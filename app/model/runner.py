@@ -1,0 +1,294 @@
+"""ModelRunner: the engine's Runner. Scheduled sequences in, one sampled token per sequence out.
+
+One step: flatten the scheduled tokens (decode sequences first, so attention can batch
+them), build positions and attention metadata, run the model, compute logits only at
+the last token of the sequences that sample, sample, and map results back to the
+scheduler's order. The runner reads sequences and never mutates them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+
+import torch
+
+from app.config import Settings
+from app.core import SampleOutput, SamplingParams, ScheduledBatch, ScheduledSeq, Sequence
+from app.model.attention import build_attention_metadata
+from app.model.kv_cache import GIB, KVCache, bytes_per_block
+from app.model.llama import LlamaForCausalLM
+from app.model.loader import ModelConfig, load_model, read_eos_token_ids
+from app.model.sampler import Sampler, SamplingRequest
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when a GPU is visible, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but torch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto': fp32 on CPU (fast and exact there), bf16 on CUDA."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@dataclass
+class _FlatBatch:
+    """The step's inputs in model order (decode sequences first)."""
+
+    order: list[int]  # model order -> index in batch.seqs
+    input_ids: list[int]  # [N]
+    query_lens: list[int]  # [B] new tokens per sequence
+    context_lens: list[int]  # [B] tokens already cached
+    block_tables: list[list[int]]  # [B] each sequence's table
+
+
+class ModelRunner:
+    """Owns the model, the KV cache and the sampler. Used by the engine thread only."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_cache: KVCache,
+        *,
+        max_model_len: int,
+        eos_token_ids: frozenset[int],
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.num_blocks = kv_cache.num_blocks
+        self.max_model_len = max_model_len
+        self.device = model.embed_tokens.weight.device
+        self.dtype = model.embed_tokens.weight.dtype
+        self.sampler = Sampler(eos_token_ids, self.device, seed)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelRunner:
+        """Load settings.model, pick device/dtype, size and allocate the KV cache."""
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        if settings.num_threads and device.type == "cpu":
+            torch.set_num_threads(settings.num_threads)
+        if settings.weight_dtype != "auto":
+            logger.warning("weight_dtype=%s is not implemented yet; ignored", settings.weight_dtype)
+        config = ModelConfig.from_dir(settings.model)
+        max_model_len = settings.max_model_len or config.max_position_embeddings
+        if max_model_len > config.max_position_embeddings:
+            logger.warning(
+                "max_model_len %d exceeds the model's max_position_embeddings %d",
+                max_model_len,
+                config.max_position_embeddings,
+            )
+        model = load_model(settings.model, device, dtype, max_positions=max_model_len)
+        num_blocks = _num_cache_blocks(model, settings, device, dtype, max_model_len)
+        kv_cache = KVCache(config, num_blocks, settings.block_size, device, dtype)
+        if num_blocks * settings.block_size < max_model_len:
+            logger.warning(
+                "the KV cache holds %d tokens, less than max_model_len %d",
+                num_blocks * settings.block_size,
+                max_model_len,
+            )
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.2f GiB) on %s",
+            num_blocks,
+            settings.block_size,
+            kv_cache.num_bytes / GIB,
+            device,
+        )
+        return cls(
+            model,
+            kv_cache,
+            max_model_len=max_model_len,
+            eos_token_ids=read_eos_token_ids(settings.model),
+            seed=settings.seed,
+        )
+
+    # --- the Runner protocol -------------------------------------------------------
+
+    def execute(self, batch: ScheduledBatch) -> list[SampleOutput | None]:
+        """Compute `batch`; one SampleOutput per sequence whose `sample` is set, else None."""
+        if not batch.seqs:
+            return []
+        flat = self._flatten(batch.seqs)
+        positions, metadata = build_attention_metadata(
+            flat.query_lens,
+            flat.context_lens,
+            flat.block_tables,
+            self.block_size,
+            self.device,
+            self.dtype,
+        )
+        input_ids = torch.tensor(flat.input_ids, dtype=torch.int64).to(self.device)
+        last_rows, sampling = [], []  # flat row of each sampling sequence's last token
+        row_end = 0
+        for position, index in enumerate(flat.order):
+            row_end += flat.query_lens[position]
+            if batch.seqs[index].sample:
+                last_rows.append(row_end - 1)
+                sampling.append(index)
+        results: list[SampleOutput | None] = [None] * len(batch.seqs)
+        with torch.inference_mode():
+            hidden = self.model(input_ids, positions, metadata, self.kv_cache)  # [N, hidden]
+            if not sampling:
+                return results
+            rows = torch.tensor(last_rows, device=self.device)
+            logits = self.model.compute_logits(hidden[rows])  # [S, vocab]
+            requests = [_sampling_request(batch.seqs[i].seq) for i in sampling]
+            for index, output in zip(sampling, self.sampler(logits, requests)):
+                results[index] = output
+        return results
+
+    def release(self, seq_ids: SequenceOf[int]) -> None:
+        """Nothing to forget: seeded sampling derives its noise from the output position."""
+
+    def warmup(self) -> None:
+        """A tiny prefill and decode step (greedy and random, with logprobs), off the books.
+
+        Writes junk into the first cache blocks: call it before serving, not during.
+        """
+        num_prompt = max(1, min(16, self.max_model_len - 2, self.num_blocks * self.block_size - 2))
+        blocks = list(range(math.ceil((num_prompt + 1) / self.block_size)))
+        seqs = [
+            Sequence("warmup-0", list(range(1, num_prompt + 1)), SamplingParams(temperature=0), 2),
+            Sequence(
+                "warmup-1",
+                list(range(1, num_prompt + 1)),
+                SamplingParams(temperature=0.8, top_k=20, top_p=0.9, logprobs=2),
+                2,
+            ),
+        ]
+        for seq in seqs:
+            seq.block_table = blocks  # both share blocks: their contents are junk anyway
+        prefill = [ScheduledSeq(seq, num_prompt, sample=True) for seq in seqs[:1]]
+        (first,) = self.execute(ScheduledBatch(prefill, num_prompt))
+        for seq in seqs:  # playing the engine's part on our own fake sequences
+            seq.output_token_ids.append(first.token_id)
+            seq.num_computed_tokens = num_prompt
+        self.execute(ScheduledBatch([ScheduledSeq(seq, 1, sample=True) for seq in seqs], 2))
+
+    # --- inputs --------------------------------------------------------------------
+
+    def _flatten(self, scheduled: list[ScheduledSeq]) -> _FlatBatch:
+        # Stable sort: single-token sequences first, so attention batches them together.
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
+        flat = _FlatBatch(order, [], [], [], [])
+        for index in order:
+            item = scheduled[index]
+            seq = item.seq
+            start = seq.num_computed_tokens
+            end = start + item.num_new_tokens
+            self._check(item, start, end)
+            flat.input_ids.extend(_token_slice(seq, start, end))
+            flat.query_lens.append(item.num_new_tokens)
+            flat.context_lens.append(start)
+            flat.block_tables.append(seq.block_table)
+        return flat
+
+    def _check(self, item: ScheduledSeq, start: int, end: int) -> None:
+        """Cheap contract checks: a broken batch raises here, not as a garbled cache."""
+        seq = item.seq
+        if item.num_new_tokens < 1:
+            raise ValueError(f"seq {seq.seq_id}: num_new_tokens must be >= 1")
+        if end > seq.num_tokens:
+            raise ValueError(f"seq {seq.seq_id}: scheduled up to {end} of {seq.num_tokens} tokens")
+        if end > self.max_model_len:
+            raise ValueError(f"seq {seq.seq_id}: {end} tokens exceed max_model_len")
+        if item.sample and end != seq.num_tokens:
+            raise ValueError(f"seq {seq.seq_id}: samples before its last known token")
+        needed = -(-end // self.block_size)
+        if len(seq.block_table) < needed:
+            raise ValueError(
+                f"seq {seq.seq_id}: block table has {len(seq.block_table)} blocks, needs {needed}"
+            )
+        used = seq.block_table[:needed]  # the cached prefix is read too
+        if min(used) < 0 or max(used) >= self.num_blocks:
+            raise ValueError(f"seq {seq.seq_id}: block id outside 0..{self.num_blocks - 1}")
+
+
+def _token_slice(seq: Sequence, start: int, end: int) -> list[int]:
+    """seq.all_token_ids[start:end] without concatenating the whole history each step."""
+    num_prompt = seq.num_prompt_tokens
+    if start >= num_prompt:
+        return seq.output_token_ids[start - num_prompt : end - num_prompt]
+    if end <= num_prompt:
+        return seq.prompt_token_ids[start:end]
+    return seq.prompt_token_ids[start:] + seq.output_token_ids[: end - num_prompt]
+
+
+def _sampling_request(seq: Sequence) -> SamplingRequest:
+    return SamplingRequest(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.index)
+
+
+# --- cache sizing ----------------------------------------------------------------------
+
+
+def _num_cache_blocks(
+    model: LlamaForCausalLM,
+    settings: Settings,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_len: int,
+) -> int:
+    """CPU: kv_cache_gb (GiB). CUDA: what gpu_memory_utilization leaves after a profiling pass."""
+    if device.type == "cuda" and settings.num_gpu_blocks_override:
+        return settings.num_gpu_blocks_override
+    per_block = bytes_per_block(model.config, settings.block_size, dtype)
+    if device.type == "cuda":
+        budget = _cuda_cache_budget_bytes(model, settings, device, dtype, max_model_len)
+    else:
+        budget = settings.kv_cache_gb * GIB
+    num_blocks = int(budget // per_block)
+    if num_blocks < 1:
+        raise RuntimeError(
+            f"no memory left for the KV cache (budget {budget / GIB:.2f} GiB, "
+            f"{per_block} bytes per block): raise kv_cache_gb or gpu_memory_utilization"
+        )
+    return num_blocks
+
+
+def _cuda_cache_budget_bytes(
+    model: LlamaForCausalLM,
+    settings: Settings,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_len: int,
+) -> float:
+    """Run the largest step we will ever run, then give the cache what is left."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    num_tokens = min(settings.max_num_batched_tokens, max_model_len)
+    scratch = KVCache(
+        model.config, -(-num_tokens // settings.block_size), settings.block_size, device, dtype
+    )
+    positions, metadata = build_attention_metadata(
+        [num_tokens], [0], [list(range(scratch.num_blocks))], settings.block_size, device, dtype
+    )
+    num_logit_rows = min(settings.max_num_seqs, num_tokens)
+    with torch.inference_mode():
+        hidden = model(
+            torch.zeros(num_tokens, dtype=torch.int64, device=device), positions, metadata, scratch
+        )
+        model.compute_logits(hidden[:num_logit_rows]).float().softmax(-1)
+    torch.cuda.synchronize(device)
+    peak_bytes = torch.cuda.max_memory_allocated(device)
+    del scratch, hidden, metadata
+    torch.cuda.empty_cache()
+    activation_bytes = peak_bytes - torch.cuda.memory_allocated(device)
+    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+    used_bytes = total_bytes - free_bytes  # our weights, CUDA context, other processes
+    return total_bytes * settings.gpu_memory_utilization - used_bytes - activation_bytes

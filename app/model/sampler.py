@@ -1,0 +1,263 @@
+"""Batched sampling: one token per row of logits, every row with its own SamplingParams.
+
+Order of the pipeline (each stage runs only when some row of the batch needs it):
+  raw logits -> logprobs (of the raw model distribution, as vLLM v1 reports them)
+  -> logit_bias -> min_tokens (ban EOS/stop ids) -> repetition, presence, frequency
+  -> greedy rows: argmax
+  -> random rows: / temperature -> top-k -> top-p -> softmax -> min-p -> exponential race
+
+The exponential race draws argmax(p_i / E_i) with E_i ~ Exp(1), which picks token i
+with probability p_i. Seeded rows draw their E from a generator seeded by
+(seed, choice index, output position), so their samples never depend on batch mates,
+batch position or earlier steps; unseeded rows share one global generator.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as SequenceOf
+from dataclasses import dataclass
+
+import torch
+
+from app.core import SampleOutput, SamplingParams, TopLogprob
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """What the sampler needs to know about one row."""
+
+    params: SamplingParams
+    prompt_token_ids: SequenceOf[int]
+    output_token_ids: SequenceOf[int]
+    choice_index: int = 0  # n > 1 choices of one seeded request must still differ
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def row_seed(seed: int, choice_index: int, output_position: int) -> int:
+    """A well-mixed 63-bit generator seed for one seeded draw."""
+    mixed = _splitmix64(_splitmix64(_splitmix64(seed & _MASK64) ^ choice_index) ^ output_position)
+    return mixed & ((1 << 63) - 1)
+
+
+def _rows(requests: list[SamplingRequest], keep) -> list[int]:
+    return [i for i, r in enumerate(requests) if keep(r)]
+
+
+class Sampler:
+    """Turns [S, vocab] logits into S SampleOutputs. Stateless apart from the global RNG."""
+
+    def __init__(
+        self, eos_token_ids: frozenset[int], device: torch.device | str = "cpu", seed: int = 0
+    ) -> None:
+        self.device = torch.device(device)
+        self.eos_token_ids = tuple(sorted(eos_token_ids))
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> list[SampleOutput]:
+        """logits [S, vocab] (any float dtype), one request per row, in order."""
+        logits = logits.float()
+        wants_logprobs = _rows(requests, lambda r: r.params.logprobs is not None)
+        raw_logprobs = None
+        if wants_logprobs:
+            raw_logprobs = torch.log_softmax(logits[wants_logprobs], dim=-1)
+        processed = self._process_logits(logits, requests)
+        token_ids = processed.argmax(dim=-1)  # [S]; right for greedy rows
+        random_rows = _rows(requests, lambda r: not r.params.greedy)
+        if random_rows:
+            chosen = self._sample_random(processed[random_rows], [requests[i] for i in random_rows])
+            token_ids[random_rows] = chosen
+        return self._outputs(token_ids, raw_logprobs, wants_logprobs, requests)
+
+    # --- logits processors -------------------------------------------------------
+
+    def _process_logits(
+        self, logits: torch.Tensor, requests: list[SamplingRequest]
+    ) -> torch.Tensor:
+        """Bias, min_tokens and penalties, on a copy only when some row needs any."""
+        bias_rows = _rows(requests, lambda r: bool(r.params.logit_bias))
+        banned_rows = _rows(requests, lambda r: len(r.output_token_ids) < r.params.min_tokens)
+        penalty_rows = _rows(requests, lambda r: r.params.needs_penalties)
+        if not (bias_rows or banned_rows or penalty_rows):
+            return logits
+        logits = logits.clone()
+        if bias_rows:
+            self._apply_logit_bias(logits, bias_rows, requests)
+        if banned_rows:
+            self._ban_stop_tokens(logits, banned_rows, requests)
+        if penalty_rows:
+            logits[penalty_rows] = apply_penalties(
+                logits[penalty_rows], [requests[i] for i in penalty_rows]
+            )
+        return logits
+
+    def _apply_logit_bias(
+        self, logits: torch.Tensor, rows: list[int], requests: list[SamplingRequest]
+    ) -> None:
+        pairs = [(row, tok, bias) for row in rows for tok, bias in requests[row].params.logit_bias]
+        vocab = logits.shape[1]
+        pairs = [p for p in pairs if 0 <= p[1] < vocab]  # ids the model cannot emit: no-op
+        if not pairs:
+            return
+        row_idx, token_idx, values = (torch.tensor(col, device=self.device) for col in zip(*pairs))
+        logits.index_put_((row_idx, token_idx), values.float(), accumulate=True)
+
+    def _ban_stop_tokens(
+        self, logits: torch.Tensor, rows: list[int], requests: list[SamplingRequest]
+    ) -> None:
+        """min_tokens: no EOS or stop id before enough output (ignore_eos does not matter)."""
+        vocab = logits.shape[1]
+        pairs = [
+            (row, tok)
+            for row in rows
+            for tok in set(self.eos_token_ids) | set(requests[row].params.stop_token_ids)
+            if 0 <= tok < vocab
+        ]
+        if pairs:
+            row_idx, token_idx = (torch.tensor(col, device=self.device) for col in zip(*pairs))
+            logits[row_idx, token_idx] = float("-inf")
+
+    # --- random sampling ---------------------------------------------------------
+
+    def _sample_random(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+        """logits [R, vocab] of the non-greedy rows -> sampled ids [R]."""
+        temperatures = torch.tensor([r.params.temperature for r in requests], device=self.device)
+        logits = logits / temperatures[:, None]
+        top_ks = [r.params.top_k for r in requests]
+        if any(top_ks):
+            logits = apply_top_k(logits, top_ks)
+        top_ps = [r.params.top_p for r in requests]
+        if any(p < 1.0 for p in top_ps):
+            logits = apply_top_p(logits, torch.tensor(top_ps, device=self.device))
+        probs = torch.softmax(logits, dim=-1)
+        min_ps = [r.params.min_p for r in requests]
+        if any(min_ps):
+            probs = apply_min_p(probs, torch.tensor(min_ps, device=self.device))
+        noise = self._exponential_noise(probs.shape, requests)
+        return (probs / noise).argmax(dim=-1)
+
+    def _exponential_noise(
+        self, shape: torch.Size, requests: list[SamplingRequest]
+    ) -> torch.Tensor:
+        noise = torch.empty(shape, device=self.device)
+        noise.exponential_(generator=self.generator)
+        # The only per-row loop: each seeded row needs noise from its own generator.
+        for row, request in enumerate(requests):
+            if request.params.seed is None:
+                continue
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(
+                row_seed(request.params.seed, request.choice_index, len(request.output_token_ids))
+            )
+            noise[row].exponential_(generator=generator)
+        # Exp(1) can round to exactly 0; a zero would turn a zero probability into NaN.
+        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    # --- outputs -----------------------------------------------------------------
+
+    def _outputs(
+        self,
+        token_ids: torch.Tensor,
+        raw_logprobs: torch.Tensor | None,
+        logprob_rows: list[int],
+        requests: list[SamplingRequest],
+    ) -> list[SampleOutput]:
+        ids = token_ids.tolist()  # the step's one unavoidable host sync
+        outputs = [SampleOutput(token_id=t) for t in ids]
+        if raw_logprobs is None:
+            return outputs
+        chosen_ids = token_ids[logprob_rows][:, None]  # [L, 1]
+        chosen = raw_logprobs.gather(1, chosen_ids).squeeze(1).tolist()
+        max_top = max(requests[i].params.logprobs for i in logprob_rows)
+        top_values, top_ids = ([], [])
+        if max_top:
+            top = raw_logprobs.topk(max_top, dim=-1)  # sorted, most likely first
+            top_values, top_ids = top.values.tolist(), top.indices.tolist()
+        for k, row in enumerate(logprob_rows):
+            num_top = requests[row].params.logprobs
+            alternatives = (
+                tuple(
+                    TopLogprob(token_id=t, logprob=v)
+                    for t, v in zip(top_ids[k][:num_top], top_values[k][:num_top])
+                )
+                if num_top
+                else ()
+            )
+            outputs[row] = SampleOutput(ids[row], logprob=chosen[k], top_logprobs=alternatives)
+        return outputs
+
+
+# --- pure tensor functions (unit-tested on their own) ---------------------------------
+
+
+def _flat_token_index(
+    token_lists: list[SequenceOf[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row index, token id) of every token in the lists, as two flat tensors."""
+    lengths = torch.tensor([len(t) for t in token_lists], device=device)
+    rows = torch.repeat_interleave(torch.arange(len(token_lists), device=device), lengths)
+    tokens = torch.tensor(list(itertools.chain.from_iterable(token_lists)), device=device)
+    return rows, tokens.long()
+
+
+def apply_penalties(logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
+    """Repetition (prompt + output, CTRL-style), presence and frequency (output only).
+
+    logits [P, vocab] -> [P, vocab]. Token ids beyond the vocab are ignored.
+    """
+    num_rows, vocab = logits.shape
+    device = logits.device
+    counts = torch.zeros(num_rows, vocab + 1, device=device)  # last column: out-of-range ids
+    rows, tokens = _flat_token_index([r.output_token_ids for r in requests], device)
+    tokens = tokens.masked_fill((tokens < 0) | (tokens >= vocab), vocab)
+    counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=counts.dtype), accumulate=True)
+    counts = counts[:, :vocab]
+
+    repetition = torch.tensor([r.params.repetition_penalty for r in requests], device=device)
+    if (repetition != 1.0).any():
+        seen = torch.zeros(num_rows, vocab + 1, dtype=torch.bool, device=device)
+        rows_p, tokens_p = _flat_token_index([r.prompt_token_ids for r in requests], device)
+        tokens_p = tokens_p.masked_fill_((tokens_p < 0) | (tokens_p >= vocab), vocab)
+        seen[rows_p, tokens_p] = True
+        seen = seen[:, :vocab] | (counts > 0)
+        penalty = repetition[:, None].expand_as(logits)
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalized, logits)
+    presence = torch.tensor([r.params.presence_penalty for r in requests], device=device)
+    frequency = torch.tensor([r.params.frequency_penalty for r in requests], device=device)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
+    """Keep each row's k largest logits (ties with the k-th kept); k = 0 keeps all."""
+    vocab = logits.shape[1]
+    ks = [min(k, vocab) if k > 0 else vocab for k in top_ks]
+    max_k = max(ks)
+    top_values = logits.topk(max_k, dim=-1).values  # [R, max_k], descending
+    kth = top_values.gather(1, torch.tensor(ks, device=logits.device)[:, None] - 1)  # [R, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the better tokens
+    drop_sorted = mass_before >= top_ps[:, None]  # the top token always has 0 before it
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def apply_min_p(probs: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
+    """Zero the tokens less likely than min_p times the row's most likely token."""
+    threshold = probs.max(dim=-1, keepdim=True).values * min_ps[:, None]
+    return probs.masked_fill(probs < threshold, 0.0)

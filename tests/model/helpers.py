@@ -1,0 +1,125 @@
+"""Test helpers shared by tests/model and tests/unit: naive block allocation, a tiny
+engine loop over a runner, and direct model calls through the paged cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from app.core import SampleOutput, SamplingParams, ScheduledBatch, ScheduledSeq, Sequence
+from app.model.attention import build_attention_metadata
+from app.model.kv_cache import KVCache
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=None)
+
+
+class NaiveBlockAllocator:
+    """Hands out free blocks in a scrambled order, so tables are never contiguous by luck."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.free = list(range(num_blocks))[::-1]  # reversed: tables run backwards
+
+    def reserve(self, block_table: list[int], num_tokens: int) -> None:
+        while len(block_table) * self.block_size < num_tokens:
+            block_table.append(self.free.pop(0 if len(self.free) % 2 else -1))
+
+    def release(self, block_table: list[int]) -> None:
+        self.free.extend(block_table)
+        block_table.clear()
+
+
+def make_sequence(
+    prompt: list[int], params: SamplingParams = GREEDY, max_tokens: int = 32, index: int = 0
+) -> Sequence:
+    return Sequence(
+        request_id="test",
+        prompt_token_ids=list(prompt),
+        params=params,
+        max_tokens=max_tokens,
+        index=index,
+    )
+
+
+def engine_step(runner, allocator: NaiveBlockAllocator, work: list[tuple[Sequence, int]]):
+    """Schedule `num_new_tokens` for each sequence, run the step, then apply the results as
+    the engine would (the runner itself never mutates sequences)."""
+    scheduled = []
+    for seq, num_new in work:
+        end = seq.num_computed_tokens + num_new
+        allocator.reserve(seq.block_table, end)
+        scheduled.append(ScheduledSeq(seq, num_new, sample=end == seq.num_tokens))
+    outputs: list[SampleOutput | None] = runner.execute(
+        ScheduledBatch(scheduled, sum(n for _, n in work))
+    )
+    for (seq, num_new), output in zip(work, outputs):
+        seq.num_computed_tokens += num_new
+        if output is not None:
+            seq.output_token_ids.append(output.token_id)
+    return outputs
+
+
+def generate(
+    runner,
+    allocator: NaiveBlockAllocator,
+    seqs: list[Sequence],
+    eos_token_ids: frozenset[int],
+    max_chunk_tokens: int = 10**9,
+) -> list[list[int]]:
+    """Run all sequences together to completion (max_tokens or EOS); prompts are prefilled
+    in chunks of at most `max_chunk_tokens`, mixed with other sequences' decodes."""
+    running = list(seqs)
+    while running:
+        work = [
+            (seq, min(max_chunk_tokens, seq.num_tokens - seq.num_computed_tokens))
+            for seq in running
+        ]
+        engine_step(runner, allocator, work)
+        for seq in list(running):
+            done = seq.output_token_ids and (
+                len(seq.output_token_ids) >= seq.max_tokens
+                or seq.output_token_ids[-1] in eos_token_ids
+            )
+            if done:
+                running.remove(seq)
+                allocator.release(seq.block_table)
+    return [seq.output_token_ids for seq in seqs]
+
+
+@dataclass
+class Chunk:
+    """Tokens of one sequence to run in one step, after `num_context` cached ones."""
+
+    token_ids: list[int]
+    num_context: int
+    block_table: list[int]
+
+
+def model_logits(model, cache: KVCache, chunks: list[Chunk]) -> list[torch.Tensor]:
+    """Logits for every token of every chunk ([len(chunk), vocab] each), in one forward.
+
+    Chunks run in the order given; put single-token chunks first to take the decode path.
+    """
+    device = model.embed_tokens.weight.device
+    dtype = model.embed_tokens.weight.dtype
+    positions, metadata = build_attention_metadata(
+        [len(c.token_ids) for c in chunks],
+        [c.num_context for c in chunks],
+        [c.block_table for c in chunks],
+        cache.block_size,
+        device,
+        dtype,
+    )
+    input_ids = torch.tensor([t for c in chunks for t in c.token_ids], device=device)
+    with torch.inference_mode():
+        logits = model.compute_logits(model(input_ids, positions, metadata, cache))
+    return list(logits.float().cpu().split([len(c.token_ids) for c in chunks]))
+
+
+def hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
+    """transformers' logits for one sequence: [len, vocab] fp32 on the CPU."""
+    device = next(hf_model.parameters()).device
+    with torch.inference_mode():
+        out = hf_model(torch.tensor([token_ids], device=device)).logits[0]
+    return out.float().cpu()
