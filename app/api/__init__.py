@@ -1,0 +1,1 @@
+"""The HTTP layer: OpenAI- and TGI-compatible routes over the engine. Never imports torch."""

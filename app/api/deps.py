@@ -1,0 +1,43 @@
+"""FastAPI dependencies shared by the routes.
+
+`serving` is the gate every model route passes: it answers 503 until the model is
+loaded and while draining. Later hooks (API keys, admission control) belong here as
+further dependencies, added to `MODEL_ROUTE_DEPENDENCIES`, so every model route gets
+them in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.api.errors import model_not_found, service_unavailable
+from app.api.state import ServerState, Serving
+
+# Dependencies run before every model route (after validation of the path, before the
+# body is used). Auth and admission control will be appended here.
+MODEL_ROUTE_DEPENDENCIES: list = []
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def get_serving(state: Annotated[ServerState, Depends(get_state)]) -> Serving:
+    """The loaded model and engine, or a 503 saying why there are none right now."""
+    if not state.readiness.is_ready or state.serving is None:
+        raise service_unavailable(
+            state.readiness.describe(), code=f"server_{state.readiness.phase.value}"
+        )
+    return state.serving
+
+
+ServingDep = Annotated[Serving, Depends(get_serving)]
+StateDep = Annotated[ServerState, Depends(get_state)]
+
+
+def check_model(requested: str | None, serving: Serving) -> None:
+    """An absent model means the served one; any other name is a 404."""
+    if requested is not None and requested != serving.model.name:
+        raise model_not_found(requested, serving.model.name)

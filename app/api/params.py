@@ -1,0 +1,251 @@
+"""Request fields -> the frozen `SamplingParams`, in one place, with the limits of Settings.
+
+The pydantic models already checked types and static ranges; this module checks what
+depends on the settings, the vocabulary and the prompt's length, and raises one
+precise 400 per broken rule. Nothing raw goes further than here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from app.api.errors import invalid_request
+from app.api.prompts import check_token_ids
+from app.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from app.api.schemas_tgi import GenerateParameters
+from app.api.state import Limits
+from app.core import SamplingParams
+
+LOGIT_BIAS_RANGE = 100.0
+
+
+def check_n(n: int | None, limits: Limits) -> int:
+    n = 1 if n is None else n
+    if n > limits.max_n:
+        raise invalid_request(f"`n` must be at most {limits.max_n} (got {n})", param="n")
+    return n
+
+
+def check_stop(
+    stop: str | list[str] | None, limits: Limits, param: str = "stop"
+) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > limits.max_stop_sequences:
+        raise invalid_request(
+            f"`{param}` has {len(stops)} sequences; at most {limits.max_stop_sequences} "
+            "are allowed",
+            param=param,
+        )
+    for index, text in enumerate(stops):
+        if not text:
+            raise invalid_request(f"`{param}[{index}]` is an empty string", param=param)
+        if len(text) > limits.max_stop_length:
+            raise invalid_request(
+                f"`{param}[{index}]` is {len(text)} characters long; at most "
+                f"{limits.max_stop_length} are allowed",
+                param=param,
+            )
+    return tuple(stops)
+
+
+def check_logit_bias(
+    logit_bias: dict[str, float] | None, limits: Limits
+) -> tuple[tuple[int, float], ...]:
+    if not logit_bias:
+        return ()
+    if len(logit_bias) > limits.max_logit_bias:
+        raise invalid_request(
+            f"`logit_bias` has {len(logit_bias)} entries; at most {limits.max_logit_bias} "
+            "are allowed",
+            param="logit_bias",
+        )
+    entries = []
+    for key, bias in logit_bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise invalid_request(
+                f"`logit_bias` key '{key}' is not a token id (an integer as a string)",
+                param="logit_bias",
+            ) from None
+        if not 0 <= token_id < limits.vocab_size:
+            raise invalid_request(
+                f"`logit_bias` key {token_id} is outside the vocabulary [0, {limits.vocab_size})",
+                param="logit_bias",
+            )
+        if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+            raise invalid_request(
+                f"`logit_bias[{key}]` must be between -100 and 100 (got {bias})",
+                param="logit_bias",
+            )
+        entries.append((token_id, float(bias)))
+    return tuple(sorted(entries))
+
+
+def check_top_logprobs(value: int | None, limits: Limits, param: str) -> int | None:
+    if value is not None and value > limits.max_top_logprobs:
+        raise invalid_request(
+            f"`{param}` must be at most {limits.max_top_logprobs} (got {value})", param=param
+        )
+    return value
+
+
+def check_max_tokens(max_tokens: int | None, limits: Limits, param: str) -> int | None:
+    limit = limits.max_tokens_limit
+    if max_tokens is not None and limit is not None and max_tokens > limit:
+        raise invalid_request(f"`{param}` must be at most {limit} (got {max_tokens})", param=param)
+    return max_tokens
+
+
+def fit_to_context(
+    num_prompt_tokens: int,
+    max_tokens: int | None,
+    limits: Limits,
+    *,
+    prompt_param: str = "prompt",
+    max_tokens_param: str = "max_tokens",
+) -> int | None:
+    """Check that the prompt, then prompt + max_tokens, fit; resolve an unset max_tokens.
+
+    Unset stays None ("until the context is full", the engine resolves it) unless
+    Settings.max_tokens_limit caps it.
+    """
+    if num_prompt_tokens > limits.max_prompt_tokens:
+        raise invalid_request(
+            f"`{prompt_param}` is {num_prompt_tokens} tokens; at most "
+            f"{limits.max_prompt_tokens} are allowed (context window: "
+            f"{limits.max_model_len} tokens)",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    room = limits.max_model_len - num_prompt_tokens
+    if max_tokens is None:
+        return None if limits.max_tokens_limit is None else min(limits.max_tokens_limit, room)
+    if max_tokens > room:
+        raise invalid_request(
+            f"`{prompt_param}` ({num_prompt_tokens} tokens) + `{max_tokens_param}` "
+            f"({max_tokens}) = {num_prompt_tokens + max_tokens} tokens, more than the context "
+            f"window of {limits.max_model_len} tokens; lower `{max_tokens_param}` to at most "
+            f"{room}",
+            param=max_tokens_param,
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def _common_fields(body: SamplingFields, limits: Limits) -> dict[str, Any]:
+    """The SamplingParams fields that mean the same on both OpenAI routes."""
+    if body.stop_token_ids:
+        check_token_ids(body.stop_token_ids, "stop_token_ids", limits.vocab_size)
+    top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
+    fields: dict[str, Any] = {
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "top_k": top_k,
+        "min_p": body.min_p or 0.0,
+        "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        "presence_penalty": body.presence_penalty or 0.0,
+        "frequency_penalty": body.frequency_penalty or 0.0,
+        "logit_bias": check_logit_bias(body.logit_bias, limits),
+        "seed": body.seed,
+        "stop": check_stop(body.stop, limits),
+        "stop_token_ids": tuple(body.stop_token_ids or ()),
+        "include_stop_str_in_output": bool(body.include_stop_str_in_output),
+        "ignore_eos": bool(body.ignore_eos),
+        "min_tokens": body.min_tokens or 0,
+        "skip_special_tokens": body.skip_special_tokens is not False,
+    }
+    return fields
+
+
+def _check_min_tokens(min_tokens: int, max_tokens: int | None, max_tokens_param: str) -> None:
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise invalid_request(
+            f"`min_tokens` ({min_tokens}) must not exceed `{max_tokens_param}` ({max_tokens})",
+            param="min_tokens",
+        )
+
+
+def completion_params(body: CompletionRequest, limits: Limits) -> SamplingParams:
+    """SamplingParams for /v1/completions; max_tokens is checked per prompt later."""
+    max_tokens = check_max_tokens(body.max_tokens, limits, "max_tokens")
+    logprobs = check_top_logprobs(body.logprobs, limits, "logprobs")
+    if body.echo and logprobs is not None:
+        raise invalid_request(
+            "`echo` together with `logprobs` is not supported: lamina does not compute "
+            "log-probabilities of prompt tokens",
+            param="echo",
+        )
+    fields = _common_fields(body, limits)
+    _check_min_tokens(fields["min_tokens"], max_tokens, "max_tokens")
+    return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **fields)
+
+
+def chat_max_tokens(body: ChatCompletionRequest) -> tuple[int | None, str]:
+    if body.max_completion_tokens is not None:
+        return body.max_completion_tokens, "max_completion_tokens"
+    return body.max_tokens, "max_tokens"
+
+
+def chat_params(body: ChatCompletionRequest, limits: Limits) -> SamplingParams:
+    max_tokens, max_tokens_param = chat_max_tokens(body)
+    check_max_tokens(max_tokens, limits, max_tokens_param)
+    top_logprobs = check_top_logprobs(body.top_logprobs, limits, "top_logprobs")
+    if top_logprobs is not None and not body.logprobs:
+        raise invalid_request("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
+    logprobs = (top_logprobs or 0) if body.logprobs else None
+    fields = _common_fields(body, limits)
+    _check_min_tokens(fields["min_tokens"], max_tokens, max_tokens_param)
+    return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **fields)
+
+
+def with_max_tokens(params: SamplingParams, max_tokens: int | None) -> SamplingParams:
+    if params.max_tokens == max_tokens:
+        return params
+    return dataclasses.replace(params, max_tokens=max_tokens)
+
+
+# --- TGI ---------------------------------------------------------------------------------
+
+
+def _reject_unsupported(parameters: GenerateParameters) -> None:
+    def reject(name: str, why: str) -> None:
+        raise invalid_request(f"`parameters.{name}` {why}", param=f"parameters.{name}")
+
+    if parameters.best_of is not None and parameters.best_of > 1:
+        reject("best_of", f"must be 1 (got {parameters.best_of}): best-of is not supported")
+    if parameters.watermark:
+        reject("watermark", "must be false: watermarking is not supported")
+    if parameters.typical_p is not None and parameters.typical_p != 1.0:
+        reject("typical_p", f"is not supported (got {parameters.typical_p})")
+    if parameters.grammar is not None:
+        reject("grammar", "is not supported: constrained decoding is not available")
+    if parameters.adapter_id:
+        reject("adapter_id", "is not supported: this server has no adapters")
+    if parameters.decoder_input_details:
+        reject("decoder_input_details", "must be false: prompt token details are not computed")
+
+
+def tgi_params(parameters: GenerateParameters, limits: Limits) -> SamplingParams:
+    """SamplingParams for the TGI routes. Token logprobs are always on (TGI reports them)."""
+    _reject_unsupported(parameters)
+    max_tokens = check_max_tokens(parameters.max_new_tokens, limits, "parameters.max_new_tokens")
+    top_n = check_top_logprobs(parameters.top_n_tokens, limits, "parameters.top_n_tokens")
+    sampling = bool(parameters.do_sample) or any(
+        value is not None for value in (parameters.temperature, parameters.top_k, parameters.top_p)
+    )
+    temperature = (parameters.temperature or 1.0) if sampling else 0.0
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=parameters.top_p or 1.0,
+        top_k=parameters.top_k or 0,
+        repetition_penalty=parameters.repetition_penalty or 1.0,
+        frequency_penalty=parameters.frequency_penalty or 0.0,
+        seed=parameters.seed,
+        stop=check_stop(parameters.stop, limits, "parameters.stop"),
+        logprobs=top_n or 0,
+    )

@@ -1,0 +1,93 @@
+"""Turning request prompts into token ids: plain text, token ids, or chat messages.
+
+Runs on the event-loop thread with the HTTP layer's own tokenizer. Every rule broken
+becomes a 400 naming the field, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceOf
+from typing import Any
+
+from app.api.errors import invalid_request
+from app.api.schemas import ChatMessage
+from app.tokenizer import ChatTemplateError, Tokenizer
+
+
+def check_token_ids(token_ids: SequenceOf[int], param: str, vocab_size: int) -> None:
+    for position, token_id in enumerate(token_ids):
+        if not 0 <= token_id < vocab_size:
+            raise invalid_request(
+                f"`{param}[{position}]` is token id {token_id}, outside the vocabulary "
+                f"[0, {vocab_size})",
+                param=param,
+            )
+
+
+def encode_completion_prompts(
+    prompt: str | list[str] | list[int] | list[list[int]], tokenizer: Tokenizer
+) -> list[list[int]]:
+    """One token id list per prompt; a list of strings or of id lists gives several."""
+    if isinstance(prompt, str):
+        prompts = [tokenizer.encode(prompt)]
+        params = ["prompt"]
+    elif all(isinstance(item, str) for item in prompt):
+        prompts = [tokenizer.encode(str(item)) for item in prompt]
+        params = [f"prompt[{i}]" for i in range(len(prompt))]
+    elif all(isinstance(item, int) for item in prompt):
+        prompts = [[int(item) for item in prompt]]  # type: ignore[arg-type]
+        params = ["prompt"]
+    else:
+        prompts = [list(item) for item in prompt]  # type: ignore[arg-type]
+        params = [f"prompt[{i}]" for i in range(len(prompt))]
+    for token_ids, param in zip(prompts, params):
+        if not token_ids:
+            raise invalid_request(f"`{param}` is empty: it must hold at least one token", param)
+        check_token_ids(token_ids, param, tokenizer.vocab_size)
+    return prompts
+
+
+def message_text(message: ChatMessage, index: int) -> str:
+    """The text of one chat message; content parts must all be text."""
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    texts = []
+    for part_index, part in enumerate(message.content):
+        param = f"messages[{index}].content[{part_index}]"
+        if part.type != "text":
+            raise invalid_request(
+                f"`{param}.type` is '{part.type}'; only 'text' parts are supported", param
+            )
+        if part.text is None:
+            raise invalid_request(f"`{param}.text` is required for a text part", param)
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def chat_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template expects them: role + plain-text content."""
+    rendered = []
+    for index, message in enumerate(messages):
+        # OpenAI renamed "system" to "developer"; chat templates know "system".
+        role = "system" if message.role == "developer" else message.role
+        entry: dict[str, Any] = {"role": role, "content": message_text(message, index)}
+        if message.name:
+            entry["name"] = message.name
+        rendered.append(entry)
+    return rendered
+
+
+def encode_chat(
+    messages: list[ChatMessage], tokenizer: Tokenizer, add_generation_prompt: bool = True
+) -> list[int]:
+    try:
+        token_ids = tokenizer.apply_chat_template(
+            chat_template_messages(messages), add_generation_prompt=add_generation_prompt
+        )
+    except ChatTemplateError as exc:
+        raise invalid_request(str(exc), param="messages", code="chat_template_error") from None
+    if not token_ids:
+        raise invalid_request("`messages` rendered to an empty prompt", param="messages")
+    return token_ids

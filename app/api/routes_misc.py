@@ -1,0 +1,100 @@
+"""Liveness, readiness, model listing and tokenizer routes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from app.api.deps import ServingDep, StateDep, check_model
+from app.api.errors import ERROR_RESPONSES, ErrorResponse, invalid_request, service_unavailable
+from app.api.prompts import check_token_ids, encode_chat
+from app.api.schemas_misc import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    StatusResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from app.api.state import Phase, Serving
+
+health_router = APIRouter(tags=["Health"])
+router = APIRouter(tags=["Models and tokenizer"])
+
+UNAVAILABLE = {503: {"model": ErrorResponse, "description": "Not alive / not ready"}}
+
+
+@health_router.get(
+    "/health", response_model=StatusResponse, responses=UNAVAILABLE, summary="Liveness"
+)
+async def health(state: StateDep):
+    """200 while the process runs and the engine thread (once started) is alive."""
+    serving = state.serving
+    if state.readiness.phase is Phase.FAILED:
+        error = service_unavailable(state.readiness.describe(), code="load_failed")
+        return JSONResponse(error.body(), status_code=503)
+    if serving is not None and not serving.engine.is_alive:
+        error = service_unavailable("the engine thread is not running", code="engine_dead")
+        return JSONResponse(error.body(), status_code=503)
+    return StatusResponse(status="ok")
+
+
+@health_router.get(
+    "/ready", response_model=StatusResponse, responses=UNAVAILABLE, summary="Readiness"
+)
+async def ready(state: StateDep):
+    """200 once the model is loaded and warmed up; 503 before that and while draining."""
+    engine_alive = state.serving is not None and state.serving.engine.is_alive
+    if state.readiness.is_ready and engine_alive:
+        return StatusResponse(status="ready")
+    reason = state.readiness.describe()
+    if state.readiness.is_ready:
+        reason = "the engine thread is not running"
+    error = service_unavailable(reason, code=f"server_{state.readiness.phase.value}")
+    return JSONResponse(error.body(), status_code=503)
+
+
+def _model_card(serving: Serving) -> ModelCard:
+    return ModelCard(
+        id=serving.model.name,
+        created=serving.model.created,
+        max_model_len=serving.model.max_model_len,
+    )
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+async def list_models(serving: ServingDep) -> ModelList:
+    return ModelList(data=[_model_card(serving)])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+async def get_model(model_id: str, serving: ServingDep) -> ModelCard:
+    check_model(model_id, serving)
+    return _model_card(serving)
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+async def tokenize(body: TokenizeRequest, serving: ServingDep) -> TokenizeResponse:
+    """Token ids of a prompt, or of chat messages rendered with the chat template."""
+    check_model(body.model, serving)
+    if (body.prompt is None) == (body.messages is None):
+        raise invalid_request("give exactly one of `prompt` or `messages`", param="prompt")
+    if body.messages is not None:
+        if not body.messages:
+            raise invalid_request("`messages` must not be empty", param="messages")
+        tokens = encode_chat(body.messages, serving.tokenizer, body.add_generation_prompt)
+    else:
+        tokens = serving.tokenizer.encode(body.prompt or "", body.add_special_tokens)
+    return TokenizeResponse(
+        count=len(tokens), max_model_len=serving.limits.max_model_len, tokens=tokens
+    )
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+async def detokenize(body: DetokenizeRequest, serving: ServingDep) -> DetokenizeResponse:
+    check_model(body.model, serving)
+    check_token_ids(body.tokens, "tokens", serving.limits.vocab_size)
+    return DetokenizeResponse(
+        prompt=serving.tokenizer.decode(body.tokens, skip_special_tokens=False)
+    )

@@ -1,0 +1,340 @@
+"""Request and response models of the OpenAI-compatible routes (they feed /docs).
+
+Requests ignore unknown fields (logged at debug level) so clients that send vendor
+extensions keep working. Static rules (ranges, types) live here; rules that depend on
+the settings or the tokenizer (max_n, vocabulary, context window) live in params.py
+and prompts.py. Every optional field accepts `null` as "use the default".
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+logger = logging.getLogger("lamina.api")
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+class LaminaRequest(BaseModel):
+    """Base of every request body: unknown fields are ignored, not rejected."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            if unknown:
+                logger.debug("%s: ignoring unknown fields %s", cls.__name__, unknown)
+        return data
+
+
+def _check_stop(value: Any) -> Any:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value
+    raise ValueError("must be a string or a list of strings")
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_prompt(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        if all(isinstance(item, str) for item in value):
+            return value
+        if all(_is_token_id(item) for item in value):
+            return value
+        if all(isinstance(item, list) and all(_is_token_id(t) for t in item) for item in value):
+            return value
+    if isinstance(value, list) and not value:
+        raise ValueError("must not be empty")
+    raise ValueError(
+        "must be a string, a list of strings, a list of token ids or a list of token id lists"
+    )
+
+
+# --- shared sampling fields ------------------------------------------------------------
+
+
+class StreamOptions(LaminaRequest):
+    include_usage: bool | None = Field(
+        default=None, description="Send a last chunk with token usage before `data: [DONE]`."
+    )
+
+
+class SamplingFields(LaminaRequest):
+    """Sampling and stopping fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = Field(
+        default=None, description="The served model's id (GET /v1/models); may be omitted."
+    )
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most tokens to generate. Unset: until the context window is full.",
+    )
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description="Sampling temperature; 0 is greedy. Default 1."
+    )
+    top_p: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Nucleus sampling: keep the smallest set of "
+        "tokens whose probability adds up to top_p. Default 1 (off).",
+    )
+    top_k: int | None = Field(
+        default=None, ge=-1, description="Keep only the k most likely tokens; 0 or -1: off."
+    )
+    min_p: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Drop tokens less likely than min_p times the top token. Default 0 (off).",
+    )
+    repetition_penalty: float | None = Field(
+        default=None,
+        gt=0,
+        le=10,
+        description="Divide logits of tokens already in prompt or output (CTRL). 1: off.",
+    )
+    presence_penalty: float | None = Field(
+        default=None, ge=-2, le=2, description="Penalty on tokens already generated, once each."
+    )
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2, le=2, description="Penalty on tokens already generated, per use."
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=INT64_MIN,
+        le=INT64_MAX,
+        description="Seed for sampling: the same seed and request give the same output.",
+    )
+    stop: str | list[str] | None = Field(
+        default=None, description="Stop string(s); the output ends before the first match."
+    )
+    stop_token_ids: list[int] | None = Field(
+        default=None, description="Token ids that end the output (besides EOS)."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None,
+        description="Token id (as a string) -> bias in [-100, 100] added to its logit, "
+        'e.g. {"50256": -100}.',
+    )
+    ignore_eos: bool | None = Field(
+        default=None, description="Keep generating after EOS (benchmarks)."
+    )
+    min_tokens: int | None = Field(
+        default=None, ge=0, description="Generate at least this many tokens before EOS or stops."
+    )
+    n: int | None = Field(
+        default=None, ge=1, description="Number of choices; they share the prompt's KV cache."
+    )
+    stream: bool | None = Field(default=None, description="Stream the answer as SSE events.")
+    stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
+    user: str | None = Field(default=None, description="End-user id, for logs.")
+    include_stop_str_in_output: bool | None = Field(
+        default=None, description="Keep the matched stop string at the end of the text."
+    )
+    skip_special_tokens: bool | None = Field(
+        default=None, description="Leave special tokens out of the text. Default true."
+    )
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_shape(cls, value: Any) -> Any:
+        return _check_stop(value)
+
+
+# --- /v1/completions --------------------------------------------------------------------
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string, a list of strings (one completion each), a list of token ids, "
+        "or a list of token id lists."
+    )
+    echo: bool | None = Field(default=None, description="Prepend the prompt to the text.")
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        description="Return the log-probability of each token and of the `logprobs` most "
+        "likely alternatives.",
+    )
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        return _check_prompt(value)
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens served from the prefix cache")
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+FinishReasonName = Literal["stop", "length"]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReasonName | None = None
+    stop_reason: int | str | None = Field(
+        default=None, description="The stop string or token id that ended the text, if any."
+    )
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = Field(default=None, exclude_if=lambda value: value is None)
+
+
+# --- /v1/chat/completions -----------------------------------------------------------------
+
+
+class ContentPart(LaminaRequest):
+    type: str = Field(description='Only "text" is supported.')
+    text: str | None = None
+
+
+class ChatMessage(LaminaRequest):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = Field(
+        default=None, description="Text, or a list of text parts."
+    )
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(part, dict) for part in value):
+            return value
+        raise ValueError('must be a string or a list of parts like {"type": "text", "text": ...}')
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions. The prompt is the model's chat template over `messages`."""
+
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, description="Alias of max_tokens (wins when both are set)."
+    )
+    logprobs: bool | None = Field(
+        default=None, description="Return the log-probability of each output token."
+    )
+    top_logprobs: int | None = Field(
+        default=None, ge=0, description="With logprobs: also the k most likely alternatives."
+    )
+    add_generation_prompt: bool | None = Field(
+        default=None, description="End the prompt with the assistant turn's header. Default true."
+    )
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReasonName | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(default=None, exclude_if=lambda v: v is None)
+    content: str | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReasonName | None = None
+    stop_reason: int | str | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+class CompletionChunkChoice(CompletionChoice):
+    stop_reason: int | str | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+class CompletionChunk(BaseModel):
+    """One `data:` event of a streamed completion."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: UsageInfo | None = Field(default=None, exclude_if=lambda v: v is None)
+
+
+UsageInfo.model_rebuild()

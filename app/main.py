@@ -1,0 +1,202 @@
+"""Composition root: the FastAPI app, its lifespan, and `serve` (run by `lamina serve`).
+
+The lifespan starts loading the model in a worker thread and returns at once, so
+/health answers during start-up while /ready says 503. When loading and warm-up end,
+the engine thread starts and the server turns ready. This is the only module of the
+HTTP side that knows about the model runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app import __version__
+from app.api.deps import MODEL_ROUTE_DEPENDENCIES
+from app.api.engine_client import EngineClient
+from app.api.errors import install_error_handlers
+from app.api.middleware import BodySizeLimit
+from app.api.openapi import install_openapi
+from app.api.routes_misc import health_router
+from app.api.routes_misc import router as misc_router
+from app.api.routes_openai import router as openai_router
+from app.api.routes_tgi import router as tgi_router
+from app.api.state import Limits, ModelInfo, ServerState, Serving
+from app.config import Settings
+from app.tokenizer import Tokenizer
+
+logger = logging.getLogger("lamina")
+
+DESCRIPTION = (
+    "OpenAI-compatible (/v1/completions, /v1/chat/completions, /v1/models) and "
+    "TGI-compatible (/generate, /generate_stream, /info) text generation. Errors always "
+    'use the envelope {"error": {"message", "type", "param", "code"}}.'
+)
+
+
+@dataclass
+class LoadedEngine:
+    """What loading produces: an engine not yet started, and the HTTP layer's tokenizer."""
+
+    engine: EngineClient
+    tokenizer: Tokenizer
+    device: str | None = None
+    dtype: str | None = None
+
+
+EngineLoader = Callable[[Settings], LoadedEngine]  # blocking: runs in a worker thread
+
+
+def _describe(value: Any) -> str | None:
+    return None if value is None else str(value).removeprefix("torch.")
+
+
+def load_engine(settings: Settings) -> LoadedEngine:
+    """Load weights, size the KV cache, warm up, build the engine (blocking, seconds)."""
+    from app.engine.engine import Engine
+    from app.model.runner import ModelRunner
+
+    http_tokenizer = Tokenizer(settings.model)
+    runner = ModelRunner.from_settings(settings)
+    if settings.warmup:
+        runner.warmup()
+    engine = Engine(runner, Tokenizer(settings.model), settings)
+    return LoadedEngine(
+        engine=engine,
+        tokenizer=http_tokenizer,
+        device=_describe(getattr(runner, "device", None)),
+        dtype=_describe(getattr(runner, "dtype", None)),
+    )
+
+
+async def _bring_up(
+    state: ServerState, loader: EngineLoader, on_fatal: Callable[[str], None] | None
+) -> None:
+    settings = state.settings
+    started = time.monotonic()
+    try:
+        loaded = await asyncio.to_thread(loader, settings)
+        loaded.engine.start()
+    except Exception as exc:
+        logger.exception("loading the model from %s failed", settings.model)
+        reason = f"{type(exc).__name__}: {exc}"
+        state.readiness.fail(reason)
+        if on_fatal is not None:
+            on_fatal(reason)
+        return
+    max_model_len = loaded.engine.max_model_len
+    state.serving = Serving(
+        engine=loaded.engine,
+        tokenizer=loaded.tokenizer,
+        model=ModelInfo(
+            name=settings.model_name,
+            path=str(settings.model),
+            max_model_len=max_model_len,
+            device=loaded.device,
+            dtype=loaded.dtype,
+            created=int(time.time()),
+        ),
+        limits=Limits.from_settings(settings, max_model_len, loaded.tokenizer.vocab_size),
+        keepalive_interval_s=settings.keepalive_interval_s,
+    )
+    state.readiness.set_ready()
+    logger.info(
+        "ready: %s (context %d tokens) after %.1f s",
+        settings.model_name,
+        max_model_len,
+        time.monotonic() - started,
+    )
+
+
+def _make_lifespan(
+    state: ServerState, loader: EngineLoader, on_fatal: Callable[[str], None] | None
+) -> Callable[[FastAPI], Any]:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        bring_up = asyncio.create_task(_bring_up(state, loader, on_fatal))
+        try:
+            yield
+        finally:
+            state.readiness.start_draining()
+            bring_up.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await bring_up
+            if state.serving is not None:
+                await asyncio.to_thread(state.serving.engine.shutdown)
+
+    return lifespan
+
+
+def create_app(
+    settings: Settings,
+    *,
+    loader: EngineLoader = load_engine,
+    on_fatal: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The lamina ASGI app. `loader` builds the engine (tests pass a fake one);
+    `on_fatal` is called when loading fails, so the process can exit non-zero."""
+    state = ServerState(settings=settings)
+    app = FastAPI(
+        title="lamina",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=_make_lifespan(state, loader, on_fatal),
+        strict_content_type=False,  # a body without Content-Type is read as JSON
+    )
+    app.state.server = state
+    install_error_handlers(app)
+    app.include_router(health_router)
+    for router in (openai_router, tgi_router, misc_router):
+        app.include_router(router, dependencies=list(MODEL_ROUTE_DEPENDENCIES))
+    install_openapi(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def serve(settings: Settings) -> int:
+    """Run the server until SIGINT/SIGTERM. Returns the process exit status."""
+    import uvicorn
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    failures: list[str] = []
+    servers: list[uvicorn.Server] = []
+
+    def on_fatal(reason: str) -> None:
+        failures.append(reason)
+        for server in servers:
+            server.should_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+    )
+    server = uvicorn.Server(config)
+    servers.append(server)
+    server.run()
+    if failures:
+        logger.error("exiting: %s", failures[0])
+        return 1
+    return 0

@@ -1,0 +1,138 @@
+"""Fixtures of the HTTP-layer tests.
+
+- `fake_app(...)`: the real app over a FakeEngine, in-process (httpx ASGI transport).
+- `threaded_fake_server`: the same app behind a real uvicorn socket, in a thread, for
+  real clients and real disconnects; the fake engine stays inspectable.
+- `api_server`: a real `lamina serve` process with the default model (session-wide).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from app.config import Settings
+from app.main import LoadedEngine, create_app
+from app.tokenizer import Tokenizer
+from tests.api.fake_engine import FakeEngine
+from tests.server_process import ServerProcess, engine_available, free_port
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def http_tokenizer(default_model_path: Path) -> Tokenizer:
+    return Tokenizer(default_model_path)
+
+
+def fake_settings(model_path: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {"model": model_path, "keepalive_interval_s": 15.0}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def fake_app_for(settings: Settings, engine: FakeEngine) -> FastAPI:
+    return create_app(settings, loader=lambda _s: LoadedEngine(engine, engine.tokenizer, "cpu"))
+
+
+async def wait_until_ready(app: FastAPI, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not app.state.server.readiness.is_ready:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"app not ready: {app.state.server.readiness.describe()}")
+        await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running_fake_app(
+    settings: Settings, engine: FakeEngine
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An AsyncClient talking to the app (lifespan running, model 'loaded')."""
+    app = fake_app_for(settings, engine)
+    async with app.router.lifespan_context(app):
+        await wait_until_ready(app)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield client
+
+
+@dataclass
+class FakeApp:
+    client: httpx.AsyncClient
+    engine: FakeEngine
+    model: str
+
+
+@pytest.fixture
+async def fake_app(default_model_path: Path, http_tokenizer: Tokenizer) -> AsyncIterator[FakeApp]:
+    engine = FakeEngine(http_tokenizer)
+    settings = fake_settings(default_model_path)
+    async with running_fake_app(settings, engine) as client:
+        yield FakeApp(client, engine, settings.model_name)
+
+
+class ThreadedServer:
+    """A uvicorn server on a free port, run by a background thread."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, lifespan="on", log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ThreadedServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return self
+            time.sleep(0.05)
+        raise TimeoutError("threaded server did not become ready")
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@dataclass
+class LiveServer:
+    url: str
+    model: str
+    engine: FakeEngine | None = None  # set for the fake server only
+
+
+@pytest.fixture(scope="module")
+def threaded_fake_server(
+    default_model_path: Path, http_tokenizer: Tokenizer
+) -> Iterator[LiveServer]:
+    engine = FakeEngine(http_tokenizer)
+    settings = fake_settings(default_model_path)
+    with ThreadedServer(fake_app_for(settings, engine)) as server:
+        yield LiveServer(server.url, settings.model_name, engine)
+
+
+@pytest.fixture(scope="session")
+def api_server(default_model_path: Path) -> Iterator[LiveServer]:
+    """A real `lamina serve` with the default model, started once for the session."""
+    if not engine_available():
+        pytest.skip("app/engine/engine.py or app/model/runner.py is not in the tree yet")
+    with ServerProcess(extra_env={"LAMINA_MODEL": str(default_model_path)}) as server:
+        model = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"]
+        yield LiveServer(server.url, model)

@@ -1,0 +1,180 @@
+"""A fake engine with the real Engine's contract, for HTTP-layer tests without a model.
+
+It "generates" a fixed reply (tokenized with the real tokenizer) followed by EOS,
+honouring max_tokens, stop strings, stop token ids, ignore_eos, min_tokens, n and
+logprobs, so the routes' formatting can be checked exactly. It records every request
+and every abort, can be slowed down (keep-alive, disconnects), can fail a request whose
+prompt contains `fail_marker`, and can play dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from app.api.engine_client import EngineDeadError
+from app.core import FinishReason, SamplingParams, TokenDelta, TokenLogprob, Usage
+from app.tokenizer import Tokenizer
+
+DEFAULT_REPLY = " The quick brown fox jumps over the lazy dog. It was a sunny day."
+FAKE_LOGPROB = -0.5
+
+
+@dataclass
+class FakeRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    n: int
+    finished: bool = False
+
+
+@dataclass
+class FakeEngine:
+    tokenizer: Tokenizer
+    max_model_len: int = 8192
+    reply: str = DEFAULT_REPLY
+    token_interval_s: float = 0.0
+    fail_marker: str | None = "FAIL_IN_ENGINE"
+    requests: list[FakeRequest] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    alive: bool = True
+    started: bool = False
+
+    def start(self) -> None:
+        self.started = True
+
+    @property
+    def is_alive(self) -> bool:
+        return self.alive and self.started
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        self.alive = False
+
+    def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1
+    ) -> FakeStream:
+        if not self.is_alive:
+            raise EngineDeadError("fake engine is stopped")
+        request = FakeRequest(request_id, list(prompt_token_ids), params, n)
+        self.requests.append(request)
+        return FakeStream(self, request)
+
+    @property
+    def eos_id(self) -> int:
+        return min(self.tokenizer.eos_token_ids)
+
+    def reply_ids(self) -> list[int]:
+        return self.tokenizer.encode(self.reply, add_special_tokens=False) + [self.eos_id]
+
+
+class FakeStream:
+    """Async iterator of TokenDelta; closing it while unfinished records an abort."""
+
+    def __init__(self, engine: FakeEngine, request: FakeRequest) -> None:
+        self._engine = engine
+        self._request = request
+        self._deltas = _produce(engine, request)
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> TokenDelta:
+        return await self._deltas.__anext__()
+
+    async def aclose(self) -> None:
+        if not self._request.finished:
+            self._engine.abort(self._request.request_id)
+            self._request.finished = True
+        await self._deltas.aclose()
+
+
+@dataclass
+class _Choice:
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text_sent: str = ""
+    done: bool = False
+
+
+def _logprob(engine: FakeEngine, token_id: int, k: int) -> TokenLogprob:
+    alternatives = [t for t in engine.reply_ids() if t != token_id][:k]
+    top = tuple(
+        (t, engine.tokenizer.token_text(t), FAKE_LOGPROB - 1 - i)
+        for i, t in enumerate(alternatives)
+    )
+    return TokenLogprob(token_id, engine.tokenizer.token_text(token_id), FAKE_LOGPROB, top)
+
+
+def _step(engine: FakeEngine, request: FakeRequest, choice: _Choice, token_id: int) -> TokenDelta:
+    params = request.params
+    tokenizer = engine.tokenizer
+    choice.token_ids.append(token_id)
+    num_out = len(choice.token_ids)
+    max_tokens = params.max_tokens or engine.max_model_len - len(request.prompt_token_ids)
+    text = tokenizer.decode(choice.token_ids, skip_special_tokens=params.skip_special_tokens)
+    finish, stop_reason = None, None
+    for stop in params.stop:
+        at = text.find(stop)
+        if at >= 0 and num_out >= params.min_tokens:
+            text = text[: at + (len(stop) if params.include_stop_str_in_output else 0)]
+            finish, stop_reason = FinishReason.STOP, stop
+            break
+    ends = {engine.eos_id} if not params.ignore_eos else set()
+    ends |= set(params.stop_token_ids)
+    if finish is None and token_id in ends and num_out >= params.min_tokens:
+        finish = FinishReason.STOP
+        stop_reason = None if token_id == engine.eos_id else token_id
+    if finish is None and num_out >= max_tokens:
+        finish = FinishReason.LENGTH
+    new_text = text[len(choice.text_sent) :]
+    choice.text_sent = text
+    logprobs = ()
+    if params.logprobs is not None:
+        logprobs = (_logprob(engine, token_id, params.logprobs),)
+    usage = None
+    if finish is not None:
+        choice.done = True
+        usage = Usage(len(request.prompt_token_ids), num_out)
+    return TokenDelta(
+        request.request_id,
+        choice.index,
+        new_text,
+        (token_id,),
+        logprobs,
+        finish,
+        stop_reason,
+        usage,
+    )
+
+
+async def _produce(engine: FakeEngine, request: FakeRequest):
+    reply = engine.reply_ids()
+    if request.params.ignore_eos:
+        reply = reply[:-1]
+    prompt_text = engine.tokenizer.decode(request.prompt_token_ids)
+    choices = [_Choice(index) for index in range(request.n)]
+    step = 0
+    while not all(choice.done for choice in choices):
+        await asyncio.sleep(engine.token_interval_s)
+        for choice in choices:
+            if choice.done:
+                continue
+            if engine.fail_marker and engine.fail_marker in prompt_text and step == 1:
+                choice.done = True
+                yield TokenDelta(
+                    request.request_id,
+                    choice.index,
+                    "",
+                    (),
+                    (),
+                    FinishReason.ERROR,
+                    error="injected failure",
+                )
+                continue
+            yield _step(engine, request, choice, reply[step % len(reply)])
+        step += 1
+    request.finished = True
