@@ -65,6 +65,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> list[SampleOutput]:
         """logits [S, vocab] (any float dtype), one request per row, in order."""
+        if logits.shape[0] != len(requests):
+            raise ValueError(f"{logits.shape[0]} rows of logits for {len(requests)} requests")
         logits = logits.float()
         wants_logprobs = _rows(requests, lambda r: r.params.logprobs is not None)
         raw_logprobs = None

@@ -123,3 +123,34 @@ def hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
         out = hf_model(torch.tensor([token_ids], device=device)).logits[0]
     return out.float().cpu()
+
+
+def save_random_llama(out_dir, seed: int = 0, **overrides):
+    """Write a small random LlamaForCausalLM (transformers' own layout) to out_dir."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    fields.update(overrides)
+    shard_size = fields.pop("max_shard_size", None)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+    with torch.no_grad():  # transformers initializes biases to zero: make them count
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.1)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
+    return out_dir
