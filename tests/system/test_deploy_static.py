@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -675,3 +676,29 @@ def test_weights_job_fills_the_volume_the_replicas_read():
     }
     assert len(claims) == 1
     assert job["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+
+
+def test_baked_weights_component_drops_the_volume(tmp_path):
+    # An overlay of the operator's own, as docs/deploy.md shows it: gpu + baked-weights.
+    relative = Path(os.path.relpath(K8S, tmp_path))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(relative / "overlays/gpu")],
+                "components": [str(relative / "components/baked-weights")],
+            }
+        )
+    )
+    import kubernetes_validate
+
+    docs = _render(tmp_path)
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.37.0", strict=True)
+    kinds = _by_kind(docs)
+    assert "PersistentVolumeClaim" not in kinds
+    [deployment] = kinds["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert [v["name"] for v in pod["volumes"]] == ["tmp"]
+    assert [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]] == ["/tmp"]
