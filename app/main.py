@@ -51,6 +51,9 @@ class LoadedEngine:
     tokenizer: Tokenizer
     device: str | None = None
     dtype: str | None = None
+    # Tokens one sequence can hold in the KV cache; requests are limited to the smaller
+    # of this and the engine's max_model_len, so a request that cannot fit is a 400.
+    max_tokens_in_cache: int | None = None
 
 
 EngineLoader = Callable[[Settings], LoadedEngine]  # blocking: runs in a worker thread
@@ -75,6 +78,7 @@ def load_engine(settings: Settings) -> LoadedEngine:
         tokenizer=http_tokenizer,
         device=_describe(getattr(runner, "device", None)),
         dtype=_describe(getattr(runner, "dtype", None)),
+        max_tokens_in_cache=runner.num_blocks * runner.block_size,
     )
 
 
@@ -94,6 +98,13 @@ async def _bring_up(
             on_fatal(reason)
         return
     max_model_len = loaded.engine.max_model_len
+    if loaded.max_tokens_in_cache is not None and loaded.max_tokens_in_cache < max_model_len:
+        logger.warning(
+            "limiting requests to %d tokens, what the KV cache holds (max_model_len is %d)",
+            loaded.max_tokens_in_cache,
+            max_model_len,
+        )
+        max_model_len = loaded.max_tokens_in_cache
     state.serving = Serving(
         engine=loaded.engine,
         tokenizer=loaded.tokenizer,

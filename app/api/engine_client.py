@@ -10,13 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from app.core import SamplingParams, TokenDelta
-
-try:
-    from app.engine.engine import EngineDeadError
-except ImportError:  # the engine module is still being written; same contract
-
-    class EngineDeadError(RuntimeError):  # type: ignore[no-redef]
-        """The engine thread is not running: no request can be served."""
+from app.engine.engine import EngineDeadError
 
 
 class RequestStream(Protocol):

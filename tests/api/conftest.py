@@ -113,19 +113,31 @@ class ThreadedServer:
 
 @dataclass
 class LiveServer:
+    """A server on a real socket, as tests see it."""
+
     url: str
-    model: str
-    engine: FakeEngine | None = None  # set for the fake server only
+    model: str  # the id to pass as `model`
+    max_model_len: int  # its context window, from GET /v1/models
+    engine: FakeEngine | None = None  # the fake server's engine, to inspect; None if real
+
+    @property
+    def is_real(self) -> bool:
+        return self.engine is None
 
 
-@pytest.fixture(scope="module")
+def _describe_server(url: str, engine: FakeEngine | None = None) -> LiveServer:
+    card = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]
+    return LiveServer(url, card["id"], card["max_model_len"], engine)
+
+
+@pytest.fixture(scope="session")
 def threaded_fake_server(
     default_model_path: Path, http_tokenizer: Tokenizer
 ) -> Iterator[LiveServer]:
     engine = FakeEngine(http_tokenizer)
     settings = fake_settings(default_model_path)
     with ThreadedServer(fake_app_for(settings, engine)) as server:
-        yield LiveServer(server.url, settings.model_name, engine)
+        yield _describe_server(server.url, engine)
 
 
 @pytest.fixture(scope="session")
@@ -134,5 +146,11 @@ def api_server(default_model_path: Path) -> Iterator[LiveServer]:
     if not engine_available():
         pytest.skip("app/engine/engine.py or app/model/runner.py is not in the tree yet")
     with ServerProcess(extra_env={"LAMINA_MODEL": str(default_model_path)}) as server:
-        model = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        yield LiveServer(server.url, model)
+        yield _describe_server(server.url)
+
+
+@pytest.fixture(params=["fake", "real"])
+def live_server(request: pytest.FixtureRequest) -> LiveServer:
+    """Each test using it runs twice: on the fake engine, then on the real server."""
+    name = "threaded_fake_server" if request.param == "fake" else "api_server"
+    return request.getfixturevalue(name)
