@@ -230,7 +230,7 @@ class EngineCore:
     def _collect_scheduler_failures(self) -> list[TokenDelta]:
         """Sequences the scheduler had to give up on (e.g. can never fit the cache)."""
         deltas: list[TokenDelta] = []
-        for seq in self.scheduler.pop_failed() if hasattr(self.scheduler, "pop_failed") else []:
+        for seq in self.scheduler.pop_failed():
             deltas.extend(
                 self.fail_request(seq.request_id, "the request does not fit in the KV cache")
             )
