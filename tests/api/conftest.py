@@ -56,32 +56,31 @@ async def wait_until_ready(app: FastAPI, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-@contextlib.asynccontextmanager
-async def running_fake_app(
-    settings: Settings, engine: FakeEngine
-) -> AsyncIterator[httpx.AsyncClient]:
-    """An AsyncClient talking to the app (lifespan running, model 'loaded')."""
-    app = fake_app_for(settings, engine)
-    async with app.router.lifespan_context(app):
-        await wait_until_ready(app)
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
-
-
 @dataclass
 class FakeApp:
+    app: FastAPI
     client: httpx.AsyncClient
     engine: FakeEngine
     model: str
 
 
+@contextlib.asynccontextmanager
+async def running_fake_app(settings: Settings, engine: FakeEngine) -> AsyncIterator[FakeApp]:
+    """The app over `engine`, lifespan running and model 'loaded', with an AsyncClient."""
+    app = fake_app_for(settings, engine)
+    async with app.router.lifespan_context(app):
+        await wait_until_ready(app)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            yield FakeApp(app, client, engine, settings.model_name)
+
+
 @pytest.fixture
 async def fake_app(default_model_path: Path, http_tokenizer: Tokenizer) -> AsyncIterator[FakeApp]:
-    engine = FakeEngine(http_tokenizer)
-    settings = fake_settings(default_model_path)
-    async with running_fake_app(settings, engine) as client:
-        yield FakeApp(client, engine, settings.model_name)
+    async with running_fake_app(
+        fake_settings(default_model_path), FakeEngine(http_tokenizer)
+    ) as app:
+        yield app
 
 
 class ThreadedServer:

@@ -1,0 +1,43 @@
+"""/docs and /openapi.json describe the real request, response and error models."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.api.conftest import FakeApp
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_openapi_describes_real_models(fake_app: FakeApp) -> None:
+    schema = (await fake_app.client.get("/openapi.json")).json()
+    components = schema["components"]["schemas"]
+    for name in (
+        "CompletionRequest",
+        "ChatCompletionRequest",
+        "GenerateRequest",
+        "CompletionResponse",
+        "ChatCompletionChunk",
+        "StreamResponse",
+        "ErrorResponse",
+    ):
+        assert name in components, name
+    temperature = components["CompletionRequest"]["properties"]["temperature"]
+    assert "greedy" in temperature["description"]
+    assert temperature["anyOf"][0]["maximum"] == 2
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            assert "422" not in operation["responses"], (method, path)
+    chat = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert chat["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+    assert chat["200"]["content"]["text/event-stream"]["schema"]["$ref"].endswith(
+        "ChatCompletionChunk"
+    )
+    assert chat["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "ChatCompletionResponse"
+    )
+
+
+async def test_docs_page_is_served(fake_app: FakeApp) -> None:
+    response = await fake_app.client.get("/docs")
+    assert response.status_code == 200 and "swagger" in response.text.lower()
