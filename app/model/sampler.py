@@ -4,10 +4,11 @@ Order of the pipeline (each stage runs only when some row of the batch needs it)
   raw logits -> logprobs (of the raw model distribution, as vLLM v1 reports them)
   -> logit_bias -> min_tokens (ban EOS/stop ids) -> repetition, presence, frequency
   -> greedy rows: argmax
-  -> random rows: / temperature -> top-k -> top-p -> softmax -> min-p -> exponential race
+  -> random rows: / temperature -> top-k -> top-p -> softmax -> min-p -> inverse CDF
 
-The exponential race draws argmax(p_i / E_i) with E_i ~ Exp(1), which picks token i
-with probability p_i. Seeded rows draw their E from a generator seeded by
+Random rows draw one uniform number each and take the first token whose cumulative
+probability exceeds it (exact, and far cheaper on a CPU than noise over the whole
+vocabulary). Seeded rows draw their number from a generator seeded by
 (seed, choice index, output position), so their samples never depend on batch mates,
 batch position or earlier steps; unseeded rows share one global generator.
 """
@@ -131,28 +132,31 @@ class Sampler:
     # --- random sampling ---------------------------------------------------------
 
     def _sample_random(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> torch.Tensor:
-        """logits [R, vocab] of the non-greedy rows -> sampled ids [R]."""
+        """logits [R, vocab] of the non-greedy rows (a copy we may modify) -> sampled ids [R]."""
         temperatures = torch.tensor([r.params.temperature for r in requests], device=self.device)
-        logits = logits / temperatures[:, None]
+        logits = logits.div_(temperatures[:, None])
         top_ks = [r.params.top_k for r in requests]
         if any(top_ks):
             logits = apply_top_k(logits, top_ks)
-        top_ps = [r.params.top_p for r in requests]
-        if any(p < 1.0 for p in top_ps):
-            logits = apply_top_p(logits, torch.tensor(top_ps, device=self.device))
+        top_p_rows = [i for i, r in enumerate(requests) if r.params.top_p < 1.0]
+        if top_p_rows:
+            top_ps = torch.tensor(
+                [requests[i].params.top_p for i in top_p_rows], device=self.device
+            )
+            if len(top_p_rows) == len(requests):
+                logits = apply_top_p(logits, top_ps)
+            else:
+                logits[top_p_rows] = apply_top_p(logits[top_p_rows], top_ps)
         probs = torch.softmax(logits, dim=-1)
         min_ps = [r.params.min_p for r in requests]
         if any(min_ps):
             probs = apply_min_p(probs, torch.tensor(min_ps, device=self.device))
-        noise = self._exponential_noise(probs.shape, requests)
-        return (probs / noise).argmax(dim=-1)
+        return sample_from_probs(probs, self._uniforms(requests))
 
-    def _exponential_noise(
-        self, shape: torch.Size, requests: list[SamplingRequest]
-    ) -> torch.Tensor:
-        noise = torch.empty(shape, device=self.device)
-        noise.exponential_(generator=self.generator)
-        # The only per-row loop: each seeded row needs noise from its own generator.
+    def _uniforms(self, requests: list[SamplingRequest]) -> torch.Tensor:
+        """One U[0, 1) number per row: [R]."""
+        uniforms = torch.rand(len(requests), device=self.device, generator=self.generator)
+        # The only per-row loop: each seeded row draws from its own generator.
         for row, request in enumerate(requests):
             if request.params.seed is None:
                 continue
@@ -160,9 +164,8 @@ class Sampler:
             generator.manual_seed(
                 row_seed(request.params.seed, request.choice_index, len(request.output_token_ids))
             )
-            noise[row].exponential_(generator=generator)
-        # Exp(1) can round to exactly 0; a zero would turn a zero probability into NaN.
-        return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+            uniforms[row] = torch.rand((), device=self.device, generator=generator)
+        return uniforms
 
     # --- outputs -----------------------------------------------------------------
 
@@ -249,14 +252,60 @@ def apply_top_k(logits: torch.Tensor, top_ks: list[int]) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def apply_top_p(logits: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches top_p."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    sorted_probs = sorted_logits.softmax(dim=-1)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the better tokens
-    drop_sorted = mass_before >= top_ps[:, None]  # the top token always has 0 before it
-    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+def apply_top_p(
+    logits: torch.Tensor, top_ps: torch.Tensor, candidate_tiers: tuple[int, ...] = (128, 1024)
+) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p.
+
+    A full sort of the vocabulary is slow on a CPU (~5 ms a row) and nuclei are usually
+    small: look at the best 128 tokens, then 1024 for rows whose nucleus is larger, and
+    sort only the rows that still are not covered.
+    """
+    vocab = logits.shape[1]
+    probs = logits.softmax(dim=-1)
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    for num_candidates in (*candidate_tiers, vocab):
+        num_candidates = min(num_candidates, vocab)
+        if num_candidates == vocab:
+            best_probs, best_ids = probs[rows].sort(dim=-1, descending=True)
+        else:
+            best_probs, best_ids = probs[rows].topk(num_candidates, dim=-1)  # best first
+        keep[rows] = _nucleus(best_probs, best_ids, top_ps[rows], vocab)
+        if num_candidates == vocab:
+            break
+        rows = rows[best_probs.sum(dim=-1) < top_ps[rows]]  # nucleus beyond the candidates
+        if not rows.numel():
+            break
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def _nucleus(
+    sorted_probs: torch.Tensor, token_ids: torch.Tensor, top_ps: torch.Tensor, vocab: int
+) -> torch.Tensor:
+    """[R, vocab] mask of the tokens whose better-ranked mass is still below top_p.
+
+    sorted_probs/token_ids [R, K]: the K best tokens of each row, best first; tokens
+    outside them are dropped (callers make sure K covers the nucleus).
+    """
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # the top token has 0 before it
+    keep_sorted = mass_before < top_ps[:, None]
+    keep = torch.zeros(sorted_probs.shape[0], vocab, dtype=torch.bool, device=token_ids.device)
+    return keep.scatter_(1, token_ids, keep_sorted)
+
+
+def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF: per row, the first token whose cumulative probability exceeds u * total.
+
+    probs [R, vocab] (need not sum to exactly 1), uniforms [R] in [0, 1) -> ids [R].
+    """
+    cdf = probs.cumsum(dim=-1)  # [R, vocab]
+    total = cdf[:, -1:]
+    # Rounding must never push the target to the total: no token lies beyond it.
+    target = torch.minimum(
+        uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total))
+    )
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
 def apply_min_p(probs: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:

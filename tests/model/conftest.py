@@ -1,6 +1,7 @@
 """Fixtures for parity with transformers on the default model.
 
-LAMINA_TEST_DEVICE=cuda runs them on the GPU in bf16 (looser tolerance); default CPU fp32.
+LAMINA_TEST_DEVICE=cuda runs them on the GPU, in bf16 unless LAMINA_TEST_DTYPE=float32.
+Both models run on the same device in the same dtype.
 """
 
 from __future__ import annotations
@@ -17,18 +18,24 @@ class DeviceCase:
     device: torch.device
     dtype: torch.dtype
     logits_atol: float  # max |ours - transformers| over all logits
+    # Greedy tokens that must agree with transformers: all of them in fp32; in half
+    # precision a near-tie may flip legitimately after a while.
+    min_equal_greedy_tokens: int | None
 
 
 @pytest.fixture(scope="session")
 def device_case() -> DeviceCase:
     name = os.environ.get("LAMINA_TEST_DEVICE", "cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            pytest.skip("LAMINA_TEST_DEVICE=cuda but no CUDA GPU is visible")
-        # bf16 on both sides, different kernels: differences of a few bf16 ulps of logits
-        # of magnitude ~20 accumulate over 30 layers.
-        return DeviceCase(torch.device("cuda"), torch.bfloat16, logits_atol=0.5)
-    return DeviceCase(torch.device("cpu"), torch.float32, logits_atol=1e-3)
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("LAMINA_TEST_DEVICE=cuda but no CUDA GPU is visible")
+    default_dtype = "bfloat16" if name == "cuda" else "float32"
+    dtype = getattr(torch, os.environ.get("LAMINA_TEST_DTYPE", default_dtype))
+    if dtype == torch.float32:
+        return DeviceCase(torch.device(name), dtype, 1e-3, None)
+    # Calibrated on the CPU in bf16: prefill logits were identical to transformers',
+    # chunked prefill differed by up to 0.8 (logits of magnitude ~30); bf16 vs fp32
+    # differ by ~3.
+    return DeviceCase(torch.device(name), dtype, 1.5, 8)
 
 
 @pytest.fixture(scope="session")

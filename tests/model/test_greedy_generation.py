@@ -34,17 +34,25 @@ def hf_generate(hf_model, prompt: list[int]) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
+@pytest.fixture(scope="module")
+def expected(hf_model, prompts) -> list[list[int]]:
+    return [hf_generate(hf_model, p) for p in (prompts[0], prompts[2], prompts[3])]
+
+
 @pytest.mark.parametrize("max_chunk_tokens", [10**9, 7])
 def test_greedy_matches_transformers_generate(
-    runner, hf_model, prompts, default_model_path, tokenizer, max_chunk_tokens
+    runner, expected, prompts, default_model_path, tokenizer, device_case, max_chunk_tokens
 ):
     """All prompts run as one continuous batch (chunked prefill mixed with decodes)."""
-    chosen = [prompts[0], prompts[2], prompts[3]]
-    expected = [hf_generate(hf_model, p) for p in chosen]
-    seqs = [make_sequence(p, max_tokens=MAX_NEW_TOKENS) for p in chosen]
+    seqs = [
+        make_sequence(p, max_tokens=MAX_NEW_TOKENS) for p in (prompts[0], prompts[2], prompts[3])
+    ]
     allocator = NaiveBlockAllocator(runner.num_blocks, runner.block_size)
-    ours = generate(
-        runner, allocator, seqs, read_eos_token_ids(default_model_path), max_chunk_tokens
-    )
-    assert ours == expected
+    eos = read_eos_token_ids(default_model_path)
+    ours = generate(runner, allocator, seqs, eos, max_chunk_tokens)
     assert "Paris" in tokenizer.decode(ours[0])
+    num_equal = device_case.min_equal_greedy_tokens
+    if num_equal is None:
+        assert ours == expected
+    else:
+        assert [o[:num_equal] for o in ours] == [e[:num_equal] for e in expected]

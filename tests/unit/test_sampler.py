@@ -16,6 +16,7 @@ from app.model.sampler import (
     apply_penalties,
     apply_top_k,
     apply_top_p,
+    sample_from_probs,
 )
 
 EOS = 2
@@ -80,6 +81,43 @@ def test_top_p_keeps_the_smallest_nucleus():
     observed = frequencies(logits[0].tolist(), top_p=0.7)
     assert observed[2:].sum() == 0
     assert abs(observed[0] - 0.5 / 0.8) < 0.03  # renormalized inside the nucleus
+
+
+def test_top_p_applies_only_to_its_rows():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(400, -1)
+    requests = [request(top_p=1.0)] * 200 + [request(top_p=0.5)] * 200
+    drawn = ids(sample(logits, requests))
+    assert set(drawn[:200]) == {0, 1, 2, 3}
+    assert set(drawn[200:]) == {0}
+
+
+def reference_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Straightforward full-sort nucleus, row by row."""
+    out = logits.clone()
+    for row in out:
+        probs, order = row.softmax(-1).sort(descending=True)
+        before = probs.cumsum(-1) - probs
+        row[order[before >= top_p]] = float("-inf")
+    return out
+
+
+@pytest.mark.parametrize("tiers", [(4,), (4, 16), (128, 1024), ()])
+def test_top_p_candidates_and_sort_fallback_agree_with_a_full_sort(tiers):
+    generator = torch.Generator().manual_seed(3)
+    peaked = torch.randn(3, 300, generator=generator) * 6  # small nuclei
+    flat = torch.randn(3, 300, generator=generator) * 0.1  # nuclei of ~270 tokens
+    logits = torch.cat([peaked, flat])
+    top_ps = torch.tensor([0.9, 0.5, 0.99, 0.9, 0.5, 0.99])
+    ours = apply_top_p(logits, top_ps, candidate_tiers=tiers)
+    for row in range(6):
+        expected = reference_top_p(logits[row : row + 1], top_ps[row].item())
+        assert torch.equal(torch.isfinite(ours[row]), torch.isfinite(expected[0])), row
+
+
+def test_inverse_cdf_never_picks_a_zero_probability_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]] * 4)
+    uniforms = torch.tensor([0.0, 0.4999, 0.5, 1.0 - 2**-24])
+    assert sample_from_probs(probs, uniforms).tolist() == [1, 1, 3, 3]
 
 
 def test_min_p_drops_tokens_far_below_the_best():
