@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM as HFLlama
 from app.config import Settings
 from app.core import SamplingParams, ScheduledBatch, ScheduledSeq
 from app.model.kv_cache import GIB, bytes_per_block
-from app.model.runner import ModelRunner
+from app.model.runner import ModelRunner, resolve_device, resolve_dtype
 from tests.model.helpers import NaiveBlockAllocator, engine_step, generate, make_sequence
 
 EOS = frozenset({2})
@@ -51,6 +51,17 @@ def test_from_settings(runner, tiny_model_path):
     )
     assert other.max_model_len == 64 and other.dtype == torch.bfloat16
     assert other.kv_cache.key_caches[0].dtype == torch.bfloat16
+
+
+def test_device_and_dtype_resolution():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            resolve_device("cuda")
 
 
 def test_greedy_generation_matches_transformers(runner, allocator, tiny_model_path):
