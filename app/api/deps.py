@@ -37,7 +37,14 @@ ServingDep = Annotated[Serving, Depends(get_serving)]
 StateDep = Annotated[ServerState, Depends(get_state)]
 
 
+# Names clients send when they address a server by URL rather than by model:
+# huggingface_hub's InferenceClient(base_url=...) sends "dummy"; TGI's docs use "tgi".
+PLACEHOLDER_MODEL_NAMES = frozenset({"dummy", "tgi"})
+
+
 def check_model(requested: str | None, serving: Serving) -> None:
-    """An absent model means the served one; any other name is a 404."""
-    if requested is not None and requested != serving.model.name:
+    """An absent (or placeholder) model means the served one; any other name is a 404."""
+    if requested is None or requested in PLACEHOLDER_MODEL_NAMES:
+        return
+    if requested != serving.model.name:
         raise model_not_found(requested, serving.model.name)

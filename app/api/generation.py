@@ -10,7 +10,6 @@ sequences in the engine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable
@@ -110,22 +109,18 @@ class Generation:
         self._pending: dict[asyncio.Future[TokenDelta], int] = {}
         self._started = False
         self._closed = False
+        engine_ids: list[str] = []
         try:
             for prompt_index, (prompt, prompt_params) in enumerate(zip(prompts, params)):
                 engine_id = request_id if len(prompts) == 1 else f"{request_id}-{prompt_index}"
                 self._streams.append(engine.generate(engine_id, prompt, prompt_params, n=n))
+                engine_ids.append(engine_id)
         except EngineDeadError as exc:
-            self._close_now()
-            raise service_unavailable(
-                f"the engine is not running: {exc or 'engine thread stopped'}", code="engine_dead"
-            ) from None
-
-    def _close_now(self) -> None:
-        """Synchronous best effort for the constructor's failure path."""
-        for stream in self._streams:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().create_task(stream.aclose())
-        self._closed = True
+            for engine_id in engine_ids:  # prompts already queued must not run alone
+                engine.abort(engine_id)
+            self._closed = True
+            message = str(exc) or "the engine is not running"
+            raise service_unavailable(message, code="engine_dead") from None
 
     def _schedule(self, prompt_index: int) -> None:
         future = asyncio.ensure_future(self._streams[prompt_index].__anext__())

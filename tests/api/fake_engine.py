@@ -3,8 +3,8 @@
 It "generates" a fixed reply (tokenized with the real tokenizer) followed by EOS,
 honouring max_tokens, stop strings, stop token ids, ignore_eos, min_tokens, n and
 logprobs, so the routes' formatting can be checked exactly. It records every request
-and every abort, can be slowed down (keep-alive, disconnects), can fail a request whose
-prompt contains `fail_marker`, and can play dead.
+and every abort, can be slowed down (keep-alive, disconnects), can fail or abort a
+request whose prompt contains a marker, and can play dead.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ class FakeEngine:
     max_model_len: int = 8192
     reply: str = DEFAULT_REPLY
     token_interval_s: float = 0.0
-    fail_marker: str | None = "FAIL_IN_ENGINE"
+    fail_marker: str | None = "FAIL_IN_ENGINE"  # the request ends with ERROR after 1 token
+    abort_marker: str | None = "ABORT_IN_ENGINE"  # ... with ABORT (shutdown, deadline)
     requests: list[FakeRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     alive: bool = True
@@ -151,6 +152,14 @@ def _step(engine: FakeEngine, request: FakeRequest, choice: _Choice, token_id: i
     )
 
 
+def _injected_failure(engine: FakeEngine, prompt_text: str) -> tuple[FinishReason, str] | None:
+    if engine.fail_marker and engine.fail_marker in prompt_text:
+        return FinishReason.ERROR, "injected failure"
+    if engine.abort_marker and engine.abort_marker in prompt_text:
+        return FinishReason.ABORT, "injected abort"
+    return None
+
+
 async def _produce(engine: FakeEngine, request: FakeRequest):
     reply = engine.reply_ids()
     if request.params.ignore_eos:
@@ -163,16 +172,12 @@ async def _produce(engine: FakeEngine, request: FakeRequest):
         for choice in choices:
             if choice.done:
                 continue
-            if engine.fail_marker and engine.fail_marker in prompt_text and step == 1:
+            failure = _injected_failure(engine, prompt_text)
+            if failure is not None and step == 1:
                 choice.done = True
+                reason, message = failure
                 yield TokenDelta(
-                    request.request_id,
-                    choice.index,
-                    "",
-                    (),
-                    (),
-                    FinishReason.ERROR,
-                    error="injected failure",
+                    request.request_id, choice.index, "", (), (), reason, error=message
                 )
                 continue
             yield _step(engine, request, choice, reply[step % len(reply)])

@@ -154,3 +154,12 @@ def test_hf_text_generation(live_server: LiveServer) -> None:
     assert details.details.finish_reason in ("length", "eos_token", "stop_sequence")
     last = list(client.text_generation(PROMPT, max_new_tokens=8, stream=True, details=True))[-1]
     assert last.generated_text == text and last.details is not None
+
+
+def test_hf_chat_completion(live_server: LiveServer) -> None:
+    client = InferenceClient(base_url=live_server.url, timeout=120)
+    response = client.chat_completion(QUESTION, max_tokens=8, temperature=0)
+    assert response.choices[0].message.content
+    streamed = client.chat_completion(QUESTION, max_tokens=8, temperature=0, stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+    assert text == response.choices[0].message.content

@@ -305,3 +305,55 @@ async def test_models_tokenize_detokenize(fake_app: FakeApp) -> None:
     assert chat.json()["tokens"] == expected
     info = (await fake_app.client.get("/info")).json()
     assert info["model_id"] == fake_app.model and info["max_total_tokens"] == 8192
+
+
+async def test_unknown_fields_are_logged_at_debug_level(fake_app: FakeApp, caplog) -> None:
+    with caplog.at_level("DEBUG", logger="lamina.api"):
+        await fake_app.client.post(
+            "/v1/completions", json={"prompt": "Hi", "max_tokens": 1, "best_of": 3}
+        )
+    assert any("best_of" in record.getMessage() for record in caplog.records)
+
+
+async def test_chunked_body_over_the_limit_is_413(fake_app: FakeApp) -> None:
+    async def body():
+        yield b'{"prompt": "hi", "pad": "'
+        for _ in range(5):
+            yield b"x" * 1_000_000
+        yield b'"}'
+
+    response = await fake_app.client.post(
+        "/v1/completions", content=body(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+async def test_abort_in_engine_is_503_and_bugs_are_opaque_500s(fake_app: FakeApp) -> None:
+    aborted = await fake_app.client.post("/v1/completions", json={"prompt": "ABORT_IN_ENGINE"})
+    assert aborted.status_code == 503
+    assert aborted.json()["error"]["code"] == "request_aborted"
+
+    def broken_generate(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    fake_app.engine.generate = broken_generate  # type: ignore[method-assign]
+    response = await fake_app.client.post("/v1/completions", json={"prompt": "Hi"})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and "secret" not in response.text
+    assert "Traceback" not in response.text
+
+
+async def test_cors_when_origins_are_configured(default_model_path, http_tokenizer) -> None:
+    settings = fake_settings(default_model_path, cors_origins=("https://app.example",))
+    async with running_fake_app(settings, FakeEngine(http_tokenizer)) as fake:
+        response = await fake.client.options(
+            "/v1/chat/completions",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+            },
+        )
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] == "https://app.example"
