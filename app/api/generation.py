@@ -180,6 +180,9 @@ class Generation:
                 future.cancel()
             if self._pending:
                 await asyncio.wait(self._pending)
+            for future in self._pending:
+                if not future.cancelled():
+                    future.exception()  # retrieved: the outcome no longer matters
             self._pending.clear()
             for stream in self._streams:
                 try:

@@ -1,0 +1,62 @@
+"""A client that leaves aborts its request in the real engine (tiny random model,
+in-process server, so the engine's own counters can be read)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from app.config import Settings
+from app.main import create_app
+from tests.api.conftest import ThreadedServer
+
+MAX_TOKENS = 400
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model_path) -> Iterator[tuple[str, object]]:
+    settings = Settings(model=tiny_model_path, kv_cache_gb=0.05, max_model_len=1024)
+    app = create_app(settings)
+    with ThreadedServer(app) as server:
+        yield server.url, app.state.server.serving.engine
+
+
+def wait_until_idle(engine, timeout_s: float = 10.0) -> None:
+    """Wait for no sequence to be running or waiting, and for steps to stop."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = engine.stats()
+        if stats.num_running == 0 and stats.num_waiting == 0:
+            time.sleep(0.2)
+            assert engine.stats().num_steps == stats.num_steps, "the engine kept stepping"
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"engine still busy: {engine.stats()}")
+
+
+LONG = {"prompt": "Hello", "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0}
+
+
+def test_leaving_a_stream_aborts_in_the_engine(tiny_server) -> None:
+    url, engine = tiny_server
+    steps_before = engine.stats().num_steps
+    with httpx.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}) as r:
+        data = (line for line in r.iter_lines() if line.startswith("data:"))
+        for _ in range(3):
+            next(data)
+    wait_until_idle(engine)
+    assert engine.stats().num_steps - steps_before < MAX_TOKENS
+
+
+def test_leaving_before_a_plain_answer_aborts_in_the_engine(tiny_server) -> None:
+    url, engine = tiny_server
+    steps_before = engine.stats().num_steps
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/completions", json=LONG, timeout=0.3)
+    wait_until_idle(engine)
+    assert engine.stats().num_steps - steps_before < MAX_TOKENS
+    ok = httpx.post(url + "/v1/completions", json={**LONG, "max_tokens": 3}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
