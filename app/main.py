@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api.deps import MODEL_ROUTE_DEPENDENCIES
+from app.api.deps import model_route_dependencies
 from app.api.engine_client import EngineClient
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodySizeLimit
@@ -167,7 +167,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(health_router)
     for router in (openai_router, tgi_router, misc_router):
-        app.include_router(router, dependencies=list(MODEL_ROUTE_DEPENDENCIES))
+        app.include_router(router, dependencies=model_route_dependencies(settings))
     install_openapi(app)
     if settings.cors_origins:
         app.add_middleware(

@@ -1,23 +1,28 @@
 """FastAPI dependencies shared by the routes.
 
-`serving` is the gate every model route passes: it answers 503 until the model is
-loaded and while draining. Later hooks (API keys, admission control) belong here as
-further dependencies, added to `MODEL_ROUTE_DEPENDENCIES`, so every model route gets
-them in the same order.
+`get_serving` is the gate every model route passes: it answers 503 until the model is
+loaded and while draining. Hooks that must run before every model route (API keys,
+admission control) go in `model_route_dependencies`, which create_app applies to the
+OpenAI, TGI and model/tokenizer routers (not to /health, /ready, /docs).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from app.api.errors import model_not_found, service_unavailable
 from app.api.state import ServerState, Serving
+from app.config import Settings
 
-# Dependencies run before every model route (after validation of the path, before the
-# body is used). Auth and admission control will be appended here.
-MODEL_ROUTE_DEPENDENCIES: list = []
+
+def model_route_dependencies(settings: Settings) -> list[Any]:
+    """Dependencies (`Depends(...)`) run before every model route, in order.
+
+    None yet: authentication and admission control will be returned from here.
+    """
+    return []
 
 
 def get_state(request: Request) -> ServerState:
