@@ -133,57 +133,71 @@ async def _generate(body: GenerateRequest, request: Request, serving: Serving) -
     return GenerateResponse(generated_text=job.text_prefix + result.text, details=details)
 
 
-def _stream(body: GenerateRequest, serving: Serving) -> EventStreamResponse:
-    job = _start(body, serving)
-    tokenizer = serving.tokenizer
-    state = {"count": 0, "text": "", "carry": "", "last_id": 0}
+class TokenEvents:
+    """Renders engine deltas as TGI stream events: one per token, details on the last.
 
-    def event(token: TGIToken, top: list[TGIToken] | None, delta: TokenDelta | None) -> bytes:
-        state["count"] += 1
-        final = delta is not None
-        details = None
-        if final:
-            generated = delta.usage.completion_tokens if delta.usage else state["count"]
-            details = StreamDetails(
-                finish_reason=tgi_finish_reason(delta.finish_reason, delta.stop_reason),
-                generated_tokens=generated,
-                seed=_seed(job.params),
-                input_length=job.input_length,
-            )
-        return sse_event(
-            StreamResponse(
-                index=state["count"],
-                token=token,
-                top_tokens=top,
-                generated_text=job.text_prefix + state["text"] if final else None,
-                details=details,
-            )
-        )
+    A delta's text goes on its last token (the text of a token is what it added to the
+    output). Text that arrives without a token is carried to the next token; a choice
+    that ends without a new token closes with an empty special token.
+    """
 
-    def render(_index: int, delta: TokenDelta) -> Iterable[bytes]:
-        state["text"] += delta.text
+    def __init__(self, job: TGIJob, tokenizer: Tokenizer) -> None:
+        self.job = job
+        self.tokenizer = tokenizer
+        self.num_events = 0
+        self.text = ""  # everything generated so far
+        self.carry = ""  # text not yet attached to a token
+        self.last_token_id = 0
+
+    def render(self, _index: int, delta: TokenDelta) -> Iterable[bytes]:
+        self.text += delta.text
         ids = delta.token_ids
         if not ids:
-            if not delta.finished:
-                state["carry"] += delta.text  # text without a token: give it to the next one
-                return
-            # The choice ended without a new token: close with a special, empty token.
-            token = _token(state["last_id"], state["carry"] + delta.text, None, tokenizer)
-            yield event(token.model_copy(update={"special": True}), None, delta)
+            if delta.finished:
+                token = _token(self.last_token_id, self.carry + delta.text, None, self.tokenizer)
+                yield self._event(token.model_copy(update={"special": True}), None, delta)
+            else:
+                self.carry += delta.text
             return
         for position, token_id in enumerate(ids):
             last = position == len(ids) - 1
             entry = delta.logprobs[position] if position < len(delta.logprobs) else None
-            text = state["carry"] + delta.text if last else ""
+            text = self.carry + delta.text if last else ""
             if last:
-                state["carry"] = ""
-            token = _token(token_id, text, entry.logprob if entry else None, tokenizer)
-            top = _top_tokens(entry, tokenizer) if job.num_top_tokens else None
-            state["last_id"] = token_id
-            yield event(token, top, delta if last and delta.finished else None)
+                self.carry = ""
+            token = _token(token_id, text, entry.logprob if entry else None, self.tokenizer)
+            top = _top_tokens(entry, self.tokenizer) if self.job.num_top_tokens else None
+            self.last_token_id = token_id
+            yield self._event(token, top, delta if last and delta.finished else None)
 
+    def _event(
+        self, token: TGIToken, top: list[TGIToken] | None, final: TokenDelta | None
+    ) -> bytes:
+        self.num_events += 1
+        details = None
+        if final is not None:
+            details = StreamDetails(
+                finish_reason=tgi_finish_reason(final.finish_reason, final.stop_reason),
+                generated_tokens=final.usage.completion_tokens if final.usage else self.num_events,
+                seed=_seed(self.job.params),
+                input_length=self.job.input_length,
+            )
+        return sse_event(
+            StreamResponse(
+                index=self.num_events,
+                token=token,
+                top_tokens=top,
+                generated_text=None if final is None else self.job.text_prefix + self.text,
+                details=details,
+            )
+        )
+
+
+def _stream(body: GenerateRequest, serving: Serving) -> EventStreamResponse:
+    job = _start(body, serving)
+    renderer = TokenEvents(job, serving.tokenizer)
     events = pump_events(
-        job.generation, serving.keepalive_interval_s, render, error_extra=TGI_ERROR_EXTRA
+        job.generation, serving.keepalive_interval_s, renderer.render, error_extra=TGI_ERROR_EXTRA
     )
     return EventStreamResponse(events)
 
