@@ -35,7 +35,7 @@ class Settings(BaseModel):
 
     # --- KV cache and scheduling -----------------------------------------------
     block_size: int = Field(default=16, ge=1, le=256)
-    kv_cache_gb: float = Field(default=1.0, gt=0)  # CPU cache size
+    kv_cache_gb: float = Field(default=1.0, gt=0)  # CPU cache size in GiB
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=0.99)
     num_gpu_blocks_override: int | None = Field(default=None, ge=1)
     max_num_seqs: int = Field(default=64, ge=1)
