@@ -1,0 +1,149 @@
+"""The threaded Engine and its asyncio bridge, over the fake runner (milliseconds)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.config import load_settings
+from app.core import FinishReason, SamplingParams
+from app.engine.engine import Engine, EngineDeadError
+from tests.unit.fakes import FakeRunner, FakeTokenizer
+
+TOK = FakeTokenizer()
+
+
+def make_engine(**overrides) -> tuple[Engine, FakeRunner]:
+    runner = FakeRunner(block_size=4, num_blocks=64, max_model_len=256)
+    settings = load_settings(environ={}, max_num_batched_tokens=32, max_num_seqs=8, **overrides)
+    return Engine(runner, TOK, settings), runner
+
+
+async def collect(stream) -> dict[int, list]:
+    by_choice: dict[int, list] = {}
+    async for delta in stream:
+        by_choice.setdefault(delta.index, []).append(delta)
+    return by_choice
+
+
+async def wait_for(predicate, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def params() -> SamplingParams:
+    return SamplingParams(max_tokens=12, temperature=0.0)
+
+
+@pytest.mark.anyio
+async def test_generate_streams_every_choice_to_its_end(params):
+    engine, _ = make_engine()
+    engine.start()
+    try:
+        result = await collect(engine.generate("a", TOK.encode("hello"), params, n=2))
+        assert sorted(result) == [0, 1]
+        for deltas in result.values():
+            assert deltas[-1].finish_reason is FinishReason.LENGTH
+            assert deltas[-1].usage.completion_tokens == 12
+            assert sum(len(d.token_ids) for d in deltas) == 12
+        await wait_for(lambda: engine.stats().num_running == 0)
+        assert engine.core.block_manager.num_used_blocks == 0
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.anyio
+async def test_closing_a_stream_aborts_and_frees_blocks():
+    engine, _ = make_engine()
+    engine.start()
+    try:
+        stream = engine.generate("long", TOK.encode("x" * 20), SamplingParams(max_tokens=200))
+        first = await stream.__anext__()
+        assert not first.finished
+        await stream.aclose()
+        await wait_for(lambda: not engine.core.has_unfinished())
+        assert engine.core.block_manager.num_used_blocks == 0
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.anyio
+async def test_a_crashed_engine_thread_fails_waiters_and_refuses_new_work(params):
+    engine, _ = make_engine()
+    engine.start()
+    long = SamplingParams(max_tokens=250, temperature=0.0)
+    streams = [engine.generate(f"r{i}", TOK.encode(f"prompt {i}"), long) for i in range(3)]
+    engine.crash_for_test()
+    finals = [(await collect(s))[0][-1] for s in streams]
+    assert all(d.finish_reason in (FinishReason.ERROR, FinishReason.LENGTH) for d in finals)
+    assert any(d.finish_reason is FinishReason.ERROR and "engine" in d.error for d in finals)
+    await wait_for(lambda: not engine.is_alive)
+    with pytest.raises(EngineDeadError):
+        engine.generate("late", TOK.encode("late"), params)
+
+
+@pytest.mark.anyio
+async def test_shutdown_ends_unfinished_requests_with_an_error():
+    engine, _ = make_engine()
+    engine.start()
+    stream = engine.generate("r", TOK.encode("abc"), SamplingParams(max_tokens=250))
+    await stream.__anext__()
+    await asyncio.to_thread(engine.shutdown)
+    deltas = (await collect(stream))[0]
+    assert deltas[-1].finish_reason is FinishReason.ERROR
+
+
+@pytest.mark.anyio
+async def test_a_fault_in_one_request_fails_it_alone(params):
+    engine, _ = make_engine(fault_injection_marker="BOOM")
+    engine.start()
+    try:
+        bad = engine.generate("bad", TOK.encode("BOOM here"), params)
+        good = [engine.generate(f"g{i}", TOK.encode(f"fine {i}"), params) for i in range(3)]
+        bad_final = (await collect(bad))[0][-1]
+        assert bad_final.finish_reason is FinishReason.ERROR
+        assert "injected fault" in bad_final.error
+        for stream in good:
+            final = (await collect(stream))[0][-1]
+            assert final.finish_reason is FinishReason.LENGTH
+        assert engine.is_alive
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.anyio
+async def test_a_runner_exception_is_isolated_to_its_request(params):
+    runner = FakeRunner(
+        block_size=4, num_blocks=64, max_model_len=256, fail_token_id=TOK.encode("!")[0]
+    )
+    settings = load_settings(environ={}, max_num_batched_tokens=64)
+    engine = Engine(runner, TOK, settings)
+    engine.start()
+    try:
+        bad = engine.generate("bad", TOK.encode("fails!"), params)
+        good = engine.generate("good", TOK.encode("works"), params)
+        assert (await collect(bad))[0][-1].finish_reason is FinishReason.ERROR
+        assert (await collect(good))[0][-1].finish_reason is FinishReason.LENGTH
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.anyio
+async def test_a_prompt_that_fills_the_context_is_an_error_not_a_hang(params):
+    engine, _ = make_engine()
+    engine.start()
+    try:
+        final = (await collect(engine.generate("big", [5] * 300, params)))[0][-1]
+        assert final.finish_reason is FinishReason.ERROR and "context window" in final.error
+    finally:
+        engine.shutdown()
