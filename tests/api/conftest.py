@@ -148,7 +148,7 @@ def api_server(default_model_path: Path) -> Iterator[LiveServer]:
         yield _describe_server(server.url)
 
 
-@pytest.fixture(params=["fake", "real"])
+@pytest.fixture(params=["fake", pytest.param("real", marks=[pytest.mark.system, pytest.mark.slow])])
 def live_server(request: pytest.FixtureRequest) -> LiveServer:
     """Each test using it runs twice: on the fake engine, then on the real server."""
     name = "threaded_fake_server" if request.param == "fake" else "api_server"

@@ -100,6 +100,7 @@ async def test_draining_refuses_new_work(default_model_path, http_tokenizer) -> 
         assert (await client.get("/health")).status_code == 200
 
 
+@pytest.mark.system
 def test_serve_exits_non_zero_when_the_model_cannot_load(tmp_path) -> None:
     server = ServerProcess(extra_env={"LAMINA_MODEL": str(tmp_path / "missing")})
     with pytest.raises(RuntimeError, match="exited with 1"):

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 from openai import OpenAI
 
 from tests.api.conftest import LiveServer
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 PARIS_QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
