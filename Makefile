@@ -31,12 +31,19 @@ endif
 weights: $(STAMP)
 	$(VENV)/bin/lamina weights
 
-# nginx is the real load balancer of the system tests (Debian package).
+# nginx is the real load balancer of the system tests; promtool (Debian's prometheus
+# package) validates the alert rules and dashboards. Both from Debian's packages.
 system-deps:
-	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || \
-		( command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
-		  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null) ) || \
-		echo "nginx not installed: load-balancer system tests will be skipped"
+	@missing=""; \
+	command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || missing="$$missing nginx-light"; \
+	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+			echo "installing$$missing (Debian packages)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+				--no-install-recommends $$missing >/dev/null || echo "could not install$$missing"; \
+		else echo "missing$$missing: the tests that need them will be skipped"; fi; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check app tests
