@@ -62,6 +62,8 @@ class StepStats:
     num_preempted: int
     duration_s: float
     engine: EngineStats
+    # Gap since the previous token of every sequence that sampled its 2nd+ token this step.
+    inter_token_gaps_s: tuple[float, ...] = ()
 
 
 @dataclass
@@ -101,6 +103,7 @@ class EngineCore:
         self._faulty_requests: set[str] = set()
         self.step_observers: list[Callable[[StepStats], None]] = []
         self.num_steps = 0
+        self._step_gaps: list[float] = []
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -282,6 +285,9 @@ class EngineCore:
             return self.fail_request(seq.request_id, f"internal error: {exc}")
         if seq.first_token_time is None:
             seq.first_token_time = now
+        elif seq.last_token_time is not None:
+            self._step_gaps.append(now - seq.last_token_time)
+        seq.last_token_time = now
         finish = self._finish_info(seq, update, stop_string)
         if finish is not None and stop_string is None:
             text += output.detokenizer.flush()
@@ -354,6 +360,7 @@ class EngineCore:
         )
 
     def _notify_observers(self, batch: ScheduledBatch, num_sampled: int, duration_s: float) -> None:
+        gaps, self._step_gaps = tuple(self._step_gaps), []
         if not self.step_observers:
             return
         step = StepStats(
@@ -363,6 +370,7 @@ class EngineCore:
             num_preempted=len(batch.preempted),
             duration_s=duration_s,
             engine=self.stats(),
+            inter_token_gaps_s=gaps,
         )
         for observer in self.step_observers:
             try:
