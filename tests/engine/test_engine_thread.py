@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -12,6 +13,14 @@ from app.engine.engine import Engine, EngineDeadError
 from tests.unit.fakes import FakeRunner, FakeTokenizer
 
 TOK = FakeTokenizer()
+
+
+class SlowRunner(FakeRunner):
+    """Takes 10 ms a step, so a test can act while a request is surely mid-flight."""
+
+    def execute(self, batch):  # noqa: ANN001, ANN201
+        time.sleep(0.01)
+        return super().execute(batch)
 
 
 def make_engine(**overrides) -> tuple[Engine, FakeRunner]:
@@ -94,7 +103,8 @@ async def test_a_crashed_engine_thread_fails_waiters_and_refuses_new_work(params
 
 @pytest.mark.anyio
 async def test_shutdown_ends_unfinished_requests_with_an_error():
-    engine, _ = make_engine()
+    settings = load_settings(environ={}, max_num_batched_tokens=32)
+    engine = Engine(SlowRunner(block_size=4, num_blocks=64, max_model_len=256), TOK, settings)
     engine.start()
     stream = engine.generate("r", TOK.encode("abc"), SamplingParams(max_tokens=250))
     await stream.__anext__()
