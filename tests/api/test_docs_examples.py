@@ -1,4 +1,4 @@
-"""Every curl example in README.md and docs/api-examples.md runs against a live server,
+"""Every curl example in README.md runs against a live server,
 so the documentation cannot drift from the API."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from tests.api.conftest import LiveServer
 from tests.server_process import REPO_ROOT
 
 DOC_URL = "http://localhost:8000"
-DOCUMENTS = ("README.md", "docs/api-examples.md")
+DOCUMENTS = ("README.md",)
 BASH_BLOCK = re.compile(r"```bash\n(.*?)```", re.DOTALL)
 
 
