@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _cmd_weights(args: argparse.Namespace) -> int:
     from app.weights import WeightsError, prepare_default_model
 
     try:
-        prepare_default_model(force=args.force)
+        prepare_default_model(target=args.target, force=args.force)
     except WeightsError as exc:
         print(f"lamina weights: error: {exc}", file=sys.stderr)
         return 1
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     weights = sub.add_parser("weights", help="prepare the default model in model_weights/")
     weights.add_argument("--force", action="store_true", help="rebuild even when present")
+    weights.add_argument("--target", type=Path, help="folder to fill (default: model_weights/...)")
     weights.set_defaults(func=_cmd_weights)
 
     serve = sub.add_parser("serve", help="serve the HTTP API (settings from LAMINA_* env)")

