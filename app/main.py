@@ -25,6 +25,7 @@ from app.api.deps import model_route_dependencies
 from app.api.engine_client import EngineClient
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodySizeLimit
+from app.api.observability import install_observability, log_ready
 from app.api.openapi import install_openapi
 from app.api.routes_misc import health_router
 from app.api.routes_misc import router as misc_router
@@ -32,6 +33,8 @@ from app.api.routes_openai import router as openai_router
 from app.api.routes_tgi import router as tgi_router
 from app.api.state import Limits, ModelInfo, ServerState, Serving
 from app.config import Settings
+from app.logging_setup import configure_logging
+from app.metrics import Metrics
 from app.tokenizer import Tokenizer
 
 logger = logging.getLogger("lamina")
@@ -120,12 +123,7 @@ async def _bring_up(
         keepalive_interval_s=settings.keepalive_interval_s,
     )
     state.readiness.set_ready()
-    logger.info(
-        "ready: %s (context %d tokens) after %.1f s",
-        settings.model_name,
-        max_model_len,
-        time.monotonic() - started,
-    )
+    log_ready(state.serving, settings, loaded.max_tokens_in_cache, time.monotonic() - started)
 
 
 def _make_lifespan(
@@ -156,11 +154,18 @@ def create_app(
     """The lamina ASGI app. `loader` builds the engine (tests pass a fake one);
     `on_fatal` is called when loading fails, so the process can exit non-zero."""
     state = ServerState(settings=settings)
+    metrics = Metrics(settings.model_name)
+
+    def load_and_observe(s: Settings) -> LoadedEngine:
+        loaded = loader(s)
+        metrics.attach_engine(loaded.engine)  # step observer + scrape-time stats()
+        return loaded
+
     app = FastAPI(
         title="lamina",
         version=__version__,
         description=DESCRIPTION,
-        lifespan=_make_lifespan(state, loader, on_fatal),
+        lifespan=_make_lifespan(state, load_and_observe, on_fatal),
         strict_content_type=False,  # a body without Content-Type is read as JSON
     )
     app.state.server = state
@@ -177,6 +182,7 @@ def create_app(
             allow_headers=["*"],
         )
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    install_observability(app, settings, metrics)  # last: its middleware is the outermost
     return app
 
 
@@ -184,9 +190,11 @@ def serve(settings: Settings) -> int:
     """Run the server until SIGINT/SIGTERM. Returns the process exit status."""
     import uvicorn
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_format, settings.log_level)
+    logger.info(
+        "starting lamina %s: loading %s (device %s, dtype %s) for %s:%d",
+        __version__, settings.model, settings.device, settings.dtype, settings.host, settings.port,
+    )  # fmt: skip
     failures: list[str] = []
     servers: list[uvicorn.Server] = []
 
@@ -201,6 +209,8 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # configure_logging above: one handler, one line format
+        access_log=False,  # the access line is lamina's own (app/api/observability.py)
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     )

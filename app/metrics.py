@@ -3,8 +3,10 @@
 Who updates what:
 - the engine thread, once per step, through `observe_step` (a step observer):
   tokens per step, step duration, inter-token latency;
-- the API layer, once per finished request, through `observe_request`/`observe_failure`:
-  token counters, request outcome, TTFT, end-to-end, queue, prefill and decode times;
+- the API layer (app/api/observability.py): `observe_prompt` once per accepted prompt,
+  `observe_choice` once per choice when it ends (generation tokens, successes, TTFT,
+  end-to-end, queue, prefill and decode times), `observe_failure` once per failed HTTP
+  request (its one reason);
 - the HTTP middleware: requests by route and status, requests in flight;
 - at scrape time, from the engine's own counters (`EngineStatsCollector`): running and
   waiting sequences, KV-cache usage, preemptions and prefix-cache queries/hits. Reading
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -31,7 +34,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.core import FinishReason, RequestTimings, Usage
+from app.core import FinishReason, RequestTimings
+
+if TYPE_CHECKING:  # the engine's types only: metrics must not pull the engine in
+    from app.engine.engine_core import EngineStats, StepStats
 
 PREFIX = "lamina:"
 
@@ -70,6 +76,25 @@ class EngineCounters:
     prefix_cache_queries: int
     prefix_cache_hits: int
     alive: bool
+
+
+def read_engine_counters(engine: object) -> EngineCounters:
+    """The scrape-time view of an engine. Waiting includes requests accepted but not
+    yet seen by the engine thread: both are queue depth to an autoscaler."""
+    alive = bool(getattr(engine, "is_alive", False))
+    stats_of = getattr(engine, "stats", None)
+    if stats_of is None:
+        return EngineCounters(0, 0, 0.0, 0, 0, 0, alive)
+    stats: EngineStats = stats_of()
+    return EngineCounters(
+        num_running=stats.num_running,
+        num_waiting=stats.num_waiting + stats.num_pending_requests,
+        kv_cache_usage=stats.kv_cache_usage,
+        num_preemptions=stats.num_preemptions,
+        prefix_cache_queries=stats.prefix_cache_queries,
+        prefix_cache_hits=stats.prefix_cache_hits,
+        alive=alive,
+    )
 
 
 class EngineStatsCollector(Collector):
@@ -188,6 +213,17 @@ class Metrics:
         """Tell the scrape-time collector how to read the engine's counters."""
         self._engine_reader = read
 
+    def attach_engine(self, engine: object) -> None:
+        """Observe `engine` (app.engine.engine.Engine, or a test double offering less):
+        each step through its step observers, and its stats() at scrape time."""
+        add_step_observer = getattr(engine, "add_step_observer", None)
+        if add_step_observer is not None:
+            add_step_observer(self._on_step)
+        self.bind_engine(lambda: read_engine_counters(engine))
+
+    def _on_step(self, step: StepStats) -> None:
+        self.observe_step(step.num_batched_tokens, step.duration_s, step.inter_token_gaps_s)
+
     def observe_step(self, num_batched_tokens: int, duration_s: float,
                      inter_token_gaps_s: Iterable[float]) -> None:  # fmt: skip
         """Engine thread, once per step."""
@@ -198,18 +234,26 @@ class Metrics:
         for gap in inter_token_gaps_s:
             itl.observe(gap)
 
-    def observe_request(
-        self, finish_reason: FinishReason, usage: Usage | None, timings: RequestTimings | None
+    def observe_choice(
+        self,
+        finish_reason: FinishReason | None,
+        num_generated_tokens: int,
+        timings: RequestTimings | None = None,
     ) -> None:
-        """API layer, once per finished choice (sequence) that produced a result."""
+        """API layer, once per choice (sequence) when it ends, however it ends.
+
+        `finish_reason` is None for a choice cut short without a final delta (the
+        client left). Successes (stop, length) count in `request_success` and feed
+        the latency histograms; failures are counted once per HTTP request instead,
+        through `observe_failure`.
+        """
         m = self.model_name
-        if usage is not None:
-            self.generation_tokens.inc(usage.completion_tokens)
-            self.request_generation_tokens.labels(m).observe(usage.completion_tokens)
+        self.generation_tokens.inc(num_generated_tokens)
+        self.request_generation_tokens.labels(m).observe(num_generated_tokens)
         if finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
             self.request_success.labels(m, finish_reason.value).inc()
-        if timings is not None:
-            self._observe_timings(timings)
+            if timings is not None:
+                self._observe_timings(timings)
 
     def observe_prompt(self, num_prompt_tokens: int) -> None:
         """API layer, once per accepted request (the prompt is computed once for n choices)."""
@@ -228,7 +272,12 @@ class Metrics:
                 self.prefill_time.labels(m).observe(max(0.0, t.first_token - t.first_scheduled))
 
     def observe_failure(self, reason: str) -> None:
-        """A request that ended without a normal result (see FAILURE_REASONS)."""
+        """A request that ended without a normal result (see FAILURE_REASONS).
+
+        Routes do not call this directly: app.api.observability.report_failure counts a
+        request once, whichever layer notices its failure first."""
+        if reason not in FAILURE_REASONS:
+            raise ValueError(f"unknown failure reason {reason!r}; one of {FAILURE_REASONS}")
         self.request_failure.labels(self.model_name, reason).inc()
 
     def observe_http(self, route: str, method: str, status: int) -> None:
