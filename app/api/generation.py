@@ -21,6 +21,7 @@ from starlette.requests import Request
 
 from app.api.engine_client import EngineClient, EngineDeadError, RequestStream
 from app.api.errors import APIError, ClientDisconnected, server_error, service_unavailable
+from app.api.observability import GenerationObserver, current_request_id, engine_request_id
 from app.core import FinishReason, SamplingParams, TokenDelta, TokenLogprob, Usage
 
 logger = logging.getLogger("lamina.api")
@@ -29,8 +30,9 @@ T = TypeVar("T")
 
 
 def new_request_id(prefix: str) -> str:
-    """The id shared by a response and its engine requests (e.g. `chatcmpl-3f2a...`)."""
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """The response id (e.g. `chatcmpl-3f2a...`): the prefix and the HTTP request's id
+    (X-Request-Id), so the id a client sees is the one in the server's logs."""
+    return f"{prefix}-{current_request_id() or uuid.uuid4().hex}"
 
 
 def engine_failure(delta: TokenDelta) -> APIError:
@@ -109,10 +111,11 @@ class Generation:
         self._pending: dict[asyncio.Future[TokenDelta], int] = {}
         self._started = False
         self._closed = False
+        base_id = engine_request_id(request_id)
         engine_ids: list[str] = []
         try:
             for prompt_index, (prompt, prompt_params) in enumerate(zip(prompts, params)):
-                engine_id = request_id if len(prompts) == 1 else f"{request_id}-{prompt_index}"
+                engine_id = base_id if len(prompts) == 1 else f"{base_id}-{prompt_index}"
                 self._streams.append(engine.generate(engine_id, prompt, prompt_params, n=n))
                 engine_ids.append(engine_id)
         except EngineDeadError as exc:
@@ -121,6 +124,7 @@ class Generation:
             self._closed = True
             message = str(exc) or "the engine is not running"
             raise service_unavailable(message, code="engine_dead") from None
+        self._observer = GenerationObserver(prompts, n)  # metrics and the access log
 
     def _schedule(self, prompt_index: int) -> None:
         future = asyncio.ensure_future(self._streams[prompt_index].__anext__())
@@ -150,6 +154,7 @@ class Generation:
             self._schedule(prompt_index)
             if delta.finished:
                 self.usage.add_final(delta, first_of_prompt=delta.index == 0)
+            self._observer.on_delta(prompt_index * self.n + delta.index, delta)
             return prompt_index * self.n + delta.index, delta
         raise StopAsyncIteration
 
@@ -175,6 +180,7 @@ class Generation:
         if self._closed:
             return
         self._closed = True
+        self._observer.on_close()
         with anyio.CancelScope(shield=True):
             for future in self._pending:
                 future.cancel()

@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.errors import APIError, server_error
 from app.api.generation import Generation, engine_failure, is_failure
+from app.api.observability import report_failure
 from app.core import TokenDelta
 
 logger = logging.getLogger("lamina.api")
@@ -112,6 +113,7 @@ async def pump_events(
             yield frame
     except Exception:
         logger.exception("stream %s failed", generation.request_id)
+        report_failure("error")
         yield sse_error(server_error("internal server error while streaming"), error_extra)
         yield DONE
     finally:
