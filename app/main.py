@@ -21,7 +21,10 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
+from app.api.auth import ApiKeyAuth
+from app.api.debug_hooks import install_test_hooks
 from app.api.deps import model_route_dependencies
+from app.api.drain import DrainingServer
 from app.api.engine_client import EngineClient
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodySizeLimit
@@ -109,7 +112,7 @@ async def _bring_up(
         )
         max_model_len = loaded.max_tokens_in_cache
     state.serving = Serving(
-        engine=loaded.engine,
+        engine=state.admission.track(loaded.engine),  # streams tied to admission tickets
         tokenizer=loaded.tokenizer,
         model=ModelInfo(
             name=settings.model_name,
@@ -173,7 +176,12 @@ def create_app(
     app.include_router(health_router)
     for router in (openai_router, tgi_router, misc_router):
         app.include_router(router, dependencies=model_route_dependencies(settings))
+    install_test_hooks(app, settings)
     install_openapi(app)
+    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    # Outside the body limit (no body is read for a bad key), inside CORS (401s and
+    # preflights carry CORS headers).
+    app.add_middleware(ApiKeyAuth, api_keys=settings.api_keys, open_routes=settings.open_routes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -181,7 +189,6 @@ def create_app(
             allow_methods=["*"],
             allow_headers=["*"],
         )
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     install_observability(app, settings, metrics)  # last: its middleware is the outermost
     return app
 
@@ -214,7 +221,7 @@ def serve(settings: Settings) -> int:
         lifespan="on",
         timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.server)  # SIGTERM: drain, then exit 0
     servers.append(server)
     server.run()
     if failures:

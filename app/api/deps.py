@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from app.api.admission import admit_generation
 from app.api.errors import model_not_found, service_unavailable
 from app.api.state import ServerState, Serving
 from app.config import Settings
@@ -20,9 +21,11 @@ from app.config import Settings
 def model_route_dependencies(settings: Settings) -> list[Any]:
     """Dependencies (`Depends(...)`) run before every model route, in order.
 
-    None yet: authentication and admission control will be returned from here.
+    Admission control (app/api/admission.py): generation requests get a place in the
+    bounded queue or a 429, before validation and tokenization. API keys are checked
+    earlier, by the ApiKeyAuth middleware (app/api/auth.py), on every non-open route.
     """
-    return []
+    return [Depends(admit_generation)]
 
 
 def get_state(request: Request) -> ServerState:

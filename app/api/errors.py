@@ -94,9 +94,12 @@ class ErrorResponse(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key (when keys are set)"},
     404: {"model": ErrorResponse, "description": "Unknown model"},
     413: {"model": ErrorResponse, "description": "Request body too large"},
+    429: {"model": ErrorResponse, "description": "Queue full: retry after `Retry-After` seconds"},
     503: {"model": ErrorResponse, "description": "Not ready, draining, or the engine is down"},
+    504: {"model": ErrorResponse, "description": "The request's deadline passed"},
 }
 
 

@@ -19,6 +19,7 @@ from typing import TypeVar
 import anyio
 from starlette.requests import Request
 
+from app.api.admission import ExpiredDelta
 from app.api.engine_client import EngineClient, EngineDeadError, RequestStream
 from app.api.errors import APIError, ClientDisconnected, server_error, service_unavailable
 from app.api.observability import GenerationObserver, current_request_id, engine_request_id
@@ -37,6 +38,8 @@ def new_request_id(prefix: str) -> str:
 
 def engine_failure(delta: TokenDelta) -> APIError:
     """The error to report for a choice that ended with ERROR or ABORT."""
+    if isinstance(delta, ExpiredDelta) and delta.api_error is not None:
+        return delta.api_error  # its deadline or the drain timeout stopped it (admission.py)
     if delta.finish_reason is FinishReason.ABORT:
         return service_unavailable(
             f"the request was aborted: {delta.error or 'the server is shutting down'}",

@@ -27,6 +27,21 @@ def check_n(n: int | None, limits: Limits) -> int:
     return n
 
 
+def check_num_prompts(
+    prompt: str | list[str] | list[int] | list[list[int]], limits: Limits
+) -> None:
+    """A list of strings or of token-id lists holds several prompts: at most max_prompts
+    (each becomes its own engine request, so this bounds one request's work)."""
+    if isinstance(prompt, str) or all(isinstance(item, int) for item in prompt):
+        return
+    if len(prompt) > limits.max_prompts:
+        raise invalid_request(
+            f"`prompt` holds {len(prompt)} prompts; at most {limits.max_prompts} are allowed "
+            "in one request",
+            param="prompt",
+        )
+
+
 def check_stop(
     stop: str | list[str] | None, limits: Limits, param: str = "stop"
 ) -> tuple[str, ...]:

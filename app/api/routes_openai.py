@@ -25,6 +25,7 @@ from app.api.params import (
     chat_max_tokens,
     chat_params,
     check_n,
+    check_num_prompts,
     completion_params,
     fit_to_context,
     with_max_tokens,
@@ -93,6 +94,7 @@ async def create_completion(body: CompletionRequest, request: Request, serving: 
     check_model(body.model, serving)
     limits = serving.limits
     n = check_n(body.n, limits)
+    check_num_prompts(body.prompt, limits)
     params = completion_params(body, limits)
     prompts = encode_completion_prompts(body.prompt, serving.tokenizer)
     several = len(prompts) > 1

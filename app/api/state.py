@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from app.api.admission import AdmissionController
 from app.api.engine_client import EngineClient
 from app.config import Settings
 from app.tokenizer import Tokenizer
@@ -68,6 +69,9 @@ class ModelInfo:
     created: int = 0  # unix time the server loaded it
 
 
+DEFAULT_MAX_PROMPTS = 32
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-request limits, resolved once the model is loaded (some come from the model)."""
@@ -81,6 +85,7 @@ class Limits:
     max_logit_bias: int  # entries
     max_top_logprobs: int
     vocab_size: int
+    max_prompts: int = DEFAULT_MAX_PROMPTS  # prompts in one /v1/completions request
 
     @classmethod
     def from_settings(cls, settings: Settings, max_model_len: int, vocab_size: int) -> Limits:
@@ -97,6 +102,8 @@ class Limits:
             max_logit_bias=settings.max_logit_bias,
             max_top_logprobs=settings.max_top_logprobs,
             vocab_size=vocab_size,
+            # TODO(config): a Settings field `max_prompts_per_request` is requested.
+            max_prompts=getattr(settings, "max_prompts_per_request", DEFAULT_MAX_PROMPTS),
         )
 
 
@@ -118,3 +125,7 @@ class ServerState:
     settings: Settings
     readiness: Readiness = field(default_factory=Readiness)
     serving: Serving | None = None
+    admission: AdmissionController = field(init=False)  # generation requests in flight
+
+    def __post_init__(self) -> None:
+        self.admission = AdmissionController.from_settings(self.settings)
