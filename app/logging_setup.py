@@ -31,6 +31,7 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
     "asctime",
     "request_id",
     "taskName",
+    "color_message",  # uvicorn's copy of the message with terminal colours
 }
 # uvicorn's loggers: sent to the root handler. "uvicorn.access" stays off (see above).
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.asgi")

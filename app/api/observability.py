@@ -331,12 +331,12 @@ class ObservabilityMiddleware:
             if record.first_token_s is not None:
                 fields["ttft_s"] = round(record.first_token_s - record.started_s, 6)
             fields["finish_reasons"] = record.finish_reasons
-        if record.failure is not None:
-            fields["failure"] = record.failure
+            if record.failure is not None:
+                fields["failure"] = record.failure
         if record.log_prompts and record.num_generations:
             fields.update(self._texts(record))
         level = logging.WARNING if status >= 500 else logging.INFO
-        if record.path in PROBE_PATHS and status < 500:
+        if record.path in PROBE_PATHS:  # /ready says 503 all through loading: not news
             level = logging.DEBUG
         access_logger.log(
             level, "%s %s %d %.3fs", record.method, record.path, status, duration_s, extra=fields
