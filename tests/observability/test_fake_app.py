@@ -152,7 +152,8 @@ async def _stream_usage(app: FakeApp, path: str, body: dict) -> dict:
 async def test_token_counters_and_histograms_match_the_usage_returned(app: FakeApp) -> None:
     before = await scrape(app)
     batch = await app.client.post(
-        "/v1/completions", json={"prompt": ["Hello", "Good morning to you"], "n": 2, "max_tokens": 4}
+        "/v1/completions",
+        json={"prompt": ["Hello", "Good morning to you"], "n": 2, "max_tokens": 4},
     )
     chat = await app.client.post(
         "/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}
@@ -186,14 +187,16 @@ async def test_token_counters_and_histograms_match_the_usage_returned(app: FakeA
 
 async def test_each_failed_request_counts_once_with_its_reason(app: FakeApp) -> None:
     before = await scrape(app)
-    statuses = [
-        (await app.client.post("/v1/completions", json={"prompt": "Hi", "top_p": 7})).status_code,
-        (await app.client.post("/v1/completions", json={"model": "nope", "prompt": "Hi"})).status_code,
-        (await app.client.post("/generate", content=b"{" * (5 * 1024 * 1024))).status_code,
-        (await app.client.post("/v1/completions", json={"prompt": "FAIL_IN_ENGINE"})).status_code,
-        (await app.client.post("/v1/completions", json={"prompt": "ABORT_IN_ENGINE"})).status_code,
-        (await app.client.get("/v1/models/nope")).status_code,  # not an inference request
-    ]  # fmt: skip
+    post = app.client.post
+    responses = [
+        await post("/v1/completions", json={"prompt": "Hi", "top_p": 7}),
+        await post("/v1/completions", json={"model": "nope", "prompt": "Hi"}),
+        await post("/generate", content=b"{" * (5 * 1024 * 1024)),
+        await post("/v1/completions", json={"prompt": "FAIL_IN_ENGINE"}),
+        await post("/v1/completions", json={"prompt": "ABORT_IN_ENGINE"}),
+        await app.client.get("/v1/models/nope"),  # not an inference request
+    ]
+    statuses = [response.status_code for response in responses]
     failed_stream = await _stream_usage(app, "/v1/completions", {"prompt": "FAIL_IN_ENGINE"})
     assert statuses == [400, 404, 413, 500, 503, 404]
     assert failed_stream["error"]["type"] == "server_error"
