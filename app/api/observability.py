@@ -197,9 +197,10 @@ class GenerationObserver:
         if record.log_prompts and delta.text:
             record.outputs.setdefault(choice_index, []).append(delta.text)
         if delta.finished:
-            generated = (
-                delta.usage.completion_tokens if delta.usage else self._num_tokens[choice_index]
-            )
+            # An engine failure's usage may not count what was already streamed.
+            generated = self._num_tokens[choice_index]
+            if delta.usage is not None:
+                generated = max(generated, delta.usage.completion_tokens)
             self._end(choice_index, delta.finish_reason, generated, delta)
 
     def on_close(self) -> None:
