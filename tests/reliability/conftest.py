@@ -1,0 +1,94 @@
+"""Fixtures of the reliability tests.
+
+- `start_server(env)`: a real `lamina serve` process on the tiny random LLaMA (the
+  `tiny_model_path` fixture), stopped at the end of the test unless the test stopped it.
+- `shared_server`: one such process for the whole session (soak and fault tests), with
+  the fault-injection marker set.
+- `metrics_of(url)`: every sample of GET /metrics, summed per name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import fake_app, http_tokenizer  # noqa: F401 - shared fixtures
+from tests.server_process import ServerProcess, engine_available
+
+FAULT_MARKER = "INJECT-FAULT-7319"
+# One torch thread: the other core stays free for the test's own clients.
+TINY_ENV = {"LAMINA_DEVICE": "cpu", "LAMINA_NUM_THREADS": "1", "LAMINA_KV_CACHE_GB": "0.02"}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def tiny_env(model_path: Path, **extra: str) -> dict[str, str]:
+    return {**TINY_ENV, "LAMINA_MODEL": str(model_path), **extra}
+
+
+@pytest.fixture
+def start_server(tiny_model_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    if not engine_available():
+        pytest.skip("the engine is not in the tree")
+    started: list[ServerProcess] = []
+
+    def start(**env: str) -> ServerProcess:
+        server = ServerProcess(extra_env=tiny_env(tiny_model_path, **env)).start(120)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_server(tiny_model_path: Path) -> Iterator[ServerProcess]:
+    if not engine_available():
+        pytest.skip("the engine is not in the tree")
+    env = tiny_env(tiny_model_path, LAMINA_FAULT_INJECTION_MARKER=FAULT_MARKER)
+    server = ServerProcess(extra_env=env).start(120)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def metrics_of(url: str) -> dict[str, float]:
+    """Every sample of GET /metrics, summed per sample name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(url + "/metrics", timeout=5.0)
+    assert response.status_code == 200, f"GET /metrics: {response.status_code}"
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
+
+
+def wait_until_idle(url: str, timeout_s: float = 15.0) -> dict[str, float]:
+    """Poll /metrics until nothing runs or waits and no KV block is in use."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        sample = metrics_of(url)
+        busy = {
+            name: sample.get(name)
+            for name in (
+                "lamina:num_requests_running",
+                "lamina:num_requests_waiting",
+                "lamina:kv_cache_usage_perc",
+            )
+        }
+        if all(value == 0.0 for value in busy.values()):
+            return sample
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the server is not idle: {busy}")
+        time.sleep(0.1)
