@@ -291,3 +291,36 @@ async def test_log_prompts_puts_prompt_and_output_in_the_access_line(
     assert SECRET_PROMPT in access[0]["prompt"][0]  # the rendered chat prompt
     replies = [choice["message"]["content"] for choice in response.json()["choices"]]
     assert access[0]["output"] == replies
+
+
+# --- reasons decided by admission control and deadlines (app/api/admission.py) --------------
+
+
+async def test_overload_and_deadlines_count_once_with_their_reason(
+    default_model_path: Path, tokenizer: Tokenizer
+) -> None:
+    settings = fake_settings(default_model_path, max_num_seqs=1, max_queued=0)
+    engine = FakeEngine(tokenizer, token_interval_s=0.05)
+    async with running_fake_app(settings, engine) as app:
+        before = await scrape(app)
+        body = {"prompt": "Hi", "max_tokens": 4, "ignore_eos": True}
+        first, second = await asyncio.gather(
+            app.client.post("/v1/completions", json=body),
+            app.client.post("/v1/completions", json=body),
+        )
+        assert sorted([first.status_code, second.status_code]) == [200, 429]
+        late = {"X-Request-Timeout": "0.12"}
+        long = {**body, "max_tokens": 40}
+        plain = await app.client.post("/v1/completions", json=long, headers=late)
+        streamed = await app.client.post(
+            "/v1/completions", json={**long, "stream": True}, headers=late
+        )
+        assert plain.status_code == 504
+        assert streamed.status_code == 200 and "request_timeout" in streamed.text
+        after = await scrape(app)
+    failures = {
+        reason: diff(after, before, "lamina:request_failure_total", reason=reason)
+        for reason in ("overloaded", "timeout", "aborted", "error", "validation")
+    }
+    assert failures == {"overloaded": 1, "timeout": 2, "aborted": 0, "error": 0, "validation": 0}
+    assert diff(after, before, "lamina:request_success_total") == 1
