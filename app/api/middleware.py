@@ -2,7 +2,7 @@
 
 `BodySizeLimit` answers 413 for a body over Settings.max_body_bytes, from the
 Content-Length header when there is one, otherwise while reading a chunked body.
-Request ids, structured access logs and metrics will sit next to it.
+Request ids, access logs and HTTP metrics: ObservabilityMiddleware (observability.py).
 """
 
 from __future__ import annotations
