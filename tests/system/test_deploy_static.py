@@ -183,7 +183,7 @@ def _tool(name: str) -> str:
     if found is None and Path(f"/usr/sbin/{name}").exists():
         found = f"/usr/sbin/{name}"
     if found is None:
-        pytest.skip(f"{name} is not installed (see `make system-deps` / docs/deploy.md)")
+        pytest.skip(f"{name} is not installed (see `make system-deps` and the README)")
     return found
 
 
@@ -679,7 +679,7 @@ def test_weights_job_fills_the_volume_the_replicas_read():
 
 
 def test_baked_weights_component_drops_the_volume(tmp_path):
-    # An overlay of the operator's own, as docs/deploy.md shows it: gpu + baked-weights.
+    # An overlay of the operator's own, as the README shows it: gpu + baked-weights.
     relative = Path(os.path.relpath(K8S, tmp_path))
     (tmp_path / "kustomization.yaml").write_text(
         yaml.safe_dump(
