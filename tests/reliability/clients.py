@@ -7,6 +7,7 @@ server reported, an error event) so tests can say exactly which requests complet
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -92,9 +93,29 @@ async def stream_request(
     body: dict,
     leave_after_events: int | None = None,
     headers: dict[str, str] | None = None,
+    first_event: asyncio.Event | None = None,
 ) -> Outcome:
     """POST a streaming request and read it; leave after `leave_after_events` data events
-    (0: right after the response headers) when given."""
+    (0: right after the response headers) when given. `first_event` is set once the
+    first data event arrived (or the request ended without one)."""
+    try:
+        return await _stream(
+            client, base_url, route, body, leave_after_events, headers, first_event
+        )
+    finally:
+        if first_event is not None:
+            first_event.set()
+
+
+async def _stream(
+    client: httpx.AsyncClient,
+    base_url: str,
+    route: str,
+    body: dict,
+    leave_after_events: int | None,
+    headers: dict[str, str] | None,
+    first_event: asyncio.Event | None,
+) -> Outcome:
     outcome = Outcome(route, _max_tokens(route, body))
     async with client.stream("POST", base_url + PATHS[route], json=body, headers=headers) as r:
         outcome.status = r.status_code
@@ -114,6 +135,8 @@ async def stream_request(
                 outcome.done = True
                 break
             outcome.read(json.loads(payload))
+            if first_event is not None:
+                first_event.set()
             if leave_after_events is not None and outcome.num_events >= leave_after_events:
                 outcome.left_early = True
                 return outcome

@@ -74,6 +74,19 @@ def metrics_of(url: str) -> dict[str, float]:
     return totals
 
 
+def failure_counts(url: str) -> dict[str, float]:
+    """lamina:request_failure_total by reason."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=5.0).text
+    return {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "lamina:request_failure_total"
+    }
+
+
 def wait_until_idle(url: str, timeout_s: float = 15.0) -> dict[str, float]:
     """Poll /metrics until nothing runs or waits and no KV block is in use."""
     deadline = time.monotonic() + timeout_s

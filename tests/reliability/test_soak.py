@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.reliability.clients import ROUTES, Outcome, stream_body, stream_request
-from tests.reliability.conftest import wait_until_idle
+from tests.reliability.conftest import failure_counts, metrics_of, wait_until_idle
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -24,6 +24,7 @@ NUM_REQUESTS = 400
 CONCURRENCY = 64
 LEAVE_FRACTION = 0.10
 SEED = 20240604
+LEAVER_MAX_TOKENS = 512
 
 
 def plan(seed: int) -> list[tuple[str, dict, int | None]]:
@@ -33,10 +34,11 @@ def plan(seed: int) -> list[tuple[str, dict, int | None]]:
     requests = []
     for index in range(NUM_REQUESTS):
         route = ROUTES[index % len(ROUTES)]
-        max_tokens = rng.randint(8, 16)
         temperature = rng.choice([0.0, 0.7, 1.0])
+        leave = rng.randint(0, 8) if index in leaving else None
+        # A leaver asks for far more than it reads, so the server must abort it mid-way.
+        max_tokens = rng.randint(8, 16) if leave is None else LEAVER_MAX_TOKENS
         body = stream_body(route, f"Request {index}: tell me a story", max_tokens, temperature)
-        leave = rng.randint(0, max_tokens - 1) if index in leaving else None
         requests.append((route, body, leave))
     return requests
 
@@ -54,6 +56,7 @@ async def run_soak(url: str) -> list[Outcome]:
 
 
 def test_soak_with_disconnects_loses_nothing_and_leaks_nothing(shared_server):
+    before, failures_before = metrics_of(shared_server.url), failure_counts(shared_server.url)
     started = time.monotonic()
     outcomes = asyncio.run(run_soak(shared_server.url))
     elapsed_s = time.monotonic() - started
@@ -68,5 +71,14 @@ def test_soak_with_disconnects_loses_nothing_and_leaks_nothing(shared_server):
     assert {o.route for o in stayed} == set(ROUTES)
 
     # Nothing left behind: no sequence running or waiting, every KV block free.
-    wait_until_idle(shared_server.url)
+    after = wait_until_idle(shared_server.url)
+    # Every leaver was aborted in the engine, long before its 512 tokens: the tokens
+    # generated beyond what the stayers received are a few per leaver.
+    failures = failure_counts(shared_server.url)
+    new_failures = {k: v - failures_before.get(k, 0) for k, v in failures.items()}
+    new_failures = {k: v for k, v in new_failures.items() if v}
+    assert new_failures == {"aborted": len(left)}, new_failures
+    generated = after["lamina:generation_tokens_total"] - before["lamina:generation_tokens_total"]
+    wasted = generated - sum(o.completion_tokens or 0 for o in stayed)
+    assert wasted < len(left) * LEAVER_MAX_TOKENS / 8, wasted
     print(f"soak: {NUM_REQUESTS} streams, {len(left)} left early, {elapsed_s:.1f} s")
