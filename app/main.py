@@ -35,6 +35,7 @@ from app.api.routes_misc import router as misc_router
 from app.api.routes_openai import router as openai_router
 from app.api.routes_tgi import router as tgi_router
 from app.api.state import Limits, ModelInfo, ServerState, Serving
+from app.api.unicode_guard import UnicodeGuard
 from app.config import Settings
 from app.logging_setup import configure_logging
 from app.metrics import Metrics
@@ -178,6 +179,7 @@ def create_app(
         app.include_router(router, dependencies=model_route_dependencies(settings))
     install_test_hooks(app, settings)
     install_openapi(app)
+    app.add_middleware(UnicodeGuard)  # inside the size limit: reads bodies already bounded
     app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
     # Outside the body limit (no body is read for a bad key), inside CORS (401s and
     # preflights carry CORS headers).

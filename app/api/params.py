@@ -18,6 +18,26 @@ from app.api.state import Limits
 from app.core import SamplingParams
 
 LOGIT_BIAS_RANGE = 100.0
+# Float32 logits divided by a temperature this small overflow to inf (NaN probabilities),
+# and sampling at it is argmax anyway: it is greedy, as in vLLM.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+# Below this a repetition penalty overflows float32 logits; it means the same thing
+# ("strongly prefer tokens already seen"), so smaller values are raised to it.
+MIN_REPETITION_PENALTY = 1e-6
+# A top_p that rounds to 0 in float32 would keep no token at all; this keeps the best one.
+MIN_TOP_P = 1e-6
+
+
+def sampling_temperature(value: float) -> float:
+    return 0.0 if value < MIN_SAMPLING_TEMPERATURE else value
+
+
+def repetition_penalty(value: float | None) -> float:
+    return 1.0 if value is None else max(value, MIN_REPETITION_PENALTY)
+
+
+def nucleus_top_p(value: float | None) -> float:
+    return 1.0 if value is None else max(value, MIN_TOP_P)
 
 
 def check_n(n: int | None, limits: Limits) -> int:
@@ -157,11 +177,11 @@ def _common_fields(body: SamplingFields, limits: Limits) -> dict[str, Any]:
         check_token_ids(body.stop_token_ids, "stop_token_ids", limits.vocab_size)
     top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
     fields: dict[str, Any] = {
-        "temperature": 1.0 if body.temperature is None else body.temperature,
-        "top_p": 1.0 if body.top_p is None else body.top_p,
+        "temperature": 1.0 if body.temperature is None else sampling_temperature(body.temperature),
+        "top_p": nucleus_top_p(body.top_p),
         "top_k": top_k,
         "min_p": body.min_p or 0.0,
-        "repetition_penalty": 1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        "repetition_penalty": repetition_penalty(body.repetition_penalty),
         "presence_penalty": body.presence_penalty or 0.0,
         "frequency_penalty": body.frequency_penalty or 0.0,
         "logit_bias": check_logit_bias(body.logit_bias, limits),
@@ -252,13 +272,13 @@ def tgi_params(parameters: GenerateParameters, limits: Limits) -> SamplingParams
     sampling = bool(parameters.do_sample) or any(
         value is not None for value in (parameters.temperature, parameters.top_k, parameters.top_p)
     )
-    temperature = (parameters.temperature or 1.0) if sampling else 0.0
+    temperature = sampling_temperature(parameters.temperature or 1.0) if sampling else 0.0
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
-        top_p=parameters.top_p or 1.0,
+        top_p=nucleus_top_p(parameters.top_p),
         top_k=parameters.top_k or 0,
-        repetition_penalty=parameters.repetition_penalty or 1.0,
+        repetition_penalty=repetition_penalty(parameters.repetition_penalty),
         frequency_penalty=parameters.frequency_penalty or 0.0,
         seed=parameters.seed,
         stop=check_stop(parameters.stop, limits, "parameters.stop"),
