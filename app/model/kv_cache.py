@@ -29,7 +29,10 @@ def num_blocks_for_bytes(
 
 
 class KVCache:
-    """Keys and values of every layer, each [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Keys and values of every layer, each [num_kv_heads, num_blocks, block_size, head_dim].
+
+    Head-major, so one head's blocks of one sequence gather into a contiguous matrix.
+    """
 
     def __init__(
         self,
@@ -43,7 +46,7 @@ class KVCache:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, 2, config.num_kv_heads, num_blocks, block_size, config.head_dim)
         # One allocation for everything; layers are views into it.
         # zeros, not empty: a gathered but masked-out row must never hold NaN (0 * NaN = NaN).
         self._storage = torch.zeros(shape, device=device, dtype=dtype)
@@ -55,7 +58,7 @@ class KVCache:
         return self._storage.numel() * self._storage.element_size()
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(key_cache, value_cache) of one layer, each [num_blocks, block_size, kv_heads, dim]."""
+        """(key_cache, value_cache) of one layer, each [kv_heads, num_blocks, block_size, dim]."""
         return self.key_caches[index], self.value_caches[index]
 
 
@@ -66,7 +69,10 @@ def write_kv(
     value: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Store the new tokens' K/V ([num_tokens, num_kv_heads, head_dim]) at their slots."""
+    """Store the new tokens' K/V ([num_tokens, num_kv_heads, head_dim]) at their slots.
+
+    slot = block * block_size + offset; the caches are [num_kv_heads, num_blocks, block_size, dim].
+    """
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
-    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    key_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, key.transpose(0, 1))
+    value_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, value.transpose(0, 1))

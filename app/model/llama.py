@@ -13,32 +13,8 @@ from torch import nn
 
 from app.model.attention import AttentionMetadata, paged_attention
 from app.model.kv_cache import KVCache
+from app.model.linear import KernelPlan, Linear, RowInvariance
 from app.model.loader import ModelConfig, rope_inverse_frequencies
-
-
-class Linear(nn.Module):
-    """y = x W^T + b. Every matmul of the model goes through this class.
-
-    The weight is stored [out_features, in_features] in the model dtype. Changing how
-    weights are stored (layout, precision) is a local change: `forward` and
-    `prepare_for_inference` (called once after loading) are the only places that know.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
-
-    def prepare_for_inference(self) -> None:
-        """Hook to re-lay the loaded weight out for speed; the reference layout needs nothing."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, in] -> [N, out]
-        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -112,7 +88,7 @@ class LlamaAttention(nn.Module):
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = paged_attention(q, k, v, cache[0], cache[1], metadata, self.scale)
-        return self.o_proj(out.reshape(num_tokens, -1))  # [N, num_heads * head_dim] in
+        return self.o_proj(out)  # [N, num_heads * head_dim] in
 
 
 class LlamaMLP(nn.Module):
@@ -163,15 +139,21 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
 
-    def finish_loading(self, device: torch.device, max_positions: int) -> None:
-        """After the weights were assigned: re-tie the head, build rope tables, relayout."""
+    def finish_loading(
+        self, device: torch.device, max_positions: int, plan: KernelPlan | None
+    ) -> None:
+        """After the weights were assigned: re-tie the head, build rope tables, and give
+        every Linear its kernel (`plan`; None keeps F.linear on the loaded weights)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         dtype = self.embed_tokens.weight.dtype
         self.rotary.build_cache(max_positions, device, dtype)
+        if plan is None:
+            return
+        invariance = RowInvariance()  # shapes repeat across layers: calibrate each once
         for module in self.modules():
             if isinstance(module, Linear):
-                module.prepare_for_inference()
+                module.prepare_for_inference(plan, invariance)
 
     @property
     def max_positions(self) -> int:

@@ -303,11 +303,19 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     max_positions: int | None = None,
+    *,
+    weight_dtype: torch.dtype | None = None,
+    batch_invariant: bool = True,
+    kernels: str = "auto",
 ) -> torch.nn.Module:
     """Build our LlamaForCausalLM from a local folder, ready for inference on `device`.
 
     `max_positions` sizes the rotary cos/sin table (default: max_position_embeddings).
+    `weight_dtype` (CPU only) stores linear weights in another precision; `kernels`
+    "auto" picks the fastest matmul kernels for the device, "reference" keeps
+    F.linear on the weights as loaded (for tests that inspect them).
     """
+    from app.model.linear import kernel_plan
     from app.model.llama import LlamaForCausalLM  # llama imports this module for the config
 
     device = torch.device(device)
@@ -320,13 +328,17 @@ def load_model(
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ModelLoadError(f"checkpoint does not match config.json: {exc}") from None
-    model.finish_loading(device, max_positions or config.max_position_embeddings)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    plan = kernel_plan(device, dtype, weight_dtype, batch_invariant, kernels)
+    model.finish_loading(device, max_positions or config.max_position_embeddings, plan)
     logger.info(
-        "loaded %s: %d layers, %.1fM parameters, %s on %s",
+        "loaded %s: %d layers, %.1fM parameters, %s on %s, linear weights %s%s",
         Path(model_dir).name,
         config.num_layers,
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        num_parameters / 1e6,
         dtype,
         device,
+        plan.weight_dtype if plan else dtype,
+        " (oneDNN packed)" if plan and plan.use_onednn else "",
     )
     return model.eval()

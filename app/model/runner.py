@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
@@ -17,7 +18,8 @@ import torch
 
 from app.config import Settings
 from app.core import SampleOutput, SamplingParams, ScheduledBatch, ScheduledSeq, Sequence
-from app.model.attention import build_attention_metadata
+from app.model.attention import build_attention_metadata, calibrate_min_query_rows, key_bucket
+from app.model.cpu_threads import default_num_threads
 from app.model.kv_cache import GIB, KVCache, bytes_per_block
 from app.model.llama import LlamaForCausalLM
 from app.model.loader import ModelConfig, load_model, read_eos_token_ids
@@ -44,6 +46,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def resolve_weight_dtype(name: str, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """Linear-weight storage precision; None: the model dtype. Only the CPU honours it."""
+    if name == "auto" or _DTYPES[name] == dtype:
+        return None
+    if device.type != "cpu":
+        logger.warning("weight_dtype=%s applies to the CPU only; ignored on %s", name, device)
+        return None
+    return _DTYPES[name]
+
+
 @dataclass
 class _FlatBatch:
     """The step's inputs in model order (decode sequences first)."""
@@ -66,6 +78,8 @@ class ModelRunner:
         max_model_len: int,
         eos_token_ids: frozenset[int],
         seed: int = 0,
+        batch_invariant: bool = True,
+        num_threads: int | None = None,
     ) -> None:
         self.model = model
         self.config: ModelConfig = model.config
@@ -76,16 +90,28 @@ class ModelRunner:
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
         self.sampler = Sampler(eos_token_ids, self.device, seed)
+        self.batch_invariant = batch_invariant
+        # CPU intra-op threads; applied again in whichever thread calls execute(), since
+        # OpenMP keeps the thread count per calling thread.
+        self.num_threads = num_threads if self.device.type == "cpu" else None
+        self._threads_set_in: int | None = None
+        self.min_query_rows = 1
+        if batch_invariant:
+            self.min_query_rows = calibrate_min_query_rows(
+                self.device, self.dtype, self.config.head_dim
+            )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelRunner:
         """Load settings.model, pick device/dtype, size and allocate the KV cache."""
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
-        if settings.num_threads and device.type == "cpu":
-            torch.set_num_threads(settings.num_threads)
-        if settings.weight_dtype != "auto":
-            logger.warning("weight_dtype=%s is not implemented yet; ignored", settings.weight_dtype)
+        num_threads = None
+        if device.type == "cpu":
+            num_threads = settings.num_threads or default_num_threads()
+            torch.set_num_threads(num_threads)  # before loading: packing runs threaded too
+            logger.info("torch uses %d CPU threads", num_threads)
+        weight_dtype = resolve_weight_dtype(settings.weight_dtype, device, dtype)
         config = ModelConfig.from_dir(settings.model)
         max_model_len = settings.max_model_len or config.max_position_embeddings
         if max_model_len > config.max_position_embeddings:
@@ -94,7 +120,14 @@ class ModelRunner:
                 max_model_len,
                 config.max_position_embeddings,
             )
-        model = load_model(settings.model, device, dtype, max_positions=max_model_len)
+        model = load_model(
+            settings.model,
+            device,
+            dtype,
+            max_positions=max_model_len,
+            weight_dtype=weight_dtype,
+            batch_invariant=settings.batch_invariant,
+        )
         num_blocks = _num_cache_blocks(model, settings, device, dtype, max_model_len)
         kv_cache = KVCache(config, num_blocks, settings.block_size, device, dtype)
         if num_blocks * settings.block_size < max_model_len:
@@ -116,6 +149,8 @@ class ModelRunner:
             max_model_len=max_model_len,
             eos_token_ids=read_eos_token_ids(settings.model),
             seed=settings.seed,
+            batch_invariant=settings.batch_invariant,
+            num_threads=num_threads,
         )
 
     # --- the Runner protocol -------------------------------------------------------
@@ -124,14 +159,18 @@ class ModelRunner:
         """Compute `batch`; one SampleOutput per sequence whose `sample` is set, else None."""
         if not batch.seqs:
             return []
+        self._apply_num_threads()
         flat = self._flatten(batch.seqs)
         positions, metadata = build_attention_metadata(
             flat.query_lens,
             flat.context_lens,
             flat.block_tables,
             self.block_size,
+            self.num_blocks,
+            self.config.num_kv_heads,
             self.device,
-            self.dtype,
+            batch_invariant=self.batch_invariant,
+            min_query_rows=self.min_query_rows,
         )
         input_ids = torch.tensor(flat.input_ids, dtype=torch.int64).to(self.device)
         last_rows, sampling = [], []  # flat row of each sampling sequence's last token
@@ -181,11 +220,20 @@ class ModelRunner:
             seq.num_computed_tokens = num_prompt
         self.execute(ScheduledBatch([ScheduledSeq(seq, 1, sample=True) for seq in seqs], 2))
 
+    def _apply_num_threads(self) -> None:
+        if self.num_threads is None:
+            return
+        thread = threading.get_ident()
+        if self._threads_set_in != thread:
+            torch.set_num_threads(self.num_threads)
+            self._threads_set_in = thread
+
     # --- inputs --------------------------------------------------------------------
 
     def _flatten(self, scheduled: list[ScheduledSeq]) -> _FlatBatch:
-        # Stable sort: single-token sequences first, so attention batches them together.
-        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
+        # Stable sort: single-token sequences first, grouped by the number of keys they
+        # attend over, so attention batches each group in one pair of matmuls.
+        order = sorted(range(len(scheduled)), key=lambda i: self._order_key(scheduled[i]))
         flat = _FlatBatch(order, [], [], [], [])
         for index in order:
             item = scheduled[index]
@@ -198,6 +246,11 @@ class ModelRunner:
             flat.context_lens.append(start)
             flat.block_tables.append(seq.block_table)
         return flat
+
+    def _order_key(self, item: ScheduledSeq) -> tuple[int, int]:
+        if item.num_new_tokens != 1:
+            return (1, 0)
+        return (0, key_bucket(item.seq.num_computed_tokens + 1, self.block_size))
 
     def _check(self, item: ScheduledSeq, start: int, end: int) -> None:
         """Cheap contract checks: a broken batch raises here, not as a garbled cache."""
@@ -276,7 +329,14 @@ def _cuda_cache_budget_bytes(
         model.config, -(-num_tokens // settings.block_size), settings.block_size, device, dtype
     )
     positions, metadata = build_attention_metadata(
-        [num_tokens], [0], [list(range(scratch.num_blocks))], settings.block_size, device, dtype
+        [num_tokens],
+        [0],
+        [list(range(scratch.num_blocks))],
+        settings.block_size,
+        scratch.num_blocks,
+        model.config.num_kv_heads,
+        device,
+        batch_invariant=settings.batch_invariant,
     )
     num_logit_rows = min(settings.max_num_seqs, num_tokens)
     with torch.inference_mode():

@@ -102,14 +102,14 @@ def model_logits(model, cache: KVCache, chunks: list[Chunk]) -> list[torch.Tenso
     Chunks run in the order given; put single-token chunks first to take the decode path.
     """
     device = model.embed_tokens.weight.device
-    dtype = model.embed_tokens.weight.dtype
     positions, metadata = build_attention_metadata(
         [len(c.token_ids) for c in chunks],
         [c.num_context for c in chunks],
         [c.block_table for c in chunks],
         cache.block_size,
+        cache.num_blocks,
+        model.config.num_kv_heads,
         device,
-        dtype,
     )
     input_ids = torch.tensor([t for c in chunks for t in c.token_ids], device=device)
     with torch.inference_mode():

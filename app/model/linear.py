@@ -1,0 +1,249 @@
+"""Matmul kernels for the model's linear layers, chosen once after loading.
+
+`Linear` keeps the checkpoint's weight ([out_features, in_features]) until
+`prepare_for_inference` picks a kernel for the device and the requested weight precision,
+re-lays the weight out for that kernel and drops the original. Measured on a 2-core
+Zen 4 CPU (docs/performance.md): oneDNN with a pre-packed fp32 weight runs the whole
+model's matmuls 1.8x faster than `F.linear` at 32 rows and 1.9x at 1 row; fp16 weights
+with `F.linear` halve the bytes a single stream reads per token; bf16 weights through
+oneDNN use the CPU's bf16 dot-product instructions when it has them.
+
+Batch invariance: a row of `x @ W` must not depend on how many other rows the matmul
+has, or a request's tokens would depend on its batch mates. Kernels often switch code
+paths for tiny M (a gemv for one row), so `RowInvariance` finds, per kernel and shape,
+the smallest row count from which results no longer change, and inputs with fewer
+rows are padded up to it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Row counts probed when calibrating invariance: the small sizes where kernels switch
+# paths, odd sizes, and the sizes decode and prefill steps typically have.
+PROBE_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 31, 32, 33, 64, 65, 128, 200)
+MAX_PADDED_ROWS = 8  # beyond this, padding costs more than invariance is worth: give up
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """How every Linear of a model computes. Built once by the loader from the settings."""
+
+    device: torch.device
+    activation_dtype: torch.dtype  # the model dtype: what Linear takes and returns
+    weight_dtype: torch.dtype  # how weights are stored (and the matmul runs)
+    use_onednn: bool  # pre-packed oneDNN weights (CPU); else torch's F.linear
+    batch_invariant: bool  # pad tiny row counts so every row is computed the same way
+
+
+def onednn_available(weight_dtype: torch.dtype) -> bool:
+    """Whether this torch build and CPU can run oneDNN linear with packed weights."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return False
+    try:
+        probe = torch.ones(16, 16, dtype=weight_dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(probe, None)
+        torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
+def cpu_kernel_plan(
+    activation_dtype: torch.dtype, weight_dtype: torch.dtype | None, batch_invariant: bool
+) -> KernelPlan:
+    """The fastest measured kernel family for the CPU (see the module docstring)."""
+    weight_dtype = weight_dtype or activation_dtype
+    # fp16 has no fast batched oneDNN path without AVX512-FP16/AMX-FP16; F.linear's fp16
+    # gemv is the fast single-stream kernel. fp32 and bf16 go through packed oneDNN.
+    wants_onednn = weight_dtype in (torch.float32, torch.bfloat16)
+    use_onednn = wants_onednn and onednn_available(weight_dtype)
+    if wants_onednn and not use_onednn:
+        logger.warning("oneDNN linear is unavailable for %s: using F.linear", weight_dtype)
+    return KernelPlan(
+        torch.device("cpu"), activation_dtype, weight_dtype, use_onednn, batch_invariant
+    )
+
+
+def kernel_plan(
+    device: torch.device,
+    dtype: torch.dtype,
+    weight_dtype: torch.dtype | None,
+    batch_invariant: bool,
+    kernels: str = "auto",
+) -> KernelPlan | None:
+    """The plan for a model on `device`; None: F.linear on the weights as loaded."""
+    if kernels not in ("auto", "reference"):
+        raise ValueError(f"kernels must be 'auto' or 'reference', not {kernels!r}")
+    if kernels == "reference":
+        if weight_dtype not in (None, dtype):
+            raise ValueError("reference kernels compute with the weights as loaded")
+        return None
+    if device.type == "cpu":
+        return cpu_kernel_plan(dtype, weight_dtype, batch_invariant)
+    if weight_dtype not in (None, dtype):
+        logger.warning("weight_dtype applies to the CPU only; %s keeps %s", device, dtype)
+    # CUDA: cuBLAS through F.linear, calibrated for row invariance like the CPU kernels.
+    return KernelPlan(device, dtype, dtype, False, batch_invariant)
+
+
+class RowInvariance:
+    """Calibrates and caches, per kernel shape, the row count below which rows differ.
+
+    One instance per model: shapes repeat across layers, so each is probed once.
+    """
+
+    def __init__(self) -> None:
+        self._min_rows: dict[tuple, int] = {}
+
+    def min_rows(self, key: tuple, row_op, in_features: int, device: torch.device) -> int:
+        """Smallest M such that row_op gives every row the same bits for any M >= it.
+
+        row_op(x [M, in_features]) -> [M, out]. Probes PROBE_ROWS with random data.
+        """
+        if key not in self._min_rows:
+            self._min_rows[key] = calibrate_min_rows(row_op, in_features, device)
+            logger.debug("row invariance of %s: pad to %d rows", key, self._min_rows[key])
+        return self._min_rows[key]
+
+
+def calibrate_min_rows(row_op, in_features: int, device: torch.device) -> int:
+    """Smallest probed M from which row_op(x [M, in_features]) gives rows M-independent bits.
+
+    Returns 1 (with a warning) when no M up to MAX_PADDED_ROWS works.
+    """
+    generator = torch.Generator().manual_seed(1234)
+    inputs = torch.randn(max(PROBE_ROWS), in_features, generator=generator).to(device)
+    # Row 0 and a later row of every probe, so first-row and edge-of-tile paths both count.
+    tail_row = 4
+    first, tail = {}, {}
+    for m in PROBE_ROWS:
+        out = row_op(inputs[:m].clone())
+        first[m] = out[0].clone()
+        if m > tail_row:
+            tail[m] = out[tail_row].clone()
+    for m0 in PROBE_ROWS:
+        if m0 > MAX_PADDED_ROWS:
+            break
+        firsts = [row for m, row in first.items() if m >= m0]
+        tails = [row for m, row in tail.items() if m >= m0]
+        if _all_equal(firsts) and _all_equal(tails):
+            return m0
+    logger.warning(
+        "no row count up to %d makes this matmul batch invariant: results may depend on "
+        "batch composition",
+        MAX_PADDED_ROWS,
+    )
+    return 1
+
+
+def pad_rows(x: torch.Tensor, min_rows: int) -> torch.Tensor:
+    """x [M, K] with zero rows appended up to min_rows (a copy only when M is smaller)."""
+    if x.shape[0] >= min_rows:
+        return x
+    return torch.cat([x, x.new_zeros(min_rows - x.shape[0], x.shape[1])])
+
+
+class Linear(nn.Module):
+    """y = x W^T + b. Every matmul of the model goes through this class.
+
+    Loaded with the weight as [out_features, in_features] in the model dtype;
+    `prepare_for_inference` swaps in a kernel (and may drop `weight` to save memory).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self.kernel: LinearKernel | None = None
+
+    def prepare_for_inference(
+        self, plan: KernelPlan, invariance: RowInvariance, keep_weight: bool = False
+    ) -> None:
+        """Build this layer's kernel; drop the loaded weight unless the kernel reads it
+        or `keep_weight` (a tied weight another module also uses)."""
+        kernel_type = _kernel_type(plan)
+        self.kernel = kernel_type(self.weight, self.bias, plan)
+        if plan.batch_invariant:
+            key = (kernel_type.__name__, plan.weight_dtype, self.in_features, self.out_features)
+            self.kernel.min_rows = invariance.min_rows(
+                key, self.kernel.compute, self.in_features, plan.device
+            )
+        if not keep_weight and self.kernel.drops_weight:
+            self.register_parameter("weight", None)  # the kernel holds its own copy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, in] -> [N, out]
+        if self.kernel is None:
+            return F.linear(x, self.weight, self.bias)
+        return self.kernel(x)
+
+
+class LinearKernel:
+    """One way to compute y = x W^T + b, with the weight in the layout it wants."""
+
+    drops_weight = True  # holds a re-laid-out copy, so Linear may free the original
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: KernelPlan) -> None:
+        self.out_dtype = plan.activation_dtype
+        self.min_rows = 1
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # [N, in] -> [N, out]
+        num_rows = x.shape[0]
+        if num_rows >= self.min_rows:
+            return self.compute(x)
+        return self.compute(pad_rows(x, self.min_rows))[:num_rows]
+
+
+class TorchLinearKernel(LinearKernel):
+    """F.linear on the weight as loaded, cast to the weight dtype (fp16 gemv on CPU)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: KernelPlan) -> None:
+        super().__init__(weight, bias, plan)
+        self.drops_weight = plan.weight_dtype != weight.dtype
+        self.weight = weight.detach().to(plan.weight_dtype)
+        self.bias = None if bias is None else bias.detach().to(plan.weight_dtype)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        return y.to(self.out_dtype)
+
+
+class OneDnnLinearKernel(LinearKernel):
+    """oneDNN matmul against a weight packed once into its blocked layout (CPU)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: KernelPlan) -> None:
+        super().__init__(weight, bias, plan)
+        self.compute_dtype = plan.weight_dtype
+        source = weight.detach().to(self.compute_dtype).contiguous()
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(source, None)
+        self.bias = None if bias is None else bias.detach().to(self.compute_dtype)
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.compute_dtype).contiguous()
+        y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return y.to(self.out_dtype)
+
+
+def _kernel_type(plan: KernelPlan) -> type[LinearKernel]:
+    return OneDnnLinearKernel if plan.use_onednn else TorchLinearKernel
+
+
+def _all_equal(rows: list[torch.Tensor]) -> bool:
+    return all(torch.equal(rows[0], row) for row in rows[1:])
