@@ -103,8 +103,15 @@ class Ticket:
         for stream in self._streams:
             stream.expire(error)
 
+    @property
+    def has_unfinished_work(self) -> bool:
+        """No stream yet (still being prepared), or some choice still running."""
+        return not self._streams or any(not stream.finished for stream in self._streams)
+
     def _on_deadline(self) -> None:
-        if self.expiry is None and not self.released:
+        # A request whose last token is out (only its final frames are still being
+        # written) finished in time: it is neither stopped nor counted as a timeout.
+        if self.expiry is None and not self.released and self.has_unfinished_work:
             assert self.timeout_s is not None
             report_failure("timeout")  # before the abort, which would count as "aborted"
             self.expire(deadline_exceeded(self.timeout_s))
@@ -227,6 +234,10 @@ class TrackedStream:
     def __aiter__(self) -> TrackedStream:
         return self
 
+    @property
+    def finished(self) -> bool:
+        return len(self._ended) == self._num_choices
+
     async def __anext__(self) -> TokenDelta:
         if self._expiry is None:
             task = asyncio.current_task()
@@ -264,7 +275,7 @@ class TrackedStream:
         raise StopAsyncIteration
 
     def expire(self, error: APIError) -> None:
-        if self._expiry is not None or len(self._ended) == self._num_choices:
+        if self._expiry is not None or self.finished:
             return
         self._expiry = error
         if self._waiter is not None:

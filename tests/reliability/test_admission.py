@@ -163,6 +163,24 @@ async def test_a_deadline_fires_on_its_own() -> None:
     controller.release(ticket)
 
 
+async def test_a_deadline_after_the_last_token_changes_nothing() -> None:
+    class OneToken(SlowStream):
+        async def __anext__(self) -> TokenDelta:
+            if self.sent:
+                raise StopAsyncIteration
+            self.sent = 1
+            return TokenDelta("r", 0, "x", (5,), finish_reason=FinishReason.LENGTH)
+
+    controller = AdmissionController(max_queued=4, max_running=4, server_timeout_s=None)
+    ticket = controller.admit(timeout_s=0.02)
+    inner = OneToken()
+    stream = TrackedStream(inner, ticket, "r", 1)
+    assert (await stream.__anext__()).finish_reason is FinishReason.LENGTH
+    await asyncio.sleep(0.1)  # the deadline passes while the response is being written
+    assert ticket.expiry is None and not inner.closed
+    controller.release(ticket)
+
+
 async def test_tracked_engine_passes_through_outside_a_request(http_tokenizer) -> None:
     engine = FakeEngine(http_tokenizer)
     engine.start()

@@ -23,6 +23,7 @@ from app.api.errors import APIError
 from app.config import Settings
 from app.main import create_app
 from tests.api.conftest import ThreadedServer
+from tests.reliability.conftest import failure_counts
 
 LONG = {"prompt": "Hello", "max_tokens": 900, "ignore_eos": True}
 
@@ -83,6 +84,7 @@ def test_a_plain_request_past_its_deadline_gets_504_and_is_freed(one_slot: Serve
 
 
 def test_a_stream_past_its_deadline_ends_with_an_error_event(one_slot: Served) -> None:
+    timeouts_before = failure_counts(one_slot.url)["timeout"]
     body = {**LONG, "stream": True}
     events = []
     with httpx.stream(
@@ -95,6 +97,8 @@ def test_a_stream_past_its_deadline_ends_with_an_error_event(one_slot: Served) -
     assert events[-1] == "data: [DONE]"
     assert '"code":"request_timeout"' in events[-2]
     one_slot.wait_until_idle()
+    # The status said 200: the metrics still count it as a timeout, not an abort.
+    assert failure_counts(one_slot.url)["timeout"] == timeouts_before + 1
 
 
 def test_a_deadline_also_runs_while_queued(one_slot: Served) -> None:
