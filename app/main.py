@@ -24,7 +24,7 @@ from app import __version__
 from app.api.auth import ApiKeyAuth
 from app.api.debug_hooks import install_test_hooks
 from app.api.deps import model_route_dependencies
-from app.api.drain import DrainingServer
+from app.api.drain import SHUTDOWN_GRACE_S, DrainingServer
 from app.api.engine_client import EngineClient
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodySizeLimit
@@ -221,7 +221,9 @@ def serve(settings: Settings) -> int:
         log_config=None,  # configure_logging above: one handler, one line format
         access_log=False,  # the access line is lamina's own (app/api/observability.py)
         lifespan="on",
-        timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+        # The drain (DrainingServer) already waited for generation requests; what is
+        # left when uvicorn shuts down is idle connections and quick routes.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     server = DrainingServer(config, app.state.server)  # SIGTERM: drain, then exit 0
     servers.append(server)

@@ -9,8 +9,12 @@ On the first signal:
    LAMINA_DRAIN_TIMEOUT_S;
 3. what is still running then is stopped: each client gets a 503 `request_aborted`
    envelope (in the stream when streaming), and its engine request is aborted;
-4. uvicorn shuts down (idle connections closed, lifespan shutdown stops the engine)
-   and the process exits 0.
+4. uvicorn shuts down (idle connections closed, at most SHUTDOWN_GRACE_S for anything
+   else), the lifespan shutdown stops the engine, and the process exits 0.
+
+Worst case from SIGTERM to exit: LAMINA_DRAIN_TIMEOUT_S + STOP_GRACE_S +
+SHUTDOWN_GRACE_S + the engine's shutdown (a few seconds): keep Kubernetes'
+terminationGracePeriodSeconds above that plus any preStop delay.
 
 A second signal stops the process at once (exit status 128 + signal number).
 
@@ -40,6 +44,8 @@ logger = logging.getLogger("lamina")
 
 # After the drain timeout, stopped requests need a moment to send their error and close.
 STOP_GRACE_S = 5.0
+# uvicorn's own graceful shutdown, after the drain: idle connections and quick routes.
+SHUTDOWN_GRACE_S = 5
 
 
 async def drain(state: ServerState, timeout_s: float) -> bool:
