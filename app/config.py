@@ -62,6 +62,7 @@ class Settings(BaseModel):
     max_stop_length: int = Field(default=256, ge=1)
     max_logit_bias: int = Field(default=300, ge=0)
     max_top_logprobs: int = Field(default=20, ge=0)
+    max_prompts_per_request: int = Field(default=32, ge=1)  # completions' list of prompts
 
     # --- security --------------------------------------------------------------
     api_keys: tuple[str, ...] = ()
@@ -74,6 +75,8 @@ class Settings(BaseModel):
     log_prompts: bool = False
 
     # --- test hooks (never set in production) ------------------------------------
+    # Mounts POST /debug/engine/crash, which kills the engine thread (for fault tests).
+    enable_test_hooks: bool = False
     # A request whose prompt contains this marker fails inside the engine step.
     fault_injection_marker: str | None = None
 

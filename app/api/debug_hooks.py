@@ -37,7 +37,7 @@ async def crash_engine(state: StateDep) -> dict[str, str]:
 
 def hooks_enabled(settings: Settings) -> bool:
     # TODO(config): read directly once Settings has the `enable_test_hooks` field.
-    return bool(getattr(settings, TEST_HOOKS_SETTING, False))
+    return settings.enable_test_hooks
 
 
 def install_test_hooks(app: FastAPI, settings: Settings) -> None:

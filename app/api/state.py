@@ -103,7 +103,7 @@ class Limits:
             max_top_logprobs=settings.max_top_logprobs,
             vocab_size=vocab_size,
             # TODO(config): a Settings field `max_prompts_per_request` is requested.
-            max_prompts=getattr(settings, "max_prompts_per_request", DEFAULT_MAX_PROMPTS),
+            max_prompts=settings.max_prompts_per_request,
         )
 
 

@@ -35,7 +35,13 @@ EXAMPLES = curl_examples()
 
 
 def check_output(output: str) -> None:
-    """A JSON document, or server-sent events whose data lines are JSON or [DONE]."""
+    """A JSON document, or server-sent events whose data lines are JSON or [DONE].
+
+    Examples that print the response headers first (`curl -D -`) are checked after them.
+    """
+    if output.startswith("HTTP/"):
+        headers, _, output = output.replace("\r\n", "\n").partition("\n\n")
+        assert " 200" in headers.splitlines()[0], headers
     if output.startswith(("data:", ":")):
         data = [line[5:].strip() for line in output.splitlines() if line.startswith("data:")]
         assert data, output

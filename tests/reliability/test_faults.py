@@ -22,12 +22,6 @@ from tests.reliability.clients import Outcome, stream_body, stream_request
 from tests.reliability.conftest import FAULT_MARKER, wait_until_idle
 
 
-class HookSettings(Settings):
-    """Settings with the test-only hooks on (the field Settings will grow)."""
-
-    enable_test_hooks: bool = True
-
-
 @pytest.mark.system
 @pytest.mark.slow
 def test_a_failing_request_fails_alone(shared_server) -> None:
@@ -65,8 +59,12 @@ def test_a_failing_request_fails_alone(shared_server) -> None:
 
 @pytest.fixture
 def crashable_server(tiny_model_path) -> Iterator[str]:
-    settings = HookSettings(
-        model=tiny_model_path, kv_cache_gb=0.02, max_model_len=1024, max_num_seqs=2
+    settings = Settings(
+        enable_test_hooks=True,
+        model=tiny_model_path,
+        kv_cache_gb=0.02,
+        max_model_len=1024,
+        max_num_seqs=2,
     )
     with ThreadedServer(create_app(settings)) as server:
         yield server.url
