@@ -133,6 +133,10 @@ def configure_logging(log_format: str, log_level: str, stream: IO[str] | None = 
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+        # A dictConfig run earlier (uvicorn's default log_config) may have disabled or
+        # raised them; make them follow the root logger again.
+        logger.disabled = False
+        logger.setLevel(logging.NOTSET)
     access = logging.getLogger(UVICORN_ACCESS_LOGGER)
     access.handlers.clear()
     access.propagate = False
