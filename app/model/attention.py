@@ -246,14 +246,18 @@ def paged_attention(
     num_kv_heads = key_cache.shape[0]
     group_size = num_heads // num_kv_heads
     # [num_kv_heads, N, group_size, head_dim]: the query heads that share each KV head
-    grouped = (query * scale).view(num_tokens, num_kv_heads, group_size, head_dim)
-    grouped = grouped.transpose(0, 1).contiguous()
-    out = torch.empty_like(grouped)
-    for group in metadata.groups:
-        rows = slice(group.row_start, group.row_end)
-        out[:, rows] = _attend(
-            grouped[:, rows], key_cache, value_cache, group, metadata.min_query_rows
-        )
+    grouped = query.new_empty(num_kv_heads, num_tokens, group_size, head_dim)
+    by_kv_head = query.view(num_tokens, num_kv_heads, group_size, head_dim).transpose(0, 1)
+    torch.mul(by_kv_head, scale, out=grouped)
+    if len(metadata.groups) == 1:  # the common decode step: no scatter into a buffer
+        out = _attend(grouped, key_cache, value_cache, metadata.groups[0], metadata.min_query_rows)
+    else:
+        out = torch.empty_like(grouped)
+        for group in metadata.groups:
+            rows = slice(group.row_start, group.row_end)
+            out[:, rows] = _attend(
+                grouped[:, rows], key_cache, value_cache, group, metadata.min_query_rows
+            )
     return out.transpose(0, 1).reshape(num_tokens, num_heads * head_dim)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from app.model.host_memory import advise_huge_pages
 from app.model.loader import ModelConfig
 
 GIB = 1024**3
@@ -47,9 +48,13 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (config.num_layers, 2, config.num_kv_heads, num_blocks, block_size, config.head_dim)
-        # One allocation for everything; layers are views into it.
-        # zeros, not empty: a gathered but masked-out row must never hold NaN (0 * NaN = NaN).
-        self._storage = torch.zeros(shape, device=device, dtype=dtype)
+        # One allocation for everything; layers are views into it. Huge pages before the
+        # first touch: decode gathers scattered blocks, which 4 KiB pages make TLB-bound.
+        self._storage = torch.empty(shape, device=device, dtype=dtype)
+        self.uses_huge_pages = advise_huge_pages(self._storage)
+        # Zeroed, not left empty: a gathered but masked-out row must never hold NaN
+        # (0 * NaN = NaN).
+        self._storage.zero_()
         self.key_caches = [self._storage[layer, 0] for layer in range(config.num_layers)]
         self.value_caches = [self._storage[layer, 1] for layer in range(config.num_layers)]
 

@@ -20,6 +20,7 @@ from app.config import Settings
 from app.core import SampleOutput, SamplingParams, ScheduledBatch, ScheduledSeq, Sequence
 from app.model.attention import build_attention_metadata, calibrate_min_query_rows, key_bucket
 from app.model.cpu_threads import default_num_threads
+from app.model.host_memory import keep_freed_memory_in_heap
 from app.model.kv_cache import GIB, KVCache, bytes_per_block
 from app.model.llama import LlamaForCausalLM
 from app.model.loader import ModelConfig, load_model, read_eos_token_ids
@@ -108,6 +109,7 @@ class ModelRunner:
         dtype = resolve_dtype(settings.dtype, device)
         num_threads = None
         if device.type == "cpu":
+            keep_freed_memory_in_heap()
             num_threads = settings.num_threads or default_num_threads()
             torch.set_num_threads(num_threads)  # before loading: packing runs threaded too
             logger.info("torch uses %d CPU threads", num_threads)
