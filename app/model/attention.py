@@ -54,8 +54,8 @@ class AttentionGroup:
     row_end: int
     num_seqs: int  # K/V sets gathered: the decode sequences, or 1 for a prefill run
     num_keys: int  # L: keys every query of the group attends over (masked past its own)
-    # [num_kv_heads * num_seqs * L / block_size] int64: rows of the flat cache view
-    # [num_kv_heads * num_blocks, block_size * head_dim], ordered (head, seq, block)
+    # [num_seqs * num_kv_heads * L / block_size] int64: rows of the flat cache view
+    # [num_kv_heads * num_blocks, block_size * head_dim], ordered (seq, head, block)
     kv_rows: torch.Tensor
     # additive mask, 0 or -inf: [num_seqs, 1, L] (decode) or [num_queries, 1, L] (prefill)
     mask: torch.Tensor
@@ -208,15 +208,15 @@ class _GroupBuilder:
         )
 
     def _kv_rows(self, tables: list[list[int]], num_keys: int) -> torch.Tensor:
-        """Flat cache rows (head, seq, block) of the first num_keys keys of each table.
+        """Flat cache rows (seq, head, block) of the first num_keys keys of each table.
 
         Blocks past a table's end pad with block 0: read, then masked out.
         """
         num_blocks = num_keys // self.block_size
         padded = [t[:num_blocks] + [0] * (num_blocks - len(t[:num_blocks])) for t in tables]
-        blocks = torch.tensor(padded, dtype=torch.int64).flatten()  # [n * nb]
-        head_offsets = torch.arange(self.num_kv_heads)[:, None] * self.num_blocks
-        return (blocks[None, :] + head_offsets).flatten().to(self.device)
+        blocks = torch.tensor(padded, dtype=torch.int64)  # [n, nb]
+        head_offsets = torch.arange(self.num_kv_heads)[None, :, None] * self.num_blocks
+        return (blocks[:, None, :] + head_offsets).flatten().to(self.device)  # (seq, head, block)
 
 
 def _additive_mask(visible: torch.Tensor) -> torch.Tensor:
@@ -229,69 +229,100 @@ def _additive_mask(visible: torch.Tensor) -> torch.Tensor:
 
 def paged_attention(
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
+    new_kv: torch.Tensor,
+    layer_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend. Returns [N, num_heads * head_dim].
 
-    query [N, num_heads, head_dim]; key/value [N, num_kv_heads, head_dim];
-    key_cache/value_cache [num_kv_heads, num_blocks, block_size, head_dim].
+    query [N, num_heads, head_dim] (rotated; any strides); new_kv [N, 2 * num_kv_heads,
+    head_dim]: the new keys, then the new values; layer_cache [2, num_kv_heads,
+    num_blocks, block_size, head_dim]: this layer's keys and values.
     """
-    write_kv(key_cache, value_cache, key, value, metadata.slot_mapping)
+    write_kv(layer_cache, new_kv, metadata.slot_mapping)
     num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads = key_cache.shape[0]
-    group_size = num_heads // num_kv_heads
-    # [num_kv_heads, N, group_size, head_dim]: the query heads that share each KV head
-    grouped = query.new_empty(num_kv_heads, num_tokens, group_size, head_dim)
-    by_kv_head = query.view(num_tokens, num_kv_heads, group_size, head_dim).transpose(0, 1)
-    torch.mul(by_kv_head, scale, out=grouped)
-    if len(metadata.groups) == 1:  # the common decode step: no scatter into a buffer
-        out = _attend(grouped, key_cache, value_cache, metadata.groups[0], metadata.min_query_rows)
-    else:
-        out = torch.empty_like(grouped)
-        for group in metadata.groups:
-            rows = slice(group.row_start, group.row_end)
-            out[:, rows] = _attend(
-                grouped[:, rows], key_cache, value_cache, group, metadata.min_query_rows
-            )
-    return out.transpose(0, 1).reshape(num_tokens, num_heads * head_dim)
+    if len(metadata.groups) == 1:  # the common case: no scatter into a buffer
+        return _attend(query, layer_cache, metadata.groups[0], metadata.min_query_rows, scale)
+    out = query.new_empty(num_tokens, num_heads * head_dim)
+    for group in metadata.groups:
+        rows = slice(group.row_start, group.row_end)
+        out[rows] = _attend(query[rows], layer_cache, group, metadata.min_query_rows, scale)
+    return out
 
 
 def _attend(
-    query: torch.Tensor,  # [num_kv_heads, T, group_size, head_dim], already scaled
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
+    query: torch.Tensor,  # [T, num_heads, head_dim]: the group's rows
+    layer_cache: torch.Tensor,
     group: AttentionGroup,
     min_query_rows: int,
-) -> torch.Tensor:  # [num_kv_heads, T, group_size, head_dim]
-    num_kv_heads, num_queries, group_size, head_dim = query.shape
-    num_items = num_kv_heads * group.num_seqs  # independent (head, sequence) matmuls
-    # Decode: each sequence's query heads are one item's rows; prefill: all T tokens'.
-    rows_per_item = group_size if group.is_decode else num_queries * group_size
-    padded_rows = max(rows_per_item, min_query_rows)
-    queries = query.reshape(num_items, rows_per_item, head_dim)
-    if padded_rows > rows_per_item:
-        queries = torch.nn.functional.pad(queries, (0, 0, 0, padded_rows - rows_per_item))
-    keys = gather_blocks(key_cache, group).view(num_items, group.num_keys, head_dim)
-    scores = torch.bmm(queries, keys.transpose(1, 2))  # [items, rows, L]
-    if group.is_decode:  # padding rows are masked too (their result is dropped)
-        scores.view(num_kv_heads, group.num_seqs, padded_rows, -1).add_(group.mask)
-    else:  # padding rows, if any, follow the T * group_size real ones
-        real = scores[:, :rows_per_item]
-        real.view(num_kv_heads, num_queries, group_size, -1).add_(group.mask)
-    # Softmax in fp32 whatever the model dtype, as the reference implementation does.
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    values = gather_blocks(value_cache, group).view(num_items, group.num_keys, head_dim)
-    out = torch.bmm(probs, values)[:, :rows_per_item]  # [items, rows, head_dim]
-    return out.reshape(num_kv_heads, num_queries, group_size, head_dim)
+    scale: float,
+) -> torch.Tensor:  # [T, num_heads * head_dim]
+    """One group: an item is one (sequence, KV head) with its query rows; the items'
+    matmuls run as one batch, each over the group's num_keys gathered keys."""
+    num_queries, num_heads, head_dim = query.shape
+    num_kv_heads = layer_cache.shape[1]
+    group_size = num_heads // num_kv_heads
+    if group.is_decode:  # item (seq, head): that token's group_size query heads
+        rows = group_size
+        queries = _scaled_rows(
+            query.view(group.num_seqs, num_kv_heads, group_size, head_dim), scale, min_query_rows
+        )
+    else:  # item (head): every query token of the run, group_size rows each
+        rows = num_queries * group_size
+        by_head = query.view(num_queries, num_kv_heads, group_size, head_dim).transpose(0, 1)
+        queries = _scaled_rows(by_head, scale, min_query_rows, merge_rows=True)
+    num_items, padded_rows = queries.shape[0], queries.shape[1]
+    keys = gather_blocks(layer_cache[0], group).view(num_items, group.num_keys, head_dim)
+    scores = torch.bmm(queries, keys.transpose(1, 2))  # [items, padded rows, L]
+    if group.is_decode:  # [n, heads * padded rows, L] + [n, 1, L]: padding rows too
+        scores.view(group.num_seqs, -1, group.num_keys).add_(group.mask)
+    else:  # [heads, T, group_size, L] + [T, 1, L]; padding rows (if any) come after
+        real = scores[:, :rows].view(num_kv_heads, num_queries, group_size, -1)
+        real.add_(group.mask)
+    probs = _softmax(scores)
+    values = gather_blocks(layer_cache[1], group).view(num_items, group.num_keys, head_dim)
+    out = torch.bmm(probs, values)  # [items, padded rows, head_dim]
+    if padded_rows != rows:
+        out = out[:, :rows]
+    if group.is_decode:  # items are (seq, head): already token-major
+        return out.reshape(num_queries, num_heads * head_dim)
+    out = out.view(num_kv_heads, num_queries, group_size, head_dim).transpose(0, 1)
+    return out.reshape(num_queries, num_heads * head_dim)
+
+
+def _scaled_rows(
+    query: torch.Tensor, scale: float, min_rows: int, merge_rows: bool = False
+) -> torch.Tensor:
+    """query [A, B, R, D] * scale as a contiguous [A * B, max(R, min_rows), D] batch
+    (merge_rows: [A, B * R rounded up to min_rows, D]); padding rows are zero."""
+    a, b, r, d = query.shape
+    if merge_rows:
+        items, rows = a, b * r
+    else:
+        items, rows = a * b, r
+    padded = max(rows, min_rows)
+    if padded == rows:
+        out = query.new_empty(a, b, r, d)
+        torch.mul(query, scale, out=out)
+        return out.view(items, rows, d)
+    out = query.new_zeros(items, padded, d)
+    torch.mul(query, scale, out=out[:, :rows].view(a, b, r, d))
+    return out
+
+
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    if scores.dtype == torch.float32:
+        return torch.softmax(scores, dim=-1)
+    # In fp32 whatever the model dtype, as the reference implementation does.
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
 
 
 def gather_blocks(cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
-    """The group's blocks, (head, seq, block) order: [num_kv_heads * n * nb, block * dim]."""
+    """The group's blocks, (seq, head, block) order: [n * num_kv_heads * nb, block * dim].
+
+    cache: keys or values of one layer, [num_kv_heads, num_blocks, block_size, head_dim].
+    """
     num_kv_heads, num_blocks, block_size, head_dim = cache.shape
     flat = cache.view(num_kv_heads * num_blocks, block_size * head_dim)
     # index_select copies whole rows; measured ~4x faster than advanced indexing on CPU.

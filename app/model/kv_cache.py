@@ -55,29 +55,23 @@ class KVCache:
         # Zeroed, not left empty: a gathered but masked-out row must never hold NaN
         # (0 * NaN = NaN).
         self._storage.zero_()
-        self.key_caches = [self._storage[layer, 0] for layer in range(config.num_layers)]
-        self.value_caches = [self._storage[layer, 1] for layer in range(config.num_layers)]
+        self.layers = list(self._storage.unbind(0))  # [2, kv_heads, num_blocks, block, dim]
 
     @property
     def num_bytes(self) -> int:
         return self._storage.numel() * self._storage.element_size()
 
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(key_cache, value_cache) of one layer, each [kv_heads, num_blocks, block_size, dim]."""
-        return self.key_caches[index], self.value_caches[index]
+    def layer(self, index: int) -> torch.Tensor:
+        """Keys ([0]) and values ([1]) of one layer: [2, kv_heads, num_blocks, block_size, dim]."""
+        return self.layers[index]
 
 
-def write_kv(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Store the new tokens' K/V ([num_tokens, num_kv_heads, head_dim]) at their slots.
+def write_kv(layer_cache: torch.Tensor, new_kv: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' keys and values at their slots (block * block_size + offset).
 
-    slot = block * block_size + offset; the caches are [num_kv_heads, num_blocks, block_size, dim].
+    layer_cache [2, kv_heads, num_blocks, block_size, dim]; new_kv [num_tokens, 2 * kv_heads,
+    dim], keys then values: both land with one copy.
     """
-    num_kv_heads, head_dim = key.shape[1], key.shape[2]
-    key_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, key.transpose(0, 1))
-    value_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, value.transpose(0, 1))
+    two, num_kv_heads, num_blocks, block_size, head_dim = layer_cache.shape
+    slots = layer_cache.view(two * num_kv_heads, num_blocks * block_size, head_dim)
+    slots.index_copy_(1, slot_mapping, new_kv.transpose(0, 1))

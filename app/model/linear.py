@@ -150,7 +150,7 @@ def pad_rows(x: torch.Tensor, min_rows: int) -> torch.Tensor:
     """x [M, K] with zero rows appended up to min_rows (a copy only when M is smaller)."""
     if x.shape[0] >= min_rows:
         return x
-    return torch.cat([x, x.new_zeros(min_rows - x.shape[0], x.shape[1])])
+    return F.pad(x, (0, 0, 0, min_rows - x.shape[0]))
 
 
 class Linear(nn.Module):
@@ -199,6 +199,7 @@ class LinearKernel:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: KernelPlan) -> None:
         self.out_dtype = plan.activation_dtype
+        self.matmul_dtype = plan.weight_dtype  # what the multiply-adds run in
         self.min_rows = 1
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,10 +220,12 @@ class TorchLinearKernel(LinearKernel):
         self.drops_weight = plan.weight_dtype != weight.dtype
         self.weight = weight.detach().to(plan.weight_dtype)
         self.bias = None if bias is None else bias.detach().to(plan.weight_dtype)
+        self.casts = plan.weight_dtype != plan.activation_dtype
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x.to(self.weight.dtype), self.weight, self.bias)
-        return y.to(self.out_dtype)
+        if not self.casts:  # dispatching even a no-op .to() costs microseconds per layer
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(self.out_dtype)
 
 
 class OneDnnLinearKernel(LinearKernel):
@@ -234,10 +237,14 @@ class OneDnnLinearKernel(LinearKernel):
         source = weight.detach().to(self.compute_dtype).contiguous()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(source, None)
         self.bias = None if bias is None else bias.detach().to(self.compute_dtype)
+        self._linear = torch.ops.mkldnn._linear_pointwise.default  # skip overload resolution
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.compute_dtype).contiguous()
-        y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if not x.is_contiguous():
+            x = x.contiguous()
+        if self.compute_dtype == self.out_dtype:
+            return self._linear(x, self.packed, self.bias, "none", [], "")
+        y = self._linear(x.to(self.compute_dtype), self.packed, self.bias, "none", [], "")
         return y.to(self.out_dtype)
 
 

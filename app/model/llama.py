@@ -62,11 +62,12 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1), self.signed_sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x [N, heads, head_dim] rotated: x * cos + rotate_half(x) * sin; cos/sin [N, 1, dim]."""
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+    """Rotate x [N, heads, head_dim] in place: x * cos + rotate_half(x) * sin (same bits);
+    cos/sin [N, 1, head_dim]."""
     half = x.shape[-1] // 2
     swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # rotate_half without the sign
-    return (x * cos).add_(swapped * signed_sin)
+    x.mul_(cos).add_(swapped.mul_(signed_sin))
 
 
 class LlamaAttention(nn.Module):
@@ -85,16 +86,17 @@ class LlamaAttention(nn.Module):
         x: torch.Tensor,  # [N, hidden]
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [N, 1, head_dim]
         metadata: AttentionMetadata,
-        cache: tuple[torch.Tensor, torch.Tensor],  # this layer's key and value caches
+        cache: torch.Tensor,  # this layer's keys and values: [2, kv_heads, blocks, block, dim]
     ) -> torch.Tensor:  # [N, hidden]
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)
-        num_qk = self.split_sizes[0] + self.split_sizes[1]
+        qkv = self.qkv_proj(x)  # [N, q_size + 2 * kv_size]: ours, so rotated in place
+        num_q, num_qk = self.split_sizes[0], self.split_sizes[0] + self.split_sizes[1]
+        heads = (num_tokens, -1, self.head_dim)
         # q and k are adjacent in the fused projection: rotate them in one go.
-        qk = qkv[:, :num_qk].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(qk, *rope).split((self.num_heads, self.num_kv_heads), dim=1)
-        v = qkv[:, num_qk:].view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, cache[0], cache[1], metadata, self.scale)
+        apply_rotary_(qkv[:, :num_qk].view(heads), *rope)
+        q = qkv[:, :num_q].view(heads)  # [N, num_heads, head_dim]
+        new_kv = qkv[:, num_q:].view(heads)  # [N, 2 * num_kv_heads, head_dim]
+        out = paged_attention(q, new_kv, cache, metadata, self.scale)
         return self.o_proj(out)  # [N, num_heads * head_dim] in
 
 
@@ -127,7 +129,7 @@ class LlamaDecoderLayer(nn.Module):
         x: torch.Tensor,  # [N, hidden]
         rope: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
-        cache: tuple[torch.Tensor, torch.Tensor],
+        cache: torch.Tensor,
     ) -> torch.Tensor:
         x = x.add_(self.attn(self.input_norm(x), rope, metadata, cache))
         return x.add_(self.mlp(self.post_attention_norm(x)))

@@ -91,6 +91,8 @@ class ModelRunner:
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
         self.sampler = Sampler(eos_token_ids, self.device, seed)
+        kernel = getattr(model.lm_head, "kernel", None)
+        self.matmul_dtype = kernel.matmul_dtype if kernel is not None else self.dtype
         self.batch_invariant = batch_invariant
         # CPU intra-op threads; applied again in whichever thread calls execute(), since
         # OpenMP keeps the thread count per calling thread.

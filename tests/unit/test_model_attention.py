@@ -39,10 +39,9 @@ class World:
         self.keys = [self.rand(n, NUM_KV_HEADS, HEAD_DIM) for n in lengths]
         self.values = [self.rand(n, NUM_KV_HEADS, HEAD_DIM) for n in lengths]
         self.queries = [self.rand(n, NUM_HEADS, HEAD_DIM) for n in lengths]
-        shape = (NUM_KV_HEADS, NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM)
         # Stale junk everywhere: whatever is not masked would show in the results.
-        self.key_cache = self.rand(*shape)
-        self.value_cache = self.rand(*shape)
+        self.cache = self.rand(2, NUM_KV_HEADS, NUM_BLOCKS, BLOCK_SIZE, HEAD_DIM)
+        self.key_cache, self.value_cache = self.cache[0], self.cache[1]
 
     def rand(self, *shape):
         return torch.randn(*shape, generator=self.generator)
@@ -70,7 +69,8 @@ class World:
         q = torch.cat([self.queries[s][c : c + n] for s, c, n in work])
         k = torch.cat([self.keys[s][c : c + n] for s, c, n in work])
         v = torch.cat([self.values[s][c : c + n] for s, c, n in work])
-        out = paged_attention(q, k, v, self.key_cache, self.value_cache, metadata, HEAD_DIM**-0.5)
+        new_kv = torch.cat([k, v], dim=1)  # keys then values, as the fused projection has them
+        out = paged_attention(q, new_kv, self.cache, metadata, HEAD_DIM**-0.5)
         assert positions.tolist() == [p for _, c, n in work for p in range(c, c + n)]
         return list(out.view(-1, NUM_HEADS, HEAD_DIM).split(query_lens))
 

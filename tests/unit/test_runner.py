@@ -50,7 +50,7 @@ def test_from_settings(runner, tiny_model_path):
         tiny_settings(tiny_model_path, max_model_len=64, dtype="bfloat16")
     )
     assert other.max_model_len == 64 and other.dtype == torch.bfloat16
-    assert other.kv_cache.key_caches[0].dtype == torch.bfloat16
+    assert other.kv_cache.layer(0).dtype == torch.bfloat16
 
 
 def test_device_and_dtype_resolution():
