@@ -105,24 +105,28 @@ class RowInvariance:
     def __init__(self) -> None:
         self._min_rows: dict[tuple, int] = {}
 
-    def min_rows(self, key: tuple, row_op, in_features: int, device: torch.device) -> int:
+    def min_rows(
+        self, key: tuple, row_op, in_features: int, device: torch.device, dtype: torch.dtype
+    ) -> int:
         """Smallest M such that row_op gives every row the same bits for any M >= it.
 
-        row_op(x [M, in_features]) -> [M, out]. Probes PROBE_ROWS with random data.
+        row_op(x [M, in_features] of dtype) -> [M, out]. Probes PROBE_ROWS with random data.
         """
         if key not in self._min_rows:
-            self._min_rows[key] = calibrate_min_rows(row_op, in_features, device)
+            self._min_rows[key] = calibrate_min_rows(row_op, in_features, device, dtype)
             logger.debug("row invariance of %s: pad to %d rows", key, self._min_rows[key])
         return self._min_rows[key]
 
 
-def calibrate_min_rows(row_op, in_features: int, device: torch.device) -> int:
+def calibrate_min_rows(
+    row_op, in_features: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> int:
     """Smallest probed M from which row_op(x [M, in_features]) gives rows M-independent bits.
 
     Returns 1 (with a warning) when no M up to MAX_PADDED_ROWS works.
     """
     generator = torch.Generator().manual_seed(1234)
-    inputs = torch.randn(max(PROBE_ROWS), in_features, generator=generator).to(device)
+    inputs = torch.randn(max(PROBE_ROWS), in_features, generator=generator).to(device, dtype)
     # Row 0 and a later row of every probe, so first-row and edge-of-tile paths both count.
     tail_row = 4
     first, tail = {}, {}
@@ -181,7 +185,7 @@ class Linear(nn.Module):
         if plan.batch_invariant:
             key = (kernel_type.__name__, plan.weight_dtype, self.in_features, self.out_features)
             self.kernel.min_rows = invariance.min_rows(
-                key, self.kernel.compute, self.in_features, plan.device
+                key, self.kernel.compute, self.in_features, plan.device, plan.activation_dtype
             )
         if not keep_weight and self.kernel.drops_weight:
             self.register_parameter("weight", None)  # the kernel holds its own copy
