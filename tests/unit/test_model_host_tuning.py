@@ -1,0 +1,46 @@
+"""CPU thread count and host memory settings for the model runner."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from app.model import cpu_threads, host_memory
+
+
+def test_thread_count_is_physical_cores_within_affinity_and_quota(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_threads, "_allowed_cpus", lambda: {0, 1, 2, 3})
+    # Two cores with two SMT siblings each.
+    monkeypatch.setattr(cpu_threads, "_physical_cores", lambda cpus: len(cpus) // 2)
+    monkeypatch.setattr(cpu_threads, "_cgroup_cpu_quota", lambda: None)
+    assert cpu_threads.default_num_threads() == 2
+    monkeypatch.setattr(cpu_threads, "_cgroup_cpu_quota", lambda: 1.5)  # 150% of a CPU
+    assert cpu_threads.default_num_threads() == 2
+    monkeypatch.setattr(cpu_threads, "_cgroup_cpu_quota", lambda: 0.5)
+    assert cpu_threads.default_num_threads() == 1
+
+
+def test_cgroup_v2_quota_is_read(monkeypatch, tmp_path):
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(cpu_threads, "_CGROUP_V2_CPU_MAX", cpu_max)
+    cpu_max.write_text("300000 100000\n")
+    assert cpu_threads._cgroup_cpu_quota() == 3.0
+    cpu_max.write_text("max 100000\n")
+    assert cpu_threads._cgroup_cpu_quota() is None
+
+
+def test_this_machine_gets_at_least_one_thread():
+    assert 1 <= cpu_threads.default_num_threads() <= (os.cpu_count() or 1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and madvise")
+def test_memory_advice_is_harmless():
+    host_memory.keep_freed_memory_in_heap()  # may be refused (musl): must not raise
+    big = torch.empty(8 << 20)  # 32 MiB: holds whole 2 MiB pages
+    host_memory.advise_huge_pages(big)
+    big.fill_(1.0)
+    assert big.sum().item() == big.numel()
+    assert host_memory.advise_huge_pages(torch.empty(16)) is False  # no whole huge page

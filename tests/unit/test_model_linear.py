@@ -1,0 +1,111 @@
+"""Linear kernels: same results as F.linear, row invariance, weight precision, fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.model.linear import (
+    KernelPlan,
+    Linear,
+    OneDnnLinearKernel,
+    RowInvariance,
+    TorchLinearKernel,
+    calibrate_min_rows,
+    cpu_kernel_plan,
+    kernel_plan,
+    onednn_available,
+    pad_rows,
+)
+
+CPU = torch.device("cpu")
+
+
+def make_linear(in_features=96, out_features=80, bias=True, seed=0) -> Linear:
+    generator = torch.Generator().manual_seed(seed)
+    layer = Linear(in_features, out_features, bias)
+    layer.weight.data = torch.randn(out_features, in_features, generator=generator)
+    if bias:
+        layer.bias.data = torch.randn(out_features, generator=generator)
+    return layer
+
+
+def reference(layer_weight, layer_bias, x):
+    return F.linear(x.double(), layer_weight.double(), layer_bias.double()).float()
+
+
+@pytest.mark.parametrize(
+    "weight_dtype, atol",
+    [(torch.float32, 1e-4), (torch.float16, 5e-2), (torch.bfloat16, 3e-1)],
+)
+def test_kernels_compute_the_linear_map(weight_dtype, atol):
+    layer = make_linear()
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    plan = cpu_kernel_plan(torch.float32, weight_dtype, batch_invariant=True)
+    layer.prepare_for_inference(plan, RowInvariance())
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(1))
+    out = layer(x)
+    assert out.dtype == torch.float32 and out.shape == (7, 80)
+    torch.testing.assert_close(out, reference(weight, bias, x), atol=atol, rtol=0.02)
+    assert layer(x[:1]).shape == (1, 80)  # a single row works (padded if needed)
+
+
+def test_fp32_on_cpu_uses_packed_onednn_and_drops_the_loaded_weight():
+    if not onednn_available(torch.float32):
+        pytest.skip("this torch build has no oneDNN linear")
+    layer = make_linear()
+    layer.prepare_for_inference(cpu_kernel_plan(torch.float32, None, True), RowInvariance())
+    assert isinstance(layer.kernel, OneDnnLinearKernel)
+    assert layer.weight is None  # the packed copy is the only one left
+
+
+def test_fp16_weights_use_torch_kernel_in_half_precision():
+    layer = make_linear()
+    layer.prepare_for_inference(
+        cpu_kernel_plan(torch.float32, torch.float16, True), RowInvariance()
+    )
+    assert isinstance(layer.kernel, TorchLinearKernel)
+    assert layer.kernel.weight.dtype == torch.float16 and layer.kernel.matmul_dtype == torch.float16
+    assert layer.weight is None
+
+
+def test_reference_plan_keeps_the_weight():
+    assert kernel_plan(CPU, torch.float32, None, True, kernels="reference") is None
+    with pytest.raises(ValueError, match="kernels"):
+        kernel_plan(CPU, torch.float32, None, True, kernels="fast")
+    layer = make_linear()
+    plan = KernelPlan(CPU, torch.float32, torch.float32, False, batch_invariant=False)
+    layer.prepare_for_inference(plan, RowInvariance())
+    assert layer.weight is not None and layer.kernel.min_rows == 1
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rows_have_the_same_bits_whatever_the_row_count(weight_dtype):
+    """The property batch invariance rests on: row r of x @ W^T never depends on M."""
+    layer = make_linear(576, 320, bias=False)
+    layer.prepare_for_inference(cpu_kernel_plan(torch.float32, weight_dtype, True), RowInvariance())
+    x = torch.randn(70, 576, generator=torch.Generator().manual_seed(2))
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(70)])
+    for num_rows in (2, 3, 5, 16, 33, 70):
+        assert torch.equal(layer(x[:num_rows]), alone[:num_rows]), num_rows
+
+
+def test_calibration_finds_where_a_kernel_stops_changing():
+    """A fake kernel whose first row changes below 4 rows (as MKL's gemv switch does)."""
+
+    def row_op(x):
+        out = x * 2.0
+        if x.shape[0] < 4:
+            out = out + 1e-3
+        return out
+
+    assert calibrate_min_rows(row_op, 8, CPU) == 4
+    assert calibrate_min_rows(lambda x: x * 2.0, 8, CPU) == 1
+
+
+def test_pad_rows():
+    x = torch.ones(2, 3)
+    assert pad_rows(x, 2) is x
+    padded = pad_rows(x, 4)
+    assert padded.shape == (4, 3) and padded[2:].abs().sum() == 0 and torch.equal(padded[:2], x)
