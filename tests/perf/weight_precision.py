@@ -1,0 +1,154 @@
+"""How much half-precision weights (`Settings.weight_dtype`) change greedy outputs vs fp32.
+
+Run: `.venv/bin/python -m tests.perf.weight_precision [--new-tokens 64]`
+
+Three numbers per weight dtype, over a fixed prompt set (chat questions and passages
+of 5 to 300 tokens), fp32 weights as the reference:
+- teacher-forced top-1 agreement: feed the fp32 greedy continuation to both models and
+  count positions where the argmax agrees (no divergence cascade: the cleanest number);
+- exact greedy match: prompts whose whole greedy continuation is identical;
+- mean tokens before the first greedy divergence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from app.config import load_settings
+from app.core import SamplingParams
+from app.engine.engine_core import EngineCore
+from app.tokenizer import Tokenizer
+from tests.engine.corpus import PASSAGE
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain why the sky is blue in two sentences.",
+    "List three prime numbers greater than 50.",
+    "Who wrote Pride and Prejudice?",
+    "Give me a short tip for learning to cook.",
+    "What is the boiling point of water at sea level?",
+    "Describe a cat to someone who has never seen one.",
+    "How do I reverse a list in Python?",
+    "Summarize the plot of Romeo and Juliet.",
+    "What are the three primary colors?",
+    "Why do we have seasons on Earth?",
+]
+SLICES = [(0, 5), (40, 33), (90, 64), (150, 121), (210, 200), (5, 287), (60, 17), (7, 150)]
+
+
+def prompt_set(tokenizer: Tokenizer) -> list[list[int]]:
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+    corpus = tokenizer.encode(PASSAGE)
+    return chats + [corpus[start : start + length] for start, length in SLICES]
+
+
+@dataclass
+class Agreement:
+    weight_dtype: str
+    teacher_forced_top1: float  # fraction of positions whose argmax equals fp32's
+    exact_greedy_match: float  # fraction of prompts with an identical continuation
+    mean_tokens_before_divergence: float
+    num_prompts: int
+    num_new_tokens: int
+
+
+def runner_for(model_dir, weight_dtype: str):
+    from app.model.runner import ModelRunner
+
+    settings = load_settings(
+        environ={},
+        model=model_dir,
+        device="cpu",
+        dtype="float32",
+        weight_dtype=weight_dtype,
+        kv_cache_gb=0.25,
+    )
+    return ModelRunner.from_settings(settings), settings
+
+
+def greedy(runner, settings, tokenizer, prompts: list[list[int]], num_new: int) -> list[list[int]]:
+    """All prompts through the engine together, greedy, EOS ignored."""
+    core = EngineCore(runner, tokenizer, settings)
+    params = SamplingParams(max_tokens=num_new, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        assert core.add_request(str(i), prompt, params) == []
+    outputs: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
+    while core.has_unfinished():
+        for delta in core.step():
+            assert delta.error is None, delta.error
+            outputs[delta.request_id].extend(delta.token_ids)
+    return [outputs[str(i)] for i in range(len(prompts))]
+
+
+def argmax_along(runner, token_ids: list[int], first: int) -> list[int]:
+    """Greedy choice at every position >= first - 1 of token_ids (one prefill, no cache reuse)."""
+    from tests.model.helpers import Chunk, NaiveBlockAllocator, model_logits
+
+    allocator = NaiveBlockAllocator(runner.num_blocks, runner.block_size)
+    table: list[int] = []
+    allocator.reserve(table, len(token_ids))
+    (logits,) = model_logits(runner.model, runner.kv_cache, [Chunk(token_ids, 0, table)])
+    return logits[first - 1 : -1].argmax(-1).tolist()
+
+
+def measure(model_dir, weight_dtypes: list[str], num_new: int) -> list[Agreement]:
+    tokenizer = Tokenizer(model_dir)
+    prompts = prompt_set(tokenizer)
+    reference_runner, settings = runner_for(model_dir, "float32")
+    reference = greedy(reference_runner, settings, tokenizer, prompts, num_new)
+    del reference_runner
+    results = []
+    for weight_dtype in weight_dtypes:
+        runner, settings = runner_for(model_dir, weight_dtype)
+        ours = greedy(runner, settings, tokenizer, prompts, num_new)
+        agree = total = 0
+        for prompt, continuation in zip(prompts, reference):
+            choices = argmax_along(runner, prompt + continuation, len(prompt))
+            agree += sum(a == b for a, b in zip(choices, continuation))
+            total += len(continuation)
+        prefixes = [_common_prefix(a, b) for a, b in zip(reference, ours)]
+        results.append(
+            Agreement(
+                weight_dtype=weight_dtype,
+                teacher_forced_top1=agree / total,
+                exact_greedy_match=sum(p == num_new for p in prefixes) / len(prompts),
+                mean_tokens_before_divergence=statistics.mean(prefixes),
+                num_prompts=len(prompts),
+                num_new_tokens=num_new,
+            )
+        )
+    return results
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def main() -> None:
+    from app.weights import default_model_dir
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--weight-dtypes", default="float16,bfloat16")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    for result in measure(default_model_dir(), args.weight_dtypes.split(","), args.new_tokens):
+        print(
+            f"{result.weight_dtype}: teacher-forced top-1 agreement "
+            f"{result.teacher_forced_top1:.1%}, exact greedy match "
+            f"{result.exact_greedy_match:.0%} of {result.num_prompts} prompts, "
+            f"{result.mean_tokens_before_divergence:.1f} of {result.num_new_tokens} tokens "
+            "before the first divergence"
+        )
+
+
+if __name__ == "__main__":
+    main()
