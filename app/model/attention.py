@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from app.model.kv_cache import write_kv
 
@@ -70,6 +71,7 @@ class AttentionMetadata:
     groups: list[AttentionGroup] = field(default_factory=list)  # in row order, covering 0..N
     min_query_rows: int = 1  # pad a group's query rows up to this (kernel invariance)
     num_decode_tokens: int = 0  # the first D rows are single-token sequences
+    backend: str = "bmm"  # "bmm": gather + two batched matmuls; "sdpa": fused kernel (CUDA)
 
 
 @dataclass
@@ -92,25 +94,32 @@ def build_attention_metadata(
     device: torch.device,
     batch_invariant: bool = True,
     min_query_rows: int = 1,
+    backend: str = "bmm",
+    mask_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, AttentionMetadata]:
     """Positions [N] and attention metadata of a batch, from host lists.
 
     query_lens[b]: new tokens of sequence b this step; context_lens[b]: tokens already
     cached; block_tables[b]: its block ids (must cover context + new tokens).
     Single-token sequences should come first, sorted by key bucket, so decode groups
-    are few; any order is correct.
+    are few; any order is correct. backend "sdpa" (CUDA) merges groups as when not
+    invariant: its fused kernel walks keys in fixed tiles, so masked padding adds
+    exact zeros (unverified on hardware: see docs/performance.md).
     """
+    if backend not in ("bmm", "sdpa"):
+        raise ValueError(f"unknown attention backend {backend!r}")
     spans, row = [], 0
     for num_new, num_context, table in zip(query_lens, context_lens, block_tables):
         spans.append(_SeqSpan(row, num_new, num_context, table))
         row += num_new
     positions, slots = _positions_and_slots(spans, block_size)
-    metadata = AttentionMetadata(slots.to(device), min_query_rows=min_query_rows)
+    metadata = AttentionMetadata(slots.to(device), min_query_rows=min_query_rows, backend=backend)
     num_decodes = 0
     while num_decodes < len(spans) and spans[num_decodes].num_new == 1:
         num_decodes += 1
     metadata.num_decode_tokens = num_decodes
-    plan = _GroupBuilder(block_size, num_blocks, num_kv_heads, device, batch_invariant)
+    per_bucket = batch_invariant and backend == "bmm"
+    plan = _GroupBuilder(block_size, num_blocks, num_kv_heads, device, per_bucket, mask_dtype)
     metadata.groups = plan.decode_groups(spans[:num_decodes])
     for span in spans[num_decodes:]:
         metadata.groups.extend(plan.prefill_groups(span))
@@ -137,10 +146,12 @@ class _GroupBuilder:
         num_kv_heads: int,
         device: torch.device,
         batch_invariant: bool,
+        mask_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.num_kv_heads = num_kv_heads
+        self.mask_dtype = mask_dtype
         self.device = device
         self.batch_invariant = batch_invariant
 
@@ -187,7 +198,7 @@ class _GroupBuilder:
             num_seqs=len(spans),
             num_keys=num_keys,
             kv_rows=self._kv_rows([s.block_table for s in spans], num_keys),
-            mask=mask[:, None, :].to(self.device),
+            mask=mask[:, None, :].to(self.device, self.mask_dtype),
             is_decode=True,
         )
 
@@ -203,7 +214,7 @@ class _GroupBuilder:
             num_seqs=1,
             num_keys=num_keys,
             kv_rows=self._kv_rows([span.block_table], num_keys),
-            mask=_additive_mask(visible)[:, None, :].to(self.device),
+            mask=_additive_mask(visible)[:, None, :].to(self.device, self.mask_dtype),
             is_decode=False,
         )
 
@@ -242,12 +253,14 @@ def paged_attention(
     """
     write_kv(layer_cache, new_kv, metadata.slot_mapping)
     num_tokens, num_heads, head_dim = query.shape
-    if len(metadata.groups) == 1:  # the common case: no scatter into a buffer
-        return _attend(query, layer_cache, metadata.groups[0], metadata.min_query_rows, scale)
-    out = query.new_empty(num_tokens, num_heads * head_dim)
+    attend = _attend_sdpa if metadata.backend == "sdpa" else _attend
+    if len(metadata.groups) == 1 and metadata.groups[0].row_end == num_tokens:
+        return attend(query, layer_cache, metadata.groups[0], metadata.min_query_rows, scale)
+    # Rows no group covers (a CUDA graph's padding) stay zero.
+    out = query.new_zeros(num_tokens, num_heads * head_dim)
     for group in metadata.groups:
         rows = slice(group.row_start, group.row_end)
-        out[rows] = _attend(query[rows], layer_cache, group, metadata.min_query_rows, scale)
+        out[rows] = attend(query[rows], layer_cache, group, metadata.min_query_rows, scale)
     return out
 
 
@@ -286,6 +299,43 @@ def _attend(
     if padded_rows != rows:
         out = out[:, :rows]
     if group.is_decode:  # items are (seq, head): already token-major
+        return out.reshape(num_queries, num_heads * head_dim)
+    out = out.view(num_kv_heads, num_queries, group_size, head_dim).transpose(0, 1)
+    return out.reshape(num_queries, num_heads * head_dim)
+
+
+def _attend_sdpa(
+    query: torch.Tensor,  # [T, num_heads, head_dim]: the group's rows
+    layer_cache: torch.Tensor,
+    group: AttentionGroup,
+    min_query_rows: int,
+    scale: float,
+) -> torch.Tensor:  # [T, num_heads * head_dim]
+    """The same groups through torch's fused attention (memory-efficient kernel on CUDA).
+
+    GQA without copies: a KV head's group_size query heads (decode) or T * group_size
+    query rows (prefill) act as that head's queries.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    num_queries, num_heads, head_dim = query.shape
+    num_kv_heads = layer_cache.shape[1]
+    group_size = num_heads // num_kv_heads
+    shape = (group.num_seqs, num_kv_heads, group.num_keys, head_dim)
+    keys = gather_blocks(layer_cache[0], group).view(shape)
+    values = gather_blocks(layer_cache[1], group).view(shape)
+    if group.is_decode:  # [n, kv heads, group_size, dim]; mask [n, 1, 1, L]
+        queries = query.view(group.num_seqs, num_kv_heads, group_size, head_dim)
+        mask = group.mask[:, None]
+    else:  # [1, kv heads, T * group_size, dim]; mask [1, 1, T * group_size, L]
+        by_head = query.view(num_queries, num_kv_heads, group_size, head_dim).transpose(0, 1)
+        queries = by_head.reshape(1, num_kv_heads, num_queries * group_size, head_dim)
+        mask = group.mask.expand(num_queries, group_size, group.num_keys)
+        mask = mask.reshape(1, 1, num_queries * group_size, group.num_keys)
+    backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(backends):
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+    if group.is_decode:
         return out.reshape(num_queries, num_heads * head_dim)
     out = out.view(num_kv_heads, num_queries, group_size, head_dim).transpose(0, 1)
     return out.reshape(num_queries, num_heads * head_dim)

@@ -33,6 +33,8 @@ class KVCache:
     """Keys and values of every layer, each [num_kv_heads, num_blocks, block_size, head_dim].
 
     Head-major, so one head's blocks of one sequence gather into a contiguous matrix.
+    One scratch block follows the `num_blocks` the scheduler hands out: padding rows of
+    a CUDA graph write their junk there.
     """
 
     def __init__(
@@ -45,9 +47,18 @@ class KVCache:
     ) -> None:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
-        self.num_blocks = num_blocks
+        self.num_blocks = num_blocks  # usable by sequences
+        self.scratch_block = num_blocks  # owned by nobody
+        self.num_allocated_blocks = num_blocks + 1
         self.block_size = block_size
-        shape = (config.num_layers, 2, config.num_kv_heads, num_blocks, block_size, config.head_dim)
+        shape = (
+            config.num_layers,
+            2,
+            config.num_kv_heads,
+            self.num_allocated_blocks,
+            block_size,
+            config.head_dim,
+        )
         # One allocation for everything; layers are views into it. Huge pages before the
         # first touch: decode gathers scattered blocks, which 4 KiB pages make TLB-bound.
         self._storage = torch.empty(shape, device=device, dtype=dtype)

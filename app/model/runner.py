@@ -19,9 +19,11 @@ import torch
 from app.config import Settings
 from app.core import SampleOutput, SamplingParams, ScheduledBatch, ScheduledSeq, Sequence
 from app.model.attention import build_attention_metadata, calibrate_min_query_rows, key_bucket
+from app.model.cache_sizing import num_cache_blocks
 from app.model.cpu_threads import default_num_threads
+from app.model.cuda_graphs import DecodeGraphs
 from app.model.host_memory import keep_freed_memory_in_heap
-from app.model.kv_cache import GIB, KVCache, bytes_per_block
+from app.model.kv_cache import GIB, KVCache
 from app.model.llama import LlamaForCausalLM
 from app.model.loader import ModelConfig, load_model, read_eos_token_ids
 from app.model.sampler import Sampler, SamplingRequest
@@ -81,6 +83,8 @@ class ModelRunner:
         seed: int = 0,
         batch_invariant: bool = True,
         num_threads: int | None = None,
+        cuda_graphs: bool = False,
+        max_num_seqs: int = 64,
     ) -> None:
         self.model = model
         self.config: ModelConfig = model.config
@@ -98,11 +102,33 @@ class ModelRunner:
         # OpenMP keeps the thread count per calling thread.
         self.num_threads = num_threads if self.device.type == "cpu" else None
         self._threads_set_in: int | None = None
-        self.min_query_rows = 1
-        if batch_invariant:
+        # CUDA: torch's fused attention kernel (same kernel eagerly and inside graphs).
+        self.attention_backend = "sdpa" if self.device.type == "cuda" else "bmm"
+        self.min_query_rows = 1  # for the "bmm" backend's batched matmuls
+        if batch_invariant and self.attention_backend == "bmm":
             self.min_query_rows = calibrate_min_query_rows(
                 self.device, self.dtype, self.config.head_dim
             )
+        self.decode_graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.enable_decode_graphs(max_num_seqs, use_cuda_graphs=True)
+
+    def enable_decode_graphs(self, max_batch: int, use_cuda_graphs: bool) -> None:
+        """Run decode-only steps through DecodeGraphs (use_cuda_graphs=False: its eager
+        twin, which tests use on the CPU)."""
+        self.attention_backend = "sdpa"
+        self.decode_graphs = DecodeGraphs(
+            self._forward_logits,
+            device=self.device,
+            dtype=self.dtype,
+            num_kv_heads=self.config.num_kv_heads,
+            block_size=self.block_size,
+            num_allocated_blocks=self.kv_cache.num_allocated_blocks,
+            scratch_block=self.kv_cache.scratch_block,
+            max_batch=max_batch,
+            max_model_len=self.max_model_len,
+            use_cuda_graphs=use_cuda_graphs,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelRunner:
@@ -132,7 +158,7 @@ class ModelRunner:
             weight_dtype=weight_dtype,
             batch_invariant=settings.batch_invariant,
         )
-        num_blocks = _num_cache_blocks(model, settings, device, dtype, max_model_len)
+        num_blocks = num_cache_blocks(model, settings, device, dtype, max_model_len)
         kv_cache = KVCache(config, num_blocks, settings.block_size, device, dtype)
         if num_blocks * settings.block_size < max_model_len:
             logger.warning(
@@ -155,6 +181,8 @@ class ModelRunner:
             seed=settings.seed,
             batch_invariant=settings.batch_invariant,
             num_threads=num_threads,
+            cuda_graphs=settings.cuda_graphs,
+            max_num_seqs=settings.max_num_seqs,
         )
 
     # --- the Runner protocol -------------------------------------------------------
@@ -165,36 +193,68 @@ class ModelRunner:
             return []
         self._apply_num_threads()
         flat = self._flatten(batch.seqs)
-        positions, metadata = build_attention_metadata(
-            flat.query_lens,
-            flat.context_lens,
-            flat.block_tables,
-            self.block_size,
-            self.num_blocks,
-            self.config.num_kv_heads,
-            self.device,
-            batch_invariant=self.batch_invariant,
-            min_query_rows=self.min_query_rows,
-        )
-        input_ids = torch.tensor(flat.input_ids, dtype=torch.int64).to(self.device)
-        last_rows, sampling = [], []  # flat row of each sampling sequence's last token
+        with torch.inference_mode():
+            if self._fits_decode_graph(flat):
+                logits = self.decode_graphs.run(
+                    flat.input_ids, flat.context_lens, flat.block_tables
+                )  # [B, vocab]: one row per sequence
+                return self._sample(batch, flat, logits, rows_are_sequences=True)
+            positions, metadata = build_attention_metadata(
+                flat.query_lens,
+                flat.context_lens,
+                flat.block_tables,
+                self.block_size,
+                self.kv_cache.num_allocated_blocks,
+                self.config.num_kv_heads,
+                self.device,
+                batch_invariant=self.batch_invariant,
+                min_query_rows=self.min_query_rows,
+                backend=self.attention_backend,
+                mask_dtype=self.dtype,
+            )
+            input_ids = torch.tensor(flat.input_ids, dtype=torch.int64).to(self.device)
+            hidden = self.model(input_ids, positions, metadata, self.kv_cache)  # [N, hidden]
+            return self._sample(batch, flat, hidden, rows_are_sequences=False)
+
+    def _sample(
+        self, batch: ScheduledBatch, flat: _FlatBatch, rows: torch.Tensor, rows_are_sequences: bool
+    ) -> list[SampleOutput | None]:
+        """Logits of the sampling sequences' last tokens, then the sampler.
+
+        rows: hidden states [N, hidden] of every token, or (decode graphs) logits
+        [B, vocab] of every sequence.
+        """
+        picked, sampling = [], []  # row of each sampling sequence, its index in the batch
         row_end = 0
         for position, index in enumerate(flat.order):
             row_end += flat.query_lens[position]
             if batch.seqs[index].sample:
-                last_rows.append(row_end - 1)
+                picked.append(position if rows_are_sequences else row_end - 1)
                 sampling.append(index)
         results: list[SampleOutput | None] = [None] * len(batch.seqs)
-        with torch.inference_mode():
-            hidden = self.model(input_ids, positions, metadata, self.kv_cache)  # [N, hidden]
-            if not sampling:
-                return results
-            rows = torch.tensor(last_rows, device=self.device)
-            logits = self.model.compute_logits(hidden[rows])  # [S, vocab]
-            requests = [_sampling_request(batch.seqs[i].seq) for i in sampling]
-            for index, output in zip(sampling, self.sampler(logits, requests)):
-                results[index] = output
+        if not sampling:
+            return results
+        if rows_are_sequences and len(picked) == rows.shape[0]:
+            logits = rows
+        else:
+            selected = rows[torch.tensor(picked, device=self.device)]
+            logits = selected if rows_are_sequences else self.model.compute_logits(selected)
+        requests = [_sampling_request(batch.seqs[i].seq) for i in sampling]
+        for index, output in zip(sampling, self.sampler(logits, requests)):  # [S, vocab]
+            results[index] = output
         return results
+
+    def _forward_logits(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, metadata
+    ) -> torch.Tensor:
+        """Model forward plus logits of every row: what a decode graph records."""
+        hidden = self.model(input_ids, positions, metadata, self.kv_cache)
+        return self.model.compute_logits(hidden)
+
+    def _fits_decode_graph(self, flat: _FlatBatch) -> bool:
+        if self.decode_graphs is None or any(n != 1 for n in flat.query_lens):
+            return False
+        return self.decode_graphs.supports(len(flat.query_lens), max(flat.context_lens) + 1)
 
     def release(self, seq_ids: SequenceOf[int]) -> None:
         """Nothing to forget: seeded sampling derives its noise from the output position."""
@@ -289,70 +349,3 @@ def _token_slice(seq: Sequence, start: int, end: int) -> list[int]:
 
 def _sampling_request(seq: Sequence) -> SamplingRequest:
     return SamplingRequest(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.index)
-
-
-# --- cache sizing ----------------------------------------------------------------------
-
-
-def _num_cache_blocks(
-    model: LlamaForCausalLM,
-    settings: Settings,
-    device: torch.device,
-    dtype: torch.dtype,
-    max_model_len: int,
-) -> int:
-    """CPU: kv_cache_gb (GiB). CUDA: what gpu_memory_utilization leaves after a profiling pass."""
-    if device.type == "cuda" and settings.num_gpu_blocks_override:
-        return settings.num_gpu_blocks_override
-    per_block = bytes_per_block(model.config, settings.block_size, dtype)
-    if device.type == "cuda":
-        budget = _cuda_cache_budget_bytes(model, settings, device, dtype, max_model_len)
-    else:
-        budget = settings.kv_cache_gb * GIB
-    num_blocks = int(budget // per_block)
-    if num_blocks < 1:
-        raise RuntimeError(
-            f"no memory left for the KV cache (budget {budget / GIB:.2f} GiB, "
-            f"{per_block} bytes per block): raise kv_cache_gb or gpu_memory_utilization"
-        )
-    return num_blocks
-
-
-def _cuda_cache_budget_bytes(
-    model: LlamaForCausalLM,
-    settings: Settings,
-    device: torch.device,
-    dtype: torch.dtype,
-    max_model_len: int,
-) -> float:
-    """Run the largest step we will ever run, then give the cache what is left."""
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    num_tokens = min(settings.max_num_batched_tokens, max_model_len)
-    scratch = KVCache(
-        model.config, -(-num_tokens // settings.block_size), settings.block_size, device, dtype
-    )
-    positions, metadata = build_attention_metadata(
-        [num_tokens],
-        [0],
-        [list(range(scratch.num_blocks))],
-        settings.block_size,
-        scratch.num_blocks,
-        model.config.num_kv_heads,
-        device,
-        batch_invariant=settings.batch_invariant,
-    )
-    num_logit_rows = min(settings.max_num_seqs, num_tokens)
-    with torch.inference_mode():
-        hidden = model(
-            torch.zeros(num_tokens, dtype=torch.int64, device=device), positions, metadata, scratch
-        )
-        model.compute_logits(hidden[:num_logit_rows]).float().softmax(-1)
-    torch.cuda.synchronize(device)
-    peak_bytes = torch.cuda.max_memory_allocated(device)
-    del scratch, hidden, metadata
-    torch.cuda.empty_cache()
-    activation_bytes = peak_bytes - torch.cuda.memory_allocated(device)
-    free_bytes, total_bytes = torch.cuda.mem_get_info(device)
-    used_bytes = total_bytes - free_bytes  # our weights, CUDA context, other processes
-    return total_bytes * settings.gpu_memory_utilization - used_bytes - activation_bytes

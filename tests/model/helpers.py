@@ -107,9 +107,11 @@ def model_logits(model, cache: KVCache, chunks: list[Chunk]) -> list[torch.Tenso
         [c.num_context for c in chunks],
         [c.block_table for c in chunks],
         cache.block_size,
-        cache.num_blocks,
+        cache.num_allocated_blocks,
         model.config.num_kv_heads,
         device,
+        backend="sdpa" if device.type == "cuda" else "bmm",
+        mask_dtype=model.embed_tokens.weight.dtype,
     )
     input_ids = torch.tensor([t for c in chunks for t in c.token_ids], device=device)
     with torch.inference_mode():

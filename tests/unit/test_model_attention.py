@@ -75,8 +75,10 @@ class World:
         return list(out.view(-1, NUM_HEADS, HEAD_DIM).split(query_lens))
 
 
-@pytest.mark.parametrize("batch_invariant", [True, False])
-def test_mixed_batch_matches_dense_attention(batch_invariant):
+@pytest.mark.parametrize(
+    "batch_invariant, backend", [(True, "bmm"), (False, "bmm"), (True, "sdpa")]
+)
+def test_mixed_batch_matches_dense_attention(batch_invariant, backend):
     """Decodes (different context lengths), a chunk after a prefix, and a fresh prefill."""
     # (context already cached, new tokens): decodes first, as the runner orders them.
     shapes = [(9, 1), (1, 1), (70, 1), (20, 1), (7, 6), (0, 11), (60, 30)]
@@ -84,7 +86,7 @@ def test_mixed_batch_matches_dense_attention(batch_invariant):
     for seq, (context, _) in enumerate(shapes):
         world.fill(seq, context)
     work = [(seq, c, n) for seq, (c, n) in enumerate(shapes)]
-    outputs = world.step(work, batch_invariant=batch_invariant, min_query_rows=4)
+    outputs = world.step(work, batch_invariant=batch_invariant, min_query_rows=4, backend=backend)
     for seq, ((context, _), out) in enumerate(zip(shapes, outputs)):
         expected = reference_attention(
             world.queries[seq][context:], world.keys[seq], world.values[seq], context
