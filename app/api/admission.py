@@ -257,6 +257,39 @@ class TrackedStream:
                 self._waiter = None
         return await self._expired_delta()
 
+    @property
+    def supports_batches(self) -> bool:
+        return callable(getattr(self._inner, "next_batch", None))
+
+    async def next_batch(self, timeout_s: float | None = None) -> list[TokenDelta]:
+        """The inner stream's next_batch (see RequestStream), or every choice's expiry."""
+        if self._expiry is None:
+            task = asyncio.current_task()
+            self._waiter = task
+            try:
+                batch = await self._inner.next_batch(timeout_s)
+            except asyncio.CancelledError:
+                if not self._cancelled_by_expiry or _uncancel(task) > 0:
+                    raise
+            else:
+                if batch:
+                    self._ticket.mark_started()
+                for delta in batch:
+                    if delta.finished:
+                        self._ended.add(delta.index)
+                return batch
+            finally:
+                self._waiter = None
+        expired = []
+        while True:
+            try:
+                expired.append(await self._expired_delta())
+            except StopAsyncIteration:
+                break
+        if not expired:
+            raise StopAsyncIteration
+        return expired
+
     async def _expired_delta(self) -> TokenDelta:
         await self._inner.aclose()  # aborts the engine request if it has not finished
         assert self._expiry is not None

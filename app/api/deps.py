@@ -28,11 +28,13 @@ def model_route_dependencies(settings: Settings) -> list[Any]:
     return [Depends(admit_generation)]
 
 
-def get_state(request: Request) -> ServerState:
+# Both are `async def` although they never wait: FastAPI runs a plain `def` dependency
+# in its thread pool, two thread hops per request for a dictionary lookup.
+async def get_state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def get_serving(state: Annotated[ServerState, Depends(get_state)]) -> Serving:
+async def get_serving(state: Annotated[ServerState, Depends(get_state)]) -> Serving:
     """The loaded model and engine, or a 503 saying why there are none right now."""
     if not state.readiness.is_ready or state.serving is None:
         raise service_unavailable(

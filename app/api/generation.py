@@ -94,6 +94,13 @@ class UsageTally:
             self.cached_tokens += delta.usage.cached_tokens
 
 
+def _reads_batches(stream: RequestStream) -> bool:
+    supports = getattr(stream, "supports_batches", None)
+    if supports is not None:
+        return bool(supports)
+    return callable(getattr(stream, "next_batch", None))
+
+
 class Generation:
     """The engine streams of one HTTP request, read as one merged stream."""
 
@@ -128,16 +135,49 @@ class Generation:
             message = str(exc) or "the engine is not running"
             raise service_unavailable(message, code="engine_dead") from None
         self._observer = GenerationObserver(prompts, n)  # metrics and the access log
+        self._num_finished = 0
+        # One stream with batches: read it directly (next_batch); else merge with futures.
+        self._batched = len(self._streams) == 1 and _reads_batches(self._streams[0])
+
+    @property
+    def finished(self) -> bool:
+        """Every choice has delivered its final delta."""
+        return self._num_finished >= self.num_choices
 
     def _schedule(self, prompt_index: int) -> None:
         future = asyncio.ensure_future(self._streams[prompt_index].__anext__())
         self._pending[future] = prompt_index
+
+    def _seen(self, prompt_index: int, delta: TokenDelta) -> tuple[int, TokenDelta]:
+        """Account for one delta (usage, metrics); returns it with its choice index."""
+        choice_index = prompt_index * self.n + delta.index
+        if delta.finished:
+            self._num_finished += 1
+            self.usage.add_final(delta, first_of_prompt=delta.index == 0)
+        self._observer.on_delta(choice_index, delta)
+        return choice_index, delta
+
+    async def next_batch(self, timeout_s: float | None = None) -> list[tuple[int, TokenDelta]]:
+        """Every delta ready now as (choice index, delta), waiting for at least one;
+        [] when `timeout_s` passed first. Raises StopAsyncIteration at the end.
+
+        One engine stream that can hand over batches (the common case: one prompt, any
+        n) is read directly: no task, no future per delta, and the deltas of one engine
+        step come back together so the caller can write them in one frame.
+        """
+        if self._batched:
+            deltas = await self._streams[0].next_batch(timeout_s)
+            return [self._seen(0, delta) for delta in deltas]
+        item = await self.next_delta(timeout_s)
+        return [] if item is None else [item]
 
     async def next_delta(self, timeout_s: float | None = None) -> tuple[int, TokenDelta] | None:
         """The next delta as (choice index, delta); None when `timeout_s` passed first.
 
         Raises StopAsyncIteration when every engine stream has ended.
         """
+        if self._batched:
+            raise TypeError("this generation is read with next_batch")
         if not self._started and not self._closed:
             self._started = True
             for prompt_index in range(len(self._streams)):
@@ -155,10 +195,7 @@ class Generation:
             except StopAsyncIteration:
                 continue  # that prompt's stream is over; wait for the others
             self._schedule(prompt_index)
-            if delta.finished:
-                self.usage.add_final(delta, first_of_prompt=delta.index == 0)
-            self._observer.on_delta(prompt_index * self.n + delta.index, delta)
-            return prompt_index * self.n + delta.index, delta
+            return self._seen(prompt_index, delta)
         raise StopAsyncIteration
 
     async def collect(self) -> list[ChoiceResult]:
@@ -166,14 +203,13 @@ class Generation:
         results = [ChoiceResult(index=i) for i in range(self.num_choices)]
         while True:
             try:
-                item = await self.next_delta()
+                batch = await self.next_batch()
             except StopAsyncIteration:
                 return results
-            assert item is not None  # no timeout given
-            choice_index, delta = item
-            if is_failure(delta):
-                raise engine_failure(delta)
-            results[choice_index].add(delta)
+            for choice_index, delta in batch:
+                if is_failure(delta):
+                    raise engine_failure(delta)
+                results[choice_index].add(delta)
 
     async def aclose(self) -> None:
         """Stop reading and close every engine stream (aborting unfinished requests).

@@ -46,6 +46,7 @@ from app.api.schemas import (
     CompletionResponse,
 )
 from app.api.sse import DONE, EventStreamResponse, pump_events, sse_event
+from app.api.stream_frames import ChatFrames, CompletionFrames
 from app.core import TokenDelta
 
 router = APIRouter(tags=["OpenAI"])
@@ -178,23 +179,25 @@ def _completion_events(
             offsets[index] = len(text)
             yield chunk([CompletionChunkChoice(index=index, text=text)])
 
+    frames = CompletionFrames(header.id, header.created, header.model)
+
     def render(index: int, delta: TokenDelta) -> Iterable[bytes]:
         logprobs = None
         if want_logprobs and delta.logprobs:
             logprobs, offsets[index] = completion_logprobs(delta.logprobs, offsets[index])
         if not (delta.text or logprobs or delta.finished):
-            return  # text held back (half a character, a possible stop string)
-        yield chunk(
-            [
-                CompletionChunkChoice(
-                    index=index,
-                    text=delta.text,
-                    logprobs=logprobs,
-                    finish_reason=finish_name(delta.finish_reason),
-                    stop_reason=delta.stop_reason,
-                )
-            ]
+            return ()  # text held back (half a character, a possible stop string)
+        finish = finish_name(delta.finish_reason)
+        if logprobs is None:  # the common case: a template, no pydantic model
+            return (frames.text(index, delta.text, finish, delta.stop_reason),)
+        choice = CompletionChunkChoice(
+            index=index,
+            text=delta.text,
+            logprobs=logprobs,
+            finish_reason=finish,
+            stop_reason=delta.stop_reason,
         )
+        return (chunk([choice]),)
 
     def closing() -> Iterable[bytes]:
         if include_usage:
@@ -288,21 +291,23 @@ def _chat_events(
         for index in range(generation.num_choices)
     ]
 
+    frames = ChatFrames(header.id, header.created, header.model)
+
     def render(index: int, delta: TokenDelta) -> Iterable[bytes]:
         logprobs = chat_logprobs(delta.logprobs) if want_logprobs and delta.logprobs else None
         if not (delta.text or logprobs or delta.finished):
-            return
-        yield chunk(
-            [
-                ChatChunkChoice(
-                    index=index,
-                    delta=ChatDelta(content=delta.text or None),
-                    logprobs=logprobs,
-                    finish_reason=finish_name(delta.finish_reason),
-                    stop_reason=delta.stop_reason,
-                )
-            ]
+            return ()
+        finish = finish_name(delta.finish_reason)
+        if logprobs is None:  # the common case: a template, no pydantic model
+            return (frames.content(index, delta.text or None, finish, delta.stop_reason),)
+        choice = ChatChunkChoice(
+            index=index,
+            delta=ChatDelta(content=delta.text or None),
+            logprobs=logprobs,
+            finish_reason=finish,
+            stop_reason=delta.stop_reason,
         )
+        return (chunk([choice]),)
 
     def closing() -> Iterable[bytes]:
         if include_usage:

@@ -29,6 +29,7 @@ from app.api.schemas_tgi import (
 )
 from app.api.sse import EventStreamResponse, pump_events, sse_event
 from app.api.state import Serving
+from app.api.stream_frames import tgi_token_frame
 from app.core import FinishReason, SamplingParams, TokenDelta, TokenLogprob
 from app.tokenizer import Tokenizer
 
@@ -165,10 +166,18 @@ class TokenEvents:
             text = self.carry + delta.text if last else ""
             if last:
                 self.carry = ""
-            token = _token(token_id, text, entry.logprob if entry else None, self.tokenizer)
-            top = _top_tokens(entry, self.tokenizer) if self.job.num_top_tokens else None
             self.last_token_id = token_id
-            yield self._event(token, top, delta if last and delta.finished else None)
+            logprob = entry.logprob if entry else None
+            final = delta if last and delta.finished else None
+            if final is None and not self.job.num_top_tokens:  # the common case: a template
+                self.num_events += 1
+                special = self.tokenizer.is_special(token_id)
+                logprob = None if logprob is None else finite(logprob)
+                yield tgi_token_frame(self.num_events, token_id, text, logprob, special)
+                continue
+            token = _token(token_id, text, logprob, self.tokenizer)
+            top = _top_tokens(entry, self.tokenizer) if self.job.num_top_tokens else None
+            yield self._event(token, top, final)
 
     def _event(
         self, token: TGIToken, top: list[TGIToken] | None, final: TokenDelta | None

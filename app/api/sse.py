@@ -87,30 +87,42 @@ async def pump_events(
 ) -> AsyncIterator[bytes]:
     """The frames of one streamed answer; the route supplies how to render each delta.
 
-    Silences longer than `keepalive_s` get a comment frame. A choice that fails in the
-    engine, or a bug while rendering, ends the stream with an error event and [DONE].
-    The generation is always closed, so a client that leaves aborts its request.
+    Every delta that is ready when the generation is read (one engine step's worth, or
+    more when we fell behind) is rendered into one chunk, so the response makes one
+    socket write per step instead of one per token; the last step's chunk also carries
+    the closing frames. Silences longer than `keepalive_s` get a comment frame. A choice
+    that fails in the engine, or a bug while rendering, ends the stream with an error
+    event and [DONE]. The generation is always closed, so a client that leaves aborts
+    its request.
     """
     try:
-        for frame in opening:
-            yield frame
+        frames = list(opening)
+        if frames:
+            yield b"".join(frames)
         while True:
             try:
-                item = await generation.next_delta(keepalive_s)
+                batch = await generation.next_batch(keepalive_s)
             except StopAsyncIteration:
                 break
-            if item is None:
+            if not batch:
                 yield KEEPALIVE
                 continue
-            choice_index, delta = item
-            if is_failure(delta):
-                yield sse_error(engine_failure(delta), error_extra)
-                yield DONE
-                return
-            for frame in render(choice_index, delta):
-                yield frame
-        for frame in closing():
-            yield frame
+            frames = []
+            for choice_index, delta in batch:
+                if is_failure(delta):
+                    frames.append(sse_error(engine_failure(delta), error_extra))
+                    frames.append(DONE)
+                    yield b"".join(frames)
+                    return
+                frames.extend(render(choice_index, delta))
+            if generation.finished:
+                frames.extend(closing())
+                closing = _nothing  # already written
+            if frames:
+                yield b"".join(frames)
+        frames = list(closing())
+        if frames:
+            yield b"".join(frames)
     except Exception:
         logger.exception("stream %s failed", generation.request_id)
         report_failure("error")
@@ -118,3 +130,7 @@ async def pump_events(
         yield DONE
     finally:
         await generation.aclose()
+
+
+def _nothing() -> Iterable[bytes]:
+    return ()

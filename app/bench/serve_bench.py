@@ -6,12 +6,18 @@ output length (ignore_eos), for a sweep of concurrencies. Reports output tokens/
 requests/s, TTFT, inter-token and end-to-end latency percentiles and errors; writes
 JSON and a PNG plot. `--spawn` starts lamina itself; `--baseline transformers` also
 starts a static-batching transformers server and measures it in the same run.
+
+`--long-prompt-len L` adds, at every level, open-loop arrivals of long-prompt requests
+(`--long-prompt-rate` per second, `--long-output-len` tokens each) while the closed-loop
+streams run: the streams' ITL p99 then shows how much prefill work stalls decoding, and
+the long requests' own TTFT is reported apart.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +43,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--baseline", choices=["none", "transformers"], default="none")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     parser.add_argument("--timeout-s", type=float, default=600.0)
+    parser.add_argument("--long-prompt-len", type=int, default=0, help="0: no long prompts")
+    parser.add_argument("--long-prompt-rate", type=float, default=0.5, help="arrivals per s")
+    parser.add_argument("--long-output-len", type=int, default=8)
     return parser.parse_args(argv)
 
 
@@ -61,6 +70,35 @@ async def _client_loop(
         progress.update(1)
 
 
+async def _long_prompt_arrivals(
+    client: httpx.AsyncClient, url: str, bodies: list[dict], rate_per_s: float, stop, records
+) -> None:
+    """Open loop: send bodies[i % len] every 1/rate s until `stop` is set; wait for all."""
+    in_flight: list[asyncio.Task] = []
+
+    async def one(body: dict) -> None:
+        records.append(await stream_one(client, url, body))
+
+    index = 0
+    while not stop.is_set():
+        in_flight.append(asyncio.ensure_future(one(bodies[index % len(bodies)])))
+        index += 1
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0 / rate_per_s)
+    await asyncio.gather(*in_flight)
+
+
+def _start_long_prompts(client, url, model, concurrency, args, stop, records):
+    """The --long-prompt-len arrivals as a task (None when off)."""
+    if not getattr(args, "long_prompt_len", 0):
+        return None
+    prompts = seeded_prompts(8, args.long_prompt_len, args.seed + 1000 + concurrency)
+    bodies = [completion_body(model, p, args.long_output_len) for p in prompts]
+    return asyncio.ensure_future(
+        _long_prompt_arrivals(client, url, bodies, args.long_prompt_rate, stop, records)
+    )
+
+
 async def run_level(
     base_url: str, model: str, concurrency: int, args: argparse.Namespace
 ) -> LevelSummary:
@@ -71,16 +109,26 @@ async def run_level(
     prompts = seeded_prompts(total, args.prompt_len, args.seed + concurrency)
     bodies = [completion_body(model, p, args.output_len) for p in prompts]
     records: list[RequestRecord] = []
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    longs: list[RequestRecord] = []  # --long-prompt-len requests
+    long_len = getattr(args, "long_prompt_len", 0)
+    limits = httpx.Limits(max_connections=concurrency + 4 + (64 if long_len else 0))
     timeout = httpx.Timeout(args.timeout_s, connect=30.0)
     url = f"{base_url}/v1/completions"
     with tqdm(total=total, desc=f"concurrency {concurrency:>3}", unit="req", leave=False) as bar:
         async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+            stop = asyncio.Event()
+            arrivals = _start_long_prompts(client, url, model, concurrency, args, stop, longs)
             start = time.perf_counter()
             shares = [bodies[i::concurrency] for i in range(concurrency)]
             await asyncio.gather(*(_client_loop(client, url, s, records, bar) for s in shares))
             elapsed = time.perf_counter() - start
-    return summarize(concurrency, records, elapsed)
+            stop.set()
+            if arrivals is not None:
+                await arrivals
+    summary = summarize(concurrency, records, elapsed)
+    if long_len:
+        summary.add_long_prompts(longs)
+    return summary
 
 
 async def _first_model(base_url: str) -> str:
@@ -98,12 +146,16 @@ async def sweep(name: str, base_url: str, args: argparse.Namespace) -> ServerRun
         base_url,
         model,
         1,
-        argparse.Namespace(**{**vars(args), "output_len": 4, "requests_per_client": 1}),
+        argparse.Namespace(
+            **{**vars(args), "output_len": 4, "requests_per_client": 1, "long_prompt_len": 0}
+        ),
     )
     summaries = []
     for level in levels:
         summary = await run_level(base_url, model, level, args)
         print(f"{name:>12} {summary.table_row()}", flush=True)
+        if summary.num_long_requests:
+            print(f"{'':>12} {summary.long_prompts_row()}", flush=True)
         summaries.append(summary)
     return ServerRun(name, summaries)
 

@@ -36,6 +36,29 @@ class LevelSummary:
     e2e_p90_s: float | None
     e2e_p99_s: float | None
     first_error: str | None = None
+    # Open-loop long-prompt requests (--long-prompt-len), apart from the streams above.
+    num_long_requests: int = 0
+    num_long_errors: int = 0
+    long_ttft_p50_s: float | None = None
+    long_ttft_p99_s: float | None = None
+
+    def add_long_prompts(self, records: list[RequestRecord]) -> None:
+        ok = [r for r in records if r.ok]
+        ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+        self.num_long_requests = len(records)
+        self.num_long_errors = len(records) - len(ok)
+        self.long_ttft_p50_s = percentile(ttft, 50)
+        self.long_ttft_p99_s = percentile(ttft, 99)
+
+    def long_prompts_row(self) -> str:
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v * 1000:.0f}"
+
+        return (
+            f"  + {self.num_long_requests} long-prompt requests: TTFT p50/p99 "
+            f"{ms(self.long_ttft_p50_s)}/{ms(self.long_ttft_p99_s)} ms, "
+            f"{self.num_long_errors} errors"
+        )
 
     @staticmethod
     def table_header() -> str:

@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from app.core import SamplingParams, TokenDelta
 from app.engine.engine_core import EngineCore, EngineStats, StepStats
 from app.engine.protocol import Runner, TokenizerLike
 from app.engine.request_stream import RequestStream
+from app.engine.scheduler import prefill_cap_from
 
 logger = logging.getLogger("lamina.engine")
 
@@ -60,6 +60,8 @@ class Engine:
 
     def __init__(self, runner: Runner, tokenizer: TokenizerLike, settings: Settings) -> None:
         self.core = EngineCore(runner, tokenizer, settings)
+        # TODO(config): Settings.max_prefill_tokens_while_decoding, passed by EngineCore.
+        self.core.scheduler.max_prefill_tokens_while_decoding = prefill_cap_from(settings)
         self.settings = settings
         self.max_model_len = runner.max_model_len
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -194,20 +196,19 @@ class Engine:
                 )
 
     def _deliver(self, deltas: list[TokenDelta]) -> None:
+        """Hand a step's deltas to the event loop: one callback (one wake-up) per step.
+
+        Never waits for the loop: call_soon_threadsafe only queues the callback."""
         if not deltas or self._loop is None:
             return
-        by_request: dict[str, list[TokenDelta]] = defaultdict(list)
-        for delta in deltas:
-            by_request[delta.request_id].append(delta)
         # A closed loop means nobody is listening any more.
         with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._push_all, by_request)
+            self._loop.call_soon_threadsafe(self._push_all, deltas)
 
     # ------------------------------------------------------------- event loop
-    def _push_all(self, by_request: dict[str, list[TokenDelta]]) -> None:
-        for request_id, deltas in by_request.items():
-            stream = self._streams.get(request_id)
-            if stream is None:
-                continue
-            if any([stream.push(delta) for delta in deltas]):
-                self._streams.pop(request_id, None)
+    def _push_all(self, deltas: list[TokenDelta]) -> None:
+        streams = self._streams
+        for delta in deltas:
+            stream = streams.get(delta.request_id)
+            if stream is not None and stream.push(delta):  # its last choice ended
+                del streams[delta.request_id]

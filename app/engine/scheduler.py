@@ -13,6 +13,15 @@ they grow: the most recently admitted running sequence gives its blocks back and
 recomputed later from prompt + output (its full blocks usually survive in the prefix
 cache, so recomputing is cheap).
 
+Decodes come first. While some sequence is decoding (it needs one token per step),
+the prompt tokens a step computes are capped at `max_prefill_tokens_while_decoding`:
+a step's duration grows with its tokens, and every decoding stream waits for the whole
+step, so a 512-token prefill chunk would stall every stream's next token for the time
+of ~512 tokens. Capped, a long prompt is computed over more (short) steps: its first
+token comes later, the streams already running keep a flat inter-token latency. A
+prefill chunk of a sequence listed before decoding ones never takes the budget those
+decodes need. With nobody decoding (start-up, bursts), prefill gets the whole budget.
+
 A sequence that cannot fit even in the whole cache is failed instead of blocking
 everyone: it is finished with FinishReason.ERROR, its blocks freed, and returned once by
 `pop_failed()` so the engine can tell its caller.
@@ -47,6 +56,48 @@ class SeqUpdate:
     stop_reason: int | None  # the stop_token_ids entry that matched, if any
 
 
+# A step computes at most this many prompt tokens while sequences are decoding, unless
+# Settings.max_prefill_tokens_while_decoding says otherwise (see prefill_cap_from).
+DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING = 256
+
+
+def prefill_cap_from(settings: object) -> int | None:
+    """The prefill cap a Settings object asks for (None: no cap), or the default."""
+    return getattr(
+        settings, "max_prefill_tokens_while_decoding", DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING
+    )
+
+
+def is_decoding(seq: Sequence) -> bool:
+    """Past its prompt, with one token to compute: it samples its next token this step."""
+    return bool(seq.output_token_ids) and seq.num_tokens - seq.num_computed_tokens == 1
+
+
+class _StepBudget:
+    """The tokens one step may still schedule: `total` for everything, `prefill` for
+    prompt (or recompute) chunks. Decodes not yet scheduled keep their token reserved,
+    so a prefill chunk listed before them cannot take it."""
+
+    def __init__(self, max_num_batched_tokens: int, running: list[Sequence]) -> None:
+        self.total = max_num_batched_tokens
+        self.prefill = max_num_batched_tokens
+        self.num_decodes_left = sum(1 for seq in running if is_decoding(seq))
+
+    def grant(self, seq: Sequence, decoding: bool) -> int:
+        """How many of seq's uncomputed tokens this step can take."""
+        num_left = seq.num_tokens - seq.num_computed_tokens
+        if decoding:
+            return min(num_left, self.total)
+        available = min(self.prefill, self.total - self.num_decodes_left)
+        return min(num_left, available)
+
+    def spend(self, num_tokens: int, decoding: bool) -> None:
+        self.total -= num_tokens
+        if decoding:
+            self.num_decodes_left -= 1
+        self.prefill = min(self.prefill if decoding else self.prefill - num_tokens, self.total)
+
+
 class Scheduler:
     """Decides, step by step, which sequences advance and by how many tokens."""
 
@@ -58,12 +109,18 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: frozenset[int],
+        max_prefill_tokens_while_decoding: int | None = None,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
+        cap = max_prefill_tokens_while_decoding
+        if cap is not None and cap < 1:
+            raise ValueError("max_prefill_tokens_while_decoding must be at least 1 (or None)")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # None: prefill may take whatever the decodes leave of the step's token budget.
+        self.max_prefill_tokens_while_decoding = cap
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.stop_criteria = default_criteria(self.eos_token_ids, max_model_len)
@@ -120,10 +177,13 @@ class Scheduler:
     # ----------------------------------------------------------------- schedule
     def schedule(self) -> ScheduledBatch:
         """Plan one step under the token and sequence budgets; may preempt and fail seqs."""
-        budget = self.max_num_batched_tokens
+        budget = _StepBudget(self.max_num_batched_tokens, self.running)
+        cap = self.max_prefill_tokens_while_decoding
+        if cap is not None and budget.num_decodes_left > 0:
+            budget.prefill = min(budget.prefill, cap)
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
-        budget = self._schedule_running(budget, scheduled, preempted)
+        self._schedule_running(budget, scheduled, preempted)
         # Admitting right after preempting would hand the freed blocks to a newcomer and
         # preempt again next step; let the running ones grow first.
         if not preempted:
@@ -132,22 +192,25 @@ class Scheduler:
         return ScheduledBatch(seqs=scheduled, num_batched_tokens=num_tokens, preempted=preempted)
 
     def _schedule_running(
-        self, budget: int, scheduled: list[ScheduledSeq], preempted: list[Sequence]
-    ) -> int:
+        self, budget: _StepBudget, scheduled: list[ScheduledSeq], preempted: list[Sequence]
+    ) -> None:
         index = 0
-        while index < len(self.running) and budget > 0:
+        while index < len(self.running) and budget.total > 0:
             seq = self.running[index]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if num_new <= 0:  # nothing to compute (cannot happen after update; be safe)
+            decoding = is_decoding(seq)
+            num_new = budget.grant(seq, decoding)
+            if num_new <= 0:  # nothing to compute, or no prefill budget left this step
                 index += 1
                 continue
+            num_preempted = len(preempted)
             if not self._make_room(seq, num_new, preempted):
                 break  # seq itself left the running list, and it was the last one
+            if len(preempted) > num_preempted:  # victims may have been decoding
+                budget.num_decodes_left = sum(1 for s in self.running[index:] if is_decoding(s))
             self.block_manager.append_slots(seq, num_new)
             scheduled.append(self._scheduled(seq, num_new))
-            budget -= num_new
+            budget.spend(num_new, decoding)
             index += 1
-        return budget
 
     def _make_room(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
         """Preempt the most recently admitted sequences until seq can grow by num_new.
@@ -167,10 +230,10 @@ class Scheduler:
                 return False
         return True
 
-    def _schedule_waiting(self, budget: int, scheduled: list[ScheduledSeq]) -> None:
+    def _schedule_waiting(self, budget: _StepBudget, scheduled: list[ScheduledSeq]) -> None:
         manager = self.block_manager
         for seq in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+            if budget.prefill <= 0 or len(self.running) >= self.max_num_seqs:
                 return
             if not self._dependency_ready(seq):
                 continue  # its prompt's blocks are still being computed by a sibling
@@ -180,13 +243,13 @@ class Scheduler:
                 continue
             cached_block_ids = manager.match_prefix(seq)
             num_cached = len(cached_block_ids) * manager.block_size
-            num_new = min(seq.num_tokens - num_cached, budget)
+            num_new = min(seq.num_tokens - num_cached, budget.prefill)
             if not manager.can_allocate(seq, num_cached + num_new, cached_block_ids):
                 return  # FIFO: nobody overtakes the head for blocks
             manager.allocate(seq, num_cached + num_new, cached_block_ids)
             self._admit(seq, num_cached)
             scheduled.append(self._scheduled(seq, num_new))
-            budget -= num_new
+            budget.spend(num_new, decoding=False)
 
     def _dependency_ready(self, seq: Sequence) -> bool:
         """n > 1: wait until the sibling computed the shared prompt (or finished)."""
