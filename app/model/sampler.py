@@ -69,6 +69,7 @@ class Sampler:
         if logits.shape[0] != len(requests):
             raise ValueError(f"{logits.shape[0]} rows of logits for {len(requests)} requests")
         logits = logits.float()
+        _reject_nan_rows(logits)
         wants_logprobs = _rows(requests, lambda r: r.params.logprobs is not None)
         raw_logprobs = None
         if wants_logprobs:
@@ -299,13 +300,32 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
 
     probs [R, vocab] (need not sum to exactly 1), uniforms [R] in [0, 1) -> ids [R].
     """
+    # Defence in depth: a row with no usable mass must still yield an id in the vocabulary.
+    probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
     cdf = probs.cumsum(dim=-1)  # [R, vocab]
     total = cdf[:, -1:]
     # Rounding must never push the target to the total: no token lies beyond it.
     target = torch.minimum(
         uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total))
     )
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+    ids = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return ids.clamp_(max=probs.shape[-1] - 1)
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model produced NaN logits for some rows; their requests must fail."""
+
+
+def _reject_nan_rows(logits: torch.Tensor) -> None:
+    """Raise if any row of the raw logits [S, vocab] holds a NaN.
+
+    The engine reruns a failed batch one sequence at a time, so only the requests whose
+    rows are broken fail; sampling garbage from them would be a silent wrong answer.
+    """
+    nan_rows = torch.isnan(logits).any(dim=-1)
+    if bool(nan_rows.any()):
+        rows = nan_rows.nonzero().flatten().tolist()
+        raise NonFiniteLogitsError(f"the model produced NaN logits (batch rows {rows})")
 
 
 def apply_min_p(probs: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:

@@ -240,3 +240,18 @@ def test_rows_and_requests_must_match():
 def test_bf16_logits_are_accepted():
     logits = torch.tensor([[0.0, 1.0, 0.5]], dtype=torch.bfloat16)
     assert ids(Sampler(frozenset({EOS}))(logits, [request(temperature=0)])) == [1]
+
+
+def test_nan_logits_raise_so_the_engine_can_fail_that_request_alone():
+    from app.model.sampler import NonFiniteLogitsError
+
+    logits = torch.zeros(2, VOCAB)
+    logits[1, 3] = float("nan")
+    with pytest.raises(NonFiniteLogitsError, match=r"rows \[1\]"):
+        sample(logits, [request(temperature=0.0), request(temperature=0.7)])
+
+
+def test_a_row_without_probability_mass_still_yields_a_valid_id():
+    probs = torch.tensor([[0.0, 0.0, 0.0], [float("nan"), 0.5, 0.5]])
+    ids = sample_from_probs(probs, torch.tensor([0.99, 0.3]))
+    assert ids.tolist()[0] in (0, 1, 2) and ids.tolist()[1] in (1, 2)
