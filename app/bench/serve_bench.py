@@ -38,7 +38,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="prompts differ by seed: vary it between runs "
+        "against one server, or its prefix cache serves the repeated prompts",
+    )
     parser.add_argument("--spawn", action="store_true", help="start a lamina server first")
     parser.add_argument("--baseline", choices=["none", "transformers"], default="none")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
@@ -46,6 +52,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--long-prompt-len", type=int, default=0, help="0: no long prompts")
     parser.add_argument("--long-prompt-rate", type=float, default=0.5, help="arrivals per s")
     parser.add_argument("--long-output-len", type=int, default=8)
+    parser.add_argument(
+        "--long-prompt-count",
+        type=int,
+        default=0,
+        help="at most this many (0: no limit); "
+        "a fixed count keeps the work equal when comparing servers of different speeds",
+    )
     return parser.parse_args(argv)
 
 
@@ -71,16 +84,23 @@ async def _client_loop(
 
 
 async def _long_prompt_arrivals(
-    client: httpx.AsyncClient, url: str, bodies: list[dict], rate_per_s: float, stop, records
+    client: httpx.AsyncClient,
+    url: str,
+    bodies: list[dict],
+    rate_per_s: float,
+    max_count: int,
+    stop: asyncio.Event,
+    records: list[RequestRecord],
 ) -> None:
-    """Open loop: send bodies[i % len] every 1/rate s until `stop` is set; wait for all."""
+    """Open loop: send bodies[i % len] every 1/rate s until `stop` is set or `max_count`
+    were sent; then wait for all of them."""
     in_flight: list[asyncio.Task] = []
 
     async def one(body: dict) -> None:
         records.append(await stream_one(client, url, body))
 
     index = 0
-    while not stop.is_set():
+    while not stop.is_set() and (max_count <= 0 or index < max_count):
         in_flight.append(asyncio.ensure_future(one(bodies[index % len(bodies)])))
         index += 1
         with contextlib.suppress(asyncio.TimeoutError):
@@ -95,7 +115,9 @@ def _start_long_prompts(client, url, model, concurrency, args, stop, records):
     prompts = seeded_prompts(8, args.long_prompt_len, args.seed + 1000 + concurrency)
     bodies = [completion_body(model, p, args.long_output_len) for p in prompts]
     return asyncio.ensure_future(
-        _long_prompt_arrivals(client, url, bodies, args.long_prompt_rate, stop, records)
+        _long_prompt_arrivals(
+            client, url, bodies, args.long_prompt_rate, args.long_prompt_count, stop, records
+        )
     )
 
 
@@ -141,15 +163,10 @@ async def _first_model(base_url: str) -> str:
 async def sweep(name: str, base_url: str, args: argparse.Namespace) -> ServerRun:
     model = args.model or await _first_model(base_url)
     levels = [int(c) for c in args.concurrency.split(",")]
-    # One short request first, so no level pays for a cold start.
-    await run_level(
-        base_url,
-        model,
-        1,
-        argparse.Namespace(
-            **{**vars(args), "output_len": 4, "requests_per_client": 1, "long_prompt_len": 0}
-        ),
-    )
+    # One short request first, so no level pays for a cold start. Its own seed: a prompt
+    # of level 1 must not find itself in the server's prefix cache.
+    warmup = {"output_len": 4, "requests_per_client": 1, "long_prompt_len": 0, "seed": -1}
+    await run_level(base_url, model, 1, argparse.Namespace(**{**vars(args), **warmup}))
     summaries = []
     for level in levels:
         summary = await run_level(base_url, model, level, args)

@@ -8,7 +8,7 @@ from pathlib import Path
 def write_table(runs, path: Path) -> None:
     lines = [
         "| server | concurrency | output tok/s | req/s | TTFT p50 / p99 (ms) "
-        "| ITL p50 / p99 (ms) | E2E p50 / p99 (s) | errors |",
+        "| ITL p50 / p99 / max (ms) | E2E p50 / p99 (s) | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
@@ -16,7 +16,7 @@ def write_table(runs, path: Path) -> None:
             lines.append(
                 f"| {run.name} | {lv.concurrency} | {lv.output_tok_s:.1f} | "
                 f"{lv.requests_per_s:.2f} | {_ms(lv.ttft_p50_s)} / {_ms(lv.ttft_p99_s)} | "
-                f"{_ms(lv.itl_p50_s)} / {_ms(lv.itl_p99_s)} | "
+                f"{_ms(lv.itl_p50_s)} / {_ms(lv.itl_p99_s)} / {_ms(lv.itl_max_s)} | "
                 f"{_s(lv.e2e_p50_s)} / {_s(lv.e2e_p99_s)} | {lv.num_errors} |"
             )
     path.write_text("\n".join(lines) + "\n")

@@ -32,6 +32,7 @@ class LevelSummary:
     itl_p50_s: float | None
     itl_p90_s: float | None
     itl_p99_s: float | None
+    itl_max_s: float | None  # the longest stall any stream saw
     e2e_p50_s: float | None
     e2e_p90_s: float | None
     e2e_p99_s: float | None
@@ -64,7 +65,7 @@ class LevelSummary:
     def table_header() -> str:
         return (
             f"{'conc':>5} {'tok/s':>8} {'req/s':>6} {'TTFT p50/p99 ms':>16} "
-            f"{'ITL p50/p99 ms':>15} {'E2E p50/p99 s':>14} {'errors':>6}"
+            f"{'ITL p50/p99/max ms':>19} {'E2E p50/p99 s':>14} {'errors':>6}"
         )
 
     def table_row(self) -> str:
@@ -77,7 +78,7 @@ class LevelSummary:
         return (
             f"{self.concurrency:5d} {self.output_tok_s:8.1f} {self.requests_per_s:6.2f} "
             f"{ms(self.ttft_p50_s) + '/' + ms(self.ttft_p99_s):>16} "
-            f"{ms(self.itl_p50_s) + '/' + ms(self.itl_p99_s):>15} "
+            f"{ms(self.itl_p50_s) + '/' + ms(self.itl_p99_s) + '/' + ms(self.itl_max_s):>19} "
             f"{s(self.e2e_p50_s) + '/' + s(self.e2e_p99_s):>14} {self.num_errors:6d}"
         )
 
@@ -102,6 +103,7 @@ def summarize(concurrency: int, records: list[RequestRecord], duration_s: float)
         itl_p50_s=percentile(gaps, 50),
         itl_p90_s=percentile(gaps, 90),
         itl_p99_s=percentile(gaps, 99),
+        itl_max_s=max(gaps, default=None),
         e2e_p50_s=percentile(e2e, 50),
         e2e_p90_s=percentile(e2e, 90),
         e2e_p99_s=percentile(e2e, 99),

@@ -18,9 +18,12 @@ the prompt tokens a step computes are capped at `max_prefill_tokens_while_decodi
 a step's duration grows with its tokens, and every decoding stream waits for the whole
 step, so a 512-token prefill chunk would stall every stream's next token for the time
 of ~512 tokens. Capped, a long prompt is computed over more (short) steps: its first
-token comes later, the streams already running keep a flat inter-token latency. A
-prefill chunk of a sequence listed before decoding ones never takes the budget those
-decodes need. With nobody decoding (start-up, bursts), prefill gets the whole budget.
+token comes later, the streams already running keep a flat inter-token latency. While
+other prompts wait, one sequence's chunk takes at most half of the capped budget, so a
+short prompt is not stuck behind every chunk of a long one (which would also leave
+fewer streams decoding). A prefill chunk of a sequence listed before decoding ones
+never takes the budget those decodes need. With nobody decoding (start-up, bursts),
+prefill gets the whole budget, first come first served.
 
 A sequence that cannot fit even in the whole cache is failed instead of blocking
 everyone: it is finished with FinishReason.ERROR, its blocks freed, and returned once by
@@ -75,12 +78,14 @@ def is_decoding(seq: Sequence) -> bool:
 
 class _StepBudget:
     """The tokens one step may still schedule: `total` for everything, `prefill` for
-    prompt (or recompute) chunks. Decodes not yet scheduled keep their token reserved,
-    so a prefill chunk listed before them cannot take it."""
+    prompt (or recompute) chunks, `max_chunk` for one sequence's prompt chunk. Decodes
+    not yet scheduled keep their token reserved, so a prefill chunk listed before them
+    cannot take it."""
 
     def __init__(self, max_num_batched_tokens: int, running: list[Sequence]) -> None:
         self.total = max_num_batched_tokens
         self.prefill = max_num_batched_tokens
+        self.max_chunk = max_num_batched_tokens
         self.num_decodes_left = sum(1 for seq in running if is_decoding(seq))
 
     def grant(self, seq: Sequence, decoding: bool) -> int:
@@ -88,7 +93,7 @@ class _StepBudget:
         num_left = seq.num_tokens - seq.num_computed_tokens
         if decoding:
             return min(num_left, self.total)
-        available = min(self.prefill, self.total - self.num_decodes_left)
+        available = min(self.prefill, self.max_chunk, self.total - self.num_decodes_left)
         return min(num_left, available)
 
     def spend(self, num_tokens: int, decoding: bool) -> None:
@@ -181,6 +186,10 @@ class Scheduler:
         cap = self.max_prefill_tokens_while_decoding
         if cap is not None and budget.num_decodes_left > 0:
             budget.prefill = min(budget.prefill, cap)
+            if self.waiting and len(self.running) < self.max_num_seqs:
+                # Share the capped budget: a long prompt being chunked takes at most half,
+                # so a short prompt behind it starts now instead of after all its chunks.
+                budget.max_chunk = max(1, budget.prefill // 2)
         scheduled: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
         self._schedule_running(budget, scheduled, preempted)
@@ -232,7 +241,8 @@ class Scheduler:
 
     def _schedule_waiting(self, budget: _StepBudget, scheduled: list[ScheduledSeq]) -> None:
         manager = self.block_manager
-        for seq in list(self.waiting):
+        queue = list(self.waiting)
+        for position, seq in enumerate(queue):
             if budget.prefill <= 0 or len(self.running) >= self.max_num_seqs:
                 return
             if not self._dependency_ready(seq):
@@ -243,7 +253,9 @@ class Scheduler:
                 continue
             cached_block_ids = manager.match_prefix(seq)
             num_cached = len(cached_block_ids) * manager.block_size
-            num_new = min(seq.num_tokens - num_cached, budget.prefill)
+            # The last in line may take what is left; others leave room for the rest.
+            max_chunk = budget.prefill if position == len(queue) - 1 else budget.max_chunk
+            num_new = min(seq.num_tokens - num_cached, budget.prefill, max_chunk)
             if not manager.can_allocate(seq, num_cached + num_new, cached_block_ids):
                 return  # FIFO: nobody overtakes the head for blocks
             manager.allocate(seq, num_cached + num_new, cached_block_ids)

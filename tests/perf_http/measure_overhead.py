@@ -50,6 +50,7 @@ class OverheadResult:
     client_us_per_token: float
     itl_p50_ms: float | None
     itl_p99_ms: float | None
+    itl_max_ms: float | None
     ttft_p50_ms: float | None
     ttft_p99_ms: float | None
     long_prompts: str  # the --long-prompt-len line, or ""
@@ -62,13 +63,14 @@ class OverheadResult:
             f"{self.concurrency:5d} {self.num_tokens:7d} {self.output_tok_s:8.0f} "
             f"{self.event_loop_us_per_token:9.1f} {self.other_threads_us_per_token:9.1f} "
             f"{self.client_us_per_token:9.1f} {ms(self.itl_p50_ms):>8} {ms(self.itl_p99_ms):>8}"
+            f" {ms(self.itl_max_ms):>8}"
             f" {ms(self.ttft_p50_ms):>9} {ms(self.ttft_p99_ms):>9}{self.long_prompts}"
         )
 
 
 HEADER = (
     f"{'conc':>5} {'tokens':>7} {'tok/s':>8} {'loop us':>9} {'other us':>9} "
-    f"{'client us':>9} {'ITL p50':>8} {'ITL p99':>8} {'TTFT p50':>9} {'TTFT p99':>9}"
+    f"{'client us':>9} {'ITL p50':>8} {'ITL p99':>8} {'ITL max':>8} {'TTFT p50':>9} {'TTFT p99':>9}"
 )
 
 
@@ -92,6 +94,7 @@ async def measure(url: str, pid: int, concurrency: int, args: argparse.Namespace
         client_us_per_token=client_s * per_token,
         itl_p50_ms=_ms(summary.itl_p50_s),
         itl_p99_ms=_ms(summary.itl_p99_s),
+        itl_max_ms=_ms(summary.itl_max_s),
         ttft_p50_ms=_ms(summary.ttft_p50_s),
         ttft_p99_ms=_ms(summary.ttft_p99_s),
         long_prompts="\n" + summary.long_prompts_row() if summary.num_long_requests else "",

@@ -94,6 +94,28 @@ def test_a_long_prompt_progresses_every_step_and_gets_its_first_token():
     assert all(len(seq.output_token_ids) == 1 + len(chunks) for seq in decoders)
 
 
+def test_a_short_prompt_does_not_wait_for_every_chunk_of_a_long_one():
+    cap = 32
+    scheduler, runner = build(cap)
+    decoder = new_seq(4, 300, "d")
+    scheduler.add(decoder)
+    run_step(scheduler, runner)
+    long = new_seq(300, 4, "long", 100)
+    scheduler.add(long)
+    run_step(scheduler, runner)  # alone in line: the whole capped budget
+    assert long.num_computed_tokens == cap
+    short = new_seq(10, 4, "short", 600)
+    scheduler.add(short)
+    batch = run_step(scheduler, runner)
+    chunks = {s.seq.request_id: s.num_new_tokens for s in batch.seqs}
+    assert chunks == {"d": 1, "long": cap // 2, "short": 10}
+    assert short.output_token_ids  # its first token, one step after it arrived
+    batch = run_step(scheduler, runner)  # nobody waits any more: long gets the whole cap
+    assert {s.seq.request_id: s.num_new_tokens for s in batch.seqs}["long"] == cap
+    for seq in (decoder, long, short):
+        scheduler.abort_request(seq.request_id)
+
+
 def test_without_decodes_prefill_takes_the_whole_budget():
     scheduler, runner = build(cap=8, budget=64)
     seqs = [new_seq(40, 2, f"r{i}", 10 + 50 * i) for i in range(3)]
