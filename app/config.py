@@ -40,6 +40,9 @@ class Settings(BaseModel):
     num_gpu_blocks_override: int | None = Field(default=None, ge=1)
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=512, ge=16)
+    # Prompt tokens one step may compute while sequences decode (0: no cap beyond the
+    # token budget). A long prefill chunk stalls every running stream for its duration.
+    max_prefill_tokens_while_decoding: int = Field(default=256, ge=0)
     enable_prefix_caching: bool = True
     batch_invariant: bool = True
     cuda_graphs: bool = True

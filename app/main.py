@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -89,8 +90,21 @@ def load_engine(settings: Settings) -> LoadedEngine:
     )
 
 
+def _freeze_heap() -> None:
+    """Everything loading created (modules, tokenizer tables, ~400k objects) lives as long
+    as the process; freezing it keeps a full collection, which holds the GIL and so stalls
+    every stream, from walking it again (~170 ms measured, docs/performance-http.md).
+    Only for a server process: frozen objects are never collected, so an app created and
+    dropped in a test process would leak."""
+    gc.collect()
+    gc.freeze()
+
+
 async def _bring_up(
-    state: ServerState, loader: EngineLoader, on_fatal: Callable[[str], None] | None
+    state: ServerState,
+    loader: EngineLoader,
+    on_fatal: Callable[[str], None] | None,
+    freeze_heap: bool,
 ) -> None:
     settings = state.settings
     started = time.monotonic()
@@ -126,16 +140,21 @@ async def _bring_up(
         limits=Limits.from_settings(settings, max_model_len, loaded.tokenizer.vocab_size),
         keepalive_interval_s=settings.keepalive_interval_s,
     )
+    if freeze_heap:
+        _freeze_heap()
     state.readiness.set_ready()
     log_ready(state.serving, settings, loaded.max_tokens_in_cache, time.monotonic() - started)
 
 
 def _make_lifespan(
-    state: ServerState, loader: EngineLoader, on_fatal: Callable[[str], None] | None
+    state: ServerState,
+    loader: EngineLoader,
+    on_fatal: Callable[[str], None] | None,
+    freeze_heap: bool,
 ) -> Callable[[FastAPI], Any]:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        bring_up = asyncio.create_task(_bring_up(state, loader, on_fatal))
+        bring_up = asyncio.create_task(_bring_up(state, loader, on_fatal, freeze_heap))
         try:
             yield
         finally:
@@ -154,9 +173,12 @@ def create_app(
     *,
     loader: EngineLoader = load_engine,
     on_fatal: Callable[[str], None] | None = None,
+    freeze_heap: bool = False,
 ) -> FastAPI:
     """The lamina ASGI app. `loader` builds the engine (tests pass a fake one);
-    `on_fatal` is called when loading fails, so the process can exit non-zero."""
+    `on_fatal` is called when loading fails, so the process can exit non-zero;
+    `freeze_heap` (server processes) moves what loading created out of the collector's
+    reach once the engine is ready."""
     state = ServerState(settings=settings)
     metrics = Metrics(settings.model_name)
 
@@ -169,7 +191,7 @@ def create_app(
         title="lamina",
         version=__version__,
         description=DESCRIPTION,
-        lifespan=_make_lifespan(state, load_and_observe, on_fatal),
+        lifespan=_make_lifespan(state, load_and_observe, on_fatal, freeze_heap),
         strict_content_type=False,  # a body without Content-Type is read as JSON
     )
     app.state.server = state
@@ -212,7 +234,7 @@ def serve(settings: Settings) -> int:
         for server in servers:
             server.should_exit = True
 
-    app = create_app(settings, on_fatal=on_fatal)
+    app = create_app(settings, on_fatal=on_fatal, freeze_heap=True)
     config = uvicorn.Config(
         app,
         host=settings.host,

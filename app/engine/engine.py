@@ -21,7 +21,6 @@ from app.core import SamplingParams, TokenDelta
 from app.engine.engine_core import EngineCore, EngineStats, StepStats
 from app.engine.protocol import Runner, TokenizerLike
 from app.engine.request_stream import RequestStream
-from app.engine.scheduler import prefill_cap_from
 
 logger = logging.getLogger("lamina.engine")
 
@@ -60,8 +59,6 @@ class Engine:
 
     def __init__(self, runner: Runner, tokenizer: TokenizerLike, settings: Settings) -> None:
         self.core = EngineCore(runner, tokenizer, settings)
-        # TODO(config): Settings.max_prefill_tokens_while_decoding, passed by EngineCore.
-        self.core.scheduler.max_prefill_tokens_while_decoding = prefill_cap_from(settings)
         self.settings = settings
         self.max_model_len = runner.max_model_len
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()

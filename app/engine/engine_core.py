@@ -97,6 +97,7 @@ class EngineCore:
             max_num_batched_tokens=settings.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             eos_token_ids=tokenizer.eos_token_ids,
+            max_prefill_tokens_while_decoding=settings.max_prefill_tokens_while_decoding or None,
         )
         self._requests: dict[str, _Request] = {}
         self._outputs: dict[int, SequenceOutput] = {}  # by seq_id, unfinished sequences

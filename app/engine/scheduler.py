@@ -59,18 +59,6 @@ class SeqUpdate:
     stop_reason: int | None  # the stop_token_ids entry that matched, if any
 
 
-# A step computes at most this many prompt tokens while sequences are decoding, unless
-# Settings.max_prefill_tokens_while_decoding says otherwise (see prefill_cap_from).
-DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING = 256
-
-
-def prefill_cap_from(settings: object) -> int | None:
-    """The prefill cap a Settings object asks for (None: no cap), or the default."""
-    return getattr(
-        settings, "max_prefill_tokens_while_decoding", DEFAULT_MAX_PREFILL_TOKENS_WHILE_DECODING
-    )
-
-
 def is_decoding(seq: Sequence) -> bool:
     """Past its prompt, with one token to compute: it samples its next token this step."""
     return bool(seq.output_token_ids) and seq.num_tokens - seq.num_computed_tokens == 1

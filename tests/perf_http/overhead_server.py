@@ -20,7 +20,10 @@ from tests.perf_http.sleep_runner import SAMPLE_TEXT, SleepRunner
 
 
 def build_app(args: argparse.Namespace):
-    settings = load_settings(log_level="warning")
+    overrides = (
+        {} if args.prefill_cap is None else {"max_prefill_tokens_while_decoding": args.prefill_cap}
+    )
+    settings = load_settings(log_level="warning", **overrides)
 
     def loader(_settings) -> LoadedEngine:
         engine_tokenizer = Tokenizer(settings.model)
@@ -32,9 +35,6 @@ def build_app(args: argparse.Namespace):
             per_token_s=args.per_token_ms / 1000,
         )
         engine = Engine(runner, engine_tokenizer, settings)
-        if args.prefill_cap is not None:  # until Settings has the field
-            cap = args.prefill_cap if args.prefill_cap > 0 else None
-            engine.core.scheduler.max_prefill_tokens_while_decoding = cap
         return LoadedEngine(engine, Tokenizer(settings.model), "cpu", "float32")
 
     def on_fatal(reason: str) -> None:

@@ -12,8 +12,10 @@ import random
 
 import pytest
 
+from app.config import load_settings
 from app.core import SamplingParams, ScheduledBatch, Sequence
 from app.engine.block_manager import BlockManager
+from app.engine.engine_core import EngineCore
 from app.engine.scheduler import Scheduler, is_decoding
 from tests.unit.fakes import FakeRunner, FakeTokenizer
 
@@ -166,3 +168,17 @@ def test_a_prefill_chunk_leaves_the_budget_of_decodes_listed_after_it():
 def test_the_cap_must_be_positive():
     with pytest.raises(ValueError, match="at least 1"):
         build(cap=0)
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(None, 256), (64, 64), (0, None)])
+def test_the_setting_reaches_the_scheduler(setting: int | None, expected: int | None):
+    overrides = {} if setting is None else {"max_prefill_tokens_while_decoding": setting}
+    settings = load_settings(environ={}, **overrides)
+    runner = FakeRunner(block_size=BLOCK_SIZE, num_blocks=64, max_model_len=256)
+    core = EngineCore(runner, FakeTokenizer(), settings)
+    assert core.scheduler.max_prefill_tokens_while_decoding == expected
+
+
+def test_the_environment_variable_sets_the_cap():
+    environ = {"LAMINA_MAX_PREFILL_TOKENS_WHILE_DECODING": "96"}
+    assert load_settings(environ=environ).max_prefill_tokens_while_decoding == 96
