@@ -10,6 +10,10 @@ Pieces, from the outside in:
   the layers it passes through and read by the access line. One per request.
 - `GenerationObserver`: `Generation` (generation.py) reports each delta and its close
   here; it counts prompt and generation tokens, successes and latency histograms.
+- `note_user(user)`: the OpenAI `user` field (an end-user id the client chose) goes on
+  the request's access line as `user`: printable characters only, at most
+  MAX_LOGGED_USER_LENGTH of them. It is a log field only, never a metric label (one
+  label value per end user would grow the registry without bound).
 - `report_failure(reason)`: THE hook for a failed request (request_failure{reason}).
   The first report of a request wins, so it is counted once; when nobody reported one,
   the middleware derives it from the status (429 overloaded, 408/504 timeout, 499
@@ -50,6 +54,8 @@ logger = logging.getLogger("lamina.api")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 MAX_REQUEST_ID_LENGTH = 128
+# The OpenAI `user` field is free text of any length: the access line keeps this much.
+MAX_LOGGED_USER_LENGTH = 128
 # Letters, digits and a few separators: safe in a header, a log line and a JSON id.
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/-]+")
 # POSTs that run the model; only these count in request_failure.
@@ -102,6 +108,7 @@ class RequestRecord:
     prompts: list[list[int]] = field(default_factory=list)  # only when log_prompts
     outputs: dict[int, list[str]] = field(default_factory=dict)  # only when log_prompts
     num_generations: int = 0
+    user: str | None = None  # the OpenAI `user` field, as loggable_user() leaves it
 
     @property
     def is_inference(self) -> bool:
@@ -132,6 +139,22 @@ def report_failure(reason: str) -> None:
     record = _current_record.get()
     if record is not None:
         record.fail(reason)
+
+
+def loggable_user(user: str) -> str:
+    """The `user` field as the access line shows it: at most MAX_LOGGED_USER_LENGTH
+    characters, each unprintable one (control characters, line breaks) as U+FFFD, so a
+    client cannot forge or garble a text-format log line with it."""
+    kept = user[:MAX_LOGGED_USER_LENGTH]
+    return "".join(ch if ch.isprintable() else "\ufffd" for ch in kept)
+
+
+def note_user(user: str | None) -> None:
+    """Record the OpenAI `user` field of the current request for its access line.
+    None (not sent) records nothing; outside a request (no middleware) it does nothing."""
+    record = _current_record.get()
+    if record is not None and user is not None:
+        record.user = loggable_user(user)
 
 
 def failure_for_status(status: int) -> str | None:
@@ -326,6 +349,8 @@ class ObservabilityMiddleware:
             "status": status,
             "duration_s": round(duration_s, 6),
         }
+        if record.user is not None:
+            fields["user"] = record.user
         if record.is_inference:
             fields["prompt_tokens"] = record.num_prompt_tokens
             fields["completion_tokens"] = record.num_completion_tokens

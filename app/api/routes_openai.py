@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from app.api.deps import ServingDep, check_model
 from app.api.errors import ERROR_RESPONSES
 from app.api.generation import ChoiceResult, Generation, new_request_id, unless_disconnected
+from app.api.observability import note_user
 from app.api.openai_format import (
     chat_logprobs,
     completion_logprobs,
@@ -92,6 +93,7 @@ def _echo_texts(
     summary="Complete a prompt (streams server-sent events when `stream` is true)",
 )
 async def create_completion(body: CompletionRequest, request: Request, serving: ServingDep):
+    note_user(body.user)  # first: a request refused below still logs who sent it
     check_model(body.model, serving)
     limits = serving.limits
     n = check_n(body.n, limits)
@@ -219,6 +221,7 @@ def _completion_events(
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, serving: ServingDep
 ):
+    note_user(body.user)  # first: a request refused below still logs who sent it
     check_model(body.model, serving)
     limits = serving.limits
     n = check_n(body.n, limits)

@@ -141,7 +141,11 @@ class SamplingFields(LaminaRequest):
     )
     stream: bool | None = Field(default=None, description="Stream the answer as SSE events.")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
-    user: str | None = Field(default=None, description="End-user id, for logs.")
+    user: str | None = Field(
+        default=None,
+        description="End-user id, for logs: the request's access line carries its first "
+        "128 characters as `user` (never a metric label).",
+    )
     include_stop_str_in_output: bool | None = Field(
         default=None, description="Keep the matched stop string at the end of the text."
     )
