@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -90,6 +91,39 @@ def load_engine(settings: Settings) -> LoadedEngine:
     )
 
 
+async def _run_in_passing_thread(fn: Callable[[Settings], LoadedEngine], settings: Settings):
+    """fn(settings) in a thread of its own that ends with it, not in asyncio's executor.
+
+    Why: loading runs torch's OpenMP parallel regions, and the thread that runs them keeps
+    a pool of OpenMP workers for as long as it lives. An executor thread lives forever, so
+    the engine thread's own pool would come second, and with more OpenMP threads than
+    cores, libgomp's idle workers stop spinning and go to sleep between the hundreds of
+    small parallel regions of a decode step: a single stream decoded at 20 instead of 27
+    tokens/s on 2 cores (docs/performance-http.md, "Where the engine thread's cores went").
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[LoadedEngine] = loop.create_future()
+
+    def settle(result: LoadedEngine | None, error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def work() -> None:
+        try:
+            outcome = (fn(settings), None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed: shutting down anyway
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=work, name="lamina-load", daemon=True).start()
+    return await done
+
+
 def _freeze_heap() -> None:
     """Everything loading created (modules, tokenizer tables, ~400k objects) lives as long
     as the process; freezing it keeps a full collection, which holds the GIL and so stalls
@@ -109,7 +143,7 @@ async def _bring_up(
     settings = state.settings
     started = time.monotonic()
     try:
-        loaded = await asyncio.to_thread(loader, settings)
+        loaded = await _run_in_passing_thread(loader, settings)
         loaded.engine.start()
     except Exception as exc:
         logger.exception("loading the model from %s failed", settings.model)

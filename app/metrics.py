@@ -62,7 +62,15 @@ TOKEN_COUNT_BUCKETS = (
 )  # fmt: skip
 STEP_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
-FAILURE_REASONS = ("validation", "overloaded", "aborted", "timeout", "error", "unauthorized")
+FAILURE_REASONS = (
+    "validation",
+    "overloaded",
+    "unavailable",
+    "aborted",
+    "timeout",
+    "error",
+    "unauthorized",
+)
 
 
 @dataclass(frozen=True)

@@ -134,8 +134,8 @@ def current_record() -> RequestRecord | None:
 
 def report_failure(reason: str) -> None:
     """Count the current request as failed with `reason` (one of app.metrics.FAILURE_REASONS:
-    validation, overloaded, aborted, timeout, error, unauthorized). Only the first report
-    of a request counts. Outside a request (no middleware) it does nothing."""
+    validation, overloaded, unavailable, aborted, timeout, error, unauthorized). Only the
+    first report of a request counts. Outside a request (no middleware) it does nothing."""
     record = _current_record.get()
     if record is not None:
         record.fail(reason)
@@ -361,7 +361,10 @@ class ObservabilityMiddleware:
                 fields["failure"] = record.failure
         if record.log_prompts and record.num_generations:
             fields.update(self._texts(record))
-        level = logging.WARNING if status >= 500 else logging.INFO
+        # 5xx is news for an operator, except a 503 while loading or draining (expected;
+        # clients polling a starting replica would otherwise fill the log with warnings).
+        is_breakage = status >= 500 and record.failure != "unavailable"
+        level = logging.WARNING if is_breakage else logging.INFO
         if record.path in PROBE_PATHS:  # /ready says 503 all through loading: not news
             level = logging.DEBUG
         access_logger.log(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ import pytest
 from app.main import LoadedEngine, create_app
 from tests.api.conftest import fake_settings, running_fake_app
 from tests.api.fake_engine import FakeEngine
+from tests.observability.exposition import diff, parse
 from tests.server_process import REPO_ROOT, ServerProcess
 
 pytestmark = pytest.mark.anyio
@@ -118,3 +120,54 @@ def test_http_layer_imports_no_torch_and_no_model_code() -> None:
     for path in (REPO_ROOT / "app/api").glob("*.py"):
         source = path.read_text()
         assert "import torch" not in source and "app.model" not in source, path.name
+
+
+async def test_expected_503s_are_not_logged_or_counted_as_errors(
+    default_model_path, http_tokenizer, caplog
+) -> None:
+    """A 503 while draining is the server doing its job (info, reason `unavailable`);
+    a 503 because the engine died is a breakage (warning, reason `error`)."""
+    engine = FakeEngine(http_tokenizer)
+    async with running_fake_app(fake_settings(default_model_path), engine) as fake:
+        client = fake.client
+        before = parse((await client.get("/metrics")).text)
+        caplog.set_level(logging.INFO, logger="lamina.access")
+        engine.alive = False
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 503
+        fake.app.state.server.readiness.start_draining()
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 503
+        after = parse((await client.get("/metrics")).text)
+    access = [r for r in caplog.records if r.name == "lamina.access" and r.status == 503]
+    assert [(r.levelno, r.failure) for r in access] == [
+        (logging.WARNING, "error"),
+        (logging.INFO, "unavailable"),
+    ]
+    for reason in ("unavailable", "error"):
+        assert diff(after, before, "lamina:request_failure_total", reason=reason) == 1
+
+
+async def test_the_model_loads_in_a_thread_that_ends_with_loading(
+    default_model_path, http_tokenizer
+) -> None:
+    """torch's OpenMP workers belong to the thread that ran the parallel work; a loader
+    thread that lived on would leave the engine thread's workers starved of cores."""
+    threads: list[threading.Thread] = []
+
+    def recording_loader(_settings):
+        threads.append(threading.current_thread())
+        return LoadedEngine(FakeEngine(http_tokenizer), http_tokenizer)
+
+    app = create_app(fake_settings(default_model_path), loader=recording_loader)
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://t") as client,
+    ):
+        for _ in range(200):
+            if (await client.get("/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.01)
+        assert (await client.get("/ready")).status_code == 200
+        (loader_thread,) = threads
+        loader_thread.join(5)
+        assert loader_thread.name == "lamina-load" and not loader_thread.is_alive()
