@@ -59,7 +59,7 @@ bench-engine: weights
 	$(VENV)/bin/lamina bench engine
 
 bench-serve: weights
-	$(VENV)/bin/lamina bench serve --spawn
+	$(VENV)/bin/lamina bench serve --spawn --baseline transformers
 
 gpu-check: weights
 	LAMINA_TEST_DEVICE=cuda $(PY) -m pytest -x -q tests/model

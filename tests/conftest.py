@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from app.logging_setup import make_handler
 from app.weights import default_model_dir, is_complete
 
 
@@ -56,3 +60,17 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory, default_model_path
         if src.is_file():
             shutil.copy(src, out / name)
     return out
+
+
+@pytest.fixture
+def log_lines() -> Iterator[io.StringIO]:
+    """JSON log lines of every `lamina.*` logger while the test runs."""
+    stream = io.StringIO()
+    handler = make_handler("json", stream)
+    lamina = logging.getLogger("lamina")
+    level = lamina.level
+    lamina.addHandler(handler)
+    lamina.setLevel(logging.DEBUG)
+    yield stream
+    lamina.removeHandler(handler)
+    lamina.setLevel(level)

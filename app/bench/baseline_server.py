@@ -55,15 +55,29 @@ class _BatchStreamer:
 
 class BaselineWorker:
     def __init__(self, model_dir, max_batch: int) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.max_batch = max_batch
         self.inbox: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
-        threading.Thread(target=self._run, daemon=True).start()
+        self.model = None  # set by the worker thread
+        loaded = threading.Event()
+        threading.Thread(target=self._run, args=(model_dir, loaded), daemon=True).start()
+        loaded.wait()
+        if self.model is None:
+            raise RuntimeError(f"the baseline could not load {model_dir} (see the log above)")
 
-    def _run(self) -> None:
+    def _run(self, model_dir, loaded: threading.Event) -> None:
+        # Load on the thread that generates: torch's OpenMP workers belong to the thread
+        # that first ran parallel work, and a second pool on the same cores slows every
+        # step (docs/performance-http.md). The baseline gets the same care as lamina.
+        try:
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            self.model.eval()
+        finally:
+            loaded.set()
         while True:
             batch = [self.inbox.get()]
             time.sleep(0.01)  # let a burst of simultaneous arrivals join the batch

@@ -5,32 +5,15 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-from collections.abc import Iterator
 
 import pytest
 
 from app.api.observability import MAX_LOGGED_USER_LENGTH
-from app.logging_setup import make_handler
 from tests.api.conftest import FakeApp
 
 pytestmark = pytest.mark.anyio
 
 USER = "end-user-8842"
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """JSON log lines of every `lamina.*` logger while the test runs."""
-    stream = io.StringIO()
-    handler = make_handler("json", stream)
-    lamina = logging.getLogger("lamina")
-    level = lamina.level
-    lamina.addHandler(handler)
-    lamina.setLevel(logging.DEBUG)
-    yield stream
-    lamina.removeHandler(handler)
-    lamina.setLevel(level)
 
 
 def access_line(stream: io.StringIO, request_id: str) -> dict:

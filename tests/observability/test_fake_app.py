@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from app.logging_setup import make_handler
 from app.tokenizer import Tokenizer
 from tests.api.conftest import FakeApp, fake_settings, running_fake_app
 from tests.api.fake_engine import FakeEngine
@@ -36,20 +34,6 @@ def tokenizer(default_model_path: Path) -> Tokenizer:
 async def app(default_model_path: Path, tokenizer: Tokenizer) -> AsyncIterator[FakeApp]:
     async with running_fake_app(fake_settings(default_model_path), FakeEngine(tokenizer)) as app:
         yield app
-
-
-@pytest.fixture
-def log_lines() -> Iterator[io.StringIO]:
-    """JSON log lines of every `lamina.*` logger while the test runs."""
-    stream = io.StringIO()
-    handler = make_handler("json", stream)
-    lamina = logging.getLogger("lamina")
-    level = lamina.level
-    lamina.addHandler(handler)
-    lamina.setLevel(logging.DEBUG)
-    yield stream
-    lamina.removeHandler(handler)
-    lamina.setLevel(level)
 
 
 def entries(stream: io.StringIO) -> list[dict]:
