@@ -127,6 +127,24 @@ def hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
     return out.float().cpu()
 
 
+def hf_greedy(model_path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' own greedy continuation of each prompt, one at a time (the reference)."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    expected = []
+    for p in prompts:
+        out = hf.generate(
+            torch.tensor([p]),
+            attention_mask=torch.ones(1, len(p), dtype=torch.int64),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=0,
+        )
+        expected.append(out[0, len(p) :].tolist())
+    return expected
+
+
 def save_random_llama(out_dir, seed: int = 0, **overrides):
     """Write a small random LlamaForCausalLM (transformers' own layout) to out_dir."""
     from transformers import LlamaConfig, LlamaForCausalLM

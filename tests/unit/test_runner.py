@@ -6,13 +6,12 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM as HFLlama
 
 from app.config import Settings
 from app.core import SamplingParams, ScheduledBatch, ScheduledSeq
 from app.model.kv_cache import GIB, bytes_per_block
 from app.model.runner import ModelRunner, resolve_device, resolve_dtype
-from tests.model.helpers import NaiveBlockAllocator, engine_step, generate, make_sequence
+from tests.model.helpers import NaiveBlockAllocator, engine_step, generate, hf_greedy, make_sequence
 
 EOS = frozenset({2})
 KV_CACHE_GB = 0.002
@@ -65,18 +64,8 @@ def test_device_and_dtype_resolution():
 
 
 def test_greedy_generation_matches_transformers(runner, allocator, tiny_model_path):
-    hf = HFLlama.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
     prompts = [prompt(n, seed) for seed, n in enumerate((5, 13, 30))]
-    expected = []
-    for p in prompts:
-        out = hf.generate(
-            torch.tensor([p]),
-            attention_mask=torch.ones(1, len(p), dtype=torch.int64),
-            do_sample=False,
-            max_new_tokens=12,
-            pad_token_id=0,
-        )
-        expected.append(out[0, len(p) :].tolist())
+    expected = hf_greedy(tiny_model_path, prompts, max_new_tokens=12)
     seqs = [make_sequence(p, max_tokens=12) for p in prompts]
     assert generate(runner, allocator, seqs, EOS, max_chunk_tokens=6) == expected
 

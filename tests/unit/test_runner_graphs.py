@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM as HFLlama
 
 from app.config import Settings
 from app.model.cuda_graphs import batch_bucket, graph_num_keys
 from app.model.runner import ModelRunner
-from tests.model.helpers import NaiveBlockAllocator, generate, make_sequence
+from tests.model.helpers import NaiveBlockAllocator, generate, hf_greedy, make_sequence
 
 EOS = frozenset({2})
 
@@ -33,19 +32,9 @@ def graph_runner(tiny_model_path) -> ModelRunner:
 
 
 def test_decode_steps_through_graphs_match_transformers(graph_runner, tiny_model_path):
-    hf = HFLlama.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 49152, (n,), generator=generator).tolist() for n in (5, 30, 12)]
-    expected = []
-    for p in prompts:
-        out = hf.generate(
-            torch.tensor([p]),
-            attention_mask=torch.ones(1, len(p), dtype=torch.int64),
-            do_sample=False,
-            max_new_tokens=10,
-            pad_token_id=0,
-        )
-        expected.append(out[0, len(p) :].tolist())
+    expected = hf_greedy(tiny_model_path, prompts, max_new_tokens=10)
     lengths = (10, 6, 3)  # the batch shrinks: 3 (padded to 4), then 2, then 1
     seqs = [make_sequence(p, max_tokens=n) for p, n in zip(prompts, lengths)]
     allocator = NaiveBlockAllocator(graph_runner.num_blocks, graph_runner.block_size)
