@@ -35,8 +35,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.system import deploy_files
+
 ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
 READY_TIMEOUT_S = 240.0
 DRAIN_TIMEOUT_S = 30
 
@@ -51,7 +52,6 @@ def _load_module(path: Path, name: str):
 
 
 loopback = _load_module(ROOT / "deploy/nginx/loopback.py", "nginx_loopback")
-deploy_static = _load_module(HERE / "test_deploy_static.py", "deploy_static_helpers")
 
 
 def _nginx_binary() -> str:
@@ -287,10 +287,10 @@ def test_metric_names_used_by_dashboards_and_alerts_are_exposed(topology: Topolo
     response = httpx.get(f"{topology.replicas[0].url}/metrics", timeout=5.0)
     assert response.status_code == 200, f"GET /metrics: {response.status_code}"
     text = response.text
-    exposed = deploy_static.metric_types_from_exposition(text)
-    used = deploy_static.metric_names_in_dashboard(deploy_static._dashboard())
-    used |= deploy_static.metric_names_in_alert_rules(deploy_static._alert_rules())
-    assert deploy_static.undefined_metric_names(used, exposed) == set()
+    exposed = deploy_files.metric_types_from_exposition(text)
+    used = deploy_files.metric_names_in_dashboard(deploy_files.load_dashboard())
+    used |= deploy_files.metric_names_in_alert_rules(deploy_files.load_alert_rules())
+    assert deploy_files.undefined_metric_names(used, exposed) == set()
 
 
 def test_request_ids_through_nginx(topology: Topology):
