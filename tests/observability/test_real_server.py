@@ -11,7 +11,6 @@ lines that carry the request id and, by default, no prompt text.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -23,10 +22,10 @@ import pytest
 
 from tests.observability.exposition import Scrape, diff, parse
 from tests.server_process import ServerProcess, engine_available
+from tests.system import deploy_files as deploy
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 # The tiny model in fp32 needs 8 KiB per 16-token block: 0.0002 GiB is 26 blocks.
 TINY_ENV = {
     "LAMINA_DEVICE": "cpu",
@@ -226,20 +225,11 @@ def test_a_client_that_leaves_counts_as_aborted(server: ServerProcess) -> None:
 # --- the dashboard contract and the exposition ----------------------------------------------
 
 
-def _deploy_static():
-    path = ROOT / "tests/system/test_deploy_static.py"
-    spec = importlib.util.spec_from_file_location("deploy_static_for_observability", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_every_metric_of_the_dashboard_and_alerts_is_exposed(server: ServerProcess) -> None:
-    deploy = _deploy_static()
     text = httpx.get(server.url + "/metrics", timeout=10).text
     exposed = deploy.metric_types_from_exposition(text)
-    used = deploy.metric_names_in_dashboard(deploy._dashboard())
-    used |= deploy.metric_names_in_alert_rules(deploy._alert_rules())
+    used = deploy.metric_names_in_dashboard(deploy.load_dashboard())
+    used |= deploy.metric_names_in_alert_rules(deploy.load_alert_rules())
     assert used, "no metric names found in deploy/"
     assert deploy.undefined_metric_names(used, exposed) == set()
     # And the server exposes exactly the documented set, with the documented types.
