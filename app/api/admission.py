@@ -41,7 +41,7 @@ from app.api.deadline import (
     parse_timeout_header,
 )
 from app.api.errors import APIError
-from app.api.observability import INFERENCE_PATHS, report_failure
+from app.api.request_record import INFERENCE_PATHS, report_failure
 from app.config import Settings
 from app.core import FinishReason, SamplingParams, TokenDelta
 

@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 
 from app.api.admission import admit_generation
 from app.api.errors import model_not_found, service_unavailable
-from app.api.observability import report_failure
+from app.api.request_record import report_failure
 from app.api.state import ServerState, Serving
 from app.config import Settings
 
@@ -38,7 +38,7 @@ async def get_state(request: Request) -> ServerState:
 async def get_serving(state: Annotated[ServerState, Depends(get_state)]) -> Serving:
     """The loaded model and engine, or a 503 saying why there are none right now."""
     if not state.readiness.is_ready or state.serving is None:
-        # Loading or draining: the server doing its job, not an error (see _log_access).
+        # Loading or draining: the server doing its job, not an error (see access_log.py).
         report_failure("unavailable")
         raise service_unavailable(
             state.readiness.describe(), code=f"server_{state.readiness.phase.value}"

@@ -22,7 +22,7 @@ from starlette.requests import Request
 from app.api.admission import ExpiredDelta
 from app.api.engine_client import EngineClient, EngineDeadError, RequestStream
 from app.api.errors import APIError, ClientDisconnected, server_error, service_unavailable
-from app.api.observability import GenerationObserver, current_request_id, engine_request_id
+from app.api.request_record import GenerationObserver, current_request_id, engine_request_id
 from app.core import FinishReason, SamplingParams, TokenDelta, TokenLogprob, Usage
 
 logger = logging.getLogger("lamina.api")

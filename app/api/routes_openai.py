@@ -15,7 +15,6 @@ from fastapi import APIRouter, Request
 from app.api.deps import ServingDep, check_model
 from app.api.errors import ERROR_RESPONSES
 from app.api.generation import ChoiceResult, Generation, new_request_id, unless_disconnected
-from app.api.observability import note_user
 from app.api.openai_format import (
     chat_logprobs,
     completion_logprobs,
@@ -32,6 +31,7 @@ from app.api.params import (
     with_max_tokens,
 )
 from app.api.prompts import encode_chat, encode_completion_prompts
+from app.api.request_record import note_user
 from app.api.schemas import (
     ChatChoice,
     ChatChunkChoice,

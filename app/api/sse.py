@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.errors import APIError, server_error
 from app.api.generation import Generation, engine_failure, is_failure
-from app.api.observability import report_failure
+from app.api.request_record import report_failure
 from app.core import TokenDelta
 
 logger = logging.getLogger("lamina.api")

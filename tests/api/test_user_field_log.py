@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from app.api.observability import MAX_LOGGED_USER_LENGTH
+from app.api.request_record import MAX_LOGGED_USER_LENGTH
 from tests.api.conftest import FakeApp
 
 pytestmark = pytest.mark.anyio

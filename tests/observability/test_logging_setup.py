@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.api.observability import MAX_REQUEST_ID_LENGTH, accept_request_id, failure_for_status
+from app.api.observability import MAX_REQUEST_ID_LENGTH, accept_request_id
+from app.api.request_record import failure_for_status
 from app.logging_setup import (
     UVICORN_ACCESS_LOGGER,
     configure_logging,
