@@ -275,7 +275,7 @@ def serve(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # configure_logging above: one handler, one line format
-        access_log=False,  # the access line is lamina's own (app/api/observability.py)
+        access_log=False,  # the access line is lamina's own (app/api/access_log.py)
         lifespan="on",
         # The drain (DrainingServer) already waited for generation requests; what is
         # left when uvicorn shuts down is idle connections and quick routes.

@@ -3,7 +3,7 @@
 Who updates what:
 - the engine thread, once per step, through `observe_step` (a step observer):
   tokens per step, step duration, inter-token latency;
-- the API layer (app/api/observability.py): `observe_prompt` once per accepted prompt,
+- the API layer (app/api/request_record.py): `observe_prompt` once per accepted prompt,
   `observe_choice` once per choice when it ends (generation tokens, successes, TTFT,
   end-to-end, queue, prefill and decode times), `observe_failure` once per failed HTTP
   request (its one reason);
@@ -282,7 +282,7 @@ class Metrics:
     def observe_failure(self, reason: str) -> None:
         """A request that ended without a normal result (see FAILURE_REASONS).
 
-        Routes do not call this directly: app.api.observability.report_failure counts a
+        Routes do not call this directly: app.api.request_record.report_failure counts a
         request once, whichever layer notices its failure first."""
         if reason not in FAILURE_REASONS:
             raise ValueError(f"unknown failure reason {reason!r}; one of {FAILURE_REASONS}")
