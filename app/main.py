@@ -91,7 +91,9 @@ def load_engine(settings: Settings) -> LoadedEngine:
     )
 
 
-async def _run_in_passing_thread(fn: Callable[[Settings], LoadedEngine], settings: Settings):
+async def _run_in_passing_thread(
+    fn: Callable[[Settings], LoadedEngine], settings: Settings
+) -> LoadedEngine:
     """fn(settings) in a thread of its own that ends with it, not in asyncio's executor.
 
     Why: loading runs torch's OpenMP parallel regions, and the thread that runs them keeps
