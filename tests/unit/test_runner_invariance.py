@@ -130,3 +130,36 @@ def test_fp16_weights_compute_prompts_as_fp32_does(tiny_model_path):
             )
             assert got[0][0] == expected[0][0]
             assert got[0][1:] != expected[0][1:]  # generated rows: the fp16 kernel
+
+
+def test_fp16_prefix_cache_does_not_serve_generated_kv_to_a_prompt(tiny_model_path):
+    """A follow-up prompt that repeats an earlier answer (a chat's next turn) must get the
+    same bits as on an engine that never saw the answer: the cached blocks holding the
+    answer's fp16-computed K/V are not reused for its fp32 prompt rows."""
+    from app.engine.engine_core import EngineCore
+    from app.tokenizer import Tokenizer
+
+    runner = tiny_runner(tiny_model_path, weight_dtype="float16")
+    tokenizer = Tokenizer(tiny_model_path)
+    settings = Settings(model=tiny_model_path, device="cpu", block_size=4, kv_cache_gb=0.004)
+    greedy = SamplingParams(temperature=0.0, logprobs=0, max_tokens=12, ignore_eos=True)
+
+    def complete(core, request_id, prompt_ids):
+        assert core.add_request(request_id, prompt_ids, greedy) == []
+        tokens, logprobs = [], []
+        while core.has_unfinished():
+            for delta in core.step():
+                assert delta.error is None, delta.error
+                tokens += delta.token_ids
+                logprobs += [entry.logprob for entry in delta.logprobs]
+        return tokens, logprobs
+
+    first_prompt = prompt(10, 1)
+    warm = EngineCore(runner, tokenizer, settings)
+    answer, _ = complete(warm, "first", first_prompt)
+    follow_up = first_prompt + answer + prompt(6, 2)
+    assert warm.block_manager.hash_token_kinds
+    after_answer = complete(warm, "follow-up", follow_up)
+    assert warm.block_manager.prefix_cache_hits > 0  # the prompt-only block was reused
+    fresh = complete(EngineCore(runner, tokenizer, settings), "follow-up", follow_up)
+    assert after_answer == fresh
