@@ -14,6 +14,12 @@ silently serve another prompt's K/V, is out of reach, and keys stay 32 bytes how
 the chain is (nested tuples as keys would grow with the prefix and be rehashed on each
 lookup).
 
+With `hash_token_kinds` (the runner computes prompt and generated tokens with different
+kernels: fp16 weights on the CPU), a block's hash also covers how many of its tokens are
+prompt tokens of the sequence, because their K/V depend on it: another request's prompt
+that repeats this sequence's generated tokens must not reuse their fp16-computed K/V,
+nor a recomputed sequence the fp32-computed prompt K/V of another.
+
 A block whose reference count drops to 0 keeps its hash and stays in the cache; it is
 only recycled (evicted, least recently used first) when no never-cached free block is
 left. `num_free_blocks` counts both kinds, since both can be handed out at once.
@@ -42,10 +48,18 @@ class _Block:
     block_hash: BlockHash | None = None  # set while registered in the prefix cache
 
 
-def hash_block(parent_hash: BlockHash | None, token_ids: SequenceOf[int]) -> BlockHash:
-    """Content hash of one full block, chained to the hash of the block before it."""
+def hash_block(
+    parent_hash: BlockHash | None, token_ids: SequenceOf[int], num_prompt: int | None = None
+) -> BlockHash:
+    """Content hash of one full block, chained to the hash of the block before it.
+
+    num_prompt: how many of the block's (leading) tokens are prompt tokens, when the K/V
+    depend on it; None leaves it out (the hash of token ids alone).
+    """
     digest = hashlib.sha256(parent_hash or b"")
     digest.update(array("q", token_ids).tobytes())
+    if num_prompt is not None:
+        digest.update(b"prompt tokens:" + num_prompt.to_bytes(8, "little"))
     return digest.digest()
 
 
@@ -63,13 +77,18 @@ class BlockManager:
     """Hands out KV-cache blocks to sequences and shares full blocks by content."""
 
     def __init__(
-        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        hash_token_kinds: bool = False,
     ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be at least 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.hash_token_kinds = hash_token_kinds  # see the module docstring
         self._blocks = [_Block(i) for i in range(num_blocks)]
         # Free blocks holding nothing reusable: handed out first.
         self._free_uncached: deque[int] = deque(range(num_blocks))
@@ -136,7 +155,11 @@ class BlockManager:
         while len(hashes) < num_full_blocks:
             index = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, _token_slice(seq, index * size, (index + 1) * size)))
+            token_ids = _token_slice(seq, index * size, (index + 1) * size)
+            num_prompt = None
+            if self.hash_token_kinds:
+                num_prompt = min(max(seq.num_prompt_tokens - index * size, 0), size)
+            hashes.append(hash_block(parent, token_ids, num_prompt))
         return hashes[:num_full_blocks]
 
     def cache_full_blocks(self, seq: Sequence) -> None:

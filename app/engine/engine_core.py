@@ -90,7 +90,10 @@ class EngineCore:
         self.max_model_len = runner.max_model_len
         self.clock = clock
         self.block_manager = BlockManager(
-            runner.num_blocks, runner.block_size, settings.enable_prefix_caching
+            runner.num_blocks,
+            runner.block_size,
+            settings.enable_prefix_caching,
+            hash_token_kinds=getattr(runner, "splits_rows", False),
         )
         self.scheduler = Scheduler(
             self.block_manager,

@@ -17,6 +17,10 @@ class Runner(Protocol):
     block_size: int  # tokens per KV block
     num_blocks: int  # KV blocks in the preallocated cache
     max_model_len: int  # context window in tokens (prompt + output)
+    # Optional (absent: False). True when prompt and generated tokens are computed by
+    # different kernels, so a token's K/V depend on its kind: the prefix cache then
+    # shares a block only between sequences whose tokens there have the same kinds.
+    splits_rows: bool
 
     def execute(self, batch: ScheduledBatch) -> list[SampleOutput | None]:
         """Compute `batch` and return one entry per `batch.seqs`, in order.

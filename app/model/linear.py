@@ -8,6 +8,15 @@ model's matmuls 1.8x faster than `F.linear` at 32 rows and 1.9x at 1 row; fp16 w
 with `F.linear` halve the bytes a single stream reads per token; bf16 weights through
 oneDNN use the CPU's bf16 dot-product instructions when it has them.
 
+fp16 weights have no fast many-row kernel on such a CPU, so with them a Linear keeps a
+second kernel, packed oneDNN at the model dtype, for the rows of prompt tokens
+(`KernelPlan.prompt`): prompts are computed as the default precision computes them and
+generated tokens read the fp16 weights. The runner says per step which rows are which
+(`RowKinds`). A row's kind depends only on its token (its position against its
+sequence's prompt length), never on the step it lands in, so every token is computed
+the same way whatever the batch, the chunking or a recompute after preemption. The
+price is memory: both copies of every weight are kept.
+
 Batch invariance: a row of `x @ W` must not depend on how many other rows the matmul
 has, or a request's tokens would depend on its batch mates. Kernels often switch code
 paths for tiny M (a gemv for one row), so `RowInvariance` finds, per kernel and shape,
@@ -41,6 +50,44 @@ class KernelPlan:
     weight_dtype: torch.dtype  # how weights are stored (and the matmul runs)
     use_onednn: bool  # pre-packed oneDNN weights (CPU); else torch's F.linear
     batch_invariant: bool  # pad tiny row counts so every row is computed the same way
+    # The kernel family for the rows of prompt tokens when it differs (fp16 weights on the
+    # CPU: packed oneDNN at the model dtype); None: every row uses this plan's kernel.
+    prompt: KernelPlan | None = None
+
+
+PROMPT, GENERATED = "prompt", "generated"
+
+
+@dataclass(frozen=True)
+class RowKinds:
+    """Which rows of a step's matmul inputs are prompt tokens and which generated ones.
+
+    Built by the runner for models whose plan has a prompt kernel. A row is of prompt
+    kind when its position is below its sequence's prompt length, whichever step
+    computes it. `uniform` is set when every row has that kind (the common case: no
+    split); otherwise both index tensors are.
+    """
+
+    uniform: str | None  # PROMPT, GENERATED, or None when the rows are mixed
+    prompt_rows: torch.Tensor | None = None  # [P] int64, ascending; only when mixed
+    generated_rows: torch.Tensor | None = None  # [G] int64, ascending; only when mixed
+
+    @classmethod
+    def from_flags(cls, is_prompt: list[bool], device: torch.device) -> RowKinds:
+        """is_prompt [N]: the kind of each row, in row order."""
+        num_prompt = sum(is_prompt)
+        if num_prompt == len(is_prompt):
+            return ALL_PROMPT
+        if num_prompt == 0:
+            return ALL_GENERATED
+        flags = torch.tensor(is_prompt, dtype=torch.bool)
+        prompt_rows = flags.nonzero().squeeze(1)  # [P]
+        generated_rows = (~flags).nonzero().squeeze(1)  # [G]
+        return cls(None, prompt_rows.to(device), generated_rows.to(device))
+
+
+ALL_PROMPT = RowKinds(PROMPT)
+ALL_GENERATED = RowKinds(GENERATED)
 
 
 def onednn_available(weight_dtype: torch.dtype) -> bool:
@@ -69,8 +116,12 @@ def cpu_kernel_plan(
     use_onednn = wants_onednn and onednn_available(weight_dtype)
     if wants_onednn and not use_onednn:
         logger.warning("oneDNN linear is unavailable for %s: using F.linear", weight_dtype)
+    prompt = None
+    if weight_dtype == torch.float16 and activation_dtype != torch.float16:
+        # The fp16 gemv is slow on many rows: prompt rows take the model dtype's kernel.
+        prompt = cpu_kernel_plan(activation_dtype, None, batch_invariant)
     return KernelPlan(
-        torch.device("cpu"), activation_dtype, weight_dtype, use_onednn, batch_invariant
+        torch.device("cpu"), activation_dtype, weight_dtype, use_onednn, batch_invariant, prompt
     )
 
 
@@ -173,27 +224,49 @@ class Linear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self.kernel: LinearKernel | None = None
+        self.kernel: LinearKernel | None = None  # every row, or generated-kind rows
+        self.prompt_kernel: LinearKernel | None = None  # prompt-kind rows, if they differ
 
     def prepare_for_inference(
         self, plan: KernelPlan, invariance: RowInvariance, keep_weight: bool = False
     ) -> None:
-        """Build this layer's kernel; drop the loaded weight unless the kernel reads it
+        """Build this layer's kernel(s); drop the loaded weight unless a kernel reads it
         or `keep_weight` (a tied weight another module also uses)."""
-        kernel_type = _kernel_type(plan)
-        self.kernel = kernel_type(self.weight, self.bias, plan)
-        if plan.batch_invariant:
-            key = (kernel_type.__name__, plan.weight_dtype, self.in_features, self.out_features)
-            self.kernel.min_rows = invariance.min_rows(
-                key, self.kernel.compute, self.in_features, plan.device, plan.activation_dtype
-            )
-        if not keep_weight and self.kernel.drops_weight:
-            self.register_parameter("weight", None)  # the kernel holds its own copy
+        self.kernel = self._build_kernel(plan, invariance)
+        drops_weight = self.kernel.drops_weight
+        if plan.prompt is not None:
+            self.prompt_kernel = self._build_kernel(plan.prompt, invariance)
+            drops_weight = drops_weight and self.prompt_kernel.drops_weight
+        if not keep_weight and drops_weight:
+            self.register_parameter("weight", None)  # the kernels hold their own copies
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, in] -> [N, out]
+    def _build_kernel(self, plan: KernelPlan, invariance: RowInvariance) -> LinearKernel:
+        kernel_type = _kernel_type(plan)
+        kernel = kernel_type(self.weight, self.bias, plan)
+        if plan.batch_invariant:  # each kernel pads to its own calibrated row count
+            key = (kernel_type.__name__, plan.weight_dtype, self.in_features, self.out_features)
+            kernel.min_rows = invariance.min_rows(
+                key, kernel.compute, self.in_features, plan.device, plan.activation_dtype
+            )
+        return kernel
+
+    def forward(
+        self, x: torch.Tensor, kinds: RowKinds | None = None
+    ) -> torch.Tensor:  # [N, in] -> [N, out]
+        """kinds: which rows are prompt tokens; None (or a layer without a prompt kernel)
+        runs every row through `kernel`."""
         if self.kernel is None:
             return F.linear(x, self.weight, self.bias)
-        return self.kernel(x)
+        if self.prompt_kernel is None or kinds is None or kinds.uniform == GENERATED:
+            return self.kernel(x)
+        if kinds.uniform == PROMPT:
+            return self.prompt_kernel(x)
+        # Mixed rows: each kind through its own kernel, results back in row order.
+        prompt_out = self.prompt_kernel(x.index_select(0, kinds.prompt_rows))  # [P, out]
+        generated_out = self.kernel(x.index_select(0, kinds.generated_rows))  # [G, out]
+        out = prompt_out.new_empty(x.shape[0], prompt_out.shape[1])  # [N, out]
+        out.index_copy_(0, kinds.prompt_rows, prompt_out)
+        return out.index_copy_(0, kinds.generated_rows, generated_out)
 
 
 class LinearKernel:

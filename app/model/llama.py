@@ -13,7 +13,7 @@ from torch import nn
 
 from app.model.attention import AttentionMetadata, paged_attention
 from app.model.kv_cache import KVCache
-from app.model.linear import KernelPlan, Linear, RowInvariance
+from app.model.linear import KernelPlan, Linear, RowInvariance, RowKinds
 from app.model.loader import ModelConfig, rope_inverse_frequencies
 
 
@@ -87,9 +87,10 @@ class LlamaAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [N, 1, head_dim]
         metadata: AttentionMetadata,
         cache: torch.Tensor,  # this layer's keys and values: [2, kv_heads, blocks, block, dim]
+        kinds: RowKinds | None = None,  # which rows are prompt tokens (see linear.py)
     ) -> torch.Tensor:  # [N, hidden]
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)  # [N, q_size + 2 * kv_size]: ours, so rotated in place
+        qkv = self.qkv_proj(x, kinds)  # [N, q_size + 2 * kv_size]: ours, so rotated in place
         num_q, num_qk = self.split_sizes[0], self.split_sizes[0] + self.split_sizes[1]
         heads = (num_tokens, -1, self.head_dim)
         # q and k are adjacent in the fused projection: rotate them in one go.
@@ -97,7 +98,7 @@ class LlamaAttention(nn.Module):
         q = qkv[:, :num_q].view(heads)  # [N, num_heads, head_dim]
         new_kv = qkv[:, num_q:].view(heads)  # [N, 2 * num_kv_heads, head_dim]
         out = paged_attention(q, new_kv, cache, metadata, self.scale)
-        return self.o_proj(out)  # [N, num_heads * head_dim] in
+        return self.o_proj(out, kinds)  # [N, num_heads * head_dim] in
 
 
 class LlamaMLP(nn.Module):
@@ -111,9 +112,11 @@ class LlamaMLP(nn.Module):
         )
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, hidden]
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(
+        self, x: torch.Tensor, kinds: RowKinds | None = None
+    ) -> torch.Tensor:  # [N, hidden] -> [N, hidden]
+        gate, up = self.gate_up_proj(x, kinds).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up, kinds)  # [N, intermediate] in
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -130,9 +133,10 @@ class LlamaDecoderLayer(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
         cache: torch.Tensor,
+        kinds: RowKinds | None = None,
     ) -> torch.Tensor:
-        x = x.add_(self.attn(self.input_norm(x), rope, metadata, cache))
-        return x.add_(self.mlp(self.post_attention_norm(x)))
+        x = x.add_(self.attn(self.input_norm(x), rope, metadata, cache, kinds))
+        return x.add_(self.mlp(self.post_attention_norm(x), kinds))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -174,13 +178,21 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [N] int64
         metadata: AttentionMetadata,
         kv_cache: KVCache,
+        kinds: RowKinds | None = None,  # [N] rows' token kinds, for two-kernel Linears
     ) -> torch.Tensor:  # [N, hidden], after the final norm
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions)  # shared by every layer
         for index, layer in enumerate(self.layers):
-            x = layer(x, rope, metadata, kv_cache.layer(index))
+            x = layer(x, rope, metadata, kv_cache.layer(index), kinds)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[S, hidden] -> [S, vocab]; call it only on the rows that sample."""
-        return self.lm_head(hidden)
+    @property
+    def splits_rows_by_kind(self) -> bool:
+        """Whether prompt and generated tokens take different matmul kernels, so the
+        caller must pass RowKinds (fp16 weights on the CPU)."""
+        return self.lm_head.prompt_kernel is not None
+
+    def compute_logits(self, hidden: torch.Tensor, kinds: RowKinds | None = None) -> torch.Tensor:
+        """[S, hidden] -> [S, vocab]; call it only on the rows that sample. kinds: of
+        those S rows (the token each row was computed for)."""
+        return self.lm_head(hidden, kinds)

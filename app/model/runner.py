@@ -24,6 +24,7 @@ from app.model.cpu_threads import default_num_threads
 from app.model.cuda_graphs import DecodeGraphs
 from app.model.host_memory import keep_freed_memory_in_heap
 from app.model.kv_cache import GIB, KVCache
+from app.model.linear import ALL_GENERATED, ALL_PROMPT, RowKinds
 from app.model.llama import LlamaForCausalLM
 from app.model.loader import ModelConfig, load_model, read_eos_token_ids
 from app.model.sampler import Sampler, SamplingRequest
@@ -68,6 +69,7 @@ class _FlatBatch:
     query_lens: list[int]  # [B] new tokens per sequence
     context_lens: list[int]  # [B] tokens already cached
     block_tables: list[list[int]]  # [B] each sequence's table
+    prompt_lens: list[int]  # [B] prompt tokens per sequence: rows below are prompt kind
 
 
 class ModelRunner:
@@ -97,6 +99,8 @@ class ModelRunner:
         self.sampler = Sampler(eos_token_ids, self.device, seed)
         kernel = getattr(model.lm_head, "kernel", None)
         self.matmul_dtype = kernel.matmul_dtype if kernel is not None else self.dtype
+        # fp16 weights on the CPU: prompt tokens' rows take a second kernel, chosen per row.
+        self.splits_rows = model.splits_rows_by_kind
         self.batch_invariant = batch_invariant
         # CPU intra-op threads; applied again in whichever thread calls execute(), since
         # OpenMP keeps the thread count per calling thread.
@@ -213,7 +217,8 @@ class ModelRunner:
                 mask_dtype=self.dtype,
             )
             input_ids = torch.tensor(flat.input_ids, dtype=torch.int64).to(self.device)
-            hidden = self.model(input_ids, positions, metadata, self.kv_cache)  # [N, hidden]
+            kinds = self._row_kinds(flat) if self.splits_rows else None  # of the N rows
+            hidden = self.model(input_ids, positions, metadata, self.kv_cache, kinds)  # [N, hidden]
             return self._sample(batch, flat, hidden, rows_are_sequences=False)
 
     def _sample(
@@ -225,20 +230,29 @@ class ModelRunner:
         [B, vocab] of every sequence.
         """
         picked, sampling = [], []  # row of each sampling sequence, its index in the batch
+        picked_is_prompt = []  # whether each picked row is a prompt token (its last one)
         row_end = 0
         for position, index in enumerate(flat.order):
             row_end += flat.query_lens[position]
             if batch.seqs[index].sample:
                 picked.append(position if rows_are_sequences else row_end - 1)
                 sampling.append(index)
+                token_end = flat.context_lens[position] + flat.query_lens[position]
+                picked_is_prompt.append(token_end <= flat.prompt_lens[position])
         results: list[SampleOutput | None] = [None] * len(batch.seqs)
         if not sampling:
             return results
         if rows_are_sequences and len(picked) == rows.shape[0]:
             logits = rows
         else:
-            selected = rows[torch.tensor(picked, device=self.device)]
-            logits = selected if rows_are_sequences else self.model.compute_logits(selected)
+            selected = rows[torch.tensor(picked, device=self.device)]  # [S, hidden or vocab]
+            if rows_are_sequences:
+                logits = selected
+            else:
+                kinds = None
+                if self.splits_rows:
+                    kinds = RowKinds.from_flags(picked_is_prompt, self.device)  # of the S rows
+                logits = self.model.compute_logits(selected, kinds)  # [S, vocab]
         requests = [_sampling_request(batch.seqs[i].seq) for i in sampling]
         for index, output in zip(sampling, self.sampler(logits, requests)):  # [S, vocab]
             results[index] = output
@@ -253,6 +267,8 @@ class ModelRunner:
 
     def _fits_decode_graph(self, flat: _FlatBatch) -> bool:
         if self.decode_graphs is None or any(n != 1 for n in flat.query_lens):
+            return False
+        if self.splits_rows:  # graphs record one kernel per Linear; these rows need two
             return False
         return self.decode_graphs.supports(len(flat.query_lens), max(flat.context_lens) + 1)
 
@@ -298,7 +314,7 @@ class ModelRunner:
         # Stable sort: single-token sequences first, grouped by the number of keys they
         # attend over, so attention batches each group in one pair of matmuls.
         order = sorted(range(len(scheduled)), key=lambda i: self._order_key(scheduled[i]))
-        flat = _FlatBatch(order, [], [], [], [])
+        flat = _FlatBatch(order, [], [], [], [], [])
         for index in order:
             item = scheduled[index]
             seq = item.seq
@@ -309,7 +325,28 @@ class ModelRunner:
             flat.query_lens.append(item.num_new_tokens)
             flat.context_lens.append(start)
             flat.block_tables.append(seq.block_table)
+            flat.prompt_lens.append(seq.num_prompt_tokens)
         return flat
+
+    def _row_kinds(self, flat: _FlatBatch) -> RowKinds:
+        """The kind of each of the step's N rows: prompt while its position is below its
+        sequence's prompt length, generated after, however the sequence was chunked or
+        recomputed (a recompute after preemption runs generated tokens again)."""
+        prompt_rows_per_seq = [  # [B] leading rows of each chunk that are prompt tokens
+            min(max(num_prompt - start, 0), num_new)
+            for start, num_new, num_prompt in zip(
+                flat.context_lens, flat.query_lens, flat.prompt_lens
+            )
+        ]
+        num_prompt_rows = sum(prompt_rows_per_seq)
+        if num_prompt_rows == 0:
+            return ALL_GENERATED
+        if num_prompt_rows == len(flat.input_ids):
+            return ALL_PROMPT
+        is_prompt: list[bool] = []  # [N]
+        for num_new, num_prompt in zip(flat.query_lens, prompt_rows_per_seq):
+            is_prompt += [True] * num_prompt + [False] * (num_new - num_prompt)
+        return RowKinds.from_flags(is_prompt, self.device)
 
     def _order_key(self, item: ScheduledSeq) -> tuple[int, int]:
         if item.num_new_tokens != 1:

@@ -10,6 +10,7 @@ import torch
 from app.core import SampleOutput, SamplingParams, ScheduledBatch, ScheduledSeq, Sequence
 from app.model.attention import build_attention_metadata
 from app.model.kv_cache import KVCache
+from app.model.linear import RowKinds
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=None)
 
@@ -96,10 +97,13 @@ class Chunk:
     block_table: list[int]
 
 
-def model_logits(model, cache: KVCache, chunks: list[Chunk]) -> list[torch.Tensor]:
+def model_logits(
+    model, cache: KVCache, chunks: list[Chunk], kinds: RowKinds | None = None
+) -> list[torch.Tensor]:
     """Logits for every token of every chunk ([len(chunk), vocab] each), in one forward.
 
     Chunks run in the order given; put single-token chunks first to take the decode path.
+    kinds: the rows' token kinds, for models with fp16 weights (one kind for all rows).
     """
     device = model.embed_tokens.weight.device
     positions, metadata = build_attention_metadata(
@@ -115,7 +119,7 @@ def model_logits(model, cache: KVCache, chunks: list[Chunk]) -> list[torch.Tenso
     )
     input_ids = torch.tensor([t for c in chunks for t in c.token_ids], device=device)
     with torch.inference_mode():
-        logits = model.compute_logits(model(input_ids, positions, metadata, cache))
+        logits = model.compute_logits(model(input_ids, positions, metadata, cache, kinds), kinds)
     return list(logits.float().cpu().split([len(c.token_ids) for c in chunks]))
 
 

@@ -84,6 +84,21 @@ def runner(default_model_path):
 def test_alone_and_together_give_identical_tokens(runner, perf_tokenizer, default_model_path):
     settings = default_settings(default_model_path)
     assert settings.batch_invariant  # the default
+    check_alone_and_together(runner, perf_tokenizer, settings)
+
+
+def test_fp16_weights_alone_and_together_give_identical_tokens(perf_tokenizer, default_model_path):
+    """fp16 weights: prompt tokens through fp32 kernels, generated ones through fp16, chosen
+    per token; prefix-cache hits on the shared chat prefix must not change that."""
+    from app.model.runner import ModelRunner
+
+    settings = default_settings(default_model_path, weight_dtype="float16")
+    fp16_runner = ModelRunner.from_settings(settings)
+    assert fp16_runner.splits_rows
+    check_alone_and_together(fp16_runner, perf_tokenizer, settings)
+
+
+def check_alone_and_together(runner, perf_tokenizer, settings) -> None:
     batch = requests(perf_tokenizer)
     alone = {}
     for request in batch:

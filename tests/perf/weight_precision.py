@@ -86,13 +86,23 @@ def greedy(runner, settings, tokenizer, prompts: list[list[int]], num_new: int) 
 
 
 def argmax_along(runner, token_ids: list[int], first: int) -> list[int]:
-    """Greedy choice at every position >= first - 1 of token_ids (one prefill, no cache reuse)."""
+    """Greedy choice at every position >= first - 1 of token_ids (one prefill, no cache reuse).
+
+    token_ids[:first] is the prompt: with fp16 weights its rows take the prompt kernel and
+    the continuation's rows the fp16 one, as when serving.
+    """
+    from app.model.linear import RowKinds
     from tests.model.helpers import Chunk, NaiveBlockAllocator, model_logits
 
     allocator = NaiveBlockAllocator(runner.num_blocks, runner.block_size)
     table: list[int] = []
     allocator.reserve(table, len(token_ids))
-    (logits,) = model_logits(runner.model, runner.kv_cache, [Chunk(token_ids, 0, table)])
+    kinds = None
+    if runner.splits_rows:
+        is_prompt = [True] * first + [False] * (len(token_ids) - first)
+        kinds = RowKinds.from_flags(is_prompt, runner.device)
+    chunk = Chunk(token_ids, 0, table)
+    (logits,) = model_logits(runner.model, runner.kv_cache, [chunk], kinds)
     return logits[first - 1 : -1].argmax(-1).tolist()
 
 

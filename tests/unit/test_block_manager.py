@@ -327,3 +327,31 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 TestBlockManagerMachine = BlockManagerMachine.TestCase
 TestBlockManagerMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+@pytest.mark.parametrize("hash_token_kinds", [False, True])
+def test_token_kinds_in_the_hash_keep_generated_kv_from_prompts(hash_token_kinds):
+    """With fp16 weights a generated token's K/V differ from the same token's as a prompt
+    token: a prompt repeating another sequence's output may then reuse only the blocks
+    that were prompt in both (and, the other way round, a recomputed sequence's output
+    must not reuse another prompt's blocks)."""
+    manager = BlockManager(num_blocks=16, block_size=BLOCK_SIZE, hash_token_kinds=hash_token_kinds)
+    first = make_seq(list(range(6)))  # blocks: [0-3] prompt, [4-7] 2 prompt + 2 generated
+    admit(manager, first)
+    first.output_token_ids += [6, 7, 8, 9, 10]
+    manager.append_slots(first, 5)
+    compute_all(manager, first)
+    follow_up = make_seq(list(range(11)) + [11, 12])  # its prompt repeats first's output
+    expected_blocks = 1 if hash_token_kinds else 2  # first has 2 full blocks
+    assert len(manager.match_prefix(follow_up)) == expected_blocks
+    assert manager.match_prefix(follow_up) == first.block_table[:expected_blocks]
+    recomputed = make_seq(list(range(6)))
+    recomputed.output_token_ids += [6, 7, 8, 9, 10]
+    assert len(manager.match_prefix(recomputed)) == 2  # its own kinds: the same blocks
+    prompt_only = make_seq(list(range(13)))
+    admit(manager, prompt_only)
+    compute_all(manager, prompt_only)
+    preempted = make_seq(list(range(4)))  # as if preempted after generating 4..12
+    preempted.output_token_ids += list(range(4, 13))
+    assert len(manager.match_prefix(preempted)) == (1 if hash_token_kinds else 3)
+    manager.check_invariants()

@@ -7,10 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from app.model.linear import (
+    ALL_GENERATED,
+    ALL_PROMPT,
     KernelPlan,
     Linear,
     OneDnnLinearKernel,
     RowInvariance,
+    RowKinds,
     TorchLinearKernel,
     calibrate_min_rows,
     cpu_kernel_plan,
@@ -68,6 +71,55 @@ def test_fp16_weights_use_torch_kernel_in_half_precision():
     assert isinstance(layer.kernel, TorchLinearKernel)
     assert layer.kernel.weight.dtype == torch.float16 and layer.kernel.matmul_dtype == torch.float16
     assert layer.weight is None
+
+
+def test_only_fp16_weights_get_a_prompt_kernel():
+    assert cpu_kernel_plan(torch.float32, None, True).prompt is None
+    assert cpu_kernel_plan(torch.float32, torch.bfloat16, True).prompt is None
+    plan = cpu_kernel_plan(torch.float32, torch.float16, True)
+    assert plan.prompt == cpu_kernel_plan(torch.float32, None, True)  # the default fp32 plan
+    layer = make_linear()
+    layer.prepare_for_inference(cpu_kernel_plan(torch.float32, None, True), RowInvariance())
+    assert layer.prompt_kernel is None
+
+
+def fp16_and_fp32_layers(in_features=576, out_features=320):
+    """The same weights prepared with fp16 weights (two kernels) and with fp32 ones."""
+    mixed, fp32 = make_linear(in_features, out_features), make_linear(in_features, out_features)
+    mixed.prepare_for_inference(
+        cpu_kernel_plan(torch.float32, torch.float16, True), RowInvariance()
+    )
+    fp32.prepare_for_inference(cpu_kernel_plan(torch.float32, None, True), RowInvariance())
+    return mixed, fp32
+
+
+def test_prompt_rows_take_the_fp32_kernel_and_generated_rows_the_fp16_one():
+    mixed, fp32 = fp16_and_fp32_layers()
+    assert mixed.kernel.matmul_dtype == torch.float16
+    assert mixed.prompt_kernel.matmul_dtype == torch.float32
+    x = torch.randn(9, 576, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(mixed(x, ALL_PROMPT), fp32(x))  # bit for bit the fp32 layer
+    assert torch.equal(mixed(x, ALL_GENERATED), mixed(x))  # no kinds: the fp16 kernel
+    assert not torch.equal(mixed(x, ALL_GENERATED), fp32(x))
+
+
+def test_mixed_rows_are_split_by_kind_and_put_back_in_order():
+    mixed, _ = fp16_and_fp32_layers()
+    x = torch.randn(11, 576, generator=torch.Generator().manual_seed(4))
+    is_prompt = [True, False, False, True, True, False, True, True, True, False, True]
+    kinds = RowKinds.from_flags(is_prompt, CPU)
+    assert kinds.uniform is None
+    out = mixed(x, kinds)  # [11, 320]
+    for row, prompt in enumerate(is_prompt):
+        alone = mixed(x[row : row + 1], ALL_PROMPT if prompt else ALL_GENERATED)
+        assert torch.equal(out[row : row + 1], alone), row  # batch mates change nothing
+
+
+def test_row_kinds_from_flags():
+    assert RowKinds.from_flags([True, True], CPU) is ALL_PROMPT
+    assert RowKinds.from_flags([False], CPU) is ALL_GENERATED
+    kinds = RowKinds.from_flags([False, True, False], CPU)
+    assert kinds.prompt_rows.tolist() == [1] and kinds.generated_rows.tolist() == [0, 2]
 
 
 def test_reference_plan_keeps_the_weight():

@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaForCausalLM as HFLlama
 
 from app.model.kv_cache import KVCache
+from app.model.linear import ALL_GENERATED, ALL_PROMPT
 from app.model.loader import load_model
 from tests.model.helpers import (
     Chunk,
@@ -96,3 +97,27 @@ def test_legacy_rope_scaling_layout(tmp_path):
 def test_long_positions_with_llama3_scaling(tmp_path):
     """Positions far past original_max_position_embeddings (the scaled regime)."""
     check_parity(save_random_llama(tmp_path, rope_parameters=LLAMA3_ROPE), prompt_len=150)
+
+
+def test_fp16_weights_run_prompt_rows_with_the_fp32_weights(tiny_model_path):
+    """A prompt-kind forward of the fp16-weight model gives the fp32 model's bits (two
+    chunks of two sequences in one step); a generated-kind one reads the fp16 weights."""
+    fp32 = load_model(tiny_model_path)
+    fp16 = load_model(tiny_model_path, weight_dtype=torch.float16)
+    assert fp16.splits_rows_by_kind and not fp32.splits_rows_by_kind
+    generator = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, fp32.config.vocab_size, (29,), generator=generator).tolist()
+
+    def step(model, kinds):
+        cache = KVCache(model.config, 64, BLOCK_SIZE, torch.device("cpu"), torch.float32)
+        allocator = NaiveBlockAllocator(64, BLOCK_SIZE)
+        table_a: list[int] = []
+        table_b: list[int] = []
+        allocator.reserve(table_a, 20)
+        allocator.reserve(table_b, 9)
+        chunks = [Chunk(tokens[:20], 0, table_a), Chunk(tokens[20:], 0, table_b)]
+        return torch.cat(model_logits(model, cache, chunks, kinds))  # [29, vocab]
+
+    expected = step(fp32, None)
+    assert torch.equal(step(fp16, ALL_PROMPT), expected)
+    assert not torch.equal(step(fp16, ALL_GENERATED), expected)
