@@ -123,6 +123,11 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    def num_prompt_tokens_in(self, start: int, length: int) -> int:
+        """How many of the token positions [start, start + length) are prompt tokens
+        (always the leading ones): where a token's kind decides how it is computed."""
+        return min(max(self.num_prompt_tokens - start, 0), length)
+
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids

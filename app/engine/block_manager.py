@@ -158,7 +158,7 @@ class BlockManager:
             token_ids = _token_slice(seq, index * size, (index + 1) * size)
             num_prompt = None
             if self.hash_token_kinds:
-                num_prompt = min(max(seq.num_prompt_tokens - index * size, 0), size)
+                num_prompt = seq.num_prompt_tokens_in(index * size, size)
             hashes.append(hash_block(parent, token_ids, num_prompt))
         return hashes[:num_full_blocks]
 

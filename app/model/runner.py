@@ -24,7 +24,7 @@ from app.model.cpu_threads import default_num_threads
 from app.model.cuda_graphs import DecodeGraphs
 from app.model.host_memory import keep_freed_memory_in_heap
 from app.model.kv_cache import GIB, KVCache
-from app.model.linear import ALL_GENERATED, ALL_PROMPT, RowKinds
+from app.model.linear import RowKinds
 from app.model.llama import LlamaForCausalLM
 from app.model.loader import ModelConfig, load_model, read_eos_token_ids
 from app.model.sampler import Sampler, SamplingRequest
@@ -69,7 +69,7 @@ class _FlatBatch:
     query_lens: list[int]  # [B] new tokens per sequence
     context_lens: list[int]  # [B] tokens already cached
     block_tables: list[list[int]]  # [B] each sequence's table
-    prompt_lens: list[int]  # [B] prompt tokens per sequence: rows below are prompt kind
+    prompt_rows: list[int]  # [B] leading rows of each chunk that are prompt tokens
 
 
 class ModelRunner:
@@ -237,8 +237,8 @@ class ModelRunner:
             if batch.seqs[index].sample:
                 picked.append(position if rows_are_sequences else row_end - 1)
                 sampling.append(index)
-                token_end = flat.context_lens[position] + flat.query_lens[position]
-                picked_is_prompt.append(token_end <= flat.prompt_lens[position])
+                # The chunk's last row, a prompt token only if every row of it is.
+                picked_is_prompt.append(flat.prompt_rows[position] == flat.query_lens[position])
         results: list[SampleOutput | None] = [None] * len(batch.seqs)
         if not sampling:
             return results
@@ -325,26 +325,15 @@ class ModelRunner:
             flat.query_lens.append(item.num_new_tokens)
             flat.context_lens.append(start)
             flat.block_tables.append(seq.block_table)
-            flat.prompt_lens.append(seq.num_prompt_tokens)
+            flat.prompt_rows.append(seq.num_prompt_tokens_in(start, item.num_new_tokens))
         return flat
 
     def _row_kinds(self, flat: _FlatBatch) -> RowKinds:
         """The kind of each of the step's N rows: prompt while its position is below its
         sequence's prompt length, generated after, however the sequence was chunked or
         recomputed (a recompute after preemption runs generated tokens again)."""
-        prompt_rows_per_seq = [  # [B] leading rows of each chunk that are prompt tokens
-            min(max(num_prompt - start, 0), num_new)
-            for start, num_new, num_prompt in zip(
-                flat.context_lens, flat.query_lens, flat.prompt_lens
-            )
-        ]
-        num_prompt_rows = sum(prompt_rows_per_seq)
-        if num_prompt_rows == 0:
-            return ALL_GENERATED
-        if num_prompt_rows == len(flat.input_ids):
-            return ALL_PROMPT
         is_prompt: list[bool] = []  # [N]
-        for num_new, num_prompt in zip(flat.query_lens, prompt_rows_per_seq):
+        for num_new, num_prompt in zip(flat.query_lens, flat.prompt_rows):
             is_prompt += [True] * num_prompt + [False] * (num_new - num_prompt)
         return RowKinds.from_flags(is_prompt, self.device)
 
