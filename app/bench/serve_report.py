@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from app.bench.serve_stats import format_ms as ms
+from app.bench.serve_stats import format_s
+
 
 def write_table(runs, path: Path) -> None:
     lines = [
@@ -15,9 +18,9 @@ def write_table(runs, path: Path) -> None:
         for lv in run.levels:
             lines.append(
                 f"| {run.name} | {lv.concurrency} | {lv.output_tok_s:.1f} | "
-                f"{lv.requests_per_s:.2f} | {_ms(lv.ttft_p50_s)} / {_ms(lv.ttft_p99_s)} | "
-                f"{_ms(lv.itl_p50_s)} / {_ms(lv.itl_p99_s)} / {_ms(lv.itl_max_s)} | "
-                f"{_s(lv.e2e_p50_s)} / {_s(lv.e2e_p99_s)} | {lv.num_errors} |"
+                f"{lv.requests_per_s:.2f} | {ms(lv.ttft_p50_s)} / {ms(lv.ttft_p99_s)} | "
+                f"{ms(lv.itl_p50_s)} / {ms(lv.itl_p99_s)} / {ms(lv.itl_max_s)} | "
+                f"{format_s(lv.e2e_p50_s)} / {format_s(lv.e2e_p99_s)} | {lv.num_errors} |"
             )
     path.write_text("\n".join(lines) + "\n")
 
@@ -54,14 +57,6 @@ def write_plot(runs, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v * 1000:.0f}"
-
-
-def _s(v: float | None) -> str:
-    return "-" if v is None else f"{v:.2f}"
 
 
 def _or_nan(v: float | None) -> float:

@@ -7,6 +7,16 @@ from dataclasses import dataclass
 from app.bench.serve_client import RequestRecord
 
 
+def format_ms(seconds: float | None) -> str:
+    """A duration in whole milliseconds for tables; "-" when there is none."""
+    return "-" if seconds is None else f"{seconds * 1000:.0f}"
+
+
+def format_s(seconds: float | None, decimals: int = 2) -> str:
+    """A duration in seconds for tables; "-" when there is none."""
+    return "-" if seconds is None else f"{seconds:.{decimals}f}"
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Linear-interpolated percentile (q in 0..100); None for no values."""
     if not values:
@@ -52,9 +62,7 @@ class LevelSummary:
         self.long_ttft_p99_s = percentile(ttft, 99)
 
     def long_prompts_row(self) -> str:
-        def ms(v: float | None) -> str:
-            return "-" if v is None else f"{v * 1000:.0f}"
-
+        ms = format_ms
         return (
             f"  + {self.num_long_requests} long-prompt requests: TTFT p50/p99 "
             f"{ms(self.long_ttft_p50_s)}/{ms(self.long_ttft_p99_s)} ms, "
@@ -69,11 +77,10 @@ class LevelSummary:
         )
 
     def table_row(self) -> str:
-        def ms(v: float | None) -> str:
-            return "-" if v is None else f"{v * 1000:.0f}"
+        ms = format_ms
 
         def s(v: float | None) -> str:
-            return "-" if v is None else f"{v:.1f}"
+            return format_s(v, decimals=1)
 
         return (
             f"{self.concurrency:5d} {self.output_tok_s:8.1f} {self.requests_per_s:6.2f} "
