@@ -31,6 +31,9 @@ class Settings(BaseModel):
     weight_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_model_len: int | None = Field(default=None, ge=16)  # default: the model's own
     num_threads: int | None = Field(default=None, ge=1)  # torch intra-op threads on CPU
+    # CPU, fp32: lamina's own C kernels (compiled on first start, cached); false or no C
+    # compiler: torch's kernels. Both are batch invariant; the native ones are faster.
+    native_kernels: bool = True
     seed: int = 0
 
     # --- KV cache and scheduling -----------------------------------------------

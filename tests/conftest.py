@@ -24,6 +24,21 @@ def default_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def native():
+    """lamina's compiled CPU kernels. Skips only where there is no C compiler at all; CI
+    has gcc, so there a failed build fails the test instead of hiding behind a skip."""
+    from app.native import native_kernels
+    from app.native.build import find_compiler
+
+    kernels = native_kernels()
+    if kernels is None:
+        if find_compiler() is not None:
+            pytest.fail("a C compiler is present but the native kernels did not build")
+        pytest.skip("no C compiler: the native kernels are unavailable")
+    return kernels
+
+
+@pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
     """A tiny random LLaMA (2 layers, GQA, untied head) with the default model's tokenizer.
 

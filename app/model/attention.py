@@ -22,6 +22,11 @@ context, and a prefill chunk is one group: fewer, larger matmuls.
 The cache is laid out per layer as [num_kv_heads, num_blocks, block_size, head_dim],
 so the blocks one KV head of one sequence reads gather into one contiguous
 [context, head_dim] matrix, which the batched matmuls take as is.
+
+Backend "native" (CPU, fp32, when app.native could be built) replaces all of the above
+with one call per layer: lamina's C kernel reads each token's blocks in place (no
+gather, no padding, no groups) and computes every query on its own over exactly its
+visible keys, so it is batch invariant by construction.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from app.model.kv_cache import write_kv
+from app.native import NativeKernels
 
 MIN_KEY_BUCKET = 64  # tokens: below this, more groups cost more than padding saves
 
@@ -71,7 +77,34 @@ class AttentionMetadata:
     groups: list[AttentionGroup] = field(default_factory=list)  # in row order, covering 0..N
     min_query_rows: int = 1  # pad a group's query rows up to this (kernel invariance)
     num_decode_tokens: int = 0  # the first D rows are single-token sequences
-    backend: str = "bmm"  # "bmm": gather + two batched matmuls; "sdpa": fused kernel (CUDA)
+    # "bmm": gather + two batched matmuls; "sdpa": fused kernel (CUDA); "native": app.native
+    backend: str = "bmm"
+    native: NativeAttentionInputs | None = None  # backend "native" only
+
+
+@dataclass
+class NativeAttentionInputs:
+    """What the native kernel reads per step: each token's table row and key count."""
+
+    kernels: NativeKernels
+    block_tables: torch.Tensor  # [S, max_blocks] int32, padded with block 0
+    token_seq: torch.Tensor  # [N] int32: the token's row of block_tables
+    num_keys: torch.Tensor  # [N] int32: keys the token attends over (its position + 1)
+
+    @classmethod
+    def build(cls, spans: list[_SeqSpan], kernels: NativeKernels) -> NativeAttentionInputs:
+        width = max(len(span.block_table) for span in spans)
+        tables = [span.block_table + [0] * (width - len(span.block_table)) for span in spans]
+        token_seq, num_keys = [], []
+        for index, span in enumerate(spans):
+            token_seq += [index] * span.num_new
+            num_keys += range(span.num_context + 1, span.num_context + span.num_new + 1)
+        return cls(
+            kernels,
+            torch.tensor(tables, dtype=torch.int32),
+            torch.tensor(token_seq, dtype=torch.int32),
+            torch.tensor(num_keys, dtype=torch.int32),
+        )
 
 
 @dataclass
@@ -96,6 +129,7 @@ def build_attention_metadata(
     min_query_rows: int = 1,
     backend: str = "bmm",
     mask_dtype: torch.dtype = torch.float32,
+    native: NativeKernels | None = None,
 ) -> tuple[torch.Tensor, AttentionMetadata]:
     """Positions [N] and attention metadata of a batch, from host lists.
 
@@ -104,16 +138,22 @@ def build_attention_metadata(
     Single-token sequences should come first, sorted by key bucket, so decode groups
     are few; any order is correct. backend "sdpa" (CUDA) merges groups as when not
     invariant: its fused kernel walks keys in fixed tiles, so masked padding adds
-    exact zeros (unverified on hardware: see docs/performance.md).
+    exact zeros (unverified on hardware: see docs/performance.md). backend "native"
+    needs `native` (the compiled kernels) and builds no groups.
     """
-    if backend not in ("bmm", "sdpa"):
+    if backend not in ("bmm", "sdpa", "native"):
         raise ValueError(f"unknown attention backend {backend!r}")
+    if (backend == "native") != (native is not None):
+        raise ValueError('the "native" backend, and only it, takes the native kernels')
     spans, row = [], 0
     for num_new, num_context, table in zip(query_lens, context_lens, block_tables):
         spans.append(_SeqSpan(row, num_new, num_context, table))
         row += num_new
     positions, slots = _positions_and_slots(spans, block_size)
     metadata = AttentionMetadata(slots.to(device), min_query_rows=min_query_rows, backend=backend)
+    if native is not None:
+        metadata.native = NativeAttentionInputs.build(spans, native)
+        return positions, metadata
     num_decodes = 0
     while num_decodes < len(spans) and spans[num_decodes].num_new == 1:
         num_decodes += 1
@@ -252,6 +292,12 @@ def paged_attention(
     num_blocks, block_size, head_dim]: this layer's keys and values.
     """
     write_kv(layer_cache, new_kv, metadata.slot_mapping)
+    if metadata.native is not None:
+        inputs = metadata.native
+        return inputs.kernels.paged_attention(
+            query, layer_cache[0], layer_cache[1], inputs.block_tables, inputs.token_seq,
+            inputs.num_keys, scale,
+        )  # fmt: skip
     num_tokens, num_heads, head_dim = query.shape
     attend = _attend_sdpa if metadata.backend == "sdpa" else _attend
     if len(metadata.groups) == 1 and metadata.groups[0].row_end == num_tokens:

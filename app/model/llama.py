@@ -15,6 +15,7 @@ from app.model.attention import AttentionMetadata, paged_attention
 from app.model.kv_cache import KVCache
 from app.model.linear import KernelPlan, Linear, RowInvariance, RowKinds
 from app.model.loader import ModelConfig, rope_inverse_frequencies
+from app.native import NativeKernels
 
 
 class RMSNorm(nn.Module):
@@ -151,6 +152,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
+        self.native: NativeKernels | None = None  # lamina's CPU kernels, when the plan uses them
 
     def finish_loading(
         self, device: torch.device, max_positions: int, plan: KernelPlan | None
@@ -163,6 +165,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary.build_cache(max_positions, device, dtype)
         if plan is None:
             return
+        self.native = plan.native
         invariance = RowInvariance()  # shapes repeat across layers: calibrate each once
         for module in self.modules():
             if isinstance(module, Linear):

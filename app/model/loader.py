@@ -339,6 +339,17 @@ def load_model(
         dtype,
         device,
         plan.weight_dtype if plan else dtype,
-        " (oneDNN packed)" if plan and plan.use_onednn else "",
+        _kernel_note(plan),
     )
     return model.eval()
+
+
+def _kernel_note(plan) -> str:
+    if plan is None:
+        return ""
+    if plan.uses_native_matmul:
+        return " (lamina native kernels)"
+    notes = " (oneDNN packed)" if plan.use_onednn else ""
+    if plan.native is not None:
+        notes += " (native attention)"
+    return notes

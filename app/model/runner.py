@@ -108,6 +108,8 @@ class ModelRunner:
         self._threads_set_in: int | None = None
         # CUDA: torch's fused attention kernel (same kernel eagerly and inside graphs).
         self.attention_backend = "sdpa" if self.device.type == "cuda" else "bmm"
+        if model.native is not None and self.device.type == "cpu":
+            self.attention_backend = "native"  # reads blocks in place; invariant as it is
         self.min_query_rows = 1  # for the "bmm" backend's batched matmuls
         if batch_invariant and self.attention_backend == "bmm":
             self.min_query_rows = calibrate_min_query_rows(
@@ -161,6 +163,7 @@ class ModelRunner:
             max_positions=max_model_len,
             weight_dtype=weight_dtype,
             batch_invariant=settings.batch_invariant,
+            kernels="auto" if settings.native_kernels else "torch",
         )
         num_blocks = num_cache_blocks(model, settings, device, dtype, max_model_len)
         kv_cache = KVCache(config, num_blocks, settings.block_size, device, dtype)
@@ -215,6 +218,7 @@ class ModelRunner:
                 min_query_rows=self.min_query_rows,
                 backend=self.attention_backend,
                 mask_dtype=self.dtype,
+                native=self.model.native if self.attention_backend == "native" else None,
             )
             input_ids = torch.tensor(flat.input_ids, dtype=torch.int64).to(self.device)
             kinds = self._row_kinds(flat) if self.splits_rows else None  # of the N rows

@@ -19,6 +19,8 @@ FORBIDDEN = {
     "engine": ("torch", "app.model", "app.api", "fastapi"),
     "api": ("torch", "app.model"),
     "model": ("app.api", "app.engine.engine", "app.engine.scheduler", "fastapi"),
+    # compiled kernels below the model: they know tensors and pointers, nothing of lamina
+    "native": ("app.model", "app.engine", "app.api", "fastapi"),
 }
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from app.native import native_kernels
 from app.model.attention import (
     build_attention_metadata,
     calibrate_min_query_rows,
@@ -76,7 +77,7 @@ class World:
 
 
 @pytest.mark.parametrize(
-    "batch_invariant, backend", [(True, "bmm"), (False, "bmm"), (True, "sdpa")]
+    "batch_invariant, backend", [(True, "bmm"), (False, "bmm"), (True, "sdpa"), (True, "native")]
 )
 def test_mixed_batch_matches_dense_attention(batch_invariant, backend):
     """Decodes (different context lengths), a chunk after a prefix, and a fresh prefill."""
@@ -86,7 +87,10 @@ def test_mixed_batch_matches_dense_attention(batch_invariant, backend):
     for seq, (context, _) in enumerate(shapes):
         world.fill(seq, context)
     work = [(seq, c, n) for seq, (c, n) in enumerate(shapes)]
-    outputs = world.step(work, batch_invariant=batch_invariant, min_query_rows=4, backend=backend)
+    native = native_kernels() if backend == "native" else None
+    outputs = world.step(
+        work, batch_invariant=batch_invariant, min_query_rows=4, backend=backend, native=native
+    )
     for seq, ((context, _), out) in enumerate(zip(shapes, outputs)):
         expected = reference_attention(
             world.queries[seq][context:], world.keys[seq], world.values[seq], context

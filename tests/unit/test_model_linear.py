@@ -11,6 +11,7 @@ from app.model.linear import (
     ALL_PROMPT,
     KernelPlan,
     Linear,
+    NativeLinearKernel,
     OneDnnLinearKernel,
     RowInvariance,
     RowKinds,
@@ -39,13 +40,18 @@ def reference(layer_weight, layer_bias, x):
 
 
 @pytest.mark.parametrize(
-    "weight_dtype, atol",
-    [(torch.float32, 1e-4), (torch.float16, 5e-2), (torch.bfloat16, 3e-1)],
+    "weight_dtype, atol, allow_native",
+    [
+        (torch.float32, 1e-4, True),
+        (torch.float32, 1e-4, False),
+        (torch.float16, 5e-2, True),
+        (torch.bfloat16, 3e-1, True),
+    ],
 )
-def test_kernels_compute_the_linear_map(weight_dtype, atol):
+def test_kernels_compute_the_linear_map(weight_dtype, atol, allow_native):
     layer = make_linear()
     weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
-    plan = cpu_kernel_plan(torch.float32, weight_dtype, batch_invariant=True)
+    plan = cpu_kernel_plan(torch.float32, weight_dtype, True, allow_native)
     layer.prepare_for_inference(plan, RowInvariance())
     x = torch.randn(7, 96, generator=torch.Generator().manual_seed(1))
     out = layer(x)
@@ -58,9 +64,28 @@ def test_fp32_on_cpu_uses_packed_onednn_and_drops_the_loaded_weight():
     if not onednn_available(torch.float32):
         pytest.skip("this torch build has no oneDNN linear")
     layer = make_linear()
-    layer.prepare_for_inference(cpu_kernel_plan(torch.float32, None, True), RowInvariance())
+    plan = cpu_kernel_plan(torch.float32, None, True, allow_native=False)
+    layer.prepare_for_inference(plan, RowInvariance())
     assert isinstance(layer.kernel, OneDnnLinearKernel)
     assert layer.weight is None  # the packed copy is the only one left
+
+
+def test_fp32_on_cpu_uses_the_native_kernel_without_padding(native):
+    layer = make_linear()
+    plan = cpu_kernel_plan(torch.float32, None, True)
+    assert plan.native is native and plan.uses_native_matmul and not plan.use_onednn
+    layer.prepare_for_inference(plan, RowInvariance())
+    assert isinstance(layer.kernel, NativeLinearKernel)
+    assert layer.kernel.min_rows == 1  # invariant by construction: nothing to calibrate
+    assert layer.weight is None
+
+
+def test_without_native_kernels_fp32_falls_back_to_torch(monkeypatch):
+    import app.model.linear as linear
+
+    monkeypatch.setattr(linear, "native_kernels", lambda: None)  # as with no C compiler
+    plan = cpu_kernel_plan(torch.float32, None, True)
+    assert plan.native is None and plan.use_onednn == onednn_available(torch.float32)
 
 
 def test_fp16_weights_use_torch_kernel_in_half_precision():
@@ -132,11 +157,20 @@ def test_reference_plan_keeps_the_weight():
     assert layer.weight is not None and layer.kernel.min_rows == 1
 
 
-@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_rows_have_the_same_bits_whatever_the_row_count(weight_dtype):
+@pytest.mark.parametrize(
+    "weight_dtype, allow_native",
+    [
+        (torch.float32, True),
+        (torch.float32, False),
+        (torch.float16, True),
+        (torch.bfloat16, True),
+    ],
+)
+def test_rows_have_the_same_bits_whatever_the_row_count(weight_dtype, allow_native):
     """The property batch invariance rests on: row r of x @ W^T never depends on M."""
     layer = make_linear(576, 320, bias=False)
-    layer.prepare_for_inference(cpu_kernel_plan(torch.float32, weight_dtype, True), RowInvariance())
+    plan = cpu_kernel_plan(torch.float32, weight_dtype, True, allow_native)
+    layer.prepare_for_inference(plan, RowInvariance())
     x = torch.randn(70, 576, generator=torch.Generator().manual_seed(2))
     alone = torch.cat([layer(x[i : i + 1]) for i in range(70)])
     for num_rows in (2, 3, 5, 16, 33, 70):

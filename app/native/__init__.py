@@ -1,0 +1,137 @@
+"""lamina's own CPU kernels: an fp32 matmul and paged attention, compiled on first use.
+
+`native_kernels()` returns them, or None where they cannot be had (no C compiler, a
+failed build or self-check); the model then uses torch's kernels. Why they exist
+(kernels.c has the details): on a 2-core Zen 4 the matmul reads a single stream's
+weights ~40 % faster than oneDNN and is as fast at 32-256 rows, attention reads the KV
+blocks in place instead of gathering a copy, and both give every row the same bits
+whatever its batch mates, so batch invariance needs no padding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from app.native.build import NativeBuildError, build_library
+
+logger = logging.getLogger(__name__)
+
+PANEL_COLUMNS = 64  # columns per packed weight panel (kernels.c: PANEL)
+
+_long, _float, _pointer = ctypes.c_long, ctypes.c_float, ctypes.c_void_p
+
+
+class NativeKernels:
+    """Typed entry points into the compiled library. Every tensor is fp32 on the CPU."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        library = ctypes.CDLL(str(path))  # CDLL releases the GIL during each call
+        self._matmul = library.lamina_matmul
+        self._matmul.argtypes = [_pointer, _long, _pointer, _pointer, _pointer, _long, _long, _long]
+        self._matmul.restype = None
+        self._pack = library.lamina_pack_weight
+        self._pack.argtypes = [_pointer, _pointer, _long, _long]
+        self._pack.restype = None
+        self._attention = library.lamina_paged_attention
+        self._attention.argtypes = [_pointer, _long, _pointer, _pointer, _long, _long]
+        self._attention.argtypes += [_pointer, _long, _pointer, _pointer, _pointer]
+        self._attention.argtypes += [_long, _long, _long, _long, _float]
+        self._attention.restype = None
+
+    def pack_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """A Linear's weight [N, K] -> panels [ceil(N / 64), K, 64], zero columns past N."""
+        _check_fp32(weight)
+        weight = weight.contiguous()
+        out_features, in_features = weight.shape
+        num_panels = -(-out_features // PANEL_COLUMNS)
+        panels = torch.empty(num_panels, in_features, PANEL_COLUMNS)
+        self._pack(weight.data_ptr(), panels.data_ptr(), out_features, in_features)
+        return panels
+
+    def matmul(
+        self, x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int
+    ) -> torch.Tensor:  # x [M, K] (rows may be strided) -> [M, out_features]
+        """x @ W.T + bias, with W packed by pack_weight."""
+        _check_fp32(x)
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        num_rows, in_features = x.shape
+        if panels.shape[1] != in_features:
+            raise ValueError(f"x has {in_features} features, the weight {panels.shape[1]}")
+        out = torch.empty(num_rows, out_features)
+        if num_rows:
+            bias_pointer = None if bias is None else bias.data_ptr()
+            self._matmul(
+                x.data_ptr(), x.stride(0), panels.data_ptr(), bias_pointer, out.data_ptr(),
+                num_rows, in_features, out_features,
+            )  # fmt: skip
+        return out
+
+    def paged_attention(
+        self,
+        query: torch.Tensor,  # [N, num_heads, head_dim], head_dim contiguous, heads adjacent
+        keys: torch.Tensor,  # [kv_heads, num_blocks, block_size, head_dim], contiguous
+        values: torch.Tensor,  # same layout as keys
+        block_tables: torch.Tensor,  # [S, max_blocks] int32
+        token_seq: torch.Tensor,  # [N] int32: each token's row of block_tables
+        num_keys: torch.Tensor,  # [N] int32: keys each token attends over (position + 1)
+        scale: float,
+    ) -> torch.Tensor:  # [N, num_heads * head_dim]
+        """Each token's query heads over its first num_keys cached keys (GQA)."""
+        num_tokens, num_heads, head_dim = query.shape
+        num_kv_heads, num_blocks, block_size, _ = keys.shape
+        if query.stride(2) != 1 or query.stride(1) != head_dim:
+            query = query.contiguous()
+        for tensor in (keys, values):
+            if not tensor.is_contiguous():
+                raise ValueError("the KV cache must be contiguous")
+        for index in (block_tables, token_seq, num_keys):
+            if index.dtype != torch.int32 or not index.is_contiguous():
+                raise ValueError("block tables and token indices must be contiguous int32")
+        out = torch.empty(num_tokens, num_heads * head_dim)
+        if num_tokens:
+            self._attention(
+                query.data_ptr(), query.stride(0), keys.data_ptr(), values.data_ptr(),
+                num_blocks, block_size, block_tables.data_ptr(), block_tables.stride(0),
+                token_seq.data_ptr(), num_keys.data_ptr(), out.data_ptr(),
+                num_tokens, num_heads, num_kv_heads, head_dim, scale,
+            )  # fmt: skip
+        return out
+
+
+def _check_fp32(tensor: torch.Tensor) -> None:
+    if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or tensor.dim() != 2:
+        raise ValueError(f"expected a 2-D fp32 CPU tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+
+
+@functools.lru_cache(maxsize=1)
+def native_kernels() -> NativeKernels | None:
+    """The compiled kernels for this machine (built on first call), or None if unavailable."""
+    started = time.perf_counter()
+    try:
+        kernels = NativeKernels(build_library())
+        _self_check(kernels)
+    except (NativeBuildError, OSError, AssertionError) as exc:
+        logger.warning("native kernels unavailable (%s): using torch's kernels", exc)
+        return None
+    logger.info(
+        "native kernels ready: %s (%.1f s)", kernels.path.name, time.perf_counter() - started
+    )
+    return kernels
+
+
+def _self_check(kernels: NativeKernels) -> None:
+    """A miscompiled or mismatched library must not serve: compare with torch once."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, generator=generator)
+    weight = torch.randn(70, 40, generator=generator)
+    got = kernels.matmul(x, kernels.pack_weight(weight), None, 70)
+    if not torch.allclose(got, x @ weight.T, rtol=1e-4, atol=1e-4):
+        raise AssertionError("the native matmul disagrees with torch")
