@@ -108,7 +108,8 @@ class NativeKernels:
 
 def _check_fp32(tensor: torch.Tensor) -> None:
     if tensor.dtype != torch.float32 or tensor.device.type != "cpu" or tensor.dim() != 2:
-        raise ValueError(f"expected a 2-D fp32 CPU tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+        shape = tuple(tensor.shape)
+        raise ValueError(f"expected a 2-D fp32 CPU tensor, got {tensor.dtype} {shape}")
 
 
 @functools.lru_cache(maxsize=1)

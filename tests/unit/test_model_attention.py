@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from app.native import native_kernels
 from app.model.attention import (
     build_attention_metadata,
     calibrate_min_query_rows,
     key_bucket,
     paged_attention,
 )
+from app.native import native_kernels
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 6, 2, 8, 4, 120
 CPU = torch.device("cpu")
