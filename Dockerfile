@@ -50,6 +50,14 @@ COPY pyproject.toml README.md ./
 RUN mkdir app && touch app/__init__.py \
     && pip install --no-cache-dir -e ".[weights]"
 COPY app ./app
+# lamina's native CPU kernels: the runtime stage has no compiler, so they are compiled
+# here for each portable CPU level (app/native/prebuilt/); the server loads the best one
+# the host's CPU supports (docs/performance.md, "Native kernels").
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && python -m app.native.build --portable \
+    && rm -rf /var/lib/apt/lists/*
 RUN mkdir -p /app/model_weights \
     && python -m compileall -q app
 

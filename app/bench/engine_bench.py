@@ -56,6 +56,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
     parser.add_argument(
+        "--no-native-kernels",
+        action="store_true",
+        help="torch's kernels instead of lamina's compiled ones (CPU, fp32)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: as many prompts as the highest level, 32 new tokens",
@@ -142,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         weight_dtype=args.weight_dtype,
         num_threads=args.threads,
         batch_invariant=not args.no_batch_invariant,
+        native_kernels=not args.no_native_kernels,
         max_num_seqs=max(args.levels),
         enable_prefix_caching=False,
         max_num_batched_tokens=max(512, max(args.levels)),
@@ -214,7 +220,8 @@ def _header(runner, settings, peak: float, kernel: str, peak_dtype, args) -> str
     return (
         f"lamina bench engine: device={runner.device} dtype={runner.dtype} "
         f"matmuls in {runner.matmul_dtype} threads={torch.get_num_threads()} "
-        f"batch_invariant={settings.batch_invariant}\n"
+        f"batch_invariant={settings.batch_invariant} "
+        f"kernels={'native' if runner.model.native is not None else 'torch'}\n"
         f"matmul peak {peak / 1e9:.0f} GFLOP/s ({kernel}, {peak_dtype}); "
         f"MFU = useful model FLOPs / time / peak\n"
         f"workload: {args.num_prompts} prompts x ~{args.prompt_len} tokens, "

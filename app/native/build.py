@@ -4,6 +4,11 @@ The library is built with `-march=native`, so a cached copy is only reused on th
 kind of CPU with the same compiler and source: all three go into its file name. Builds
 are atomic (compile to a temporary name, then rename), so concurrent servers starting
 on one machine never load a half-written file.
+
+Images without a compiler (the Docker runtime stage) ship *portable* builds instead,
+made by `python -m app.native.build --portable` in a stage that has one: one library per
+CPU level (x86-64-v4, x86-64-v3 on x86; armv8-a on ARM) in app/native/prebuilt/, and the
+best level this CPU supports is loaded when no compiler is found.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.c")
+PREBUILT_DIR = Path(__file__).with_name("prebuilt")
 FLAGS = (
     "-O3",
-    "-march=native",
     "-fopenmp",  # resolves to the libgomp torch has loaded: one worker pool
     "-ffp-contract=fast",  # a * b + c as one FMA; fixed per build, so still deterministic
     "-shared",
@@ -27,6 +32,14 @@ FLAGS = (
     "-Wall",
 )
 COMPILE_TIMEOUT_S = 120
+# Portable CPU levels per machine, best first, with the /proc/cpuinfo flags each needs.
+PORTABLE_LEVELS = {
+    "x86_64": (
+        ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+        ("x86-64-v3", {"avx2", "fma", "bmi2", "f16c", "movbe"}),
+    ),
+    "aarch64": (("armv8-a", set()),),
+}
 
 
 class NativeBuildError(RuntimeError):
@@ -34,9 +47,7 @@ class NativeBuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where compiled libraries live: LAMINA_NATIVE_CACHE, else the user's cache folder."""
-    if explicit := os.environ.get("LAMINA_NATIVE_CACHE"):
-        return Path(explicit)
+    """Where libraries compiled for this machine live: the user's cache folder."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "lamina" / "native"
 
@@ -54,33 +65,67 @@ def find_compiler() -> str | None:
 def library_path(compiler: str, directory: Path | None = None) -> Path:
     """The cached library's path for this source, compiler, flags and CPU."""
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
-    digest.update(" ".join(FLAGS).encode())
+    digest.update(_source_digest().encode())
     digest.update(_compiler_version(compiler).encode())
     digest.update(_cpu_signature().encode())
     return (directory or cache_dir()) / f"lamina-kernels-{digest.hexdigest()[:16]}.so"
 
 
 def build_library(directory: Path | None = None) -> Path:
-    """Path to a compiled library for this machine, compiling it first if needed."""
+    """Path to a library for this machine: compiled (and cached) if there is a compiler,
+    else the best portable build shipped in PREBUILT_DIR."""
+    compiler = find_compiler()
+    if compiler is None:
+        if prebuilt := find_prebuilt():
+            return prebuilt
+        raise NativeBuildError("no C compiler found (set CC or install gcc)")
+    target = library_path(compiler, directory)
+    if not target.exists():
+        _compile(compiler, "native", target)
+    return target
+
+
+def build_portable(directory: Path | None = None) -> list[Path]:
+    """Compile one library per portable CPU level of this machine kind into `directory`
+    (default PREBUILT_DIR)."""
     compiler = find_compiler()
     if compiler is None:
         raise NativeBuildError("no C compiler found (set CC or install gcc)")
-    target = library_path(compiler, directory)
-    if target.exists():
-        return target
+    built = []
+    for level, _ in PORTABLE_LEVELS.get(platform.machine(), ()):
+        target = portable_path(level, directory)
+        _compile(compiler, level, target)
+        built.append(target)
+    return built
+
+
+def find_prebuilt(directory: Path | None = None) -> Path | None:
+    """The best portable build of this source that this CPU can run, if one is shipped
+    (in PREBUILT_DIR by default)."""
+    flags = _cpu_flags()
+    for level, needs in PORTABLE_LEVELS.get(platform.machine(), ()):
+        path = portable_path(level, directory)
+        if path.exists() and needs <= flags:
+            return path
+    return None
+
+
+def portable_path(level: str, directory: Path | None = None) -> Path:
+    return (directory or PREBUILT_DIR) / f"lamina-kernels-{_source_digest()[:16]}-{level}.so"
+
+
+def _source_digest() -> str:
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()
+
+
+def _compile(compiler: str, march: str, target: Path) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise NativeBuildError(f"cannot create {target.parent}: {exc}") from None
-    _compile(compiler, target)
-    return target
-
-
-def _compile(compiler: str, target: Path) -> None:
     fd, temporary = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
     os.close(fd)
-    command = [compiler, *FLAGS, str(SOURCE), "-o", temporary]
+    command = [compiler, *FLAGS, f"-march={march}", str(SOURCE), "-o", temporary]
     try:
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False
@@ -106,6 +151,13 @@ def _compiler_version(compiler: str) -> str:
     return result.stdout
 
 
+def _cpu_flags() -> set[str]:
+    for line in _cpu_signature().splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
 def _cpu_signature() -> str:
     """The CPU model and feature flags (what -march=native compiles for)."""
     lines = [platform.machine()]
@@ -119,3 +171,28 @@ def _cpu_signature() -> str:
     except OSError:
         pass
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m app.native.build [--portable]`: compile now (for images and CI logs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m app.native.build", description=main.__doc__)
+    parser.add_argument(
+        "--portable",
+        action="store_true",
+        help=f"build every portable CPU level into {PREBUILT_DIR} (for images without gcc)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        paths = build_portable() if args.portable else [build_library()]
+    except NativeBuildError as exc:
+        print(f"native kernels: {exc}")
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

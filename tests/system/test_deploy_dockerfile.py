@@ -57,6 +57,8 @@ def test_dockerfile_variants_and_runtime_contract():
     assert "download.pytorch.org/whl/cpu" in cpu_install and "torch==" in cpu_install
     assert "torch==" in cuda_install and "--index-url" not in cuda_install
     assert any("lamina weights" in a for i, a in stages["weights"][1] if i == "RUN")
+    # The runtime stage has no compiler: the native kernels are built in the build stage.
+    assert any("app.native.build --portable" in a for i, a in stages["build"][1] if i == "RUN")
     for weights in ("mounted", "baked"):
         instructions = _final_image_instructions(weights)
         last = {i: a for i, a in instructions}

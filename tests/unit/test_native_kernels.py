@@ -1,0 +1,235 @@
+"""lamina's compiled CPU kernels (app/native): results, batch invariance, the build cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from app.native import NativeKernels
+from app.native import build as native_build
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --- matmul ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rows, in_features, out_features",
+    [(1, 576, 960), (7, 1536, 576), (33, 576, 100), (5, 13, 7), (2, 1, 64), (6, 64, 16)],
+)
+def test_matmul_computes_the_linear_map(native, rows, in_features, out_features):
+    x, weight = randn(rows, in_features), randn(out_features, in_features, seed=1)
+    bias = randn(out_features, seed=2)
+    panels = native.pack_weight(weight)
+    assert panels.shape == (math.ceil(out_features / 64), in_features, 64)
+    expected = F.linear(x.double(), weight.double(), bias.double()).float()
+    tolerance = 1e-5 * math.sqrt(in_features)
+    torch.testing.assert_close(
+        native.matmul(x, panels, bias, out_features), expected, atol=tolerance, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        native.matmul(x, panels, None, out_features), expected - bias, atol=tolerance, rtol=1e-5
+    )
+
+
+def test_matmul_reads_strided_rows_and_handles_no_rows(native):
+    wide = randn(4, 200)
+    x = wide[:, 10:106]  # rows 200 floats apart
+    weight = randn(80, 96, seed=1)
+    panels = native.pack_weight(weight)
+    assert torch.equal(
+        native.matmul(x, panels, None, 80), native.matmul(x.contiguous(), panels, None, 80)
+    )
+    assert native.matmul(x[:0], panels, None, 80).shape == (0, 80)
+    with pytest.raises(ValueError, match="features"):
+        native.matmul(randn(2, 95), panels, None, 80)
+    with pytest.raises(ValueError, match="fp32"):
+        native.matmul(x.double(), panels, None, 80)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_rows_have_the_same_bits_whatever_the_row_count(native, threads):
+    """Batch invariance by construction: no row count, thread count or column split
+    changes a row's bits (each element sums its products in the same order)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, weight = randn(70, 1536), randn(576, 1536, seed=1)
+        panels = native.pack_weight(weight)
+        alone = torch.cat([native.matmul(x[i : i + 1], panels, None, 576) for i in range(70)])
+        for rows in (2, 3, 5, 6, 7, 13, 32, 70):
+            assert torch.equal(native.matmul(x[:rows], panels, None, 576), alone[:rows]), rows
+            assert torch.equal(native.matmul(x[-rows:], panels, None, 576), alone[-rows:]), rows
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_matmul_bits_do_not_depend_on_the_thread_count(native):
+    x, weight = randn(9, 576), randn(960, 576, seed=1)
+    panels = native.pack_weight(weight)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.matmul(x, panels, None, 960)
+        torch.set_num_threads(2)
+        two = native.matmul(x, panels, None, 960)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one, two)
+
+
+# --- paged attention ---------------------------------------------------------------------
+
+HEADS, KV_HEADS, BLOCK, NUM_BLOCKS = 9, 3, 16, 40
+
+
+def cache_with(keys: torch.Tensor, values: torch.Tensor, table: list[int], head_dim: int):
+    """A junk-filled cache [KV_HEADS, NUM_BLOCKS, BLOCK, dim] with a sequence's keys and
+    values ([L, KV_HEADS, dim]) at the slots its table names."""
+    key_cache, value_cache = randn(2, KV_HEADS, NUM_BLOCKS, BLOCK, head_dim, seed=9).unbind(0)
+    key_cache, value_cache = key_cache.contiguous(), value_cache.contiguous()
+    for pos in range(keys.shape[0]):
+        key_cache[:, table[pos // BLOCK], pos % BLOCK] = keys[pos]
+        value_cache[:, table[pos // BLOCK], pos % BLOCK] = values[pos]
+    return key_cache, value_cache
+
+
+def dense_causal(query, keys, values, first_pos, scale):
+    """query [T, HEADS, D] at positions first_pos..; keys/values [L, KV_HEADS, D] (fp64)."""
+    group = HEADS // KV_HEADS
+    k = keys.double().repeat_interleave(group, dim=1)
+    v = values.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("thd,shd->hts", query.double(), k) * scale
+    positions = torch.arange(first_pos, first_pos + query.shape[0])[:, None]
+    scores = scores.masked_fill(torch.arange(k.shape[0])[None, :] > positions, float("-inf"))
+    out = torch.einsum("hts,shd->thd", scores.softmax(-1), v)
+    return out.reshape(query.shape[0], -1)
+
+
+def int32(values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("head_dim", [64, 8, 24])
+def test_attention_matches_dense_causal_attention(native, head_dim):
+    length, first = 150, 120  # keys 0..149; queries at 120..149 (a chunk after a prefix)
+    table = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(3))[:10].tolist()
+    keys, values = (
+        randn(length, KV_HEADS, head_dim, seed=4),
+        randn(length, KV_HEADS, head_dim, seed=5),
+    )
+    key_cache, value_cache = cache_with(keys, values, table, head_dim)
+    query = randn(length - first, HEADS, head_dim, seed=6)
+    scale = head_dim**-0.5
+    out = native.paged_attention(
+        query, key_cache, value_cache, int32([table]), int32([0] * (length - first)),
+        int32(range(first + 1, length + 1)), scale,
+    )  # fmt: skip
+    torch.testing.assert_close(
+        out.double(), dense_causal(query, keys, values, first, scale), atol=2e-6, rtol=1e-5
+    )
+
+
+def test_attention_takes_strided_queries_and_a_softmax_of_wide_range(native):
+    """Queries as views into the fused qkv rows; scores spanning ~100 (exp underflow)."""
+    head_dim, length = 64, 40
+    table = list(range(3))
+    keys, values = (
+        randn(length, KV_HEADS, head_dim, seed=4) * 6,
+        randn(length, KV_HEADS, head_dim, seed=5),
+    )
+    key_cache, value_cache = cache_with(keys, values, table, head_dim)
+    qkv = randn(length, (HEADS + 2 * KV_HEADS) * head_dim, seed=6) * 6
+    query = qkv[:, : HEADS * head_dim].view(length, HEADS, head_dim)
+    out = native.paged_attention(
+        query,
+        key_cache,
+        value_cache,
+        int32([table]),
+        int32([0] * length),
+        int32(range(1, length + 1)),
+        0.125,
+    )
+    torch.testing.assert_close(
+        out.double(), dense_causal(query, keys, values, 0, 0.125), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_attention_bits_depend_on_the_token_only(native):
+    """A token's output is bit-identical computed alone, in a prefill chunk, or among
+    other sequences' tokens: no padding, no grouping, in key order."""
+    head_dim, lengths = 64, [70, 33, 5]
+    tables = [list(range(0, 5)), list(range(5, 8)), list(range(8, 9))]
+    key_cache, value_cache = randn(2, KV_HEADS, NUM_BLOCKS, BLOCK, head_dim, seed=1).unbind(0)
+    key_cache, value_cache = key_cache.contiguous(), value_cache.contiguous()
+    queries = [randn(n, HEADS, head_dim, seed=10 + i) for i, n in enumerate(lengths)]
+    padded_tables = int32([t + [0] * (5 - len(t)) for t in tables])
+
+    def attend(tokens):  # tokens: (seq, position) pairs, one step
+        query = torch.stack([queries[s][p] for s, p in tokens])
+        return native.paged_attention(
+            query, key_cache, value_cache, padded_tables, int32([s for s, _ in tokens]),
+            int32([p + 1 for _, p in tokens]), 0.125,
+        )  # fmt: skip
+
+    everything = [(s, p) for s, n in enumerate(lengths) for p in range(n)]
+    together = attend(everything)
+    for row, token in enumerate(everything):
+        assert torch.equal(attend([token])[0], together[row]), token
+
+
+# --- building and caching ------------------------------------------------------------------
+
+
+def test_the_library_is_cached_per_source_compiler_and_cpu(tmp_path):
+    if native_build.find_compiler() is None:
+        pytest.skip("no C compiler")
+    first = native_build.build_library(tmp_path)
+    assert first.parent == tmp_path and first.name.startswith("lamina-kernels-")
+    built_at = first.stat().st_mtime_ns
+    assert native_build.build_library(tmp_path) == first
+    assert first.stat().st_mtime_ns == built_at  # reused, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
+
+
+def test_without_a_compiler_a_portable_build_for_this_cpu_is_loaded(tmp_path, monkeypatch):
+    """What the Docker runtime image does: no gcc, libraries built in an earlier stage."""
+    if native_build.find_compiler() is None:
+        pytest.skip("no C compiler to make the portable builds with")
+    built = native_build.build_portable(tmp_path)
+    if not built:
+        pytest.skip("no portable CPU levels known for this machine kind")
+    monkeypatch.setattr(native_build, "find_compiler", lambda: None)
+    monkeypatch.setattr(native_build, "PREBUILT_DIR", tmp_path)
+    chosen = native_build.build_library(tmp_path / "cache")
+    assert chosen in built
+    kernels = NativeKernels(chosen)
+    x, weight = randn(3, 100), randn(70, 100, seed=1)
+    got = kernels.matmul(x, kernels.pack_weight(weight), None, 70)
+    torch.testing.assert_close(got, x @ weight.T, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(native_build, "PREBUILT_DIR", tmp_path / "empty")
+    with pytest.raises(native_build.NativeBuildError, match="no C compiler"):
+        native_build.build_library(tmp_path / "cache")
+
+
+def test_a_missing_compiler_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(native_build.NativeBuildError, match="no C compiler"):
+        native_build.build_library()
+
+
+def test_a_failing_compile_says_why(tmp_path, monkeypatch):
+    if native_build.find_compiler() is None:
+        pytest.skip("no C compiler")
+    broken = tmp_path / "kernels.c"
+    broken.write_text("this is not C;\n")
+    monkeypatch.setattr(native_build, "SOURCE", broken)
+    with pytest.raises(native_build.NativeBuildError, match="error"):
+        native_build.build_library(tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written left
