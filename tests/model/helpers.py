@@ -106,6 +106,7 @@ def model_logits(
     kinds: the rows' token kinds, for models with fp16 weights (one kind for all rows).
     """
     device = model.embed_tokens.weight.device
+    backend = "sdpa" if device.type == "cuda" else "native" if model.native else "bmm"
     positions, metadata = build_attention_metadata(
         [len(c.token_ids) for c in chunks],
         [c.num_context for c in chunks],
@@ -114,8 +115,9 @@ def model_logits(
         cache.num_allocated_blocks,
         model.config.num_kv_heads,
         device,
-        backend="sdpa" if device.type == "cuda" else "bmm",
+        backend=backend,
         mask_dtype=model.embed_tokens.weight.dtype,
+        native=model.native if backend == "native" else None,
     )
     input_ids = torch.tensor([t for c in chunks for t in c.token_ids], device=device)
     with torch.inference_mode():
