@@ -1,4 +1,4 @@
-"""The `lamina` command: `weights`, `serve`, `bench engine`, `bench serve`."""
+"""The `lamina` command: `weights`, `serve`, `bench engine`, `bench serve`, `bench kernels`."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from app.bench.engine_bench import main as bench_engine
 
         return bench_engine(args.rest)
+    if args.bench_target == "kernels":
+        from app.bench.kernel_bench import main as bench_kernels
+
+        return bench_kernels(args.rest)
     from app.bench.serve_bench import main as bench_serve
 
     return bench_serve(args.rest)
@@ -55,8 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="local HF model folder (LAMINA_MODEL)")
     serve.set_defaults(func=_cmd_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks: `engine` (offline) or `serve` (HTTP)")
-    bench.add_argument("bench_target", choices=["engine", "serve"])
+    bench = sub.add_parser(
+        "bench", help="benchmarks: `engine` (offline), `serve` (HTTP), `kernels` (CPU kernels)"
+    )
+    bench.add_argument("bench_target", choices=["engine", "serve", "kernels"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=_cmd_bench)
     return parser

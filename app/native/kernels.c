@@ -109,11 +109,14 @@ static void matmul_units(const float *x, long ldx, const float *panels, const fl
 void lamina_matmul(const float *x, long ldx, const float *panels, const float *bias,
                    float *y, long M, long K, long N) {
     long units = (N + LANES - 1) / LANES;
+    long chunks = (units + 3) / 4; /* one panel each */
     int parallel = M * K * N >= (1L << 18);
-#pragma omp parallel if (parallel)
-    {
-        int threads = omp_get_num_threads(), t = omp_get_thread_num();
-        long first = units * t / threads, last = units * (t + 1) / threads;
+    /* Guided: large contiguous runs of panels first (as fast as a static split), then
+     * single panels, so a thread the OS delays (the HTTP event loop, a client on the
+     * same cores) leaves its last panels to the others instead of making them wait. */
+#pragma omp parallel for schedule(guided) if (parallel)
+    for (long chunk = 0; chunk < chunks; chunk++) {
+        long first = chunk * 4, last = first + 4 < units ? first + 4 : units;
         matmul_units(x, ldx, panels, bias, y, M, K, N, first, last);
     }
 }
@@ -138,13 +141,17 @@ void lamina_pack_weight(const float *weight, float *panels, long N, long K) {
  * the token's first num_keys cached keys, read from the blocks its table lists.
  */
 
-/* Horizontal sum in a fixed order (halves, then quarters, ...). */
+/* Horizontal sum in a fixed order: lane i += lane i + 8, then + 4, + 2, + 1. */
 static inline float sum_lanes(vecf v) {
-    float l[LANES];
-    memcpy(l, &v, sizeof l);
-    for (int width = LANES / 2; width >= 1; width /= 2)
-        for (int i = 0; i < width; i++) l[i] += l[i + width];
-    return l[0];
+    const veci half = {8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15};
+    const veci quarter = {4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7};
+    const veci eighth = {2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3};
+    const veci sixteenth = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    v = v + __builtin_shuffle(v, half);
+    v = v + __builtin_shuffle(v, quarter);
+    v = v + __builtin_shuffle(v, eighth);
+    v = v + __builtin_shuffle(v, sixteenth);
+    return v[0];
 }
 
 static float dot(const float *a, const float *b, long D) {
@@ -217,44 +224,76 @@ typedef struct {
     float scale;
 } attention_args;
 
-/* One (token, KV head): its group of query heads over its keys. scratch: group * L. */
-static void attend_item(const attention_args *a, long token, long head, float *scratch) {
-    long D = a->head_dim, group = a->num_heads / a->num_kv_heads, L = a->num_keys[token];
-    const int32_t *table = a->tables + a->token_seq[token] * a->table_stride;
-    const float *k_head = a->keys + head * a->num_blocks * a->block_size * D;
-    const float *v_head = a->values + head * a->num_blocks * a->block_size * D;
-    float query[group * D];
-    for (long g = 0; g < group; g++)
-        for (long d = 0; d < D; d++)
-            query[g * D + d] = a->query[token * a->q_stride + (head * group + g) * D + d] * a->scale;
-    for (long j = 0; j < L; j++) {
-        const float *key = k_head + ((long)table[j / a->block_size] * a->block_size +
-                                     j % a->block_size) * D;
-        for (long g = 0; g < group; g++) scratch[g * L + j] = dot(query + g * D, key, D);
+/* Scores of one query head over keys [0, L): s_j = q . k_j, in block order. */
+static inline __attribute__((always_inline)) void score_keys(
+    const float *query, const float *k_head, const int32_t *table, long L, long block_size,
+    long D, float *scores) {
+    long block_elems = block_size * D;
+    for (long start = 0, b = 0; start < L; start += block_size, b++) {
+        const float *block = k_head + table[b] * block_elems;
+        long count = L - start < block_size ? L - start : block_size;
+        for (long i = 0; i < count; i++) scores[start + i] = dot(query, block + i * D, D);
     }
-    for (long g = 0; g < group; g++) softmax(scratch + g * L, L);
+}
+
+/* out[0:D] = sum_j probs_j v_j, each element summed in key order, in registers. */
+static inline __attribute__((always_inline)) void weigh_values(
+    const float *probs, const float *v_head, const int32_t *table, long L, long block_size,
+    long D, float *out) {
+    long block_elems = block_size * D;
+    for (long d0 = 0; d0 < D; d0 += 4 * LANES) { /* 64 columns at a time */
+        long width = D - d0 < 4 * LANES ? D - d0 : 4 * LANES;
+        if (width % LANES) { /* a head_dim not a multiple of 16: plain scalar sums */
+            for (long d = d0; d < D; d++) {
+                float acc = 0.0f;
+                for (long start = 0, b = 0; start < L; start += block_size, b++) {
+                    const float *block = v_head + table[b] * block_elems;
+                    long count = L - start < block_size ? L - start : block_size;
+                    for (long i = 0; i < count; i++) acc += probs[start + i] * block[i * D + d];
+                }
+                out[d] = acc;
+            }
+            return;
+        }
+        long nv = width / LANES;
+        vecf acc[4] = {broadcast(0.0f), broadcast(0.0f), broadcast(0.0f), broadcast(0.0f)};
+        for (long start = 0, b = 0; start < L; start += block_size, b++) {
+            const float *block = v_head + table[b] * block_elems + d0;
+            long count = L - start < block_size ? L - start : block_size;
+            for (long i = 0; i < count; i++) {
+                vecf p = broadcast(probs[start + i]);
+                for (long v = 0; v < nv; v++) acc[v] = acc[v] + p * load(block + i * D + v * LANES);
+            }
+        }
+        for (long v = 0; v < nv; v++) store(out + d0 + v * LANES, acc[v]);
+    }
+}
+
+/* One (token, KV head): its group of query heads, one after another (the head's keys
+ * and values stay in L1/L2 between them). scratch: L floats. */
+static inline __attribute__((always_inline)) void attend_item_d(
+    const attention_args *a, long token, long head, float *scratch, long D) {
+    long group = a->num_heads / a->num_kv_heads, L = a->num_keys[token];
+    long head_elems = a->num_blocks * a->block_size * D;
+    const int32_t *table = a->tables + a->token_seq[token] * a->table_stride;
     for (long g = 0; g < group; g++) {
-        float *out = a->out + token * a->num_heads * D + (head * group + g) * D;
-        const float *probs = scratch + g * L;
-        long d = 0;
-        for (; d + LANES <= D; d += LANES) {
-            vecf acc = broadcast(0.0f);
-            for (long j = 0; j < L; j++) {
-                const float *value = v_head + ((long)table[j / a->block_size] * a->block_size +
-                                               j % a->block_size) * D;
-                acc = acc + broadcast(probs[j]) * load(value + d);
-            }
-            store(out + d, acc);
-        }
-        for (; d < D; d++) {
-            float acc = 0.0f;
-            for (long j = 0; j < L; j++) {
-                const float *value = v_head + ((long)table[j / a->block_size] * a->block_size +
-                                               j % a->block_size) * D;
-                acc += probs[j] * value[d];
-            }
-            out[d] = acc;
-        }
+        long q_head = head * group + g;
+        float query[D];
+        const float *q_row = a->query + token * a->q_stride + q_head * D;
+        for (long d = 0; d < D; d++) query[d] = q_row[d] * a->scale;
+        score_keys(query, a->keys + head * head_elems, table, L, a->block_size, D, scratch);
+        softmax(scratch, L);
+        float *out = a->out + (token * a->num_heads + q_head) * D;
+        weigh_values(scratch, a->values + head * head_elems, table, L, a->block_size, D, out);
+    }
+}
+
+/* The common head sizes get their own copies, so the compiler unrolls for them. */
+static void attend_item(const attention_args *a, long token, long head, float *scratch) {
+    switch (a->head_dim) {
+    case 64: attend_item_d(a, token, head, scratch, 64); break;
+    case 128: attend_item_d(a, token, head, scratch, 128); break;
+    default: attend_item_d(a, token, head, scratch, a->head_dim); break;
     }
 }
 
@@ -268,10 +307,10 @@ void lamina_paged_attention(const float *query, long q_stride, const float *keys
                         out,     num_heads, num_kv_heads, head_dim, scale};
     long max_keys = 1;
     for (long t = 0; t < num_tokens; t++) max_keys = num_keys[t] > max_keys ? num_keys[t] : max_keys;
-    long group = num_heads / num_kv_heads, items = num_tokens * num_kv_heads;
+    long items = num_tokens * num_kv_heads;
 #pragma omp parallel if (items > 1)
     {
-        float *scratch = malloc(sizeof(float) * group * max_keys);
+        float *scratch = malloc(sizeof(float) * max_keys);
 #pragma omp for schedule(dynamic, 1)
         for (long item = 0; item < items; item++)
             attend_item(&a, item / num_kv_heads, item % num_kv_heads, scratch);

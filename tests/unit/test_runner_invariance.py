@@ -49,9 +49,14 @@ PARAMS = [
 ]
 
 
-@pytest.mark.parametrize("weight_dtype", ["auto", "float16", "bfloat16"])
-def test_logprob_bits_do_not_depend_on_the_batch(tiny_model_path, weight_dtype):
-    runner = tiny_runner(tiny_model_path, weight_dtype=weight_dtype)
+# (weight_dtype, native_kernels): lamina's compiled kernels by default, torch's (what a
+# machine without a C compiler runs: padded rows and key buckets) as the fallback.
+KERNEL_SETUPS = [("auto", True), ("auto", False), ("float16", True), ("bfloat16", True)]
+
+
+@pytest.mark.parametrize("weight_dtype, native_kernels", KERNEL_SETUPS)
+def test_logprob_bits_do_not_depend_on_the_batch(tiny_model_path, weight_dtype, native_kernels):
+    runner = tiny_runner(tiny_model_path, weight_dtype=weight_dtype, native_kernels=native_kernels)
     lengths = [3, 17, 40, 9, 70, 1]
 
     def sequences():
@@ -90,11 +95,13 @@ def run_with_preemption(runner, seqs, preempt_after, chunk) -> list[list[tuple[i
     return results
 
 
-@pytest.mark.parametrize("weight_dtype", ["auto", "float16"])
-def test_logprob_bits_survive_preemption_and_recompute(tiny_model_path, weight_dtype):
+@pytest.mark.parametrize("weight_dtype, native_kernels", KERNEL_SETUPS[:3])
+def test_logprob_bits_survive_preemption_and_recompute(
+    tiny_model_path, weight_dtype, native_kernels
+):
     """A recompute chunk holds prompt and generated tokens; with fp16 weights the generated
     ones must go through the fp16 kernel again, or their keys and values would change."""
-    runner = tiny_runner(tiny_model_path, weight_dtype=weight_dtype)
+    runner = tiny_runner(tiny_model_path, weight_dtype=weight_dtype, native_kernels=native_kernels)
     lengths = [11, 23, 6]
 
     def sequences():
@@ -106,6 +113,11 @@ def test_logprob_bits_survive_preemption_and_recompute(tiny_model_path, weight_d
     for chunk in (7, 64):  # chunks across the prompt/output boundary, and whole recomputes
         preempted = run_with_preemption(runner, sequences(), {0: 3, 1: 6, 2: 1}, chunk)
         assert preempted == alone, chunk
+
+
+def test_the_runner_uses_native_attention_when_the_kernels_build(tiny_model_path, native):
+    assert tiny_runner(tiny_model_path).attention_backend == "native"
+    assert tiny_runner(tiny_model_path, native_kernels=False).attention_backend == "bmm"
 
 
 def test_fp16_weights_split_rows_by_token_kind(tiny_model_path):

@@ -1,0 +1,162 @@
+"""`lamina bench kernels`: lamina's native CPU kernels against torch's, on the model's shapes.
+
+Matmuls: every Linear of one forward (each layer's fused qkv, o, gate_up and down, then
+the head), with distinct weights per layer so they stream from memory as in the model,
+through the native kernel, oneDNN with packed weights (torch's fastest fp32 kernel here)
+and F.linear, for several row counts. Attention: one decode step of S sequences with C
+cached tokens each, all layers, through the native kernel and through torch's path
+(gather the blocks, two batched matmuls, key buckets for invariance). Variants alternate
+within each repetition and the best repetition counts, so a noisy machine hurts both
+alike; the ratio is the figure to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from app.config import load_settings
+from app.model.attention import (
+    build_attention_metadata,
+    calibrate_min_query_rows,
+    paged_attention,
+)
+from app.model.cpu_threads import default_num_threads
+from app.model.kv_cache import KVCache
+from app.model.linear import onednn_available
+from app.model.loader import ModelConfig
+from app.native import NativeKernels, native_kernels
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="lamina bench kernels", description=__doc__)
+    parser.add_argument("--rows", default="1,8,32,128", help="matmul row counts")
+    parser.add_argument("--seqs", default="1,32", help="decode sequences for attention")
+    parser.add_argument("--context", type=int, default=200, help="cached tokens per sequence")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    args = parser.parse_args(argv)
+    args.rows = [int(v) for v in args.rows.split(",")]
+    args.seqs = [int(v) for v in args.seqs.split(",")]
+    return args
+
+
+def best_ms(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best wall time of each variant, variants interleaved within every repetition."""
+    best = dict.fromkeys(variants, float("inf"))
+    for _ in range(repeats):
+        for name, run in variants.items():
+            started = time.perf_counter()
+            run()
+            best[name] = min(best[name], (time.perf_counter() - started) * 1e3)
+    return best
+
+
+def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """(in, out) of every matmul of one forward, in order."""
+    qkv = config.q_size + 2 * config.kv_size
+    layer = [
+        (config.hidden_size, qkv),
+        (config.q_size, config.hidden_size),
+        (config.hidden_size, 2 * config.intermediate_size),
+        (config.intermediate_size, config.hidden_size),
+    ]
+    return layer * config.num_layers + [(config.hidden_size, config.vocab_size)]
+
+
+def bench_matmuls(native: NativeKernels, config: ModelConfig, args) -> None:
+    shapes = linear_shapes(config)
+    weights = [torch.randn(n, k) * 0.02 for k, n in shapes]  # [out, in], as checkpoints
+    panels = [native.pack_weight(w) for w in weights]
+    variants_for: dict[str, Callable[[dict[int, torch.Tensor]], None]] = {
+        "native": lambda xs: [
+            native.matmul(xs[k], p, None, n) for (k, n), p in zip(shapes, panels)
+        ],
+        "F.linear": lambda xs: [F.linear(xs[k], w) for (k, _), w in zip(shapes, weights)],
+    }
+    if onednn_available(torch.float32):
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+        linear = torch.ops.mkldnn._linear_pointwise.default
+        variants_for["oneDNN"] = lambda xs: [
+            linear(xs[k], p, None, "none", [], "") for (k, _), p in zip(shapes, packed)
+        ]
+    print(f"\nmatmuls of one forward ({len(shapes)} matmuls, fp32), best of {args.repeats}, ms")
+    names = list(variants_for)
+    print(f"{'rows':>5} " + " ".join(f"{n:>9}" for n in names) + "  native speed-up")
+    for rows in args.rows:
+        xs = {k: torch.randn(rows, k) for k in {k for k, _ in shapes}}
+        variants = {n: lambda f=f, xs=xs: f(xs) for n, f in variants_for.items()}
+        timings = best_ms(variants, args.repeats)
+        others = [timings[n] for n in names if n != "native"]
+        speedup = min(others) / timings["native"]
+        cells = " ".join(f"{timings[n]:9.1f}" for n in names)
+        print(f"{rows:5d} {cells}  {speedup:.2f}x over the fastest other")
+
+
+def bench_attention(native: NativeKernels, config: ModelConfig, args) -> None:
+    print(
+        f"\nattention of one decode step ({config.num_layers} layers, {args.context} cached "
+        f"tokens per sequence), best of {args.repeats}, ms"
+    )
+    print(f"{'seqs':>5} {'native':>9} {'torch':>9}  native speed-up")
+    min_rows = calibrate_min_query_rows(torch.device("cpu"), torch.float32, config.head_dim)
+    for seqs in args.seqs:
+        step = DecodeAttentionStep(config, seqs, args.context, min_rows)
+        variants = {"native": lambda s=step: s.run(native), "torch": lambda s=step: s.run(None)}
+        timings = best_ms(variants, args.repeats)
+        speedup = timings["torch"] / timings["native"]
+        print(f"{seqs:5d} {timings['native']:9.1f} {timings['torch']:9.1f}  {speedup:.2f}x")
+
+
+class DecodeAttentionStep:
+    """A decode step's attention, every layer: `seqs` sequences with `context` cached
+    tokens each, in blocks scattered over the cache as a long-running server's are."""
+
+    block_size = 16
+
+    def __init__(self, config: ModelConfig, seqs: int, context: int, min_rows: int) -> None:
+        self.config, self.seqs, self.context, self.min_rows = config, seqs, context, min_rows
+        per_seq = -(-(context + 1) // self.block_size)
+        num_blocks = seqs * per_seq
+        self.cache = KVCache(
+            config, num_blocks, self.block_size, torch.device("cpu"), torch.float32
+        )
+        for layer in self.cache.layers:
+            layer.normal_()
+        order = torch.randperm(num_blocks).tolist()
+        self.tables = [order[i * per_seq : (i + 1) * per_seq] for i in range(seqs)]
+        self.query = torch.randn(seqs, config.num_heads, config.head_dim)  # [S, heads, dim]
+        self.new_kv = torch.randn(seqs, 2 * config.num_kv_heads, config.head_dim)
+
+    def run(self, native: NativeKernels | None) -> None:
+        """native None: torch's path (gather + bmm over key buckets)."""
+        _, metadata = build_attention_metadata(
+            [1] * self.seqs, [self.context] * self.seqs, self.tables, self.block_size,
+            self.cache.num_allocated_blocks, self.config.num_kv_heads, torch.device("cpu"),
+            min_query_rows=self.min_rows, backend="native" if native else "bmm", native=native,
+        )  # fmt: skip
+        scale = self.config.head_dim**-0.5
+        for layer in self.cache.layers:
+            paged_attention(self.query, self.new_kv, layer, metadata, scale)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv or [])
+    torch.set_num_threads(args.threads or default_num_threads())
+    native = native_kernels()
+    if native is None:
+        print("native kernels unavailable on this machine (see the log): nothing to compare")
+        return 1
+    config = ModelConfig.from_dir(load_settings().model)
+    print(
+        f"lamina bench kernels: {config.num_layers} layers, hidden {config.hidden_size}, "
+        f"threads={torch.get_num_threads()}, library {native.path.name}"
+    )
+    with torch.inference_mode():
+        bench_matmuls(native, config, args)
+        bench_attention(native, config, args)
+    return 0
