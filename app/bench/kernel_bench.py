@@ -13,6 +13,7 @@ alike; the ratio is the figure to read.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -37,11 +38,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rows", default="1,8,32,128", help="matmul row counts")
     parser.add_argument("--seqs", default="1,32", help="decode sequences for attention")
     parser.add_argument("--context", type=int, default=200, help="cached tokens per sequence")
+    parser.add_argument("--prefill", default="512,2048", help="prompt lengths for prefill")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
+    parser.add_argument("--layers", type=int, help="layers to run (default: the model's)")
     args = parser.parse_args(argv)
     args.rows = [int(v) for v in args.rows.split(",")]
     args.seqs = [int(v) for v in args.seqs.split(",")]
+    args.prefill = [int(v) for v in args.prefill.split(",") if v]
     return args
 
 
@@ -99,43 +103,48 @@ def bench_matmuls(native: NativeKernels, config: ModelConfig, args) -> None:
 
 def bench_attention(native: NativeKernels, config: ModelConfig, args) -> None:
     print(
-        f"\nattention of one decode step ({config.num_layers} layers, {args.context} cached "
-        f"tokens per sequence), best of {args.repeats}, ms"
+        f"\nattention, all {config.num_layers} layers, best of {args.repeats}, ms\n"
+        f"{'step':>28} {'native':>9} {'torch':>9}  native speed-up"
     )
-    print(f"{'seqs':>5} {'native':>9} {'torch':>9}  native speed-up")
     min_rows = calibrate_min_query_rows(torch.device("cpu"), torch.float32, config.head_dim)
-    for seqs in args.seqs:
-        step = DecodeAttentionStep(config, seqs, args.context, min_rows)
+    steps = [(f"decode {n} x {args.context} keys", n, args.context, 1) for n in args.seqs]
+    steps += [(f"prefill {t} tokens", 1, 0, t) for t in args.prefill]
+    for label, seqs, context, new_tokens in steps:
+        step = AttentionStep(config, seqs, context, new_tokens, min_rows)
         variants = {"native": lambda s=step: s.run(native), "torch": lambda s=step: s.run(None)}
         timings = best_ms(variants, args.repeats)
         speedup = timings["torch"] / timings["native"]
-        print(f"{seqs:5d} {timings['native']:9.1f} {timings['torch']:9.1f}  {speedup:.2f}x")
+        print(f"{label:>28} {timings['native']:9.1f} {timings['torch']:9.1f}  {speedup:.2f}x")
 
 
-class DecodeAttentionStep:
-    """A decode step's attention, every layer: `seqs` sequences with `context` cached
-    tokens each, in blocks scattered over the cache as a long-running server's are."""
+class AttentionStep:
+    """One step's attention, every layer: `seqs` sequences with `context` cached tokens
+    and `new_tokens` new ones each, in blocks scattered over the cache as a long-running
+    server's are."""
 
     block_size = 16
 
-    def __init__(self, config: ModelConfig, seqs: int, context: int, min_rows: int) -> None:
-        self.config, self.seqs, self.context, self.min_rows = config, seqs, context, min_rows
-        per_seq = -(-(context + 1) // self.block_size)
+    def __init__(
+        self, config: ModelConfig, seqs: int, context: int, new_tokens: int, min_rows: int
+    ) -> None:
+        self.config, self.min_rows = config, min_rows
+        self.query_lens, self.context_lens = [new_tokens] * seqs, [context] * seqs
+        per_seq = -(-(context + new_tokens) // self.block_size)
         num_blocks = seqs * per_seq
-        self.cache = KVCache(
-            config, num_blocks, self.block_size, torch.device("cpu"), torch.float32
-        )
+        cpu = torch.device("cpu")
+        self.cache = KVCache(config, num_blocks, self.block_size, cpu, torch.float32)
         for layer in self.cache.layers:
             layer.normal_()
         order = torch.randperm(num_blocks).tolist()
         self.tables = [order[i * per_seq : (i + 1) * per_seq] for i in range(seqs)]
-        self.query = torch.randn(seqs, config.num_heads, config.head_dim)  # [S, heads, dim]
-        self.new_kv = torch.randn(seqs, 2 * config.num_kv_heads, config.head_dim)
+        num_tokens = seqs * new_tokens
+        self.query = torch.randn(num_tokens, config.num_heads, config.head_dim)
+        self.new_kv = torch.randn(num_tokens, 2 * config.num_kv_heads, config.head_dim)
 
     def run(self, native: NativeKernels | None) -> None:
         """native None: torch's path (gather + bmm over key buckets)."""
         _, metadata = build_attention_metadata(
-            [1] * self.seqs, [self.context] * self.seqs, self.tables, self.block_size,
+            self.query_lens, self.context_lens, self.tables, self.block_size,
             self.cache.num_allocated_blocks, self.config.num_kv_heads, torch.device("cpu"),
             min_query_rows=self.min_rows, backend="native" if native else "bmm", native=native,
         )  # fmt: skip
@@ -152,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         print("native kernels unavailable on this machine (see the log): nothing to compare")
         return 1
     config = ModelConfig.from_dir(load_settings().model)
+    if args.layers:
+        config = dataclasses.replace(config, num_layers=args.layers)
     print(
         f"lamina bench kernels: {config.num_layers} layers, hidden {config.hidden_size}, "
         f"threads={torch.get_num_threads()}, library {native.path.name}"

@@ -15,6 +15,7 @@
  * -fopenmp. OpenMP resolves to the libgomp torch already loaded, so these kernels share
  * torch's worker threads instead of starting a second pool.
  */
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -154,13 +155,42 @@ static inline float sum_lanes(vecf v) {
     return v[0];
 }
 
-static float dot(const float *a, const float *b, long D) {
+/* The 16-lane partial sums of a . b over the whole vectors of D (in d order). */
+static inline vecf partial_dot(const float *a, const float *b, long D) {
     vecf acc = broadcast(0.0f);
-    long d = 0;
-    for (; d + LANES <= D; d += LANES) acc = acc + load(a + d) * load(b + d);
-    float s = sum_lanes(acc);
-    for (; d < D; d++) s += a[d] * b[d];
+    for (long d = 0; d + LANES <= D; d += LANES) acc = acc + load(a + d) * load(b + d);
+    return acc;
+}
+
+static float dot(const float *a, const float *b, long D) {
+    float s = sum_lanes(partial_dot(a, b, D));
+    for (long d = D / LANES * LANES; d < D; d++) s += a[d] * b[d];
     return s;
+}
+
+/* sum_lanes of 16 vectors at once: lane i of the result is sum_lanes(p[i]), bit for bit
+ * (each step adds lane l and lane l + width of one key, as sum_lanes does), at 15 adds
+ * instead of 64 shuffles and adds. */
+static inline vecf sum_lanes_16(vecf p[16]) {
+    static const veci lo1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    static const veci hi1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    static const veci lo2 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+    static const veci hi2 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+    static const veci lo3 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+    static const veci hi3 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+    static const veci lo4 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    static const veci hi4 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    vecf q[8], r[4], t[2];
+    for (int k = 0; k < 8; k++) /* keys 2k, 2k+1: 8 lanes each */
+        q[k] = __builtin_shuffle(p[2 * k], p[2 * k + 1], lo1) +
+               __builtin_shuffle(p[2 * k], p[2 * k + 1], hi1);
+    for (int k = 0; k < 4; k++) /* keys 4k..4k+3: 4 lanes each */
+        r[k] = __builtin_shuffle(q[2 * k], q[2 * k + 1], lo2) +
+               __builtin_shuffle(q[2 * k], q[2 * k + 1], hi2);
+    for (int k = 0; k < 2; k++) /* keys 8k..8k+7: 2 lanes each */
+        t[k] = __builtin_shuffle(r[2 * k], r[2 * k + 1], lo3) +
+               __builtin_shuffle(r[2 * k], r[2 * k + 1], hi3);
+    return __builtin_shuffle(t[0], t[1], lo4) + __builtin_shuffle(t[0], t[1], hi4);
 }
 
 /* e^x for x <= 0 (softmax after subtracting the maximum), 16 at a time: x = n ln2 + r,
@@ -189,24 +219,27 @@ static inline vecf exp_nonpositive(vecf x) {
     return blend(underflows, broadcast(0.0f), result);
 }
 
-/* probs[0:L] = softmax(scores[0:L]), in place. */
+/* probs[0:L] = softmax(scores[0:L]), in place. scores must have room for L rounded up
+ * to 16 (the tail is computed as a whole vector). The sum runs in 16 lanes (lane l adds
+ * keys l, l + 16, ... in order) and then sum_lanes: a fixed order for a given L. */
 static void softmax(float *scores, long L) {
-    float max = scores[0];
-    for (long j = 1; j < L; j++) max = scores[j] > max ? scores[j] : max;
-    long j = 0;
-    for (; j + LANES <= L; j += LANES)
-        store(scores + j, exp_nonpositive(load(scores + j) - max));
-    if (j < L) {
-        float tail[LANES] = {0};
-        memcpy(tail, scores + j, (L - j) * sizeof(float));
-        vecf e = exp_nonpositive(load(tail) - max);
-        memcpy(tail, &e, sizeof tail);
-        memcpy(scores + j, tail, (L - j) * sizeof(float));
+    long padded = (L + LANES - 1) / LANES * LANES;
+    for (long j = L; j < padded; j++) scores[j] = -INFINITY; /* exp gives 0: adds nothing */
+    vecf top = load(scores);
+    for (long j = LANES; j < padded; j += LANES) {
+        vecf x = load(scores + j);
+        top = blend(x > top, x, top);
     }
-    float total = 0.0f;
-    for (j = 0; j < L; j++) total += scores[j];
-    float inverse = 1.0f / total;
-    for (j = 0; j < L; j++) scores[j] *= inverse;
+    float max = top[0];
+    for (int l = 1; l < LANES; l++) max = top[l] > max ? top[l] : max; /* exact in any order */
+    vecf total = broadcast(0.0f);
+    for (long j = 0; j < padded; j += LANES) {
+        vecf e = exp_nonpositive(load(scores + j) - max);
+        store(scores + j, e);
+        total = total + e;
+    }
+    vecf inverse = broadcast(1.0f / sum_lanes(total));
+    for (long j = 0; j < padded; j += LANES) store(scores + j, load(scores + j) * inverse);
 }
 
 typedef struct {
@@ -224,77 +257,132 @@ typedef struct {
     float scale;
 } attention_args;
 
-/* Scores of one query head over keys [0, L): s_j = q . k_j, in block order. */
-static inline __attribute__((always_inline)) void score_keys(
-    const float *query, const float *k_head, const int32_t *table, long L, long block_size,
-    long D, float *scores) {
-    long block_elems = block_size * D;
-    for (long start = 0, b = 0; start < L; start += block_size, b++) {
+/* Consecutive query tokens of one sequence computed together: each block of keys or
+ * values is read from memory once per tile and from L1 by the tile's other rows. Row r
+ * of a tile sees L0 + r keys. Every row's arithmetic is exactly what it would be alone. */
+#define TILE 4
+
+/* scores[r][j] = q_r . k_j for j < L0 + r, block by block. queries: [count][D], scaled. */
+static inline __attribute__((always_inline)) void score_tile(
+    const float *queries, long count, long L0, const float *k_head, const int32_t *table,
+    long block_size, long D, float *scores, long stride) {
+    long block_elems = block_size * D, keys = L0 + count - 1;
+    for (long start = 0, b = 0; start < keys; start += block_size, b++) {
         const float *block = k_head + table[b] * block_elems;
-        long count = L - start < block_size ? L - start : block_size;
-        for (long i = 0; i < count; i++) scores[start + i] = dot(query, block + i * D, D);
-    }
-}
-
-/* out[0:D] = sum_j probs_j v_j, each element summed in key order, in registers. */
-static inline __attribute__((always_inline)) void weigh_values(
-    const float *probs, const float *v_head, const int32_t *table, long L, long block_size,
-    long D, float *out) {
-    long block_elems = block_size * D;
-    for (long d0 = 0; d0 < D; d0 += 4 * LANES) { /* 64 columns at a time */
-        long width = D - d0 < 4 * LANES ? D - d0 : 4 * LANES;
-        if (width % LANES) { /* a head_dim not a multiple of 16: plain scalar sums */
-            for (long d = d0; d < D; d++) {
-                float acc = 0.0f;
-                for (long start = 0, b = 0; start < L; start += block_size, b++) {
-                    const float *block = v_head + table[b] * block_elems;
-                    long count = L - start < block_size ? L - start : block_size;
-                    for (long i = 0; i < count; i++) acc += probs[start + i] * block[i * D + d];
+        for (long r = 0; r < count; r++) {
+            long n = L0 + r - start < block_size ? L0 + r - start : block_size;
+            const float *q = queries + r * D;
+            float *s = scores + r * stride + start;
+            long i = 0;
+            if (D % LANES == 0) /* 16 keys at a time, same bits as one at a time */
+                for (; i + LANES <= n; i += LANES) {
+                    vecf partials[LANES];
+                    for (int k = 0; k < LANES; k++)
+                        partials[k] = partial_dot(q, block + (i + k) * D, D);
+                    store(s + i, sum_lanes_16(partials));
                 }
-                out[d] = acc;
-            }
-            return;
+            for (; i < n; i++) s[i] = dot(q, block + i * D, D);
         }
-        long nv = width / LANES;
-        vecf acc[4] = {broadcast(0.0f), broadcast(0.0f), broadcast(0.0f), broadcast(0.0f)};
-        for (long start = 0, b = 0; start < L; start += block_size, b++) {
-            const float *block = v_head + table[b] * block_elems + d0;
-            long count = L - start < block_size ? L - start : block_size;
-            for (long i = 0; i < count; i++) {
-                vecf p = broadcast(probs[start + i]);
-                for (long v = 0; v < nv; v++) acc[v] = acc[v] + p * load(block + i * D + v * LANES);
-            }
-        }
-        for (long v = 0; v < nv; v++) store(out + d0 + v * LANES, acc[v]);
     }
 }
 
-/* One (token, KV head): its group of query heads, one after another (the head's keys
- * and values stay in L1/L2 between them). scratch: L floats. */
-static inline __attribute__((always_inline)) void attend_item_d(
-    const attention_args *a, long token, long head, float *scratch, long D) {
-    long group = a->num_heads / a->num_kv_heads, L = a->num_keys[token];
+/* out_r[0:D] = sum_j probs[r][j] v_j over j < L0 + r, each element summed in key order,
+ * in registers, 64 columns at a time. Row r is written at out + r * out_stride. */
+static inline __attribute__((always_inline)) void weigh_tile(
+    const float *probs, long stride, long count, long L0, const float *v_head,
+    const int32_t *table, long block_size, long D, float *out, long out_stride) {
+    long block_elems = block_size * D, keys = L0 + count - 1;
+    if (D % LANES) { /* a head_dim not a multiple of 16: plain scalar sums */
+        for (long r = 0; r < count; r++)
+            for (long d = 0; d < D; d++) {
+                float acc = 0.0f;
+                for (long j = 0; j < L0 + r; j++)
+                    acc += probs[r * stride + j] *
+                           v_head[table[j / block_size] * block_elems + (j % block_size) * D + d];
+                out[r * out_stride + d] = acc;
+            }
+        return;
+    }
+    for (long d0 = 0; d0 < D; d0 += 4 * LANES) {
+        long nv = D - d0 < 4 * LANES ? (D - d0) / LANES : 4;
+        vecf acc[TILE][4];
+        for (long r = 0; r < TILE; r++)
+            for (long c = 0; c < 4; c++) acc[r][c] = broadcast(0.0f);
+        for (long start = 0, b = 0; start < keys; start += block_size, b++) {
+            const float *block = v_head + table[b] * block_elems + d0;
+            long n = keys - start < block_size ? keys - start : block_size;
+            for (long i = 0; i < n; i++) {
+                long j = start + i;
+                vecf v[4];
+                for (long c = 0; c < nv; c++) v[c] = load(block + i * D + c * LANES);
+                for (long r = 0; r < count; r++) {
+                    if (j >= L0 + r) continue; /* beyond this row's keys */
+                    vecf p = broadcast(probs[r * stride + j]);
+                    for (long c = 0; c < nv; c++) acc[r][c] = acc[r][c] + p * v[c];
+                }
+            }
+        }
+        for (long r = 0; r < count; r++)
+            for (long c = 0; c < nv; c++) store(out + r * out_stride + d0 + c * LANES, acc[r][c]);
+    }
+}
+
+/* One (tile of tokens, KV head): its group of query heads, one after another (the head's
+ * keys and values stay in L1/L2 between them). scratch: TILE * max_keys floats. */
+static inline __attribute__((always_inline)) void attend_tile_d(
+    const attention_args *a, long first, long count, long head, float *scratch, long stride,
+    long D) {
+    long group = a->num_heads / a->num_kv_heads, L0 = a->num_keys[first];
     long head_elems = a->num_blocks * a->block_size * D;
-    const int32_t *table = a->tables + a->token_seq[token] * a->table_stride;
+    const int32_t *table = a->tables + a->token_seq[first] * a->table_stride;
+    const float *k_head = a->keys + head * head_elems, *v_head = a->values + head * head_elems;
     for (long g = 0; g < group; g++) {
         long q_head = head * group + g;
-        float query[D];
-        const float *q_row = a->query + token * a->q_stride + q_head * D;
-        for (long d = 0; d < D; d++) query[d] = q_row[d] * a->scale;
-        score_keys(query, a->keys + head * head_elems, table, L, a->block_size, D, scratch);
-        softmax(scratch, L);
-        float *out = a->out + (token * a->num_heads + q_head) * D;
-        weigh_values(scratch, a->values + head * head_elems, table, L, a->block_size, D, out);
+        float queries[TILE * D];
+        for (long r = 0; r < count; r++)
+            for (long d = 0; d < D; d++)
+                queries[r * D + d] = a->query[(first + r) * a->q_stride + q_head * D + d] * a->scale;
+        score_tile(queries, count, L0, k_head, table, a->block_size, D, scratch, stride);
+        for (long r = 0; r < count; r++) softmax(scratch + r * stride, L0 + r);
+        float *out = a->out + (first * a->num_heads + q_head) * D;
+        weigh_tile(scratch, stride, count, L0, v_head, table, a->block_size, D, out,
+                   a->num_heads * D);
     }
 }
 
-/* The common head sizes get their own copies, so the compiler unrolls for them. */
-static void attend_item(const attention_args *a, long token, long head, float *scratch) {
-    switch (a->head_dim) {
-    case 64: attend_item_d(a, token, head, scratch, 64); break;
-    case 128: attend_item_d(a, token, head, scratch, 128); break;
-    default: attend_item_d(a, token, head, scratch, a->head_dim); break;
+/* The common head sizes and every tile height get their own copies, so the compiler
+ * unrolls the row loops and keeps the value sums in registers. */
+#define ATTEND_FOR_D(COUNT)                                                                \
+    switch (a->head_dim) {                                                                 \
+    case 64: attend_tile_d(a, first, COUNT, head, scratch, stride, 64); break;             \
+    case 128: attend_tile_d(a, first, COUNT, head, scratch, stride, 128); break;           \
+    default: attend_tile_d(a, first, COUNT, head, scratch, stride, a->head_dim); break;    \
     }
+
+static void attend_tile(const attention_args *a, long first, long count, long head,
+                        float *scratch, long stride) {
+    switch (count) {
+    case 1: ATTEND_FOR_D(1) break;
+    case 2: ATTEND_FOR_D(2) break;
+    case 3: ATTEND_FOR_D(3) break;
+    default: ATTEND_FOR_D(TILE) break;
+    }
+}
+
+/* Tiles: runs of up to TILE tokens of one sequence at consecutive positions. */
+static long make_tiles(const int32_t *token_seq, const int32_t *num_keys, long num_tokens,
+                       long *starts) {
+    long tiles = 0;
+    for (long t = 0; t < num_tokens;) {
+        long n = 1;
+        while (n < TILE && t + n < num_tokens && token_seq[t + n] == token_seq[t] &&
+               num_keys[t + n] == num_keys[t] + n)
+            n++;
+        starts[tiles++] = t;
+        t += n;
+    }
+    starts[tiles] = num_tokens;
+    return tiles;
 }
 
 void lamina_paged_attention(const float *query, long q_stride, const float *keys,
@@ -307,13 +395,18 @@ void lamina_paged_attention(const float *query, long q_stride, const float *keys
                         out,     num_heads, num_kv_heads, head_dim, scale};
     long max_keys = 1;
     for (long t = 0; t < num_tokens; t++) max_keys = num_keys[t] > max_keys ? num_keys[t] : max_keys;
-    long items = num_tokens * num_kv_heads;
+    long *starts = malloc(sizeof(long) * (num_tokens + 1));
+    long tiles = make_tiles(token_seq, num_keys, num_tokens, starts);
+    long items = tiles * num_kv_heads, stride = (max_keys + LANES - 1) / LANES * LANES;
 #pragma omp parallel if (items > 1)
     {
-        float *scratch = malloc(sizeof(float) * max_keys);
+        float *scratch = malloc(sizeof(float) * TILE * stride);
 #pragma omp for schedule(dynamic, 1)
-        for (long item = 0; item < items; item++)
-            attend_item(&a, item / num_kv_heads, item % num_kv_heads, scratch);
+        for (long item = 0; item < items; item++) {
+            long tile = item / num_kv_heads, first = starts[tile];
+            attend_tile(&a, first, starts[tile + 1] - first, item % num_kv_heads, scratch, stride);
+        }
         free(scratch);
     }
+    free(starts);
 }

@@ -1,0 +1,28 @@
+"""`lamina bench kernels` runs end to end and prints both comparisons (a smoke run: two
+layers, one repetition; the figures themselves are for people, not assertions)."""
+
+from __future__ import annotations
+
+from app.bench.kernel_bench import linear_shapes, main
+from app.model.loader import ModelConfig
+
+
+def test_linear_shapes_cover_one_forward(default_model_path):
+    config = ModelConfig.from_dir(default_model_path)
+    shapes = linear_shapes(config)
+    assert len(shapes) == 4 * config.num_layers + 1
+    assert shapes[0] == (config.hidden_size, config.q_size + 2 * config.kv_size)
+    assert shapes[-1] == (config.hidden_size, config.vocab_size)
+
+
+def test_bench_kernels_prints_both_tables(native, capsys):
+    argv = ["--rows", "1,3", "--seqs", "2", "--context", "40", "--prefill", "30"]
+    argv += ["--repeats", "1", "--layers", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "matmuls of one forward (9 matmuls, fp32)" in out
+    assert "over the fastest other" in out and "attention, all 2 layers" in out
+    matmul_rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in matmul_rows] == ["1", "3"]
+    assert all(float(value) > 0 for r in matmul_rows for value in r[1:4])
+    assert "decode 2 x 40 keys" in out and "prefill 30 tokens" in out
