@@ -27,6 +27,7 @@ from app.model.attention import (
     paged_attention,
 )
 from app.model.cpu_threads import default_num_threads
+from app.model.host_memory import HugePageArena
 from app.model.kv_cache import KVCache
 from app.model.linear import onednn_available
 from app.model.loader import ModelConfig
@@ -75,7 +76,8 @@ def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
 def bench_matmuls(native: NativeKernels, config: ModelConfig, args) -> None:
     shapes = linear_shapes(config)
     weights = [torch.randn(n, k) * 0.02 for k, n in shapes]  # [out, in], as checkpoints
-    panels = [native.pack_weight(w) for w in weights]
+    arena = HugePageArena()  # where the model keeps its panels
+    panels = [native.pack_weight(w, arena.empty) for w in weights]
     variants_for: dict[str, Callable[[dict[int, torch.Tensor]], None]] = {
         "native": lambda xs: [
             native.matmul(xs[k], p, None, n) for (k, n), p in zip(shapes, panels)

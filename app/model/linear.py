@@ -32,12 +32,13 @@ rows are padded up to it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from app.model.host_memory import HugePageArena
 from app.native import NativeKernels, native_kernels
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class KernelPlan:
     # lamina's compiled CPU kernels (fp32 activations), None where unavailable or not
     # wanted: fp32 weights then use them instead of oneDNN, and so does attention.
     native: NativeKernels | None = None
+    # Where native kernels put their packed weights: huge pages, one arena per model.
+    arena: HugePageArena = field(default_factory=HugePageArena, compare=False, repr=False)
 
     @property
     def uses_native_matmul(self) -> bool:
@@ -368,7 +371,8 @@ class NativeLinearKernel(LinearKernel):
         super().__init__(weight, bias, plan)
         self.native = plan.native
         self.out_features = weight.shape[0]
-        self.panels = self.native.pack_weight(weight.detach().float())  # [N/64, K, 64]
+        # [N/64, K, 64], on huge pages: a single stream reads every panel for every token
+        self.panels = self.native.pack_weight(weight.detach().float(), plan.arena.empty)
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:

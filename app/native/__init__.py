@@ -14,6 +14,7 @@ import ctypes
 import functools
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,13 +46,20 @@ class NativeKernels:
         self._attention.argtypes += [_long, _long, _long, _long, _float]
         self._attention.restype = None
 
-    def pack_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """A Linear's weight [N, K] -> panels [ceil(N / 64), K, 64], zero columns past N."""
+    def pack_weight(
+        self,
+        weight: torch.Tensor,
+        allocate: Callable[[tuple[int, ...]], torch.Tensor] = torch.empty,
+    ) -> torch.Tensor:
+        """A Linear's weight [N, K] -> panels [ceil(N / 64), K, 64], zero columns past N.
+
+        allocate(shape) makes the (uninitialised, contiguous fp32) panels tensor: the model
+        passes a huge-page arena."""
         _check_fp32(weight)
         weight = weight.contiguous()
         out_features, in_features = weight.shape
         num_panels = -(-out_features // PANEL_COLUMNS)
-        panels = torch.empty(num_panels, in_features, PANEL_COLUMNS)
+        panels = allocate((num_panels, in_features, PANEL_COLUMNS))
         self._pack(weight.data_ptr(), panels.data_ptr(), out_features, in_features)
         return panels
 

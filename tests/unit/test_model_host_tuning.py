@@ -44,3 +44,19 @@ def test_memory_advice_is_harmless():
     big.fill_(1.0)
     assert big.sum().item() == big.numel()
     assert host_memory.advise_huge_pages(torch.empty(16)) is False  # no whole huge page
+
+
+def test_huge_page_arena_hands_out_separate_aligned_tensors():
+    arena = host_memory.HugePageArena(chunk_bytes=4 << 20)
+    a = arena.empty((3, 5))
+    b = arena.empty((1000, 64))
+    big = arena.empty((2, 1 << 20))  # 8 MiB: more than a chunk, gets a chunk of its own
+    for tensor, shape in ((a, (3, 5)), (b, (1000, 64)), (big, (2, 1 << 20))):
+        assert tensor.shape == shape and tensor.dtype == torch.float32 and tensor.is_contiguous()
+        assert tensor.data_ptr() % 64 == 0
+    assert big.data_ptr() % (2 << 20) == 0  # chunks start on a huge page boundary
+    a.fill_(1.0)
+    b.fill_(2.0)
+    big.fill_(3.0)
+    assert a.eq(1.0).all() and b.eq(2.0).all() and big.eq(3.0).all()  # no overlap
+    assert b.data_ptr() >= a.data_ptr() + a.numel() * 4
