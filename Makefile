@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: run test install weights lint format bench-engine bench-serve gpu-check system-deps clean
+.PHONY: run test install weights lint format bench-engine bench-serve bench-kernels gpu-check system-deps clean
 
 run: weights
 	$(VENV)/bin/lamina serve
@@ -60,6 +60,9 @@ bench-engine: weights
 
 bench-serve: weights
 	$(VENV)/bin/lamina bench serve --spawn --baseline transformers
+
+bench-kernels: weights
+	$(VENV)/bin/lamina bench kernels
 
 gpu-check: weights
 	LAMINA_TEST_DEVICE=cuda $(PY) -m pytest -x -q tests/model
