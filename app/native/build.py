@@ -80,8 +80,15 @@ def build_library(directory: Path | None = None) -> Path:
             return prebuilt
         raise NativeBuildError("no C compiler found (set CC or install gcc)")
     target = library_path(compiler, directory)
-    if not target.exists():
+    if target.exists():
+        return target
+    try:
         _compile(compiler, "native", target)
+    except NativeBuildError:
+        # A read-only home (containers) or a broken toolchain: a shipped build still serves.
+        if prebuilt := find_prebuilt():
+            return prebuilt
+        raise
     return target
 
 
@@ -123,7 +130,10 @@ def _compile(compiler: str, march: str, target: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise NativeBuildError(f"cannot create {target.parent}: {exc}") from None
-    fd, temporary = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=target.name, suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise NativeBuildError(f"cannot write to {target.parent}: {exc}") from None
     os.close(fd)
     command = [compiler, *FLAGS, f"-march={march}", str(SOURCE), "-o", temporary]
     try:

@@ -233,3 +233,20 @@ def test_a_failing_compile_says_why(tmp_path, monkeypatch):
     with pytest.raises(native_build.NativeBuildError, match="error"):
         native_build.build_library(tmp_path / "cache")
     assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written left
+
+
+def test_an_unwritable_cache_falls_back_to_a_shipped_build(tmp_path, monkeypatch):
+    """A read-only home in a container: compile fails, a portable build still serves."""
+    if native_build.find_compiler() is None:
+        pytest.skip("no C compiler")
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    unwritable = blocker / "cache"  # mkdir fails: its parent is a file
+    monkeypatch.setattr(native_build, "PREBUILT_DIR", tmp_path / "none")
+    with pytest.raises(native_build.NativeBuildError, match="cannot create"):
+        native_build.build_library(unwritable)
+    built = native_build.build_portable(tmp_path / "prebuilt")
+    if not built:
+        pytest.skip("no portable CPU levels known for this machine kind")
+    monkeypatch.setattr(native_build, "PREBUILT_DIR", tmp_path / "prebuilt")
+    assert native_build.build_library(unwritable) in built
