@@ -12,8 +12,9 @@
  * with no padding.
  *
  * Compiled on the machine that runs it (app/native/build.py): -O3 -march=native
- * -fopenmp. OpenMP resolves to the libgomp torch already loaded, so these kernels share
- * torch's worker threads instead of starting a second pool.
+ * -fopenmp -ffp-contract=fast. OpenMP resolves to the libgomp torch already loaded, so
+ * these kernels share torch's worker threads instead of starting a second pool.
+ * Measured design choices, and what did not help: docs/performance.md, "Native kernels".
  */
 #include <math.h>
 #include <stddef.h>
@@ -138,8 +139,11 @@ void lamina_pack_weight(const float *weight, float *panels, long N, long K) {
 }
 
 /* ---------------------------------------------------------------------------------
- * Paged attention. Item = (token, KV head): that head's query heads (GQA) attend over
- * the token's first num_keys cached keys, read from the blocks its table lists.
+ * Paged attention. Item = (tile, KV head): a tile is up to 4 consecutive tokens of one
+ * sequence (a prefill chunk) or a single token (a decode); that KV head's query heads
+ * (GQA) attend, one after another, over each token's first num_keys cached keys, read
+ * in place from the blocks its table lists. A tile only shares memory traffic: every
+ * query's arithmetic is the same as if it were computed alone.
  */
 
 /* Horizontal sum in a fixed order: lane i += lane i + 8, then + 4, + 2, + 1. */
