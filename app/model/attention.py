@@ -92,7 +92,16 @@ class NativeAttentionInputs:
     num_keys: torch.Tensor  # [N] int32: keys the token attends over (its position + 1)
 
     @classmethod
-    def build(cls, spans: list[_SeqSpan], kernels: NativeKernels) -> NativeAttentionInputs:
+    def build(
+        cls, spans: list[_SeqSpan], kernels: NativeKernels, num_blocks: int
+    ) -> NativeAttentionInputs:
+        """The C kernel trusts these block ids, so they are checked here, once a step: a
+        bookkeeping bug must fail the step with an error, not read outside the cache.
+        (Tables too short for their tokens already fail where the slots are computed.)"""
+        for span in spans:
+            table = span.block_table
+            if table and not 0 <= min(table) <= max(table) < num_blocks:
+                raise ValueError("a block table names a block outside the KV cache")
         width = max(len(span.block_table) for span in spans)
         tables = [span.block_table + [0] * (width - len(span.block_table)) for span in spans]
         token_seq, num_keys = [], []
@@ -152,7 +161,7 @@ def build_attention_metadata(
     positions, slots = _positions_and_slots(spans, block_size)
     metadata = AttentionMetadata(slots.to(device), min_query_rows=min_query_rows, backend=backend)
     if native is not None:
-        metadata.native = NativeAttentionInputs.build(spans, native)
+        metadata.native = NativeAttentionInputs.build(spans, native, num_blocks)
         return positions, metadata
     num_decodes = 0
     while num_decodes < len(spans) and spans[num_decodes].num_new == 1:

@@ -173,3 +173,22 @@ def test_a_sequence_computes_the_same_bits_alone_or_in_any_batch():
         step += 1
     for seq in range(len(lengths)):
         assert torch.equal(torch.cat(chunked[seq]), whole[seq]), f"sequence {seq}"
+
+
+def test_native_metadata_refuses_tables_the_kernel_cannot_trust(native):
+    """The C kernel reads whatever block ids it is given: a bookkeeping bug must fail the
+    step with an error instead of reading outside the cache."""
+
+    def build(table, num_context=5, num_new=1):
+        return build_attention_metadata(
+            [num_new], [num_context], [table], BLOCK_SIZE, NUM_BLOCKS, NUM_KV_HEADS, CPU,
+            backend="native", native=native,
+        )  # fmt: skip
+
+    build([3, 7])  # 6 tokens in two blocks of 4: fine
+    with pytest.raises(ValueError, match="outside the KV cache"):
+        build([3, NUM_BLOCKS])
+    with pytest.raises(ValueError, match="outside the KV cache"):
+        build([-1, 7])
+    with pytest.raises(IndexError):  # found where the slots are computed, for every backend
+        build([3], num_context=4, num_new=1)  # 5 tokens, one block of 4
