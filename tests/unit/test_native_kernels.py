@@ -250,3 +250,21 @@ def test_an_unwritable_cache_falls_back_to_a_shipped_build(tmp_path, monkeypatch
         pytest.skip("no portable CPU levels known for this machine kind")
     monkeypatch.setattr(native_build, "PREBUILT_DIR", tmp_path / "prebuilt")
     assert native_build.build_library(unwritable) in built
+
+
+def test_a_library_that_computes_wrong_results_is_refused(native, monkeypatch, caplog):
+    import app.native as native_module
+
+    broken = NativeKernels(native.path)
+    monkeypatch.setattr(broken, "paged_attention", lambda *args: torch.zeros(21, 64))
+    with pytest.raises(AssertionError, match="attention disagrees"):
+        native_module._self_check(broken)
+    native_module._self_check(NativeKernels(native.path))  # the real one passes
+
+    def failing_check(kernels):
+        raise AssertionError("the native matmul disagrees with torch")
+
+    monkeypatch.setattr(native_module, "_self_check", failing_check)
+    with caplog.at_level("WARNING", logger="app.native"):
+        assert native_module.native_kernels.__wrapped__() is None  # torch's kernels serve
+    assert "native kernels unavailable" in caplog.text
