@@ -69,7 +69,9 @@ class KernelPlan:
 
     @property
     def uses_native_matmul(self) -> bool:
-        return self.native is not None and self.weight_dtype == torch.float32
+        """fp32 weights, or fp16 ones (the native kernel sums their products in fp32)."""
+        native_weights = (torch.float32, torch.float16)
+        return self.native is not None and self.weight_dtype in native_weights
 
 
 PROMPT, GENERATED = "prompt", "generated"
@@ -363,7 +365,8 @@ class OneDnnLinearKernel(LinearKernel):
 
 
 class NativeLinearKernel(LinearKernel):
-    """lamina's fp32 matmul (app/native) against a weight packed into 64-column panels."""
+    """lamina's matmul (app/native) against a weight packed into 64-column panels, stored
+    in fp32 or fp16 (the plan's weight dtype); activations and sums stay fp32."""
 
     rows_invariant = True  # each element sums its K products in order: same bits for any M
 
@@ -372,7 +375,9 @@ class NativeLinearKernel(LinearKernel):
         self.native = plan.native
         self.out_features = weight.shape[0]
         # [N/64, K, 64], on huge pages: a single stream reads every panel for every token
-        self.panels = self.native.pack_weight(weight.detach().float(), plan.arena.empty)
+        self.panels = self.native.pack_weight(
+            weight.detach().float(), plan.arena.empty, dtype=plan.weight_dtype
+        )
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,9 +37,14 @@ class NativeKernels:
         self._matmul = library.lamina_matmul
         self._matmul.argtypes = [_pointer, _long, _pointer, _pointer, _pointer, _long, _long, _long]
         self._matmul.restype = None
-        self._pack = library.lamina_pack_weight
-        self._pack.argtypes = [_pointer, _pointer, _long, _long]
-        self._pack.restype = None
+        self._matmul_f16 = library.lamina_matmul_f16
+        self._matmul_f16.argtypes = self._matmul.argtypes
+        self._matmul_f16.restype = None
+        self._pack = {torch.float32: library.lamina_pack_weight}
+        self._pack[torch.float16] = library.lamina_pack_weight_f16
+        for pack in self._pack.values():
+            pack.argtypes = [_pointer, _pointer, _long, _long]
+            pack.restype = None
         self._attention = library.lamina_paged_attention
         self._attention.argtypes = [_pointer, _long, _pointer, _pointer, _long, _long]
         self._attention.argtypes += [_pointer, _long, _pointer, _pointer, _pointer]
@@ -49,24 +54,29 @@ class NativeKernels:
     def pack_weight(
         self,
         weight: torch.Tensor,
-        allocate: Callable[[tuple[int, ...]], torch.Tensor] = torch.empty,
+        allocate: Callable[..., torch.Tensor] = torch.empty,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """A Linear's weight [N, K] -> panels [ceil(N / 64), K, 64], zero columns past N.
+        """A Linear's weight [N, K] (fp32) -> panels [ceil(N / 64), K, 64] in `dtype`
+        (float32, or float16 rounded to nearest), zero columns past N.
 
-        allocate(shape) makes the (uninitialised, contiguous fp32) panels tensor: the model
-        passes a huge-page arena."""
+        allocate(shape, dtype=...) makes the uninitialised, contiguous panels tensor: the
+        model passes a huge-page arena."""
         _check_fp32(weight)
+        if dtype not in self._pack:
+            raise ValueError(f"panels are float32 or float16, not {dtype}")
         weight = weight.contiguous()
         out_features, in_features = weight.shape
         num_panels = -(-out_features // PANEL_COLUMNS)
-        panels = allocate((num_panels, in_features, PANEL_COLUMNS))
-        self._pack(weight.data_ptr(), panels.data_ptr(), out_features, in_features)
+        panels = allocate((num_panels, in_features, PANEL_COLUMNS), dtype=dtype)
+        self._pack[dtype](weight.data_ptr(), panels.data_ptr(), out_features, in_features)
         return panels
 
     def matmul(
         self, x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int
     ) -> torch.Tensor:  # x [M, K] (rows may be strided) -> [M, out_features]
-        """x @ W.T + bias, with W packed by pack_weight."""
+        """x @ W.T + bias, with W packed by pack_weight (fp32 or fp16 panels; the
+        products are summed in fp32 either way)."""
         _check_fp32(x)
         if x.stride(-1) != 1:
             x = x.contiguous()
@@ -76,7 +86,8 @@ class NativeKernels:
         out = torch.empty(num_rows, out_features)
         if num_rows:
             bias_pointer = None if bias is None else bias.data_ptr()
-            self._matmul(
+            matmul = self._matmul_f16 if panels.dtype == torch.float16 else self._matmul
+            matmul(
                 x.data_ptr(), x.stride(0), panels.data_ptr(), bias_pointer, out.data_ptr(),
                 num_rows, in_features, out_features,
             )  # fmt: skip

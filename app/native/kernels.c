@@ -40,38 +40,16 @@ static inline vecf blend(veci mask, vecf a, vecf b) {
 
 /* ---------------------------------------------------------------------------------
  * Matmul: y[M, N] = x[M, K] . W[K, N] (+ bias), W packed as panels [ceil(N/64)][K][64]
- * (zero columns past N). Work is split into 16-column units; a tile is up to 6 rows by
- * up to 4 units of one panel.
+ * (zero columns past N), stored in fp32 or in fp16 (converted to fp32 as loaded; the
+ * sums are fp32 either way). Work is split into 16-column units; a tile is up to 6 rows
+ * by up to 4 units of one panel.
  */
 
-/* One tile: rows x (nv vectors of 16 columns), accumulated over all of K in order. */
-#define DEFINE_TILE(ROWS, NV)                                                              \
-    static void tile_##ROWS##_##NV(const float *x, long ldx, const float *w, long K,      \
-                                   vecf out[MAX_ROWS][4]) {                                \
-        vecf acc[ROWS][NV];                                                                \
-        for (int r = 0; r < ROWS; r++)                                                     \
-            for (int v = 0; v < NV; v++) acc[r][v] = broadcast(0.0f);                      \
-        for (long k = 0; k < K; k++) {                                                     \
-            const float *wk = w + k * PANEL;                                               \
-            vecf wv[NV];                                                                   \
-            for (int v = 0; v < NV; v++) wv[v] = load(wk + v * LANES);                     \
-            for (int r = 0; r < ROWS; r++) {                                               \
-                vecf a = broadcast(x[r * ldx + k]);                                        \
-                for (int v = 0; v < NV; v++) acc[r][v] = acc[r][v] + a * wv[v];            \
-            }                                                                              \
-        }                                                                                  \
-        for (int r = 0; r < ROWS; r++)                                                     \
-            for (int v = 0; v < NV; v++) out[r][v] = acc[r][v];                            \
-    }
-#define DEFINE_TILES(ROWS) \
-    DEFINE_TILE(ROWS, 1) DEFINE_TILE(ROWS, 2) DEFINE_TILE(ROWS, 3) DEFINE_TILE(ROWS, 4)
-DEFINE_TILES(1) DEFINE_TILES(2) DEFINE_TILES(3) DEFINE_TILES(4) DEFINE_TILES(5)
-DEFINE_TILES(6)
-
-typedef void (*tile_fn)(const float *, long, const float *, long, vecf[MAX_ROWS][4]);
-#define TILE_ROW(R) {tile_##R##_1, tile_##R##_2, tile_##R##_3, tile_##R##_4}
-static const tile_fn TILES[MAX_ROWS][4] = {TILE_ROW(1), TILE_ROW(2), TILE_ROW(3),
-                                           TILE_ROW(4), TILE_ROW(5), TILE_ROW(6)};
+typedef _Float16 vech __attribute__((vector_size(32), aligned(2))); /* 16 halves */
+static inline vecf load_f32(const float *p) { return load(p); }
+static inline vecf load_f16(const _Float16 *p) {
+    return __builtin_convertvector(*(const vech *)p, vecf);
+}
 
 /* Store a tile's rows: columns [col, col + 16 * nv) of y, clipped to N, plus bias. */
 static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long ldy, long col,
@@ -89,54 +67,105 @@ static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long l
     }
 }
 
-/* Units [first, last) of 16 columns, for all M rows. */
-static void matmul_units(const float *x, long ldx, const float *panels, const float *bias,
-                         float *y, long M, long K, long N, long first, long last) {
-    vecf acc[MAX_ROWS][4];
-    long unit = first;
-    while (unit < last) {
-        long panel = unit / 4, offset = unit % 4;
-        int nv = (int)((last - unit) < (4 - offset) ? (last - unit) : (4 - offset));
-        const float *w = panels + panel * K * PANEL + offset * LANES;
-        long col = unit * LANES;
-        for (long row = 0; row < M; row += MAX_ROWS) {
-            int rows = (int)(M - row < MAX_ROWS ? M - row : MAX_ROWS);
-            TILES[rows - 1][nv - 1](x + row * ldx, ldx, w, K, acc);
-            store_tile(acc, rows, nv, y + row * N, N, col, N, bias);
-        }
-        unit += nv;
+/* One tile: rows x (nv vectors of 16 columns), accumulated over all of K in order. */
+#define DEFINE_TILE(WT, WTYPE, ROWS, NV)                                                   \
+    static void tile_##WT##_##ROWS##_##NV(const float *x, long ldx, const WTYPE *w, long K, \
+                                          vecf out[MAX_ROWS][4]) {                         \
+        vecf acc[ROWS][NV];                                                                \
+        for (int r = 0; r < ROWS; r++)                                                     \
+            for (int v = 0; v < NV; v++) acc[r][v] = broadcast(0.0f);                      \
+        for (long k = 0; k < K; k++) {                                                     \
+            const WTYPE *wk = w + k * PANEL;                                               \
+            vecf wv[NV];                                                                   \
+            for (int v = 0; v < NV; v++) wv[v] = load_##WT(wk + v * LANES);                \
+            for (int r = 0; r < ROWS; r++) {                                               \
+                vecf a = broadcast(x[r * ldx + k]);                                        \
+                for (int v = 0; v < NV; v++) acc[r][v] = acc[r][v] + a * wv[v];            \
+            }                                                                              \
+        }                                                                                  \
+        for (int r = 0; r < ROWS; r++)                                                     \
+            for (int v = 0; v < NV; v++) out[r][v] = acc[r][v];                            \
     }
-}
+#define DEFINE_TILES(WT, WTYPE, ROWS)                                                      \
+    DEFINE_TILE(WT, WTYPE, ROWS, 1) DEFINE_TILE(WT, WTYPE, ROWS, 2)                        \
+    DEFINE_TILE(WT, WTYPE, ROWS, 3) DEFINE_TILE(WT, WTYPE, ROWS, 4)
+#define TILE_ROW(WT, R) {tile_##WT##_##R##_1, tile_##WT##_##R##_2, tile_##WT##_##R##_3,     \
+                         tile_##WT##_##R##_4}
+
+/* Everything of one weight type: its tiles, a table of them, the units loop, the entry
+ * point. The entry hands out panels with schedule(guided): long contiguous runs first
+ * (as fast as a static split), then single panels, so a thread the OS delays (the HTTP
+ * event loop, a client on the same cores) leaves its last panels to the others instead
+ * of making them wait. */
+#define DEFINE_MATMUL(WT, WTYPE)                                                           \
+    DEFINE_TILES(WT, WTYPE, 1) DEFINE_TILES(WT, WTYPE, 2) DEFINE_TILES(WT, WTYPE, 3)       \
+    DEFINE_TILES(WT, WTYPE, 4) DEFINE_TILES(WT, WTYPE, 5) DEFINE_TILES(WT, WTYPE, 6)       \
+    typedef void (*tile_##WT##_fn)(const float *, long, const WTYPE *, long,               \
+                                   vecf[MAX_ROWS][4]);                                     \
+    static const tile_##WT##_fn TILES_##WT[MAX_ROWS][4] = {                                \
+        TILE_ROW(WT, 1), TILE_ROW(WT, 2), TILE_ROW(WT, 3),                                 \
+        TILE_ROW(WT, 4), TILE_ROW(WT, 5), TILE_ROW(WT, 6)};                                \
+    /* Units [first, last) of 16 columns, for all M rows. */                              \
+    static void matmul_units_##WT(const float *x, long ldx, const WTYPE *panels,           \
+                                  const float *bias, float *y, long M, long K, long N,     \
+                                  long first, long last) {                                 \
+        vecf acc[MAX_ROWS][4];                                                             \
+        long unit = first;                                                                 \
+        while (unit < last) {                                                              \
+            long panel = unit / 4, offset = unit % 4;                                      \
+            int nv = (int)((last - unit) < (4 - offset) ? (last - unit) : (4 - offset));   \
+            const WTYPE *w = panels + panel * K * PANEL + offset * LANES;                  \
+            for (long row = 0; row < M; row += MAX_ROWS) {                                 \
+                int rows = (int)(M - row < MAX_ROWS ? M - row : MAX_ROWS);                 \
+                TILES_##WT[rows - 1][nv - 1](x + row * ldx, ldx, w, K, acc);               \
+                store_tile(acc, rows, nv, y + row * N, N, unit * LANES, N, bias);          \
+            }                                                                              \
+            unit += nv;                                                                    \
+        }                                                                                  \
+    }                                                                                      \
+    static void matmul_##WT(const float *x, long ldx, const WTYPE *panels,                 \
+                            const float *bias, float *y, long M, long K, long N) {         \
+        long units = (N + LANES - 1) / LANES;                                              \
+        long chunks = (units + 3) / 4; /* one panel each */                                \
+        int parallel = M * K * N >= (1L << 18);                                            \
+        _Pragma("omp parallel for schedule(guided) if (parallel)")                         \
+        for (long chunk = 0; chunk < chunks; chunk++) {                                    \
+            long first = chunk * 4, last = first + 4 < units ? first + 4 : units;          \
+            matmul_units_##WT(x, ldx, panels, bias, y, M, K, N, first, last);              \
+        }                                                                                  \
+    }
+
+DEFINE_MATMUL(f32, float)
+DEFINE_MATMUL(f16, _Float16)
 
 void lamina_matmul(const float *x, long ldx, const float *panels, const float *bias,
                    float *y, long M, long K, long N) {
-    long units = (N + LANES - 1) / LANES;
-    long chunks = (units + 3) / 4; /* one panel each */
-    int parallel = M * K * N >= (1L << 18);
-    /* Guided: large contiguous runs of panels first (as fast as a static split), then
-     * single panels, so a thread the OS delays (the HTTP event loop, a client on the
-     * same cores) leaves its last panels to the others instead of making them wait. */
-#pragma omp parallel for schedule(guided) if (parallel)
-    for (long chunk = 0; chunk < chunks; chunk++) {
-        long first = chunk * 4, last = first + 4 < units ? first + 4 : units;
-        matmul_units(x, ldx, panels, bias, y, M, K, N, first, last);
-    }
+    matmul_f32(x, ldx, panels, bias, y, M, K, N);
+}
+
+/* The same with fp16 panels: half the bytes a single stream reads per token. */
+void lamina_matmul_f16(const float *x, long ldx, const _Float16 *panels, const float *bias,
+                       float *y, long M, long K, long N) {
+    matmul_f16(x, ldx, panels, bias, y, M, K, N);
 }
 
 /* Pack W [N, K] (a Linear's weight, row-major) into panels [ceil(N/64)][K][64]. */
-void lamina_pack_weight(const float *weight, float *panels, long N, long K) {
-    long num_panels = (N + PANEL - 1) / PANEL;
-#pragma omp parallel for
-    for (long p = 0; p < num_panels; p++) {
-        for (long k = 0; k < K; k++) {
-            float *dst = panels + (p * K + k) * PANEL;
-            for (long c = 0; c < PANEL; c++) {
-                long n = p * PANEL + c;
-                dst[c] = n < N ? weight[n * K + k] : 0.0f;
-            }
-        }
+#define DEFINE_PACK(NAME, WTYPE)                                                           \
+    void NAME(const float *weight, WTYPE *panels, long N, long K) {                        \
+        long num_panels = (N + PANEL - 1) / PANEL;                                         \
+        _Pragma("omp parallel for")                                                        \
+        for (long p = 0; p < num_panels; p++) {                                            \
+            for (long k = 0; k < K; k++) {                                                 \
+                WTYPE *dst = panels + (p * K + k) * PANEL;                                 \
+                for (long c = 0; c < PANEL; c++) {                                         \
+                    long n = p * PANEL + c;                                                \
+                    dst[c] = (WTYPE)(n < N ? weight[n * K + k] : 0.0f);                    \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
     }
-}
+DEFINE_PACK(lamina_pack_weight, float)
+DEFINE_PACK(lamina_pack_weight_f16, _Float16) /* rounds to nearest fp16 */
 
 /* ---------------------------------------------------------------------------------
  * Paged attention. Item = (tile, KV head): a tile is up to 4 consecutive tokens of one

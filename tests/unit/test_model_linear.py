@@ -88,14 +88,30 @@ def test_without_native_kernels_fp32_falls_back_to_torch(monkeypatch):
     assert plan.native is None and plan.use_onednn == onednn_available(torch.float32)
 
 
-def test_fp16_weights_use_torch_kernel_in_half_precision():
+def test_fp16_weights_without_native_kernels_use_torch_in_half_precision():
     layer = make_linear()
-    layer.prepare_for_inference(
-        cpu_kernel_plan(torch.float32, torch.float16, True), RowInvariance()
-    )
+    plan = cpu_kernel_plan(torch.float32, torch.float16, True, allow_native=False)
+    layer.prepare_for_inference(plan, RowInvariance())
     assert isinstance(layer.kernel, TorchLinearKernel)
     assert layer.kernel.weight.dtype == torch.float16 and layer.kernel.matmul_dtype == torch.float16
     assert layer.weight is None
+
+
+def test_fp16_weights_with_native_kernels_read_fp16_panels_and_sum_in_fp32(native):
+    layer = make_linear()
+    weight = layer.weight.detach().clone()
+    layer.prepare_for_inference(
+        cpu_kernel_plan(torch.float32, torch.float16, True), RowInvariance()
+    )
+    assert isinstance(layer.kernel, NativeLinearKernel)
+    assert layer.kernel.panels.dtype == torch.float16 and layer.kernel.min_rows == 1
+    assert isinstance(layer.prompt_kernel, NativeLinearKernel)  # prompt rows: fp32 panels
+    assert layer.prompt_kernel.panels.dtype == torch.float32
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(5))
+    # fp32 activations times the fp16-rounded weights, summed in fp32 (no fp16 rounding
+    # of the activations or the result, unlike torch's fp16 F.linear)
+    expected = (x.double() @ weight.half().double().T + layer.kernel.bias.double()).float()
+    torch.testing.assert_close(layer(x, ALL_GENERATED), expected, atol=1e-4, rtol=1e-5)
 
 
 def test_only_fp16_weights_get_a_prompt_kernel():

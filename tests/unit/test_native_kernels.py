@@ -268,3 +268,16 @@ def test_a_library_that_computes_wrong_results_is_refused(native, monkeypatch, c
     with caplog.at_level("WARNING", logger="app.native"):
         assert native_module.native_kernels.__wrapped__() is None  # torch's kernels serve
     assert "native kernels unavailable" in caplog.text
+
+
+def test_fp16_panels_sum_in_fp32_with_the_same_bits_for_any_row_count(native):
+    x, weight = randn(9, 1536), randn(100, 1536, seed=1)
+    panels = native.pack_weight(weight, dtype=torch.float16)
+    assert panels.dtype == torch.float16 and panels.shape == (2, 1536, 64)
+    expected = (x.double() @ weight.half().double().T).float()
+    out = native.matmul(x, panels, None, 100)
+    torch.testing.assert_close(out, expected, atol=1e-5 * math.sqrt(1536), rtol=1e-5)
+    alone = torch.cat([native.matmul(x[i : i + 1], panels, None, 100) for i in range(9)])
+    assert torch.equal(alone, out)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        native.pack_weight(weight, dtype=torch.bfloat16)
