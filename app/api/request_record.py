@@ -82,10 +82,6 @@ class RequestRecord:
 request_record_var: ContextVar[RequestRecord | None] = ContextVar("lamina_request", default=None)
 
 
-def current_record() -> RequestRecord | None:
-    return request_record_var.get()
-
-
 def current_request_id() -> str | None:
     """The id of the HTTP request being served in this context (None outside one)."""
     return request_id_var.get()

@@ -190,6 +190,15 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     @property
+    def attention_backend(self) -> str:
+        """How this model's attention runs: "sdpa" on CUDA (torch's fused kernel),
+        "native" where lamina's CPU kernels were built for it, else "bmm" (see
+        attention.py)."""
+        if self.embed_tokens.weight.device.type == "cuda":
+            return "sdpa"
+        return "native" if self.native is not None else "bmm"
+
+    @property
     def splits_rows_by_kind(self) -> bool:
         """Whether prompt and generated tokens take different matmul kernels, so the
         caller must pass RowKinds (fp16 weights on the CPU)."""

@@ -106,10 +106,9 @@ class ModelRunner:
         # OpenMP keeps the thread count per calling thread.
         self.num_threads = num_threads if self.device.type == "cpu" else None
         self._threads_set_in: int | None = None
-        # CUDA: torch's fused attention kernel (same kernel eagerly and inside graphs).
-        self.attention_backend = "sdpa" if self.device.type == "cuda" else "bmm"
-        if model.native is not None and self.device.type == "cpu":
-            self.attention_backend = "native"  # reads blocks in place; invariant as it is
+        # CUDA: torch's fused attention kernel (same kernel eagerly and inside graphs);
+        # CPU: lamina's native kernel when it was built, else gather + bmm.
+        self.attention_backend = model.attention_backend
         self.min_query_rows = 1  # for the "bmm" backend's batched matmuls
         if batch_invariant and self.attention_backend == "bmm":
             self.min_query_rows = calibrate_min_query_rows(

@@ -106,7 +106,7 @@ def model_logits(
     kinds: the rows' token kinds, for models with fp16 weights (one kind for all rows).
     """
     device = model.embed_tokens.weight.device
-    backend = "sdpa" if device.type == "cuda" else "native" if model.native else "bmm"
+    backend = model.attention_backend
     positions, metadata = build_attention_metadata(
         [len(c.token_ids) for c in chunks],
         [c.num_context for c in chunks],
