@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import sys
 
 import torch
@@ -97,10 +98,7 @@ class HugePageArena:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """An uninitialised tensor of `shape` inside the arena."""
-        numel = 1
-        for size in shape:
-            numel *= size
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if self._chunk is None or self._used + nbytes > self._chunk.numel():
             self._chunk = self._new_chunk(max(self.chunk_bytes, nbytes))
             self._used = 0

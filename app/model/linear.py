@@ -3,7 +3,8 @@
 fp32 on the CPU uses lamina's own kernel (app/native) when it could be compiled: it
 reads a single stream's weights ~40 % faster than oneDNN, matches it at many rows, and
 computes every row the same way whatever the row count, so it needs no padding for
-batch invariance. Without a C compiler, the torch kernels below take over.
+batch invariance. It also reads fp16 weights (summing in fp32). Without a C compiler,
+the torch kernels below take over.
 
 `Linear` keeps the checkpoint's weight ([out_features, in_features]) until
 `prepare_for_inference` picks a kernel for the device and the requested weight precision,
@@ -13,14 +14,14 @@ model's matmuls 1.8x faster than `F.linear` at 32 rows and 1.9x at 1 row; fp16 w
 with `F.linear` halve the bytes a single stream reads per token; bf16 weights through
 oneDNN use the CPU's bf16 dot-product instructions when it has them.
 
-fp16 weights have no fast many-row kernel on such a CPU, so with them a Linear keeps a
-second kernel, packed oneDNN at the model dtype, for the rows of prompt tokens
-(`KernelPlan.prompt`): prompts are computed as the default precision computes them and
-generated tokens read the fp16 weights. The runner says per step which rows are which
-(`RowKinds`). A row's kind depends only on its token (its position against its
-sequence's prompt length), never on the step it lands in, so every token is computed
-the same way whatever the batch, the chunking or a recompute after preemption. The
-price is memory: both copies of every weight are kept.
+With fp16 weights a Linear keeps a second kernel at the model dtype (native, or packed
+oneDNN) for the rows of prompt tokens (`KernelPlan.prompt`): prompts are computed exactly
+as the default precision computes them (same TTFT; torch's fp16 gemv is also slow on
+many rows) and only generated tokens read the fp16 weights. The runner says per step
+which rows are which (`RowKinds`). A row's kind depends only on its token (its position
+against its sequence's prompt length), never on the step it lands in, so every token is
+computed the same way whatever the batch, the chunking or a recompute after preemption.
+The price is memory: both copies of every weight are kept.
 
 Batch invariance: a row of `x @ W` must not depend on how many other rows the matmul
 has, or a request's tokens would depend on its batch mates. Kernels often switch code
@@ -59,7 +60,7 @@ class KernelPlan:
     use_onednn: bool  # pre-packed oneDNN weights (CPU); else torch's F.linear
     batch_invariant: bool  # pad tiny row counts so every row is computed the same way
     # The kernel family for the rows of prompt tokens when it differs (fp16 weights on the
-    # CPU: packed oneDNN at the model dtype); None: every row uses this plan's kernel.
+    # CPU: the model dtype's plan); None: every row uses this plan's kernel.
     prompt: KernelPlan | None = None
     # lamina's compiled CPU kernels (fp32 activations), None where unavailable or not
     # wanted: fp32 weights then use them instead of oneDNN, and so does attention.
@@ -135,8 +136,9 @@ def cpu_kernel_plan(
     native = None
     if allow_native and activation_dtype == torch.float32:
         native = native_kernels()
-    # fp16 has no fast batched oneDNN path without AVX512-FP16/AMX-FP16; F.linear's fp16
-    # gemv is the fast single-stream kernel. fp32 and bf16 go through packed oneDNN.
+    # bf16, and fp32 without native kernels, go through packed oneDNN. fp16 has no fast
+    # batched oneDNN path without AVX512-FP16/AMX-FP16: native kernels read fp16 panels,
+    # else F.linear's fp16 gemv (the fast single-stream torch kernel).
     wants_onednn = weight_dtype == torch.bfloat16 or (
         weight_dtype == torch.float32 and native is None
     )
@@ -145,7 +147,7 @@ def cpu_kernel_plan(
         logger.warning("oneDNN linear is unavailable for %s: using F.linear", weight_dtype)
     prompt = None
     if weight_dtype == torch.float16 and activation_dtype != torch.float16:
-        # The fp16 gemv is slow on many rows: prompt rows take the model dtype's kernel.
+        # Prompt rows take the model dtype's kernel: prompts computed as in fp32.
         prompt = cpu_kernel_plan(activation_dtype, None, batch_invariant, allow_native)
     return KernelPlan(
         torch.device("cpu"),
