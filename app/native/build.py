@@ -74,37 +74,36 @@ def library_path(compiler: str, directory: Path | None = None) -> Path:
 
 def build_library(directory: Path | None = None) -> Path:
     """Path to a library for this machine: compiled (and cached) if there is a compiler,
-    else the best portable build shipped in PREBUILT_DIR."""
-    compiler = find_compiler()
-    if compiler is None:
-        if prebuilt := find_prebuilt():
-            return prebuilt
-        raise NativeBuildError("no C compiler found (set CC or install gcc)")
-    target = library_path(compiler, directory)
-    if target.exists():
-        return target
+    else (no compiler, a read-only home in a container, a broken toolchain) the best
+    portable build shipped in PREBUILT_DIR."""
     try:
-        _compile(compiler, "native", target)
+        compiler = _require_compiler()
+        target = library_path(compiler, directory)
+        if not target.exists():
+            _compile(compiler, "native", target)
+        return target
     except NativeBuildError:
-        # A read-only home (containers) or a broken toolchain: a shipped build still serves.
         if prebuilt := find_prebuilt():
             return prebuilt
         raise
-    return target
 
 
 def build_portable(directory: Path | None = None) -> list[Path]:
     """Compile one library per portable CPU level of this machine kind into `directory`
     (default PREBUILT_DIR)."""
-    compiler = find_compiler()
-    if compiler is None:
-        raise NativeBuildError("no C compiler found (set CC or install gcc)")
+    compiler = _require_compiler()
     built = []
     for level, _ in PORTABLE_LEVELS.get(platform.machine(), ()):
         target = portable_path(level, directory)
         _compile(compiler, level, target)
         built.append(target)
     return built
+
+
+def _require_compiler() -> str:
+    if (compiler := find_compiler()) is None:
+        raise NativeBuildError("no C compiler found (set CC or install gcc)")
+    return compiler
 
 
 def find_prebuilt(directory: Path | None = None) -> Path | None:
