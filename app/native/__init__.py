@@ -29,27 +29,26 @@ _long, _float, _pointer = ctypes.c_long, ctypes.c_float, ctypes.c_void_p
 
 
 class NativeKernels:
-    """Typed entry points into the compiled library. Every tensor is fp32 on the CPU."""
+    """Typed entry points into the compiled library. Activations, outputs and the KV
+    cache are fp32 on the CPU; weight panels are fp32 or fp16."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         library = ctypes.CDLL(str(path))  # CDLL releases the GIL during each call
-        self._matmul = library.lamina_matmul
-        self._matmul.argtypes = [_pointer, _long, _pointer, _pointer, _pointer, _long, _long, _long]
-        self._matmul.restype = None
-        self._matmul_f16 = library.lamina_matmul_f16
-        self._matmul_f16.argtypes = self._matmul.argtypes
-        self._matmul_f16.restype = None
-        self._pack = {torch.float32: library.lamina_pack_weight}
-        self._pack[torch.float16] = library.lamina_pack_weight_f16
-        for pack in self._pack.values():
-            pack.argtypes = [_pointer, _pointer, _long, _long]
-            pack.restype = None
-        self._attention = library.lamina_paged_attention
-        self._attention.argtypes = [_pointer, _long, _pointer, _pointer, _long, _long]
-        self._attention.argtypes += [_pointer, _long, _pointer, _pointer, _pointer]
-        self._attention.argtypes += [_long, _long, _long, _long, _float]
-        self._attention.restype = None
+        matmul_args = (_pointer, _long, _pointer, _pointer, _pointer, _long, _long, _long)
+        pack_args = (_pointer, _pointer, _long, _long)
+        # by the panels' dtype
+        self._matmul = {
+            torch.float32: _bind(library.lamina_matmul, matmul_args),
+            torch.float16: _bind(library.lamina_matmul_f16, matmul_args),
+        }
+        self._pack = {
+            torch.float32: _bind(library.lamina_pack_weight, pack_args),
+            torch.float16: _bind(library.lamina_pack_weight_f16, pack_args),
+        }
+        attention_args = (_pointer, _long, _pointer, _pointer, _long, _long, _pointer, _long)
+        attention_args += (_pointer, _pointer, _pointer, _long, _long, _long, _long, _float)
+        self._attention = _bind(library.lamina_paged_attention, attention_args)
 
     def pack_weight(
         self,
@@ -86,8 +85,7 @@ class NativeKernels:
         out = torch.empty(num_rows, out_features)
         if num_rows:
             bias_pointer = None if bias is None else bias.data_ptr()
-            matmul = self._matmul_f16 if panels.dtype == torch.float16 else self._matmul
-            matmul(
+            self._matmul[panels.dtype](
                 x.data_ptr(), x.stride(0), panels.data_ptr(), bias_pointer, out.data_ptr(),
                 num_rows, in_features, out_features,
             )  # fmt: skip
@@ -123,6 +121,14 @@ class NativeKernels:
                 num_tokens, num_heads, num_kv_heads, head_dim, scale,
             )  # fmt: skip
         return out
+
+
+def _bind(function, argtypes: tuple) -> Callable[..., None]:
+    """A library function with its C signature declared (ctypes then converts and checks
+    the arguments), returning nothing."""
+    function.argtypes = list(argtypes)
+    function.restype = None
+    return function
 
 
 def _check_fp32(tensor: torch.Tensor) -> None:
