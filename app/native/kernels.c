@@ -117,7 +117,7 @@ static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long l
  * (as fast as a static split), then single panels, so a thread the OS delays (the HTTP
  * event loop, a client on the same cores) leaves its last panels to the others instead
  * of making them wait. */
-#define DEFINE_MATMUL(WT, WTYPE)                                                           \
+#define DEFINE_MATMUL(NAME, WT, WTYPE)                                                     \
     DEFINE_TILES(WT, WTYPE, 1) DEFINE_TILES(WT, WTYPE, 2) DEFINE_TILES(WT, WTYPE, 3)       \
     DEFINE_TILES(WT, WTYPE, 4) DEFINE_TILES(WT, WTYPE, 5) DEFINE_TILES(WT, WTYPE, 6)       \
     typedef void (*tile_##WT##_fn)(const float *, long, const WTYPE *, long,               \
@@ -143,7 +143,7 @@ static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long l
             unit += nv;                                                                    \
         }                                                                                  \
     }                                                                                      \
-    static void matmul_##WT(const float *x, long ldx, const WTYPE *panels,                 \
+    void NAME(const float *x, long ldx, const WTYPE *panels,                               \
                             const float *bias, float *y, long M, long K, long N) {         \
         long units = (N + LANES - 1) / LANES;                                              \
         long chunks = (units + 3) / 4; /* one panel each */                                \
@@ -155,19 +155,9 @@ static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long l
         }                                                                                  \
     }
 
-DEFINE_MATMUL(f32, float)
-DEFINE_MATMUL(f16, _Float16)
-
-void lamina_matmul(const float *x, long ldx, const float *panels, const float *bias,
-                   float *y, long M, long K, long N) {
-    matmul_f32(x, ldx, panels, bias, y, M, K, N);
-}
-
+DEFINE_MATMUL(lamina_matmul, f32, float)
 /* The same with fp16 panels: half the bytes a single stream reads per token. */
-void lamina_matmul_f16(const float *x, long ldx, const _Float16 *panels, const float *bias,
-                       float *y, long M, long K, long N) {
-    matmul_f16(x, ldx, panels, bias, y, M, K, N);
-}
+DEFINE_MATMUL(lamina_matmul_f16, f16, _Float16)
 
 /* Pack W [N, K] (a Linear's weight, row-major) into panels [ceil(N/64)][K][64]. */
 #define DEFINE_PACK(NAME, WTYPE)                                                           \
