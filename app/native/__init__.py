@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from app.native.build import NativeBuildError, build_library
+from app.native.stack import StackDesc, StepDesc, work_floats
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +36,18 @@ class NativeKernels:
     def __init__(self, path: Path) -> None:
         self.path = path
         library = ctypes.CDLL(str(path))  # CDLL releases the GIL during each call
-        matmul_args = (_pointer, _long, _pointer, _pointer, _pointer, _long, _long, _long)
+        matmul_args = (_pointer, _long, _pointer, ctypes.c_int32, _pointer, _pointer)
+        self._matmul = _bind(library.lamina_matmul, matmul_args + (_long, _long, _long))
         pack_args = (_pointer, _pointer, _long, _long)
-        # by the panels' dtype
-        self._matmul = {
-            torch.float32: _bind(library.lamina_matmul, matmul_args),
-            torch.float16: _bind(library.lamina_matmul_f16, matmul_args),
-        }
-        self._pack = {
+        self._pack = {  # by the panels' dtype
             torch.float32: _bind(library.lamina_pack_weight, pack_args),
             torch.float16: _bind(library.lamina_pack_weight_f16, pack_args),
         }
         attention_args = (_pointer, _long, _pointer, _pointer, _long, _long, _pointer, _long)
         attention_args += (_pointer, _pointer, _pointer, _long, _long, _long, _long, _float)
         self._attention = _bind(library.lamina_paged_attention, attention_args)
+        stack_args = (ctypes.POINTER(StackDesc), ctypes.POINTER(StepDesc))
+        self._decoder_stack = _bind(library.lamina_decoder_stack, stack_args)
 
     def pack_weight(
         self,
@@ -85,8 +84,9 @@ class NativeKernels:
         out = torch.empty(num_rows, out_features)
         if num_rows:
             bias_pointer = None if bias is None else bias.data_ptr()
-            self._matmul[panels.dtype](
-                x.data_ptr(), x.stride(0), panels.data_ptr(), bias_pointer, out.data_ptr(),
+            half = int(panels.dtype == torch.float16)
+            self._matmul(
+                x.data_ptr(), x.stride(0), panels.data_ptr(), half, bias_pointer, out.data_ptr(),
                 num_rows, in_features, out_features,
             )  # fmt: skip
         return out
@@ -121,6 +121,55 @@ class NativeKernels:
                 num_tokens, num_heads, num_kv_heads, head_dim, scale,
             )  # fmt: skip
         return out
+
+
+    def decoder_stack(
+        self,
+        stack: StackDesc,  # describe_stack(...): the layers' weights and caches
+        x: torch.Tensor,  # [N, hidden] fp32, contiguous: the residual stream, updated in place
+        split: int,  # rows [0, split) are prompt tokens (their layers' prompt panels)
+        cos: torch.Tensor,  # [N, head_dim]: each token's rotary cosines
+        signed_sin: torch.Tensor,  # [N, head_dim]: its sines, negated on the first half
+        slots: torch.Tensor,  # [N] int64: where each token's keys and values go
+        block_tables: torch.Tensor,  # [S, max_blocks] int32
+        token_seq: torch.Tensor,  # [N] int32
+        num_keys: torch.Tensor,  # [N] int32: keys each token attends over (position + 1)
+    ) -> None:
+        """Every layer of the stack over a step's tokens (stack.py). Block ids and slots
+        must lie inside the cache: the caller checks them (attention.py does, per step)."""
+        num_tokens = x.shape[0]
+        _check_step(stack, x, cos, signed_sin, slots, block_tables, token_seq, num_keys)
+        if not 0 <= split <= num_tokens:
+            raise ValueError(f"split {split} is outside 0..{num_tokens}")
+        work = torch.empty(work_floats(stack, num_tokens))
+        step = StepDesc(
+            x.data_ptr(), num_tokens, split, cos.data_ptr(), signed_sin.data_ptr(),
+            slots.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
+            token_seq.data_ptr(), num_keys.data_ptr(), work.data_ptr(),
+        )  # fmt: skip
+        self._decoder_stack(ctypes.byref(stack), ctypes.byref(step))
+
+
+def _check_step(stack: StackDesc, x: torch.Tensor, *tensors: torch.Tensor) -> None:
+    cos, signed_sin, slots, block_tables, token_seq, num_keys = tensors
+    num_tokens = x.shape[0]
+    if x.dtype != torch.float32 or x.shape != (num_tokens, stack.hidden):
+        raise ValueError(f"x must be fp32 [N, {stack.hidden}], got {x.dtype} {tuple(x.shape)}")
+    for table in (cos, signed_sin):
+        if table.dtype != torch.float32 or table.shape != (num_tokens, stack.head_dim):
+            raise ValueError(f"rotary tables must be fp32 [N, {stack.head_dim}]")
+    if slots.dtype != torch.int64 or slots.shape != (num_tokens,):
+        raise ValueError("slots must be int64 [N]")
+    num_slots = stack.num_blocks * stack.block_size
+    if num_tokens and not (0 <= int(slots.min()) and int(slots.max()) < num_slots):
+        raise ValueError("a slot lies outside the KV cache")
+    for index in (block_tables, token_seq, num_keys):
+        if index.dtype != torch.int32:
+            raise ValueError("block tables and token indices must be int32")
+    if token_seq.shape != (num_tokens,) or num_keys.shape != (num_tokens,):
+        raise ValueError("token_seq and num_keys must have one entry per token")
+    if not all(t.is_contiguous() for t in (x, *tensors)):
+        raise ValueError("decoder stack inputs must be contiguous")
 
 
 def _bind(function, argtypes: tuple) -> Callable[..., None]:

@@ -71,9 +71,11 @@ static inline vecf load_f16(const _Float16 *p) {
 }
 #endif
 
-/* Store a tile's rows: columns [col, col + 16 * nv) of y, clipped to N, plus bias. */
+/* Store a tile's rows: columns [col, col + 16 * nv) of y, clipped to N, plus bias; with
+ * `accumulate`, added to what y holds (a residual connection: y + (xW + b), the order
+ * torch's `x.add_(linear(h))` has). */
 static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long ldy, long col,
-                       long N, const float *bias) {
+                       long N, const float *bias, int accumulate) {
     for (int r = 0; r < rows; r++) {
         for (int v = 0; v < nv; v++) {
             long c = col + v * LANES;
@@ -81,8 +83,11 @@ static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long l
             float lanes[LANES];
             memcpy(lanes, &value, sizeof lanes);
             long count = N - c < LANES ? N - c : LANES;
-            for (long i = 0; i < count; i++)
-                y[r * ldy + c + i] = bias ? lanes[i] + bias[c + i] : lanes[i];
+            float *out = y + r * ldy + c;
+            for (long i = 0; i < count; i++) {
+                float sum = bias ? lanes[i] + bias[c + i] : lanes[i];
+                out[i] = accumulate ? out[i] + sum : sum;
+            }
         }
     }
 }
@@ -112,12 +117,9 @@ static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long l
 #define TILE_ROW(WT, R) {tile_##WT##_##R##_1, tile_##WT##_##R##_2, tile_##WT##_##R##_3,     \
                          tile_##WT##_##R##_4}
 
-/* Everything of one weight type: its tiles, a table of them, the units loop, the entry
- * point. The entry hands out panels with schedule(guided): long contiguous runs first
- * (as fast as a static split), then single panels, so a thread the OS delays (the HTTP
- * event loop, a client on the same cores) leaves its last panels to the others instead
- * of making them wait. */
-#define DEFINE_MATMUL(NAME, WT, WTYPE)                                                     \
+/* Everything of one weight type: its tiles, a table of them, and the loop over a run of
+ * 16-column units for all M rows. */
+#define DEFINE_MATMUL_UNITS(WT, WTYPE)                                                     \
     DEFINE_TILES(WT, WTYPE, 1) DEFINE_TILES(WT, WTYPE, 2) DEFINE_TILES(WT, WTYPE, 3)       \
     DEFINE_TILES(WT, WTYPE, 4) DEFINE_TILES(WT, WTYPE, 5) DEFINE_TILES(WT, WTYPE, 6)       \
     typedef void (*tile_##WT##_fn)(const float *, long, const WTYPE *, long,               \
@@ -128,7 +130,7 @@ static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long l
     /* Units [first, last) of 16 columns, for all M rows. */                              \
     static void matmul_units_##WT(const float *x, long ldx, const WTYPE *panels,           \
                                   const float *bias, float *y, long M, long K, long N,     \
-                                  long first, long last) {                                 \
+                                  long first, long last, int accumulate) {                 \
         vecf acc[MAX_ROWS][4];                                                             \
         long unit = first;                                                                 \
         while (unit < last) {                                                              \
@@ -138,26 +140,63 @@ static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long l
             for (long row = 0; row < M; row += MAX_ROWS) {                                 \
                 int rows = (int)(M - row < MAX_ROWS ? M - row : MAX_ROWS);                 \
                 TILES_##WT[rows - 1][nv - 1](x + row * ldx, ldx, w, K, acc);               \
-                store_tile(acc, rows, nv, y + row * N, N, unit * LANES, N, bias);          \
+                store_tile(acc, rows, nv, y + row * N, N, unit * LANES, N, bias,           \
+                           accumulate);                                                    \
             }                                                                              \
             unit += nv;                                                                    \
         }                                                                                  \
-    }                                                                                      \
-    void NAME(const float *x, long ldx, const WTYPE *panels,                               \
-                            const float *bias, float *y, long M, long K, long N) {         \
-        long units = (N + LANES - 1) / LANES;                                              \
-        long chunks = (units + 3) / 4; /* one panel each */                                \
-        int parallel = M * K * N >= (1L << 18);                                            \
-        _Pragma("omp parallel for schedule(guided) if (parallel)")                         \
-        for (long chunk = 0; chunk < chunks; chunk++) {                                    \
-            long first = chunk * 4, last = first + 4 < units ? first + 4 : units;          \
-            matmul_units_##WT(x, ldx, panels, bias, y, M, K, N, first, last);              \
-        }                                                                                  \
     }
 
-DEFINE_MATMUL(lamina_matmul, f32, float)
+DEFINE_MATMUL_UNITS(f32, float)
 /* The same with fp16 panels: half the bytes a single stream reads per token. */
-DEFINE_MATMUL(lamina_matmul_f16, f16, _Float16)
+DEFINE_MATMUL_UNITS(f16, _Float16)
+
+/* A linear layer's packed weight as the kernels see it. Rows of a matmul may take two
+ * weight copies: rows [0, split) the first (prompt tokens), the rest the second
+ * (generated tokens, fp16 panels with LAMINA_WEIGHT_DTYPE=float16). */
+typedef struct {
+    const void *panels[2];    /* [ceil(out/64)][in][64], fp32 or fp16 */
+    int32_t half[2];          /* whether panels[i] holds fp16 */
+    const float *bias;        /* [out] or NULL */
+    long in_features, out_features;
+} linear_desc;
+
+/* y[M, out] (=, or += with `accumulate`) x[M, in] . W + bias, the panels shared among the
+ * threads of the enclosing parallel region (an orphaned `omp for`; alone outside one).
+ * Panels are handed out with schedule(guided): long contiguous runs first (as fast as a
+ * static split), then single panels, so a thread the OS delays (the HTTP event loop, a
+ * client on the same cores) leaves its last panels to the others instead of making them
+ * wait. Ends with the loop's barrier: y is complete for every thread. */
+static void linear_phase(const linear_desc *w, const float *x, long ldx, long M, long split,
+                         float *y, int accumulate) {
+    long K = w->in_features, N = w->out_features;
+    long units = (N + LANES - 1) / LANES, chunks = (units + 3) / 4; /* one panel each */
+#pragma omp for schedule(guided)
+    for (long chunk = 0; chunk < chunks; chunk++) {
+        long first = chunk * 4, last = first + 4 < units ? first + 4 : units;
+        for (int kind = 0; kind < 2; kind++) {
+            long row = kind ? split : 0, rows = kind ? M - split : split;
+            if (rows <= 0) continue;
+            const float *xr = x + row * ldx;
+            float *yr = y + row * N;
+            if (w->half[kind])
+                matmul_units_f16(xr, ldx, w->panels[kind], w->bias, yr, rows, K, N, first, last,
+                                 accumulate);
+            else
+                matmul_units_f32(xr, ldx, w->panels[kind], w->bias, yr, rows, K, N, first, last,
+                                 accumulate);
+        }
+    }
+}
+
+/* y[M, N] = x[M, K] . W (+ bias), W packed as panels of fp32 (half = 0) or fp16. */
+void lamina_matmul(const float *x, long ldx, const void *panels, int32_t half, const float *bias,
+                   float *y, long M, long K, long N) {
+    linear_desc w = {{panels, panels}, {half, half}, bias, K, N};
+    int parallel = M * K * N >= (1L << 18);
+#pragma omp parallel if (parallel)
+    linear_phase(&w, x, ldx, M, M, y, 0);
+}
 
 /* Pack W [N, K] (a Linear's weight, row-major) into panels [ceil(N/64)][K][64]. */
 #define DEFINE_PACK(NAME, WTYPE)                                                           \
@@ -236,10 +275,10 @@ static inline vecf sum_lanes_16(vecf p[16]) {
     return __builtin_shuffle(t[0], t[1], lo4) + __builtin_shuffle(t[0], t[1], hi4);
 }
 
-/* e^x for x <= 0 (softmax after subtracting the maximum), 16 at a time: x = n ln2 + r,
- * |r| <= ln2 / 2, e^r by a degree-7 polynomial, 2^n through the exponent bits. Relative
- * error ~1e-7; underflows to 0 below -87. */
-static inline vecf exp_nonpositive(vecf x) {
+/* e^x, 16 at a time, for x <= 88 (softmax after subtracting the maximum; SiLU clamps):
+ * x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-7 polynomial, 2^n through the exponent
+ * bits (n <= 127 keeps them finite). Relative error ~1e-7; underflows to 0 below -87. */
+static inline vecf exp_upto_88(vecf x) {
     const vecf lowest = broadcast(-87.0f);
     veci underflows = x < lowest;
     x = blend(underflows, lowest, x);
@@ -277,7 +316,7 @@ static void softmax(float *scores, long L) {
     for (int l = 1; l < LANES; l++) max = top[l] > max ? top[l] : max; /* exact in any order */
     vecf total = broadcast(0.0f);
     for (long j = 0; j < padded; j += LANES) {
-        vecf e = exp_nonpositive(load(scores + j) - max);
+        vecf e = exp_upto_88(load(scores + j) - max);
         store(scores + j, e);
         total = total + e;
     }
@@ -428,6 +467,26 @@ static long make_tiles(const int32_t *token_seq, const int32_t *num_keys, long n
     return tiles;
 }
 
+/* Every (tile, KV head) item of a step, shared among the threads of the enclosing
+ * parallel region; ends with the loop's barrier. scratch: this thread's TILE * stride
+ * floats. */
+static void attention_items(const attention_args *a, const long *starts, long tiles,
+                            float *scratch, long stride) {
+    long items = tiles * a->num_kv_heads;
+#pragma omp for schedule(dynamic, 1)
+    for (long item = 0; item < items; item++) {
+        long tile = item / a->num_kv_heads, first = starts[tile];
+        attend_tile(a, first, starts[tile + 1] - first, item % a->num_kv_heads, scratch, stride);
+    }
+}
+
+/* The score row length every query fits in: the most keys, rounded up to whole vectors. */
+static long score_stride(const int32_t *num_keys, long num_tokens) {
+    long max_keys = 1;
+    for (long t = 0; t < num_tokens; t++) max_keys = num_keys[t] > max_keys ? num_keys[t] : max_keys;
+    return (max_keys + LANES - 1) / LANES * LANES;
+}
+
 void lamina_paged_attention(const float *query, long q_stride, const float *keys,
                             const float *values, long num_blocks, long block_size,
                             const int32_t *tables, long table_stride, const int32_t *token_seq,
@@ -436,18 +495,138 @@ void lamina_paged_attention(const float *query, long q_stride, const float *keys
     attention_args a = {query,   q_stride,  keys,         values,   num_blocks,
                         block_size, tables, table_stride, token_seq, num_keys,
                         out,     num_heads, num_kv_heads, head_dim, scale};
-    long max_keys = 1;
-    for (long t = 0; t < num_tokens; t++) max_keys = num_keys[t] > max_keys ? num_keys[t] : max_keys;
+    long stride = score_stride(num_keys, num_tokens);
     long *starts = malloc(sizeof(long) * (num_tokens + 1));
     long tiles = make_tiles(token_seq, num_keys, num_tokens, starts);
-    long items = tiles * num_kv_heads, stride = (max_keys + LANES - 1) / LANES * LANES;
-#pragma omp parallel if (items > 1)
+#pragma omp parallel if (tiles * num_kv_heads > 1)
     {
         float *scratch = malloc(sizeof(float) * TILE * stride);
-#pragma omp for schedule(dynamic, 1)
-        for (long item = 0; item < items; item++) {
-            long tile = item / num_kv_heads, first = starts[tile];
-            attend_tile(&a, first, starts[tile + 1] - first, item % num_kv_heads, scratch, stride);
+        attention_items(&a, starts, tiles, scratch, stride);
+        free(scratch);
+    }
+    free(starts);
+}
+
+/* ---------------------------------------------------------------------------------
+ * A whole stack of LLaMA decoder layers in one call: one parallel region for every layer
+ * of a step, so the threads meet at a barrier between phases instead of being woken for
+ * each of ~150 separate kernels, and the row-wise work between the matmuls (norms, rotary
+ * embedding, KV store, SwiGLU, residual adds) costs no torch dispatch. Every phase works
+ * on each row (or each query, for attention) on its own, so batch invariance holds as in
+ * the kernels above.
+ */
+
+typedef struct {
+    const float *input_norm, *post_attention_norm; /* [hidden] */
+    linear_desc qkv, o, gate_up, down;            /* qkv: q, k, v heads; gate_up: gate, up */
+    float *keys, *values;                          /* [kv_heads, num_blocks, block_size, dim] */
+} layer_desc;
+
+typedef struct {
+    long num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate;
+    long num_blocks, block_size; /* of the KV cache, scratch block included */
+    float eps, scale;
+    const layer_desc *layers;
+} stack_desc;
+
+typedef struct {
+    float *x;                 /* [N, hidden]: the residual stream, updated in place */
+    long num_tokens;
+    long split;               /* rows [0, split) are prompt tokens (first weight copy) */
+    const float *cos, *sin;   /* [N, head_dim]: each token's rotary row; sin carries the sign */
+    const int64_t *slots;     /* [N]: cache slot (block * block_size + offset) per token */
+    const int32_t *tables;    /* attention: as lamina_paged_attention takes them */
+    long table_stride;
+    const int32_t *token_seq, *num_keys;
+    float *work;              /* N * (hidden + q + 2 kv + q + 3 intermediate) floats */
+} step_desc;
+
+/* out = x / rms(x) * weight per row: sum of squares in 16 lanes (in order), then sum_lanes. */
+static void rms_norm_rows(const float *x, const float *weight, float *out, long N, long H,
+                          float eps) {
+#pragma omp for schedule(static)
+    for (long t = 0; t < N; t++) {
+        const float *row = x + t * H;
+        vecf squares = broadcast(0.0f);
+        long d = 0;
+        for (; d + LANES <= H; d += LANES) squares = squares + load(row + d) * load(row + d);
+        float sum = sum_lanes(squares);
+        for (; d < H; d++) sum += row[d] * row[d];
+        float inverse = 1.0f / sqrtf(sum / (float)H + eps);
+        for (d = 0; d < H; d++) out[t * H + d] = row[d] * inverse * weight[d];
+    }
+}
+
+/* Rotate the q and k heads of each qkv row (x * cos + rotate_half(x) * sin), then store
+ * the row's keys and values at its cache slot. */
+static void rotate_and_store_rows(const stack_desc *m, const layer_desc *layer,
+                                  const step_desc *s, float *qkv, long width) {
+    long D = m->head_dim, half = D / 2, rotated = m->num_heads + m->num_kv_heads;
+    long head_elems = m->num_blocks * m->block_size * D;
+#pragma omp for schedule(static)
+    for (long t = 0; t < s->num_tokens; t++) {
+        float *row = qkv + t * width;
+        const float *cos = s->cos + t * D, *sin = s->sin + t * D;
+        for (long h = 0; h < rotated; h++) {
+            float *x = row + h * D, before[D];
+            memcpy(before, x, sizeof before);
+            for (long i = 0; i < D; i++)
+                x[i] = before[i] * cos[i] + before[i < half ? i + half : i - half] * sin[i];
+        }
+        const float *k = row + m->num_heads * D, *v = k + m->num_kv_heads * D;
+        for (long h = 0; h < m->num_kv_heads; h++) {
+            memcpy(layer->keys + h * head_elems + s->slots[t] * D, k + h * D, sizeof(float) * D);
+            memcpy(layer->values + h * head_elems + s->slots[t] * D, v + h * D, sizeof(float) * D);
+        }
+    }
+}
+
+/* act = silu(gate) * up per row; gate_up rows hold gate then up. */
+static void swiglu_rows(const float *gate_up, float *act, long N, long I) {
+#pragma omp for schedule(static)
+    for (long t = 0; t < N; t++) {
+        const float *gate = gate_up + t * 2 * I, *up = gate + I;
+        float *out = act + t * I;
+        long i = 0;
+        for (; i + LANES <= I; i += LANES) {
+            vecf g = load(gate + i), minus = -g;
+            minus = blend(minus > broadcast(88.0f), broadcast(88.0f), minus); /* e^88 ~ inf */
+            store(out + i, g / (broadcast(1.0f) + exp_upto_88(minus)) * load(up + i));
+        }
+        for (; i < I; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    }
+}
+
+void lamina_decoder_stack(const stack_desc *m, const step_desc *s) {
+    long N = s->num_tokens, H = m->hidden, D = m->head_dim, I = m->intermediate;
+    if (N == 0) return;
+    long q_size = m->num_heads * D, width = q_size + 2 * m->num_kv_heads * D;
+    float *normed = s->work;                 /* [N, H] */
+    float *qkv = normed + N * H;             /* [N, width] */
+    float *attended = qkv + N * width;       /* [N, q_size] */
+    float *gate_up = attended + N * q_size;  /* [N, 2 I] */
+    float *act = gate_up + N * 2 * I;        /* [N, I] */
+    long stride = score_stride(s->num_keys, N);
+    long *starts = malloc(sizeof(long) * (N + 1));
+    long tiles = make_tiles(s->token_seq, s->num_keys, N, starts);
+#pragma omp parallel
+    {
+        float *scratch = malloc(sizeof(float) * TILE * stride);
+        for (long l = 0; l < m->num_layers; l++) {
+            const layer_desc *layer = m->layers + l;
+            attention_args a = {qkv, width, layer->keys, layer->values, m->num_blocks,
+                                m->block_size, s->tables, s->table_stride, s->token_seq,
+                                s->num_keys, attended, m->num_heads, m->num_kv_heads, D,
+                                m->scale};
+            rms_norm_rows(s->x, layer->input_norm, normed, N, H, m->eps);
+            linear_phase(&layer->qkv, normed, H, N, s->split, qkv, 0);
+            rotate_and_store_rows(m, layer, s, qkv, width);
+            attention_items(&a, starts, tiles, scratch, stride);
+            linear_phase(&layer->o, attended, q_size, N, s->split, s->x, 1);
+            rms_norm_rows(s->x, layer->post_attention_norm, normed, N, H, m->eps);
+            linear_phase(&layer->gate_up, normed, H, N, s->split, gate_up, 0);
+            swiglu_rows(gate_up, act, N, I);
+            linear_phase(&layer->down, act, I, N, s->split, s->x, 1);
         }
         free(scratch);
     }

@@ -37,10 +37,25 @@ def wait_until_idle(engine, timeout_s: float = 10.0) -> None:
     raise AssertionError(f"engine still busy: {engine.stats()}")
 
 
+@pytest.fixture
+def slow_steps(tiny_server, monkeypatch) -> None:
+    """Each engine step takes at least 5 ms: the tiny model can compute MAX_TOKENS
+    tokens before the client leaves (a 0.3 s timeout, or three events read), and the
+    request would not be abandoned in flight."""
+    runner = tiny_server[1].core.runner
+    execute = runner.execute
+
+    def slow_execute(batch):
+        time.sleep(0.005)
+        return execute(batch)
+
+    monkeypatch.setattr(runner, "execute", slow_execute)
+
+
 LONG = {"prompt": "Hello", "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0}
 
 
-def test_leaving_a_stream_aborts_in_the_engine(tiny_server) -> None:
+def test_leaving_a_stream_aborts_in_the_engine(tiny_server, slow_steps) -> None:
     url, engine = tiny_server
     steps_before = engine.stats().num_steps
     with httpx.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}) as r:
@@ -51,7 +66,7 @@ def test_leaving_a_stream_aborts_in_the_engine(tiny_server) -> None:
     assert engine.stats().num_steps - steps_before < MAX_TOKENS
 
 
-def test_leaving_before_a_plain_answer_aborts_in_the_engine(tiny_server) -> None:
+def test_leaving_before_a_plain_answer_aborts_in_the_engine(tiny_server, slow_steps) -> None:
     url, engine = tiny_server
     steps_before = engine.stats().num_steps
     with pytest.raises(httpx.ReadTimeout):

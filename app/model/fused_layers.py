@@ -1,0 +1,108 @@
+"""The decoder layers as one native call per step, where lamina's C kernels run them.
+
+`FusedLayers` describes a loaded model's layers (weights already packed by their
+NativeLinearKernels) and one KV cache to app.native's decoder stack, once; each step it
+passes the residual stream, the rotary rows, the slots and the attention inputs. The
+result equals the per-op path's up to rounding (the norms, the rotary embedding and SiLU
+are lamina's own code instead of torch's ops; the matmuls and attention are the same
+kernels), and every row is still computed on its own, so batch invariance holds.
+
+Prompt and generated rows (fp16 weights: RowKinds) take different weight copies; the C
+side takes them as two row ranges, so mixed rows are put in kind order for the call and
+back in row order after it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from app.model.attention import AttentionMetadata
+from app.model.kv_cache import KVCache
+from app.model.linear import GENERATED, PROMPT, Linear, NativeLinearKernel, RowKinds
+from app.native.stack import (
+    DecoderLayerWeights,
+    PackedLinear,
+    StackDesc,
+    StackShape,
+    describe_stack,
+)
+
+if TYPE_CHECKING:
+    from app.model.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+
+def can_fuse(model: LlamaForCausalLM) -> bool:
+    """Whether every decoder-layer Linear runs lamina's native matmul (fp32 activations)."""
+    linears = [m for layer in model.layers for m in layer.modules() if isinstance(m, Linear)]
+    kernels = [k for m in linears for k in (m.kernel, m.prompt_kernel) if k is not None]
+    return bool(linears) and all(isinstance(k, NativeLinearKernel) for k in kernels)
+
+
+class FusedLayers:
+    """A model's decoder layers bound to one KV cache, run by NativeKernels.decoder_stack."""
+
+    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache) -> None:
+        config = model.config
+        self.kv_cache = kv_cache
+        self.native = model.native
+        self.rotary = model.rotary
+        self.layers = [
+            _layer_weights(layer, kv_cache.layer(index)) for index, layer in enumerate(model.layers)
+        ]  # kept alive: the description points into them
+        shape = StackShape(
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            config.intermediate_size,
+            config.rms_norm_eps,
+        )
+        self.stack: StackDesc = describe_stack(self.layers, shape)
+
+    def __call__(
+        self,
+        x: torch.Tensor,  # [N, hidden] fp32: the embeddings, updated in place
+        positions: torch.Tensor,  # [N] int64
+        metadata: AttentionMetadata,  # backend "native"
+        kinds: RowKinds | None,
+    ) -> torch.Tensor:  # [N, hidden]: after the last layer, before the final norm
+        inputs = metadata.native
+        cos, signed_sin = self.rotary.cos[positions], self.rotary.signed_sin[positions]
+        slots, token_seq, num_keys = metadata.slot_mapping, inputs.token_seq, inputs.num_keys
+        num_tokens = x.shape[0]
+        if kinds is None or kinds.uniform == PROMPT:
+            split, order = num_tokens, None  # one weight copy, or prompt rows only
+        elif kinds.uniform == GENERATED:
+            split, order = 0, None
+        else:
+            split = kinds.prompt_rows.numel()
+            order = torch.cat((kinds.prompt_rows, kinds.generated_rows))  # [N]: kind order
+            x, cos, signed_sin = x[order], cos[order], signed_sin[order]
+            slots, token_seq, num_keys = slots[order], token_seq[order], num_keys[order]
+        self.native.decoder_stack(
+            self.stack, x, split, cos, signed_sin, slots, inputs.block_tables, token_seq, num_keys
+        )
+        if order is None:
+            return x
+        return torch.empty_like(x).index_copy_(0, order, x)  # back in row order
+
+
+def _layer_weights(layer: LlamaDecoderLayer, cache: torch.Tensor) -> DecoderLayerWeights:
+    """cache: the layer's [2, kv_heads, num_blocks, block_size, head_dim]."""
+    return DecoderLayerWeights(
+        input_norm=layer.input_norm.weight.detach().contiguous(),
+        post_attention_norm=layer.post_attention_norm.weight.detach().contiguous(),
+        qkv=_packed(layer.attn.qkv_proj),
+        o=_packed(layer.attn.o_proj),
+        gate_up=_packed(layer.mlp.gate_up_proj),
+        down=_packed(layer.mlp.down_proj),
+        keys=cache[0],
+        values=cache[1],
+    )
+
+
+def _packed(linear: Linear) -> PackedLinear:
+    generated = linear.kernel  # every row, or the generated ones when there are two
+    prompt = linear.prompt_kernel or generated
+    return PackedLinear(prompt.panels, generated.panels, generated.bias, generated.out_features)
