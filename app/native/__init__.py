@@ -122,7 +122,6 @@ class NativeKernels:
             )  # fmt: skip
         return out
 
-
     def decoder_stack(
         self,
         stack: StackDesc,  # describe_stack(...): the layers' weights and caches
@@ -161,7 +160,7 @@ def _check_step(stack: StackDesc, x: torch.Tensor, *tensors: torch.Tensor) -> No
     if slots.dtype != torch.int64 or slots.shape != (num_tokens,):
         raise ValueError("slots must be int64 [N]")
     num_slots = stack.num_blocks * stack.block_size
-    if num_tokens and not (0 <= int(slots.min()) and int(slots.max()) < num_slots):
+    if num_tokens and not (int(slots.min()) >= 0 and int(slots.max()) < num_slots):
         raise ValueError("a slot lies outside the KV cache")
     for index in (block_tables, token_seq, num_keys):
         if index.dtype != torch.int32:
