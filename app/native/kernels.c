@@ -84,6 +84,11 @@ static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long l
             memcpy(lanes, &value, sizeof lanes);
             long count = N - c < LANES ? N - c : LANES;
             float *out = y + r * ldy + c;
+            if (count == LANES) { /* a whole vector: the same sums, without the lane loop */
+                vecf sum = bias ? value + load(bias + c) : value;
+                store(out, accumulate ? load(out) + sum : sum);
+                continue;
+            }
             for (long i = 0; i < count; i++) {
                 float sum = bias ? lanes[i] + bias[c + i] : lanes[i];
                 out[i] = accumulate ? out[i] + sum : sum;
