@@ -42,7 +42,7 @@ def token_ids(count: int, seed: int, vocab: int) -> list[int]:
     return torch.randint(3, vocab, (count,), generator=generator).tolist()
 
 
-def two_steps(model, cache: KVCache, kinds=(None, None)) -> list[torch.Tensor]:
+def two_steps(model, cache: KVCache) -> list[torch.Tensor]:
     """Step 1: a 21-token prompt (A) and a 6-token one (B). Step 2: A decodes one token,
     B's next 9 tokens run as a chunk, C (3 tokens) starts: decode and prefill mixed."""
     vocab = model.config.vocab_size
@@ -54,9 +54,7 @@ def two_steps(model, cache: KVCache, kinds=(None, None)) -> list[torch.Tensor]:
         Chunk(b[6:], 6, tables["b"]),
         Chunk(c, 0, tables["c"]),
     ]
-    return model_logits(model, cache, first, kinds[0]) + model_logits(
-        model, cache, second, kinds[1]
-    )
+    return model_logits(model, cache, first) + model_logits(model, cache, second)
 
 
 @pytest.mark.parametrize("path_fixture", ["tiny_model_path", "odd_llama_path"])
