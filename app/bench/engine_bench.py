@@ -61,6 +61,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="torch's kernels instead of lamina's compiled ones (CPU, fp32)",
     )
     parser.add_argument(
+        "--no-fused-layers",
+        action="store_true",
+        help="run the native kernels one op at a time instead of the fused decoder stack",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: as many prompts as the highest level, 32 new tokens",
@@ -153,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         max_num_batched_tokens=max(512, max(args.levels)),
     )
     runner = ModelRunner.from_settings(settings)
+    if args.no_fused_layers:
+        runner.model.fuse_layers = False
     runner.warmup()
     tokenizer = Tokenizer(settings.model)
     prompts = make_prompts(tokenizer.vocab_size, args.num_prompts, args.prompt_len, args.seed)
@@ -221,13 +228,19 @@ def _header(runner, settings, peak: float, kernel: str, peak_dtype, args) -> str
         f"lamina bench engine: device={runner.device} dtype={runner.dtype} "
         f"matmuls in {runner.matmul_dtype} threads={torch.get_num_threads()} "
         f"batch_invariant={settings.batch_invariant} "
-        f"kernels={'native' if runner.model.native is not None else 'torch'}\n"
+        f"kernels={_kernels_label(runner.model)}\n"
         f"matmul peak {peak / 1e9:.0f} GFLOP/s ({kernel}, {peak_dtype}); "
         f"MFU = useful model FLOPs / time / peak\n"
         f"workload: {args.num_prompts} prompts x ~{args.prompt_len} tokens, "
         f"{args.output_len} new tokens each, EOS ignored\n"
         f"{'conc':>5} {'lamina tok/s':>13} {'MFU':>6} {'transformers tok/s':>19} {'ratio':>6}"
     )
+
+
+def _kernels_label(model) -> str:
+    if model.native is None:
+        return "torch"
+    return "native, fused layers" if model.fuse_layers else "native, one op at a time"
 
 
 def _row(r: LevelResult) -> str:

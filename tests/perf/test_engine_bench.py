@@ -1,0 +1,36 @@
+"""`lamina bench engine` runs end to end, with its transformers baseline (a smoke run:
+two short prompts; the figures themselves are for people, not assertions)."""
+
+from __future__ import annotations
+
+import json
+
+from app.bench.engine_bench import main
+
+
+def table_rows(out: str) -> list[list[str]]:
+    return [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+
+
+def test_bench_engine_prints_lamina_beside_transformers(tmp_path, capsys):
+    results = tmp_path / "engine.json"
+    argv = ["--concurrency", "2", "--num-prompts", "2", "--prompt-len", "16"]
+    argv += ["--output-len", "8", "--json", str(results)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "transformers tok/s" in out and "MFU = useful model FLOPs" in out
+    (row,) = table_rows(out)
+    concurrency, lamina, mfu, baseline, ratio = row
+    assert concurrency == "2" and float(lamina) > 0 and float(baseline) > 0
+    assert abs(float(lamina) / float(baseline) - float(ratio)) < 0.01
+    (saved,) = json.loads(results.read_text())
+    assert saved["output_tokens"] == 2 * 8 and saved["num_requests"] == 2
+
+
+def test_bench_engine_says_which_kernels_ran(native, capsys):
+    argv = ["--concurrency", "1", "--num-prompts", "1", "--prompt-len", "8"]
+    argv += ["--output-len", "4", "--no-baseline"]
+    assert main(argv) == 0
+    assert "kernels=native, fused layers" in capsys.readouterr().out
+    assert main([*argv, "--no-fused-layers"]) == 0
+    assert "kernels=native, one op at a time" in capsys.readouterr().out
