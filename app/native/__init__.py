@@ -1,4 +1,5 @@
-"""lamina's own CPU kernels: an fp32 matmul and paged attention, compiled on first use.
+"""lamina's own CPU kernels: an fp32 matmul, paged attention and a decoder-layer stack
+built from them (stack.py), compiled on first use.
 
 `native_kernels()` returns them, or None where they cannot be had (no C compiler, a
 failed build or self-check); the model then uses torch's kernels. Why they exist

@@ -1,6 +1,7 @@
 /*
- * lamina's native CPU kernels (fp32): a matmul against panel-packed weights and paged
- * attention that reads the KV blocks in place.
+ * lamina's native CPU kernels (fp32 activations): a matmul against panel-packed weights,
+ * paged attention that reads the KV blocks in place, and a whole stack of LLaMA decoder
+ * layers built from them (one call and one parallel region per step).
  *
  * Both are batch invariant by construction: every output element is computed by the
  * same sequence of floating-point operations whatever the number of rows, the other
