@@ -98,15 +98,28 @@ static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long l
     }
 }
 
+/* Where the tile-th row tile of a panel prefetches while it runs, or NULL. The first
+ * tile streams the panel from memory faster than memory delivers it; the tiles after it
+ * read the panel from L2, so they fetch the next panel meanwhile, a cache line per k
+ * each, and memory stays busy while they compute (the model's 121 matmuls at 32 rows:
+ * 45.6 -> 42.8 ms; at 128 and 256 rows within 2 %; at 1 row there is no second tile). */
+static inline const char *prefetch_target(const void *next_panel, long panel_bytes, long tile,
+                                          long K) {
+    long part = tile - 1;
+    if (!next_panel || part < 0 || part * K * 64 >= panel_bytes) return 0;
+    return (const char *)next_panel + part * K * 64;
+}
+
 /* One tile: rows x (nv vectors of 16 columns), accumulated over all of K in order. */
 #define DEFINE_TILE(WT, WTYPE, ROWS, NV)                                                   \
     static void tile_##WT##_##ROWS##_##NV(const float *x, long ldx, const WTYPE *w, long K, \
-                                          vecf out[MAX_ROWS][4]) {                         \
+                                          vecf out[MAX_ROWS][4], const char *ahead) {      \
         vecf acc[ROWS][NV];                                                                \
         for (int r = 0; r < ROWS; r++)                                                     \
             for (int v = 0; v < NV; v++) acc[r][v] = broadcast(0.0f);                      \
         for (long k = 0; k < K; k++) {                                                     \
             const WTYPE *wk = w + k * PANEL;                                               \
+            if (ahead) __builtin_prefetch(ahead + k * 64, 0, 2); /* a line per k */        \
             vecf wv[NV];                                                                   \
             for (int v = 0; v < NV; v++) wv[v] = load_##WT(wk + v * LANES);                \
             for (int r = 0; r < ROWS; r++) {                                               \
@@ -129,7 +142,7 @@ static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long l
     DEFINE_TILES(WT, WTYPE, 1) DEFINE_TILES(WT, WTYPE, 2) DEFINE_TILES(WT, WTYPE, 3)       \
     DEFINE_TILES(WT, WTYPE, 4) DEFINE_TILES(WT, WTYPE, 5) DEFINE_TILES(WT, WTYPE, 6)       \
     typedef void (*tile_##WT##_fn)(const float *, long, const WTYPE *, long,               \
-                                   vecf[MAX_ROWS][4]);                                     \
+                                   vecf[MAX_ROWS][4], const char *);                       \
     static const tile_##WT##_fn TILES_##WT[MAX_ROWS][4] = {                                \
         TILE_ROW(WT, 1), TILE_ROW(WT, 2), TILE_ROW(WT, 3),                                 \
         TILE_ROW(WT, 4), TILE_ROW(WT, 5), TILE_ROW(WT, 6)};                                \
@@ -143,9 +156,13 @@ static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long l
             long panel = unit / 4, offset = unit % 4;                                      \
             int nv = (int)((last - unit) < (4 - offset) ? (last - unit) : (4 - offset));   \
             const WTYPE *w = panels + panel * K * PANEL + offset * LANES;                  \
+            const void *next = offset == 0 && (panel + 1) * PANEL < N                      \
+                                   ? panels + (panel + 1) * K * PANEL : 0;                 \
             for (long row = 0; row < M; row += MAX_ROWS) {                                 \
                 int rows = (int)(M - row < MAX_ROWS ? M - row : MAX_ROWS);                 \
-                TILES_##WT[rows - 1][nv - 1](x + row * ldx, ldx, w, K, acc);               \
+                const char *ahead = prefetch_target(next, K * PANEL * (long)sizeof(WTYPE), \
+                                                    row / MAX_ROWS, K);                    \
+                TILES_##WT[rows - 1][nv - 1](x + row * ldx, ldx, w, K, acc, ahead);        \
                 store_tile(acc, rows, nv, y + row * N, N, unit * LANES, N, bias,           \
                            accumulate);                                                    \
             }                                                                              \
