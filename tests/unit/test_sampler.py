@@ -251,6 +251,13 @@ def test_nan_logits_raise_so_the_engine_can_fail_that_request_alone():
         sample(logits, [request(temperature=0.0), request(temperature=0.7)])
 
 
+def test_infinite_logits_without_nan_are_not_rejected():
+    """+inf and -inf in one batch sum to NaN; that alone must not fail a request."""
+    logits = torch.zeros(2, VOCAB)
+    logits[0, 3], logits[1, 5] = float("inf"), float("-inf")
+    assert ids(sample(logits, [request(temperature=0.0), request(temperature=0.0)]))[0] == 3
+
+
 def test_a_row_without_probability_mass_still_yields_a_valid_id():
     probs = torch.tensor([[0.0, 0.0, 0.0], [float("nan"), 0.5, 0.5]])
     ids = sample_from_probs(probs, torch.tensor([0.99, 0.3]))
