@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from app.native.build import NativeBuildError, build_library
+from app.native.self_check import check_library
 from app.native.stack import StackDesc, StepDesc, work_floats
 
 logger = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ def native_kernels() -> NativeKernels | None:
     started = time.perf_counter()
     try:
         kernels = NativeKernels(build_library())
-        _self_check(kernels)
+        check_library(kernels)
     except (NativeBuildError, OSError, AssertionError) as exc:
         logger.warning("native kernels unavailable (%s): using torch's kernels", exc)
         return None
@@ -200,39 +201,3 @@ def native_kernels() -> NativeKernels | None:
         "native kernels ready: %s (%.1f s)", kernels.path.name, time.perf_counter() - started
     )
     return kernels
-
-
-def _self_check(kernels: NativeKernels) -> None:
-    """A miscompiled or mismatched library must not serve: compare both kernels with
-    torch once, on shapes that take every code path (odd sizes, a tile, GQA)."""
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 40, generator=generator)
-    weight = torch.randn(70, 40, generator=generator)
-    got = kernels.matmul(x, kernels.pack_weight(weight), None, 70)
-    if not torch.allclose(got, x @ weight.T, rtol=1e-4, atol=1e-4):
-        raise AssertionError("the native matmul disagrees with torch")
-    _self_check_attention(kernels, generator)
-
-
-def _self_check_attention(kernels: NativeKernels, generator: torch.Generator) -> None:
-    tokens, heads, kv_heads, dim = 21, 4, 2, 16  # one sequence, blocks of 8, reversed table
-    keys = torch.randn(kv_heads, 3, 8, dim, generator=generator)
-    values = torch.randn(kv_heads, 3, 8, dim, generator=generator)
-    query = torch.randn(tokens, heads, dim, generator=generator)
-    table = torch.tensor([[2, 1, 0]], dtype=torch.int32)
-    got = kernels.paged_attention(
-        query, keys, values, table, torch.zeros(tokens, dtype=torch.int32),
-        torch.arange(1, tokens + 1, dtype=torch.int32), dim**-0.5,
-    )  # fmt: skip
-    # The same keys in order: [kv_heads, tokens, dim], each query head over its KV head.
-    ordered_k = keys[:, [2, 1, 0]].reshape(kv_heads, 24, dim)[:, :tokens]
-    ordered_v = values[:, [2, 1, 0]].reshape(kv_heads, 24, dim)[:, :tokens]
-    group = heads // kv_heads
-    k = ordered_k.repeat_interleave(group, dim=0)  # [heads, tokens, dim]
-    v = ordered_v.repeat_interleave(group, dim=0)
-    scores = torch.einsum("thd,hsd->hts", query, k) * dim**-0.5
-    causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
-    expected = torch.einsum("hts,hsd->thd", scores.softmax(-1), v).reshape(tokens, -1)
-    if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
-        raise AssertionError("the native attention disagrees with torch")

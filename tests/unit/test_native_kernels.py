@@ -254,17 +254,22 @@ def test_an_unwritable_cache_falls_back_to_a_shipped_build(tmp_path, monkeypatch
 
 def test_a_library_that_computes_wrong_results_is_refused(native, monkeypatch, caplog):
     import app.native as native_module
+    from app.native.self_check import check_library
 
     broken = NativeKernels(native.path)
     monkeypatch.setattr(broken, "paged_attention", lambda *args: torch.zeros(21, 64))
     with pytest.raises(AssertionError, match="attention disagrees"):
-        native_module._self_check(broken)
-    native_module._self_check(NativeKernels(native.path))  # the real one passes
+        check_library(broken)
+    broken = NativeKernels(native.path)
+    monkeypatch.setattr(broken, "decoder_stack", lambda *args: None)  # leaves x as it was
+    with pytest.raises(AssertionError, match="decoder stack disagrees"):
+        check_library(broken)
+    check_library(NativeKernels(native.path))  # the real one passes
 
     def failing_check(kernels):
         raise AssertionError("the native matmul disagrees with torch")
 
-    monkeypatch.setattr(native_module, "_self_check", failing_check)
+    monkeypatch.setattr(native_module, "check_library", failing_check)
     with caplog.at_level("WARNING", logger="app.native"):
         assert native_module.native_kernels.__wrapped__() is None  # torch's kernels serve
     assert "native kernels unavailable" in caplog.text

@@ -1,0 +1,107 @@
+"""A miscompiled or mismatched library must not serve: `check_library` compares every
+entry point with torch once, at load, on small shapes that take every code path (odd
+sizes, a tile of prompt tokens, GQA, a reversed block table, a tail of SiLU lanes).
+Raises AssertionError on any disagreement; native_kernels() then falls back to torch's
+kernels."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from app.native.stack import DecoderLayerWeights, PackedLinear, StackShape, describe_stack
+
+if TYPE_CHECKING:
+    from app.native import NativeKernels
+
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+
+
+def check_library(kernels: NativeKernels) -> None:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, generator=generator)
+    weight = torch.randn(70, 40, generator=generator)
+    got = kernels.matmul(x, kernels.pack_weight(weight), None, 70)
+    if not torch.allclose(got, x @ weight.T, **TOLERANCE):
+        raise AssertionError("the native matmul disagrees with torch")
+    _check_attention(kernels, generator)
+    _check_decoder_stack(kernels, generator)
+
+
+def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+    """query [T, heads, D], keys/values [kv_heads, T, D] (token t at position t) ->
+    [T, heads * D]: each query head over its KV head's keys up to its own position."""
+    tokens, heads, dim = query.shape
+    group = heads // keys.shape[0]
+    k = keys.repeat_interleave(group, dim=0)  # [heads, T, D]
+    v = values.repeat_interleave(group, dim=0)
+    scores = torch.einsum("thd,hsd->hts", query, k) * dim**-0.5
+    causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return torch.einsum("hts,hsd->thd", scores.softmax(-1), v).reshape(tokens, -1)
+
+
+def _check_attention(kernels: NativeKernels, generator: torch.Generator) -> None:
+    tokens, heads, kv_heads, dim = 21, 4, 2, 16  # one sequence, blocks of 8, reversed table
+    keys = torch.randn(kv_heads, 3, 8, dim, generator=generator)
+    values = torch.randn(kv_heads, 3, 8, dim, generator=generator)
+    query = torch.randn(tokens, heads, dim, generator=generator)
+    table = torch.tensor([[2, 1, 0]], dtype=torch.int32)
+    got = kernels.paged_attention(
+        query, keys, values, table, torch.zeros(tokens, dtype=torch.int32),
+        torch.arange(1, tokens + 1, dtype=torch.int32), dim**-0.5,
+    )  # fmt: skip
+    # The same keys in order: [kv_heads, tokens, dim].
+    ordered_k = keys[:, [2, 1, 0]].reshape(kv_heads, 24, dim)[:, :tokens]
+    ordered_v = values[:, [2, 1, 0]].reshape(kv_heads, 24, dim)[:, :tokens]
+    if not torch.allclose(got, causal_attention(query, ordered_k, ordered_v), **TOLERANCE):
+        raise AssertionError("the native attention disagrees with torch")
+
+
+def _check_decoder_stack(kernels: NativeKernels, generator: torch.Generator) -> None:
+    """One LLaMA layer over a 5-token prompt, in blocks of 4 with a reversed table,
+    against the same layer written with torch's ops."""
+    tokens, hidden, heads, kv_heads, dim, inter = 5, 32, 2, 1, 16, 40
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * 0.3
+
+    weights = {"qkv": randn((heads + 2 * kv_heads) * dim, hidden), "o": randn(hidden, heads * dim)}
+    weights |= {"gate_up": randn(2 * inter, hidden), "down": randn(hidden, inter)}
+    norms = (1 + randn(hidden), 1 + randn(hidden))
+    cache = torch.zeros(2, kv_heads, 2, 4, dim)  # [keys/values, kv_heads, blocks, 4, dim]
+    packed = {
+        name: PackedLinear(panels, panels, None, w.shape[0])
+        for name, w in weights.items()
+        for panels in [kernels.pack_weight(w)]
+    }
+    layer = DecoderLayerWeights(*norms, **packed, keys=cache[0], values=cache[1])
+    stack = describe_stack([layer], StackShape(heads, kv_heads, dim, inter, 1e-5))
+    x, cos, sin = randn(tokens, hidden), randn(tokens, dim), randn(tokens, dim)
+    slots = torch.tensor([4, 5, 6, 7, 0])  # positions 0-3 in block 1, position 4 in block 0
+    table = torch.tensor([[1, 0]], dtype=torch.int32)
+    got = x.clone()
+    kernels.decoder_stack(
+        stack, got, tokens, cos, sin, slots, table, torch.zeros(tokens, dtype=torch.int32),
+        torch.arange(1, tokens + 1, dtype=torch.int32),
+    )  # fmt: skip
+    if not torch.allclose(got, _reference_layer(x, weights, norms, cos, sin, heads), **TOLERANCE):
+        raise AssertionError("the native decoder stack disagrees with torch")
+
+
+def _reference_layer(x, weights, norms, cos, sin, heads: int) -> torch.Tensor:
+    """[T, hidden] -> [T, hidden]: one LLaMA layer (rotary from the given rows)."""
+    tokens, dim = x.shape[0], cos.shape[1]
+    qkv = F.rms_norm(x, (x.shape[1],), norms[0], 1e-5) @ weights["qkv"].T
+    heads_all = qkv.view(tokens, -1, dim)  # [T, heads + 2 kv_heads, D]
+    q_and_k = heads_all[:, : heads + (heads_all.shape[1] - heads) // 2]
+    half = dim // 2
+    swapped = torch.cat((q_and_k[..., half:], q_and_k[..., :half]), dim=-1)
+    rotated = q_and_k * cos[:, None] + swapped * sin[:, None]
+    query, keys = rotated[:, :heads], rotated[:, heads:].transpose(0, 1)
+    values = heads_all[:, q_and_k.shape[1] :].transpose(0, 1)
+    x = x + causal_attention(query, keys, values) @ weights["o"].T
+    gate, up = (F.rms_norm(x, (x.shape[1],), norms[1], 1e-5) @ weights["gate_up"].T).chunk(2, -1)
+    return x + (F.silu(gate) * up) @ weights["down"].T
