@@ -30,17 +30,24 @@ def check_library(kernels: NativeKernels) -> None:
     _check_decoder_stack(kernels, generator)
 
 
-def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
-    """query [T, heads, D], keys/values [kv_heads, T, D] (token t at position t) ->
-    [T, heads * D]: each query head over its KV head's keys up to its own position."""
+def dense_causal_attention(
+    query: torch.Tensor,  # [T, heads, D]: the tokens at positions first_position..
+    keys: torch.Tensor,  # [S, kv_heads, D]: keys at positions 0..S-1
+    values: torch.Tensor,  # [S, kv_heads, D]
+    first_position: int = 0,
+    scale: float | None = None,  # default 1 / sqrt(D)
+) -> torch.Tensor:  # [T, heads, D]
+    """Plain causal attention with grouped KV heads, the reference the native kernels
+    are checked against (here at load, and by the tests in fp64)."""
     tokens, heads, dim = query.shape
-    group = heads // keys.shape[0]
-    k = keys.repeat_interleave(group, dim=0)  # [heads, T, D]
-    v = values.repeat_interleave(group, dim=0)
-    scores = torch.einsum("thd,hsd->hts", query, k) * dim**-0.5
-    causal = torch.ones(tokens, tokens, dtype=torch.bool).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
-    return torch.einsum("hts,hsd->thd", scores.softmax(-1), v).reshape(tokens, -1)
+    group = heads // keys.shape[1]
+    k = keys.repeat_interleave(group, dim=1)  # [S, heads, D]
+    v = values.repeat_interleave(group, dim=1)
+    scale = dim**-0.5 if scale is None else scale
+    scores = torch.einsum("thd,shd->hts", query, k) * scale
+    positions = torch.arange(first_position, first_position + tokens)[:, None]
+    scores = scores.masked_fill(torch.arange(k.shape[0])[None, :] > positions, float("-inf"))
+    return torch.einsum("hts,shd->thd", scores.softmax(-1), v)
 
 
 def _check_attention(kernels: NativeKernels, generator: torch.Generator) -> None:
@@ -53,10 +60,11 @@ def _check_attention(kernels: NativeKernels, generator: torch.Generator) -> None
         query, keys, values, table, torch.zeros(tokens, dtype=torch.int32),
         torch.arange(1, tokens + 1, dtype=torch.int32), dim**-0.5,
     )  # fmt: skip
-    # The same keys in order: [kv_heads, tokens, dim].
-    ordered_k = keys[:, [2, 1, 0]].reshape(kv_heads, 24, dim)[:, :tokens]
-    ordered_v = values[:, [2, 1, 0]].reshape(kv_heads, 24, dim)[:, :tokens]
-    if not torch.allclose(got, causal_attention(query, ordered_k, ordered_v), **TOLERANCE):
+    # The same keys in order: [tokens, kv_heads, dim].
+    ordered_k = keys[:, [2, 1, 0]].reshape(kv_heads, 24, dim)[:, :tokens].transpose(0, 1)
+    ordered_v = values[:, [2, 1, 0]].reshape(kv_heads, 24, dim)[:, :tokens].transpose(0, 1)
+    expected = dense_causal_attention(query, ordered_k, ordered_v).reshape(tokens, -1)
+    if not torch.allclose(got, expected, **TOLERANCE):
         raise AssertionError("the native attention disagrees with torch")
 
 
@@ -100,8 +108,8 @@ def _reference_layer(x, weights, norms, cos, sin, heads: int) -> torch.Tensor:
     half = dim // 2
     swapped = torch.cat((q_and_k[..., half:], q_and_k[..., :half]), dim=-1)
     rotated = q_and_k * cos[:, None] + swapped * sin[:, None]
-    query, keys = rotated[:, :heads], rotated[:, heads:].transpose(0, 1)
-    values = heads_all[:, q_and_k.shape[1] :].transpose(0, 1)
-    x = x + causal_attention(query, keys, values) @ weights["o"].T
+    query, keys = rotated[:, :heads], rotated[:, heads:]
+    values = heads_all[:, q_and_k.shape[1] :]
+    x = x + dense_causal_attention(query, keys, values).reshape(tokens, -1) @ weights["o"].T
     gate, up = (F.rms_norm(x, (x.shape[1],), norms[1], 1e-5) @ weights["gate_up"].T).chunk(2, -1)
     return x + (F.silu(gate) * up) @ weights["down"].T

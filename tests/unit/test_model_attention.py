@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ from app.model.attention import (
     paged_attention,
 )
 from app.native import native_kernels
+from app.native.self_check import dense_causal_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 6, 2, 8, 4, 120
 CPU = torch.device("cpu")
@@ -21,13 +20,7 @@ CPU = torch.device("cpu")
 
 def reference_attention(q, k, v, num_context):
     """Dense causal attention of new queries [T, H, D] over a whole context [S, KVH, D] (fp64)."""
-    group = NUM_HEADS // NUM_KV_HEADS
-    k = k.double().repeat_interleave(group, dim=1)
-    v = v.double().repeat_interleave(group, dim=1)
-    scores = torch.einsum("thd,shd->hts", q.double(), k) / math.sqrt(HEAD_DIM)
-    query_pos = torch.arange(num_context, num_context + q.shape[0])[:, None]
-    scores = scores.masked_fill(torch.arange(k.shape[0])[None, :] > query_pos, float("-inf"))
-    return torch.einsum("hts,shd->thd", scores.softmax(-1), v)
+    return dense_causal_attention(q.double(), k.double(), v.double(), num_context)
 
 
 class World:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from app.native import NativeKernels
 from app.native import build as native_build
+from app.native.self_check import dense_causal_attention
 
 
 def randn(*shape, seed=0):
@@ -101,14 +102,8 @@ def cache_with(keys: torch.Tensor, values: torch.Tensor, table: list[int], head_
 
 
 def dense_causal(query, keys, values, first_pos, scale):
-    """query [T, HEADS, D] at positions first_pos..; keys/values [L, KV_HEADS, D] (fp64)."""
-    group = HEADS // KV_HEADS
-    k = keys.double().repeat_interleave(group, dim=1)
-    v = values.double().repeat_interleave(group, dim=1)
-    scores = torch.einsum("thd,shd->hts", query.double(), k) * scale
-    positions = torch.arange(first_pos, first_pos + query.shape[0])[:, None]
-    scores = scores.masked_fill(torch.arange(k.shape[0])[None, :] > positions, float("-inf"))
-    out = torch.einsum("hts,shd->thd", scores.softmax(-1), v)
+    """query [T, HEADS, D] at positions first_pos..; keys/values [L, KV_HEADS, D]; in fp64."""
+    out = dense_causal_attention(query.double(), keys.double(), values.double(), first_pos, scale)
     return out.reshape(query.shape[0], -1)
 
 
