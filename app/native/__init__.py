@@ -136,8 +136,9 @@ class NativeKernels:
         token_seq: torch.Tensor,  # [N] int32
         num_keys: torch.Tensor,  # [N] int32: keys each token attends over (position + 1)
     ) -> None:
-        """Every layer of the stack over a step's tokens (stack.py). Block ids and slots
-        must lie inside the cache: the caller checks them (attention.py does, per step)."""
+        """Every layer of the stack over a step's tokens (stack.py). Slots outside the
+        cache are refused here; block ids must lie inside it too, which the caller checks
+        (attention.py does, once a step)."""
         num_tokens = x.shape[0]
         _check_step(stack, x, cos, signed_sin, slots, block_tables, token_seq, num_keys)
         if not 0 <= split <= num_tokens:
