@@ -131,6 +131,45 @@ def test_attention_matches_dense_causal_attention(native, head_dim):
     )
 
 
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"),
+    [(9, 3, 64), (4, 1, 64), (8, 1, 64), (2, 2, 128), (6, 2, 24)],
+)
+def test_decode_steps_match_dense_attention_for_any_head_grouping(
+    native, heads, kv_heads, head_dim
+):
+    """Decode tokens of sequences of different lengths in one step, over scattered
+    blocks: a group of up to 4 query heads is computed as one tile's rows, a larger one
+    head by head, and each thread prefetches its next item, for a context past the
+    prefetch's 64 blocks (1100 keys) too."""
+    lengths, block = [1100, 37, 1, 300], 16
+    per_seq = [math.ceil(n / block) for n in lengths]
+    num_blocks = sum(per_seq) + 7
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(2)).tolist()
+    tables, used = [], 0
+    for n in per_seq:
+        tables.append(order[used : used + n] + [0] * (max(per_seq) - n))
+        used += n
+    key_cache, value_cache = randn(2, kv_heads, num_blocks, block, head_dim, seed=3).unbind(0)
+    key_cache, value_cache = key_cache.contiguous(), value_cache.contiguous()
+    query = randn(len(lengths), heads, head_dim, seed=4)
+    scale = head_dim**-0.5
+    out = native.paged_attention(
+        query, key_cache, value_cache, int32(tables), int32(range(len(lengths))),
+        int32(lengths), scale,
+    )  # fmt: skip
+    for seq, length in enumerate(lengths):
+        slots = [tables[seq][pos // block] * block + pos % block for pos in range(length)]
+        keys = key_cache.flatten(1, 2)[:, slots].transpose(0, 1)  # [length, kv_heads, dim]
+        values = value_cache.flatten(1, 2)[:, slots].transpose(0, 1)
+        expected = dense_causal_attention(
+            query[seq : seq + 1].double(), keys.double(), values.double(), length - 1, scale
+        )
+        torch.testing.assert_close(
+            out[seq].double(), expected.reshape(-1), atol=2e-6, rtol=1e-5, msg=f"seq {seq}"
+        )
+
+
 def test_attention_takes_strided_queries_and_a_softmax_of_wide_range(native):
     """Queries as views into the fused qkv rows; scores spanning ~100 (exp underflow)."""
     head_dim, length = 64, 40
