@@ -36,6 +36,7 @@ class LevelResult:
     lamina_seconds: float
     lamina_tok_s: float
     lamina_mfu: float
+    lamina_fma_share: float | None  # useful FLOP/s over the register-only FMA peak
     baseline_seconds: float | None
     baseline_tok_s: float | None
     ratio: float | None
@@ -165,10 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     prompts = make_prompts(tokenizer.vocab_size, args.num_prompts, args.prompt_len, args.seed)
     device = torch.device(runner.device)
     peak, peak_kernel, peak_dtype = _peak(device, runner)
+    # The arithmetic ceiling, where lamina's CPU kernels run: MFU's matmul peak is itself
+    # only a share of it.
+    fma_peak = runner.model.native.fma_peak() if runner.model.native else None
     counts = FlopCounts.from_model_dir(settings.model)
     workload_flops = sum(counts.request(len(p), args.output_len) for p in prompts)
     baseline = None if args.no_baseline else _load_baseline(settings.model, device, runner.dtype)
-    print(_header(runner, settings, peak, peak_kernel, peak_dtype, args), flush=True)
+    print(_header(runner, settings, (peak, peak_kernel, peak_dtype), fma_peak, args), flush=True)
     results = []
     for level in args.levels:
         core = EngineCore(runner, tokenizer, settings)
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             lamina_seconds=seconds,
             lamina_tok_s=tokens / seconds,
             lamina_mfu=workload_flops / seconds / peak,
+            lamina_fma_share=workload_flops / seconds / fma_peak if fma_peak else None,
             baseline_seconds=b_seconds,
             baseline_tok_s=b_tok_s,
             ratio=(tokens / seconds) / b_tok_s if b_tok_s else None,
@@ -223,17 +228,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _header(runner, settings, peak: float, kernel: str, peak_dtype, args) -> str:
+def _header(runner, settings, matmul_peak: tuple, fma_peak: float | None, args) -> str:
+    peak, kernel, peak_dtype = matmul_peak
+    fma = (
+        f"FMA peak {fma_peak / 1e9:.0f} GFLOP/s (vector FMAs on registers, every thread: "
+        f"the arithmetic ceiling); FMA% = useful model FLOPs / time / FMA peak\n"
+        if fma_peak
+        else ""
+    )
     return (
         f"lamina bench engine: device={runner.device} dtype={runner.dtype} "
         f"matmuls in {runner.matmul_dtype} threads={torch.get_num_threads()} "
         f"batch_invariant={settings.batch_invariant} "
         f"kernels={_kernels_label(runner.model)}\n"
         f"matmul peak {peak / 1e9:.0f} GFLOP/s ({kernel}, {peak_dtype}); "
-        f"MFU = useful model FLOPs / time / peak\n"
+        f"MFU = useful model FLOPs / time / peak\n{fma}"
         f"workload: {args.num_prompts} prompts x ~{args.prompt_len} tokens, "
         f"{args.output_len} new tokens each, EOS ignored\n"
-        f"{'conc':>5} {'lamina tok/s':>13} {'MFU':>6} {'transformers tok/s':>19} {'ratio':>6}"
+        f"{'conc':>5} {'lamina tok/s':>13} {'MFU':>6} {'FMA%':>6} {'transformers tok/s':>19} "
+        f"{'ratio':>6}"
     )
 
 
@@ -246,4 +259,5 @@ def _kernels_label(model) -> str:
 def _row(r: LevelResult) -> str:
     base = f"{r.baseline_tok_s:19.1f}" if r.baseline_tok_s else f"{'-':>19}"
     ratio = f"{r.ratio:6.2f}" if r.ratio else f"{'-':>6}"
-    return f"{r.concurrency:5d} {r.lamina_tok_s:13.1f} {r.lamina_mfu:6.1%} {base} {ratio}"
+    fma = f"{r.lamina_fma_share:6.1%}" if r.lamina_fma_share else f"{'-':>6}"
+    return f"{r.concurrency:5d} {r.lamina_tok_s:13.1f} {r.lamina_mfu:6.1%} {fma} {base} {ratio}"

@@ -73,7 +73,7 @@ def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
     return layer * config.num_layers + [(config.hidden_size, config.vocab_size)]
 
 
-def bench_matmuls(native: NativeKernels, config: ModelConfig, args) -> None:
+def bench_matmuls(native: NativeKernels, config: ModelConfig, args, fma_peak: float) -> None:
     shapes = linear_shapes(config)
     weights = [torch.randn(n, k) * 0.02 for k, n in shapes]  # [out, in], as checkpoints
     arena = HugePageArena()  # where the model keeps its panels
@@ -100,7 +100,11 @@ def bench_matmuls(native: NativeKernels, config: ModelConfig, args) -> None:
         others = [timings[n] for n in names if n != "native"]
         speedup = min(others) / timings["native"]
         cells = " ".join(f"{timings[n]:9.1f}" for n in names)
-        print(f"{rows:5d} {cells}  {speedup:.2f}x over the fastest other")
+        rate = sum(2 * rows * k * n for k, n in shapes) / (timings["native"] / 1e3)
+        print(
+            f"{rows:5d} {cells}  {speedup:.2f}x over the fastest other; native "
+            f"{rate / 1e9:.0f} GFLOP/s, {rate / fma_peak:.0%} of the FMA peak"
+        )
 
 
 def bench_attention(native: NativeKernels, config: ModelConfig, args) -> None:
@@ -165,11 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     config = ModelConfig.from_dir(load_settings().model)
     if args.layers:
         config = dataclasses.replace(config, num_layers=args.layers)
+    fma_peak = native.fma_peak()
     print(
         f"lamina bench kernels: {config.num_layers} layers, hidden {config.hidden_size}, "
-        f"threads={torch.get_num_threads()}, library {native.path.name}"
+        f"threads={torch.get_num_threads()}, library {native.path.name}\n"
+        f"FMA peak {fma_peak / 1e9:.0f} GFLOP/s (vector FMAs on registers, every thread: "
+        f"the arithmetic ceiling)"
     )
     with torch.inference_mode():
-        bench_matmuls(native, config, args)
+        bench_matmuls(native, config, args, fma_peak)
         bench_attention(native, config, args)
     return 0

@@ -50,6 +50,8 @@ class NativeKernels:
         self._attention = _bind(library.lamina_paged_attention, attention_args)
         stack_args = (ctypes.POINTER(StackDesc), ctypes.POINTER(StepDesc))
         self._decoder_stack = _bind(library.lamina_decoder_stack, stack_args)
+        self._fma_peak = library.lamina_fma_peak
+        self._fma_peak.argtypes, self._fma_peak.restype = [_long], ctypes.c_double
 
     def pack_weight(
         self,
@@ -150,6 +152,20 @@ class NativeKernels:
             token_seq.data_ptr(), num_keys.data_ptr(), work.data_ptr(),
         )  # fmt: skip
         self._decoder_stack(ctypes.byref(stack), ctypes.byref(step))
+
+    def fma_peak(self, seconds: float = 0.3) -> float:
+        """FLOP/s of vector FMAs on registers, on every thread torch uses: the CPU's
+        arithmetic ceiling, with no memory traffic. Best of three runs of ~seconds / 3."""
+        iterations, best = 100_000, 0.0
+        for attempt in range(4):  # the first run only sizes the others
+            started = time.perf_counter()
+            flops = self._fma_peak(iterations)
+            elapsed = time.perf_counter() - started
+            if attempt:
+                best = max(best, flops / elapsed)
+            else:
+                iterations = max(1, int(iterations * seconds / 3 / max(elapsed, 1e-6)))
+        return best
 
 
 def _check_step(stack: StackDesc, x: torch.Tensor, *tensors: torch.Tensor) -> None:

@@ -239,6 +239,24 @@ void lamina_matmul(const float *x, long ldx, const void *panels, int32_t half, c
 DEFINE_PACK(lamina_pack_weight, float)
 DEFINE_PACK(lamina_pack_weight_f16, _Float16) /* rounds to nearest fp16 */
 
+/* The arithmetic ceiling the benchmarks compare against: every thread runs chains of
+ * vector FMAs on registers only (12 independent chains, more than the FMA latency needs),
+ * no memory traffic. Returns the FLOPs done; the caller times the call. */
+double lamina_fma_peak(long iterations) {
+    double flops = 0.0;
+#pragma omp parallel reduction(+ : flops)
+    {
+        const vecf scale = broadcast(0.9999999f), shift = broadcast(1e-7f);
+        vecf chains[12];
+        for (int c = 0; c < 12; c++) chains[c] = broadcast((float)c);
+        for (long i = 0; i < iterations; i++)
+            for (int c = 0; c < 12; c++) chains[c] = chains[c] * scale + shift;
+        __asm__ volatile("" ::"m"(chains)); /* the results are used: keep the FMAs */
+        flops += 2.0 * LANES * 12 * (double)iterations;
+    }
+    return flops;
+}
+
 /* ---------------------------------------------------------------------------------
  * Paged attention. Item = (tile, KV head): a tile is up to 4 consecutive tokens of one
  * sequence (a prefill chunk) or a single token (a decode); that KV head's query heads

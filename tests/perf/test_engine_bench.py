@@ -22,7 +22,7 @@ def test_bench_engine_prints_lamina_beside_transformers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "transformers tok/s" in out and "MFU = useful model FLOPs" in out
     (row,) = table_rows(out)
-    concurrency, lamina, mfu, baseline, ratio = row
+    concurrency, lamina, mfu, fma_share, baseline, ratio = row
     assert concurrency == "2" and float(lamina) > 0 and float(baseline) > 0
     (saved,) = json.loads(results.read_text())
     assert saved["output_tokens"] == 2 * 8 and saved["num_requests"] == 2
@@ -36,6 +36,9 @@ def test_bench_engine_says_which_kernels_ran(native, capsys):
     argv = ["--concurrency", "1", "--num-prompts", "1", "--prompt-len", "8"]
     argv += ["--output-len", "4", "--no-baseline"]
     assert main(argv) == 0
-    assert "kernels=native, fused layers" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "kernels=native, fused layers" in out and "FMA peak" in out
+    (row,) = table_rows(out)
+    assert row[3].endswith("%")  # the share of the FMA peak, measured with our kernels
     assert main([*argv, "--no-fused-layers"]) == 0
     assert "kernels=native, one op at a time" in capsys.readouterr().out

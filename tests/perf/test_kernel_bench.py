@@ -20,7 +20,7 @@ def test_bench_kernels_prints_both_tables(native, capsys):
     argv += ["--repeats", "1", "--layers", "2"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "matmuls of one forward (9 matmuls, fp32)" in out
+    assert "matmuls of one forward (9 matmuls, fp32)" in out and "FMA peak" in out
     assert "over the fastest other" in out and "attention, all 2 layers" in out
     matmul_rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in matmul_rows] == ["1", "3"]

@@ -218,6 +218,13 @@ def test_attention_bits_depend_on_the_token_only(native):
         assert torch.equal(attend([token])[0], together[row]), token
 
 
+def test_the_fma_peak_is_a_positive_rate(native):
+    """The benchmarks' arithmetic ceiling: register-only FMAs, timed (no assertion on its
+    size, which depends on the machine and its load)."""
+    peak = native.fma_peak(seconds=0.03)
+    assert math.isfinite(peak) and peak > 0
+
+
 # --- building and caching ------------------------------------------------------------------
 
 
