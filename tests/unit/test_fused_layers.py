@@ -74,13 +74,15 @@ def test_fused_layers_match_the_per_op_path(native, request, path_fixture):
 def test_fused_rows_of_mixed_kinds_equal_rows_computed_one_by_one(native, tiny_model_path):
     """fp16 weights: prompt rows take the fp32 panels and generated ones the fp16 panels,
     in one call with the rows put in kind order and back; each row's bits are those of
-    a step that computes that token alone, with its kind."""
+    a step that computes that token alone, with its kind. 60 rows: the matmuls split
+    them in blocks of 48, across the boundary between the kinds."""
     model = load_model(tiny_model_path, max_positions=256, weight_dtype=torch.float16)
     assert model.fuse_layers
-    ids = token_ids(10, 4, model.config.vocab_size)
-    table = [7, 2, 12]
+    ids = token_ids(60, 4, model.config.vocab_size)
+    table = torch.randperm(48, generator=torch.Generator().manual_seed(1))[: 60 // BLOCK_SIZE]
+    table = table.tolist()
     # Interleaved kinds, as a preempted sequence's recompute can have them.
-    is_prompt = [True, True, False, True, False, False, True, False, True, True]
+    is_prompt = [True, True, False, True, False, False, True, False, True, True] * 6
     kinds = RowKinds.from_flags(is_prompt, "cpu")
     mixed = model_logits(model, fresh_cache(model), [Chunk(ids, 0, table)], kinds)[0]
     cache = fresh_cache(model)

@@ -61,10 +61,10 @@ def test_matmul_rows_have_the_same_bits_whatever_the_row_count(native, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x, weight = randn(70, 1536), randn(576, 1536, seed=1)
+        x, weight = randn(130, 1536), randn(576, 1536, seed=1)
         panels = native.pack_weight(weight)
-        alone = torch.cat([native.matmul(x[i : i + 1], panels, None, 576) for i in range(70)])
-        for rows in (2, 3, 5, 6, 7, 13, 32, 70):
+        alone = torch.cat([native.matmul(x[i : i + 1], panels, None, 576) for i in range(130)])
+        for rows in (2, 3, 5, 6, 7, 13, 32, 49, 70, 97, 130):  # rows split past 48
             assert torch.equal(native.matmul(x[:rows], panels, None, 576), alone[:rows]), rows
             assert torch.equal(native.matmul(x[-rows:], panels, None, 576), alone[-rows:]), rows
     finally:
