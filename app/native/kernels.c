@@ -604,7 +604,7 @@ static void plan_prefetch(prefetcher *p, const attention_args *a, const long *st
         p->blocks[n + b] = (const char *)(a->values + head * head_elems + table[b] * block_elems);
     }
     p->num_blocks = 2 * n;
-    p->lines_per_block = block_elems * (long)sizeof(float) / 64;
+    p->lines_per_block = (block_elems * (long)sizeof(float) + 63) / 64; /* at least 1 */
     p->group = p->line = 0;
     p->ways = p->num_blocks < AHEAD_WAYS ? p->num_blocks : AHEAD_WAYS;
     /* The calls item `item` makes: per pass, one per key block and one per value block
