@@ -3,7 +3,7 @@ built from them (stack.py), compiled on first use.
 
 `native_kernels()` returns them, or None where they cannot be had (no C compiler, a
 failed build or self-check); the model then uses torch's kernels. Why they exist
-(kernels.c has the details): on a 2-core Zen 4 the matmul reads a single stream's
+(kernels.c and its parts have the details): on a 2-core Zen 4 the matmul reads a single stream's
 weights ~40 % faster than oneDNN and is as fast at 32-256 rows, attention reads the KV
 blocks in place instead of gathering a copy, and both give every row the same bits
 whatever its batch mates, so batch invariance needs no padding.
@@ -26,7 +26,7 @@ from app.native.stack import StackDesc, StepDesc, work_floats
 
 logger = logging.getLogger(__name__)
 
-PANEL_COLUMNS = 64  # columns per packed weight panel (kernels.c: PANEL)
+PANEL_COLUMNS = 64  # columns per packed weight panel (vector.h: PANEL)
 
 _long, _float, _pointer = ctypes.c_long, ctypes.c_float, ctypes.c_void_p
 

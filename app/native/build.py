@@ -122,7 +122,12 @@ def portable_path(level: str, directory: Path | None = None) -> Path:
 
 
 def _source_digest() -> str:
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()
+    """Of kernels.c, the parts it includes (every header beside it) and the flags."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    for part in sorted(SOURCE.parent.glob("*.h")):
+        digest.update(part.name.encode() + b"\0" + part.read_bytes())
+    digest.update(" ".join(FLAGS).encode())
+    return digest.hexdigest()
 
 
 def _compile(compiler: str, march: str, target: Path) -> None:

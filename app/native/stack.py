@@ -1,4 +1,4 @@
-"""A stack of LLaMA decoder layers run by one native call per step (kernels.c:
+"""A stack of LLaMA decoder layers run by one native call per step (decoder_stack.h:
 `lamina_decoder_stack`).
 
 The per-op path calls the C matmul and attention from torch, ~150 kernels a step with
@@ -126,7 +126,7 @@ def describe_stack(layers: list[DecoderLayerWeights], shape: StackShape) -> Stac
 
 
 def work_floats(stack: StackDesc, num_tokens: int) -> int:
-    """Scratch a step of num_tokens rows needs (kernels.c: step_desc.work)."""
+    """Scratch a step of num_tokens rows needs (decoder_stack.h: step_desc.work)."""
     q_size = stack.num_heads * stack.head_dim
     width = q_size + 2 * stack.num_kv_heads * stack.head_dim
     return num_tokens * (stack.hidden + width + q_size + 3 * stack.intermediate)

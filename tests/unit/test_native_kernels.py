@@ -239,6 +239,23 @@ def test_the_library_is_cached_per_source_compiler_and_cpu(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
 
 
+def test_an_edit_to_any_part_of_the_source_is_a_new_library(tmp_path, monkeypatch):
+    """kernels.c includes its parts (vector.h, matmul.h, ...): the cache key covers them all."""
+    compiler = native_build.find_compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    source_dir = tmp_path / "src"
+    source_dir.mkdir()
+    for part in [native_build.SOURCE, *native_build.SOURCE.parent.glob("*.h")]:
+        (source_dir / part.name).write_bytes(part.read_bytes())
+    assert {p.name for p in source_dir.glob("*.h")} >= {"vector.h", "matmul.h", "attention.h"}
+    monkeypatch.setattr(native_build, "SOURCE", source_dir / "kernels.c")
+    before = native_build.library_path(compiler, tmp_path)
+    attention = source_dir / "attention.h"
+    attention.write_text(attention.read_text() + "\n/* an edit */\n")
+    assert native_build.library_path(compiler, tmp_path) != before
+
+
 def test_without_a_compiler_a_portable_build_for_this_cpu_is_loaded(tmp_path, monkeypatch):
     """What the Docker runtime image does: no gcc, libraries built in an earlier stage."""
     if native_build.find_compiler() is None:

@@ -1,0 +1,132 @@
+/* Part of kernels.c's one translation unit (after matmul.h and attention.h). */
+#pragma once
+#include "attention.h"
+#include "matmul.h"
+
+/* ---------------------------------------------------------------------------------
+ * A whole stack of LLaMA decoder layers in one call: one parallel region for every layer
+ * of a step, so the threads meet at a barrier between phases instead of being woken for
+ * each of ~150 separate kernels, and the row-wise work between the matmuls (norms, rotary
+ * embedding, KV store, SwiGLU, residual adds) costs no torch dispatch. Every phase works
+ * on each row (or each query, for attention) on its own, so batch invariance holds as in
+ * the kernels above.
+ */
+
+typedef struct {
+    const float *input_norm, *post_attention_norm; /* [hidden] */
+    linear_desc qkv, o, gate_up, down;            /* qkv: q, k, v heads; gate_up: gate, up */
+    float *keys, *values;                          /* [kv_heads, num_blocks, block_size, dim] */
+} layer_desc;
+
+typedef struct {
+    long num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate;
+    long num_blocks, block_size; /* of the KV cache, scratch block included */
+    float eps, scale;
+    const layer_desc *layers;
+} stack_desc;
+
+typedef struct {
+    float *x;                 /* [N, hidden]: the residual stream, updated in place */
+    long num_tokens;
+    long split;               /* rows [0, split) are prompt tokens (first weight copy) */
+    const float *cos, *sin;   /* [N, head_dim]: each token's rotary row; sin carries the sign */
+    const int64_t *slots;     /* [N]: cache slot (block * block_size + offset) per token */
+    const int32_t *tables;    /* attention: as lamina_paged_attention takes them */
+    long table_stride;
+    const int32_t *token_seq, *num_keys;
+    float *work;              /* N * (hidden + q + 2 kv + q + 3 intermediate) floats */
+} step_desc;
+
+/* out = x / rms(x) * weight per row: sum of squares in 16 lanes (in order), then sum_lanes. */
+static void rms_norm_rows(const float *x, const float *weight, float *out, long N, long H,
+                          float eps) {
+#pragma omp for schedule(static)
+    for (long t = 0; t < N; t++) {
+        const float *row = x + t * H;
+        vecf squares = broadcast(0.0f);
+        long d = 0;
+        for (; d + LANES <= H; d += LANES) squares = squares + load(row + d) * load(row + d);
+        float sum = sum_lanes(squares);
+        for (; d < H; d++) sum += row[d] * row[d];
+        float inverse = 1.0f / sqrtf(sum / (float)H + eps);
+        for (d = 0; d < H; d++) out[t * H + d] = row[d] * inverse * weight[d];
+    }
+}
+
+/* Rotate the q and k heads of each qkv row (x * cos + rotate_half(x) * sin), then store
+ * the row's keys and values at its cache slot. */
+static void rotate_and_store_rows(const stack_desc *m, const layer_desc *layer,
+                                  const step_desc *s, float *qkv, long width) {
+    long D = m->head_dim, half = D / 2, rotated = m->num_heads + m->num_kv_heads;
+    long head_elems = m->num_blocks * m->block_size * D;
+#pragma omp for schedule(static)
+    for (long t = 0; t < s->num_tokens; t++) {
+        float *row = qkv + t * width;
+        const float *cos = s->cos + t * D, *sin = s->sin + t * D;
+        for (long h = 0; h < rotated; h++) {
+            float *x = row + h * D, before[D];
+            memcpy(before, x, sizeof before);
+            for (long i = 0; i < D; i++)
+                x[i] = before[i] * cos[i] + before[i < half ? i + half : i - half] * sin[i];
+        }
+        const float *k = row + m->num_heads * D, *v = k + m->num_kv_heads * D;
+        for (long h = 0; h < m->num_kv_heads; h++) {
+            memcpy(layer->keys + h * head_elems + s->slots[t] * D, k + h * D, sizeof(float) * D);
+            memcpy(layer->values + h * head_elems + s->slots[t] * D, v + h * D, sizeof(float) * D);
+        }
+    }
+}
+
+/* act = silu(gate) * up per row; gate_up rows hold gate then up. */
+static void swiglu_rows(const float *gate_up, float *act, long N, long I) {
+#pragma omp for schedule(static)
+    for (long t = 0; t < N; t++) {
+        const float *gate = gate_up + t * 2 * I, *up = gate + I;
+        float *out = act + t * I;
+        long i = 0;
+        for (; i + LANES <= I; i += LANES) {
+            vecf g = load(gate + i), minus = -g;
+            minus = blend(minus > broadcast(88.0f), broadcast(88.0f), minus); /* e^88 ~ inf */
+            store(out + i, g / (broadcast(1.0f) + exp_upto_88(minus)) * load(up + i));
+        }
+        for (; i < I; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    }
+}
+
+void lamina_decoder_stack(const stack_desc *m, const step_desc *s) {
+    long N = s->num_tokens, H = m->hidden, D = m->head_dim, I = m->intermediate;
+    if (N == 0) return;
+    long q_size = m->num_heads * D, width = q_size + 2 * m->num_kv_heads * D;
+    float *normed = s->work;                 /* [N, H] */
+    float *qkv = normed + N * H;             /* [N, width] */
+    float *attended = qkv + N * width;       /* [N, q_size] */
+    float *gate_up = attended + N * q_size;  /* [N, 2 I] */
+    float *act = gate_up + N * 2 * I;        /* [N, I] */
+    long stride = score_stride(s->num_keys, N);
+    long *starts = malloc(sizeof(long) * (N + 1));
+    long tiles = make_tiles(s->token_seq, s->num_keys, N, starts);
+    long *claimed = calloc(m->num_layers, sizeof(long)); /* attention's item counter, a layer */
+#pragma omp parallel
+    {
+        float *scratch = malloc(sizeof(float) * TILE * stride);
+        for (long l = 0; l < m->num_layers; l++) {
+            const layer_desc *layer = m->layers + l;
+            attention_args a = {qkv, width, layer->keys, layer->values, m->num_blocks,
+                                m->block_size, s->tables, s->table_stride, s->token_seq,
+                                s->num_keys, attended, m->num_heads, m->num_kv_heads, D,
+                                m->scale};
+            rms_norm_rows(s->x, layer->input_norm, normed, N, H, m->eps);
+            linear_phase(&layer->qkv, normed, H, N, s->split, qkv, 0);
+            rotate_and_store_rows(m, layer, s, qkv, width);
+            attention_items(&a, starts, tiles, scratch, stride, claimed + l);
+            linear_phase(&layer->o, attended, q_size, N, s->split, s->x, 1);
+            rms_norm_rows(s->x, layer->post_attention_norm, normed, N, H, m->eps);
+            linear_phase(&layer->gate_up, normed, H, N, s->split, gate_up, 0);
+            swiglu_rows(gate_up, act, N, I);
+            linear_phase(&layer->down, act, I, N, s->split, s->x, 1);
+        }
+        free(scratch);
+    }
+    free(starts);
+    free(claimed);
+}

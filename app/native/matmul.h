@@ -1,0 +1,233 @@
+/* Part of kernels.c's one translation unit (after vector.h). */
+#pragma once
+#include "vector.h"
+
+/* ---------------------------------------------------------------------------------
+ * Matmul: y[M, N] = x[M, K] . W[K, N] (+ bias), W packed as panels [ceil(N/64)][K][64]
+ * (zero columns past N), stored in fp32 or in fp16 (converted to fp32 as loaded; the
+ * sums are fp32 either way). Work is split into 16-column units; a tile is up to 6 rows
+ * by up to 4 units of one panel.
+ */
+
+static inline vecf load_f32(const float *p) { return load(p); }
+/* 16 halves -> 16 floats. GCC turns a generic vector conversion into 16 scalar ones
+ * (measured: the fp16 kernel ran at half the fp32 one's speed), so x86 gets the
+ * conversion instructions themselves. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline vecf load_f16(const _Float16 *p) {
+    return (vecf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+}
+#elif defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+static inline vecf load_f16(const _Float16 *p) {
+    __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    __m256 high = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+    vecf out;
+    memcpy(&out, &low, sizeof low);
+    memcpy((char *)&out + sizeof low, &high, sizeof high);
+    return out;
+}
+#else
+typedef _Float16 vech __attribute__((vector_size(32), aligned(2))); /* 16 halves */
+static inline vecf load_f16(const _Float16 *p) {
+    return __builtin_convertvector(*(const vech *)p, vecf);
+}
+#endif
+
+/* Store a tile's rows: columns [col, col + 16 * nv) of y, clipped to N, plus bias; with
+ * `accumulate`, added to what y holds (a residual connection: y + (xW + b), the order
+ * torch's `x.add_(linear(h))` has). */
+static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long ldy, long col,
+                       long N, const float *bias, int accumulate) {
+    for (int r = 0; r < rows; r++) {
+        for (int v = 0; v < nv; v++) {
+            long c = col + v * LANES;
+            vecf value = acc[r][v];
+            float lanes[LANES];
+            memcpy(lanes, &value, sizeof lanes);
+            long count = N - c < LANES ? N - c : LANES;
+            float *out = y + r * ldy + c;
+            if (count == LANES) { /* a whole vector: the same sums, without the lane loop */
+                vecf sum = bias ? value + load(bias + c) : value;
+                store(out, accumulate ? load(out) + sum : sum);
+                continue;
+            }
+            for (long i = 0; i < count; i++) {
+                float sum = bias ? lanes[i] + bias[c + i] : lanes[i];
+                out[i] = accumulate ? out[i] + sum : sum;
+            }
+        }
+    }
+}
+
+/* Where the tile-th row tile of a panel prefetches while it runs, or NULL. The first
+ * tile streams the panel from memory faster than memory delivers it; the tiles after it
+ * read the panel from L2, so they fetch the next panel meanwhile, a cache line per k
+ * each, and memory stays busy while they compute (the model's 121 matmuls at 32 rows:
+ * 45.6 -> 42.8 ms; at 128 and 256 rows within 2 %; at 1 row there is no second tile). */
+static inline const char *prefetch_target(const void *next_panel, long panel_bytes, long tile,
+                                          long K) {
+    long part = tile - 1;
+    if (!next_panel || part < 0 || part * K * 64 >= panel_bytes) return 0;
+    return (const char *)next_panel + part * K * 64;
+}
+
+/* One tile: rows x (nv vectors of 16 columns), accumulated over all of K in order. */
+#define DEFINE_TILE(WT, WTYPE, ROWS, NV)                                                   \
+    static void tile_##WT##_##ROWS##_##NV(const float *x, long ldx, const WTYPE *w, long K, \
+                                          vecf out[MAX_ROWS][4], const char *ahead) {      \
+        vecf acc[ROWS][NV];                                                                \
+        for (int r = 0; r < ROWS; r++)                                                     \
+            for (int v = 0; v < NV; v++) acc[r][v] = broadcast(0.0f);                      \
+        for (long k = 0; k < K; k++) {                                                     \
+            const WTYPE *wk = w + k * PANEL;                                               \
+            if (ahead) __builtin_prefetch(ahead + k * 64, 0, 2); /* a line per k */        \
+            vecf wv[NV];                                                                   \
+            for (int v = 0; v < NV; v++) wv[v] = load_##WT(wk + v * LANES);                \
+            for (int r = 0; r < ROWS; r++) {                                               \
+                vecf a = broadcast(x[r * ldx + k]);                                        \
+                for (int v = 0; v < NV; v++) acc[r][v] = acc[r][v] + a * wv[v];            \
+            }                                                                              \
+        }                                                                                  \
+        for (int r = 0; r < ROWS; r++)                                                     \
+            for (int v = 0; v < NV; v++) out[r][v] = acc[r][v];                            \
+    }
+#define DEFINE_TILES(WT, WTYPE, ROWS)                                                      \
+    DEFINE_TILE(WT, WTYPE, ROWS, 1) DEFINE_TILE(WT, WTYPE, ROWS, 2)                        \
+    DEFINE_TILE(WT, WTYPE, ROWS, 3) DEFINE_TILE(WT, WTYPE, ROWS, 4)
+#define TILE_ROW(WT, R) {tile_##WT##_##R##_1, tile_##WT##_##R##_2, tile_##WT##_##R##_3,     \
+                         tile_##WT##_##R##_4}
+
+/* Everything of one weight type: its tiles, a table of them, and the loop over a run of
+ * 16-column units for all M rows. */
+#define DEFINE_MATMUL_UNITS(WT, WTYPE)                                                     \
+    DEFINE_TILES(WT, WTYPE, 1) DEFINE_TILES(WT, WTYPE, 2) DEFINE_TILES(WT, WTYPE, 3)       \
+    DEFINE_TILES(WT, WTYPE, 4) DEFINE_TILES(WT, WTYPE, 5) DEFINE_TILES(WT, WTYPE, 6)       \
+    typedef void (*tile_##WT##_fn)(const float *, long, const WTYPE *, long,               \
+                                   vecf[MAX_ROWS][4], const char *);                       \
+    static const tile_##WT##_fn TILES_##WT[MAX_ROWS][4] = {                                \
+        TILE_ROW(WT, 1), TILE_ROW(WT, 2), TILE_ROW(WT, 3),                                 \
+        TILE_ROW(WT, 4), TILE_ROW(WT, 5), TILE_ROW(WT, 6)};                                \
+    /* Units [first, last) of 16 columns, for all M rows; with lookahead, the tiles after  \
+     * the first prefetch the next panel. */                                              \
+    static void matmul_units_##WT(const float *x, long ldx, const WTYPE *panels,           \
+                                  const float *bias, float *y, long M, long K, long N,     \
+                                  long first, long last, int accumulate, int lookahead) {  \
+        vecf acc[MAX_ROWS][4];                                                             \
+        long unit = first;                                                                 \
+        while (unit < last) {                                                              \
+            long panel = unit / 4, offset = unit % 4;                                      \
+            int nv = (int)((last - unit) < (4 - offset) ? (last - unit) : (4 - offset));   \
+            const WTYPE *w = panels + panel * K * PANEL + offset * LANES;                  \
+            const void *next = lookahead && offset == 0 && (panel + 1) * PANEL < N         \
+                                   ? panels + (panel + 1) * K * PANEL : 0;                 \
+            for (long row = 0; row < M; row += MAX_ROWS) {                                 \
+                int rows = (int)(M - row < MAX_ROWS ? M - row : MAX_ROWS);                 \
+                const char *ahead = prefetch_target(next, K * PANEL * (long)sizeof(WTYPE), \
+                                                    row / MAX_ROWS, K);                    \
+                TILES_##WT[rows - 1][nv - 1](x + row * ldx, ldx, w, K, acc, ahead);        \
+                store_tile(acc, rows, nv, y + row * N, N, unit * LANES, N, bias,           \
+                           accumulate);                                                    \
+            }                                                                              \
+            unit += nv;                                                                    \
+        }                                                                                  \
+    }
+
+DEFINE_MATMUL_UNITS(f32, float)
+/* The same with fp16 panels: half the bytes a single stream reads per token. */
+DEFINE_MATMUL_UNITS(f16, _Float16)
+
+/* A linear layer's packed weight as the kernels see it. Rows of a matmul may take two
+ * weight copies: rows [0, split) the first (prompt tokens), the rest the second
+ * (generated tokens, fp16 panels with LAMINA_WEIGHT_DTYPE=float16). */
+typedef struct {
+    const void *panels[2];    /* [ceil(out/64)][in][64], fp32 or fp16 */
+    int32_t half[2];          /* whether panels[i] holds fp16 */
+    const float *bias;        /* [out] or NULL */
+    long in_features, out_features;
+} linear_desc;
+
+/* y[M, out] (=, or += with `accumulate`) x[M, in] . W + bias, shared among the threads of
+ * the enclosing parallel region (an orphaned `omp for`; alone outside one). A work item is
+ * one panel for a block of up to ROW_BLOCK rows, panel-major: at decode sizes (M <=
+ * ROW_BLOCK) that is one panel for every row; for prompts, the rows split too, so the
+ * 9 panels of a 576-wide projection no longer leave one thread a panel behind the other
+ * (the model's 121 matmuls at 256 / 512 rows: 344.7 / 698.6 -> 335.1 / 679.9 ms). Items
+ * are handed out with schedule(guided): long contiguous runs first (as fast as a static
+ * split), then single items, so a thread the OS delays (the HTTP event loop, a client on
+ * the same cores) leaves its last items to the others instead of making them wait. Only
+ * a panel's last row block prefetches the next panel. Ends with the loop's barrier: y is
+ * complete for every thread. */
+static void linear_phase(const linear_desc *w, const float *x, long ldx, long M, long split,
+                         float *y, int accumulate) {
+    long K = w->in_features, N = w->out_features;
+    long units = (N + LANES - 1) / LANES, chunks = (units + 3) / 4; /* one panel each */
+    long row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
+#pragma omp for schedule(guided)
+    for (long item = 0; item < chunks * row_blocks; item++) {
+        long chunk = item / row_blocks, block = item % row_blocks;
+        long first = chunk * 4, last = first + 4 < units ? first + 4 : units;
+        long lo = block * ROW_BLOCK, hi = lo + ROW_BLOCK < M ? lo + ROW_BLOCK : M;
+        int lookahead = block == row_blocks - 1;
+        for (int kind = 0; kind < 2; kind++) { /* the block's prompt rows, then the others */
+            long row = kind ? split : 0, end = kind ? M : split;
+            row = row > lo ? row : lo;
+            end = end < hi ? end : hi;
+            if (end <= row) continue;
+            const float *xr = x + row * ldx;
+            float *yr = y + row * N;
+            if (w->half[kind])
+                matmul_units_f16(xr, ldx, w->panels[kind], w->bias, yr, end - row, K, N, first,
+                                 last, accumulate, lookahead);
+            else
+                matmul_units_f32(xr, ldx, w->panels[kind], w->bias, yr, end - row, K, N, first,
+                                 last, accumulate, lookahead);
+        }
+    }
+}
+
+/* y[M, N] = x[M, K] . W (+ bias), W packed as panels of fp32 (half = 0) or fp16. */
+void lamina_matmul(const float *x, long ldx, const void *panels, int32_t half, const float *bias,
+                   float *y, long M, long K, long N) {
+    linear_desc w = {{panels, panels}, {half, half}, bias, K, N};
+    int parallel = M * K * N >= (1L << 18);
+#pragma omp parallel if (parallel)
+    linear_phase(&w, x, ldx, M, M, y, 0);
+}
+
+/* Pack W [N, K] (a Linear's weight, row-major) into panels [ceil(N/64)][K][64]. */
+#define DEFINE_PACK(NAME, WTYPE)                                                           \
+    void NAME(const float *weight, WTYPE *panels, long N, long K) {                        \
+        long num_panels = (N + PANEL - 1) / PANEL;                                         \
+        _Pragma("omp parallel for")                                                        \
+        for (long p = 0; p < num_panels; p++) {                                            \
+            for (long k = 0; k < K; k++) {                                                 \
+                WTYPE *dst = panels + (p * K + k) * PANEL;                                 \
+                for (long c = 0; c < PANEL; c++) {                                         \
+                    long n = p * PANEL + c;                                                \
+                    dst[c] = (WTYPE)(n < N ? weight[n * K + k] : 0.0f);                    \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+    }
+DEFINE_PACK(lamina_pack_weight, float)
+DEFINE_PACK(lamina_pack_weight_f16, _Float16) /* rounds to nearest fp16 */
+
+/* The arithmetic ceiling the benchmarks compare against: every thread runs chains of
+ * vector FMAs on registers only (12 independent chains, more than the FMA latency needs),
+ * no memory traffic. Returns the FLOPs done; the caller times the call. */
+double lamina_fma_peak(long iterations) {
+    double flops = 0.0;
+#pragma omp parallel reduction(+ : flops)
+    {
+        const vecf scale = broadcast(0.9999999f), shift = broadcast(1e-7f);
+        vecf chains[12];
+        for (int c = 0; c < 12; c++) chains[c] = broadcast((float)c);
+        for (long i = 0; i < iterations; i++)
+            for (int c = 0; c < 12; c++) chains[c] = chains[c] * scale + shift;
+        __asm__ volatile("" ::"m"(chains)); /* the results are used: keep the FMAs */
+        flops += 2.0 * LANES * 12 * (double)iterations;
+    }
+    return flops;
+}
