@@ -240,7 +240,7 @@ static long make_tiles(const int32_t *token_seq, const int32_t *num_keys, long n
     return tiles;
 }
 
-/* The blocks of tile `tile` (its last token's keys) for KV head `head`. */
+/* How many blocks tile `tile` reads: those of its last token's keys. */
 static long tile_blocks(const attention_args *a, const long *starts, long tile) {
     return (a->num_keys[starts[tile + 1] - 1] + a->block_size - 1) / a->block_size;
 }
