@@ -96,7 +96,9 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
-        self.sampler = Sampler(eos_token_ids, self.device, seed)
+        native = getattr(model, "native", None)
+        argmax = native.argmax_rows if native is not None and self.device.type == "cpu" else None
+        self.sampler = Sampler(eos_token_ids, self.device, seed, argmax)
         kernel = getattr(model.lm_head, "kernel", None)
         self.matmul_dtype = kernel.matmul_dtype if kernel is not None else self.dtype
         # fp16 weights on the CPU: prompt tokens' rows take a second kernel, chosen per row.

@@ -16,6 +16,7 @@ batch position or earlier steps; unseeded rows share one global generator.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
@@ -57,9 +58,16 @@ class Sampler:
     """Turns [S, vocab] logits into S SampleOutputs. Stateless apart from the global RNG."""
 
     def __init__(
-        self, eos_token_ids: frozenset[int], device: torch.device | str = "cpu", seed: int = 0
+        self,
+        eos_token_ids: frozenset[int],
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        argmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        """argmax: [S, vocab] fp32 -> [S] int64, as torch.argmax(dim=-1) (the default);
+        the runner passes the native kernels' multi-threaded one on the CPU."""
         self.device = torch.device(device)
+        self.argmax = argmax or (lambda logits: logits.argmax(dim=-1))
         self.eos_token_ids = tuple(sorted(eos_token_ids))
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
@@ -75,7 +83,7 @@ class Sampler:
         if wants_logprobs:
             raw_logprobs = torch.log_softmax(logits[wants_logprobs], dim=-1)
         processed = self._process_logits(logits, requests)
-        token_ids = processed.argmax(dim=-1)  # [S]; right for greedy rows
+        token_ids = self.argmax(processed)  # [S]; right for greedy rows
         random_rows = _rows(requests, lambda r: not r.params.greedy)
         if random_rows:
             chosen = self._sample_random(processed[random_rows], [requests[i] for i in random_rows])

@@ -50,6 +50,8 @@ class NativeKernels:
         self._attention = _bind(library.lamina_paged_attention, attention_args)
         stack_args = (ctypes.POINTER(StackDesc), ctypes.POINTER(StepDesc))
         self._decoder_stack = _bind(library.lamina_decoder_stack, stack_args)
+        argmax_args = (_pointer, _long, _long, _long, _pointer)
+        self._argmax_rows = _bind(library.lamina_argmax_rows, argmax_args)
         self._fma_peak = library.lamina_fma_peak
         self._fma_peak.argtypes, self._fma_peak.restype = [_long], ctypes.c_double
 
@@ -152,6 +154,19 @@ class NativeKernels:
             token_seq.data_ptr(), num_keys.data_ptr(), work.data_ptr(),
         )  # fmt: skip
         self._decoder_stack(ctypes.byref(stack), ctypes.byref(step))
+
+    def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x [S, N] fp32 on the CPU (rows may be strided, no NaN) -> int64 [S]: each row's
+        first index of its largest value, as torch.argmax(x, dim=-1) gives it."""
+        _check_fp32(x)
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        out = torch.empty(x.shape[0], dtype=torch.int64)
+        if x.shape[0] and x.shape[1]:
+            self._argmax_rows(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
+        elif x.shape[0]:
+            raise ValueError("argmax of empty rows")
+        return out
 
     def fma_peak(self, seconds: float = 0.3) -> float:
         """FLOP/s of vector FMAs on registers, on every thread torch uses: the CPU's

@@ -22,9 +22,11 @@
  *   matmul.h        the panel matmul, weight packing, the FMA peak
  *   attention.h     paged attention, with the next item prefetched
  *   decoder_stack.h a step's decoder layers in one parallel region
+ *   argmax.h        greedy sampling's argmax over rows
  * app/native/build.py compiles this file; its cache key covers every part.
  */
 #include "vector.h"
 #include "matmul.h"
 #include "attention.h"
 #include "decoder_stack.h"
+#include "argmax.h"

@@ -218,6 +218,23 @@ def test_attention_bits_depend_on_the_token_only(native):
         assert torch.equal(attend([token])[0], together[row]), token
 
 
+@pytest.mark.parametrize("vocab", [1, 7, 16, 17, 100, 49152])
+def test_argmax_rows_equals_torch_argmax(native, vocab):
+    """First index of the largest value, ties and infinities included, for any row
+    length around the 16-lane vector (the tail after the last whole vector too)."""
+    logits = randn(33, vocab, seed=vocab)
+    logits[1] = 0.0  # all tied: index 0
+    logits[2] = float("-inf")  # all masked: index 0, as torch gives
+    if vocab > 3:
+        logits[3, [2, vocab - 1]] = 50.0  # a tie between the first vector and the tail
+        logits[4, vocab - 1] = float("inf")
+        logits[5] = torch.where(logits[5] > 0, -0.0, 0.0)  # zeros of both signs
+    rounded = (logits * 2).round() / 2  # many exact ties in every row
+    for x in (logits, rounded, rounded[:, : max(1, vocab - 3)]):  # the last: strided rows
+        assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))
+    assert native.argmax_rows(torch.empty(0, vocab)).shape == (0,)
+
+
 def test_the_fma_peak_is_a_positive_rate(native):
     """The benchmarks' arithmetic ceiling: register-only FMAs, timed (no assertion on its
     size, which depends on the machine and its load)."""
