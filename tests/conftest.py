@@ -44,27 +44,15 @@ def tiny_model_path(tmp_path_factory: pytest.TempPathFactory, default_model_path
 
     Fast enough for unit tests; transformers writes it, so it is a faithful HF layout.
     """
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.model.helpers import save_random_llama  # imports torch: only when needed
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
+    out = save_random_llama(
+        tmp_path_factory.mktemp("tiny-llama"),
+        vocab_size=49152,  # the default model's tokenizer
         intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=1024,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
         pad_token_id=2,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(out, safe_serialization=True)
     for name in (
         "tokenizer.json",
         "tokenizer_config.json",
