@@ -96,8 +96,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
-        native = getattr(model, "native", None)
-        argmax = native.argmax_rows if native is not None and self.device.type == "cpu" else None
+        # lamina's CPU kernels (set only on the CPU) have a multi-threaded argmax.
+        argmax = model.native.argmax_rows if model.native is not None else None
         self.sampler = Sampler(eos_token_ids, self.device, seed, argmax)
         kernel = getattr(model.lm_head, "kernel", None)
         self.matmul_dtype = kernel.matmul_dtype if kernel is not None else self.dtype

@@ -159,13 +159,14 @@ class NativeKernels:
         """x [S, N] fp32 on the CPU (rows may be strided, no NaN) -> int64 [S]: each row's
         first index of its largest value, as torch.argmax(x, dim=-1) gives it."""
         _check_fp32(x)
+        num_rows, num_columns = x.shape
+        if num_rows and not num_columns:
+            raise ValueError("argmax of empty rows")
         if x.stride(1) != 1:
             x = x.contiguous()
-        out = torch.empty(x.shape[0], dtype=torch.int64)
-        if x.shape[0] and x.shape[1]:
-            self._argmax_rows(x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], out.data_ptr())
-        elif x.shape[0]:
-            raise ValueError("argmax of empty rows")
+        out = torch.empty(num_rows, dtype=torch.int64)
+        if num_rows:
+            self._argmax_rows(x.data_ptr(), x.stride(0), num_rows, num_columns, out.data_ptr())
         return out
 
     def fma_peak(self, seconds: float = 0.3) -> float:
