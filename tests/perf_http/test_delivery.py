@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +27,20 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture
+def frozen_heap():
+    """The heap frozen as a server freezes it at ready (app.main._freeze_heap), undone
+    after. This test process holds the whole suite's objects (millions); a full
+    collection of them holds the GIL for a second or more on 2 cores (measured with a
+    gc.callbacks probe), and one falling inside a timing window stalls the engine thread
+    for all of it, as it never does in a server. Frozen, a collection walks only what
+    was allocated since."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +124,7 @@ async def test_each_engine_step_is_one_write_and_the_last_carries_done(
 
 
 async def test_the_engine_keeps_stepping_while_the_event_loop_is_blocked(
-    default_model_path: Path, tokenizer: Tokenizer
+    default_model_path: Path, tokenizer: Tokenizer, frozen_heap: None
 ):
     settings = Settings(model=default_model_path, warmup=False)
     runner = sleep_runner(tokenizer, step_s=0.001)
