@@ -25,16 +25,20 @@ static inline vecf blend(veci mask, vecf a, vecf b) {
     return (vecf)(((veci)a & mask) | ((veci)b & ~mask));
 }
 
+/* Lane shuffles use __builtin_shufflevector (GCC >= 12 and clang; GCC's older
+ * __builtin_shuffle is unknown to clang): index i < 16 picks lane i of the first vector,
+ * 16 + i lane i of the second. The index lists are macros so both compilers see constants. */
+#define HALF_HIGH 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15
+#define QUARTER_HIGH 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7
+#define EIGHTH_HIGH 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3
+#define SIXTEENTH_HIGH 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1
+
 /* Horizontal sum in a fixed order: lane i += lane i + 8, then + 4, + 2, + 1. */
 static inline float sum_lanes(vecf v) {
-    const veci half = {8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15};
-    const veci quarter = {4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7};
-    const veci eighth = {2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3};
-    const veci sixteenth = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-    v = v + __builtin_shuffle(v, half);
-    v = v + __builtin_shuffle(v, quarter);
-    v = v + __builtin_shuffle(v, eighth);
-    v = v + __builtin_shuffle(v, sixteenth);
+    v = v + __builtin_shufflevector(v, v, HALF_HIGH);
+    v = v + __builtin_shufflevector(v, v, QUARTER_HIGH);
+    v = v + __builtin_shufflevector(v, v, EIGHTH_HIGH);
+    v = v + __builtin_shufflevector(v, v, SIXTEENTH_HIGH);
     return v[0];
 }
 
@@ -51,29 +55,31 @@ static float dot(const float *a, const float *b, long D) {
     return s;
 }
 
+/* Lanes of two vectors a, b: LO_w takes the low w lanes of each 2w-lane group of a, then
+ * of b; HI_w the high ones. */
+#define LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define LO4 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27
+#define HI4 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31
+#define LO2 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29
+#define HI2 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31
+#define LO1 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
+#define HI1 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
 /* sum_lanes of 16 vectors at once: lane i of the result is sum_lanes(p[i]), bit for bit
  * (each step adds lane l and lane l + width of one key, as sum_lanes does), at 15 adds
  * instead of 64 shuffles and adds. */
 static inline vecf sum_lanes_16(vecf p[16]) {
-    static const veci lo1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-    static const veci hi1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-    static const veci lo2 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-    static const veci hi2 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
-    static const veci lo3 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
-    static const veci hi3 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
-    static const veci lo4 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-    static const veci hi4 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
     vecf q[8], r[4], t[2];
     for (int k = 0; k < 8; k++) /* keys 2k, 2k+1: 8 lanes each */
-        q[k] = __builtin_shuffle(p[2 * k], p[2 * k + 1], lo1) +
-               __builtin_shuffle(p[2 * k], p[2 * k + 1], hi1);
+        q[k] = __builtin_shufflevector(p[2 * k], p[2 * k + 1], LO8) +
+               __builtin_shufflevector(p[2 * k], p[2 * k + 1], HI8);
     for (int k = 0; k < 4; k++) /* keys 4k..4k+3: 4 lanes each */
-        r[k] = __builtin_shuffle(q[2 * k], q[2 * k + 1], lo2) +
-               __builtin_shuffle(q[2 * k], q[2 * k + 1], hi2);
+        r[k] = __builtin_shufflevector(q[2 * k], q[2 * k + 1], LO4) +
+               __builtin_shufflevector(q[2 * k], q[2 * k + 1], HI4);
     for (int k = 0; k < 2; k++) /* keys 8k..8k+7: 2 lanes each */
-        t[k] = __builtin_shuffle(r[2 * k], r[2 * k + 1], lo3) +
-               __builtin_shuffle(r[2 * k], r[2 * k + 1], hi3);
-    return __builtin_shuffle(t[0], t[1], lo4) + __builtin_shuffle(t[0], t[1], hi4);
+        t[k] = __builtin_shufflevector(r[2 * k], r[2 * k + 1], LO2) +
+               __builtin_shufflevector(r[2 * k], r[2 * k + 1], HI2);
+    return __builtin_shufflevector(t[0], t[1], LO1) + __builtin_shufflevector(t[0], t[1], HI1);
 }
 
 /* e^x, 16 at a time, for x <= 88 (softmax after subtracting the maximum; SiLU clamps):
