@@ -10,17 +10,22 @@
  */
 
 static inline vecf load_f32(const float *p) { return load(p); }
+
+/* fp16 panels hold IEEE half-precision bits in uint16_t: clang before 15 has no _Float16
+ * on x86, and the kernels only load and round halves, never compute in them. */
+typedef uint16_t half_bits;
+
 /* 16 halves -> 16 floats. GCC turns a generic vector conversion into 16 scalar ones
  * (measured: the fp16 kernel ran at half the fp32 one's speed), so x86 gets the
  * conversion instructions themselves. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
-static inline vecf load_f16(const _Float16 *p) {
+static inline vecf load_f16(const half_bits *p) {
     return (vecf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
 }
 #elif defined(__F16C__) && defined(__AVX__)
 #include <immintrin.h>
-static inline vecf load_f16(const _Float16 *p) {
+static inline vecf load_f16(const half_bits *p) {
     __m256 low = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
     __m256 high = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
     vecf out;
@@ -28,12 +33,28 @@ static inline vecf load_f16(const _Float16 *p) {
     memcpy((char *)&out + sizeof low, &high, sizeof high);
     return out;
 }
-#else
+#elif defined(__FLT16_MAX__) /* the compiler has _Float16 (ARM; GCC on older x86) */
 typedef _Float16 vech __attribute__((vector_size(32), aligned(2))); /* 16 halves */
-static inline vecf load_f16(const _Float16 *p) {
-    return __builtin_convertvector(*(const vech *)p, vecf);
+static inline vecf load_f16(const half_bits *p) {
+    vech halves;
+    memcpy(&halves, p, sizeof halves);
+    return __builtin_convertvector(halves, vecf);
 }
+#else
+#error "fp16 panels need F16C instructions or a compiler with _Float16"
 #endif
+
+/* One float rounded to the nearest half (ties to even), as its bits. */
+static inline half_bits float_to_half(float value) {
+#if defined(__FLT16_MAX__)
+    _Float16 half = (_Float16)value;
+    half_bits bits;
+    memcpy(&bits, &half, sizeof bits);
+    return bits;
+#else /* F16C, as load_f16 requires */
+    return (half_bits)_cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT);
+#endif
+}
 
 /* Store a tile's rows: columns [col, col + 16 * nv) of y, clipped to N, plus bias; with
  * `accumulate`, added to what y holds (a residual connection: y + (xW + b), the order
@@ -136,7 +157,7 @@ static inline const char *prefetch_target(const void *next_panel, long panel_byt
 
 DEFINE_MATMUL_UNITS(f32, float)
 /* The same with fp16 panels: half the bytes a single stream reads per token. */
-DEFINE_MATMUL_UNITS(f16, _Float16)
+DEFINE_MATMUL_UNITS(f16, half_bits)
 
 /* A linear layer's packed weight as the kernels see it. Rows of a matmul may take two
  * weight copies: rows [0, split) the first (prompt tokens), the rest the second
@@ -196,8 +217,9 @@ void lamina_matmul(const float *x, long ldx, const void *panels, int32_t half, c
     linear_phase(&w, x, ldx, M, M, y, 0);
 }
 
-/* Pack W [N, K] (a Linear's weight, row-major) into panels [ceil(N/64)][K][64]. */
-#define DEFINE_PACK(NAME, WTYPE)                                                           \
+/* Pack W [N, K] (a Linear's weight, row-major) into panels [ceil(N/64)][K][64], each
+ * value through CONVERT. */
+#define DEFINE_PACK(NAME, WTYPE, CONVERT)                                                  \
     void NAME(const float *weight, WTYPE *panels, long N, long K) {                        \
         long num_panels = (N + PANEL - 1) / PANEL;                                         \
         _Pragma("omp parallel for")                                                        \
@@ -206,13 +228,13 @@ void lamina_matmul(const float *x, long ldx, const void *panels, int32_t half, c
                 WTYPE *dst = panels + (p * K + k) * PANEL;                                 \
                 for (long c = 0; c < PANEL; c++) {                                         \
                     long n = p * PANEL + c;                                                \
-                    dst[c] = (WTYPE)(n < N ? weight[n * K + k] : 0.0f);                    \
+                    dst[c] = CONVERT(n < N ? weight[n * K + k] : 0.0f);                    \
                 }                                                                          \
             }                                                                              \
         }                                                                                  \
     }
-DEFINE_PACK(lamina_pack_weight, float)
-DEFINE_PACK(lamina_pack_weight_f16, _Float16) /* rounds to nearest fp16 */
+DEFINE_PACK(lamina_pack_weight, float, )
+DEFINE_PACK(lamina_pack_weight_f16, half_bits, float_to_half) /* rounds to nearest fp16 */
 
 /* The arithmetic ceiling the benchmarks compare against: every thread runs chains of
  * vector FMAs on registers only (12 independent chains, more than the FMA latency needs),
