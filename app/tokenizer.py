@@ -23,7 +23,14 @@ class Tokenizer:
         from transformers import AutoTokenizer  # lazy: keeps `import app` light
 
         self.model_dir = Path(model_dir)
-        self._hf = AutoTokenizer.from_pretrained(str(self.model_dir))
+        if not self.model_dir.is_dir():
+            # Said plainly: transformers would read the path as a model hub id and fail
+            # with a message about repository names.
+            raise FileNotFoundError(
+                f"model folder {self.model_dir} does not exist: run `lamina weights` to prepare "
+                "the default model, or set LAMINA_MODEL to a local Hugging Face model folder"
+            )
+        self._hf = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
         self.vocab_size = len(self._hf)
         self.eos_token_ids = frozenset(self._collect_eos_ids())
         self._special_ids = frozenset(self._hf.all_special_ids)
