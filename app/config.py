@@ -23,68 +23,170 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # --- model -----------------------------------------------------------------
-    model: Path = Field(default_factory=default_model_dir, description="local HF model folder")
-    served_model_name: str | None = None  # default: the folder's name
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 CPU, bf16 CUDA
-    # CPU only: store linear weights in half precision (fp32 math stays the reference).
-    weight_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    max_model_len: int | None = Field(default=None, ge=16)  # default: the model's own
-    num_threads: int | None = Field(default=None, ge=1)  # torch intra-op threads on CPU
-    # CPU, fp32: lamina's own C kernels (compiled on first start, cached); false or no C
-    # compiler: torch's kernels. Both are batch invariant; the native ones are faster.
-    native_kernels: bool = True
-    seed: int = 0
+    model: Path = Field(
+        default_factory=default_model_dir,
+        description="local Hugging Face model folder (safetensors, tokenizer, config.json)",
+    )
+    served_model_name: str | None = Field(
+        default=None, description="the model's id in the API; unset: the folder's name"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="`auto`: CUDA when torch sees a GPU, else the CPU"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="model precision; `auto`: float32 on the CPU, bfloat16 on CUDA"
+    )
+    weight_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description="CPU only: precision the linear weights are stored in; `auto`: the model "
+        "dtype (see Weight precision)",
+    )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        description="context window in tokens; unset: the model's `max_position_embeddings`",
+    )
+    num_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads for the model; unset: the physical cores this process may "
+        "use, capped by the cgroup CPU quota",
+    )
+    native_kernels: bool = Field(
+        default=True,
+        description="CPU: lamina's own C kernels (compiled on first start, cached); `false`, "
+        "or no C compiler and no prebuilt library: torch's kernels",
+    )
+    seed: int = Field(
+        default=0, description="seed of unseeded sampling, so a process's outputs are reproducible"
+    )
 
     # --- KV cache and scheduling -----------------------------------------------
-    block_size: int = Field(default=16, ge=1, le=256)
-    kv_cache_gb: float = Field(default=1.0, gt=0)  # CPU cache size in GiB
-    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=0.99)
-    num_gpu_blocks_override: int | None = Field(default=None, ge=1)
-    max_num_seqs: int = Field(default=64, ge=1)
-    max_num_batched_tokens: int = Field(default=512, ge=16)
-    # Prompt tokens one step may compute while sequences decode (0: no cap beyond the
-    # token budget). A long prefill chunk stalls every running stream for its duration.
-    max_prefill_tokens_while_decoding: int = Field(default=256, ge=0)
-    enable_prefix_caching: bool = True
-    batch_invariant: bool = True
-    cuda_graphs: bool = True
+    block_size: int = Field(default=16, ge=1, le=256, description="tokens per KV-cache block")
+    kv_cache_gb: float = Field(default=1.0, gt=0, description="CPU: KV-cache size in GiB")
+    gpu_memory_utilization: float = Field(
+        default=0.85,
+        gt=0,
+        le=0.99,
+        description="CUDA: fraction of the GPU's memory lamina may use; the KV cache gets what "
+        "the weights and a profiling pass leave",
+    )
+    num_gpu_blocks_override: int | None = Field(
+        default=None, ge=1, description="CUDA: a fixed number of KV-cache blocks instead"
+    )
+    max_num_seqs: int = Field(
+        default=64, ge=1, description="sequences running at once (each choice of `n` is one)"
+    )
+    max_num_batched_tokens: int = Field(
+        default=512,
+        ge=16,
+        description="tokens computed in one engine step (prompt chunks included)",
+    )
+    # A long prefill chunk stalls every running stream for its duration.
+    max_prefill_tokens_while_decoding: int = Field(
+        default=256,
+        ge=0,
+        description="prompt tokens one step may compute while sequences decode, which keeps "
+        "their inter-token latency flat; 0: no cap beyond the step's budget",
+    )
+    enable_prefix_caching: bool = Field(
+        default=True, description="reuse the KV cache of prompt prefixes seen before"
+    )
+    batch_invariant: bool = Field(
+        default=True,
+        description="the same tokens for a greedy or seeded request alone or in any batch "
+        "(free with the native kernels; torch's need padding)",
+    )
+    cuda_graphs: bool = Field(default=True, description="CUDA: replay decode steps as CUDA graphs")
 
     # --- serving ---------------------------------------------------------------
-    host: str = "0.0.0.0"
-    port: int = Field(default=8000, ge=0, le=65535)
-    max_queued: int = Field(default=256, ge=0)  # waiting requests before 429
-    request_timeout_s: float | None = Field(default=None, gt=0)
-    drain_timeout_s: float = Field(default=30.0, ge=0)
-    keepalive_interval_s: float = Field(default=15.0, gt=0)
-    warmup: bool = True
+    host: str = Field(default="0.0.0.0", description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
+    max_queued: int = Field(
+        default=256,
+        ge=0,
+        description="generation requests that may wait beyond the free running slots; more get 429",
+    )
+    request_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="deadline of a generation request, queue time included (504, or an error "
+        "event); unset: none. `X-Request-Timeout` can shorten it",
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="on SIGTERM, how long requests in flight may run before they are stopped",
+    )
+    keepalive_interval_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="seconds without a token before a stream gets a `: keep-alive` comment",
+    )
+    warmup: bool = Field(
+        default=True,
+        description="run a prefill and a decode step before turning ready, so the first request "
+        "pays no first-call costs",
+    )
 
     # --- limits on a single request ----------------------------------------------
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
-    max_prompt_tokens: int | None = Field(default=None, ge=1)  # default: the context window
-    max_tokens_limit: int | None = Field(default=None, ge=1)  # cap on max_tokens
-    max_n: int = Field(default=8, ge=1)
-    max_stop_sequences: int = Field(default=8, ge=0)
-    max_stop_length: int = Field(default=256, ge=1)
-    max_logit_bias: int = Field(default=300, ge=0)
-    max_top_logprobs: int = Field(default=20, ge=0)
-    max_prompts_per_request: int = Field(default=32, ge=1)  # completions' list of prompts
+    max_body_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="request body size (413 above it)"
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None, ge=1, description="prompt tokens; unset: the context window minus one"
+    )
+    max_tokens_limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="cap on `max_tokens` / `max_new_tokens`; unset: the context window",
+    )
+    max_n: int = Field(default=8, ge=1, description="choices per request (`n`)")
+    max_stop_sequences: int = Field(default=8, ge=0, description="`stop` strings per request")
+    max_stop_length: int = Field(default=256, ge=1, description="characters in one `stop` string")
+    max_logit_bias: int = Field(default=300, ge=0, description="entries in `logit_bias`")
+    max_top_logprobs: int = Field(
+        default=20, ge=0, description="`logprobs`, `top_logprobs`, `top_n_tokens`"
+    )
+    max_prompts_per_request: int = Field(
+        default=32, ge=1, description="prompts in one `/v1/completions` request"
+    )
 
     # --- security --------------------------------------------------------------
-    api_keys: tuple[str, ...] = ()
-    open_routes: tuple[str, ...] = ("/health", "/ready", "/metrics")
-    cors_origins: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = Field(
+        default=(),
+        description="bearer keys every route requires, except `LAMINA_OPEN_ROUTES`; empty: "
+        "no authentication",
+    )
+    open_routes: tuple[str, ...] = Field(
+        default=("/health", "/ready", "/metrics"),
+        description="routes open without a key; an entry ending in `*` is a prefix",
+    )
+    cors_origins: tuple[str, ...] = Field(
+        default=(), description="origins allowed by CORS; empty: no CORS headers"
+    )
 
     # --- logging ---------------------------------------------------------------
-    log_format: Literal["json", "text"] = "json"
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_prompts: bool = False
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="one JSON object per line, or text for a terminal"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="lowest level logged"
+    )
+    log_prompts: bool = Field(
+        default=False, description="add prompts and generated text to access lines"
+    )
 
     # --- test hooks (never set in production) ------------------------------------
-    # Mounts POST /debug/engine/crash, which kills the engine thread (for fault tests).
-    enable_test_hooks: bool = False
-    # A request whose prompt contains this marker fails inside the engine step.
-    fault_injection_marker: str | None = None
+    enable_test_hooks: bool = Field(
+        default=False,
+        description="tests only: mounts `POST /debug/engine/crash`, which kills the engine thread",
+    )
+    fault_injection_marker: str | None = Field(
+        default=None,
+        description="tests only: a request whose prompt contains this text fails inside the "
+        "engine step",
+    )
 
     @field_validator("api_keys", "open_routes", "cors_origins", mode="before")
     @classmethod

@@ -1,12 +1,14 @@
-"""Every curl example in README.md runs against a live server, so the documentation
-cannot drift from the API. Examples that need more than a lamina server (docker
-compose) are excluded by a named rule in their fence, and every example is counted."""
+"""Every curl and Python example in README.md runs against a live server, so the
+documentation cannot drift from the API. Examples that need more than a lamina server
+(docker compose) are excluded by a named rule in their fence, and every example is
+counted."""
 
 from __future__ import annotations
 
 import json
 import re
 import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass
 
@@ -20,21 +22,23 @@ DOCUMENTS = ("README.md",)
 # A fenced block: its info string (```bash needs-docker) and its body.
 FENCE = re.compile(r"^```([^`\n]*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
-# Which curl examples are not run here, by name. An example is a ```bash block with a
-# line starting with `curl`; it is excluded only when its fence names one of these
-# rules after the language (```bash needs-docker), and a tag not listed here fails.
+# Which examples are not run here, by name. An example is a ```bash block with a line
+# starting with `curl`, or a ```python block that uses the documented URL; it is
+# excluded only when its fence names one of these rules after the language
+# (```bash needs-docker), and a tag not listed here fails.
 EXCLUSIONS = {
     "needs-docker": "needs `docker compose` and its nginx on :8080, not a bare lamina",
 }
 # How many examples the documents hold, run or excluded by each rule: an edit that adds,
 # drops or retags an example must update this, so none is lost silently.
-EXPECTED_COUNTS = {"run": 9, "needs-docker": 1}
+EXPECTED_COUNTS = {"curl": 7, "python": 1, "needs-docker": 1}
 
 
 @dataclass(frozen=True)
 class Example:
     document: str
     line: int  # of the opening fence
+    language: str  # bash (curl commands) or python
     command: str
     tags: tuple[str, ...]  # the fence's info string after the language
 
@@ -47,8 +51,16 @@ class Example:
         return f"{self.document}:{self.line}"
 
 
-def curl_examples() -> list[Example]:
-    """Every ```bash block with a `curl` command line, from every document, in order."""
+def is_example(language: str, command: str) -> bool:
+    """A ```bash block with a `curl` command line, or a ```python block using DOC_URL."""
+    if language == "python":
+        return DOC_URL in command
+    lines = [line.lstrip() for line in command.splitlines()]
+    return language == "bash" and any(line.startswith("curl ") for line in lines)
+
+
+def doc_examples() -> list[Example]:
+    """Every example (see is_example) from every document, in order."""
     examples: list[Example] = []
     for name in DOCUMENTS:
         path = REPO_ROOT / name
@@ -58,15 +70,15 @@ def curl_examples() -> list[Example]:
         for match in FENCE.finditer(text):
             language, *tags = match.group(1).split() or [""]
             command = match.group(2).strip()
-            lines = [line.lstrip() for line in command.splitlines()]
-            if language == "bash" and any(line.startswith("curl ") for line in lines):
+            if is_example(language, command):
                 line = text.count("\n", 0, match.start()) + 1
-                examples.append(Example(name, line, command, tuple(tags)))
+                examples.append(Example(name, line, language, command, tuple(tags)))
     return examples
 
 
-ALL_EXAMPLES = curl_examples()
-EXAMPLES = [example for example in ALL_EXAMPLES if example.exclusion is None]
+ALL_EXAMPLES = doc_examples()
+EXAMPLES = [e for e in ALL_EXAMPLES if e.exclusion is None and e.language == "bash"]
+PYTHON_EXAMPLES = [e for e in ALL_EXAMPLES if e.exclusion is None and e.language == "python"]
 
 
 def check_output(output: str) -> None:
@@ -90,7 +102,10 @@ def check_output(output: str) -> None:
 def test_every_curl_example_is_run_or_excluded_by_a_named_rule() -> None:
     unknown = {str(e): e.tags for e in ALL_EXAMPLES if set(e.tags) - set(EXCLUSIONS)}
     assert not unknown, f"fence tags not in EXCLUSIONS: {unknown}"
-    counts = Counter(example.exclusion or "run" for example in ALL_EXAMPLES)
+    counts = Counter(
+        example.exclusion or ("python" if example.language == "python" else "curl")
+        for example in ALL_EXAMPLES
+    )
     assert dict(counts) == EXPECTED_COUNTS, [(str(e), e.exclusion) for e in ALL_EXAMPLES]
 
 
@@ -108,3 +123,17 @@ def test_curl_example_runs(live_server: LiveServer, example: Example) -> None:
     result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{example}\n{example.command}\n{result.stdout}\n{result.stderr}"
     check_output(result.stdout)
+
+
+@pytest.mark.parametrize(
+    "example", PYTHON_EXAMPLES, ids=[f"python-{i}" for i in range(len(PYTHON_EXAMPLES))]
+)
+def test_python_example_runs(live_server: LiveServer, example: Example) -> None:
+    """The script as printed, with the server's URL in place of the documented one; it
+    must exit 0 and print what it was asked for (the fake engine's text, or the model's)."""
+    script = example.command.replace(DOC_URL, live_server.url)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, f"{example}\n{result.stdout}\n{result.stderr}"
+    assert result.stdout.strip(), f"{example} printed nothing"
