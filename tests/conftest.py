@@ -39,6 +39,36 @@ def native():
 
 
 @pytest.fixture(scope="session")
+def kernel_builds():
+    """Every runnable (level, compiler) library, built once (tests/native_builds.py)."""
+    from tests.native_builds import build_all
+
+    return build_all()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that takes `kernels` runs once per (level, compiler) library; the list is
+    made only then (it imports app.native, hence torch)."""
+    if "kernels" in metafunc.fixturenames:
+        from tests.native_builds import build_params
+
+        metafunc.parametrize("kernels", build_params(), indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def kernels(request, kernel_builds):
+    """The native kernels of one instruction-set level and compiler: a test that takes
+    this fixture runs on every library this CPU can execute (native, x86-64-v4, x86-64-v3
+    on x86; gcc and clang)."""
+    from app.native import NativeKernels
+
+    build = kernel_builds[request.param]
+    if isinstance(build, Exception):
+        pytest.fail(f"{request.param[1]} could not build the {request.param[0]} kernels: {build}")
+    return NativeKernels(build)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Path:
     """A tiny random LLaMA (2 layers, GQA, untied head) with the default model's tokenizer.
 

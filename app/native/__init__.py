@@ -14,13 +14,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from app.native.build import NativeBuildError, build_library
+from app.native.build import Build, NativeBuildError, build_library
 from app.native.self_check import check_library
 from app.native.stack import StackDesc, StepDesc, work_floats
 
@@ -35,9 +35,15 @@ class NativeKernels:
     """Typed entry points into the compiled library. Activations, outputs and the KV
     cache are fp32 on the CPU; weight panels are fp32 or fp16."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        library = ctypes.CDLL(str(path))  # CDLL releases the GIL during each call
+    def __init__(self, build: Build) -> None:
+        self.build, self.path = build, build.path
+        library = ctypes.CDLL(str(build.path))  # CDLL releases the GIL during each call
+        # A clang build runs on LLVM's OpenMP runtime, not the libgomp torch loaded: its
+        # thread count then follows torch's before each call (per calling thread, as
+        # OpenMP keeps it), so the kernels use as many threads as torch whichever runtime.
+        self.own_openmp = not _shares_torch_openmp(library)
+        self._set_threads = library.omp_set_num_threads
+        self._set_threads.argtypes, self._set_threads.restype = [ctypes.c_int], None
         matmul_args = (_pointer, _long, _pointer, ctypes.c_int32, _pointer, _pointer)
         self._matmul = _bind(library.lamina_matmul, matmul_args + (_long, _long, _long))
         pack_args = (_pointer, _pointer, _long, _long)
@@ -54,6 +60,11 @@ class NativeKernels:
         self._argmax_rows = _bind(library.lamina_argmax_rows, argmax_args)
         self._fma_peak = library.lamina_fma_peak
         self._fma_peak.argtypes, self._fma_peak.restype = [_long], ctypes.c_double
+
+    def _follow_torch_threads(self) -> None:
+        """Before each call: the library's own OpenMP runtime uses torch's thread count."""
+        if self.own_openmp:
+            self._set_threads(torch.get_num_threads())
 
     def pack_weight(
         self,
@@ -73,6 +84,7 @@ class NativeKernels:
         out_features, in_features = weight.shape
         num_panels = -(-out_features // PANEL_COLUMNS)
         panels = allocate((num_panels, in_features, PANEL_COLUMNS), dtype=dtype)
+        self._follow_torch_threads()
         self._pack[dtype](weight.data_ptr(), panels.data_ptr(), out_features, in_features)
         return panels
 
@@ -91,6 +103,7 @@ class NativeKernels:
         if num_rows:
             bias_pointer = None if bias is None else bias.data_ptr()
             half = int(panels.dtype == torch.float16)
+            self._follow_torch_threads()
             self._matmul(
                 x.data_ptr(), x.stride(0), panels.data_ptr(), half, bias_pointer, out.data_ptr(),
                 num_rows, in_features, out_features,
@@ -120,6 +133,7 @@ class NativeKernels:
                 raise ValueError("block tables and token indices must be contiguous int32")
         out = torch.empty(num_tokens, num_heads * head_dim)
         if num_tokens:
+            self._follow_torch_threads()
             self._attention(
                 query.data_ptr(), query.stride(0), keys.data_ptr(), values.data_ptr(),
                 num_blocks, block_size, block_tables.data_ptr(), block_tables.stride(0),
@@ -153,6 +167,7 @@ class NativeKernels:
             slots.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
             token_seq.data_ptr(), num_keys.data_ptr(), work.data_ptr(),
         )  # fmt: skip
+        self._follow_torch_threads()
         self._decoder_stack(ctypes.byref(stack), ctypes.byref(step))
 
     def argmax_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,6 +181,7 @@ class NativeKernels:
             x = x.contiguous()
         out = torch.empty(num_rows, dtype=torch.int64)
         if num_rows:
+            self._follow_torch_threads()
             self._argmax_rows(x.data_ptr(), x.stride(0), num_rows, num_columns, out.data_ptr())
         return out
 
@@ -175,6 +191,7 @@ class NativeKernels:
         iterations, best = 100_000, 0.0
         for attempt in range(4):  # the first run only sizes the others
             started = time.perf_counter()
+            self._follow_torch_threads()
             flops = self._fma_peak(iterations)
             elapsed = time.perf_counter() - started
             if attempt:
@@ -182,6 +199,21 @@ class NativeKernels:
             else:
                 iterations = max(1, int(iterations * seconds / 3 / max(elapsed, 1e-6)))
         return best
+
+
+def _shares_torch_openmp(library: ctypes.CDLL) -> bool:
+    """Whether the library's OpenMP functions are those of the runtime torch loaded
+    (libgomp, for torch's CPU wheels and a gcc build): then torch.set_num_threads sets
+    the kernels' thread count too."""
+    try:
+        torch_runtime = ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+    except OSError:  # torch runs on another runtime: assume nothing is shared
+        return False
+
+    def address(handle: ctypes.CDLL) -> int | None:
+        return ctypes.cast(handle.omp_set_num_threads, ctypes.c_void_p).value
+
+    return address(library) == address(torch_runtime)
 
 
 def _check_step(stack: StackDesc, x: torch.Tensor, *tensors: torch.Tensor) -> None:
@@ -222,7 +254,9 @@ def _check_fp32(tensor: torch.Tensor) -> None:
 
 @functools.lru_cache(maxsize=1)
 def native_kernels() -> NativeKernels | None:
-    """The compiled kernels for this machine (built on first call), or None if unavailable."""
+    """The compiled kernels for this machine (built on first call), or None if unavailable.
+    The log says which ran: the instruction-set level, the compiler or why a prebuilt
+    library, or why torch's kernels serve instead."""
     started = time.perf_counter()
     try:
         kernels = NativeKernels(build_library())
@@ -230,7 +264,11 @@ def native_kernels() -> NativeKernels | None:
     except (NativeBuildError, OSError, AssertionError) as exc:
         logger.warning("native kernels unavailable (%s): using torch's kernels", exc)
         return None
+    runtime = "its own OpenMP runtime" if kernels.own_openmp else "torch's OpenMP threads"
     logger.info(
-        "native kernels ready: %s (%.1f s)", kernels.path.name, time.perf_counter() - started
+        "native kernels ready: %s, on %s (%.1f s)",
+        kernels.build.describe(),
+        runtime,
+        time.perf_counter() - started,
     )
     return kernels

@@ -9,16 +9,23 @@ Images without a compiler (the Docker runtime stage) ship *portable* builds inst
 made by `python -m app.native.build --portable` in a stage that has one: one library per
 CPU level (x86-64-v4, x86-64-v3 on x86; armv8-a on ARM) in app/native/prebuilt/, and the
 best level this CPU supports is loaded when no compiler is found.
+
+`build_level(level, compiler)` compiles any one of them (or -march=native) with a given
+compiler into the cache, so the tests and `lamina bench kernels --isa` run every level
+this CPU can execute, with gcc and with clang.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -33,6 +40,7 @@ FLAGS = (
     "-Wno-psabi",  # 64-byte vectors between static functions on AVX2-only builds: internal
 )
 COMPILE_TIMEOUT_S = 120
+NATIVE = "native"  # -march=native: every instruction this CPU has
 # Portable CPU levels per machine, best first, with the /proc/cpuinfo flags each needs.
 PORTABLE_LEVELS = {
     "x86_64": (
@@ -45,6 +53,30 @@ PORTABLE_LEVELS = {
 
 class NativeBuildError(RuntimeError):
     """The kernels could not be compiled; the message says why in one line or a few."""
+
+
+@dataclass(frozen=True)
+class Build:
+    """One kernels library and how it came to be: what the start-up log reports."""
+
+    path: Path
+    level: str  # NATIVE or a portable level ("x86-64-v3", "x86-64-v4", "armv8-a")
+    compiler: str = ""  # "gcc 12.2.0", "clang 14.0.6"; "" for a prebuilt library
+    not_compiled_because: str = ""  # a prebuilt library: why none was compiled here
+
+    @property
+    def prebuilt(self) -> bool:
+        return not self.compiler
+
+    def describe(self) -> str:
+        """One line: the instruction-set level, the compiler or why a prebuilt one."""
+        if self.prebuilt:
+            return (
+                f"prebuilt {self.level} library {self.path.name} "
+                f"(not compiled here: {self.not_compiled_because})"
+            )
+        target = f"-march=native for {_cpu_model()}" if self.level == NATIVE else self.level
+        return f"{target}, built by {self.compiler} ({self.path.name})"
 
 
 def cache_dir() -> Path:
@@ -63,39 +95,71 @@ def find_compiler() -> str | None:
     return None
 
 
-def library_path(compiler: str, directory: Path | None = None) -> Path:
-    """The cached library's path for this source, compiler, flags and CPU."""
+def runnable_levels() -> list[str]:
+    """NATIVE and every portable level this CPU can run, best first."""
+    flags = _cpu_flags()
+    portable = PORTABLE_LEVELS.get(platform.machine(), ())
+    return [NATIVE] + [level for level, needs in portable if needs <= flags]
+
+
+def library_path(compiler: str, directory: Path | None = None, level: str = NATIVE) -> Path:
+    """The cached library's path for this source, compiler, flags and level (and the CPU,
+    for NATIVE)."""
     digest = hashlib.sha256()
     digest.update(_source_digest().encode())
-    digest.update(_compiler_version(compiler).encode())
-    digest.update(_cpu_signature().encode())
-    return (directory or cache_dir()) / f"lamina-kernels-{digest.hexdigest()[:16]}.so"
+    digest.update(_compiler_identity(compiler).encode())
+    if level == NATIVE:
+        digest.update(_cpu_signature().encode())
+        suffix = ""
+    else:
+        digest.update(level.encode())
+        suffix = f"-{level}"
+    return (directory or cache_dir()) / f"lamina-kernels-{digest.hexdigest()[:16]}{suffix}.so"
 
 
-def build_library(directory: Path | None = None) -> Path:
-    """Path to a library for this machine: compiled (and cached) if there is a compiler,
-    else (no compiler, a read-only home in a container, a broken toolchain) the best
-    portable build shipped in PREBUILT_DIR."""
+def build_level(
+    level: str = NATIVE, compiler: str | None = None, directory: Path | None = None
+) -> Build:
+    """The library for one level (NATIVE or a portable one), compiled by `compiler` (a
+    name on PATH or a path; default find_compiler()) unless already cached in
+    `directory` (default cache_dir())."""
+    if compiler is None:
+        path = _require_compiler()
+    elif (path := shutil.which(compiler)) is None:
+        raise NativeBuildError(f"compiler {compiler} not found")
+    target = library_path(path, directory, level)
+    if not target.exists():
+        _compile(path, level, target)
+    return Build(target, level, compiler_label(path))
+
+
+def build_library(directory: Path | None = None) -> Build:
+    """A library for this machine: compiled (and cached) with -march=native if there is a
+    compiler, else (no compiler, a read-only home in a container, a broken toolchain) the
+    best portable build shipped in PREBUILT_DIR."""
     try:
-        compiler = _require_compiler()
-        target = library_path(compiler, directory)
-        if not target.exists():
-            _compile(compiler, "native", target)
-        return target
-    except NativeBuildError:
+        return build_level(NATIVE, directory=directory)
+    except NativeBuildError as exc:
         if prebuilt := find_prebuilt():
-            return prebuilt
-        raise
+            return Build(prebuilt, _level_of(prebuilt), not_compiled_because=str(exc))
+        raise NativeBuildError(
+            f"{exc}; no prebuilt library for this CPU in {PREBUILT_DIR}"
+        ) from None
 
 
 def build_portable(directory: Path | None = None) -> list[Path]:
-    """Compile one library per portable CPU level of this machine kind into `directory`
-    (default PREBUILT_DIR)."""
+    """One library per portable CPU level of this machine kind in `directory` (default
+    PREBUILT_DIR), copied from the cache when already compiled there."""
     compiler = _require_compiler()
     built = []
     for level, _ in PORTABLE_LEVELS.get(platform.machine(), ()):
         target = portable_path(level, directory)
-        _compile(compiler, level, target)
+        try:
+            cached = build_level(level, compiler)
+        except NativeBuildError:  # no usable cache: compile in place
+            _compile(compiler, level, target)
+        else:
+            _copy_atomically(cached.path, target)
         built.append(target)
     return built
 
@@ -119,6 +183,25 @@ def find_prebuilt(directory: Path | None = None) -> Path | None:
 
 def portable_path(level: str, directory: Path | None = None) -> Path:
     return (directory or PREBUILT_DIR) / f"lamina-kernels-{_source_digest()[:16]}-{level}.so"
+
+
+def _level_of(prebuilt: Path) -> str:
+    """The level in a portable library's name (portable_path's)."""
+    return prebuilt.stem.split("-", 3)[3]
+
+
+def compiler_label(compiler: str) -> str:
+    """The compiler's kind and version from its --version line: "gcc 12.2.0"."""
+    first_line = (_compiler_version(compiler).splitlines() or [""])[0]
+    lowered = first_line.lower()
+    if "clang" in lowered:
+        kind = "clang"
+    elif "gcc" in lowered or lowered.startswith("cc "):  # Debian's cc is gcc
+        kind = "gcc"
+    else:
+        kind = Path(compiler).name
+    versions = re.findall(r"\b\d+\.\d+(?:\.\d+)?\b", first_line)
+    return f"{kind} {versions[-1]}" if versions else kind
 
 
 def _source_digest() -> str:
@@ -147,6 +230,8 @@ def _compile(compiler: str, march: str, target: Path) -> None:
         )
         if result.returncode != 0:
             tail = "\n".join(result.stderr.strip().splitlines()[-5:])
+            if "omp.h" in result.stderr:  # clang without LLVM's OpenMP runtime headers
+                tail += "\n(OpenMP headers missing: install libomp-dev for clang)"
             raise NativeBuildError(f"{Path(compiler).name} failed: {tail}")
         os.replace(temporary, target)
     except subprocess.TimeoutExpired:
@@ -156,6 +241,22 @@ def _compile(compiler: str, march: str, target: Path) -> None:
             os.unlink(temporary)
 
 
+def _compiler_identity(compiler: str) -> str:
+    """Its --version text without the program's name: `cc` and `gcc` (one compiler under
+    two names) share cached libraries."""
+    first_line, _, rest = _compiler_version(compiler).partition("\n")
+    return first_line.partition(" ")[2] + "\n" + rest
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    shutil.copyfile(source, temporary)
+    os.chmod(temporary, 0o755)
+    os.replace(temporary, target)
+
+
+@functools.lru_cache(maxsize=8)
 def _compiler_version(compiler: str) -> str:
     try:
         result = subprocess.run(
@@ -164,6 +265,13 @@ def _compiler_version(compiler: str) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise NativeBuildError(f"cannot run {compiler}: {exc}") from None
     return result.stdout
+
+
+def _cpu_model() -> str:
+    for line in _cpu_signature().splitlines():
+        if line.startswith(("model name", "CPU part")):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
 
 
 def _cpu_flags() -> set[str]:
@@ -200,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        paths = build_portable() if args.portable else [build_library()]
+        paths = build_portable() if args.portable else [build_library().path]
     except NativeBuildError as exc:
         print(f"native kernels: {exc}")
         return 1

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 
+from app.model import linear
 from app.model.kv_cache import KVCache
 from app.model.linear import ALL_GENERATED, ALL_PROMPT, RowKinds
 from app.model.loader import load_model
@@ -57,9 +58,14 @@ def two_steps(model, cache: KVCache) -> list[torch.Tensor]:
     return model_logits(model, cache, first) + model_logits(model, cache, second)
 
 
-@pytest.mark.parametrize("path_fixture", ["tiny_model_path", "odd_llama_path"])
-def test_fused_layers_match_the_per_op_path(native, request, path_fixture):
-    model = load_model(request.getfixturevalue(path_fixture), max_positions=256)
+@pytest.fixture
+def model_kernels(kernels, monkeypatch):
+    """Models loaded in the test run on `kernels`: one instruction-set level and compiler."""
+    monkeypatch.setattr(linear, "native_kernels", lambda: kernels)
+    return kernels
+
+
+def assert_fused_matches_per_op(model) -> None:
     assert model.fuse_layers, "every Linear is native here: the layers must run fused"
     fused_cache, per_op_cache = fresh_cache(model), fresh_cache(model)
     fused = two_steps(model, fused_cache)
@@ -69,6 +75,16 @@ def test_fused_layers_match_the_per_op_path(native, request, path_fixture):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     # Both wrote the same keys and values (up to rounding) into the same slots.
     torch.testing.assert_close(fused_cache._storage, per_op_cache._storage, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_layers_match_the_per_op_path(native, tiny_model_path):
+    assert_fused_matches_per_op(load_model(tiny_model_path, max_positions=256))
+
+
+def test_fused_layers_match_the_per_op_path_on_every_build(model_kernels, odd_llama_path):
+    model = load_model(odd_llama_path, max_positions=256)
+    assert model.native is model_kernels
+    assert_fused_matches_per_op(model)
 
 
 def test_fused_rows_of_mixed_kinds_equal_rows_computed_one_by_one(native, tiny_model_path):
@@ -95,8 +111,9 @@ def test_fused_rows_of_mixed_kinds_equal_rows_computed_one_by_one(native, tiny_m
     torch.testing.assert_close(mixed, per_op, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_bits_do_not_depend_on_the_thread_count(native, tiny_model_path):
+def test_fused_bits_do_not_depend_on_the_thread_count(model_kernels, tiny_model_path):
     model = load_model(tiny_model_path, max_positions=256)
+    assert model.native is model_kernels
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from app.native import NativeKernels
+from app.native import NativeKernels, native_kernels
 from app.native import build as native_build
-from app.native.self_check import dense_causal_attention
+from app.native.self_check import check_library, dense_causal_attention
 
 
 def randn(*shape, seed=0):
@@ -24,18 +25,18 @@ def randn(*shape, seed=0):
     "rows, in_features, out_features",
     [(1, 576, 960), (7, 1536, 576), (33, 576, 100), (5, 13, 7), (2, 1, 64), (6, 64, 16)],
 )
-def test_matmul_computes_the_linear_map(native, rows, in_features, out_features):
+def test_matmul_computes_the_linear_map(kernels, rows, in_features, out_features):
     x, weight = randn(rows, in_features), randn(out_features, in_features, seed=1)
     bias = randn(out_features, seed=2)
-    panels = native.pack_weight(weight)
+    panels = kernels.pack_weight(weight)
     assert panels.shape == (math.ceil(out_features / 64), in_features, 64)
     expected = F.linear(x.double(), weight.double(), bias.double()).float()
     tolerance = 1e-5 * math.sqrt(in_features)
     torch.testing.assert_close(
-        native.matmul(x, panels, bias, out_features), expected, atol=tolerance, rtol=1e-5
+        kernels.matmul(x, panels, bias, out_features), expected, atol=tolerance, rtol=1e-5
     )
     torch.testing.assert_close(
-        native.matmul(x, panels, None, out_features), expected - bias, atol=tolerance, rtol=1e-5
+        kernels.matmul(x, panels, None, out_features), expected - bias, atol=tolerance, rtol=1e-5
     )
 
 
@@ -55,31 +56,31 @@ def test_matmul_reads_strided_rows_and_handles_no_rows(native):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matmul_rows_have_the_same_bits_whatever_the_row_count(native, threads):
+def test_matmul_rows_have_the_same_bits_whatever_the_row_count(kernels, threads):
     """Batch invariance by construction: no row count, thread count or column split
     changes a row's bits (each element sums its products in the same order)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         x, weight = randn(130, 1536), randn(576, 1536, seed=1)
-        panels = native.pack_weight(weight)
-        alone = torch.cat([native.matmul(x[i : i + 1], panels, None, 576) for i in range(130)])
+        panels = kernels.pack_weight(weight)
+        alone = torch.cat([kernels.matmul(x[i : i + 1], panels, None, 576) for i in range(130)])
         for rows in (2, 3, 5, 6, 7, 13, 32, 49, 70, 97, 130):  # rows split past 48
-            assert torch.equal(native.matmul(x[:rows], panels, None, 576), alone[:rows]), rows
-            assert torch.equal(native.matmul(x[-rows:], panels, None, 576), alone[-rows:]), rows
+            assert torch.equal(kernels.matmul(x[:rows], panels, None, 576), alone[:rows]), rows
+            assert torch.equal(kernels.matmul(x[-rows:], panels, None, 576), alone[-rows:]), rows
     finally:
         torch.set_num_threads(previous)
 
 
-def test_matmul_bits_do_not_depend_on_the_thread_count(native):
+def test_matmul_bits_do_not_depend_on_the_thread_count(kernels):
     x, weight = randn(9, 576), randn(960, 576, seed=1)
-    panels = native.pack_weight(weight)
+    panels = kernels.pack_weight(weight)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native.matmul(x, panels, None, 960)
+        one = kernels.matmul(x, panels, None, 960)
         torch.set_num_threads(2)
-        two = native.matmul(x, panels, None, 960)
+        two = kernels.matmul(x, panels, None, 960)
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(one, two)
@@ -112,7 +113,7 @@ def int32(values):
 
 
 @pytest.mark.parametrize("head_dim", [64, 8, 24])
-def test_attention_matches_dense_causal_attention(native, head_dim):
+def test_attention_matches_dense_causal_attention(kernels, head_dim):
     length, first = 150, 120  # keys 0..149; queries at 120..149 (a chunk after a prefix)
     table = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(3))[:10].tolist()
     keys, values = (
@@ -122,7 +123,7 @@ def test_attention_matches_dense_causal_attention(native, head_dim):
     key_cache, value_cache = cache_with(keys, values, table, head_dim)
     query = randn(length - first, HEADS, head_dim, seed=6)
     scale = head_dim**-0.5
-    out = native.paged_attention(
+    out = kernels.paged_attention(
         query, key_cache, value_cache, int32([table]), int32([0] * (length - first)),
         int32(range(first + 1, length + 1)), scale,
     )  # fmt: skip
@@ -136,7 +137,7 @@ def test_attention_matches_dense_causal_attention(native, head_dim):
     [(9, 3, 64), (4, 1, 64), (8, 1, 64), (2, 2, 128), (6, 2, 24)],
 )
 def test_decode_steps_match_dense_attention_for_any_head_grouping(
-    native, heads, kv_heads, head_dim
+    kernels, heads, kv_heads, head_dim
 ):
     """Decode tokens of sequences of different lengths in one step, over scattered
     blocks: a group of up to 4 query heads is computed as one tile's rows, a larger one
@@ -154,7 +155,7 @@ def test_decode_steps_match_dense_attention_for_any_head_grouping(
     key_cache, value_cache = key_cache.contiguous(), value_cache.contiguous()
     query = randn(len(lengths), heads, head_dim, seed=4)
     scale = head_dim**-0.5
-    out = native.paged_attention(
+    out = kernels.paged_attention(
         query, key_cache, value_cache, int32(tables), int32(range(len(lengths))),
         int32(lengths), scale,
     )  # fmt: skip
@@ -170,7 +171,7 @@ def test_decode_steps_match_dense_attention_for_any_head_grouping(
         )
 
 
-def test_attention_takes_strided_queries_and_a_softmax_of_wide_range(native):
+def test_attention_takes_strided_queries_and_a_softmax_of_wide_range(kernels):
     """Queries as views into the fused qkv rows; scores spanning ~100 (exp underflow)."""
     head_dim, length = 64, 40
     table = list(range(3))
@@ -181,7 +182,7 @@ def test_attention_takes_strided_queries_and_a_softmax_of_wide_range(native):
     key_cache, value_cache = cache_with(keys, values, table, head_dim)
     qkv = randn(length, (HEADS + 2 * KV_HEADS) * head_dim, seed=6) * 6
     query = qkv[:, : HEADS * head_dim].view(length, HEADS, head_dim)
-    out = native.paged_attention(
+    out = kernels.paged_attention(
         query,
         key_cache,
         value_cache,
@@ -195,7 +196,7 @@ def test_attention_takes_strided_queries_and_a_softmax_of_wide_range(native):
     )
 
 
-def test_attention_bits_depend_on_the_token_only(native):
+def test_attention_bits_depend_on_the_token_only(kernels):
     """A token's output is bit-identical computed alone, in a prefill chunk, or among
     other sequences' tokens: no padding, no grouping, in key order."""
     head_dim, lengths = 64, [70, 33, 5]
@@ -207,7 +208,7 @@ def test_attention_bits_depend_on_the_token_only(native):
 
     def attend(tokens):  # tokens: (seq, position) pairs, one step
         query = torch.stack([queries[s][p] for s, p in tokens])
-        return native.paged_attention(
+        return kernels.paged_attention(
             query, key_cache, value_cache, padded_tables, int32([s for s, _ in tokens]),
             int32([p + 1 for _, p in tokens]), 0.125,
         )  # fmt: skip
@@ -219,7 +220,7 @@ def test_attention_bits_depend_on_the_token_only(native):
 
 
 @pytest.mark.parametrize("vocab", [1, 7, 16, 17, 100, 49152])
-def test_argmax_rows_equals_torch_argmax(native, vocab):
+def test_argmax_rows_equals_torch_argmax(kernels, vocab):
     """First index of the largest value, ties and infinities included, for any row
     length around the 16-lane vector (the tail after the last whole vector too)."""
     logits = randn(33, vocab, seed=vocab)
@@ -231,15 +232,38 @@ def test_argmax_rows_equals_torch_argmax(native, vocab):
         logits[5] = torch.where(logits[5] > 0, -0.0, 0.0)  # zeros of both signs
     rounded = (logits * 2).round() / 2  # many exact ties in every row
     for x in (logits, rounded, rounded[:, : max(1, vocab - 3)]):  # the last: strided rows
-        assert torch.equal(native.argmax_rows(x), x.argmax(dim=-1))
-    assert native.argmax_rows(torch.empty(0, vocab)).shape == (0,)
+        assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=-1))
+    assert kernels.argmax_rows(torch.empty(0, vocab)).shape == (0,)
 
 
-def test_the_fma_peak_is_a_positive_rate(native):
+def test_the_fma_peak_is_a_positive_rate(kernels):
     """The benchmarks' arithmetic ceiling: register-only FMAs, timed (no assertion on its
     size, which depends on the machine and its load)."""
-    peak = native.fma_peak(seconds=0.03)
+    peak = kernels.fma_peak(seconds=0.03)
     assert math.isfinite(peak) and peak > 0
+
+
+# --- every build ---------------------------------------------------------------------------
+
+
+def test_every_build_passes_the_start_up_self_check(kernels):
+    check_library(kernels)
+
+
+def test_the_kernels_use_torchs_thread_count_whatever_their_openmp_runtime(kernels):
+    """A gcc build shares torch's libgomp; a clang build has LLVM's runtime, which follows
+    torch.set_num_threads before each call (so the thread-count tests test something)."""
+    runtime_threads = ctypes.CDLL(str(kernels.path)).omp_get_max_threads
+    x, weight = randn(2, 64), randn(64, 64, seed=1)
+    panels = kernels.pack_weight(weight)
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            kernels.matmul(x, panels, None, 64)
+            assert runtime_threads() == threads
+    finally:
+        torch.set_num_threads(previous)
 
 
 # --- building and caching ------------------------------------------------------------------
@@ -248,10 +272,10 @@ def test_the_fma_peak_is_a_positive_rate(native):
 def test_the_library_is_cached_per_source_compiler_and_cpu(tmp_path):
     if native_build.find_compiler() is None:
         pytest.skip("no C compiler")
-    first = native_build.build_library(tmp_path)
+    first = native_build.build_library(tmp_path).path
     assert first.parent == tmp_path and first.name.startswith("lamina-kernels-")
     built_at = first.stat().st_mtime_ns
-    assert native_build.build_library(tmp_path) == first
+    assert native_build.build_library(tmp_path).path == first
     assert first.stat().st_mtime_ns == built_at  # reused, not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
 
@@ -283,7 +307,8 @@ def test_without_a_compiler_a_portable_build_for_this_cpu_is_loaded(tmp_path, mo
     monkeypatch.setattr(native_build, "find_compiler", lambda: None)
     monkeypatch.setattr(native_build, "PREBUILT_DIR", tmp_path)
     chosen = native_build.build_library(tmp_path / "cache")
-    assert chosen in built
+    assert chosen.path in built and chosen.prebuilt
+    assert chosen.level == native_build.runnable_levels()[1]  # the best portable one
     kernels = NativeKernels(chosen)
     x, weight = randn(3, 100), randn(70, 100, seed=1)
     got = kernels.matmul(x, kernels.pack_weight(weight), None, 70)
@@ -291,6 +316,38 @@ def test_without_a_compiler_a_portable_build_for_this_cpu_is_loaded(tmp_path, mo
     monkeypatch.setattr(native_build, "PREBUILT_DIR", tmp_path / "empty")
     with pytest.raises(native_build.NativeBuildError, match="no C compiler"):
         native_build.build_library(tmp_path / "cache")
+
+
+def test_the_start_up_log_says_which_kernels_run_and_why(tmp_path, monkeypatch, caplog):
+    """Compiled here (level, compiler, OpenMP runtime), a prebuilt library (and why none
+    was compiled), or torch's kernels (and why neither)."""
+    compiler = native_build.find_compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    with caplog.at_level("INFO", logger="app.native"):
+        assert native_kernels.__wrapped__() is not None
+    label = native_build.compiler_label(compiler)
+    assert f"native kernels ready: -march=native for {native_build._cpu_model()}" in caplog.text
+    assert f"built by {label} (lamina-kernels-" in caplog.text
+    built = native_build.build_portable(tmp_path)
+    if not built:
+        pytest.skip("no portable CPU levels known for this machine kind")
+    monkeypatch.setattr(native_build, "find_compiler", lambda: None)
+    monkeypatch.setattr(native_build, "PREBUILT_DIR", tmp_path)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="app.native"):
+        assert native_kernels.__wrapped__() is not None
+    best = native_build.runnable_levels()[1]
+    assert f"native kernels ready: prebuilt {best} library lamina-kernels-" in caplog.text
+    assert "(not compiled here: no C compiler found (set CC or install gcc))" in caplog.text
+    monkeypatch.setattr(native_build, "PREBUILT_DIR", tmp_path / "empty")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="app.native"):
+        assert native_kernels.__wrapped__() is None
+    assert (
+        "native kernels unavailable (no C compiler found (set CC or install gcc); "
+        f"no prebuilt library for this CPU in {tmp_path / 'empty'}): using torch's kernels"
+    ) in caplog.text
 
 
 def test_a_missing_compiler_is_a_clear_error(monkeypatch):
@@ -324,22 +381,22 @@ def test_an_unwritable_cache_falls_back_to_a_shipped_build(tmp_path, monkeypatch
     if not built:
         pytest.skip("no portable CPU levels known for this machine kind")
     monkeypatch.setattr(native_build, "PREBUILT_DIR", tmp_path / "prebuilt")
-    assert native_build.build_library(unwritable) in built
+    assert native_build.build_library(unwritable).path in built
 
 
 def test_a_library_that_computes_wrong_results_is_refused(native, monkeypatch, caplog):
     import app.native as native_module
     from app.native.self_check import check_library
 
-    broken = NativeKernels(native.path)
+    broken = NativeKernels(native.build)
     monkeypatch.setattr(broken, "paged_attention", lambda *args: torch.zeros(21, 64))
     with pytest.raises(AssertionError, match="attention disagrees"):
         check_library(broken)
-    broken = NativeKernels(native.path)
+    broken = NativeKernels(native.build)
     monkeypatch.setattr(broken, "decoder_stack", lambda *args: None)  # leaves x as it was
     with pytest.raises(AssertionError, match="decoder stack disagrees"):
         check_library(broken)
-    check_library(NativeKernels(native.path))  # the real one passes
+    check_library(NativeKernels(native.build))  # the real one passes
 
     def failing_check(kernels):
         raise AssertionError("the native matmul disagrees with torch")
@@ -350,14 +407,14 @@ def test_a_library_that_computes_wrong_results_is_refused(native, monkeypatch, c
     assert "native kernels unavailable" in caplog.text
 
 
-def test_fp16_panels_sum_in_fp32_with_the_same_bits_for_any_row_count(native):
+def test_fp16_panels_sum_in_fp32_with_the_same_bits_for_any_row_count(kernels):
     x, weight = randn(9, 1536), randn(100, 1536, seed=1)
-    panels = native.pack_weight(weight, dtype=torch.float16)
+    panels = kernels.pack_weight(weight, dtype=torch.float16)
     assert panels.dtype == torch.float16 and panels.shape == (2, 1536, 64)
     expected = (x.double() @ weight.half().double().T).float()
-    out = native.matmul(x, panels, None, 100)
+    out = kernels.matmul(x, panels, None, 100)
     torch.testing.assert_close(out, expected, atol=1e-5 * math.sqrt(1536), rtol=1e-5)
-    alone = torch.cat([native.matmul(x[i : i + 1], panels, None, 100) for i in range(9)])
+    alone = torch.cat([kernels.matmul(x[i : i + 1], panels, None, 100) for i in range(9)])
     assert torch.equal(alone, out)
     with pytest.raises(ValueError, match="float32 or float16"):
-        native.pack_weight(weight, dtype=torch.bfloat16)
+        kernels.pack_weight(weight, dtype=torch.bfloat16)
