@@ -105,4 +105,6 @@ def _layer_weights(layer: LlamaDecoderLayer, cache: torch.Tensor) -> DecoderLaye
 def _packed(linear: Linear) -> PackedLinear:
     generated = linear.kernel  # every row, or the generated ones when there are two
     prompt = linear.prompt_kernel or generated
-    return PackedLinear(prompt.panels, generated.panels, generated.bias, generated.out_features)
+    return PackedLinear(
+        prompt.panels, generated.panels, generated.bias, linear.in_features, linear.out_features
+    )

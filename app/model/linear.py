@@ -3,8 +3,10 @@
 fp32 on the CPU uses lamina's own kernel (app/native) when it could be compiled: it
 reads a single stream's weights ~40 % faster than oneDNN, matches it at many rows, and
 computes every row the same way whatever the row count, so it needs no padding for
-batch invariance. It also reads fp16 weights (summing in fp32). Without a C compiler,
-the torch kernels below take over.
+batch invariance. It also reads fp16 weights and bf16 ones (summing in fp32; bf16 with
+each input row rounded to bf16, as oneDNN's bf16 matmul does, through AVX512-BF16 dot
+products where the CPU has them: app/native/bf16.h). Without a C compiler, the torch
+kernels below take over.
 
 `Linear` keeps the checkpoint's weight ([out_features, in_features]) until
 `prepare_for_inference` picks a kernel for the device and the requested weight precision,
@@ -12,7 +14,9 @@ re-lays the weight out for that kernel and drops the original. Measured on a 2-c
 Zen 4 CPU (docs/performance.md): oneDNN with a pre-packed fp32 weight runs the whole
 model's matmuls 1.8x faster than `F.linear` at 32 rows and 1.9x at 1 row; fp16 weights
 with `F.linear` halve the bytes a single stream reads per token; bf16 weights through
-oneDNN use the CPU's bf16 dot-product instructions when it has them.
+oneDNN (only without native kernels) use the CPU's bf16 instructions when it has them,
+but oneDNN picks its kernel by row count on AMX CPUs, so rows are then not batch
+invariant (a warning says so at start-up).
 
 With fp16 weights a Linear keeps a second kernel at the model dtype (native, or packed
 oneDNN) for the rows of prompt tokens (`KernelPlan.prompt`): prompts are computed exactly
@@ -21,7 +25,8 @@ many rows) and only generated tokens read the fp16 weights. The runner says per 
 which rows are which (`RowKinds`). A row's kind depends only on its token (its position
 against its sequence's prompt length), never on the step it lands in, so every token is
 computed the same way whatever the batch, the chunking or a recompute after preemption.
-The price is memory: both copies of every weight are kept.
+The price is memory: both copies of every weight are kept. bf16 weights keep one copy,
+for every row: prompts too are computed with bf16 weights.
 
 Batch invariance: a row of `x @ W` must not depend on how many other rows the matmul
 has, or a request's tokens would depend on its batch mates. Kernels often switch code
@@ -70,8 +75,8 @@ class KernelPlan:
 
     @property
     def uses_native_matmul(self) -> bool:
-        """fp32 weights, or fp16 ones (the native kernel sums their products in fp32)."""
-        native_weights = (torch.float32, torch.float16)
+        """fp32, fp16 or bf16 weights (the native kernel sums their products in fp32)."""
+        native_weights = (torch.float32, torch.float16, torch.bfloat16)
         return self.native is not None and self.weight_dtype in native_weights
 
 
@@ -136,13 +141,23 @@ def cpu_kernel_plan(
     native = None
     if allow_native and activation_dtype == torch.float32:
         native = native_kernels()
-    # bf16, and fp32 without native kernels, go through packed oneDNN. fp16 has no fast
+    # fp32 and bf16 without native kernels go through packed oneDNN. fp16 has no fast
     # batched oneDNN path without AVX512-FP16/AMX-FP16: native kernels read fp16 panels,
     # else F.linear's fp16 gemv (the fast single-stream torch kernel).
-    wants_onednn = weight_dtype == torch.bfloat16 or (
-        weight_dtype == torch.float32 and native is None
-    )
+    wants_onednn = native is None and weight_dtype in (torch.float32, torch.bfloat16)
     use_onednn = wants_onednn and onednn_available(weight_dtype)
+    if native is None and weight_dtype == torch.bfloat16 and batch_invariant:
+        if activation_dtype != torch.float32:
+            why = f"they take fp32 activations, not {activation_dtype}"
+        else:
+            why = "unavailable here" if allow_native else "turned off"
+        logger.warning(
+            "bf16 weights run on torch's kernels (lamina's native kernels: %s): oneDNN picks "
+            "its bf16 kernel by row count on some CPUs (AMX), so there a row's bits may "
+            "depend on its batch mates; batch invariance is only guaranteed by the native "
+            "kernels",
+            why,
+        )
     if wants_onednn and not use_onednn:
         logger.warning("oneDNN linear is unavailable for %s: using F.linear", weight_dtype)
     prompt = None
@@ -368,7 +383,8 @@ class OneDnnLinearKernel(LinearKernel):
 
 class NativeLinearKernel(LinearKernel):
     """lamina's matmul (app/native) against a weight packed into 64-column panels, stored
-    in fp32 or fp16 (the plan's weight dtype); activations and sums stay fp32."""
+    in fp32, fp16 or bf16 (the plan's weight dtype); activations and sums stay fp32 (with
+    bf16 panels each input row is rounded to bf16 inside the kernel)."""
 
     rows_invariant = True  # each element sums its K products in order: same bits for any M
 

@@ -1,5 +1,6 @@
-"""lamina's own CPU kernels: an fp32 matmul, paged attention and a decoder-layer stack
-built from them (stack.py), compiled on first use.
+"""lamina's own CPU kernels: a matmul (fp32 activations; fp32, fp16 or bf16 weights),
+paged attention and a decoder-layer stack built from them (stack.py), compiled on first
+use.
 
 `native_kernels()` returns them, or None where they cannot be had (no C compiler, a
 failed build or self-check); the model then uses torch's kernels. Why they exist
@@ -21,19 +22,18 @@ from collections.abc import Callable
 import torch
 
 from app.native.build import Build, NativeBuildError, build_library
+from app.native.panels import WEIGHT_KINDS, panel_shape, panels_fit
 from app.native.self_check import check_library
 from app.native.stack import StackDesc, StepDesc, work_floats
 
 logger = logging.getLogger(__name__)
-
-PANEL_COLUMNS = 64  # columns per packed weight panel (vector.h: PANEL)
 
 _long, _float, _pointer = ctypes.c_long, ctypes.c_float, ctypes.c_void_p
 
 
 class NativeKernels:
     """Typed entry points into the compiled library. Activations, outputs and the KV
-    cache are fp32 on the CPU; weight panels are fp32 or fp16."""
+    cache are fp32 on the CPU; weight panels are fp32, fp16 or bf16."""
 
     def __init__(self, build: Build) -> None:
         self.build, self.path = build, build.path
@@ -50,7 +50,11 @@ class NativeKernels:
         self._pack = {  # by the panels' dtype
             torch.float32: _bind(library.lamina_pack_weight, pack_args),
             torch.float16: _bind(library.lamina_pack_weight_f16, pack_args),
+            torch.bfloat16: _bind(library.lamina_pack_weight_bf16, pack_args),
         }
+        # Whether bf16 matmuls run AVX512-BF16's dot product, or widen bf16 in the kernel
+        # (the same bits but for denormals: bf16.h).
+        self.bf16_dot_product = bool(library.lamina_bf16_dot_product())
         attention_args = (_pointer, _long, _pointer, _pointer, _long, _long, _pointer, _long)
         attention_args += (_pointer, _pointer, _pointer, _long, _long, _long, _long, _float)
         self._attention = _bind(library.lamina_paged_attention, attention_args)
@@ -73,17 +77,18 @@ class NativeKernels:
         dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
         """A Linear's weight [N, K] (fp32) -> panels [ceil(N / 64), K, 64] in `dtype`
-        (float32, or float16 rounded to nearest), zero columns past N.
+        (float32, or float16 rounded to nearest), or bfloat16 panels in K-pairs
+        [ceil(N / 64), ceil(K / 2), 64, 2] (rounded to nearest even, denormals to zero:
+        bf16.h); zeros past N (and K).
 
         allocate(shape, dtype=...) makes the uninitialised, contiguous panels tensor: the
         model passes a huge-page arena."""
         _check_fp32(weight)
         if dtype not in self._pack:
-            raise ValueError(f"panels are float32 or float16, not {dtype}")
+            raise ValueError(f"panels are float32, float16 or bfloat16, not {dtype}")
         weight = weight.contiguous()
         out_features, in_features = weight.shape
-        num_panels = -(-out_features // PANEL_COLUMNS)
-        panels = allocate((num_panels, in_features, PANEL_COLUMNS), dtype=dtype)
+        panels = allocate(panel_shape(out_features, in_features, dtype), dtype=dtype)
         self._follow_torch_threads()
         self._pack[dtype](weight.data_ptr(), panels.data_ptr(), out_features, in_features)
         return panels
@@ -91,22 +96,22 @@ class NativeKernels:
     def matmul(
         self, x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None, out_features: int
     ) -> torch.Tensor:  # x [M, K] (rows may be strided) -> [M, out_features]
-        """x @ W.T + bias, with W packed by pack_weight (fp32 or fp16 panels; the
-        products are summed in fp32 either way)."""
+        """x @ W.T + bias, with W packed by pack_weight (fp32, fp16 or bf16 panels; the
+        products are summed in fp32 in every case; with bf16 panels x is rounded to bf16
+        first)."""
         _check_fp32(x)
         if x.stride(-1) != 1:
             x = x.contiguous()
         num_rows, in_features = x.shape
-        if panels.shape[1] != in_features:
+        if not panels_fit(panels, in_features):
             raise ValueError(f"x has {in_features} features, the weight {panels.shape[1]}")
         out = torch.empty(num_rows, out_features)
         if num_rows:
             bias_pointer = None if bias is None else bias.data_ptr()
-            half = int(panels.dtype == torch.float16)
             self._follow_torch_threads()
             self._matmul(
-                x.data_ptr(), x.stride(0), panels.data_ptr(), half, bias_pointer, out.data_ptr(),
-                num_rows, in_features, out_features,
+                x.data_ptr(), x.stride(0), panels.data_ptr(), WEIGHT_KINDS[panels.dtype],
+                bias_pointer, out.data_ptr(), num_rows, in_features, out_features,
             )  # fmt: skip
         return out
 
@@ -265,10 +270,12 @@ def native_kernels() -> NativeKernels | None:
         logger.warning("native kernels unavailable (%s): using torch's kernels", exc)
         return None
     runtime = "its own OpenMP runtime" if kernels.own_openmp else "torch's OpenMP threads"
+    bf16 = "AVX512-BF16 dot products" if kernels.bf16_dot_product else "widened to fp32 FMAs"
     logger.info(
-        "native kernels ready: %s, on %s (%.1f s)",
+        "native kernels ready: %s, on %s (%.1f s); bf16 weights: %s",
         kernels.build.describe(),
         runtime,
         time.perf_counter() - started,
+        bf16,
     )
     return kernels

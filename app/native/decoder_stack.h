@@ -106,6 +106,9 @@ void lamina_decoder_stack(const stack_desc *m, const step_desc *s) {
     long *starts = malloc(sizeof(long) * (N + 1));
     long tiles = make_tiles(s->token_seq, s->num_keys, N, starts);
     long *claimed = calloc(m->num_layers, sizeof(long)); /* attention's item counter, a layer */
+    long widest = H > q_size ? H : q_size; /* the matmuls' inputs: H, q_size or I features */
+    widest = widest > I ? widest : I;
+    void *rounded = malloc(sizeof(float) * rounded_rows_floats(N, widest)); /* bf16 weights */
 #pragma omp parallel
     {
         float *scratch = malloc(sizeof(float) * TILE * stride);
@@ -116,17 +119,18 @@ void lamina_decoder_stack(const stack_desc *m, const step_desc *s) {
                                 s->num_keys, attended, m->num_heads, m->num_kv_heads, D,
                                 m->scale};
             rms_norm_rows(s->x, layer->input_norm, normed, N, H, m->eps);
-            linear_phase(&layer->qkv, normed, H, N, s->split, qkv, 0);
+            linear_phase(&layer->qkv, normed, H, N, s->split, qkv, 0, rounded);
             rotate_and_store_rows(m, layer, s, qkv, width);
             attention_items(&a, starts, tiles, scratch, stride, claimed + l);
-            linear_phase(&layer->o, attended, q_size, N, s->split, s->x, 1);
+            linear_phase(&layer->o, attended, q_size, N, s->split, s->x, 1, rounded);
             rms_norm_rows(s->x, layer->post_attention_norm, normed, N, H, m->eps);
-            linear_phase(&layer->gate_up, normed, H, N, s->split, gate_up, 0);
+            linear_phase(&layer->gate_up, normed, H, N, s->split, gate_up, 0, rounded);
             swiglu_rows(gate_up, act, N, I);
-            linear_phase(&layer->down, act, I, N, s->split, s->x, 1);
+            linear_phase(&layer->down, act, I, N, s->split, s->x, 1, rounded);
         }
         free(scratch);
     }
     free(starts);
     free(claimed);
+    free(rounded);
 }

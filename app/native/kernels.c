@@ -1,14 +1,16 @@
 /*
- * lamina's native CPU kernels (fp32 activations): a matmul against panel-packed weights,
- * paged attention that reads the KV blocks in place, and a whole stack of LLaMA decoder
- * layers built from them (one call and one parallel region per step).
+ * lamina's native CPU kernels (fp32 activations): a matmul against panel-packed weights
+ * (fp32, fp16 or bf16), paged attention that reads the KV blocks in place, and a whole
+ * stack of LLaMA decoder layers built from them (one call and one parallel region per
+ * step).
  *
  * Both are batch invariant by construction: every output element is computed by the
  * same sequence of floating-point operations whatever the number of rows, the other
  * rows, the thread count or how work is split. In the matmul each element accumulates
- * its K products one after another, starting from zero (no split of K, no tree), and
- * only columns and blocks of rows are shared between threads; in attention each query is
- * computed on its own over exactly its visible keys, in key order. So a token gets the
+ * its K products one after another, starting from zero (no split of K, no tree; with
+ * bf16 weights, K-pairs in order: bf16.h), and only columns and blocks of rows are
+ * shared between threads; in attention each query is computed on its own over exactly
+ * its visible keys, in key order. So a token gets the
  * same bits alone or among 31 other requests, in a prefill chunk or a decode step,
  * with no padding.
  *
@@ -19,6 +21,7 @@
  *
  * One translation unit in parts, so the compiler still inlines across them:
  *   vector.h        vector types, loads, fixed-order sums, exp
+ *   bf16.h          bf16 rounding, K-pair tiles (AVX512-BF16 or widened), packing
  *   matmul.h        the panel matmul, weight packing, the FMA peak
  *   attention.h     paged attention, with the next item prefetched
  *   decoder_stack.h a step's decoder layers in one parallel region
@@ -26,6 +29,7 @@
  * app/native/build.py compiles this file; its cache key covers every part.
  */
 #include "vector.h"
+#include "bf16.h"
 #include "matmul.h"
 #include "attention.h"
 #include "decoder_stack.h"

@@ -1,13 +1,17 @@
 /* Part of kernels.c's one translation unit (after vector.h). */
 #pragma once
+#include "bf16.h"
 #include "vector.h"
 
 /* ---------------------------------------------------------------------------------
  * Matmul: y[M, N] = x[M, K] . W[K, N] (+ bias), W packed as panels [ceil(N/64)][K][64]
- * (zero columns past N), stored in fp32 or in fp16 (converted to fp32 as loaded; the
- * sums are fp32 either way). Work is split into 16-column units; a tile is up to 6 rows
- * by up to 4 units of one panel.
+ * (zero columns past N), stored in fp32 or in fp16 (converted to fp32 as loaded), or in
+ * bf16 as K-pairs [ceil(N/64)][ceil(K/2)][64][2] with the rows of x rounded to bf16
+ * (bf16.h). The sums are fp32 in every case. Work is split into 16-column units; a tile
+ * is up to 6 rows by up to 4 units of one panel.
  */
+
+enum { WEIGHTS_F32 = 0, WEIGHTS_F16 = 1, WEIGHTS_BF16 = 2 }; /* how panels are stored */
 
 static inline vecf load_f32(const float *p) { return load(p); }
 
@@ -88,10 +92,10 @@ static void store_tile(vecf acc[MAX_ROWS][4], int rows, int nv, float *y, long l
  * each, and memory stays busy while they compute (the model's 121 matmuls at 32 rows:
  * 45.6 -> 42.8 ms; at 128 and 256 rows within 2 %; at 1 row there is no second tile). */
 static inline const char *prefetch_target(const void *next_panel, long panel_bytes, long tile,
-                                          long K) {
-    long part = tile - 1;
-    if (!next_panel || part < 0 || part * K * 64 >= panel_bytes) return 0;
-    return (const char *)next_panel + part * K * 64;
+                                          long steps) {
+    long part = tile - 1; /* a line per step of the tile's loop (a k, or a K-pair) */
+    if (!next_panel || part < 0 || part * steps * 64 >= panel_bytes) return 0;
+    return (const char *)next_panel + part * steps * 64;
 }
 
 /* One tile: rows x (nv vectors of 16 columns), accumulated over all of K in order. */
@@ -120,34 +124,39 @@ static inline const char *prefetch_target(const void *next_panel, long panel_byt
 #define TILE_ROW(WT, R) {tile_##WT##_##R##_1, tile_##WT##_##R##_2, tile_##WT##_##R##_3,     \
                          tile_##WT##_##R##_4}
 
-/* Everything of one weight type: its tiles, a table of them, and the loop over a run of
- * 16-column units for all M rows. */
-#define DEFINE_MATMUL_UNITS(WT, WTYPE)                                                     \
-    DEFINE_TILES(WT, WTYPE, 1) DEFINE_TILES(WT, WTYPE, 2) DEFINE_TILES(WT, WTYPE, 3)       \
-    DEFINE_TILES(WT, WTYPE, 4) DEFINE_TILES(WT, WTYPE, 5) DEFINE_TILES(WT, WTYPE, 6)       \
-    typedef void (*tile_##WT##_fn)(const float *, long, const WTYPE *, long,               \
+DEFINE_TILES(f32, float, 1) DEFINE_TILES(f32, float, 2) DEFINE_TILES(f32, float, 3)
+DEFINE_TILES(f32, float, 4) DEFINE_TILES(f32, float, 5) DEFINE_TILES(f32, float, 6)
+DEFINE_TILES(f16, half_bits, 1) DEFINE_TILES(f16, half_bits, 2) DEFINE_TILES(f16, half_bits, 3)
+DEFINE_TILES(f16, half_bits, 4) DEFINE_TILES(f16, half_bits, 5) DEFINE_TILES(f16, half_bits, 6)
+
+/* Everything of one weight type after its tiles: a table of them, and the loop over a run
+ * of 16-column units for all M rows. A tile's loop takes STEP values of k per step (1, or
+ * 2 for bf16's K-pairs), x is XTYPE (fp32, or bf16.h's rounded rows). */
+#define DEFINE_MATMUL_UNITS(WT, XTYPE, WTYPE, STEP)                                        \
+    typedef void (*tile_##WT##_fn)(const XTYPE *, long, const WTYPE *, long,               \
                                    vecf[MAX_ROWS][4], const char *);                       \
     static const tile_##WT##_fn TILES_##WT[MAX_ROWS][4] = {                                \
         TILE_ROW(WT, 1), TILE_ROW(WT, 2), TILE_ROW(WT, 3),                                 \
         TILE_ROW(WT, 4), TILE_ROW(WT, 5), TILE_ROW(WT, 6)};                                \
     /* Units [first, last) of 16 columns, for all M rows; with lookahead, the tiles after  \
      * the first prefetch the next panel. */                                              \
-    static void matmul_units_##WT(const float *x, long ldx, const WTYPE *panels,           \
+    static void matmul_units_##WT(const XTYPE *x, long ldx, const WTYPE *panels,           \
                                   const float *bias, float *y, long M, long K, long N,     \
                                   long first, long last, int accumulate, int lookahead) {  \
         vecf acc[MAX_ROWS][4];                                                             \
+        long steps = (K + STEP - 1) / STEP, panel_size = steps * STEP * PANEL;             \
         long unit = first;                                                                 \
         while (unit < last) {                                                              \
             long panel = unit / 4, offset = unit % 4;                                      \
             int nv = (int)((last - unit) < (4 - offset) ? (last - unit) : (4 - offset));   \
-            const WTYPE *w = panels + panel * K * PANEL + offset * LANES;                  \
+            const WTYPE *w = panels + panel * panel_size + offset * LANES * STEP;          \
             const void *next = lookahead && offset == 0 && (panel + 1) * PANEL < N         \
-                                   ? panels + (panel + 1) * K * PANEL : 0;                 \
+                                   ? panels + (panel + 1) * panel_size : 0;                \
             for (long row = 0; row < M; row += MAX_ROWS) {                                 \
                 int rows = (int)(M - row < MAX_ROWS ? M - row : MAX_ROWS);                 \
-                const char *ahead = prefetch_target(next, K * PANEL * (long)sizeof(WTYPE), \
-                                                    row / MAX_ROWS, K);                    \
-                TILES_##WT[rows - 1][nv - 1](x + row * ldx, ldx, w, K, acc, ahead);        \
+                const char *ahead = prefetch_target(                                       \
+                    next, panel_size * (long)sizeof(WTYPE), row / MAX_ROWS, steps);        \
+                TILES_##WT[rows - 1][nv - 1](x + row * ldx, ldx, w, steps, acc, ahead);    \
                 store_tile(acc, rows, nv, y + row * N, N, unit * LANES, N, bias,           \
                            accumulate);                                                    \
             }                                                                              \
@@ -155,19 +164,25 @@ static inline const char *prefetch_target(const void *next_panel, long panel_byt
         }                                                                                  \
     }
 
-DEFINE_MATMUL_UNITS(f32, float)
+DEFINE_MATMUL_UNITS(f32, float, float, 1)
 /* The same with fp16 panels: half the bytes a single stream reads per token. */
-DEFINE_MATMUL_UNITS(f16, half_bits)
+DEFINE_MATMUL_UNITS(f16, float, half_bits, 1)
+/* bf16 panels in K-pairs against rows rounded to bf16 (bf16.h): one copy for every row. */
+DEFINE_MATMUL_UNITS(bf16, bf16_act, uint16_t, 2)
 
 /* A linear layer's packed weight as the kernels see it. Rows of a matmul may take two
  * weight copies: rows [0, split) the first (prompt tokens), the rest the second
  * (generated tokens, fp16 panels with LAMINA_WEIGHT_DTYPE=float16). */
 typedef struct {
-    const void *panels[2];    /* [ceil(out/64)][in][64], fp32 or fp16 */
-    int32_t half[2];          /* whether panels[i] holds fp16 */
+    const void *panels[2];    /* [ceil(out/64)][in][64] fp32 or fp16; bf16: K-pairs */
+    int32_t kind[2];          /* WEIGHTS_F32, _F16 or _BF16: how panels[i] is stored */
     const float *bias;        /* [out] or NULL */
     long in_features, out_features;
 } linear_desc;
+
+/* Floats of scratch (bf16_act values fit in them) linear_phase needs for M rows of
+ * K features: the rows rounded to bf16, when a weight is. */
+static inline long rounded_rows_floats(long M, long K) { return M * ((K + 1) / 2 * 2); }
 
 /* y[M, out] (=, or += with `accumulate`) x[M, in] . W + bias, shared among the threads of
  * the enclosing parallel region (an orphaned `omp for`; alone outside one). A work item is
@@ -178,13 +193,16 @@ typedef struct {
  * are handed out with schedule(guided): long contiguous runs first (as fast as a static
  * split), then single items, so a thread the OS delays (the HTTP event loop, a client on
  * the same cores) leaves its last items to the others instead of making them wait. Only
- * a panel's last row block prefetches the next panel. Ends with the loop's barrier: y is
- * complete for every thread. */
+ * a panel's last row block prefetches the next panel. With bf16 weights the rows of x
+ * are first rounded into `rounded` (rounded_rows_floats(M, in) floats, shared), one
+ * barrier more. Ends with the loop's barrier: y is complete for every thread. */
 static void linear_phase(const linear_desc *w, const float *x, long ldx, long M, long split,
-                         float *y, int accumulate) {
-    long K = w->in_features, N = w->out_features;
+                         float *y, int accumulate, void *rounded) {
+    long K = w->in_features, N = w->out_features, width = (K + 1) / 2 * 2;
     long units = (N + LANES - 1) / LANES, chunks = (units + 3) / 4; /* one panel each */
     long row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
+    if (w->kind[0] == WEIGHTS_BF16 || w->kind[1] == WEIGHTS_BF16)
+        round_rows_bf16(x, ldx, M, K, rounded);
 #pragma omp for schedule(guided)
     for (long item = 0; item < chunks * row_blocks; item++) {
         long chunk = item / row_blocks, block = item % row_blocks;
@@ -198,23 +216,30 @@ static void linear_phase(const linear_desc *w, const float *x, long ldx, long M,
             if (end <= row) continue;
             const float *xr = x + row * ldx;
             float *yr = y + row * N;
-            if (w->half[kind])
-                matmul_units_f16(xr, ldx, w->panels[kind], w->bias, yr, end - row, K, N, first,
-                                 last, accumulate, lookahead);
+            const void *panels = w->panels[kind];
+            if (w->kind[kind] == WEIGHTS_BF16)
+                matmul_units_bf16((const bf16_act *)rounded + row * width, width, panels,
+                                  w->bias, yr, end - row, K, N, first, last, accumulate,
+                                  lookahead);
+            else if (w->kind[kind] == WEIGHTS_F16)
+                matmul_units_f16(xr, ldx, panels, w->bias, yr, end - row, K, N, first, last,
+                                 accumulate, lookahead);
             else
-                matmul_units_f32(xr, ldx, w->panels[kind], w->bias, yr, end - row, K, N, first,
-                                 last, accumulate, lookahead);
+                matmul_units_f32(xr, ldx, panels, w->bias, yr, end - row, K, N, first, last,
+                                 accumulate, lookahead);
         }
     }
 }
 
-/* y[M, N] = x[M, K] . W (+ bias), W packed as panels of fp32 (half = 0) or fp16. */
-void lamina_matmul(const float *x, long ldx, const void *panels, int32_t half, const float *bias,
+/* y[M, N] = x[M, K] . W (+ bias), W packed as panels of `kind` (WEIGHTS_F32, _F16, _BF16). */
+void lamina_matmul(const float *x, long ldx, const void *panels, int32_t kind, const float *bias,
                    float *y, long M, long K, long N) {
-    linear_desc w = {{panels, panels}, {half, half}, bias, K, N};
+    linear_desc w = {{panels, panels}, {kind, kind}, bias, K, N};
+    void *rounded = kind == WEIGHTS_BF16 ? malloc(sizeof(float) * rounded_rows_floats(M, K)) : 0;
     int parallel = M * K * N >= (1L << 18);
 #pragma omp parallel if (parallel)
-    linear_phase(&w, x, ldx, M, M, y, 0);
+    linear_phase(&w, x, ldx, M, M, y, 0, rounded);
+    free(rounded);
 }
 
 /* Pack W [N, K] (a Linear's weight, row-major) into panels [ceil(N/64)][K][64], each

@@ -26,6 +26,7 @@ def check_library(kernels: NativeKernels) -> None:
     got = kernels.matmul(x, kernels.pack_weight(weight), None, 70)
     if not torch.allclose(got, x @ weight.T, **TOLERANCE):
         raise AssertionError("the native matmul disagrees with torch")
+    _check_bf16_matmul(kernels, generator)
     _check_attention(kernels, generator)
     _check_decoder_stack(kernels, generator)
 
@@ -48,6 +49,16 @@ def dense_causal_attention(
     positions = torch.arange(first_position, first_position + tokens)[:, None]
     scores = scores.masked_fill(torch.arange(k.shape[0])[None, :] > positions, float("-inf"))
     return torch.einsum("hts,shd->thd", scores.softmax(-1), v)
+
+
+def _check_bf16_matmul(kernels: NativeKernels, generator: torch.Generator) -> None:
+    """bf16 panels (an odd K: a half-empty last pair) against the product of the inputs
+    rounded to bf16, which the kernel sums exactly but for fp32 rounding."""
+    x, weight = torch.randn(7, 41, generator=generator), torch.randn(70, 41, generator=generator)
+    got = kernels.matmul(x, kernels.pack_weight(weight, dtype=torch.bfloat16), None, 70)
+    expected = x.bfloat16().double() @ weight.bfloat16().double().T
+    if not torch.allclose(got.double(), expected, **TOLERANCE):
+        raise AssertionError("the native bf16 matmul disagrees with torch")
 
 
 def _check_attention(kernels: NativeKernels, generator: torch.Generator) -> None:
@@ -81,7 +92,7 @@ def _check_decoder_stack(kernels: NativeKernels, generator: torch.Generator) -> 
     norms = (1 + randn(hidden), 1 + randn(hidden))
     cache = torch.zeros(2, kv_heads, 2, 4, dim)  # [keys/values, kv_heads, blocks, 4, dim]
     packed = {
-        name: PackedLinear(panels, panels, None, w.shape[0])
+        name: PackedLinear(panels, panels, None, w.shape[1], w.shape[0])
         for name, w in weights.items()
         for panels in [kernels.pack_weight(w)]
     }

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from app.native.panels import WEIGHT_KINDS, panels_fit
+
 _long, _float, _pointer, _int32 = ctypes.c_long, ctypes.c_float, ctypes.c_void_p, ctypes.c_int32
 
 
@@ -27,9 +29,10 @@ class PackedLinear:
     """A linear layer's packed weights (NativeKernels.pack_weight): the panels prompt
     rows use and those generated rows use (the same tensor when there is one copy)."""
 
-    prompt_panels: torch.Tensor  # [ceil(out / 64), in, 64] fp32 or fp16
+    prompt_panels: torch.Tensor  # [ceil(out / 64), in, 64] fp32 or fp16; bf16 in K-pairs
     generated_panels: torch.Tensor
     bias: torch.Tensor | None  # [out] fp32
+    in_features: int
     out_features: int
 
 
@@ -59,7 +62,7 @@ class StackShape:
 class _LinearDesc(ctypes.Structure):
     _fields_ = [
         ("panels", _pointer * 2),
-        ("half", _int32 * 2),
+        ("kind", _int32 * 2),  # WEIGHT_KINDS of each panels tensor
         ("bias", _pointer),
         ("in_features", _long),
         ("out_features", _long),
@@ -146,8 +149,8 @@ def _describe_linear(linear: PackedLinear) -> _LinearDesc:
     bias = None if linear.bias is None else linear.bias.data_ptr()
     return _LinearDesc(
         (_pointer * 2)(*(panels.data_ptr() for panels in both)),
-        (_int32 * 2)(*(int(panels.dtype == torch.float16) for panels in both)),
-        bias, linear.prompt_panels.shape[1], linear.out_features,
+        (_int32 * 2)(*(WEIGHT_KINDS[panels.dtype] for panels in both)),
+        bias, linear.in_features, linear.out_features,
     )  # fmt: skip
 
 
@@ -165,8 +168,8 @@ def _check_layers(layers: list[DecoderLayerWeights]) -> None:
                 raise ValueError("decoder stack tensors must be contiguous CPU tensors")
         if any(tensor.dtype != torch.float32 for tensor in fp32):
             raise ValueError("norms, biases and the KV cache must be fp32")
-        if any(p.dtype not in (torch.float32, torch.float16) for p in panels):
-            raise ValueError("panels are fp32 or fp16")
+        if any(p.dtype not in WEIGHT_KINDS for p in panels):
+            raise ValueError("panels are fp32, fp16 or bf16")
         if layer.keys.shape != layers[0].keys.shape or layer.values.shape != layer.keys.shape:
             raise ValueError("every layer's keys and values must have one shape")
 
@@ -187,6 +190,9 @@ def _check_shapes(layers: list[DecoderLayerWeights], shape: StackShape) -> None:
     for layer in layers:
         for name, (in_features, out_features) in expected.items():
             linear = getattr(layer, name)
-            for panels in (linear.prompt_panels, linear.generated_panels):
-                if panels.shape[1] != in_features or linear.out_features != out_features:
-                    raise ValueError(f"{name} is not {in_features} -> {out_features}")
+            sizes = (linear.in_features, linear.out_features)
+            panels = (linear.prompt_panels, linear.generated_panels)
+            if sizes != (in_features, out_features) or not all(
+                panels_fit(p, in_features) for p in panels
+            ):
+                raise ValueError(f"{name} is not {in_features} -> {out_features}")

@@ -11,6 +11,7 @@ that invisible in the output.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from app.core import SamplingParams
 from app.engine.engine_core import EngineCore
@@ -98,8 +99,27 @@ def test_fp16_weights_alone_and_together_give_identical_tokens(perf_tokenizer, d
     check_alone_and_together(fp16_runner, perf_tokenizer, settings)
 
 
-def check_alone_and_together(runner, perf_tokenizer, settings) -> None:
-    batch = requests(perf_tokenizer)
+def test_bf16_weights_alone_and_together_give_identical_tokens(
+    native, perf_tokenizer, default_model_path
+):
+    """bf16 weights: one bf16 copy for every row, in lamina's native kernels (the fused
+    decoder stack and the head), whose rows never depend on the row count, unlike
+    oneDNN's bf16 matmul on AMX CPUs."""
+    from app.model.linear import NativeLinearKernel
+    from app.model.runner import ModelRunner
+
+    settings = default_settings(default_model_path, weight_dtype="bfloat16")
+    bf16_runner = ModelRunner.from_settings(settings)
+    model = bf16_runner.model
+    assert model.native is native and model.fuse_layers and not bf16_runner.splits_rows
+    assert isinstance(model.lm_head.kernel, NativeLinearKernel)
+    assert model.lm_head.kernel.panels.dtype == torch.bfloat16
+    # Every other request (chats, text slices, two seeded): half the time of the others.
+    check_alone_and_together(bf16_runner, perf_tokenizer, settings, every=2)
+
+
+def check_alone_and_together(runner, perf_tokenizer, settings, every: int = 1) -> None:
+    batch = requests(perf_tokenizer)[::every]
     alone = {}
     for request in batch:
         core = EngineCore(runner, perf_tokenizer, settings)  # fresh prefix cache each time

@@ -77,22 +77,32 @@ def assert_fused_matches_per_op(model) -> None:
     torch.testing.assert_close(fused_cache._storage, per_op_cache._storage, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_layers_match_the_per_op_path(native, tiny_model_path):
-    assert_fused_matches_per_op(load_model(tiny_model_path, max_positions=256))
+@pytest.mark.parametrize("weight_dtype", [None, torch.bfloat16])
+def test_fused_layers_match_the_per_op_path(native, tiny_model_path, weight_dtype):
+    """fp32 weights, and bf16 ones: one bf16 panel copy for every row, in both paths."""
+    model = load_model(tiny_model_path, max_positions=256, weight_dtype=weight_dtype)
+    assert_fused_matches_per_op(model)
 
 
-def test_fused_layers_match_the_per_op_path_on_every_build(model_kernels, odd_llama_path):
-    model = load_model(odd_llama_path, max_positions=256)
+@pytest.mark.parametrize("weight_dtype", [None, torch.bfloat16])
+def test_fused_layers_match_the_per_op_path_on_every_build(
+    model_kernels, odd_llama_path, weight_dtype
+):
+    model = load_model(odd_llama_path, max_positions=256, weight_dtype=weight_dtype)
     assert model.native is model_kernels
     assert_fused_matches_per_op(model)
 
 
-def test_fused_rows_of_mixed_kinds_equal_rows_computed_one_by_one(native, tiny_model_path):
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
+def test_fused_rows_of_mixed_kinds_equal_rows_computed_one_by_one(
+    native, tiny_model_path, weight_dtype
+):
     """fp16 weights: prompt rows take the fp32 panels and generated ones the fp16 panels,
     in one call with the rows put in kind order and back; each row's bits are those of
     a step that computes that token alone, with its kind. 60 rows: the matmuls split
-    them in blocks of 48, across the boundary between the kinds."""
-    model = load_model(tiny_model_path, max_positions=256, weight_dtype=torch.float16)
+    them in blocks of 48, across the boundary between the kinds. bf16 weights: one copy
+    for both kinds, so the same bits whatever the split."""
+    model = load_model(tiny_model_path, max_positions=256, weight_dtype=weight_dtype)
     assert model.fuse_layers
     ids = token_ids(60, 4, model.config.vocab_size)
     table = torch.randperm(48, generator=torch.Generator().manual_seed(1))[: 60 // BLOCK_SIZE]
@@ -111,8 +121,9 @@ def test_fused_rows_of_mixed_kinds_equal_rows_computed_one_by_one(native, tiny_m
     torch.testing.assert_close(mixed, per_op, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_bits_do_not_depend_on_the_thread_count(model_kernels, tiny_model_path):
-    model = load_model(tiny_model_path, max_positions=256)
+@pytest.mark.parametrize("weight_dtype", [None, torch.bfloat16])
+def test_fused_bits_do_not_depend_on_the_thread_count(model_kernels, tiny_model_path, weight_dtype):
+    model = load_model(tiny_model_path, max_positions=256, weight_dtype=weight_dtype)
     assert model.native is model_kernels
     previous = torch.get_num_threads()
     try:

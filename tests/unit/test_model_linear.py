@@ -114,6 +114,34 @@ def test_fp16_weights_with_native_kernels_read_fp16_panels_and_sum_in_fp32(nativ
     torch.testing.assert_close(layer(x, ALL_GENERATED), expected, atol=1e-4, rtol=1e-5)
 
 
+def test_bf16_weights_with_native_kernels_keep_one_bf16_copy_for_every_row(native):
+    """One bf16 panel copy serves prompt and generated rows alike (no fp32 copy beside
+    it); inputs are rounded to bf16, the products summed in fp32; nothing to calibrate."""
+    layer = make_linear()
+    weight = layer.weight.detach().clone()
+    plan = cpu_kernel_plan(torch.float32, torch.bfloat16, True)
+    assert plan.uses_native_matmul and not plan.use_onednn and plan.prompt is None
+    layer.prepare_for_inference(plan, RowInvariance())
+    assert isinstance(layer.kernel, NativeLinearKernel) and layer.prompt_kernel is None
+    assert layer.kernel.panels.dtype == torch.bfloat16 and layer.kernel.min_rows == 1
+    assert layer.weight is None
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(5))
+    expected = x.bfloat16().double() @ weight.bfloat16().double().T
+    expected = (expected + layer.kernel.bias.double()).float()
+    for kinds in (None, ALL_PROMPT, ALL_GENERATED):
+        torch.testing.assert_close(layer(x, kinds), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_weights_on_torch_kernels_warn_that_rows_may_vary(caplog):
+    """Without native kernels bf16 runs on oneDNN, which picks kernels by row count on
+    AMX CPUs: the log says invariance is not guaranteed instead of falling back quietly."""
+    with caplog.at_level("WARNING", logger="app.model.linear"):
+        plan = cpu_kernel_plan(torch.float32, torch.bfloat16, True, allow_native=False)
+    assert not plan.uses_native_matmul
+    assert "batch invariance is only guaranteed by the native kernels" in caplog.text
+    assert "turned off" in caplog.text
+
+
 def test_only_fp16_weights_get_a_prompt_kernel():
     assert cpu_kernel_plan(torch.float32, None, True).prompt is None
     assert cpu_kernel_plan(torch.float32, torch.bfloat16, True).prompt is None

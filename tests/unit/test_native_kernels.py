@@ -55,15 +55,17 @@ def test_matmul_reads_strided_rows_and_handles_no_rows(native):
         native.matmul(x.double(), panels, None, 80)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matmul_rows_have_the_same_bits_whatever_the_row_count(kernels, threads):
+def test_matmul_rows_have_the_same_bits_whatever_the_row_count(kernels, threads, dtype):
     """Batch invariance by construction: no row count, thread count or column split
-    changes a row's bits (each element sums its products in the same order)."""
+    changes a row's bits (each element sums its products in the same order; bf16 panels
+    too, whose rows are rounded to bf16 first)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         x, weight = randn(130, 1536), randn(576, 1536, seed=1)
-        panels = kernels.pack_weight(weight)
+        panels = kernels.pack_weight(weight, dtype=dtype)
         alone = torch.cat([kernels.matmul(x[i : i + 1], panels, None, 576) for i in range(130)])
         for rows in (2, 3, 5, 6, 7, 13, 32, 49, 70, 97, 130):  # rows split past 48
             assert torch.equal(kernels.matmul(x[:rows], panels, None, 576), alone[:rows]), rows
@@ -72,9 +74,10 @@ def test_matmul_rows_have_the_same_bits_whatever_the_row_count(kernels, threads)
         torch.set_num_threads(previous)
 
 
-def test_matmul_bits_do_not_depend_on_the_thread_count(kernels):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_bits_do_not_depend_on_the_thread_count(kernels, dtype):
     x, weight = randn(9, 576), randn(960, 576, seed=1)
-    panels = kernels.pack_weight(weight)
+    panels = kernels.pack_weight(weight, dtype=dtype)
     previous = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -416,5 +419,64 @@ def test_fp16_panels_sum_in_fp32_with_the_same_bits_for_any_row_count(kernels):
     torch.testing.assert_close(out, expected, atol=1e-5 * math.sqrt(1536), rtol=1e-5)
     alone = torch.cat([kernels.matmul(x[i : i + 1], panels, None, 100) for i in range(9)])
     assert torch.equal(alone, out)
-    with pytest.raises(ValueError, match="float32 or float16"):
-        kernels.pack_weight(weight, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        kernels.pack_weight(weight, dtype=torch.float64)
+
+
+# --- bf16 weights --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rows, in_features, out_features",
+    [(1, 576, 960), (7, 1536, 576), (33, 576, 100), (5, 13, 7), (2, 1, 64), (50, 64, 16)],
+)
+def test_bf16_matmul_is_the_exact_product_of_the_rounded_inputs_summed_in_fp32(
+    kernels, rows, in_features, out_features
+):
+    """bf16 panels in K-pairs (odd K: a half-empty last pair) against fp64 of the inputs
+    rounded to bf16: a bf16 x bf16 product is exact in fp32, so the only error is fp32's
+    in the K + 1 additions (bias included), at most (K + 1) u of the absolute sum."""
+    x, weight = randn(rows, in_features), randn(out_features, in_features, seed=1)
+    bias = randn(out_features, seed=2)
+    panels = kernels.pack_weight(weight, dtype=torch.bfloat16)
+    assert panels.dtype == torch.bfloat16
+    assert panels.shape == (math.ceil(out_features / 64), math.ceil(in_features / 2), 64, 2)
+    rounded_x, rounded_w = x.bfloat16().double(), weight.bfloat16().double()
+    expected = rounded_x @ rounded_w.T + bias.double()
+    bound = (in_features + 1) * 2.0**-24 * (rounded_x.abs() @ rounded_w.abs().T + bias.abs())
+    error = (kernels.matmul(x, panels, bias, out_features).double() - expected).abs()
+    assert (error <= bound).all(), (error - bound).max()
+
+
+def test_bf16_rounds_to_nearest_even_and_flushes_denormals(kernels):
+    """Activations and weights round as torch's .bfloat16() does (ties to even), except
+    that denormals become zero (AVX512-BF16 reads them as zero anyway)."""
+    one = torch.eye(6)  # y = x . I^T: each output is one rounded input, exactly
+    ties = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.0, 2**-126, 2**-127]  # last: denormal
+    x = torch.tensor([ties])
+    out = kernels.matmul(x, kernels.pack_weight(one, dtype=torch.bfloat16), None, 6)
+    assert out[0].tolist() == [1.0, 1 + 2**-6, -1.0, 3.0, 2**-126, 0.0]
+    assert out[0, :5].tolist() == x[0, :5].bfloat16().float().tolist()
+    weight = torch.tensor([[1 + 2**-8, 2**-130], [-(2**-127), 1 + 3 * 2**-8]])
+    panels = kernels.pack_weight(weight, dtype=torch.bfloat16)  # [1, 1, 64, 2]
+    pairs = panels[0, 0, :2].float()  # column n: (w[n, 0], w[n, 1])
+    assert pairs.tolist() == [[1.0, 0.0], [-0.0, 1 + 2**-6]]
+    assert math.copysign(1.0, pairs[1, 0].item()) == -1.0  # a zero of the denormal's sign
+
+
+def test_bf16_bits_are_the_same_on_every_build(kernels, native):
+    """Builds without AVX512-BF16 (x86-64-v4 and v3, any CPU without it) widen the bf16
+    panels and write out VDPBF16PS's two FMAs (odd k first); a native build on a CPU with
+    the instruction uses it. Every build gives the native build's bits for normal inputs.
+    Where the instruction flushes a denormal partial sum to zero, the FMAs keep it: the
+    one known difference."""
+    x, weight = randn(37, 1536), randn(300, 1536, seed=1)
+    assert torch.equal(bf16_matmul(kernels, x, weight), bf16_matmul(native, x, weight))
+    tiny_x, tiny_w = torch.full((1, 2), 2.0**-70), torch.full((16, 2), 2.0**-70)
+    expected = 0.0 if kernels.bf16_dot_product else 2 * 2.0**-140  # denormal products
+    assert bf16_matmul(kernels, tiny_x, tiny_w)[0, 0].item() == expected
+
+
+def bf16_matmul(kernels: NativeKernels, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    panels = kernels.pack_weight(weight, dtype=torch.bfloat16)
+    return kernels.matmul(x, panels, None, weight.shape[0])

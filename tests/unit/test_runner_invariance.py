@@ -57,8 +57,9 @@ KERNEL_SETUPS = [("auto", True), ("auto", False), ("float16", True), ("bfloat16"
 @pytest.mark.parametrize("weight_dtype, native_kernels", KERNEL_SETUPS)
 def test_logprob_bits_do_not_depend_on_the_batch(tiny_model_path, weight_dtype, native_kernels):
     runner = tiny_runner(tiny_model_path, weight_dtype=weight_dtype, native_kernels=native_kernels)
-    # Native fp32/fp16 matmuls run the layers as one call (fused_layers.py): that path too.
-    fused = runner.model.native is not None and weight_dtype != "bfloat16"
+    # Native matmuls (fp32, fp16 or bf16 weights) run the layers as one call
+    # (fused_layers.py): that path too.
+    fused = runner.model.native is not None
     assert runner.model.fuse_layers == fused
     lengths = [3, 17, 40, 9, 70, 1]
 
@@ -98,7 +99,7 @@ def run_with_preemption(runner, seqs, preempt_after, chunk) -> list[list[tuple[i
     return results
 
 
-@pytest.mark.parametrize("weight_dtype, native_kernels", KERNEL_SETUPS[:3])
+@pytest.mark.parametrize("weight_dtype, native_kernels", KERNEL_SETUPS)
 def test_logprob_bits_survive_preemption_and_recompute(
     tiny_model_path, weight_dtype, native_kernels
 ):
