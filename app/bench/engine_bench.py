@@ -8,6 +8,11 @@ even on a noisy machine. Model-FLOPs utilisation (MFU) is the useful model FLOPs
 (app/bench/flops.py: no padding, logits only where sampled) per second over the best
 matmul throughput measured here and now, in the dtype the matmuls run in.
 
+`--weight-dtype float32,bfloat16` loads one engine per weight precision and runs them
+one after the other at each level (`--repeats` times, alternating, best run kept), so
+their ratio comes from the same minutes of a shared machine; transformers runs once per
+level, in the model dtype.
+
 The full default run (64 prompts x 128 tokens at 1, 8 and 32) takes about a quarter
 of an hour on two CPU cores; `--quick` and `--concurrency` make smaller runs.
 """
@@ -31,6 +36,7 @@ from app.core import SamplingParams
 @dataclass
 class LevelResult:
     concurrency: int
+    weight_dtype: str  # as asked for: auto, float32, float16, bfloat16
     num_requests: int
     output_tokens: int
     lamina_seconds: float
@@ -50,7 +56,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--weight-dtype", default="auto")
+    parser.add_argument(
+        "--weight-dtype",
+        default="auto",
+        help="weight precision, or several comma-separated (e.g. float32,bfloat16): each "
+        "runs at every level, alternating, in this one process",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per level and precision (best kept)"
+    )
     parser.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     parser.add_argument(
         "--no-batch-invariant", action="store_true", help="measure without batch invariance"
@@ -75,6 +89,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.levels = [int(c) for c in args.concurrency.split(",")]
+    args.weight_dtypes = args.weight_dtype.split(",")
     if args.quick:
         args.num_prompts = min(args.num_prompts, max(args.levels))
         args.output_len = min(args.output_len, 32)
@@ -142,65 +157,113 @@ def run_transformers(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from app.engine.engine_core import EngineCore
-    from app.model.runner import ModelRunner
     from app.tokenizer import Tokenizer
 
     args = parse_args(argv or [])
-    settings = load_settings(
-        device=args.device,
-        dtype=args.dtype,
-        weight_dtype=args.weight_dtype,
-        num_threads=args.threads,
-        batch_invariant=not args.no_batch_invariant,
-        native_kernels=not args.no_native_kernels,
-        max_num_seqs=max(args.levels),
-        enable_prefix_caching=False,
-        max_num_batched_tokens=max(512, max(args.levels)),
-    )
-    runner = ModelRunner.from_settings(settings)
-    if args.no_fused_layers:
-        runner.model.fuse_layers = False
-    runner.warmup()
+    engines = [Engine(args, weight_dtype) for weight_dtype in args.weight_dtypes]
+    settings = engines[0].settings
     tokenizer = Tokenizer(settings.model)
     prompts = make_prompts(tokenizer.vocab_size, args.num_prompts, args.prompt_len, args.seed)
-    device = torch.device(runner.device)
-    peak, peak_kernel, peak_dtype = _peak(device, runner)
-    # The arithmetic ceiling, where lamina's CPU kernels run: MFU's matmul peak is itself
-    # only a share of it.
-    fma_peak = runner.model.native.fma_peak() if runner.model.native else None
     counts = FlopCounts.from_model_dir(settings.model)
     workload_flops = sum(counts.request(len(p), args.output_len) for p in prompts)
-    baseline = None if args.no_baseline else _load_baseline(settings.model, device, runner.dtype)
-    print(_header(runner, settings, (peak, peak_kernel, peak_dtype), fma_peak, args), flush=True)
+    runner = engines[0].runner
+    baseline = None
+    if not args.no_baseline:
+        baseline = _load_baseline(settings.model, torch.device(runner.device), runner.dtype)
+    print(_header(engines, args), flush=True)
     results = []
     for level in args.levels:
-        core = EngineCore(runner, tokenizer, settings)
-        run_lamina(core, prompts[: min(4, len(prompts))], level, 4)  # warm this shape
-        tokens, seconds = run_lamina(core, prompts, level, args.output_len)
         b_tokens = b_seconds = None
         if baseline is not None:
             run_transformers(baseline, prompts[:level], level, 2, 2)  # warm this shape
             b_tokens, b_seconds = run_transformers(baseline, prompts, level, args.output_len, 2)
         b_tok_s = b_tokens / b_seconds if b_tokens else None
-        result = LevelResult(
-            concurrency=level,
-            num_requests=len(prompts),
-            output_tokens=tokens,
-            lamina_seconds=seconds,
-            lamina_tok_s=tokens / seconds,
-            lamina_mfu=workload_flops / seconds / peak,
-            lamina_fma_share=workload_flops / seconds / fma_peak if fma_peak else None,
-            baseline_seconds=b_seconds,
-            baseline_tok_s=b_tok_s,
-            ratio=(tokens / seconds) / b_tok_s if b_tok_s else None,
-        )
-        results.append(result)
-        print(_row(result), flush=True)
+        runs = {engine.weight_dtype: engine.core(tokenizer) for engine in engines}
+        for core in runs.values():
+            run_lamina(core, prompts[: min(4, len(prompts))], level, 4)  # warm this shape
+        best = dict.fromkeys(runs, (0, float("inf")))
+        for _ in range(args.repeats):  # precisions alternate: the same minutes for each
+            for weight_dtype, core in runs.items():
+                tokens, seconds = run_lamina(core, prompts, level, args.output_len)
+                best[weight_dtype] = min(best[weight_dtype], (tokens, seconds), key=_rate)
+        for engine in engines:
+            tokens, seconds = best[engine.weight_dtype]
+            result = LevelResult(
+                concurrency=level,
+                weight_dtype=engine.weight_dtype,
+                num_requests=len(prompts),
+                output_tokens=tokens,
+                lamina_seconds=seconds,
+                lamina_tok_s=tokens / seconds,
+                lamina_mfu=workload_flops / seconds / engine.peak[0],
+                lamina_fma_share=workload_flops / seconds / engine.fma_peak
+                if engine.fma_peak
+                else None,
+                baseline_seconds=b_seconds,
+                baseline_tok_s=b_tok_s,
+                ratio=(tokens / seconds) / b_tok_s if b_tok_s else None,
+            )
+            results.append(result)
+            print(_row(result), flush=True)
+    if len(engines) > 1:
+        print(_precision_ratios(results, args.weight_dtypes), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     return 0
+
+
+class Engine:
+    """A runner loaded with one weight precision, and the ceilings its MFU and FMA% use."""
+
+    def __init__(self, args: argparse.Namespace, weight_dtype: str) -> None:
+        from app.model.runner import ModelRunner
+
+        self.weight_dtype = weight_dtype
+        self.settings = load_settings(
+            device=args.device,
+            dtype=args.dtype,
+            weight_dtype=weight_dtype,
+            num_threads=args.threads,
+            batch_invariant=not args.no_batch_invariant,
+            native_kernels=not args.no_native_kernels,
+            max_num_seqs=max(args.levels),
+            enable_prefix_caching=False,
+            max_num_batched_tokens=max(512, max(args.levels)),
+        )
+        self.runner = ModelRunner.from_settings(self.settings)
+        if args.no_fused_layers:
+            self.runner.model.fuse_layers = False
+        self.runner.warmup()
+        self.peak = _peak(torch.device(self.runner.device), self.runner)
+        # The arithmetic ceiling, where lamina's CPU kernels run: MFU's matmul peak is
+        # itself only a share of it.
+        native = self.runner.model.native
+        self.fma_peak = native.fma_peak() if native else None
+
+    def core(self, tokenizer):
+        from app.engine.engine_core import EngineCore
+
+        return EngineCore(self.runner, tokenizer, self.settings)
+
+
+def _rate(run: tuple[int, float]) -> float:
+    tokens, seconds = run
+    return -tokens / seconds  # min() of this is the fastest run
+
+
+def _precision_ratios(results: list[LevelResult], weight_dtypes: list[str]) -> str:
+    """tok/s of each precision over the first one's, level by level."""
+    first = {r.concurrency: r.lamina_tok_s for r in results if r.weight_dtype == weight_dtypes[0]}
+    lines = []
+    for weight_dtype in weight_dtypes[1:]:
+        cells = [
+            f"{r.concurrency}: {r.lamina_tok_s / first[r.concurrency]:.2f}x"
+            for r in results
+            if r.weight_dtype == weight_dtype
+        ]
+        lines.append(f"{weight_dtype} / {weight_dtypes[0]} tok/s: " + ", ".join(cells))
+    return "\n".join(lines)
 
 
 def _peak(device: torch.device, runner) -> tuple[float, str, torch.dtype]:
@@ -228,25 +291,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _header(runner, settings, matmul_peak: tuple, fma_peak: float | None, args) -> str:
-    peak, kernel, peak_dtype = matmul_peak
+def _header(engines: list[Engine], args) -> str:
+    runner, settings = engines[0].runner, engines[0].settings
+    fma_peak = engines[0].fma_peak
     fma = (
         f"FMA peak {fma_peak / 1e9:.0f} GFLOP/s (vector FMAs on registers, every thread: "
         f"the arithmetic ceiling); FMA% = useful model FLOPs / time / FMA peak\n"
         if fma_peak
         else ""
     )
+    precisions = "".join(
+        f"weights {e.weight_dtype}: matmuls in {e.runner.matmul_dtype}, "
+        f"kernels={_kernels_label(e.runner.model)}, matmul peak {e.peak[0] / 1e9:.0f} "
+        f"GFLOP/s ({e.peak[1]}, {e.peak[2]})\n"
+        for e in engines
+    )
     return (
         f"lamina bench engine: device={runner.device} dtype={runner.dtype} "
-        f"matmuls in {runner.matmul_dtype} threads={torch.get_num_threads()} "
-        f"batch_invariant={settings.batch_invariant} "
-        f"kernels={_kernels_label(runner.model)}\n"
-        f"matmul peak {peak / 1e9:.0f} GFLOP/s ({kernel}, {peak_dtype}); "
-        f"MFU = useful model FLOPs / time / peak\n{fma}"
+        f"threads={torch.get_num_threads()} batch_invariant={settings.batch_invariant} "
+        f"best of {args.repeats}\n{precisions}"
+        f"MFU = useful model FLOPs / time / that precision's matmul peak\n{fma}"
         f"workload: {args.num_prompts} prompts x ~{args.prompt_len} tokens, "
         f"{args.output_len} new tokens each, EOS ignored\n"
-        f"{'conc':>5} {'lamina tok/s':>13} {'MFU':>6} {'FMA%':>6} {'transformers tok/s':>19} "
-        f"{'ratio':>6}"
+        f"{'conc':>5} {'weights':>9} {'lamina tok/s':>13} {'MFU':>6} {'FMA%':>6} "
+        f"{'transformers tok/s':>19} {'ratio':>6}"
     )
 
 
@@ -260,4 +328,7 @@ def _row(r: LevelResult) -> str:
     base = f"{r.baseline_tok_s:19.1f}" if r.baseline_tok_s else f"{'-':>19}"
     ratio = f"{r.ratio:6.2f}" if r.ratio else f"{'-':>6}"
     fma = f"{r.lamina_fma_share:6.1%}" if r.lamina_fma_share else f"{'-':>6}"
-    return f"{r.concurrency:5d} {r.lamina_tok_s:13.1f} {r.lamina_mfu:6.1%} {fma} {base} {ratio}"
+    return (
+        f"{r.concurrency:5d} {r.weight_dtype:>9} {r.lamina_tok_s:13.1f} {r.lamina_mfu:6.1%} "
+        f"{fma} {base} {ratio}"
+    )

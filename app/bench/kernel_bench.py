@@ -5,7 +5,9 @@ the head), with distinct weights per layer so they stream from memory as in the 
 through the native kernel, oneDNN with packed weights (torch's fastest fp32 kernel here)
 and F.linear, for several row counts. Attention: one decode step of S sequences with C
 cached tokens each, all layers, through the native kernel and through torch's path
-(gather the blocks, two batched matmuls, key buckets for invariance). Variants alternate
+(gather the blocks, two batched matmuls, key buckets for invariance). bf16 weights: the
+same matmuls with bf16 panels against fp32 panels and against oneDNN's bf16 matmul
+(activations cast to bf16, as torch's path runs them). Variants alternate
 within each repetition and the best repetition counts, so a noisy machine hurts both
 alike; the ratio is the figure to read.
 """
@@ -107,6 +109,48 @@ def bench_matmuls(native: NativeKernels, config: ModelConfig, args, fma_peak: fl
         )
 
 
+def bench_bf16_matmuls(native: NativeKernels, config: ModelConfig, args, fma_peak: float) -> None:
+    """The forward's matmuls with bf16 weights: native bf16 panels (AVX512-BF16 dot
+    products, or widened in the kernel) beside native fp32 panels and oneDNN in bf16."""
+    shapes = linear_shapes(config)
+    weights = [torch.randn(n, k) * 0.02 for k, n in shapes]  # [out, in], as checkpoints
+    arena = HugePageArena()
+    fp32 = [native.pack_weight(w, arena.empty) for w in weights]
+    bf16 = [native.pack_weight(w, arena.empty, dtype=torch.bfloat16) for w in weights]
+    del weights
+    variants_for: dict[str, Callable[[dict[int, torch.Tensor]], None]] = {
+        "fp32": lambda xs: [native.matmul(xs[k], p, None, n) for (k, n), p in zip(shapes, fp32)],
+        "bf16": lambda xs: [native.matmul(xs[k], p, None, n) for (k, n), p in zip(shapes, bf16)],
+    }
+    if onednn_available(torch.bfloat16):
+        packed = [
+            torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k).bfloat16() * 0.02, None)
+            for k, n in shapes
+        ]
+        linear = torch.ops.mkldnn._linear_pointwise.default
+        variants_for["oneDNN bf16"] = lambda xs: [
+            linear(xs[k].bfloat16(), p, None, "none", [], "").float()
+            for (k, _), p in zip(shapes, packed)
+        ]
+    how = "AVX512-BF16 dot products" if native.bf16_dot_product else "bf16 widened to fp32 FMAs"
+    print(f"\nmatmuls of one forward with bf16 weights (native: {how}), best of {args.repeats}, ms")
+    names = list(variants_for)
+    print(f"{'rows':>5} " + " ".join(f"{n:>11}" for n in names) + "  bf16 speed-up")
+    for rows in args.rows:
+        xs = {k: torch.randn(rows, k) for k in {k for k, _ in shapes}}
+        variants = {n: lambda f=f, xs=xs: f(xs) for n, f in variants_for.items()}
+        timings = best_ms(variants, args.repeats)
+        cells = " ".join(f"{timings[n]:11.1f}" for n in names)
+        against = [f"{timings['fp32'] / timings['bf16']:.2f}x over native fp32"]
+        if "oneDNN bf16" in timings:
+            against.append(f"{timings['oneDNN bf16'] / timings['bf16']:.2f}x over oneDNN bf16")
+        rate = sum(2 * rows * k * n for k, n in shapes) / (timings["bf16"] / 1e3)
+        print(
+            f"{rows:5d} {cells}  {', '.join(against)}; {rate / 1e9:.0f} GFLOP/s, "
+            f"{rate / fma_peak:.0%} of the fp32 FMA peak"
+        )
+
+
 def bench_attention(native: NativeKernels, config: ModelConfig, args) -> None:
     print(
         f"\nattention, all {config.num_layers} layers, best of {args.repeats}, ms\n"
@@ -178,5 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     with torch.inference_mode():
         bench_matmuls(native, config, args, fma_peak)
+        bench_bf16_matmuls(native, config, args, fma_peak)
         bench_attention(native, config, args)
     return 0

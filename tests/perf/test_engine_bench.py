@@ -22,8 +22,8 @@ def test_bench_engine_prints_lamina_beside_transformers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "transformers tok/s" in out and "MFU = useful model FLOPs" in out
     (row,) = table_rows(out)
-    concurrency, lamina, mfu, fma_share, baseline, ratio = row
-    assert concurrency == "2" and float(lamina) > 0 and float(baseline) > 0
+    concurrency, weights, lamina, mfu, fma_share, baseline, ratio = row
+    assert concurrency == "2" and weights == "auto" and float(lamina) > 0 and float(baseline) > 0
     (saved,) = json.loads(results.read_text())
     assert saved["output_tokens"] == 2 * 8 and saved["num_requests"] == 2
     # The table rounds; the saved figures are exact and give the printed ratio.
@@ -33,12 +33,18 @@ def test_bench_engine_prints_lamina_beside_transformers(tmp_path, capsys):
 
 
 def test_bench_engine_says_which_kernels_ran(native, capsys):
+    """Two weight precisions side by side (one engine each, alternating), then the
+    per-op path."""
     argv = ["--concurrency", "1", "--num-prompts", "1", "--prompt-len", "8"]
     argv += ["--output-len", "4", "--no-baseline"]
-    assert main(argv) == 0
+    assert main([*argv, "--weight-dtype", "float32,bfloat16", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
-    assert "kernels=native, fused layers" in out and "FMA peak" in out
-    (row,) = table_rows(out)
-    assert row[3].endswith("%")  # the share of the FMA peak, measured with our kernels
+    assert "weights float32: matmuls in torch.float32, kernels=native, fused layers" in out
+    assert "weights bfloat16: matmuls in torch.bfloat16, kernels=native, fused layers" in out
+    assert "FMA peak" in out and "best of 2" in out
+    rows = table_rows(out)
+    assert [(r[0], r[1]) for r in rows] == [("1", "float32"), ("1", "bfloat16")]
+    assert all(r[4].endswith("%") for r in rows)  # the share of the FMA peak
+    assert any(line.startswith("bfloat16 / float32 tok/s: 1: ") for line in out.splitlines())
     assert main([*argv, "--no-fused-layers"]) == 0
     assert "kernels=native, one op at a time" in capsys.readouterr().out

@@ -15,7 +15,7 @@ def test_linear_shapes_cover_one_forward(default_model_path):
     assert shapes[-1] == (config.hidden_size, config.vocab_size)
 
 
-def test_bench_kernels_prints_both_tables(native, capsys):
+def test_bench_kernels_prints_every_table(native, capsys):
     argv = ["--rows", "1,3", "--seqs", "2", "--context", "40", "--prefill", "30"]
     argv += ["--repeats", "1", "--layers", "2"]
     assert main(argv) == 0
@@ -23,6 +23,8 @@ def test_bench_kernels_prints_both_tables(native, capsys):
     assert "matmuls of one forward (9 matmuls, fp32)" in out and "FMA peak" in out
     assert "over the fastest other" in out and "attention, all 2 layers" in out
     matmul_rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
-    assert [r[0] for r in matmul_rows] == ["1", "3"]
+    assert [r[0] for r in matmul_rows] == ["1", "3", "1", "3"]  # fp32, then bf16 weights
     assert all(float(value) > 0 for r in matmul_rows for value in r[1:4])
+    assert "matmuls of one forward with bf16 weights" in out
+    assert "over native fp32" in out and "of the fp32 FMA peak" in out
     assert "decode 2 x 40 keys" in out and "prefill 30 tokens" in out
