@@ -4,7 +4,8 @@
  * an x86 build runs it natively, which shows the driver itself agrees with the Python
  * tests. It is compiled together with kernels.c (one translation unit, the library's
  * flags) and checks, on small shapes that take the tails of every loop:
- *   - the matmul, fp32 and fp16 panels, against a scalar double reference;
+ *   - the matmul, fp32 and fp16 panels, against a scalar double reference; bf16 panels
+ *     against doubles of the bf16-rounded inputs, within fp32's error for K additions;
  *   - each matmul row's bits against the same row computed alone (batch invariance);
  *   - paged attention (GQA, a reversed block table) against a double reference, and each
  *     token's bits against the token computed alone.
@@ -84,6 +85,56 @@ static void check_matmul(long M, long K, long N, int half) {
     free(x), free(weight), free(bias), free(panels), free(y), free(row);
 }
 
+/* float -> the nearest bf16 (ties to even) as a double; denormals to zero, as the kernels
+ * round them (bf16.h). Written apart from the kernels' vector rounding. */
+static double bf16_value(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7f800000u) == 0) return 0.0;
+    bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    float rounded;
+    memcpy(&rounded, &bits, sizeof rounded);
+    return rounded;
+}
+
+/* bf16 panels (K-pairs): each product of rounded inputs is exact in fp32, so the error
+ * is at most (K + 1) u of the absolute sum; then each row's bits alone. */
+static void check_matmul_bf16(long M, long K, long N) {
+    float *x = random_floats(M * K), *weight = random_floats(N * K), *bias = random_floats(N);
+    long pairs = (K + 1) / 2;
+    uint16_t *panels = malloc((N + PANEL - 1) / PANEL * pairs * PANEL * 2 * sizeof *panels);
+    lamina_pack_weight_bf16(weight, panels, N, K);
+    float *y = malloc(M * N * sizeof *y), *row = malloc(N * sizeof *row);
+    lamina_matmul(x, K, panels, WEIGHTS_BF16, bias, y, M, K, N);
+    int close = 1, same_bits = 1;
+    for (long m = 0; m < M; m++) {
+        for (long n = 0; n < N; n++) {
+            double expected = bias[n], magnitude = fabs(bias[n]);
+            for (long k = 0; k < K; k++) {
+                /* Panel p, pair k / 2: columns 64p..64p+63, two values (k even, odd) each. */
+                long at = ((n / PANEL * pairs + k / 2) * PANEL + n % PANEL) * 2 + k % 2;
+                double w = bf16_value(weight[n * K + k]);
+                uint32_t packed = (uint32_t)panels[at] << 16;
+                float stored;
+                memcpy(&stored, &packed, sizeof stored);
+                if (stored != w) close = 0;
+                expected += bf16_value(x[m * K + k]) * w;
+                magnitude += fabs(bf16_value(x[m * K + k]) * w);
+            }
+            double bound = (K + 1) * ldexp(magnitude, -24);
+            if (!(fabs(y[m * N + n] - expected) <= bound)) close = 0;
+        }
+        lamina_matmul(x + m * K, K, panels, WEIGHTS_BF16, bias, row, 1, K, N);
+        if (memcmp(row, y + m * N, N * sizeof *row) != 0) same_bits = 0;
+    }
+    char what[160];
+    snprintf(what, sizeof what, "matmul bf16 %ldx%ldx%ld: matches doubles", M, K, N);
+    report(close, what);
+    snprintf(what, sizeof what, "matmul bf16 %ldx%ldx%ld: each row's bits alone", M, K, N);
+    report(same_bits, what);
+    free(x), free(weight), free(bias), free(panels), free(y), free(row);
+}
+
 /* One sequence of L tokens, all queried (a prompt), causal, keys in blocks of 8 stored in
  * reverse order; heads share kv heads in groups. */
 static void check_attention(long L, long heads, long kv_heads, long dim) {
@@ -144,6 +195,8 @@ int main(void) {
         check_matmul(13, 70, 150, half); /* 3 panels, the last partial; 2 tiles of rows + 1 */
         check_matmul(50, 33, 64, half);  /* past the 48-row block */
     }
+    check_matmul_bf16(13, 70, 150); /* as above; an even K */
+    check_matmul_bf16(50, 33, 64);  /* an odd K: a half-empty last pair */
     check_attention(37, 4, 2, 64); /* whole vectors */
     check_attention(21, 3, 1, 24); /* a tail of 8 lanes */
     printf("%s\n", failures ? "some checks FAILED" : "all checks passed");
