@@ -10,6 +10,10 @@ same matmuls with bf16 panels against fp32 panels and against oneDNN's bf16 matm
 (activations cast to bf16, as torch's path runs them). Variants alternate
 within each repetition and the best repetition counts, so a noisy machine hurts both
 alike; the ratio is the figure to read.
+
+`--isa x86-64-v3,x86-64-v4,native` (and `--compiler gcc|clang`) runs the matmuls on each
+instruction-set build of the kernels, side by side, each against the FMA peak of its own
+library (an AVX2 build's peak is half an AVX-512 one's).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from app.model.kv_cache import KVCache
 from app.model.linear import onednn_available
 from app.model.loader import ModelConfig
 from app.native import NativeKernels, native_kernels
+from app.native.build import NATIVE, NativeBuildError, build_level
+from app.native.self_check import check_library
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -45,7 +51,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="CPU threads (default: physical cores)")
     parser.add_argument("--layers", type=int, help="layers to run (default: the model's)")
+    parser.add_argument(
+        "--isa",
+        help="instruction-set levels of the kernels to compare, comma-separated: native, "
+        "x86-64-v4, x86-64-v3 (armv8-a on ARM); default: the library the server loads",
+    )
+    parser.add_argument("--compiler", help="compiler for --isa builds (default: cc, gcc, clang)")
     args = parser.parse_args(argv)
+    args.isa = [v for v in args.isa.split(",") if v] if args.isa else []
     args.rows = [int(v) for v in args.rows.split(",")]
     args.seqs = [int(v) for v in args.seqs.split(",")]
     args.prefill = [int(v) for v in args.prefill.split(",") if v]
@@ -75,17 +88,42 @@ def linear_shapes(config: ModelConfig) -> list[tuple[int, int]]:
     return layer * config.num_layers + [(config.hidden_size, config.vocab_size)]
 
 
-def bench_matmuls(native: NativeKernels, config: ModelConfig, args, fma_peak: float) -> None:
+@dataclasses.dataclass
+class Library:
+    """One kernels library in the comparison: its column name and its own FMA peak."""
+
+    name: str
+    kernels: NativeKernels
+    fma_peak: float  # FLOP/s
+
+
+def load_libraries(args) -> list[Library]:
+    """The libraries to compare: each --isa level (built by --compiler, self-checked), or
+    the one the server loads."""
+    if not args.isa:
+        kernels = native_kernels()
+        return [] if kernels is None else [Library(NATIVE, kernels, kernels.fma_peak())]
+    libraries = []
+    for level in args.isa:
+        kernels = NativeKernels(build_level(level, args.compiler))
+        check_library(kernels)
+        libraries.append(Library(level, kernels, kernels.fma_peak()))
+    return libraries
+
+
+def bench_matmuls(libraries: list[Library], config: ModelConfig, args) -> None:
     shapes = linear_shapes(config)
     weights = [torch.randn(n, k) * 0.02 for k, n in shapes]  # [out, in], as checkpoints
     arena = HugePageArena()  # where the model keeps its panels
-    panels = [native.pack_weight(w, arena.empty) for w in weights]
+    first = libraries[0].kernels  # every level packs the same layout: one copy serves all
+    panels = [first.pack_weight(w, arena.empty) for w in weights]
     variants_for: dict[str, Callable[[dict[int, torch.Tensor]], None]] = {
-        "native": lambda xs: [
-            native.matmul(xs[k], p, None, n) for (k, n), p in zip(shapes, panels)
-        ],
-        "F.linear": lambda xs: [F.linear(xs[k], w) for (k, _), w in zip(shapes, weights)],
+        library.name: lambda xs, kernels=library.kernels: [
+            kernels.matmul(xs[k], p, None, n) for (k, n), p in zip(shapes, panels)
+        ]
+        for library in libraries
     }
+    variants_for["F.linear"] = lambda xs: [F.linear(xs[k], w) for (k, _), w in zip(shapes, weights)]
     if onednn_available(torch.float32):
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
         linear = torch.ops.mkldnn._linear_pointwise.default
@@ -94,19 +132,22 @@ def bench_matmuls(native: NativeKernels, config: ModelConfig, args, fma_peak: fl
         ]
     print(f"\nmatmuls of one forward ({len(shapes)} matmuls, fp32), best of {args.repeats}, ms")
     names = list(variants_for)
-    print(f"{'rows':>5} " + " ".join(f"{n:>9}" for n in names) + "  native speed-up")
+    ours = [library.name for library in libraries]
+    print(f"{'rows':>5} " + " ".join(f"{n:>9}" for n in names) + f"  {ours[0]} speed-up")
     for rows in args.rows:
         xs = {k: torch.randn(rows, k) for k in {k for k, _ in shapes}}
         variants = {n: lambda f=f, xs=xs: f(xs) for n, f in variants_for.items()}
         timings = best_ms(variants, args.repeats)
-        others = [timings[n] for n in names if n != "native"]
-        speedup = min(others) / timings["native"]
+        others = [timings[n] for n in names if n not in ours]
+        speedup = min(others) / timings[ours[0]]
         cells = " ".join(f"{timings[n]:9.1f}" for n in names)
-        rate = sum(2 * rows * k * n for k, n in shapes) / (timings["native"] / 1e3)
-        print(
-            f"{rows:5d} {cells}  {speedup:.2f}x over the fastest other; native "
-            f"{rate / 1e9:.0f} GFLOP/s, {rate / fma_peak:.0%} of the FMA peak"
+        flops = sum(2 * rows * k * n for k, n in shapes)
+        shares = "; ".join(
+            f"{library.name} {flops / (timings[library.name] / 1e3) / 1e9:.0f} GFLOP/s, "
+            f"{flops / (timings[library.name] / 1e3) / library.fma_peak:.0%} of its FMA peak"
+            for library in libraries
         )
+        print(f"{rows:5d} {cells}  {speedup:.2f}x over the fastest other; {shares}")
 
 
 def bench_bf16_matmuls(native: NativeKernels, config: ModelConfig, args, fma_peak: float) -> None:
@@ -206,22 +247,30 @@ class AttentionStep:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
     torch.set_num_threads(args.threads or default_num_threads())
-    native = native_kernels()
-    if native is None:
+    try:
+        libraries = load_libraries(args)
+    except (NativeBuildError, AssertionError) as exc:
+        print(f"native kernels for --isa {','.join(args.isa)}: {exc}")
+        return 1
+    if not libraries:
         print("native kernels unavailable on this machine (see the log): nothing to compare")
         return 1
     config = ModelConfig.from_dir(load_settings().model)
     if args.layers:
         config = dataclasses.replace(config, num_layers=args.layers)
-    fma_peak = native.fma_peak()
     print(
         f"lamina bench kernels: {config.num_layers} layers, hidden {config.hidden_size}, "
-        f"threads={torch.get_num_threads()}, library {native.path.name}\n"
-        f"FMA peak {fma_peak / 1e9:.0f} GFLOP/s (vector FMAs on registers, every thread: "
-        f"the arithmetic ceiling)"
+        f"threads={torch.get_num_threads()}"
     )
+    for library in libraries:
+        print(
+            f"{library.name}: {library.kernels.build.describe()}\n"
+            f"  FMA peak {library.fma_peak / 1e9:.0f} GFLOP/s (vector FMAs on registers, "
+            f"every thread: the arithmetic ceiling)"
+        )
     with torch.inference_mode():
-        bench_matmuls(native, config, args, fma_peak)
-        bench_bf16_matmuls(native, config, args, fma_peak)
-        bench_attention(native, config, args)
+        bench_matmuls(libraries, config, args)
+        first = libraries[0]
+        bench_bf16_matmuls(first.kernels, config, args, first.fma_peak)
+        bench_attention(first.kernels, config, args)
     return 0

@@ -99,6 +99,7 @@ static inline const char *prefetch_target(const void *next_panel, long panel_byt
 }
 
 /* One tile: rows x (nv vectors of 16 columns), accumulated over all of K in order. */
+#if defined(__AVX512F__)
 #define DEFINE_TILE(WT, WTYPE, ROWS, NV)                                                   \
     static void tile_##WT##_##ROWS##_##NV(const float *x, long ldx, const WTYPE *w, long K, \
                                           vecf out[MAX_ROWS][4], const char *ahead) {      \
@@ -118,6 +119,64 @@ static inline const char *prefetch_target(const void *next_panel, long panel_byt
         for (int r = 0; r < ROWS; r++)                                                     \
             for (int v = 0; v < NV; v++) out[r][v] = acc[r][v];                            \
     }
+#else
+/* Without AVX-512 a 6 x 64 tile's 24 accumulators would be 48 ymm registers of AVX2's 16:
+ * clang spills them and gcc keeps every 64-byte vector in memory (measured: the model's
+ * matmuls at 32 rows 3.6x (clang) and 13x (gcc) slower than with the passes below, on
+ * the same Zen 4 core). So a tile walks K once per group of units, in 8-lane halves, as
+ * many units per walk as the registers hold: 4 for one row (8 accumulators, the weights
+ * read as FMA operands), 2 for two rows (8 + 4 weight registers), else 1 (up to 6 rows x
+ * 2 accumulators + 2 weights). One row still reads whole panel rows in order (a stream
+ * the prefetchers follow). Every element sums its K products in order from zero, the
+ * operations of the AVX-512 tile: the same bits, whatever the row count. The first walk
+ * prefetches. */
+static inline vec8 load8_f32(const float *p) { return *(const vec8 *)p; }
+#if defined(__F16C__)
+static inline vec8 load8_f16(const half_bits *p) {
+    return (vec8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+#else /* _Float16, as load_f16 requires */
+typedef _Float16 vech8 __attribute__((vector_size(16), aligned(2)));
+static inline vec8 load8_f16(const half_bits *p) {
+    vech8 halves;
+    memcpy(&halves, p, sizeof halves);
+    return __builtin_convertvector(halves, vec8);
+}
+#endif
+/* Units v .. v + U - 1 of a ROWS-row tile in one walk over K; then v += U. */
+#define TILE8_WALK(WT, WTYPE, ROWS, U)                                                     \
+    do {                                                                                   \
+        vec8 acc[ROWS][2 * U];                                                             \
+        for (int r = 0; r < ROWS; r++)                                                     \
+            for (int j = 0; j < 2 * U; j++) acc[r][j] = (vec8){};                          \
+        const WTYPE *units = w + v * LANES;                                                \
+        const char *prefetch = v == 0 ? ahead : 0;                                         \
+        for (long k = 0; k < K; k++) {                                                     \
+            if (prefetch) __builtin_prefetch(prefetch + k * 64, 0, 2); /* a line per k */  \
+            vec8 wk[2 * U];                                                                \
+            for (int j = 0; j < 2 * U; j++)                                                \
+                wk[j] = load8_##WT(units + k * PANEL + j * (LANES / 2));                   \
+            for (int r = 0; r < ROWS; r++) {                                               \
+                vec8 a = (vec8){} + x[r * ldx + k]; /* as broadcast() makes it */          \
+                for (int j = 0; j < 2 * U; j++) acc[r][j] = acc[r][j] + a * wk[j];         \
+            }                                                                              \
+        }                                                                                  \
+        for (int r = 0; r < ROWS; r++) memcpy(&out[r][v], acc[r], sizeof acc[r]);          \
+        v += U;                                                                            \
+    } while (0)
+#define DEFINE_TILE(WT, WTYPE, ROWS, NV)                                                   \
+    static void tile_##WT##_##ROWS##_##NV(const float *x, long ldx, const WTYPE *w, long K, \
+                                          vecf out[MAX_ROWS][4], const char *ahead) {      \
+        const int group = ROWS == 1 ? 4 : ROWS == 2 ? 2 : 1; /* units per walk */          \
+        int v = 0;                                                                         \
+        if (NV - v >= 3 && group >= 3) {                                                   \
+            if (NV - v >= 4) TILE8_WALK(WT, WTYPE, ROWS, 4);                               \
+            else TILE8_WALK(WT, WTYPE, ROWS, 3);                                           \
+        }                                                                                  \
+        while (NV - v >= 2 && group >= 2) TILE8_WALK(WT, WTYPE, ROWS, 2);                  \
+        while (NV - v >= 1) TILE8_WALK(WT, WTYPE, ROWS, 1);                                \
+    }
+#endif
 #define DEFINE_TILES(WT, WTYPE, ROWS)                                                      \
     DEFINE_TILE(WT, WTYPE, ROWS, 1) DEFINE_TILE(WT, WTYPE, ROWS, 2)                        \
     DEFINE_TILE(WT, WTYPE, ROWS, 3) DEFINE_TILE(WT, WTYPE, ROWS, 4)
@@ -263,18 +322,27 @@ DEFINE_PACK(lamina_pack_weight_f16, half_bits, float_to_half) /* rounds to neare
 
 /* The arithmetic ceiling the benchmarks compare against: every thread runs chains of
  * vector FMAs on registers only (12 independent chains, more than the FMA latency needs),
- * no memory traffic. Returns the FLOPs done; the caller times the call. */
+ * no memory traffic, in the widest vectors one register holds (16 lanes with AVX-512, 8
+ * otherwise: 12 64-byte chains would not fit AVX2's registers). Returns the FLOPs done;
+ * the caller times the call. */
+#if defined(__AVX512F__)
+typedef vecf vec_register;
+#else
+typedef vec8 vec_register;
+#endif
 double lamina_fma_peak(long iterations) {
     double flops = 0.0;
+    const int lanes = sizeof(vec_register) / sizeof(float);
 #pragma omp parallel reduction(+ : flops)
     {
-        const vecf scale = broadcast(0.9999999f), shift = broadcast(1e-7f);
-        vecf chains[12];
-        for (int c = 0; c < 12; c++) chains[c] = broadcast((float)c);
+        const vec_register scale = (vec_register){} + 0.9999999f;
+        const vec_register shift = (vec_register){} + 1e-7f;
+        vec_register chains[12];
+        for (int c = 0; c < 12; c++) chains[c] = (vec_register){} + (float)c;
         for (long i = 0; i < iterations; i++)
             for (int c = 0; c < 12; c++) chains[c] = chains[c] * scale + shift;
         __asm__ volatile("" ::"m"(chains)); /* the results are used: keep the FMAs */
-        flops += 2.0 * LANES * 12 * (double)iterations;
+        flops += 2.0 * lanes * 12 * (double)iterations;
     }
     return flops;
 }

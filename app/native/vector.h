@@ -16,6 +16,10 @@
 
 typedef float vecf __attribute__((vector_size(64), aligned(4)));  /* unaligned-safe */
 typedef int32_t veci __attribute__((vector_size(64), aligned(4)));
+/* Half a vecf: without AVX-512 (AVX2's 16 ymm registers) a vecf is two registers, and
+ * gcc keeps 64-byte vectors it cannot hold in one register in memory; the hot loops
+ * (the matmul tile, the FMA peak) use vec8 there. */
+typedef float vec8 __attribute__((vector_size(32), aligned(4)));
 
 static inline vecf broadcast(float a) { return (vecf){} + a; }
 static inline vecf load(const float *p) { return *(const vecf *)p; }

@@ -3,8 +3,11 @@ layers, one repetition; the figures themselves are for people, not assertions)."
 
 from __future__ import annotations
 
+import pytest
+
 from app.bench.kernel_bench import linear_shapes, main
 from app.model.loader import ModelConfig
+from app.native.build import find_compiler, runnable_levels
 
 
 def test_linear_shapes_cover_one_forward(default_model_path):
@@ -28,3 +31,24 @@ def test_bench_kernels_prints_every_table(native, capsys):
     assert "matmuls of one forward with bf16 weights" in out
     assert "over native fp32" in out and "of the fp32 FMA peak" in out
     assert "decode 2 x 40 keys" in out and "prefill 30 tokens" in out
+
+
+def test_bench_kernels_compares_instruction_set_levels(capsys):
+    """`--isa` runs each level's library side by side, each against its own FMA peak."""
+    levels = runnable_levels()[::-1]  # e.g. x86-64-v3, x86-64-v4, native
+    if find_compiler() is None:
+        pytest.skip("no C compiler to build the levels with")
+    argv = ["--isa", ",".join(levels), "--rows", "2", "--seqs", "1", "--context", "20"]
+    argv += ["--prefill", "", "--repeats", "1", "--layers", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for level in levels:
+        assert f"\n{level}: " in out  # the library's line: level, compiler, file
+    (row,) = [line for line in out.splitlines() if line.strip().startswith("2 ")]
+    assert row.count("of its FMA peak") == len(levels)
+    assert f"{levels[0]} speed-up" in out
+
+
+def test_bench_kernels_names_a_level_it_cannot_build(capsys):
+    assert main(["--isa", "x86-64-v9", "--layers", "1"]) == 1
+    assert "native kernels for --isa x86-64-v9" in capsys.readouterr().out
