@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from app.native.stack import DecoderLayerWeights, PackedLinear, StackShape, describe_stack
 
 if TYPE_CHECKING:
-    from app.native import NativeKernels
+    from app.native.kernels import NativeKernels
 
 TOLERANCE = dict(rtol=1e-4, atol=1e-4)
 

@@ -388,7 +388,7 @@ def test_an_unwritable_cache_falls_back_to_a_shipped_build(tmp_path, monkeypatch
 
 
 def test_a_library_that_computes_wrong_results_is_refused(native, monkeypatch, caplog):
-    import app.native as native_module
+    import app.native.load as native_module
     from app.native.self_check import check_library
 
     broken = NativeKernels(native.build)
