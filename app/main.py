@@ -25,17 +25,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from app import __version__
 from app.api.auth import ApiKeyAuth
 from app.api.debug_hooks import install_test_hooks
-from app.api.deps import model_route_dependencies
 from app.api.drain import SHUTDOWN_GRACE_S, DrainingServer
 from app.api.engine_client import EngineClient
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodySizeLimit
 from app.api.observability import install_observability, log_ready
 from app.api.openapi import install_openapi
+from app.api.routes import openai_router, tgi_router
 from app.api.routes_misc import health_router
 from app.api.routes_misc import router as misc_router
-from app.api.routes_openai import router as openai_router
-from app.api.routes_tgi import router as tgi_router
 from app.api.state import Limits, ModelInfo, ServerState, Serving
 from app.api.unicode_guard import UnicodeGuard
 from app.config import Settings
@@ -162,8 +160,9 @@ async def _bring_up(
             max_model_len,
         )
         max_model_len = loaded.max_tokens_in_cache
+    state.admission.watch_backlog(loaded.engine)
     state.serving = Serving(
-        engine=state.admission.track(loaded.engine),  # streams tied to admission tickets
+        engine=loaded.engine,
         tokenizer=loaded.tokenizer,
         model=ModelInfo(
             name=settings.model_name,
@@ -173,7 +172,7 @@ async def _bring_up(
             dtype=loaded.dtype,
             created=int(time.time()),
         ),
-        limits=Limits.from_settings(settings, max_model_len, loaded.tokenizer.vocab_size),
+        limits=Limits(settings, max_model_len, loaded.tokenizer.vocab_size),
         keepalive_interval_s=settings.keepalive_interval_s,
     )
     if freeze_heap:
@@ -232,9 +231,8 @@ def create_app(
     )
     app.state.server = state
     install_error_handlers(app)
-    app.include_router(health_router)
-    for router in (openai_router, tgi_router, misc_router):
-        app.include_router(router, dependencies=model_route_dependencies(settings))
+    for router in (health_router, openai_router, tgi_router, misc_router):
+        app.include_router(router)
     install_test_hooks(app, settings)
     install_openapi(app)
     app.add_middleware(UnicodeGuard)  # inside the size limit: reads bodies already bounded

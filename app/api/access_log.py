@@ -17,11 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from app.api.request_record import RequestRecord
+from app.api.route_facts import facts_for
 
 access_logger = logging.getLogger("lamina.access")
-
-# Polled every few seconds: logged at debug level, so access logs show traffic.
-PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
 
 def log_access(
@@ -53,7 +51,7 @@ def log_access(
     # clients polling a starting replica would otherwise fill the log with warnings).
     is_breakage = status >= 500 and record.failure != "unavailable"
     level = logging.WARNING if is_breakage else logging.INFO
-    if record.path in PROBE_PATHS:  # /ready says 503 all through loading: not news
+    if facts_for(record.path).probe:  # /ready says 503 all through loading: not news
         level = logging.DEBUG
     access_logger.log(
         level, "%s %s %d %.3fs", record.method, record.path, status, duration_s, extra=fields

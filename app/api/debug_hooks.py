@@ -18,8 +18,6 @@ from app.config import Settings
 
 logger = logging.getLogger("lamina")
 
-TEST_HOOKS_SETTING = "enable_test_hooks"
-
 router = APIRouter(include_in_schema=False)
 
 
@@ -35,12 +33,7 @@ async def crash_engine(state: StateDep) -> dict[str, str]:
     return {"status": "crashing"}
 
 
-def hooks_enabled(settings: Settings) -> bool:
-    # TODO(config): read directly once Settings has the `enable_test_hooks` field.
-    return settings.enable_test_hooks
-
-
 def install_test_hooks(app: FastAPI, settings: Settings) -> None:
-    if hooks_enabled(settings):
+    if settings.enable_test_hooks:
         logger.warning("test hooks are enabled (POST /debug/engine/crash): never in production")
         app.include_router(router)

@@ -1,32 +1,19 @@
 """FastAPI dependencies shared by the routes.
 
 `get_serving` is the gate every model route passes: it answers 503 until the model is
-loaded and while draining. Hooks that must run before every model route (API keys,
-admission control) go in `model_route_dependencies`, which create_app applies to the
-OpenAI, TGI and model/tokenizer routers (not to /health, /ready, /docs).
+loaded and while draining. Admission control is the generation routes' own dependency
+(`admission.TicketDep`); API keys are checked earlier, by the ApiKeyAuth middleware.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 
-from app.api.admission import admit_generation
 from app.api.errors import model_not_found, service_unavailable
 from app.api.request_record import report_failure
 from app.api.state import ServerState, Serving
-from app.config import Settings
-
-
-def model_route_dependencies(settings: Settings) -> list[Any]:
-    """Dependencies (`Depends(...)`) run before every model route, in order.
-
-    Admission control (app/api/admission.py): generation requests get a place in the
-    bounded queue or a 429, before validation and tokenization. API keys are checked
-    earlier, by the ApiKeyAuth middleware (app/api/auth.py), on every non-open route.
-    """
-    return [Depends(admit_generation)]
 
 
 # Both are `async def` although they never wait: FastAPI runs a plain `def` dependency

@@ -1,26 +1,16 @@
 """The slice of the engine the HTTP layer uses (see app/engine/engine.py).
 
 Routes type against this protocol so they can be tested with a fake engine, and so the
-API never imports the model or torch.
+API never imports the model or torch. A fake returns the engine's own RequestStream.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Protocol
 
-from app.core import SamplingParams, TokenDelta
+from app.core import SamplingParams
 from app.engine.engine import EngineDeadError
-
-
-class RequestStream(Protocol):
-    """Deltas of one request's n choices, interleaved; closing it aborts the request."""
-
-    def __aiter__(self) -> AsyncIterator[TokenDelta]: ...
-
-    async def __anext__(self) -> TokenDelta: ...
-
-    async def aclose(self) -> None: ...
+from app.engine.request_stream import RequestStream
 
 
 class EngineClient(Protocol):
@@ -30,13 +20,20 @@ class EngineClient(Protocol):
         """Start the engine thread; called once from the running event loop."""
         ...
 
-    def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        n: int = 1,
+        log_request_id: str | None = None,
     ) -> RequestStream:
         """Queue a request. Raises EngineDeadError when the engine thread is not alive."""
         ...
 
-    def abort(self, request_id: str) -> None: ...
+    def abort(self, request_id: str, reason: str = "request aborted") -> None:
+        """End the request now: its stream ends with an ABORT delta carrying `reason`."""
+        ...
 
     @property
     def is_alive(self) -> bool: ...

@@ -5,7 +5,8 @@
 Routes raise `APIError`; the handlers installed by `install_error_handlers` turn it, and
 FastAPI's validation errors (422 -> 400), unknown routes (404), wrong methods (405) and
 unexpected exceptions (500, no traceback in the body) into that envelope. On the TGI
-routes the body also carries TGI's `error_type`, so TGI clients raise typed errors.
+routes (RouteFacts.tgi_errors) the body also carries TGI's `error_type`, so TGI clients
+raise typed errors.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-logger = logging.getLogger("lamina.api")
+from app.api.route_facts import facts_for
 
-TGI_PATHS = frozenset({"/", "/generate", "/generate_stream"})
+logger = logging.getLogger("lamina.api")
 
 
 class APIError(Exception):
@@ -45,8 +46,9 @@ class APIError(Exception):
         self.code = code
         self.headers = headers
 
-    def body(self) -> dict[str, Any]:
-        return {
+    def body(self, tgi: bool = False) -> dict[str, Any]:
+        """The envelope; with `tgi`, also TGI's `error_type`."""
+        body: dict[str, Any] = {
             "error": {
                 "message": self.message,
                 "type": self.type,
@@ -54,6 +56,9 @@ class APIError(Exception):
                 "code": self.code,
             }
         }
+        if tgi:
+            body["error_type"] = tgi_error_type(self.status_code)
+        return body
 
 
 class ClientDisconnected(Exception):
@@ -113,9 +118,8 @@ def tgi_error_type(status_code: int) -> str:
 
 
 def error_response(error: APIError, path: str | None = None) -> JSONResponse:
-    body = error.body()
-    if path in TGI_PATHS:
-        body["error_type"] = tgi_error_type(error.status_code)
+    """The JSON answer for `error` on the route at `path` (its error flavour)."""
+    body = error.body(tgi=facts_for(path).tgi_errors)
     return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
 

@@ -44,7 +44,7 @@ class BodySizeLimit:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                await self.app(scope, _replay([message], receive), send)
+                await self.app(scope, replay([message], receive), send)
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
@@ -60,16 +60,15 @@ class BodySizeLimit:
             "body": b"".join(chunks),
             "more_body": False,
         }
-        await self.app(scope, _replay([body_message], receive), send)
+        await self.app(scope, replay([body_message], receive), send)
 
 
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    """A receive() that returns `messages` first, then defers to the real one."""
+def replay(messages: list[Message], receive: Receive) -> Receive:
+    """A receive() that returns `messages` first, then defers to the real one (for a
+    middleware that read the body before the app)."""
     pending = list(messages)
 
     async def replayed() -> Message:
-        if pending:
-            return pending.pop(0)
-        return await receive()
+        return pending.pop(0) if pending else await receive()
 
     return replayed

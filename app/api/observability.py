@@ -10,8 +10,8 @@
 - `install_observability`: serves /metrics and adds the middleware, outermost.
 - `log_ready`: the start-up line.
 
-What the layers report about a request (the record, report_failure, note_user,
-GenerationObserver) lives in request_record.py; the access line in access_log.py.
+What the layers report about a request (the record, report_failure, note_user, the
+driver's deltas) lives in request_record.py; the access line in access_log.py.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.access_log import log_access
 from app.api.errors import _on_unexpected
 from app.api.request_record import RequestRecord, failure_for_status, request_record_var
+from app.api.route_facts import PROBE, declare
 from app.config import Settings
 from app.logging_setup import request_id_var
 from app.metrics import Metrics
@@ -156,7 +157,7 @@ router = APIRouter(tags=["Health"])
 
 
 @router.get(
-    METRICS_PATH,
+    declare(METRICS_PATH, PROBE),
     include_in_schema=False,  # Prometheus text, not JSON: described in the README
 )
 async def metrics_endpoint(request: Request) -> Response:
@@ -208,8 +209,8 @@ def log_ready(serving: Serving, settings: Settings, kv_cache_tokens: int | None,
             "max_num_batched_tokens": settings.max_num_batched_tokens,
             "max_queued": settings.max_queued,
             "max_prompt_tokens": limits.max_prompt_tokens,
-            "max_tokens_limit": limits.max_tokens_limit,
-            "max_n": limits.max_n,
+            "max_tokens_limit": settings.max_tokens_limit,
+            "max_n": settings.max_n,
             "prefix_caching": settings.enable_prefix_caching,
             "startup_s": round(startup_s, 3),
         },

@@ -10,27 +10,19 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
 
-from app.api.schemas import ChatCompletionChunk, CompletionChunk
-from app.api.schemas_tgi import StreamResponse
+from app.api.route_facts import declared_routes
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 
-# Route path -> the model of each `data:` event it streams.
-STREAMED_EVENTS: dict[str, type[BaseModel]] = {
-    "/v1/completions": CompletionChunk,
-    "/v1/chat/completions": ChatCompletionChunk,
-    "/generate_stream": StreamResponse,
-    "/": StreamResponse,
-}
-
 
 def _add_event_streams(schema: dict[str, Any]) -> None:
+    """Each streaming route (RouteFacts.event_model) documents its `data:` events."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for path, model in STREAMED_EVENTS.items():
+    for path, facts in declared_routes().items():
         operation = schema.get("paths", {}).get(path, {}).get("post")
-        if operation is None:
+        model = facts.event_model
+        if operation is None or model is None:
             continue
         model_schema = model.model_json_schema(ref_template=REF_TEMPLATE)
         components.update(model_schema.pop("$defs", {}))
@@ -41,7 +33,7 @@ def _add_event_streams(schema: dict[str, Any]) -> None:
         }
         ok["description"] = (
             "JSON, or with `stream` a text/event-stream of `data: {event}` lines"
-            + ("" if path in ("/generate_stream", "/") else " ending with `data: [DONE]`")
+            + (" ending with `data: [DONE]`" if facts.ends_with_done else "")
         )
 
 

@@ -1,7 +1,9 @@
-"""Request fields -> the frozen `SamplingParams`, in one place, with the limits of Settings.
+"""Request bodies -> engine inputs: prompt token ids and the frozen `SamplingParams`.
 
-The pydantic models already checked types and static ranges; this module checks what
-depends on the settings, the vocabulary and the prompt's length, and raises one
+One entry per dialect (`completion_inputs`, `chat_inputs`, `tgi_inputs`) runs every
+check of its request in order and returns what the engine runs. The pydantic models
+already checked types and static ranges; this module checks what depends on the
+settings (`Limits.settings`), the vocabulary and the prompt's length, and raises one
 precise 400 per broken rule. Nothing raw goes further than here.
 """
 
@@ -11,11 +13,12 @@ import dataclasses
 from typing import Any
 
 from app.api.errors import invalid_request
-from app.api.prompts import check_token_ids
+from app.api.prompts import check_token_ids, encode_chat, encode_completion_prompts, encode_text
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
-from app.api.schemas_tgi import GenerateParameters
+from app.api.schemas_tgi import GenerateParameters, GenerateRequest
 from app.api.state import Limits
 from app.core import SamplingParams
+from app.tokenizer import Tokenizer
 
 LOGIT_BIAS_RANGE = 100.0
 # Float32 logits divided by a temperature this small overflow to inf (NaN probabilities),
@@ -41,9 +44,9 @@ def nucleus_top_p(value: float | None) -> float:
 
 
 def check_n(n: int | None, limits: Limits) -> int:
-    n = 1 if n is None else n
-    if n > limits.max_n:
-        raise invalid_request(f"`n` must be at most {limits.max_n} (got {n})", param="n")
+    n, max_n = 1 if n is None else n, limits.settings.max_n
+    if n > max_n:
+        raise invalid_request(f"`n` must be at most {max_n} (got {n})", param="n")
     return n
 
 
@@ -54,9 +57,10 @@ def check_num_prompts(
     (each becomes its own engine request, so this bounds one request's work)."""
     if isinstance(prompt, str) or all(isinstance(item, int) for item in prompt):
         return
-    if len(prompt) > limits.max_prompts:
+    max_prompts = limits.settings.max_prompts_per_request
+    if len(prompt) > max_prompts:
         raise invalid_request(
-            f"`prompt` holds {len(prompt)} prompts; at most {limits.max_prompts} are allowed "
+            f"`prompt` holds {len(prompt)} prompts; at most {max_prompts} are allowed "
             "in one request",
             param="prompt",
         )
@@ -68,19 +72,19 @@ def check_stop(
     if stop is None:
         return ()
     stops = [stop] if isinstance(stop, str) else list(stop)
-    if len(stops) > limits.max_stop_sequences:
+    max_stops, max_length = limits.settings.max_stop_sequences, limits.settings.max_stop_length
+    if len(stops) > max_stops:
         raise invalid_request(
-            f"`{param}` has {len(stops)} sequences; at most {limits.max_stop_sequences} "
-            "are allowed",
+            f"`{param}` has {len(stops)} sequences; at most {max_stops} are allowed",
             param=param,
         )
     for index, text in enumerate(stops):
         if not text:
             raise invalid_request(f"`{param}[{index}]` is an empty string", param=param)
-        if len(text) > limits.max_stop_length:
+        if len(text) > max_length:
             raise invalid_request(
                 f"`{param}[{index}]` is {len(text)} characters long; at most "
-                f"{limits.max_stop_length} are allowed",
+                f"{max_length} are allowed",
                 param=param,
             )
     return tuple(stops)
@@ -91,10 +95,10 @@ def check_logit_bias(
 ) -> tuple[tuple[int, float], ...]:
     if not logit_bias:
         return ()
-    if len(logit_bias) > limits.max_logit_bias:
+    max_entries = limits.settings.max_logit_bias
+    if len(logit_bias) > max_entries:
         raise invalid_request(
-            f"`logit_bias` has {len(logit_bias)} entries; at most {limits.max_logit_bias} "
-            "are allowed",
+            f"`logit_bias` has {len(logit_bias)} entries; at most {max_entries} are allowed",
             param="logit_bias",
         )
     entries = []
@@ -121,15 +125,14 @@ def check_logit_bias(
 
 
 def check_top_logprobs(value: int | None, limits: Limits, param: str) -> int | None:
-    if value is not None and value > limits.max_top_logprobs:
-        raise invalid_request(
-            f"`{param}` must be at most {limits.max_top_logprobs} (got {value})", param=param
-        )
+    most = limits.settings.max_top_logprobs
+    if value is not None and value > most:
+        raise invalid_request(f"`{param}` must be at most {most} (got {value})", param=param)
     return value
 
 
 def check_max_tokens(max_tokens: int | None, limits: Limits, param: str) -> int | None:
-    limit = limits.max_tokens_limit
+    limit = limits.settings.max_tokens_limit
     if max_tokens is not None and limit is not None and max_tokens > limit:
         raise invalid_request(f"`{param}` must be at most {limit} (got {max_tokens})", param=param)
     return max_tokens
@@ -148,6 +151,7 @@ def fit_to_context(
     Unset stays None ("until the context is full", the engine resolves it) unless
     Settings.max_tokens_limit caps it.
     """
+    cap = limits.settings.max_tokens_limit
     if num_prompt_tokens > limits.max_prompt_tokens:
         raise invalid_request(
             f"`{prompt_param}` is {num_prompt_tokens} tokens; at most "
@@ -158,7 +162,7 @@ def fit_to_context(
         )
     room = limits.max_model_len - num_prompt_tokens
     if max_tokens is None:
-        return None if limits.max_tokens_limit is None else min(limits.max_tokens_limit, room)
+        return None if cap is None else min(cap, room)
     if max_tokens > room:
         raise invalid_request(
             f"`{prompt_param}` ({num_prompt_tokens} tokens) + `{max_tokens_param}` "
@@ -220,13 +224,15 @@ def completion_params(body: CompletionRequest, limits: Limits) -> SamplingParams
 
 
 def chat_max_tokens(body: ChatCompletionRequest) -> tuple[int | None, str]:
+    """max_tokens and the field it came from (max_completion_tokens wins)."""
     if body.max_completion_tokens is not None:
         return body.max_completion_tokens, "max_completion_tokens"
     return body.max_tokens, "max_tokens"
 
 
-def chat_params(body: ChatCompletionRequest, limits: Limits) -> SamplingParams:
-    max_tokens, max_tokens_param = chat_max_tokens(body)
+def chat_params(
+    body: ChatCompletionRequest, limits: Limits, max_tokens: int | None, max_tokens_param: str
+) -> SamplingParams:
     check_max_tokens(max_tokens, limits, max_tokens_param)
     top_logprobs = check_top_logprobs(body.top_logprobs, limits, "top_logprobs")
     if top_logprobs is not None and not body.logprobs:
@@ -241,6 +247,45 @@ def with_max_tokens(params: SamplingParams, max_tokens: int | None) -> SamplingP
     if params.max_tokens == max_tokens:
         return params
     return dataclasses.replace(params, max_tokens=max_tokens)
+
+
+def completion_inputs(
+    body: CompletionRequest, limits: Limits, tokenizer: Tokenizer
+) -> tuple[list[list[int]], list[SamplingParams], int]:
+    """/v1/completions: the prompts, SamplingParams per prompt (max_tokens fitted to
+    each), and n."""
+    n = check_n(body.n, limits)
+    check_num_prompts(body.prompt, limits)
+    params = completion_params(body, limits)
+    prompts = encode_completion_prompts(body.prompt, tokenizer)
+    several = len(prompts) > 1
+    per_prompt = [
+        with_max_tokens(
+            params,
+            fit_to_context(
+                len(prompt),
+                params.max_tokens,
+                limits,
+                prompt_param=f"prompt[{i}]" if several else "prompt",
+            ),
+        )  # fmt: skip
+        for i, prompt in enumerate(prompts)
+    ]
+    return prompts, per_prompt, n
+
+
+def chat_inputs(
+    body: ChatCompletionRequest, limits: Limits, tokenizer: Tokenizer
+) -> tuple[list[int], SamplingParams, int]:
+    """/v1/chat/completions: the chat template's prompt, its SamplingParams, and n."""
+    n = check_n(body.n, limits)
+    max_tokens, max_tokens_param = chat_max_tokens(body)
+    params = chat_params(body, limits, max_tokens, max_tokens_param)
+    prompt = encode_chat(body.messages, tokenizer, body.add_generation_prompt is not False)
+    fitted = fit_to_context(
+        len(prompt), max_tokens, limits, prompt_param="messages", max_tokens_param=max_tokens_param
+    )
+    return prompt, with_max_tokens(params, fitted), n
 
 
 # --- TGI ---------------------------------------------------------------------------------
@@ -264,8 +309,12 @@ def _reject_unsupported(parameters: GenerateParameters) -> None:
         reject("decoder_input_details", "must be false: prompt token details are not computed")
 
 
-def tgi_params(parameters: GenerateParameters, limits: Limits) -> SamplingParams:
-    """SamplingParams for the TGI routes. Token logprobs are always on (TGI reports them)."""
+def tgi_inputs(
+    body: GenerateRequest, limits: Limits, tokenizer: Tokenizer
+) -> tuple[list[int], SamplingParams]:
+    """The TGI routes: the prompt (after `truncate`) and its SamplingParams. Token
+    logprobs are always on (TGI reports them)."""
+    parameters = body.parameters
     _reject_unsupported(parameters)
     max_tokens = check_max_tokens(parameters.max_new_tokens, limits, "parameters.max_new_tokens")
     top_n = check_top_logprobs(parameters.top_n_tokens, limits, "parameters.top_n_tokens")
@@ -273,7 +322,15 @@ def tgi_params(parameters: GenerateParameters, limits: Limits) -> SamplingParams
         value is not None for value in (parameters.temperature, parameters.top_k, parameters.top_p)
     )
     temperature = sampling_temperature(parameters.temperature or 1.0) if sampling else 0.0
-    return SamplingParams(
+    stop = check_stop(parameters.stop, limits, "parameters.stop")
+    prompt = encode_text(body.inputs, tokenizer, "inputs")
+    if parameters.truncate is not None:
+        prompt = prompt[-parameters.truncate :]
+    max_tokens = fit_to_context(
+        len(prompt), max_tokens, limits,
+        prompt_param="inputs", max_tokens_param="parameters.max_new_tokens",
+    )  # fmt: skip
+    params = SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=nucleus_top_p(parameters.top_p),
@@ -281,6 +338,7 @@ def tgi_params(parameters: GenerateParameters, limits: Limits) -> SamplingParams
         repetition_penalty=repetition_penalty(parameters.repetition_penalty),
         frequency_penalty=parameters.frequency_penalty or 0.0,
         seed=parameters.seed,
-        stop=check_stop(parameters.stop, limits, "parameters.stop"),
+        stop=stop,
         logprobs=top_n or 0,
     )
+    return prompt, params

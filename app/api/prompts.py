@@ -41,10 +41,20 @@ def encode_completion_prompts(
         prompts = [list(item) for item in prompt]  # type: ignore[arg-type]
         params = [f"prompt[{i}]" for i in range(len(prompt))]
     for token_ids, param in zip(prompts, params):
-        if not token_ids:
-            raise invalid_request(f"`{param}` is empty: it must hold at least one token", param)
+        require_tokens(token_ids, param)
         check_token_ids(token_ids, param, tokenizer.vocab_size)
     return prompts
+
+
+def require_tokens(token_ids: list[int], param: str) -> list[int]:
+    if not token_ids:
+        raise invalid_request(f"`{param}` is empty: it must hold at least one token", param)
+    return token_ids
+
+
+def encode_text(text: str, tokenizer: Tokenizer, param: str) -> list[int]:
+    """A text prompt's token ids (special tokens added, as the tokenizer does)."""
+    return require_tokens(tokenizer.encode(text), param)
 
 
 def message_text(message: ChatMessage, index: int) -> str:

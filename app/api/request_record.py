@@ -17,8 +17,9 @@ into the record without an import cycle through the middleware.
   the request's access line as `user`: printable characters only, at most
   MAX_LOGGED_USER_LENGTH of them (`loggable_user`). It is a log field only, never a
   metric label (one label value per end user would grow the registry without bound).
-- `GenerationObserver`: `Generation` (generation.py) reports each delta and its close
-  here; it counts prompt and generation tokens, successes and latency histograms.
+- The route driver (driver.py) feeds the record its prompts (`start_generation`),
+  every delta once (`on_delta`) and its end (`close_generation`): the record is the one
+  count of tokens behind the response's usage, the metrics and the access line.
 - `current_request_id()`, `engine_request_id()`: the request's id, and the engine's id
   for one of its generations.
 """
@@ -30,16 +31,22 @@ import uuid
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
+from app.api.route_facts import facts_for
 from app.core import FinishReason, TokenDelta
 from app.logging_setup import request_id_var
 from app.metrics import FAILURE_REASONS, Metrics
 
 # The OpenAI `user` field is free text of any length: the access line keeps this much.
 MAX_LOGGED_USER_LENGTH = 128
-# POSTs that run the model; only these count in request_failure.
-INFERENCE_PATHS = frozenset(
-    {"/v1/completions", "/v1/chat/completions", "/generate", "/generate_stream", "/"}
-)
+
+
+@dataclass
+class Usage:
+    """Token counts of a whole HTTP request: each prompt once, every choice's output."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 @dataclass
@@ -62,10 +69,21 @@ class RequestRecord:
     outputs: dict[int, list[str]] = field(default_factory=dict)  # only when log_prompts
     num_generations: int = 0
     user: str | None = None  # the OpenAI `user` field, as loggable_user() leaves it
+    num_cached_tokens: int = 0
+    # Per choice of the generation (index = prompt index * n + choice): tokens so far,
+    # and whether its end was counted.
+    choice_tokens: list[int] = field(default_factory=list)
+    choice_ended: list[bool] = field(default_factory=list)
 
     @property
     def is_inference(self) -> bool:
-        return self.num_generations > 0 or (self.method == "POST" and self.path in INFERENCE_PATHS)
+        return self.num_generations > 0 or (
+            self.method == "POST" and facts_for(self.path).generates
+        )
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(self.num_prompt_tokens, self.num_completion_tokens, self.num_cached_tokens)
 
     def fail(self, reason: str) -> None:
         """Record the request's failure; only the first one counts."""
@@ -136,78 +154,72 @@ def note_user(user: str | None) -> None:
 # --- generations -------------------------------------------------------------------------
 
 
-def engine_request_id(response_id: str) -> str:
+def engine_request_id(record: RequestRecord, response_id: str) -> str:
     """The engine's id for a generation whose response id is `response_id`.
 
     The same, unless the client chose the request id: clients may reuse one (a retry,
     a fixed header), and the engine needs ids unique among the requests it holds.
     """
-    record = request_record_var.get()
-    if record is None or not record.id_from_client:
+    if not record.id_from_client:
         return response_id
     return f"{response_id}-{uuid.uuid4().hex[:8]}"
 
 
-class GenerationObserver:
-    """Metrics of one Generation: its prompts (once each), then each choice as it ends.
+def start_generation(record: RequestRecord, prompts: list[list[int]], n: int) -> None:
+    """The request's prompts (each counted once), before any delta; n choices each."""
+    record.num_generations += 1
+    record.choice_tokens = [0] * (len(prompts) * n)
+    record.choice_ended = [False] * (len(prompts) * n)
+    for prompt in prompts:
+        record.metrics.observe_prompt(len(prompt))
+        record.num_prompt_tokens += len(prompt)
+    if record.log_prompts:
+        record.prompts.extend(prompts)
 
-    Choices ending with stop/length are successes; ERROR and ABORT deltas fail the
-    request ("error", "aborted"); a choice still running at close was cut short (the
-    client left, or the stream broke): "aborted", counting the tokens it delivered.
+
+def on_delta(record: RequestRecord, choice_index: int, delta: TokenDelta) -> None:
+    """One delta of choice `choice_index`, as the response reads it (once each).
+
+    Choices ending with stop/length are successes; ERROR and ABORT fail the request
+    ("error", "aborted").
     """
-
-    def __init__(self, prompts: list[list[int]], n: int) -> None:
-        self._record = request_record_var.get()
-        num_choices = len(prompts) * n
-        self._num_tokens = [0] * num_choices
-        self._ended = [False] * num_choices
-        record = self._record
-        if record is None:
-            return
-        record.num_generations += 1
-        for prompt in prompts:
-            record.metrics.observe_prompt(len(prompt))
-            record.num_prompt_tokens += len(prompt)
-        if record.log_prompts:
-            record.prompts.extend(prompts)
-
-    def on_delta(self, choice_index: int, delta: TokenDelta) -> None:
-        record = self._record
-        if record is None or self._ended[choice_index]:
-            return
-        if delta.token_ids and record.first_token_s is None:
-            record.first_token_s = time.monotonic()
-        self._num_tokens[choice_index] += len(delta.token_ids)
-        if record.log_prompts and delta.text:
-            record.outputs.setdefault(choice_index, []).append(delta.text)
-        if delta.finished:
+    if record.choice_ended[choice_index]:
+        return
+    if delta.token_ids and record.first_token_s is None:
+        record.first_token_s = time.monotonic()
+    record.choice_tokens[choice_index] += len(delta.token_ids)
+    if record.log_prompts and delta.text:
+        record.outputs.setdefault(choice_index, []).append(delta.text)
+    if delta.finished:
+        generated = record.choice_tokens[choice_index]
+        if delta.usage is not None:
             # An engine failure's usage may not count what was already streamed.
-            generated = self._num_tokens[choice_index]
-            if delta.usage is not None:
-                generated = max(generated, delta.usage.completion_tokens)
-            self._end(choice_index, delta.finish_reason, generated, delta)
+            generated = max(generated, delta.usage.completion_tokens)
+            if delta.index == 0:  # the prompt's cache hits, once for its n choices
+                record.num_cached_tokens += delta.usage.cached_tokens
+        _end_choice(record, choice_index, delta.finish_reason, generated, delta)
 
-    def on_close(self) -> None:
-        if self._record is None:
-            return
-        for index, ended in enumerate(self._ended):
-            if not ended:
-                self._end(index, None, self._num_tokens[index], None)
 
-    def _end(
-        self,
-        index: int,
-        reason: FinishReason | None,
-        num_generated: int,
-        delta: TokenDelta | None,
-    ) -> None:
-        record = self._record
-        assert record is not None
-        self._ended[index] = True
-        record.metrics.observe_choice(reason, num_generated, delta.timings if delta else None)
-        record.num_completion_tokens += num_generated
-        record.finish_reasons.append(reason.value if reason else "cut_short")
-        if reason is FinishReason.ERROR:
-            record.fail("error")
-        elif reason is FinishReason.ABORT or reason is None:
-            record.fail("aborted")
+def close_generation(record: RequestRecord) -> None:
+    """The response ended: a choice still running was cut short (the client left, or
+    the stream broke): "aborted", counting the tokens it delivered."""
+    for index, ended in enumerate(record.choice_ended):
+        if not ended:
+            _end_choice(record, index, None, record.choice_tokens[index], None)
+
+
+def _end_choice(
+    record: RequestRecord,
+    index: int,
+    reason: FinishReason | None,
+    num_generated: int,
+    delta: TokenDelta | None,
+) -> None:
+    record.choice_ended[index] = True
+    record.metrics.observe_choice(reason, num_generated, delta.timings if delta else None)
+    record.num_completion_tokens += num_generated
+    record.finish_reasons.append(reason.value if reason else "cut_short")
+    if reason is FinishReason.ERROR:
+        record.fail("error")
+    elif reason is FinishReason.ABORT or reason is None:
+        record.fail("aborted")

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from app.api.deps import ServingDep, StateDep, check_model
 from app.api.errors import ERROR_RESPONSES, ErrorResponse, invalid_request, service_unavailable
 from app.api.prompts import check_token_ids, encode_chat
+from app.api.route_facts import PROBE, declare
 from app.api.schemas_misc import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -26,7 +27,10 @@ UNAVAILABLE = {503: {"model": ErrorResponse, "description": "Not alive / not rea
 
 
 @health_router.get(
-    "/health", response_model=StatusResponse, responses=UNAVAILABLE, summary="Liveness"
+    declare("/health", PROBE),
+    response_model=StatusResponse,
+    responses=UNAVAILABLE,
+    summary="Liveness",
 )
 async def health(state: StateDep):
     """200 while the process runs and the engine thread (once started) is alive."""
@@ -41,7 +45,10 @@ async def health(state: StateDep):
 
 
 @health_router.get(
-    "/ready", response_model=StatusResponse, responses=UNAVAILABLE, summary="Readiness"
+    declare("/ready", PROBE),
+    response_model=StatusResponse,
+    responses=UNAVAILABLE,
+    summary="Readiness",
 )
 async def ready(state: StateDep):
     """200 once the model is loaded and warmed up; 503 before that and while draining."""

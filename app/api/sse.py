@@ -7,8 +7,7 @@ Frames: `data: {json}\n\n` per event, `: keep-alive\n\n` comments on long silenc
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -16,12 +15,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.api.errors import APIError, server_error
-from app.api.generation import Generation, engine_failure, is_failure
-from app.api.request_record import report_failure
-from app.core import TokenDelta
-
-logger = logging.getLogger("lamina.api")
+from app.api.errors import APIError
 
 DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
@@ -40,19 +34,19 @@ def sse_event(payload: BaseModel | dict[str, Any]) -> bytes:
     return b"data: " + text.encode("utf-8") + b"\n\n"
 
 
-def sse_error(error: APIError, extra: dict[str, Any] | None = None) -> bytes:
-    """An error after the stream began: the status is already 200, so it goes in an event."""
-    body = error.body()
-    if extra:
-        body.update(extra)
-    return sse_event(body)
+def sse_error(error: APIError, tgi: bool = False) -> bytes:
+    """An error after the stream began: the status is already 200, so it goes in an event
+    (with TGI's `error_type` on TGI routes)."""
+    return sse_event(error.body(tgi))
 
 
 class EventStreamResponse(StreamingResponse):
     """A text/event-stream response that closes its event iterator however it ends.
 
     Starlette stops iterating when the client disconnects but may leave the generator
-    suspended; closing it here runs the route's `finally`, which aborts the request.
+    suspended, or never start it (a client gone before the first frame): closing it
+    here runs its `finally`, and `on_close` runs even when the generator never started,
+    so the request is aborted either way.
     """
 
     media_type = "text/event-stream"
@@ -60,77 +54,19 @@ class EventStreamResponse(StreamingResponse):
     def __init__(
         self,
         events: AsyncIterator[bytes],
-        status_code: int = 200,
-        headers: dict[str, str] | None = None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        super().__init__(events, status_code, headers={**SSE_HEADERS, **(headers or {})})
+        super().__init__(events, 200, headers=SSE_HEADERS)
         self._events = events
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            aclose = getattr(self._events, "aclose", None)
-            if aclose is not None:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(self._events, "aclose", None)
+                if aclose is not None:
                     await aclose()
-
-
-async def pump_events(
-    generation: Generation,
-    keepalive_s: float,
-    render: Callable[[int, TokenDelta], Iterable[bytes]],
-    *,
-    opening: Iterable[bytes] = (),
-    closing: Callable[[], Iterable[bytes]] = lambda: (),
-    error_extra: dict[str, Any] | None = None,
-) -> AsyncIterator[bytes]:
-    """The frames of one streamed answer; the route supplies how to render each delta.
-
-    Every delta that is ready when the generation is read (one engine step's worth, or
-    more when we fell behind) is rendered into one chunk, so the response makes one
-    socket write per step instead of one per token; the last step's chunk also carries
-    the closing frames. Silences longer than `keepalive_s` get a comment frame. A choice
-    that fails in the engine, or a bug while rendering, ends the stream with an error
-    event and [DONE]. The generation is always closed, so a client that leaves aborts
-    its request.
-    """
-    try:
-        frames = list(opening)
-        if frames:
-            yield b"".join(frames)
-        while True:
-            try:
-                batch = await generation.next_batch(keepalive_s)
-            except StopAsyncIteration:
-                break
-            if not batch:
-                yield KEEPALIVE
-                continue
-            frames = []
-            for choice_index, delta in batch:
-                if is_failure(delta):
-                    frames.append(sse_error(engine_failure(delta), error_extra))
-                    frames.append(DONE)
-                    yield b"".join(frames)
-                    return
-                frames.extend(render(choice_index, delta))
-            if generation.finished:
-                frames.extend(closing())
-                closing = _nothing  # already written
-            if frames:
-                yield b"".join(frames)
-        frames = list(closing())
-        if frames:
-            yield b"".join(frames)
-    except Exception:
-        logger.exception("stream %s failed", generation.request_id)
-        report_failure("error")
-        yield sse_error(server_error("internal server error while streaming"), error_extra)
-        yield DONE
-    finally:
-        await generation.aclose()
-
-
-def _nothing() -> Iterable[bytes]:
-    return ()
+                if self._on_close is not None:
+                    await self._on_close()

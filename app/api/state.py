@@ -69,42 +69,19 @@ class ModelInfo:
     created: int = 0  # unix time the server loaded it
 
 
-DEFAULT_MAX_PROMPTS = 32
-
-
 @dataclass(frozen=True)
 class Limits:
-    """Per-request limits, resolved once the model is loaded (some come from the model)."""
+    """Per-request limits: the settings' (LAMINA_MAX_N, ...) and the loaded model's."""
 
+    settings: Settings
     max_model_len: int  # context window: prompt + output tokens
-    max_prompt_tokens: int  # <= max_model_len - 1
-    max_tokens_limit: int | None  # cap on max_tokens; None: the context window is the cap
-    max_n: int
-    max_stop_sequences: int
-    max_stop_length: int  # characters
-    max_logit_bias: int  # entries
-    max_top_logprobs: int
     vocab_size: int
-    max_prompts: int = DEFAULT_MAX_PROMPTS  # prompts in one /v1/completions request
 
-    @classmethod
-    def from_settings(cls, settings: Settings, max_model_len: int, vocab_size: int) -> Limits:
-        max_prompt = max_model_len - 1  # at least one token must fit after the prompt
-        if settings.max_prompt_tokens is not None:
-            max_prompt = min(max_prompt, settings.max_prompt_tokens)
-        return cls(
-            max_model_len=max_model_len,
-            max_prompt_tokens=max_prompt,
-            max_tokens_limit=settings.max_tokens_limit,
-            max_n=settings.max_n,
-            max_stop_sequences=settings.max_stop_sequences,
-            max_stop_length=settings.max_stop_length,
-            max_logit_bias=settings.max_logit_bias,
-            max_top_logprobs=settings.max_top_logprobs,
-            vocab_size=vocab_size,
-            # TODO(config): a Settings field `max_prompts_per_request` is requested.
-            max_prompts=settings.max_prompts_per_request,
-        )
+    @property
+    def max_prompt_tokens(self) -> int:
+        """At most the context window minus one: a token must fit after the prompt."""
+        configured = self.settings.max_prompt_tokens
+        return min(self.max_model_len - 1, configured or self.max_model_len)
 
 
 @dataclass(frozen=True)

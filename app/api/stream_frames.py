@@ -18,8 +18,12 @@ import math
 # The C encoder behind json.dumps(ensure_ascii=False): escapes quotes, backslashes and
 # control characters, and writes every other character as UTF-8, as pydantic does.
 _json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
+# JSON has no -inf; a token the sampler masked out gets this instead (as vLLM does).
+MIN_LOGPROB = -9999.0
 
-_FINISH_JSON = {None: "null", "stop": '"stop"', "length": '"length"'}
+
+def finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else MIN_LOGPROB
 
 
 def json_scalar(value: str | int | float | bool | None) -> str:
@@ -49,7 +53,7 @@ def _header(response_id: str, object_name: str, created: int, model: str) -> str
 def _ending(finish_reason: str | None, stop_reason: str | int | None) -> str:
     """`"finish_reason":...[,"stop_reason":...]}]}`: stop_reason is left out when None."""
     stop = "" if stop_reason is None else ',"stop_reason":' + json_scalar(stop_reason)
-    return '"finish_reason":' + _FINISH_JSON[finish_reason] + stop + "}]}"
+    return '"finish_reason":' + json_scalar(finish_reason) + stop + "}]}"
 
 
 class CompletionFrames:

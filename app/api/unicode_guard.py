@@ -16,6 +16,7 @@ import re
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import error_response, invalid_request
+from app.api.middleware import replay
 
 # Every escape sequence, in order: `\uXXXX` (with its hex digits) or `\` + one character.
 # Scanning them left to right handles `\\u...` (an escaped backslash) correctly.
@@ -74,13 +75,4 @@ class UnicodeGuard:
             )
             await error_response(error, scope.get("path"))(scope, receive, send)
             return
-        await self.app(scope, _replay(messages, receive), send)
-
-
-def _replay(messages: list[Message], receive: Receive) -> Receive:
-    pending = list(messages)
-
-    async def replayed() -> Message:
-        return pending.pop(0) if pending else await receive()
-
-    return replayed
+        await self.app(scope, replay(messages, receive), send)

@@ -21,7 +21,6 @@ from app.core import SamplingParams, TokenDelta
 from app.engine.engine_core import EngineCore, EngineStats, StepStats
 from app.engine.protocol import Runner, TokenizerLike
 from app.engine.request_stream import RequestStream
-from app.logging_setup import request_id_var
 
 logger = logging.getLogger("lamina.engine")
 
@@ -45,7 +44,7 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
-    message: str
+    reason: str
 
 
 class _Stop:
@@ -90,27 +89,24 @@ class Engine:
         self.core.step_observers.append(observer)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        n: int = 1,
+        log_request_id: str | None = None,
     ) -> RequestStream:
-        """Submit a request of `n` choices; returns an async iterator of its deltas.
+        """Submit a request of `n` choices; returns the RequestStream of its deltas.
 
-        Iterate the returned RequestStream until it ends (every choice has delivered a
-        final delta); closing it early aborts the request. Call on the event loop.
-        The request id of the HTTP request being served (the logging context variable),
-        if any, is kept so the engine thread's log lines about this request carry it.
+        Read the stream until it ends (every choice has delivered a final delta);
+        closing it early aborts the request. Call on the event loop. `log_request_id`
+        (the HTTP request's id) goes on the engine thread's log lines about this request.
         Raises EngineDeadError if the engine thread is not running.
         """
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = RequestStream(request_id, n, self.abort)
-        add = _Add(
-            request_id,
-            list(prompt_token_ids),
-            params,
-            n,
-            time.monotonic(),
-            log_request_id=request_id_var.get(),
-        )
+        add = _Add(request_id, list(prompt_token_ids), params, n, time.monotonic(), log_request_id)
         with self._lock:
             if not self._alive:
                 raise EngineDeadError(self._dead_message())
@@ -118,25 +114,30 @@ class Engine:
             self._inbox.put(add)
         return stream
 
-    # The name the HTTP layer uses; the same method, not a second implementation.
-    generate = add_request
+    def abort(self, request_id: str, reason: str = "request aborted") -> None:
+        """End a request with `reason` (deadline, drain, client gone). Thread-safe.
 
-    def abort(self, request_id: str, message: str = "request aborted") -> None:
-        """Abort a request. Thread-safe; returns at once, before anything is freed.
-
-        The engine thread owns the KV cache, so the abort is applied at the next step
-        boundary: a step already running (scheduled or executing) finishes first, and
-        may still produce this request's tokens. Then, before the next step is
-        scheduled, the engine thread drains its inbox and applies the abort: every
-        unfinished sequence of the request is finished, its KV blocks are released
-        (their reference counts drop; full blocks stay in the prefix cache, unreferenced),
-        and each unfinished choice gets a final ABORT delta carrying `message`. The next
-        step therefore never schedules the request and can use its blocks. An abort
-        queued behind the request's own add (not yet seen by the engine) is applied right
-        after it, in the same inbox drain, so the request never runs. Unknown or already
-        finished request ids are ignored.
+        Its stream ends at once: each unfinished choice gets a final ABORT delta whose
+        `error` is `reason` (on the event loop now when called there, else at the loop's
+        next turn); anything the engine still sends for it is dropped. The engine thread
+        owns the KV cache, so its side is applied at the next step boundary: a step
+        already running finishes first. Then, before the next step is scheduled, the
+        engine thread drains its inbox and applies the abort: every unfinished sequence
+        is finished and its KV blocks are released (full blocks stay in the prefix
+        cache, unreferenced), so the next step never schedules the request and can use
+        its blocks. An abort queued behind the request's own add is applied right after
+        it, in the same drain, so the request never runs. Unknown or finished request
+        ids are ignored.
         """
-        self._inbox.put(_Abort(request_id, message))
+        self._inbox.put(_Abort(request_id, reason))
+        loop = self._loop
+        if loop is None:
+            return
+        if _running_loop() is loop:
+            self._end_stream(request_id, reason)
+        else:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens
+                loop.call_soon_threadsafe(self._end_stream, request_id, reason)
 
     def stats(self) -> EngineStats:
         return self._stats
@@ -197,7 +198,7 @@ class Engine:
                 log_request_id=message.log_request_id,
             )
         if isinstance(message, _Abort):
-            return self.core.abort_request(message.request_id, message.message)
+            return self.core.abort_request(message.request_id, message.reason)
         raise TypeError(f"unknown engine message {message!r}")
 
     def _refresh_stats(self) -> None:
@@ -237,9 +238,21 @@ class Engine:
             self._loop.call_soon_threadsafe(self._push_all, deltas)
 
     # ------------------------------------------------------------- event loop
+    def _end_stream(self, request_id: str, reason: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.end(reason)
+
     def _push_all(self, deltas: list[TokenDelta]) -> None:
         streams = self._streams
         for delta in deltas:
             stream = streams.get(delta.request_id)
             if stream is not None and stream.push(delta):  # its last choice ended
                 del streams[delta.request_id]
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # called from a thread without a loop
+        return None

@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from app.api.engine_client import EngineDeadError
 from app.core import FinishReason, SamplingParams, TokenDelta, TokenLogprob, Usage
+from app.engine.engine import EngineDeadError
+from app.engine.request_stream import RequestStream
 from app.tokenizer import Tokenizer
 
 DEFAULT_REPLY = " The quick brown fox jumps over the lazy dog. It was a sunny day."
@@ -41,6 +42,8 @@ class FakeEngine:
     aborted: list[str] = field(default_factory=list)
     alive: bool = True
     started: bool = False
+    _producers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _streams: dict[str, RequestStream] = field(default_factory=dict)
 
     def start(self) -> None:
         self.started = True
@@ -52,17 +55,40 @@ class FakeEngine:
     def shutdown(self, timeout_s: float = 5.0) -> None:
         self.alive = False
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, reason: str = "request aborted") -> None:
+        """As Engine.abort: the stream ends at once with an ABORT delta carrying `reason`;
+        finished or unknown requests are ignored."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
         self.aborted.append(request_id)
+        self._producers.pop(request_id).cancel()
+        stream.end(reason)
 
-    def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, n: int = 1
-    ) -> FakeStream:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        n: int = 1,
+        log_request_id: str | None = None,
+    ) -> RequestStream:
+        """As Engine.add_request: the same RequestStream, fed by a task instead of a thread."""
         if not self.is_alive:
             raise EngineDeadError("fake engine is stopped")
         request = FakeRequest(request_id, list(prompt_token_ids), params, n)
         self.requests.append(request)
-        return FakeStream(self, request)
+        stream = RequestStream(request_id, n, self.abort)
+        self._streams[request_id] = stream
+        self._producers[request_id] = asyncio.ensure_future(self._feed(request, stream))
+        return stream
+
+    async def _feed(self, request: FakeRequest, stream: RequestStream) -> None:
+        async for delta in _produce(self, request):
+            stream.push(delta)
+        request.finished = True
+        self._streams.pop(request.request_id, None)
+        self._producers.pop(request.request_id, None)
 
     @property
     def eos_id(self) -> int:
@@ -70,27 +96,6 @@ class FakeEngine:
 
     def reply_ids(self) -> list[int]:
         return self.tokenizer.encode(self.reply, add_special_tokens=False) + [self.eos_id]
-
-
-class FakeStream:
-    """Async iterator of TokenDelta; closing it while unfinished records an abort."""
-
-    def __init__(self, engine: FakeEngine, request: FakeRequest) -> None:
-        self._engine = engine
-        self._request = request
-        self._deltas = _produce(engine, request)
-
-    def __aiter__(self) -> FakeStream:
-        return self
-
-    async def __anext__(self) -> TokenDelta:
-        return await self._deltas.__anext__()
-
-    async def aclose(self) -> None:
-        if not self._request.finished:
-            self._engine.abort(self._request.request_id)
-            self._request.finished = True
-        await self._deltas.aclose()
 
 
 @dataclass
@@ -182,4 +187,3 @@ async def _produce(engine: FakeEngine, request: FakeRequest):
                 continue
             yield _step(engine, request, choice, reply[step % len(reply)])
         step += 1
-    request.finished = True

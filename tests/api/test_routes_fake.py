@@ -337,7 +337,7 @@ async def test_abort_in_engine_is_503_and_bugs_are_opaque_500s(fake_app: FakeApp
     def broken_generate(*args, **kwargs):
         raise RuntimeError("secret internal detail")
 
-    fake_app.engine.generate = broken_generate  # type: ignore[method-assign]
+    fake_app.engine.add_request = broken_generate  # type: ignore[method-assign]
     response = await fake_app.client.post("/v1/completions", json={"prompt": "Hi"})
     assert response.status_code == 500
     error = response.json()["error"]

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import json
 
-from app.api.routes_tgi import TGIJob, TokenEvents
+from app.api.dialect_tgi import TGIDialect
 from app.core import FinishReason, SamplingParams, TokenDelta, Usage
 
 
 def render_all(deltas: list[TokenDelta], tokenizer) -> list[dict]:
-    job = TGIJob(
-        generation=None,  # type: ignore[arg-type] - rendering does not touch it
-        params=SamplingParams(temperature=0.0),
-        text_prefix="",
-        input_length=3,
-        want_details=False,
-        num_top_tokens=0,
-    )
-    renderer = TokenEvents(job, tokenizer)
-    frames = [frame for delta in deltas for frame in renderer.render(0, delta)]
+    dialect = TGIDialect([1, 2, 3], SamplingParams(temperature=0.0), True, tokenizer=tokenizer)
+    frames = [frame for delta in deltas for frame in dialect.render_delta(0, delta)]
     return [json.loads(frame.decode()[len("data: ") :]) for frame in frames]
 
 

@@ -112,11 +112,9 @@ async def test_the_engine_thread_logs_the_submitting_http_request_id(json_lines)
     engine = Engine(runner, TOK, load_settings(environ={}, fault_injection_marker="BOOM"))
     engine.start()
     try:
-        token = request_id_var.set("trace-42")  # what the HTTP middleware sets
-        try:
-            stream = engine.add_request("cmpl-trace-42-9f8e", TOK.encode("BOOM"), PARAMS)
-        finally:
-            request_id_var.reset(token)
+        stream = engine.add_request(
+            "cmpl-trace-42-9f8e", TOK.encode("BOOM"), PARAMS, log_request_id="trace-42"
+        )
         final = [delta async for delta in stream][-1]
         assert final.finish_reason is FinishReason.ERROR
     finally:

@@ -105,10 +105,6 @@ async def test_generate_streams_every_choice_to_its_end(params):
         engine.shutdown()
 
 
-def test_add_request_is_the_public_name_and_generate_the_same_method():
-    assert Engine.generate is Engine.add_request
-
-
 @pytest.mark.anyio
 async def test_abort_frees_blocks_before_the_next_step_is_scheduled():
     runner = GatedRunner(block_size=4, num_blocks=64, max_model_len=256)
@@ -137,6 +133,29 @@ async def test_abort_frees_blocks_before_the_next_step_is_scheduled():
             assert used_blocks == sum(held.values())
         assert after[0][2] == {"b": after[0][1]}
     finally:
+        engine.shutdown()
+
+
+@pytest.mark.anyio
+async def test_abort_ends_the_stream_at_once_with_its_reason_and_frees_blocks():
+    runner = GatedRunner(block_size=4, num_blocks=64, max_model_len=256)
+    engine = Engine(runner, TOK, load_settings(environ={}, max_num_seqs=8))
+    runner.core = engine.core
+    runner.hold_next.set()  # the engine thread is stuck in a step while we abort
+    engine.start()
+    try:
+        stream = engine.add_request("a", TOK.encode("x" * 20), SamplingParams(max_tokens=200), n=2)
+        assert await asyncio.to_thread(runner.held.wait, 5.0)
+        engine.abort("a", "the deadline passed")
+        ended = await asyncio.wait_for(collect(stream), 1.0)  # the step is still held
+        for deltas in ended.values():
+            assert deltas[-1].finish_reason is FinishReason.ABORT
+            assert deltas[-1].error == "the deadline passed"
+        runner.go.set()
+        await wait_for(lambda: not engine.core.has_unfinished())
+        assert engine.core.block_manager.num_used_blocks == 0
+    finally:
+        runner.go.set()
         engine.shutdown()
 
 

@@ -107,7 +107,7 @@ async def test_unexpected_error_is_a_500_with_the_id_logged(
     def broken_generate(*args, **kwargs):
         raise RuntimeError("unexpected bug")
 
-    app.engine.generate = broken_generate  # type: ignore[method-assign]
+    app.engine.add_request = broken_generate  # type: ignore[method-assign]
     before = await scrape(app)
     response = await app.client.post("/v1/completions", json={"prompt": "Hi"})
     assert response.status_code == 500

@@ -133,7 +133,7 @@ async def test_the_engine_keeps_stepping_while_the_event_loop_is_blocked(
     try:
         num_tokens = 400
         params = SamplingParams(max_tokens=num_tokens, ignore_eos=True, temperature=0.0)
-        stream = engine.generate("r", tokenizer.encode("Hello"), params)
+        stream = engine.add_request("r", tokenizer.encode("Hello"), params)
         first = await stream.__anext__()
         steps_before = runner.num_steps
         time.sleep(0.3)  # the loop is stuck; deliveries pile up as queued callbacks

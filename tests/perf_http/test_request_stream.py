@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from app.core import FinishReason, TokenDelta
-from app.engine.request_stream import RequestStream
+from app.engine.request_stream import RequestStream, wait_for_delivery
 
 pytestmark = pytest.mark.anyio
 
@@ -24,7 +24,7 @@ def delta(index: int, text: str, finished: bool = False) -> TokenDelta:
 
 def new_stream(n: int = 1) -> tuple[RequestStream, list[str]]:
     aborted: list[str] = []
-    return RequestStream("r", n, aborted.append), aborted
+    return RequestStream("r", n, lambda request_id, _reason: aborted.append(request_id)), aborted
 
 
 async def test_next_batch_returns_everything_pushed_since_the_last_read():
@@ -81,12 +81,59 @@ async def test_closing_wakes_a_parked_reader_which_then_stops():
     assert aborted == ["r"]
 
 
-async def test_iteration_and_get_nowait_still_work():
+async def test_take_ready_and_iteration_still_work():
     stream, aborted = new_stream()
-    assert stream.get_nowait() is None
+    assert stream.take_ready() == []
     stream.push(delta(0, "a"))
-    stream.push(delta(0, "b", finished=True))
-    assert stream.get_nowait().text == "a"
-    assert [d.text async for d in stream] == ["b"]
+    assert [d.text for d in stream.take_ready()] == ["a"]
+    stream.push(delta(0, "b"))
+    stream.push(delta(0, "c", finished=True))
+    assert [d.text async for d in stream] == ["b", "c"]
     await stream.aclose()
     assert aborted == []  # it had finished: nothing to abort
+
+
+async def test_end_finishes_every_unfinished_choice_at_once_with_the_reason():
+    stream, aborted = new_stream(n=3)
+    stream.push(delta(0, "a"))
+    stream.push(delta(1, "b", finished=True))
+    stream.end("deadline passed")
+    stream.push(delta(0, "late"))  # what the engine sent before it saw the abort: dropped
+    batch = await stream.next_batch()
+    assert [(d.index, d.text) for d in batch] == [(0, "a"), (1, "b"), (0, ""), (2, "")]
+    assert [d.finish_reason for d in batch[2:]] == [FinishReason.ABORT] * 2
+    assert {d.error for d in batch[2:]} == {"deadline passed"}
+    assert stream.finished
+    await stream.aclose()
+    assert aborted == []  # ended already: the engine was told by whoever ended it
+
+
+async def test_the_engine_forgets_a_stream_only_once_its_own_finals_arrived():
+    stream, _ = new_stream(n=2)
+    stream.end("gone")
+    assert not stream.push(delta(0, "", finished=True))
+    assert stream.push(delta(1, "", finished=True))
+
+
+async def test_one_wait_serves_several_streams():
+    first, _ = new_stream()
+    second, _ = new_stream()
+    waiter = asyncio.ensure_future(wait_for_delivery([first, second], None))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    second.push(delta(0, "x"))
+    await asyncio.wait_for(waiter, 1.0)
+    assert first.take_ready() == [] and [d.text for d in second.take_ready()] == ["x"]
+    assert first.waiter is None and second.waiter is None
+    await asyncio.wait_for(wait_for_delivery([first, second], 0.01), 1.0)  # times out
+
+
+async def test_a_cancelled_wait_closes_every_stream_it_waited_on():
+    first, aborted_first = new_stream()
+    second, aborted_second = new_stream()
+    waiter = asyncio.ensure_future(wait_for_delivery([first, second], None))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert aborted_first == aborted_second == ["r"]

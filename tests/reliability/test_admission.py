@@ -1,7 +1,7 @@
 """Admission control: the bounded queue, its 429, and the tickets behind deadlines.
 
-Unit tests drive AdmissionController and TrackedStream directly on an event loop;
-the HTTP tests run the real app over the fake engine (in-process, no model).
+Unit tests drive AdmissionController, its tickets and the driver's Run directly on an
+event loop; the HTTP tests run the real app over the fake engine (in-process, no model).
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from app.api.admission import AdmissionController, ExpiredDelta, TrackedEngine, TrackedStream
+from app.api.admission import AdmissionController
 from app.api.deadline import deadline_exceeded
+from app.api.driver import Dialect, Run
 from app.api.errors import APIError
-from app.core import FinishReason, SamplingParams, TokenDelta
+from app.api.request_record import RequestRecord
+from app.core import SamplingParams
+from app.metrics import Metrics
 from tests.api.conftest import fake_settings, running_fake_app
 from tests.api.fake_engine import FakeEngine
 
@@ -63,7 +66,7 @@ async def test_an_engine_backlog_leaves_only_the_queue() -> None:
 
     controller = AdmissionController(max_queued=1, max_running=8, server_timeout_s=None)
     engine = BusyEngine()
-    controller.track(engine)
+    controller.watch_backlog(engine)
     engine.backlog = 5  # e.g. a full KV cache: the engine cannot start what it has
     first = controller.admit()
     with pytest.raises(APIError):
@@ -82,113 +85,105 @@ async def test_wait_idle_returns_when_the_last_request_ends() -> None:
     assert await controller.wait_idle(5.0)
 
 
-# --- streams and expiry ---------------------------------------------------------------------
+# --- runs and expiry ------------------------------------------------------------------------
 
 
-class SlowStream:
-    """An engine stream that yields one delta per `interval_s`; records closing."""
+class Stopped:
+    """A stand-in for the driver's run: records what stopped it."""
 
-    def __init__(self, n: int = 1, num_tokens: int = 1000, interval_s: float = 0.01) -> None:
-        self.n, self.num_tokens, self.interval_s = n, num_tokens, interval_s
-        self.sent = 0
-        self.closed = False
+    def __init__(self, finished: bool = False) -> None:
+        self.finished = finished
+        self.errors: list[APIError] = []
 
-    def __aiter__(self) -> SlowStream:
-        return self
-
-    async def __anext__(self) -> TokenDelta:
-        if self.closed or self.sent >= self.num_tokens * self.n:
-            raise StopAsyncIteration
-        await asyncio.sleep(self.interval_s)
-        self.sent += 1
-        return TokenDelta("r", self.sent % self.n, "x", (5,))
-
-    async def aclose(self) -> None:
-        self.closed = True
+    def stop(self, error: APIError) -> None:
+        self.errors.append(error)
 
 
-async def test_expiry_while_waiting_ends_every_choice_and_closes_the_engine_stream() -> None:
+class Plain(Dialect):
+    id_prefix = "plain"
+
+
+def new_run(engine: FakeEngine, ticket, prompts: list[list[int]], n: int = 1) -> Run:
+    dialect = Plain(prompts, [SamplingParams(max_tokens=500)] * len(prompts), n, stream=False)
+    record = RequestRecord("id", False, "POST", "/generate", Metrics("m"), False)
+    return Run(engine, dialect, record, ticket)
+
+
+async def test_expiry_stops_the_run_once_and_a_late_run_at_once() -> None:
     controller = AdmissionController(max_queued=4, max_running=4, server_timeout_s=None)
     ticket = controller.admit()
-    inner = SlowStream(n=2, interval_s=10.0)  # nothing arrives in time
-    stream = TrackedStream(inner, ticket, "r", 2)
-    reader = asyncio.ensure_future(stream.__anext__())
-    await asyncio.sleep(0.01)
+    run = Stopped()
+    ticket.attach(run)
     ticket.expire(deadline_exceeded(0.5))
-    first = await reader
-    second = await stream.__anext__()
-    assert isinstance(first, ExpiredDelta) and isinstance(second, ExpiredDelta)
-    assert {first.index, second.index} == {0, 1}
-    assert first.finish_reason is FinishReason.ABORT
-    assert first.api_error is not None and first.api_error.status_code == 504
-    assert inner.closed and not ticket.started
-    with pytest.raises(StopAsyncIteration):
-        await stream.__anext__()
+    ticket.expire(deadline_exceeded(0.7))  # the first expiry wins
+    assert [e.status_code for e in run.errors] == [504]
+    late_ticket = controller.admit()
+    late_ticket.expire(deadline_exceeded(0.5))  # while the request is still being prepared
+    late_run = Stopped()
+    late_ticket.attach(late_run)
+    assert [e.code for e in late_run.errors] == ["request_timeout"]
     controller.release(ticket)
-
-
-async def test_expiry_between_reads_frees_the_engine_at_once() -> None:
-    controller = AdmissionController(max_queued=4, max_running=4, server_timeout_s=None)
-    ticket = controller.admit()
-    inner = SlowStream(interval_s=0.0)
-    stream = TrackedStream(inner, ticket, "r", 1)
-    assert (await stream.__anext__()).text == "x"
-    assert ticket.started and controller.num_started == 1
-    ticket.expire(deadline_exceeded(1.0))  # nobody is reading right now
-    await asyncio.sleep(0)
-    assert inner.closed  # aborted without waiting for the next read
-    assert isinstance(await stream.__anext__(), ExpiredDelta)
-    controller.release(ticket)
-    assert controller.num_started == 0
-
-
-async def test_someone_elses_cancel_is_not_swallowed() -> None:
-    controller = AdmissionController(max_queued=4, max_running=4, server_timeout_s=None)
-    ticket = controller.admit()
-    stream = TrackedStream(SlowStream(interval_s=10.0), ticket, "r", 1)
-    reader = asyncio.ensure_future(stream.__anext__())
-    await asyncio.sleep(0.01)
-    reader.cancel()  # e.g. Generation.aclose when the client leaves
-    with pytest.raises(asyncio.CancelledError):
-        await reader
-    controller.release(ticket)
+    controller.release(late_ticket)
 
 
 async def test_a_deadline_fires_on_its_own() -> None:
     controller = AdmissionController(max_queued=4, max_running=4, server_timeout_s=None)
     ticket = controller.admit(timeout_s=0.05)
-    stream = TrackedStream(SlowStream(interval_s=10.0), ticket, "r", 1)
-    delta = await asyncio.wait_for(stream.__anext__(), 5.0)
-    assert isinstance(delta, ExpiredDelta) and "deadline of 0.05 s" in (delta.error or "")
+    run = Stopped()
+    ticket.attach(run)
+    await asyncio.sleep(0.2)
+    assert [e.code for e in run.errors] == ["request_timeout"]
+    assert "deadline of 0.05 s" in run.errors[0].message
     controller.release(ticket)
 
 
 async def test_a_deadline_after_the_last_token_changes_nothing() -> None:
-    class OneToken(SlowStream):
-        async def __anext__(self) -> TokenDelta:
-            if self.sent:
-                raise StopAsyncIteration
-            self.sent = 1
-            return TokenDelta("r", 0, "x", (5,), finish_reason=FinishReason.LENGTH)
-
     controller = AdmissionController(max_queued=4, max_running=4, server_timeout_s=None)
     ticket = controller.admit(timeout_s=0.02)
-    inner = OneToken()
-    stream = TrackedStream(inner, ticket, "r", 1)
-    assert (await stream.__anext__()).finish_reason is FinishReason.LENGTH
-    await asyncio.sleep(0.1)  # the deadline passes while the response is being written
-    assert ticket.expiry is None and not inner.closed
+    run = Stopped(finished=True)  # only its final frames are still being written
+    ticket.attach(run)
+    await asyncio.sleep(0.1)
+    assert ticket.expiry is None and run.errors == []
     controller.release(ticket)
 
 
-async def test_tracked_engine_passes_through_outside_a_request(http_tokenizer) -> None:
-    engine = FakeEngine(http_tokenizer)
+async def test_stopping_a_run_aborts_every_engine_request_and_answers_with_the_error(
+    http_tokenizer,
+) -> None:
+    engine = FakeEngine(http_tokenizer, token_interval_s=10.0)  # nothing arrives in time
     engine.start()
-    tracked = TrackedEngine(engine)
-    stream = tracked.generate("id-1", [1, 2], SamplingParams(max_tokens=2), n=1)
-    assert not isinstance(stream, TrackedStream)  # no ticket in this context
-    assert tracked.is_alive and tracked.max_model_len == engine.max_model_len
-    await stream.aclose()
+    controller = AdmissionController(max_queued=4, max_running=4, server_timeout_s=None)
+    ticket = controller.admit()
+    run = new_run(engine, ticket, [[1, 2], [3, 4]], n=2)
+    reader = asyncio.ensure_future(run.collect())
+    await asyncio.sleep(0.01)
+    ticket.expire(deadline_exceeded(0.5))
+    with pytest.raises(APIError) as stopped:
+        await asyncio.wait_for(reader, 1.0)
+    assert stopped.value.status_code == 504 and stopped.value.code == "request_timeout"
+    assert sorted(engine.aborted) == sorted(stream.request_id for stream in run.streams)
+    assert len(engine.aborted) == 2
+    assert run.finished and not ticket.started
+    await run.aclose()
+    assert run.record.finish_reasons == ["abort"] * 4
+    controller.release(ticket)
+
+
+async def test_the_first_delta_starts_the_ticket_and_closing_aborts_what_runs(
+    http_tokenizer,
+) -> None:
+    engine = FakeEngine(http_tokenizer, token_interval_s=0.01)
+    engine.start()
+    controller = AdmissionController(max_queued=4, max_running=4, server_timeout_s=None)
+    ticket = controller.admit()
+    run = new_run(engine, ticket, [[1, 2]])
+    assert await run.next_batch(None)
+    assert ticket.started and controller.num_started == 1
+    await run.aclose()  # the client left
+    assert len(engine.aborted) == 1
+    assert run.record.finish_reasons == ["cut_short"] and run.record.failure == "aborted"
+    controller.release(ticket)
+    assert controller.num_started == 0
 
 
 # --- through the app (fake engine) -------------------------------------------------------------

@@ -8,8 +8,8 @@ any engine work, and exactly at it the request is served. All on the fake engine
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from app.api.state import DEFAULT_MAX_PROMPTS, Limits
 from app.config import Settings
 from app.tokenizer import Tokenizer
 from tests.api.conftest import FakeApp, fake_settings, running_fake_app
@@ -30,6 +29,9 @@ CHAT = "/v1/chat/completions"
 TGI = "/generate"
 TGI_PATHS = {TGI, "/generate_stream", "/"}
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
+DEFAULT_MAX_PROMPTS = Settings.model_fields["max_prompts_per_request"].default
+# Where the HTTP layer reads the limits of one request from the settings.
+LIMIT_READERS = ("app/api/params.py", "app/api/state.py")
 FAKE_CONTEXT = FakeEngine.max_model_len  # the fake engine's context window
 
 # Every per-request limit setting, set below its default (and the prompt limit far
@@ -308,19 +310,16 @@ async def test_a_lowered_limit_refuses_one_past_it_and_serves_it(
     assert engine.requests
 
 
-def test_the_cases_cover_every_limit_of_one_request(default_model_path: Path) -> None:
-    """Every field of Limits that a setting decides is lowered here, and every lowered
+def test_the_cases_cover_every_limit_of_one_request() -> None:
+    """Every `max_*` setting the request checks read is lowered here, and every lowered
     setting has a case (max_body_bytes, enforced before routing, has its own test)."""
-    lowered = Limits.from_settings(fake_settings(default_model_path, **LOWERED), 8192, 1000)
-    default = Limits.from_settings(Settings(model=default_model_path), 8192, 1000)
-    decided_by_settings = {f.name for f in dataclasses.fields(Limits)} - {
-        "max_model_len",
-        "vocab_size",
+    repo = Path(__file__).resolve().parents[2]
+    read = {
+        name
+        for path in LIMIT_READERS
+        for name in re.findall(r"settings\.(max_\w+)", (repo / path).read_text())
     }
-    changed = {
-        name for name in decided_by_settings if getattr(lowered, name) != getattr(default, name)
-    }
-    assert changed == decided_by_settings
+    assert read == set(LOWERED) - {"max_body_bytes"}
     assert {case.setting for case in CASES} == set(LOWERED) - {"max_body_bytes"}
 
 

@@ -1,0 +1,328 @@
+"""The route driver: one story for every generation route, told in the route's dialect.
+
+    parse (dialect) -> admit (ticket) -> engine requests -> stream frames or collect
+    -> usage and the request record -> answer (dialect)
+
+A `Dialect` (dialect_openai.py, dialect_tgi.py) parses its request into engine inputs
+and renders deltas, the final answer and the usage chunk; `drive` does the rest the
+same way for all of them. A request with several prompts becomes one engine request
+per prompt (each with its n choices); choice index = prompt index * n + delta.index,
+as OpenAI numbers them.
+
+A request ends early through one call, `engine.abort(request_id, reason)`: its
+deadline or the drain (through its admission ticket: `Run.stop`), or the client
+leaving (`Run.aclose`). The engine ends the stream with an ABORT delta at once; the
+run answers it with the error that stopped it (504, 503), or, for an abort it did not
+ask for (the engine shutting down), a 503 `request_aborted`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import anyio
+from fastapi import Request
+
+from app.api.admission import Ticket
+from app.api.engine_client import EngineClient, EngineDeadError
+from app.api.errors import APIError, ClientDisconnected, server_error, service_unavailable
+from app.api.request_record import (
+    RequestRecord,
+    Usage,
+    close_generation,
+    current_request_id,
+    engine_request_id,
+    on_delta,
+    report_failure,
+    request_record_var,
+    start_generation,
+)
+from app.api.route_facts import facts_for
+from app.api.sse import DONE, KEEPALIVE, EventStreamResponse, sse_error
+from app.api.state import Serving
+from app.core import FinishReason, SamplingParams, TokenDelta, TokenLogprob
+from app.engine.request_stream import RequestStream, wait_for_delivery
+
+logger = logging.getLogger("lamina.api")
+
+T = TypeVar("T")
+# What a response that ends before its engine requests do tells the engine.
+RESPONSE_CLOSED = "the response ended before the request finished (client gone or a failure)"
+
+
+@dataclass
+class ChoiceResult:
+    """Everything one choice produced, for non-streaming answers."""
+
+    index: int
+    text_parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    num_tokens: int = 0  # as the engine counted them (its final delta's usage)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    def add(self, delta: TokenDelta) -> None:
+        self.text_parts.append(delta.text)
+        self.token_ids.extend(delta.token_ids)
+        self.logprobs.extend(delta.logprobs)
+        if delta.finished:
+            self.finish_reason = delta.finish_reason
+            self.stop_reason = delta.stop_reason
+            usage = delta.usage
+            self.num_tokens = usage.completion_tokens if usage else len(self.token_ids)
+
+
+class Dialect:
+    """One request in one API's dialect: its engine inputs and how its answer looks.
+
+    A subclass is built by `parse(body, serving)` (every check that can refuse the
+    request runs there, before any engine request or stream opens, so a bad streaming
+    request still gets a real 4xx status) and renders the answer from deltas.
+    """
+
+    id_prefix: ClassVar[str]  # of the response id, e.g. "chatcmpl"
+
+    def __init__(
+        self, prompts: list[list[int]], params: list[SamplingParams], n: int, stream: bool
+    ) -> None:
+        self.prompts = prompts  # token ids, one list per prompt
+        self.params = params  # one per prompt (max_tokens fitted to each prompt)
+        self.n = n  # choices per prompt
+        self.stream = stream
+        self.response_id = new_request_id(self.id_prefix)
+        self.created = int(time.time())
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
+
+    def opening(self) -> Iterable[bytes]:
+        """Frames sent before any token (streaming)."""
+        return ()
+
+    def render_delta(self, choice_index: int, delta: TokenDelta) -> Iterable[bytes]:
+        """The frames of one delta of one choice (streaming)."""
+        raise NotImplementedError
+
+    def closing(self, usage: Usage) -> Iterable[bytes]:
+        """Frames after every choice ended (streaming)."""
+        return ()
+
+    def render_final(self, results: list[ChoiceResult], usage: Usage) -> Any:
+        """The whole answer (not streaming)."""
+        raise NotImplementedError
+
+
+def new_request_id(prefix: str) -> str:
+    """The response id (e.g. `chatcmpl-3f2a...`): the prefix and the HTTP request's id
+    (X-Request-Id), so the id a client sees is the one in the server's logs."""
+    return f"{prefix}-{current_request_id() or uuid.uuid4().hex}"
+
+
+def is_failure(delta: TokenDelta) -> bool:
+    return delta.finish_reason in (FinishReason.ERROR, FinishReason.ABORT)
+
+
+async def drive(dialect: Dialect, request: Request, serving: Serving, ticket: Ticket | None):
+    """Run a parsed request and answer it: an event stream, or the dialect's answer."""
+    run = Run(serving.engine, dialect, request_record_var.get(), ticket)
+    if dialect.stream:
+        tgi_errors = facts_for(request.url.path).tgi_errors
+        frames = run.frames(serving.keepalive_interval_s, tgi_errors)
+        return EventStreamResponse(frames, on_close=run.aclose)
+    try:
+        results = await unless_disconnected(request, run.collect())
+    finally:
+        await run.aclose()
+    return dialect.render_final(results, run.usage)
+
+
+class Run:
+    """The engine requests of one HTTP request, read as one stream of (choice, delta)."""
+
+    def __init__(
+        self,
+        engine: EngineClient,
+        dialect: Dialect,
+        record: RequestRecord | None,
+        ticket: Ticket | None = None,
+    ) -> None:
+        if record is None:
+            raise RuntimeError("no request record: the app runs without its middleware")
+        self.engine = engine
+        self.dialect = dialect
+        self.record = record
+        self.ticket = ticket  # None only where the server admits nothing (not ready)
+        self.stopped_with: APIError | None = None  # the deadline or drain that stopped it
+        self.streams: list[RequestStream] = []
+        base_id = engine_request_id(record, dialect.response_id)
+        several = len(dialect.prompts) > 1
+        try:
+            for index, (prompt, params) in enumerate(zip(dialect.prompts, dialect.params)):
+                engine_id = f"{base_id}-{index}" if several else base_id
+                self.streams.append(
+                    engine.add_request(engine_id, prompt, params, dialect.n, record.request_id)
+                )
+        except EngineDeadError as exc:
+            for stream in self.streams:  # prompts already queued must not run alone
+                engine.abort(stream.request_id, "another prompt of the request failed")
+            message = str(exc) or "the engine is not running"
+            raise service_unavailable(message, "engine_dead") from None
+        start_generation(record, dialect.prompts, dialect.n)
+        if ticket is not None:
+            ticket.attach(self)
+
+    @property
+    def finished(self) -> bool:
+        """Every choice has delivered its final delta (or the run was closed)."""
+        return all(stream.finished for stream in self.streams)
+
+    @property
+    def usage(self) -> Usage:
+        return self.record.usage
+
+    def stop(self, error: APIError) -> None:
+        """End the request now with `error` (its deadline, the drain's last resort)."""
+        self.stopped_with = error
+        for stream in self.streams:
+            if not stream.finished:
+                self.engine.abort(stream.request_id, error.message)
+
+    def failure(self, delta: TokenDelta) -> APIError:
+        """The error to answer for a choice that ended with ERROR or ABORT."""
+        if self.stopped_with is not None:
+            return self.stopped_with
+        if delta.finish_reason is FinishReason.ABORT:
+            return service_unavailable(
+                f"the request was aborted: {delta.error or 'the server is shutting down'}",
+                code="request_aborted",
+            )
+        return server_error(
+            f"generation failed: {delta.error or 'engine error'}", "generation_error"
+        )
+
+    async def next_batch(self, timeout_s: float | None) -> list[tuple[int, TokenDelta]]:
+        """Every delta ready now as (choice index, delta), waiting for at least one;
+        [] when `timeout_s` passed first. Raises StopAsyncIteration at the end."""
+        if self.finished:
+            raise StopAsyncIteration
+        batch = self._take_ready()
+        if not batch:
+            await wait_for_delivery([s for s in self.streams if not s.finished], timeout_s)
+            batch = self._take_ready()
+        return batch
+
+    def _take_ready(self) -> list[tuple[int, TokenDelta]]:
+        n, record = self.dialect.n, self.record
+        batch = []
+        for prompt_index, stream in enumerate(self.streams):
+            for delta in stream.take_ready():
+                choice_index = prompt_index * n + delta.index
+                on_delta(record, choice_index, delta)
+                batch.append((choice_index, delta))
+        if batch and self.ticket is not None and self.stopped_with is None:
+            self.ticket.mark_started()  # its first token reached the HTTP layer
+        return batch
+
+    async def collect(self) -> list[ChoiceResult]:
+        """Read every delta; raise the failure if a choice failed."""
+        results = [ChoiceResult(index=i) for i in range(self.dialect.num_choices)]
+        while True:
+            try:
+                batch = await self.next_batch(None)
+            except StopAsyncIteration:
+                return results
+            for choice_index, delta in batch:
+                if is_failure(delta):
+                    raise self.failure(delta)
+                results[choice_index].add(delta)
+
+    async def frames(self, keepalive_s: float, tgi: bool = False) -> AsyncIterator[bytes]:
+        """The frames of one streamed answer.
+
+        Every delta that is ready when the run is read (one engine step's worth, or more
+        when we fell behind) is rendered into one chunk, so the response makes one
+        socket write per step instead of one per token; the last step's chunk also
+        carries the closing frames. Silences longer than `keepalive_s` get a comment
+        frame. A choice that fails, or a bug while rendering, ends the stream with an
+        error event and [DONE]. The run is always closed, so a client that leaves aborts
+        its request. Error events carry TGI's `error_type` with `tgi`.
+        """
+        dialect = self.dialect
+        try:
+            frames = list(dialect.opening())
+            if frames:
+                yield b"".join(frames)
+            closed = False
+            while not closed:
+                try:
+                    batch = await self.next_batch(keepalive_s)
+                except StopAsyncIteration:
+                    break
+                if not batch:
+                    yield KEEPALIVE
+                    continue
+                frames = []
+                for choice_index, delta in batch:
+                    if is_failure(delta):
+                        yield b"".join([*frames, sse_error(self.failure(delta), tgi), DONE])
+                        return
+                    frames.extend(dialect.render_delta(choice_index, delta))
+                if self.finished:
+                    frames.extend(dialect.closing(self.usage))
+                    closed = True
+                if frames:
+                    yield b"".join(frames)
+        except Exception:
+            logger.exception("stream %s failed", dialect.response_id)
+            report_failure("error")
+            yield sse_error(server_error("internal server error while streaming"), tgi)
+            yield DONE
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Abort what is unfinished and stop reading (shielded: it also runs while the
+        surrounding task is being cancelled). Closing twice changes nothing."""
+        close_generation(self.record)
+        with anyio.CancelScope(shield=True):
+            for stream in self.streams:
+                if not stream.finished:
+                    self.engine.abort(stream.request_id, RESPONSE_CLOSED)
+                await stream.aclose()
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body must already be read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first."""
+    work_task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not work_task.done():
+            work_task.cancel()
+        watcher.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait({work_task, watcher})
+    if work_task.cancelled():
+        raise ClientDisconnected()
+    return work_task.result()
