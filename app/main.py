@@ -28,14 +28,13 @@ from app.api.debug_hooks import install_test_hooks
 from app.api.drain import SHUTDOWN_GRACE_S, DrainingServer
 from app.api.engine_client import EngineClient
 from app.api.errors import install_error_handlers
-from app.api.middleware import BodySizeLimit
+from app.api.middleware import BodyGuard
 from app.api.observability import install_observability, log_ready
 from app.api.openapi import install_openapi
 from app.api.routes import openai_router, tgi_router
 from app.api.routes_misc import health_router
 from app.api.routes_misc import router as misc_router
 from app.api.state import Limits, ModelInfo, ServerState, Serving
-from app.api.unicode_guard import UnicodeGuard
 from app.config import Settings
 from app.logging_setup import configure_logging
 from app.metrics import Metrics
@@ -235,8 +234,7 @@ def create_app(
         app.include_router(router)
     install_test_hooks(app, settings)
     install_openapi(app)
-    app.add_middleware(UnicodeGuard)  # inside the size limit: reads bodies already bounded
-    app.add_middleware(BodySizeLimit, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
     # Outside the body limit (no body is read for a bad key), inside CORS (401s and
     # preflights carry CORS headers).
     app.add_middleware(ApiKeyAuth, api_keys=settings.api_keys, open_routes=settings.open_routes)

@@ -1,15 +1,22 @@
-"""ASGI middleware of the HTTP layer (pure ASGI: streaming and disconnects pass through).
+"""BodyGuard, the ASGI middleware that reads request bodies before the app does (pure
+ASGI: streaming and disconnects pass through).
 
-`BodySizeLimit` answers 413 for a body over Settings.max_body_bytes, from the
-Content-Length header when there is one, otherwise while reading a chunked body.
-Request ids, access logs and HTTP metrics: ObservabilityMiddleware (observability.py).
+- 413 for a body over Settings.max_body_bytes, from the Content-Length header when
+  there is one, otherwise while reading a chunked body;
+- 400 for a POST/PUT/PATCH body with a lone UTF-16 surrogate escape (unicode_guard.py).
+
+A body it read is replayed to the app. Request ids, access logs and HTTP metrics:
+ObservabilityMiddleware (observability.py).
 """
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import APIError, error_response
+from app.api.errors import APIError, error_response, invalid_request
+from app.api.unicode_guard import lone_surrogate_offset
+
+BODY_METHODS = ("POST", "PUT", "PATCH")  # bodies the routes parse as JSON
 
 
 def _too_large(limit_bytes: int, got: str) -> APIError:
@@ -21,7 +28,15 @@ def _too_large(limit_bytes: int, got: str) -> APIError:
     )
 
 
-class BodySizeLimit:
+def _lone_surrogate(offset: int) -> APIError:
+    return invalid_request(
+        f"request body is not valid Unicode text: a lone UTF-16 surrogate escape at "
+        f"byte {offset}; strings must be valid Unicode",
+        code="invalid_unicode",
+    )
+
+
+class BodyGuard:
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -30,42 +45,44 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_body_bytes
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            if declared.isdigit() and int(declared) > self.max_body_bytes:
-                error = _too_large(self.max_body_bytes, f"{int(declared)} bytes")
-                await error_response(error, scope.get("path"))(scope, receive, send)
-                return
-            await self.app(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(_too_large(limit, f"{int(declared)} bytes"), scope, receive, send)
             return
-        # No length announced (chunked): read it all here, within the limit, then replay.
-        chunks: list[bytes] = []
+        scanned = scope["method"] in BODY_METHODS
+        if declared is not None and not scanned:
+            await self.app(scope, receive, send)  # bounded, and nothing to scan
+            return
+        messages: list[Message] = []
         size = 0
         while True:
             message = await receive()
+            messages.append(message)
             if message["type"] != "http.request":
-                await self.app(scope, replay([message], receive), send)
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                error = _too_large(limit, f"at least {size} bytes")
+                await self._refuse(error, scope, receive, send)
                 return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                error = _too_large(self.max_body_bytes, f"at least {size} bytes")
-                await error_response(error, scope.get("path"))(scope, receive, send)
-                return
-            chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body_message: Message = {
-            "type": "http.request",
-            "body": b"".join(chunks),
-            "more_body": False,
-        }
-        await self.app(scope, replay([body_message], receive), send)
+        if scanned:
+            body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.request")
+            offset = lone_surrogate_offset(body)
+            if offset is not None:
+                await self._refuse(_lone_surrogate(offset), scope, receive, send)
+                return
+        await self.app(scope, replay(messages, receive), send)
+
+    @staticmethod
+    async def _refuse(error: APIError, scope: Scope, receive: Receive, send: Send) -> None:
+        await error_response(error, scope.get("path"))(scope, receive, send)
 
 
 def replay(messages: list[Message], receive: Receive) -> Receive:
-    """A receive() that returns `messages` first, then defers to the real one (for a
-    middleware that read the body before the app)."""
+    """A receive() that returns `messages` first, then defers to the real one."""
     pending = list(messages)
 
     async def replayed() -> Message:

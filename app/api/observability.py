@@ -75,7 +75,7 @@ class ObservabilityMiddleware:
     """Request id, HTTP metrics and the access line for every HTTP request.
 
     Keep it the outermost middleware (added last in create_app): it must see every
-    response, including 413s from BodySizeLimit and 429s from admission control.
+    response, including 413s from BodyGuard and 429s from admission control.
     """
 
     def __init__(
