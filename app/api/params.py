@@ -10,7 +10,6 @@ precise 400 per broken rule. Nothing raw goes further than here.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from app.api.errors import invalid_request
 from app.api.prompts import check_token_ids, encode_chat, encode_completion_prompts, encode_text
@@ -175,72 +174,44 @@ def fit_to_context(
     return max_tokens
 
 
-def _common_fields(body: SamplingFields, limits: Limits) -> dict[str, Any]:
-    """The SamplingParams fields that mean the same on both OpenAI routes."""
+def _openai_params(
+    body: SamplingFields,
+    limits: Limits,
+    max_tokens: int | None,
+    max_tokens_param: str,
+    logprobs: int | None,
+) -> SamplingParams:
+    """The SamplingParams of both OpenAI routes, from the fields that mean the same on
+    both; max_tokens is fitted to each prompt later."""
     if body.stop_token_ids:
         check_token_ids(body.stop_token_ids, "stop_token_ids", limits.vocab_size)
-    top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
-    fields: dict[str, Any] = {
-        "temperature": 1.0 if body.temperature is None else sampling_temperature(body.temperature),
-        "top_p": nucleus_top_p(body.top_p),
-        "top_k": top_k,
-        "min_p": body.min_p or 0.0,
-        "repetition_penalty": repetition_penalty(body.repetition_penalty),
-        "presence_penalty": body.presence_penalty or 0.0,
-        "frequency_penalty": body.frequency_penalty or 0.0,
-        "logit_bias": check_logit_bias(body.logit_bias, limits),
-        "seed": body.seed,
-        "stop": check_stop(body.stop, limits),
-        "stop_token_ids": tuple(body.stop_token_ids or ()),
-        "include_stop_str_in_output": bool(body.include_stop_str_in_output),
-        "ignore_eos": bool(body.ignore_eos),
-        "min_tokens": body.min_tokens or 0,
-        "skip_special_tokens": body.skip_special_tokens is not False,
-    }
-    return fields
-
-
-def _check_min_tokens(min_tokens: int, max_tokens: int | None, max_tokens_param: str) -> None:
+    logit_bias = check_logit_bias(body.logit_bias, limits)
+    stop = check_stop(body.stop, limits)
+    min_tokens = body.min_tokens or 0
     if max_tokens is not None and min_tokens > max_tokens:
         raise invalid_request(
             f"`min_tokens` ({min_tokens}) must not exceed `{max_tokens_param}` ({max_tokens})",
             param="min_tokens",
         )
-
-
-def completion_params(body: CompletionRequest, limits: Limits) -> SamplingParams:
-    """SamplingParams for /v1/completions; max_tokens is checked per prompt later."""
-    max_tokens = check_max_tokens(body.max_tokens, limits, "max_tokens")
-    logprobs = check_top_logprobs(body.logprobs, limits, "logprobs")
-    if body.echo and logprobs is not None:
-        raise invalid_request(
-            "`echo` together with `logprobs` is not supported: lamina does not compute "
-            "log-probabilities of prompt tokens",
-            param="echo",
-        )
-    fields = _common_fields(body, limits)
-    _check_min_tokens(fields["min_tokens"], max_tokens, "max_tokens")
-    return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **fields)
-
-
-def chat_max_tokens(body: ChatCompletionRequest) -> tuple[int | None, str]:
-    """max_tokens and the field it came from (max_completion_tokens wins)."""
-    if body.max_completion_tokens is not None:
-        return body.max_completion_tokens, "max_completion_tokens"
-    return body.max_tokens, "max_tokens"
-
-
-def chat_params(
-    body: ChatCompletionRequest, limits: Limits, max_tokens: int | None, max_tokens_param: str
-) -> SamplingParams:
-    check_max_tokens(max_tokens, limits, max_tokens_param)
-    top_logprobs = check_top_logprobs(body.top_logprobs, limits, "top_logprobs")
-    if top_logprobs is not None and not body.logprobs:
-        raise invalid_request("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
-    logprobs = (top_logprobs or 0) if body.logprobs else None
-    fields = _common_fields(body, limits)
-    _check_min_tokens(fields["min_tokens"], max_tokens, max_tokens_param)
-    return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **fields)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else sampling_temperature(body.temperature),
+        top_p=nucleus_top_p(body.top_p),
+        top_k=body.top_k if body.top_k is not None and body.top_k > 0 else 0,
+        min_p=body.min_p or 0.0,
+        repetition_penalty=repetition_penalty(body.repetition_penalty),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=logit_bias,
+        seed=body.seed,
+        stop=stop,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        include_stop_str_in_output=bool(body.include_stop_str_in_output),
+        ignore_eos=bool(body.ignore_eos),
+        min_tokens=min_tokens,
+        skip_special_tokens=body.skip_special_tokens is not False,
+        logprobs=logprobs,
+    )
 
 
 def with_max_tokens(params: SamplingParams, max_tokens: int | None) -> SamplingParams:
@@ -256,7 +227,15 @@ def completion_inputs(
     each), and n."""
     n = check_n(body.n, limits)
     check_num_prompts(body.prompt, limits)
-    params = completion_params(body, limits)
+    max_tokens = check_max_tokens(body.max_tokens, limits, "max_tokens")
+    logprobs = check_top_logprobs(body.logprobs, limits, "logprobs")
+    if body.echo and logprobs is not None:
+        raise invalid_request(
+            "`echo` together with `logprobs` is not supported: lamina does not compute "
+            "log-probabilities of prompt tokens",
+            param="echo",
+        )
+    params = _openai_params(body, limits, max_tokens, "max_tokens", logprobs)
     prompts = encode_completion_prompts(body.prompt, tokenizer)
     several = len(prompts) > 1
     per_prompt = [
@@ -264,7 +243,7 @@ def completion_inputs(
             params,
             fit_to_context(
                 len(prompt),
-                params.max_tokens,
+                max_tokens,
                 limits,
                 prompt_param=f"prompt[{i}]" if several else "prompt",
             ),
@@ -279,8 +258,15 @@ def chat_inputs(
 ) -> tuple[list[int], SamplingParams, int]:
     """/v1/chat/completions: the chat template's prompt, its SamplingParams, and n."""
     n = check_n(body.n, limits)
-    max_tokens, max_tokens_param = chat_max_tokens(body)
-    params = chat_params(body, limits, max_tokens, max_tokens_param)
+    max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
+    if body.max_completion_tokens is not None:  # the newer name wins
+        max_tokens, max_tokens_param = body.max_completion_tokens, "max_completion_tokens"
+    check_max_tokens(max_tokens, limits, max_tokens_param)
+    top_logprobs = check_top_logprobs(body.top_logprobs, limits, "top_logprobs")
+    if top_logprobs is not None and not body.logprobs:
+        raise invalid_request("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
+    logprobs = (top_logprobs or 0) if body.logprobs else None
+    params = _openai_params(body, limits, max_tokens, max_tokens_param, logprobs)
     prompt = encode_chat(body.messages, tokenizer, body.add_generation_prompt is not False)
     fitted = fit_to_context(
         len(prompt), max_tokens, limits, prompt_param="messages", max_tokens_param=max_tokens_param
