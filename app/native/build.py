@@ -23,6 +23,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -39,7 +40,11 @@ FLAGS = (
     "-Wall",
     "-Wno-psabi",  # 64-byte vectors between static functions on AVX2-only builds: internal
 )
-COMPILE_TIMEOUT_S = 120
+# A runaway compiler is stopped by its CPU time (a compile takes ~7 s of CPU with gcc,
+# ~14 with clang), not by the clock: on a loaded 2-core machine a healthy clang build
+# took 124 s of wall time. The wall limit only catches a compiler that waits forever.
+COMPILE_CPU_LIMIT_S = 120
+COMPILE_TIMEOUT_S = 900
 NATIVE = "native"  # -march=native: every instruction this CPU has
 # Portable CPU levels per machine, best first, with the /proc/cpuinfo flags each needs.
 PORTABLE_LEVELS = {
@@ -245,9 +250,12 @@ def _compile(compiler: str, march: str, target: Path, program: Path | None = Non
         command = [compiler, *flags, f"-march={march}", f"-I{SOURCE.parent}", str(program)]
         command += ["-o", temporary, "-lm"]
     try:
+        limited = ["sh", "-c", f'ulimit -t {COMPILE_CPU_LIMIT_S} && exec "$@"', "sh", *command]
         result = subprocess.run(
-            command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False
+            limited, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S, check=False
         )
+        if result.returncode == -signal.SIGXCPU:
+            raise NativeBuildError(f"compiling used over {COMPILE_CPU_LIMIT_S} s of CPU")
         if result.returncode != 0:
             tail = "\n".join(result.stderr.strip().splitlines()[-5:])
             if "omp.h" in result.stderr:  # clang without LLVM's OpenMP runtime headers
