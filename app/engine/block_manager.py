@@ -24,6 +24,11 @@ A block whose reference count drops to 0 keeps its hash and stays in the cache; 
 only recycled (evicted, least recently used first) when no never-cached free block is
 left. `num_free_blocks` counts both kinds, since both can be handed out at once.
 
+Free blocks holding nothing are handed out lowest id first. The CPU cache costs memory
+only where blocks were ever written (kv_cache.py), so reusing low ids keeps resident
+memory at the most blocks in use at once, where a queue would cycle through every block
+of the cache and touch all of it.
+
 The block manager asks before it acts: `can_allocate`/`allocate` at admission,
 `can_append_slots`/`append_slots` for running sequences, and never fails half way.
 """
@@ -31,8 +36,9 @@ The block manager asks before it acts: `can_allocate`/`allocate` at admission,
 from __future__ import annotations
 
 import hashlib
+import heapq
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
@@ -90,8 +96,8 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.hash_token_kinds = hash_token_kinds  # see the module docstring
         self._blocks = [_Block(i) for i in range(num_blocks)]
-        # Free blocks holding nothing reusable: handed out first.
-        self._free_uncached: deque[int] = deque(range(num_blocks))
+        # Free blocks holding nothing reusable: handed out first, lowest id first (a heap).
+        self._free_uncached: list[int] = list(range(num_blocks))
         # Free blocks still registered in the prefix cache, least recently used first.
         self._free_cached: OrderedDict[int, None] = OrderedDict()
         self._block_by_hash: dict[BlockHash, int] = {}
@@ -194,6 +200,7 @@ class BlockManager:
             block.block_hash = None
         self._block_by_hash.clear()
         self._free_uncached.extend(self._free_cached)
+        heapq.heapify(self._free_uncached)
         self._free_cached.clear()
         return True
 
@@ -261,7 +268,7 @@ class BlockManager:
             if block.block_hash is not None:
                 self._free_cached[block_id] = None
             else:
-                self._free_uncached.append(block_id)
+                heapq.heappush(self._free_uncached, block_id)
         seq.block_table = []
         self._seq_hashes.pop(seq.seq_id, None)
         self._seq_num_registered.pop(seq.seq_id, None)
@@ -275,7 +282,7 @@ class BlockManager:
 
     def _take_free(self) -> int:
         if self._free_uncached:
-            block = self._blocks[self._free_uncached.popleft()]
+            block = self._blocks[heapq.heappop(self._free_uncached)]
         else:  # evict the least recently used cached block
             block_id, _ = self._free_cached.popitem(last=False)
             block = self._blocks[block_id]

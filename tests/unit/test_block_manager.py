@@ -66,6 +66,38 @@ def test_lazy_allocation_grows_with_append_slots(manager: BlockManager):
     manager.check_invariants()
 
 
+def test_free_blocks_are_handed_out_lowest_id_first():
+    """The CPU cache costs memory only where blocks were written: reusing low ids keeps
+    the written part at the most blocks in use at once (a queue would walk all of it)."""
+    manager = BlockManager(num_blocks=8, block_size=BLOCK_SIZE, enable_prefix_caching=False)
+    first, second = make_seq(list(range(12))), make_seq(list(range(100, 108)))
+    admit(manager, first)
+    admit(manager, second)
+    assert (first.block_table, second.block_table) == ([0, 1, 2], [3, 4])
+    manager.free(first)
+    third = make_seq(list(range(200, 216)))
+    admit(manager, third)
+    assert third.block_table == [0, 1, 2, 5]  # freed ids again, then the next unused one
+    for _ in range(20):  # a stream of short requests never leaves the first blocks
+        manager.free(third)
+        third = make_seq(list(range(200, 216)))
+        admit(manager, third)
+        assert max(third.block_table) <= 5
+    manager.check_invariants()
+
+
+def test_reset_prefix_cache_hands_out_lowest_ids_first(manager: BlockManager):
+    seq = make_seq(list(range(16)))
+    admit(manager, seq)
+    compute_all(manager, seq)
+    manager.free(seq)  # four full blocks stay cached, free
+    manager.reset_prefix_cache()
+    other = make_seq(list(range(500, 508)))
+    admit(manager, other)
+    assert other.block_table == [0, 1]
+    manager.check_invariants()
+
+
 def test_cannot_allocate_beyond_free_blocks(manager: BlockManager):
     big = make_seq(list(range(4 * 8 + 1)))
     assert not manager.can_allocate(big, big.num_tokens)
