@@ -12,6 +12,10 @@ Two measured problems (docs/performance.md), both from running on 4 KiB pages:
   with oneDNN; with lamina's native matmul, which reads a single stream's weights close
   to memory speed, they did gain: `HugePageArena` (16.9 -> 15.0 ms for all matmuls of
   one token).
+
+The KV cache is the exception to huge pages: it is reserved at start-up but should cost
+memory only as sequences use it, so it lives on an anonymous mapping (`lazy_zeros`) that
+the kernel backs with zero pages on first touch, 4 KiB at a time (see kv_cache.py).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import ctypes
 import ctypes.util
 import logging
 import math
+import mmap
+import os
 import sys
 
 import torch
@@ -31,6 +37,7 @@ _M_MMAP_THRESHOLD = -3
 _MAX_MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's ceiling on 64-bit
 _TRIM_THRESHOLD_BYTES = 512 << 20  # keep up to this much freed memory for reuse
 _MADV_HUGEPAGE = 14
+_MADV_NOHUGEPAGE = 15
 _HUGE_PAGE_BYTES = 2 << 20
 
 
@@ -45,6 +52,9 @@ def _libc():
         return None  # not glibc (musl has no mallopt)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
     return libc
 
 
@@ -59,6 +69,58 @@ def keep_freed_memory_in_heap() -> bool:
     if applied:
         logger.debug("malloc keeps freed memory (mmap threshold 32 MiB, trim 512 MiB)")
     return applied
+
+
+def release_freed_heap() -> bool:
+    """Give the free memory malloc keeps (the raised trim threshold above) back to the
+    kernel once: loading leaves hundreds of MiB of freed checkpoint copies in the heaps
+    of the threads that loaded. True if glibc's malloc_trim ran."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero-filled CPU tensor on an anonymous mapping of its own, backed page by page
+    on first touch: what is never written costs no memory (on Linux; elsewhere the
+    platform's anonymous mmap, also zero-filled). 4 KiB pages, never transparent huge
+    ones, so resident memory follows what is touched, not 2 MiB around it."""
+    nbytes = max(1, math.prod(shape) * dtype.itemsize)
+    # Private, not mmap's default shared: shared anonymous memory is shmem, whose pages
+    # follow the shmem huge-page policy and count as shared in the RSS.
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    mapping = mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # THP "always" would back 2 MiB per touch
+        mapping.madvise(mmap.MADV_NOHUGEPAGE)
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
+    return raw.view(dtype).view(shape)
+
+
+def resident_bytes(tensor: torch.Tensor) -> int | None:
+    """How much of a CPU tensor's memory is resident now (whole pages it touches);
+    None where the kernel cannot say (not Linux, not glibc, or not the CPU)."""
+    libc = _libc()
+    if libc is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return None
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = tensor.data_ptr() // page * page
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    num_pages = -(-(end - start) // page)
+    flags = (ctypes.c_ubyte * num_pages)()
+    if libc.mincore(start, end - start, flags) != 0:
+        return None
+    return sum(flag & 1 for flag in bytes(flags)) * page
+
+
+def process_rss_bytes() -> int | None:
+    """This process's resident set size (VmRSS), None where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def advise_huge_pages(tensor: torch.Tensor) -> bool:

@@ -2,14 +2,18 @@
 
 A sequence's context lives in the blocks its block table lists, in order: token at
 position p sits in block `block_table[p // block_size]`, row `p % block_size`.
-Blocks are allocated once at start-up, so serving never allocates cache memory.
+Blocks are reserved once at start-up, so serving never allocates cache memory. On the
+CPU the reservation is an anonymous mapping the kernel fills with zero pages as they are
+first written: a block costs memory from the first time a sequence uses it, and the
+block manager hands out low block ids first, so resident memory follows the most blocks
+ever in use at once (plus the prefix cache's), not the reserved size.
 """
 
 from __future__ import annotations
 
 import torch
 
-from app.model.host_memory import advise_huge_pages
+from app.model.host_memory import lazy_zeros, resident_bytes
 from app.model.loader import ModelConfig
 
 GIB = 1024**3
@@ -59,18 +63,26 @@ class KVCache:
             block_size,
             config.head_dim,
         )
-        # One allocation for everything; layers are views into it. Huge pages before the
-        # first touch: decode gathers scattered blocks, which 4 KiB pages make TLB-bound.
-        self._storage = torch.empty(shape, device=device, dtype=dtype)
-        self.uses_huge_pages = advise_huge_pages(self._storage)
-        # Zeroed, not left empty: a gathered but masked-out row must never hold NaN
-        # (0 * NaN = NaN).
-        self._storage.zero_()
+        # One allocation for everything; layers are views into it. Zeroed, not left empty:
+        # a gathered but masked-out row must never hold NaN (0 * NaN = NaN). On the CPU
+        # the zeros come from the kernel, page by page as blocks are first written; with
+        # 4 KiB pages, not huge ones: a block of one layer's head is a few KiB, and 2 MiB
+        # pages would make its first use cost 2 MiB in each of the layers' heads.
+        if device.type == "cpu":
+            self._storage = lazy_zeros(shape, dtype)
+        else:
+            self._storage = torch.zeros(shape, device=device, dtype=dtype)
         self.layers = list(self._storage.unbind(0))  # [2, kv_heads, num_blocks, block, dim]
 
     @property
     def num_bytes(self) -> int:
         return self._storage.numel() * self._storage.element_size()
+
+    @property
+    def num_resident_bytes(self) -> int | None:
+        """Bytes of the cache backed by memory now (CPU; None where unknown): the pages
+        sequences have written so far."""
+        return resident_bytes(self._storage)
 
     def layer(self, index: int) -> torch.Tensor:
         """Keys ([0]) and values ([1]) of one layer: [2, kv_heads, num_blocks, block_size, dim]."""

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from app.model import cpu_threads, host_memory
+from app.model.kv_cache import KVCache
+from app.model.loader import ModelConfig
 
 
 def test_thread_count_is_physical_cores_within_affinity_and_quota(monkeypatch, tmp_path):
@@ -60,3 +62,42 @@ def test_huge_page_arena_hands_out_separate_aligned_tensors():
     big.fill_(3.0)
     assert a.eq(1.0).all() and b.eq(2.0).all() and big.eq(3.0).all()  # no overlap
     assert b.data_ptr() >= a.data_ptr() + a.numel() * 4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore and /proc")
+def test_lazy_zeros_cost_memory_only_where_written():
+    pages = host_memory.lazy_zeros((64, 1024, 64), torch.float32)  # 16 MiB: 64 x 256 KiB
+    assert pages.shape == (64, 1024, 64) and pages.is_contiguous()
+    assert host_memory.resident_bytes(pages) == 0  # reserved, nothing backed yet
+    pages[5].fill_(1.0)
+    pages[40, 3, 7] = 2.0
+    resident = host_memory.resident_bytes(pages)
+    assert 256 << 10 < resident <= (256 << 10) + 2 * 4096  # one slice and one page
+    assert pages.sum().item() == 1024 * 64 + 2.0  # the rest reads as zeros
+    rss = host_memory.process_rss_bytes()
+    assert rss is not None and rss > resident
+
+
+def test_kv_cache_costs_memory_as_blocks_are_written():
+    config = ModelConfig.from_dict(
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": 32,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
+    cache = KVCache(config, 512, 16, torch.device("cpu"), torch.float32)
+    if cache.num_resident_bytes is None:
+        pytest.skip("the kernel cannot say which pages are resident here")
+    assert cache.num_resident_bytes == 0  # reserved only
+    # A block of one layer's head is 16 tokens x head_dim 16 x 4 bytes = 1 KiB: the
+    # first 256 of 512 blocks are the first half of each of the 16 (layer, k/v, head).
+    for layer in range(4):
+        cache.layer(layer)[:, :, :256] = 1.0
+    half = cache.num_bytes // 2
+    assert half <= cache.num_resident_bytes <= half + 16 * 4096
+    assert cache.layer(3)[:, :, 256:].abs().sum().item() == 0.0  # the rest reads as zeros
