@@ -78,6 +78,7 @@ def load_engine(settings: Settings) -> LoadedEngine:
     runner = ModelRunner.from_settings(settings)
     if settings.warmup:
         runner.warmup()
+    runner.log_memory()
     engine = Engine(runner, Tokenizer(settings.model), settings)
     return LoadedEngine(
         engine=engine,

@@ -14,7 +14,7 @@ from torch import nn
 from app.model.attention import AttentionMetadata, paged_attention
 from app.model.fused_layers import FusedLayers, can_fuse
 from app.model.kv_cache import KVCache
-from app.model.linear import KernelPlan, Linear, RowInvariance, RowKinds
+from app.model.linear import KernelPlan, Linear, NativeLinearKernel, RowInvariance, RowKinds
 from app.model.loader import ModelConfig, rope_inverse_frequencies
 from app.native import NativeKernels
 
@@ -141,6 +141,33 @@ class LlamaDecoderLayer(nn.Module):
         return x.add_(self.mlp(self.post_attention_norm(x), kinds))
 
 
+class PanelEmbedding(nn.Module):
+    """The input embedding of a tied head, read from the head's fp32 panels.
+
+    A tied head's weight is the embedding matrix; once the native kernel has packed it
+    into panels ([ceil(vocab / 64), hidden, 64], token t in column t % 64 of panel
+    t // 64), keeping the matrix as well would hold the same numbers twice (113 MB for
+    SmolLM2-135M). Gathering a token's row across its panel copies the same bits.
+    """
+
+    def __init__(self, panels: torch.Tensor) -> None:
+        super().__init__()
+        self.panels = panels  # [ceil(vocab / 64), hidden, 64] fp32, shared with lm_head
+        self.columns = panels.shape[2]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [N] int64 -> [N, hidden]
+        return self.panels[input_ids // self.columns, :, input_ids % self.columns]
+
+
+def _fp32_panels(linear: Linear) -> torch.Tensor | None:
+    """The fp32 panels one of `linear`'s kernels holds (the prompt kernel's, with fp16
+    weights), or None when no kernel packs the weight in full precision."""
+    for kernel in (linear.prompt_kernel, linear.kernel):
+        if isinstance(kernel, NativeLinearKernel) and kernel.panels.dtype == torch.float32:
+            return kernel.panels
+    return None
+
+
 class LlamaForCausalLM(nn.Module):
     """Decoder-only LLaMA. Build on the meta device; loader.load_model fills it."""
 
@@ -176,6 +203,18 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.prepare_for_inference(plan, invariance)
         self.fuse_layers = can_fuse(self)
+        panels = _fp32_panels(self.lm_head) if self.config.tie_word_embeddings else None
+        if panels is not None:  # one copy of the tied matrix, not two
+            self.embed_tokens = PanelEmbedding(panels)
+
+    @property
+    def device(self) -> torch.device:
+        return self.rotary.cos.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model dtype: activations, norms and the KV cache."""
+        return self.rotary.cos.dtype
 
     @property
     def max_positions(self) -> int:
@@ -207,7 +246,7 @@ class LlamaForCausalLM(nn.Module):
         """How this model's attention runs: "sdpa" on CUDA (torch's fused kernel),
         "native" where lamina's CPU kernels were built for it, else "bmm" (see
         attention.py)."""
-        if self.embed_tokens.weight.device.type == "cuda":
+        if self.device.type == "cuda":
             return "sdpa"
         return "native" if self.native is not None else "bmm"
 

@@ -4,6 +4,11 @@ Only safetensors are read: pickle checkpoints (*.bin, *.pt) can run code when lo
 The model is built on the meta device (no memory, no random init) and the checkpoint
 tensors are assigned into it, after q/k/v and gate/up are merged into single weights
 so every layer runs two matmuls fewer per step.
+
+Checkpoint tensors are views of the file's memory map until something copies them: the
+kernels re-lay the linear weights out into memory of their own, and what is left (the
+embedding, the norms) is copied once loading ends, so the map, which holds the whole
+file resident once it was read, is released with the last view.
 """
 
 from __future__ import annotations
@@ -328,9 +333,13 @@ def load_model(
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise ModelLoadError(f"checkpoint does not match config.json: {exc}") from None
-    num_parameters = sum(p.numel() for p in model.parameters())
+    # A tied head is the embedding again: count each tensor once.
+    num_parameters = sum({t.data_ptr(): t.numel() for t in state.values()}.values())
+    del state  # the modules hold what they need; nothing else may keep checkpoint views
     plan = kernel_plan(device, dtype, weight_dtype, batch_invariant, kernels)
     model.finish_loading(device, max_positions or config.max_position_embeddings, plan)
+    if device.type == "cpu":
+        _copy_out_of_checkpoint(model)
     logger.info(
         "loaded %s: %d layers, %.1fM parameters, %s on %s, linear weights %s%s",
         Path(model_dir).name,
@@ -342,6 +351,20 @@ def load_model(
         _kernel_note(plan),
     )
     return model.eval()
+
+
+def _copy_out_of_checkpoint(model: torch.nn.Module) -> None:
+    """Give every parameter still held memory of its own (a tied weight stays one).
+
+    On the CPU an unconverted parameter is a view of the checkpoint's memory map, which
+    keeps the whole file mapped and resident; the copies let the map go.
+    """
+    copies: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) not in copies:
+                copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+            setattr(module, name, copies[id(param)])
 
 
 def _kernel_note(plan) -> str:

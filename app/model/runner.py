@@ -22,11 +22,12 @@ from app.model.attention import build_attention_metadata, calibrate_min_query_ro
 from app.model.cache_sizing import num_cache_blocks
 from app.model.cpu_threads import default_num_threads
 from app.model.cuda_graphs import DecodeGraphs
-from app.model.host_memory import keep_freed_memory_in_heap
+from app.model.host_memory import keep_freed_memory_in_heap, release_freed_heap
 from app.model.kv_cache import GIB, KVCache
 from app.model.linear import RowKinds
 from app.model.llama import LlamaForCausalLM
 from app.model.loader import ModelConfig, load_model, read_eos_token_ids
+from app.model.memory_report import MemoryReport, measure_memory
 from app.model.sampler import Sampler, SamplingRequest
 
 logger = logging.getLogger(__name__)
@@ -94,8 +95,8 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.num_blocks = kv_cache.num_blocks
         self.max_model_len = max_model_len
-        self.device = model.embed_tokens.weight.device
-        self.dtype = model.embed_tokens.weight.dtype
+        self.device = model.device
+        self.dtype = model.dtype
         # lamina's CPU kernels (set only on the CPU) have a multi-threaded argmax.
         argmax = model.native.argmax_rows if model.native is not None else None
         self.sampler = Sampler(eos_token_ids, self.device, seed, argmax)
@@ -192,6 +193,15 @@ class ModelRunner:
             cuda_graphs=settings.cuda_graphs,
             max_num_seqs=settings.max_num_seqs,
         )
+
+    def log_memory(self) -> MemoryReport:
+        """Hand the heap's free memory back (what loading and warm-up freed), then log
+        where the memory goes: weights, packed copies, KV cache, process RSS."""
+        if self.device.type == "cpu":
+            release_freed_heap()
+        report = measure_memory(self.model, self.kv_cache)
+        report.log(self.device)
+        return report
 
     # --- the Runner protocol -------------------------------------------------------
 

@@ -105,7 +105,7 @@ def model_logits(
     Chunks run in the order given; put single-token chunks first to take the decode path.
     kinds: the rows' token kinds, for models with fp16 weights (one kind for all rows).
     """
-    device = model.embed_tokens.weight.device
+    device = model.device
     backend = model.attention_backend
     positions, metadata = build_attention_metadata(
         [len(c.token_ids) for c in chunks],
@@ -116,7 +116,7 @@ def model_logits(
         model.config.num_kv_heads,
         device,
         backend=backend,
-        mask_dtype=model.embed_tokens.weight.dtype,
+        mask_dtype=model.dtype,
         native=model.native if backend == "native" else None,
     )
     input_ids = torch.tensor([t for c in chunks for t in c.token_ids], device=device)
