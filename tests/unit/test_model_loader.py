@@ -137,16 +137,16 @@ def test_tied_head_shares_the_embedding(tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc")
-@pytest.mark.parametrize("kernels", ["auto", "torch", "reference"])
-def test_the_checkpoint_file_is_unmapped_once_loaded(tmp_path, kernels):
+@pytest.mark.parametrize("family", ["auto", "torch", "reference"])
+def test_the_checkpoint_file_is_unmapped_once_loaded(tmp_path, family):
     """Every tensor the model keeps has memory of its own: a view left on the file's map
     would keep the whole checkpoint mapped, resident beside the packed copies."""
     save_random_llama(tmp_path, tie_word_embeddings=True)
     checkpoint = str(tmp_path / "model.safetensors")
-    model = load_model(tmp_path, kernels=kernels)
+    model = load_model(tmp_path, kernels=family)
     gc.collect()
     assert checkpoint not in Path("/proc/self/maps").read_text()
-    if kernels == "reference":  # the copy of a tied weight is still one tensor
+    if family == "reference":  # the copy of a tied weight is still one tensor
         assert model.lm_head.weight is model.embed_tokens.weight
 
 
