@@ -44,11 +44,14 @@ static inline vecu bf16_bits(vecu bits) {
     return (rounded & ~(nan | tiny)) | (quiet_nan & nan) | (zero & tiny);
 }
 
+/* The same for one value (weight packing, the tail of a row). */
 static inline uint16_t bf16_bits_scalar(float x) {
-    float lanes[LANES] = {x};
-    vecu bits;
-    memcpy(&bits, lanes, sizeof bits);
-    return (uint16_t)bf16_bits(bits)[0];
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    uint32_t magnitude = bits & 0x7fffffffu;
+    if (magnitude > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN */
+    if (magnitude < 0x00800000u) return (uint16_t)((bits >> 16) & 0x8000u); /* 0, denormal */
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
 /* x [M, K] (row stride ldx) -> out [M, K rounded up to even]: each value rounded to
@@ -114,8 +117,11 @@ static void round_rows_bf16(const float *x, long ldx, long M, long K, bf16_act *
     }
 #endif
 
-/* A bf16 tile: rows x (nv vectors of 16 columns) over `pairs` K-pairs in order, x the
- * rounded rows (row stride ldx), w the tile's first column in the panel. */
+/* A bf16 tile: rows x 4 vectors of 16 columns (a whole panel: the panels are zero past N,
+ * and store_tile keeps only the columns asked for), over `pairs` K-pairs in order; x the
+ * rounded rows (row stride ldx), w the panel (linear_phase's items start at a panel). One width only: 6 tiles to compile instead
+ * of 24 (the kernels' build time counts: every instruction-set level is compiled for the
+ * tests), for at most 3 vectors of zeros on a layer's last panel. */
 #define DEFINE_TILE_BF16(ROWS, NV)                                                         \
     static void tile_bf16_##ROWS##_##NV(const bf16_act *x, long ldx, const uint16_t *w,    \
                                         long pairs, vecf out[MAX_ROWS][4],                 \
@@ -131,11 +137,8 @@ static void round_rows_bf16(const float *x, long ldx, long M, long K, bf16_act *
         for (int r = 0; r < ROWS; r++)                                                     \
             for (int v = 0; v < NV; v++) out[r][v] = acc[r][v];                            \
     }
-#define DEFINE_TILES_BF16(ROWS)                                                            \
-    DEFINE_TILE_BF16(ROWS, 1) DEFINE_TILE_BF16(ROWS, 2)                                    \
-    DEFINE_TILE_BF16(ROWS, 3) DEFINE_TILE_BF16(ROWS, 4)
-DEFINE_TILES_BF16(1) DEFINE_TILES_BF16(2) DEFINE_TILES_BF16(3)
-DEFINE_TILES_BF16(4) DEFINE_TILES_BF16(5) DEFINE_TILES_BF16(6)
+DEFINE_TILE_BF16(1, 4) DEFINE_TILE_BF16(2, 4) DEFINE_TILE_BF16(3, 4)
+DEFINE_TILE_BF16(4, 4) DEFINE_TILE_BF16(5, 4) DEFINE_TILE_BF16(6, 4)
 
 /* Pack W [N, K] (a Linear's weight, row-major fp32) into bf16 panels
  * [ceil(N/64)][ceil(K/2)][64][2], rounded as the activations are; zeros past N and K. */

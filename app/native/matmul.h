@@ -182,21 +182,24 @@ static inline vec8 load8_f16(const half_bits *p) {
     DEFINE_TILE(WT, WTYPE, ROWS, 3) DEFINE_TILE(WT, WTYPE, ROWS, 4)
 #define TILE_ROW(WT, R) {tile_##WT##_##R##_1, tile_##WT##_##R##_2, tile_##WT##_##R##_3,     \
                          tile_##WT##_##R##_4}
+/* For tiles of whole panels only (bf16.h): every width takes the 4-vector tile. */
+#define WHOLE_PANEL_TILE_ROW(WT, R)                                                        \
+    {tile_##WT##_##R##_4, tile_##WT##_##R##_4, tile_##WT##_##R##_4, tile_##WT##_##R##_4}
 
 DEFINE_TILES(f32, float, 1) DEFINE_TILES(f32, float, 2) DEFINE_TILES(f32, float, 3)
 DEFINE_TILES(f32, float, 4) DEFINE_TILES(f32, float, 5) DEFINE_TILES(f32, float, 6)
 DEFINE_TILES(f16, half_bits, 1) DEFINE_TILES(f16, half_bits, 2) DEFINE_TILES(f16, half_bits, 3)
 DEFINE_TILES(f16, half_bits, 4) DEFINE_TILES(f16, half_bits, 5) DEFINE_TILES(f16, half_bits, 6)
 
-/* Everything of one weight type after its tiles: a table of them, and the loop over a run
- * of 16-column units for all M rows. A tile's loop takes STEP values of k per step (1, or
- * 2 for bf16's K-pairs), x is XTYPE (fp32, or bf16.h's rounded rows). */
-#define DEFINE_MATMUL_UNITS(WT, XTYPE, WTYPE, STEP)                                        \
+/* Everything of one weight type after its tiles: a table of them (ROW gives a row of it:
+ * TILE_ROW, or WHOLE_PANEL_TILE_ROW), and the loop over a run of 16-column units for all
+ * M rows. A tile's loop takes STEP values of k per step (1, or 2 for bf16's K-pairs), x
+ * is XTYPE (fp32, or bf16.h's rounded rows). */
+#define DEFINE_MATMUL_UNITS(WT, XTYPE, WTYPE, STEP, ROW)                                   \
     typedef void (*tile_##WT##_fn)(const XTYPE *, long, const WTYPE *, long,               \
                                    vecf[MAX_ROWS][4], const char *);                       \
     static const tile_##WT##_fn TILES_##WT[MAX_ROWS][4] = {                                \
-        TILE_ROW(WT, 1), TILE_ROW(WT, 2), TILE_ROW(WT, 3),                                 \
-        TILE_ROW(WT, 4), TILE_ROW(WT, 5), TILE_ROW(WT, 6)};                                \
+        ROW(WT, 1), ROW(WT, 2), ROW(WT, 3), ROW(WT, 4), ROW(WT, 5), ROW(WT, 6)};           \
     /* Units [first, last) of 16 columns, for all M rows; with lookahead, the tiles after  \
      * the first prefetch the next panel. */                                              \
     static void matmul_units_##WT(const XTYPE *x, long ldx, const WTYPE *panels,           \
@@ -223,11 +226,11 @@ DEFINE_TILES(f16, half_bits, 4) DEFINE_TILES(f16, half_bits, 5) DEFINE_TILES(f16
         }                                                                                  \
     }
 
-DEFINE_MATMUL_UNITS(f32, float, float, 1)
+DEFINE_MATMUL_UNITS(f32, float, float, 1, TILE_ROW)
 /* The same with fp16 panels: half the bytes a single stream reads per token. */
-DEFINE_MATMUL_UNITS(f16, float, half_bits, 1)
+DEFINE_MATMUL_UNITS(f16, float, half_bits, 1, TILE_ROW)
 /* bf16 panels in K-pairs against rows rounded to bf16 (bf16.h): one copy for every row. */
-DEFINE_MATMUL_UNITS(bf16, bf16_act, uint16_t, 2)
+DEFINE_MATMUL_UNITS(bf16, bf16_act, uint16_t, 2, WHOLE_PANEL_TILE_ROW)
 
 /* A linear layer's packed weight as the kernels see it. Rows of a matmul may take two
  * weight copies: rows [0, split) the first (prompt tokens), the rest the second

@@ -451,12 +451,14 @@ def test_bf16_matmul_is_the_exact_product_of_the_rounded_inputs_summed_in_fp32(
 def test_bf16_rounds_to_nearest_even_and_flushes_denormals(kernels):
     """Activations and weights round as torch's .bfloat16() does (ties to even), except
     that denormals become zero (AVX512-BF16 reads them as zero anyway)."""
-    one = torch.eye(6)  # y = x . I^T: each output is one rounded input, exactly
     ties = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.0, 2**-126, 2**-127]  # last: denormal
-    x = torch.tensor([ties])
-    out = kernels.matmul(x, kernels.pack_weight(one, dtype=torch.bfloat16), None, 6)
-    assert out[0].tolist() == [1.0, 1 + 2**-6, -1.0, 3.0, 2**-126, 0.0]
-    assert out[0, :5].tolist() == x[0, :5].bfloat16().float().tolist()
+    rounded = [1.0, 1 + 2**-6, -1.0, 3.0, 2**-126, 0.0]
+    x = torch.tensor([ties * 3])  # 18 values: a whole vector of 16 and a scalar tail
+    one = torch.eye(18)  # y = x . I^T: each output is one rounded input, exactly
+    out = kernels.matmul(x, kernels.pack_weight(one, dtype=torch.bfloat16), None, 18)
+    assert out[0].tolist() == rounded * 3
+    normal = [i for i in range(18) if i % 6 != 5]
+    assert out[0, normal].tolist() == x[0, normal].bfloat16().float().tolist()
     weight = torch.tensor([[1 + 2**-8, 2**-130], [-(2**-127), 1 + 3 * 2**-8]])
     panels = kernels.pack_weight(weight, dtype=torch.bfloat16)  # [1, 1, 64, 2]
     pairs = panels[0, 0, :2].float()  # column n: (w[n, 0], w[n, 1])
