@@ -32,11 +32,11 @@ from app.model.attention import (
     calibrate_min_query_rows,
     paged_attention,
 )
+from app.model.config import ModelConfig
 from app.model.cpu_threads import default_num_threads
 from app.model.host_memory import HugePageArena
 from app.model.kv_cache import KVCache
 from app.model.linear import onednn_available
-from app.model.loader import ModelConfig
 from app.native import NativeKernels, native_kernels
 from app.native.build import NATIVE, NativeBuildError, build_level
 from app.native.self_check import check_library

@@ -14,13 +14,16 @@ back in row order after it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from app.model.attention import AttentionMetadata
+from app.model.config import ModelConfig
 from app.model.kv_cache import KVCache
 from app.model.linear import GENERATED, PROMPT, Linear, NativeLinearKernel, RowKinds
+from app.native import NativeKernels
 from app.native.stack import (
     DecoderLayerWeights,
     PackedLinear,
@@ -29,11 +32,24 @@ from app.native.stack import (
     describe_stack,
 )
 
-if TYPE_CHECKING:
-    from app.model.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+class RotaryTables(Protocol):
+    cos: torch.Tensor  # [max_positions, head_dim]
+    signed_sin: torch.Tensor  # [max_positions, head_dim]
 
 
-def can_fuse(model: LlamaForCausalLM) -> bool:
+class FusableModel(Protocol):
+    """What the fused path reads of a model (llama.LlamaForCausalLM has it). Named here
+    by shape, not by class, so the model may choose this path without a circle."""
+
+    config: ModelConfig
+    native: NativeKernels | None
+    rotary: RotaryTables
+    layers: nn.ModuleList  # each: input_norm, attn.qkv_proj / o_proj, post_attention_norm,
+    # mlp.gate_up_proj / down_proj
+
+
+def can_fuse(model: FusableModel) -> bool:
     """Whether every decoder-layer Linear runs lamina's native matmul (fp32 activations)."""
     linears = [m for layer in model.layers for m in layer.modules() if isinstance(m, Linear)]
     kernels = [k for m in linears for k in (m.kernel, m.prompt_kernel) if k is not None]
@@ -43,7 +59,7 @@ def can_fuse(model: LlamaForCausalLM) -> bool:
 class FusedLayers:
     """A model's decoder layers bound to one KV cache, run by NativeKernels.decoder_stack."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache) -> None:
+    def __init__(self, model: FusableModel, kv_cache: KVCache) -> None:
         config = model.config
         self.kv_cache = kv_cache
         self.native = model.native
@@ -88,7 +104,7 @@ class FusedLayers:
         return torch.empty_like(x).index_copy_(0, order, x)  # back in row order
 
 
-def _layer_weights(layer: LlamaDecoderLayer, cache: torch.Tensor) -> DecoderLayerWeights:
+def _layer_weights(layer: nn.Module, cache: torch.Tensor) -> DecoderLayerWeights:
     """cache: the layer's [2, kv_heads, num_blocks, block_size, head_dim]."""
     return DecoderLayerWeights(
         input_norm=layer.input_norm.weight.detach().contiguous(),

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from app.model.config import ModelConfig
 from app.model.host_memory import lazy_zeros, resident_bytes
-from app.model.loader import ModelConfig
 
 GIB = 1024**3
 

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.model.attention import AttentionMetadata, paged_attention
+from app.model.config import ModelConfig, rope_inverse_frequencies
 from app.model.fused_layers import FusedLayers, can_fuse
 from app.model.kv_cache import KVCache
 from app.model.linear import KernelPlan, Linear, NativeLinearKernel, RowInvariance, RowKinds
-from app.model.loader import ModelConfig, rope_inverse_frequencies
 from app.native import NativeKernels
 
 

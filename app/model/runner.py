@@ -20,13 +20,14 @@ from app.config import Settings
 from app.core import SampleOutput, SamplingParams, ScheduledBatch, ScheduledSeq, Sequence
 from app.model.attention import build_attention_metadata, calibrate_min_query_rows, key_bucket
 from app.model.cache_sizing import num_cache_blocks
+from app.model.config import ModelConfig, read_eos_token_ids
 from app.model.cpu_threads import default_num_threads
 from app.model.cuda_graphs import DecodeGraphs
 from app.model.host_memory import keep_freed_memory_in_heap, release_freed_heap
 from app.model.kv_cache import GIB, KVCache
 from app.model.linear import RowKinds
 from app.model.llama import LlamaForCausalLM
-from app.model.loader import ModelConfig, load_model, read_eos_token_ids
+from app.model.loader import load_model
 from app.model.memory_report import MemoryReport, measure_memory
 from app.model.sampler import Sampler, SamplingRequest
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.model.config import read_eos_token_ids
 from app.model.kv_cache import KVCache
-from app.model.loader import read_eos_token_ids
 from app.model.runner import ModelRunner
 from tests.model.helpers import NaiveBlockAllocator, generate, make_sequence
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from app.bench.kernel_bench import linear_shapes, main
-from app.model.loader import ModelConfig
+from app.model.config import ModelConfig
 from app.native.build import find_compiler, runnable_levels
 
 

@@ -57,21 +57,7 @@ def test_layer_imports_point_downward(target: str) -> None:
     assert not violations, "\n".join(violations)
 
 
-# Circles known and being taken apart (issue 15), each tolerated only as it is today:
-# app/model's `llama` -> `loader` (ModelConfig, rope) -> `llama` (inside load_model),
-# `kv_cache` -> `loader`, `llama` <-> `fused_layers`, `attention` with them. Delete the
-# entry when the circle is gone; the test says so.
-TOLERATED_CYCLES = [
-    frozenset(
-        {
-            "app.model.attention",
-            "app.model.fused_layers",
-            "app.model.kv_cache",
-            "app.model.llama",
-            "app.model.loader",
-        }
-    ),
-]
+TOLERATED_CYCLES: list[frozenset[str]] = []  # none: a new circle fails below
 
 
 def module_name(path: Path, root: Path = APP) -> str:

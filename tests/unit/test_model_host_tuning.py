@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from app.model import cpu_threads, host_memory
+from app.model.config import ModelConfig
 from app.model.kv_cache import KVCache
-from app.model.loader import ModelConfig
 
 
 def test_thread_count_is_physical_cores_within_affinity_and_quota(monkeypatch, tmp_path):

@@ -12,14 +12,13 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from app.model.loader import (
+from app.model.config import (
     ModelConfig,
     ModelLoadError,
-    load_model,
     read_eos_token_ids,
     rope_inverse_frequencies,
-    safetensors_files,
 )
+from app.model.loader import load_model, safetensors_files
 from tests.model.helpers import save_random_llama
 
 BASE = {

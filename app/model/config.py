@@ -1,0 +1,180 @@
+"""What lamina knows of a model's architecture: config.json read and validated into
+`ModelConfig`, its rotary frequencies, its EOS ids. A leaf: the model definition, the
+KV cache and the loader all name it, and it names none of them."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+class ModelLoadError(ValueError):
+    """The folder does not hold a model lamina can serve; the message says why."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary embedding frequency scaling. `default` means none."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture numbers our LLaMA implementation needs, read from config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: RopeScaling
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Validate a parsed config.json; raise ModelLoadError on what we cannot run."""
+        _check_architecture(raw)
+        hidden_size = int(raw["hidden_size"])
+        num_heads = int(raw["num_attention_heads"])
+        rope_theta, rope_scaling = _parse_rope(raw)
+        config = cls(
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=hidden_size,
+            intermediate_size=int(raw["intermediate_size"]),
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+            head_dim=int(raw.get("head_dim") or hidden_size // num_heads),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+        )
+        if config.num_heads % config.num_kv_heads:
+            raise ModelLoadError(
+                f"num_attention_heads ({num_heads}) must be a multiple of "
+                f"num_key_value_heads ({config.num_kv_heads})"
+            )
+        return config
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ModelLoadError(f"{path} not found: is {model_dir} a Hugging Face model folder?")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def _check_architecture(raw: dict[str, Any]) -> None:
+    architectures = raw.get("architectures") or []
+    if not architectures and raw.get("model_type") == "llama":
+        architectures = ["LlamaForCausalLM"]
+    if not any(name in SUPPORTED_ARCHITECTURES for name in architectures):
+        raise ModelLoadError(
+            f"unsupported architecture {architectures or raw.get('model_type')!r}: "
+            f"lamina runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    activation = raw.get("hidden_act", "silu")
+    if activation != "silu":
+        raise ModelLoadError(f"unsupported hidden_act {activation!r}: LLaMA uses silu")
+
+
+def _parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
+    """Both layouts: transformers-5 `rope_parameters`, or `rope_theta` + `rope_scaling`."""
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    else:
+        params = raw.get("rope_scaling") or {}
+        theta = raw.get("rope_theta", 10000.0)
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(
+            f"unsupported rope type {rope_type!r}: "
+            f"lamina supports {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        return float(theta), RopeScaling()
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
+    if missing:
+        raise ModelLoadError(f"rope type 'llama3' needs {', '.join(missing)} in its parameters")
+    original = params.get("original_max_position_embeddings") or raw.get("max_position_embeddings")
+    scaling = RopeScaling(
+        rope_type="llama3",
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(original),
+    )
+    return float(theta), scaling
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation speeds, [head_dim // 2] fp32, with llama3 scaling when configured.
+
+    llama3 leaves high frequencies (short wavelengths) alone, slows low frequencies by
+    `factor`, and blends linearly in between, so long contexts stay in distribution.
+    """
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)
+    scaling = config.rope_scaling
+    if scaling.rope_type == "default":
+        return inv_freq
+    original_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = original_len / scaling.low_freq_factor
+    high_freq_wavelen = original_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    slowed = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    blend = (original_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    blended = (1 - blend) * slowed / scaling.factor + blend * slowed
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, blended, slowed)
+
+
+def read_eos_token_ids(model_dir: str | Path) -> frozenset[int]:
+    """EOS ids from config.json and generation_config.json (either may hold an int or a list)."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        path = Path(model_dir) / name
+        if not path.is_file():
+            continue
+        eos = json.loads(path.read_text()).get("eos_token_id")
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list):
+            ids.update(int(i) for i in eos)
+    return frozenset(ids)
