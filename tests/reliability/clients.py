@@ -51,6 +51,7 @@ class Outcome:
     status: int = 0
     num_events: int = 0  # data events carrying a choice or a token
     completion_tokens: int | None = None  # what the server reported at the end
+    prompt_tokens: int | None = None  # likewise (the OpenAI routes' usage)
     finish_reason: str | None = None
     done: bool = False  # the stream reached its end ([DONE], or TGI's final event)
     error: dict | None = None  # an error event, or the error body of a non-200
@@ -84,6 +85,7 @@ class Outcome:
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
         if payload.get("usage"):
             self.completion_tokens = payload["usage"]["completion_tokens"]
+            self.prompt_tokens = payload["usage"]["prompt_tokens"]
 
 
 async def stream_request(
