@@ -17,9 +17,9 @@ import time
 
 import torch
 
+from app.model.config import ModelConfig
 from app.model.host_memory import advise_huge_pages
 from app.model.kv_cache import GIB, KVCache, num_blocks_for_bytes
-from app.model.loader import ModelConfig
 from app.native import native_kernels
 from app.weights import default_model_dir
 
