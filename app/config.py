@@ -141,6 +141,11 @@ class Settings(BaseModel):
         ge=1,
         description="cap on `max_tokens` / `max_new_tokens`; unset: the context window",
     )
+    chat_control_tokens: Literal["text", "reject"] = Field(
+        default="text",
+        description="a control token (`<|im_start|>`...) in a chat message's text: "
+        "`text` encodes it as plain text, `reject` answers 400",
+    )
     max_n: int = Field(default=8, ge=1, description="choices per request (`n`)")
     max_stop_sequences: int = Field(default=8, ge=0, description="`stop` strings per request")
     max_stop_length: int = Field(default=256, ge=1, description="characters in one `stop` string")

@@ -74,7 +74,7 @@ def load_engine(settings: Settings) -> LoadedEngine:
     from app.engine.engine import Engine
     from app.model.runner import ModelRunner
 
-    http_tokenizer = Tokenizer(settings.model)
+    http_tokenizer = Tokenizer(settings.model, settings.chat_control_tokens)
     runner = ModelRunner.from_settings(settings)
     if settings.warmup:
         runner.warmup()

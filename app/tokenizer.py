@@ -11,6 +11,14 @@ from collections.abc import Sequence as SequenceOf
 from pathlib import Path
 from typing import Any
 
+from app.chat_control import (
+    ControlTokenPolicy,
+    ForgedTurnError,
+    check_names,
+    encode_content_as_text,
+    forged_content_index,
+)
+
 
 class ChatTemplateError(ValueError):
     """The messages could not be rendered with the model's chat template."""
@@ -19,7 +27,7 @@ class ChatTemplateError(ValueError):
 class Tokenizer:
     """Everything lamina needs from a Hugging Face tokenizer folder."""
 
-    def __init__(self, model_dir: str | Path) -> None:
+    def __init__(self, model_dir: str | Path, control_tokens: ControlTokenPolicy = "text") -> None:
         from transformers import AutoTokenizer  # lazy: keeps `import app` light
 
         self.model_dir = Path(model_dir)
@@ -35,6 +43,11 @@ class Tokenizer:
         self.eos_token_ids = frozenset(self._collect_eos_ids())
         self._special_ids = frozenset(self._hf.all_special_ids)
         self.has_chat_template = bool(getattr(self._hf, "chat_template", None))
+        # What a control-token string in a chat message's content becomes (chat_control.py).
+        self.control_token_policy = control_tokens
+        self.control_tokens = frozenset(
+            token.content for token in self._hf.added_tokens_decoder.values() if token.special
+        )
 
     def _collect_eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -59,17 +72,42 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> list[int]:
-        """Render chat messages with the model's template and tokenize them."""
+        """Render chat messages with the model's template and tokenize them.
+
+        Control-token strings inside message content never become control tokens: they
+        are encoded as plain text, or refused (ForgedTurnError) under the "reject" policy.
+        """
         if not self.has_chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
+        check_names(messages, self.control_tokens)
+        forged = forged_content_index(messages, self.control_tokens)
+        if forged is None:
+            # The template already wrote any BOS/role markers it wants.
+            return self.encode(self._render(messages, add_generation_prompt), False)
+        if self.control_token_policy == "reject":
+            index, token = forged
+            raise ForgedTurnError(
+                f"`messages[{index}].content` contains the control token '{token}'",
+                f"messages[{index}].content",
+            )
+        return encode_content_as_text(
+            messages,
+            render=lambda chat: self._render(chat, add_generation_prompt),
+            encode_template=lambda text: self.encode(text, add_special_tokens=False),
+            encode_plain=self._encode_splitting_control_tokens,
+        )
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         try:
-            text = self._hf.apply_chat_template(
+            return self._hf.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tokenize=False
             )
         except Exception as exc:  # jinja errors raised by the template itself
             raise ChatTemplateError(f"chat template failed: {exc}") from None
-        # The template already wrote any BOS/role markers it wants.
-        return self.encode(text, add_special_tokens=False)
+
+    def _encode_splitting_control_tokens(self, text: str) -> list[int]:
+        encoded = self._hf(text, add_special_tokens=False, split_special_tokens=True)
+        return list(encoded["input_ids"])
 
     def decode(self, token_ids: SequenceOf[int], skip_special_tokens: bool = True) -> str:
         return self._hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)

@@ -11,6 +11,7 @@ from typing import Any
 
 from app.api.errors import invalid_request
 from app.api.schemas import ChatMessage
+from app.chat_control import ForgedTurnError
 from app.tokenizer import ChatTemplateError, Tokenizer
 
 
@@ -98,6 +99,8 @@ def encode_chat(
         )
     except ChatTemplateError as exc:
         raise invalid_request(str(exc), param="messages", code="chat_template_error") from None
+    except ForgedTurnError as exc:
+        raise invalid_request(str(exc), exc.param, code="control_token_in_message") from None
     if not token_ids:
         raise invalid_request("`messages` rendered to an empty prompt", param="messages")
     return token_ids
