@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from contextvars import ContextVar
@@ -36,6 +37,33 @@ _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
 # uvicorn's loggers: sent to the root handler. "uvicorn.access" stays off (see above).
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.asgi")
 UVICORN_ACCESS_LOGGER = "uvicorn.access"
+
+
+# Characters a terminal or log viewer would act on rather than show: C0 and C1 controls
+# (ESC starts colour and cursor sequences), and the bidi and line-separator controls that
+# reorder or break what a reader sees. A client chooses the URL path, headers and body, so
+# anything of theirs on a log line could otherwise recolour, hide or forge lines.
+_UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(char: re.Match[str]) -> str:
+    text = char.group()
+    if text in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[text]
+    code = ord(text)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written as a visible escape (`\\x1b`)."""
+    return _UNSAFE_CHARS.sub(_escaped, text)
+
+
+def _json_escaped(char: re.Match[str]) -> str:
+    return f"\\u{ord(char.group()):04x}"
 
 
 class RequestContextFilter(logging.Filter):
@@ -79,15 +107,16 @@ class JsonFormatter(logging.Formatter):
             entry["exc_info"] = self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack_info"] = self.formatStack(record.stack_info)
-        # json.dumps escapes newlines, so a hostile path or prompt cannot forge a line.
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        # json.dumps escapes newlines and C0 controls, so a hostile path or prompt cannot
+        # forge a line; the rest (DEL, C1, bidi) become \\u escapes, still valid JSON.
+        return _UNSAFE_CHARS.sub(_json_escaped, json.dumps(entry, ensure_ascii=False, default=str))
 
 
 def _text_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     if text == "" or any(ch.isspace() or ch in '"=' for ch in text):
-        return json.dumps(text, ensure_ascii=False)
-    return text
+        text = json.dumps(text, ensure_ascii=False)
+    return escape_controls(text)
 
 
 class TextFormatter(logging.Formatter):
@@ -101,12 +130,14 @@ class TextFormatter(logging.Formatter):
         ]
         request_id = getattr(record, "request_id", None)
         if request_id is not None:
-            parts.append(f"[{request_id}]")
-        parts.append(record.getMessage().replace("\n", "\\n"))
+            parts.append(f"[{escape_controls(str(request_id))}]")
+        parts.append(escape_controls(record.getMessage()))
         parts.extend(f"{key}={_text_value(value)}" for key, value in extra_fields(record).items())
         line = " ".join(parts)
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            # A traceback keeps its lines; anything else in it is escaped like the rest.
+            trace = self.formatException(record.exc_info).split("\n")
+            line += "\n" + "\n".join(escape_controls(part) for part in trace)
         return line
 
 

@@ -88,6 +88,33 @@ def test_text_lines_show_request_id_and_quoted_extras() -> None:
     assert "route=/v1/completions" in line and 'note="two words"' in line
 
 
+HOSTILE = "/v1/\x1b[2J\x1b[31mfake\u202eeulav\x9b\x7f\x00end"
+# Every character a terminal acts on: C0, DEL, C1, bidi and line separators.
+UNSAFE = [chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]] + ["\u202e", "\u2028", "\u2066"]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_control_characters_never_reach_a_line_raw(log_format: str) -> None:
+    log, stream = _logger_with(log_format)
+    token = request_id_var.set("req-\x1b3")
+    try:
+        log.warning("path %s", HOSTILE, extra={"path": HOSTILE, "plain": "a\x1bb"})
+        try:
+            raise ValueError(HOSTILE)
+        except ValueError:
+            log.exception("failed on %s", HOSTILE)
+    finally:
+        request_id_var.reset(token)
+    output = stream.getvalue()
+    assert not [char for char in UNSAFE if char in output.replace("\n", "")]
+    if log_format == "json":  # still JSON, and the values come back intact
+        first = json.loads(output.splitlines()[0])
+        assert first["path"] == HOSTILE and first["message"] == f"path {HOSTILE}"
+    else:
+        first = output.splitlines()[0]
+        assert "\\x1b[2J" in first and "\\u202e" in first and "plain=a\\x1bb" in first
+
+
 def test_request_id_reaches_tasks_started_by_the_request() -> None:
     log, stream = _logger_with("json")
 
