@@ -18,6 +18,7 @@ from app.chat_control import (
     encode_content_as_text,
     forged_content_index,
 )
+from app.token_bytes import is_byte_level, vocabulary_bytes
 
 
 class ChatTemplateError(ValueError):
@@ -43,6 +44,9 @@ class Tokenizer:
         self.eos_token_ids = frozenset(self._collect_eos_ids())
         self._special_ids = frozenset(self._hf.all_special_ids)
         self.has_chat_template = bool(getattr(self._hf, "chat_template", None))
+        self._byte_level = is_byte_level(self._hf)
+        self._added_ids = frozenset(self._hf.added_tokens_decoder)
+        self._bytes_cache: dict[int, bytes] = {}
         # What a control-token string in a chat message's content becomes (chat_control.py).
         self.control_token_policy = control_tokens
         self.control_tokens = frozenset(
@@ -115,6 +119,18 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (for logprobs); never skips specials."""
         return self._hf.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's raw bytes (token_bytes.py); part of a character for some tokens."""
+        cached = self._bytes_cache.get(token_id)
+        if cached is None:
+            piece = self._hf.convert_ids_to_tokens(token_id)
+            if token_id in self._added_ids:
+                cached = piece.encode("utf-8")
+            else:
+                cached = vocabulary_bytes(piece, self._byte_level)
+            self._bytes_cache[token_id] = cached
+        return cached
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
