@@ -86,59 +86,100 @@ static void round_rows_bf16(const float *x, long ldx, long M, long K, bf16_act *
     }
 }
 
-/* One K-pair of a tile: acc[r][v] += x[r][2k + 1] * w_odd[v], then += x[r][2k] * w_even[v]
- * (wk: the pair's 64 columns x 2, from the tile's first column). */
-#if BF16_DOT
-#define BF16_PAIR_STEP(ROWS, NV)                                                           \
-    __m512bh wv[NV];                                                                       \
-    for (int v = 0; v < NV; v++)                                                           \
-        wv[v] = (__m512bh)_mm512_loadu_si512((const void *)(wk + v * 2 * LANES));          \
-    for (int r = 0; r < ROWS; r++) {                                                       \
-        uint32_t pair;                                                                     \
-        memcpy(&pair, x + r * ldx + 2 * k, sizeof pair);                                   \
-        __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);                               \
-        for (int v = 0; v < NV; v++)                                                       \
-            acc[r][v] = (vecf)_mm512_dpbf16_ps((__m512)acc[r][v], a, wv[v]);               \
-    }
-#else
-#define BF16_PAIR_STEP(ROWS, NV)                                                           \
-    vecf odd[NV], even[NV];                                                                \
-    for (int v = 0; v < NV; v++) {                                                         \
-        vecu bits = *(const vecu *)(wk + v * 2 * LANES);                                   \
-        odd[v] = (vecf)(bits & 0xffff0000u);                                               \
-        even[v] = (vecf)(bits << 16);                                                      \
-    }                                                                                      \
-    for (int r = 0; r < ROWS; r++) {                                                       \
-        vecf x_odd = broadcast(x[r * ldx + 2 * k + 1]), x_even = broadcast(x[r * ldx + 2 * k]); \
-        for (int v = 0; v < NV; v++) {                                                     \
-            acc[r][v] = acc[r][v] + x_odd * odd[v];                                        \
-            acc[r][v] = acc[r][v] + x_even * even[v];                                      \
-        }                                                                                  \
-    }
-#endif
-
 /* A bf16 tile: rows x 4 vectors of 16 columns (a whole panel: the panels are zero past N,
  * and store_tile keeps only the columns asked for), over `pairs` K-pairs in order; x the
- * rounded rows (row stride ldx), w the panel (linear_phase's items start at a panel). One width only: 6 tiles to compile instead
- * of 24 (the kernels' build time counts: every instruction-set level is compiled for the
- * tests), for at most 3 vectors of zeros on a layer's last panel. */
-#define DEFINE_TILE_BF16(ROWS, NV)                                                         \
-    static void tile_bf16_##ROWS##_##NV(const bf16_act *x, long ldx, const uint16_t *w,    \
-                                        long pairs, vecf out[MAX_ROWS][4],                 \
-                                        const char *ahead) {                               \
-        vecf acc[ROWS][NV];                                                                \
+ * rounded rows (row stride ldx), w the panel (linear_phase's items start at a panel). One
+ * width only: 6 tiles to compile instead of 24 (the kernels' build time counts: every
+ * instruction-set level is compiled for the tests), for at most 3 vectors of zeros on a
+ * layer's last panel. Each element's step per K-pair: acc += x[2k + 1] * w_odd, then
+ * acc += x[2k] * w_even (one VDPBF16PS, or the two FMAs it is equal to). */
+#if BF16_DOT
+/* One VDPBF16PS per row and vector per K-pair: 24 accumulators, 4 weight vectors. */
+#define DEFINE_TILE_BF16(ROWS)                                                             \
+    static void tile_bf16_##ROWS##_4(const bf16_act *x, long ldx, const uint16_t *w,       \
+                                     long pairs, vecf out[MAX_ROWS][4], const char *ahead) { \
+        vecf acc[ROWS][4];                                                                 \
         for (int r = 0; r < ROWS; r++)                                                     \
-            for (int v = 0; v < NV; v++) acc[r][v] = broadcast(0.0f);                      \
+            for (int v = 0; v < 4; v++) acc[r][v] = broadcast(0.0f);                       \
         for (long k = 0; k < pairs; k++) {                                                 \
             const uint16_t *wk = w + k * 2 * PANEL;                                        \
             if (ahead) __builtin_prefetch(ahead + k * 64, 0, 2); /* a line per pair */     \
-            BF16_PAIR_STEP(ROWS, NV)                                                       \
+            __m512bh wv[4];                                                                \
+            for (int v = 0; v < 4; v++)                                                    \
+                wv[v] = (__m512bh)_mm512_loadu_si512((const void *)(wk + v * 2 * LANES));  \
+            for (int r = 0; r < ROWS; r++) {                                               \
+                uint32_t pair;                                                             \
+                memcpy(&pair, x + r * ldx + 2 * k, sizeof pair);                           \
+                __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);                       \
+                for (int v = 0; v < 4; v++)                                                \
+                    acc[r][v] = (vecf)_mm512_dpbf16_ps((__m512)acc[r][v], a, wv[v]);       \
+            }                                                                              \
         }                                                                                  \
         for (int r = 0; r < ROWS; r++)                                                     \
-            for (int v = 0; v < NV; v++) out[r][v] = acc[r][v];                            \
+            for (int v = 0; v < 4; v++) out[r][v] = acc[r][v];                             \
     }
-DEFINE_TILE_BF16(1, 4) DEFINE_TILE_BF16(2, 4) DEFINE_TILE_BF16(3, 4)
-DEFINE_TILE_BF16(4, 4) DEFINE_TILE_BF16(5, 4) DEFINE_TILE_BF16(6, 4)
+#else
+/* Without the instruction: each step's weights widened in the kernel (a mask for the
+ * odd halves, a shift for the even ones) and the two FMAs written out. A tile walks its
+ * K-pairs once per group of vectors, as many as the registers hold beside the widened
+ * weights and the row broadcasts (which compilers hoist out of the group's loop):
+ * 64-byte vectors with AVX-512 (32 registers: all 4 for up to 3 rows, else 2 per walk),
+ * 8-lane halves otherwise (AVX2's 16 ymm, ARM's 32 of 16 bytes: all 8 for one row, 4
+ * for two, 2 for three, else 1; 64-byte accumulators would not fit there, and gcc keeps
+ * them in memory: the model's matmuls at 32 rows took 15x the fp32 tile's time; in
+ * 8-lane halves, 1.1-1.4x with gcc and clang, no stack access in the K loops). Each
+ * element's sum takes the same FMAs in the same order whatever the walk: the same bits.
+ * The first walk prefetches. */
+#if defined(__AVX512F__)
+/* clang's x86-64-v4 prefers 256-bit registers: it would split each 64-byte vector in
+ * two, and a walk's accumulators then spill (the attribute is the one its AVX-512
+ * intrinsics carry). */
+#if defined(__clang__)
+#define BF16_TILE_ATTRIBUTES __attribute__((min_vector_width(512)))
+#endif
+typedef vecf bf16_vec;
+typedef vecu bf16_word_vec;
+#define BF16_GROUP(ROWS) ((ROWS) <= 3 ? 4 : 2)
+#else
+typedef vec8 bf16_vec;
+typedef uint32_t bf16_word_vec __attribute__((vector_size(32), aligned(4)));
+#define BF16_GROUP(ROWS) ((ROWS) == 1 ? 8 : (ROWS) == 2 ? 4 : (ROWS) == 3 ? 2 : 1)
+#endif
+#ifndef BF16_TILE_ATTRIBUTES
+#define BF16_TILE_ATTRIBUTES
+#endif
+enum { BF16_LANES = sizeof(bf16_vec) / sizeof(float) }; /* columns per vector */
+#define DEFINE_TILE_BF16(ROWS)                                                             \
+    BF16_TILE_ATTRIBUTES static void tile_bf16_##ROWS##_4(                                 \
+        const bf16_act *x, long ldx, const uint16_t *w, long pairs, vecf out[MAX_ROWS][4], \
+        const char *ahead) {                                                               \
+        enum { G = BF16_GROUP(ROWS) };                                                     \
+        for (int first = 0; first < PANEL / BF16_LANES; first += G) {                      \
+            bf16_vec acc[ROWS][G];                                                         \
+            for (int r = 0; r < ROWS; r++)                                                 \
+                for (int g = 0; g < G; g++) acc[r][g] = (bf16_vec){};                      \
+            const char *prefetch = first == 0 ? ahead : 0;                                 \
+            for (long k = 0; k < pairs; k++) {                                             \
+                const uint16_t *wk = w + (k * PANEL + first * BF16_LANES) * 2;             \
+                if (prefetch) __builtin_prefetch(prefetch + k * 64, 0, 2); /* line per pair */ \
+                for (int g = 0; g < G; g++) {                                              \
+                    bf16_word_vec bits = *(const bf16_word_vec *)(wk + g * 2 * BF16_LANES); \
+                    bf16_vec odd = (bf16_vec)(bits & 0xffff0000u);                         \
+                    bf16_vec even = (bf16_vec)(bits << 16);                                \
+                    for (int r = 0; r < ROWS; r++) {                                       \
+                        const bf16_act *pair = x + r * ldx + 2 * k;                        \
+                        acc[r][g] = acc[r][g] + ((bf16_vec){} + pair[1]) * odd;            \
+                        acc[r][g] = acc[r][g] + ((bf16_vec){} + pair[0]) * even;           \
+                    }                                                                      \
+                }                                                                          \
+            }                                                                              \
+            for (int r = 0; r < ROWS; r++)                                                 \
+                memcpy((float *)out[r] + first * BF16_LANES, acc[r], sizeof acc[r]);       \
+        }                                                                                  \
+    }
+#endif
+DEFINE_TILE_BF16(1) DEFINE_TILE_BF16(2) DEFINE_TILE_BF16(3)
+DEFINE_TILE_BF16(4) DEFINE_TILE_BF16(5) DEFINE_TILE_BF16(6)
 
 /* Pack W [N, K] (a Linear's weight, row-major fp32) into bf16 panels
  * [ceil(N/64)][ceil(K/2)][64][2], rounded as the activations are; zeros past N and K. */
