@@ -282,7 +282,7 @@ class Metrics:
     def observe_failure(self, reason: str) -> None:
         """A request that ended without a normal result (see FAILURE_REASONS).
 
-        Routes do not call this directly: app.api.request_record.report_failure counts a
+        Routes do not call this directly: app.api.request_record.RequestRecord.fail counts a
         request once, whichever layer notices its failure first."""
         if reason not in FAILURE_REASONS:
             raise ValueError(f"unknown failure reason {reason!r}; one of {FAILURE_REASONS}")

@@ -1,7 +1,8 @@
 """Per-request deadlines: the `X-Request-Timeout` header, LAMINA_REQUEST_TIMEOUT_S, and
 the errors a client sees when its request is stopped early.
 
-A request's deadline starts when it is admitted. The header (seconds, a positive finite
+A request's deadline starts when it is admitted (`Deadline.after`), and the route
+driver's run keeps it (driver.py). The header (seconds, a positive finite
 number) can only shorten the server's timeout; without a server timeout it sets one of
 at most MAX_REQUEST_TIMEOUT_S. On expiry the request is aborted in the engine (its KV
 blocks are freed at the next step) and the client gets:
@@ -16,7 +17,9 @@ passes the same way, with a 503 `request_aborted` envelope.
 
 from __future__ import annotations
 
+import asyncio
 import math
+from dataclasses import dataclass
 
 from app.api.errors import APIError, invalid_request, service_unavailable
 
@@ -50,6 +53,20 @@ def effective_timeout_s(header_s: float | None, server_s: float | None) -> float
     if server_s is None:
         return header_s
     return min(header_s, server_s)
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a request must have finished, on the event loop's clock."""
+
+    timeout_s: float
+    at: float  # asyncio loop.time()
+
+    @classmethod
+    def after(cls, timeout_s: float | None) -> Deadline | None:
+        if timeout_s is None:
+            return None
+        return cls(timeout_s, asyncio.get_running_loop().time() + timeout_s)
 
 
 def deadline_exceeded(timeout_s: float) -> APIError:

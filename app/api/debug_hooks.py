@@ -12,8 +12,8 @@ import logging
 
 from fastapi import APIRouter, FastAPI
 
-from app.api.deps import StateDep
 from app.api.errors import APIError, service_unavailable
+from app.api.state import StateDep
 from app.config import Settings
 
 logger = logging.getLogger("lamina")

@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
-from app.api.deps import check_model
 from app.api.driver import ChoiceResult, Dialect
-from app.api.params import chat_inputs, completion_inputs
-from app.api.request_record import Usage, note_user
+from app.api.params import chat_inputs, check_model, completion_inputs
+from app.api.request_record import Usage
 from app.api.schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -105,6 +104,10 @@ class OpenAIDialect(Dialect):
         self.include_usage = include_usage
         self.want_logprobs = logprobs
 
+    @staticmethod
+    def user(body: CompletionRequest | ChatCompletionRequest) -> str | None:
+        return body.user
+
     def chunk(self, choices: list[Any], usage: UsageInfo | None = None) -> bytes:
         return sse_event(
             self.chunk_model(
@@ -131,15 +134,17 @@ class CompletionDialect(OpenAIDialect):
     chunk_model = CompletionChunk
 
     @classmethod
-    def parse(cls, body: CompletionRequest, serving: Serving) -> CompletionDialect:
-        note_user(body.user)  # first: a request refused below still logs who sent it
-        check_model(body.model, serving)
+    def parse(
+        cls, body: CompletionRequest, serving: Serving, request_id: str, stream: bool
+    ) -> CompletionDialect:
+        check_model(body.model, serving.model.name)
         prompts, params, n = completion_inputs(body, serving.limits, serving.tokenizer)
         dialect = cls(
+            request_id,
             prompts,
             params,
             n,
-            bool(body.stream),
+            stream,
             model=serving.model.name,
             include_usage=_include_usage(body),
             logprobs=params[0].logprobs is not None,
@@ -217,15 +222,17 @@ class ChatDialect(OpenAIDialect):
     chunk_model = ChatCompletionChunk
 
     @classmethod
-    def parse(cls, body: ChatCompletionRequest, serving: Serving) -> ChatDialect:
-        note_user(body.user)  # first: a request refused below still logs who sent it
-        check_model(body.model, serving)
+    def parse(
+        cls, body: ChatCompletionRequest, serving: Serving, request_id: str, stream: bool
+    ) -> ChatDialect:
+        check_model(body.model, serving.model.name)
         prompt, params, n = chat_inputs(body, serving.limits, serving.tokenizer)
         return cls(
+            request_id,
             [prompt],
             [params],
             n,
-            bool(body.stream),
+            stream,
             model=serving.model.name,
             include_usage=_include_usage(body),
             logprobs=params.logprobs is not None,

@@ -44,10 +44,13 @@ class TGIDialect(Dialect):
     id_prefix = "gen"
 
     @classmethod
-    def parse(cls, body: GenerateRequest, serving: Serving, stream: bool) -> TGIDialect:
+    def parse(
+        cls, body: GenerateRequest, serving: Serving, request_id: str, stream: bool
+    ) -> TGIDialect:
         prompt, params = tgi_inputs(body, serving.limits, serving.tokenizer)
         parameters = body.parameters
         return cls(
+            request_id,
             prompt,
             params,
             stream,
@@ -59,6 +62,7 @@ class TGIDialect(Dialect):
 
     def __init__(
         self,
+        request_id: str,
         prompt: list[int],
         params: SamplingParams,
         stream: bool,
@@ -68,7 +72,7 @@ class TGIDialect(Dialect):
         want_details: bool = False,
         num_top_tokens: int = 0,
     ) -> None:
-        super().__init__([prompt], [params], 1, stream)
+        super().__init__(request_id, [prompt], [params], 1, stream)
         self.tokenizer = tokenizer
         self.text_prefix = text_prefix
         self.want_details = want_details

@@ -64,7 +64,10 @@ async def drain(state: ServerState, timeout_s: float) -> bool:
     if await admission.wait_idle(timeout_s):
         logger.info("drained: no request in flight")
         return True
-    num_stopped = admission.expire_all(drain_timeout_exceeded(timeout_s))
+    runs = list(state.serving.runs) if state.serving is not None else []
+    for run in runs:
+        run.stop(drain_timeout_exceeded(timeout_s))
+    num_stopped = len(runs)
     logger.warning(
         "drain timeout of %g s passed: stopping %d requests", timeout_s, num_stopped,
         extra={"num_stopped": num_stopped},

@@ -1,7 +1,7 @@
 """The route driver: one story for every generation route, told in the route's dialect.
 
-    parse (dialect) -> admit (ticket) -> engine requests -> stream frames or collect
-    -> usage and the request record -> answer (dialect)
+    admit (routes.admit: a Call) -> parse (dialect) -> engine requests -> stream frames
+    or collect -> usage and the request record -> answer (dialect)
 
 A `Dialect` (dialect_openai.py, dialect_tgi.py) parses its request into engine inputs
 and renders deltas, the final answer and the usage chunk; `drive` does the rest the
@@ -10,10 +10,11 @@ per prompt (each with its n choices); choice index = prompt index * n + delta.in
 as OpenAI numbers them.
 
 A request ends early through one call, `engine.abort(request_id, reason)`: its
-deadline or the drain (through its admission ticket: `Run.stop`), or the client
-leaving (`Run.aclose`). The engine ends the stream with an ABORT delta at once; the
-run answers it with the error that stopped it (504, 503), or, for an abort it did not
-ask for (the engine shutting down), a 503 `request_aborted`.
+deadline (the run's own timer) or the drain (which stops every run on `Serving.runs`)
+through `Run.stop`, or the client leaving (`Run.aclose`). The engine ends the stream
+with an ABORT delta at once; the run answers it with the error that stopped it (504,
+503), or, for an abort it did not ask for (the engine shutting down), a 503
+`request_aborted`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -30,19 +30,10 @@ import anyio
 from fastapi import Request
 
 from app.api.admission import Ticket
+from app.api.deadline import Deadline, deadline_exceeded
 from app.api.engine_client import EngineClient, EngineDeadError
 from app.api.errors import APIError, ClientDisconnected, server_error, service_unavailable
-from app.api.request_record import (
-    RequestRecord,
-    Usage,
-    close_generation,
-    current_request_id,
-    engine_request_id,
-    on_delta,
-    report_failure,
-    request_record_var,
-    start_generation,
-)
+from app.api.request_record import RequestRecord, Usage
 from app.api.route_facts import facts_for
 from app.api.sse import DONE, KEEPALIVE, EventStreamResponse, sse_error
 from app.api.state import Serving
@@ -83,25 +74,54 @@ class ChoiceResult:
             self.num_tokens = usage.completion_tokens if usage else len(self.token_ids)
 
 
+@dataclass(frozen=True)
+class Call:
+    """One admitted generation request, as the routes' gate (routes.admit) hands it over."""
+
+    request: Request
+    serving: Serving
+    record: RequestRecord
+    ticket: Ticket
+    deadline: Deadline | None  # from admission on
+
+
 class Dialect:
     """One request in one API's dialect: its engine inputs and how its answer looks.
 
-    A subclass is built by `parse(body, serving)` (every check that can refuse the
-    request runs there, before any engine request or stream opens, so a bad streaming
-    request still gets a real 4xx status) and renders the answer from deltas.
+    A subclass is built by `parse(body, serving, request_id, stream)` (every check that
+    can refuse the request runs there, before any engine request or stream opens, so a
+    bad streaming request still gets a real 4xx status) and renders the answer from
+    deltas.
     """
 
     id_prefix: ClassVar[str]  # of the response id, e.g. "chatcmpl"
 
     def __init__(
-        self, prompts: list[list[int]], params: list[SamplingParams], n: int, stream: bool
+        self,
+        request_id: str,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        n: int,
+        stream: bool,
     ) -> None:
+        # The response id carries the HTTP request's id (X-Request-Id), so the id a
+        # client sees is the one in the server's logs.
+        self.response_id = f"{self.id_prefix}-{request_id}"
         self.prompts = prompts  # token ids, one list per prompt
         self.params = params  # one per prompt (max_tokens fitted to each prompt)
         self.n = n  # choices per prompt
         self.stream = stream
-        self.response_id = new_request_id(self.id_prefix)
         self.created = int(time.time())
+
+    @classmethod
+    def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> Dialect:
+        """The request's engine inputs, or the 4xx that refuses it."""
+        raise NotImplementedError
+
+    @staticmethod
+    def user(body: Any) -> str | None:
+        """The end-user id the body names, for the access line (OpenAI's `user`)."""
+        return None
 
     @property
     def num_choices(self) -> int:
@@ -124,49 +144,53 @@ class Dialect:
         raise NotImplementedError
 
 
-def new_request_id(prefix: str) -> str:
-    """The response id (e.g. `chatcmpl-3f2a...`): the prefix and the HTTP request's id
-    (X-Request-Id), so the id a client sees is the one in the server's logs."""
-    return f"{prefix}-{current_request_id() or uuid.uuid4().hex}"
-
-
 def is_failure(delta: TokenDelta) -> bool:
     return delta.finish_reason in (FinishReason.ERROR, FinishReason.ABORT)
 
 
-async def drive(dialect: Dialect, request: Request, serving: Serving, ticket: Ticket | None):
-    """Run a parsed request and answer it: an event stream, or the dialect's answer."""
-    run = Run(serving.engine, dialect, request_record_var.get(), ticket)
+async def drive(call: Call, dialect_type: type[Dialect], body: Any, stream: bool):
+    """Parse `body` in the route's dialect, run it and answer: an event stream, or the
+    dialect's answer."""
+    record, serving = call.record, call.serving
+    record.note_user(dialect_type.user(body))  # first: a request refused below still logs it
+    dialect = dialect_type.parse(body, serving, record.request_id, stream)
+    run = Run(serving.engine, dialect, record, call.ticket, call.deadline, serving.runs)
     if dialect.stream:
-        tgi_errors = facts_for(request.url.path).tgi_errors
+        tgi_errors = facts_for(call.request.url.path).tgi_errors
         frames = run.frames(serving.keepalive_interval_s, tgi_errors)
         return EventStreamResponse(frames, on_close=run.aclose)
     try:
-        results = await unless_disconnected(request, run.collect())
+        results = await unless_disconnected(call.request, run.collect())
     finally:
         await run.aclose()
     return dialect.render_final(results, run.usage)
 
 
 class Run:
-    """The engine requests of one HTTP request, read as one stream of (choice, delta)."""
+    """The engine requests of one HTTP request, read as one stream of (choice, delta).
+
+    It keeps the request's deadline (a timer that stops it) and, while it runs, its
+    place in `runs` (Serving.runs, where the drain finds what to stop).
+    """
 
     def __init__(
         self,
         engine: EngineClient,
         dialect: Dialect,
-        record: RequestRecord | None,
+        record: RequestRecord,
         ticket: Ticket | None = None,
+        deadline: Deadline | None = None,
+        runs: set[Any] | None = None,
     ) -> None:
-        if record is None:
-            raise RuntimeError("no request record: the app runs without its middleware")
         self.engine = engine
         self.dialect = dialect
         self.record = record
-        self.ticket = ticket  # None only where the server admits nothing (not ready)
+        self.ticket = ticket
         self.stopped_with: APIError | None = None  # the deadline or drain that stopped it
         self.streams: list[RequestStream] = []
-        base_id = engine_request_id(record, dialect.response_id)
+        self._runs = runs if runs is not None else set()
+        self._timer: asyncio.TimerHandle | None = None
+        base_id = record.engine_request_id(dialect.response_id)
         several = len(dialect.prompts) > 1
         try:
             for index, (prompt, params) in enumerate(zip(dialect.prompts, dialect.params)):
@@ -179,9 +203,11 @@ class Run:
                 engine.abort(stream.request_id, "another prompt of the request failed")
             message = str(exc) or "the engine is not running"
             raise service_unavailable(message, "engine_dead") from None
-        start_generation(record, dialect.prompts, dialect.n)
-        if ticket is not None:
-            ticket.attach(self)
+        record.start_generation(dialect.prompts, dialect.n)
+        self._runs.add(self)
+        if deadline is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(deadline.at, self._on_deadline, deadline.timeout_s)
 
     @property
     def finished(self) -> bool:
@@ -193,11 +219,21 @@ class Run:
         return self.record.usage
 
     def stop(self, error: APIError) -> None:
-        """End the request now with `error` (its deadline, the drain's last resort)."""
+        """End the request now with `error` (its deadline, the drain's last resort); the
+        first stop wins."""
+        if self.stopped_with is not None:
+            return
         self.stopped_with = error
         for stream in self.streams:
             if not stream.finished:
                 self.engine.abort(stream.request_id, error.message)
+
+    def _on_deadline(self, timeout_s: float) -> None:
+        # A request whose last token is out (only its final frames are still being
+        # written) finished in time: it is neither stopped nor counted as a timeout.
+        if not self.finished and self.stopped_with is None:
+            self.record.fail("timeout")  # before the abort, which would count as "aborted"
+            self.stop(deadline_exceeded(timeout_s))
 
     def failure(self, delta: TokenDelta) -> APIError:
         """The error to answer for a choice that ended with ERROR or ABORT."""
@@ -229,7 +265,7 @@ class Run:
         for prompt_index, stream in enumerate(self.streams):
             for delta in stream.take_ready():
                 choice_index = prompt_index * n + delta.index
-                on_delta(record, choice_index, delta)
+                record.on_delta(choice_index, delta)
                 batch.append((choice_index, delta))
         if batch and self.ticket is not None and self.stopped_with is None:
             self.ticket.mark_started()  # its first token reached the HTTP layer
@@ -286,7 +322,7 @@ class Run:
                     yield b"".join(frames)
         except Exception:
             logger.exception("stream %s failed", dialect.response_id)
-            report_failure("error")
+            self.record.fail("error")
             yield sse_error(server_error("internal server error while streaming"), tgi)
             yield DONE
         finally:
@@ -295,7 +331,10 @@ class Run:
     async def aclose(self) -> None:
         """Abort what is unfinished and stop reading (shielded: it also runs while the
         surrounding task is being cancelled). Closing twice changes nothing."""
-        close_generation(self.record)
+        self.record.close_generation()
+        self._runs.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
         with anyio.CancelScope(shield=True):
             for stream in self.streams:
                 if not stream.finished:

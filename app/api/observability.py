@@ -2,16 +2,17 @@
 
 - `ObservabilityMiddleware` (outermost ASGI middleware): gives every request an id
   (a valid `X-Request-Id` is honoured, else one is generated), returns it in the
-  `X-Request-Id` header, sets it in `request_id_var` for every log line and the
-  request's `RequestRecord` in `request_record_var`, counts HTTP requests by route
-  (`route_label`) and status and those in flight, settles the request's failure reason
-  and writes its access line when the response ends (after the last streamed byte).
+  `X-Request-Id` header, sets it in `request_id_var` for every log line, puts the
+  request's `RequestRecord` in the ASGI scope (`RequestRecord.of`), counts HTTP
+  requests by route (`route_label`) and status and those in flight, settles the
+  request's failure reason and writes its access line when the response ends (after
+  the last streamed byte).
 - GET /metrics: the Prometheus exposition of the app's registry (app/metrics.py).
 - `install_observability`: serves /metrics and adds the middleware, outermost.
 - `log_ready`: the start-up line.
 
-What the layers report about a request (the record, report_failure, note_user, the
-driver's deltas) lives in request_record.py; the access line in access_log.py.
+What the layers report about a request (its failure, the `user` field, the driver's
+deltas) lives in request_record.py; the access line in access_log.py.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.access_log import log_access
 from app.api.errors import _on_unexpected
-from app.api.request_record import RequestRecord, failure_for_status, request_record_var
+from app.api.request_record import SCOPE_KEY, RequestRecord, failure_for_status
 from app.api.route_facts import PROBE, declare
 from app.config import Settings
 from app.logging_setup import request_id_var
@@ -116,7 +117,7 @@ class ObservabilityMiddleware:
 
         counts_in_flight = record.path != METRICS_PATH  # a scrape should not see itself
         id_token = request_id_var.set(record.request_id)
-        record_token = request_record_var.set(record)
+        scope[SCOPE_KEY] = record
         if counts_in_flight:
             self.metrics.http_in_flight.inc()
         try:
@@ -136,7 +137,6 @@ class ObservabilityMiddleware:
             if counts_in_flight:
                 self.metrics.http_in_flight.dec()
             self._finish(scope, record, status)
-            request_record_var.reset(record_token)
             request_id_var.reset(id_token)
 
     def _finish(self, scope: Scope, record: RequestRecord, status: int) -> None:

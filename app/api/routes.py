@@ -1,21 +1,24 @@
 """The generation routes: each is its facts, its dialect, and the one driver.
 
 Adding an API is a dialect (driver.Dialect) and a route here. Every generation route
-takes an admission ticket (`TicketDep`: 429 before the body is validated) and the
-served model (`ServingDep`: 503 while loading or draining).
+passes one gate, `admit` (`CallDep`), before its body is validated: 400 for a bad
+X-Request-Timeout, 503 while loading or draining, 429 when the queue is full.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
 
 from app import __version__
-from app.api.admission import TicketDep
-from app.api.deps import ServingDep, StateDep
+from app.api.deadline import TIMEOUT_HEADER, Deadline, effective_timeout_s, parse_timeout_header
 from app.api.dialect_openai import ChatDialect, CompletionDialect
 from app.api.dialect_tgi import TGIDialect
-from app.api.driver import drive
+from app.api.driver import Call, drive
 from app.api.errors import ERROR_RESPONSES
+from app.api.request_record import RequestRecord
 from app.api.route_facts import RouteFacts, declare
 from app.api.schemas import (
     ChatCompletionChunk,
@@ -26,9 +29,29 @@ from app.api.schemas import (
     CompletionResponse,
 )
 from app.api.schemas_tgi import GenerateRequest, GenerateResponse, Info, StreamResponse
+from app.api.state import ServerState, ServingDep, StateDep, serving_or_503
 
 openai_router = APIRouter(tags=["OpenAI"])
 tgi_router = APIRouter(tags=["TGI"])
+
+
+async def admit(request: Request) -> AsyncIterator[Call]:
+    """The gate of the generation routes: the request's deadline starts, and it takes a
+    place in admission control until its response has ended."""
+    state: ServerState = request.app.state.server
+    record = RequestRecord.of(request)
+    header_s = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
+    serving = serving_or_503(state, record)
+    admission = state.admission
+    ticket = admission.admit()
+    deadline = Deadline.after(effective_timeout_s(header_s, admission.server_timeout_s))
+    try:
+        yield Call(request, serving, record, ticket, deadline)
+    finally:
+        admission.release(ticket)
+
+
+CallDep = Annotated[Call, Depends(admit)]
 
 COMPLETIONS = RouteFacts(generates=True, event_model=CompletionChunk, ends_with_done=True)
 CHAT = RouteFacts(generates=True, event_model=ChatCompletionChunk, ends_with_done=True)
@@ -42,10 +65,8 @@ TGI_STREAM = RouteFacts(generates=True, tgi_errors=True, event_model=StreamRespo
     responses=ERROR_RESPONSES,
     summary="Complete a prompt (streams server-sent events when `stream` is true)",
 )
-async def create_completion(
-    body: CompletionRequest, request: Request, ticket: TicketDep, serving: ServingDep
-):
-    return await drive(CompletionDialect.parse(body, serving), request, serving, ticket)
+async def create_completion(body: CompletionRequest, call: CallDep):
+    return await drive(call, CompletionDialect, body, stream=bool(body.stream))
 
 
 @openai_router.post(
@@ -54,10 +75,8 @@ async def create_completion(
     responses=ERROR_RESPONSES,
     summary="Answer a conversation (streams server-sent events when `stream` is true)",
 )
-async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, ticket: TicketDep, serving: ServingDep
-):
-    return await drive(ChatDialect.parse(body, serving), request, serving, ticket)
+async def create_chat_completion(body: ChatCompletionRequest, call: CallDep):
+    return await drive(call, ChatDialect, body, stream=bool(body.stream))
 
 
 @tgi_router.post(
@@ -66,8 +85,8 @@ async def create_chat_completion(
     responses=ERROR_RESPONSES,
     summary="Generate text (TGI)",
 )
-async def generate(body: GenerateRequest, request: Request, ticket: TicketDep, serving: ServingDep):
-    return await drive(TGIDialect.parse(body, serving, stream=False), request, serving, ticket)
+async def generate(body: GenerateRequest, call: CallDep):
+    return await drive(call, TGIDialect, body, stream=False)
 
 
 @tgi_router.post(
@@ -76,10 +95,8 @@ async def generate(body: GenerateRequest, request: Request, ticket: TicketDep, s
     responses=ERROR_RESPONSES,
     summary="Generate text as server-sent events, one per token (TGI)",
 )
-async def generate_stream(
-    body: GenerateRequest, request: Request, ticket: TicketDep, serving: ServingDep
-):
-    return await drive(TGIDialect.parse(body, serving, stream=True), request, serving, ticket)
+async def generate_stream(body: GenerateRequest, call: CallDep):
+    return await drive(call, TGIDialect, body, stream=True)
 
 
 @tgi_router.post(
@@ -88,12 +105,9 @@ async def generate_stream(
     responses=ERROR_RESPONSES,
     summary="TGI compatibility: /generate (as a one-item list) or /generate_stream by `stream`",
 )
-async def compat_generate(
-    body: GenerateRequest, request: Request, ticket: TicketDep, serving: ServingDep
-):
-    dialect = TGIDialect.parse(body, serving, stream=bool(body.stream))
-    answer = await drive(dialect, request, serving, ticket)
-    return answer if dialect.stream else [answer]
+async def compat_generate(body: GenerateRequest, call: CallDep):
+    answer = await drive(call, TGIDialect, body, stream=bool(body.stream))
+    return answer if body.stream else [answer]
 
 
 @tgi_router.get("/info", response_model=Info, summary="Served model and limits (TGI)")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.api.deps import ServingDep, StateDep, check_model
 from app.api.errors import ERROR_RESPONSES, ErrorResponse, invalid_request, service_unavailable
+from app.api.params import check_model
 from app.api.prompts import check_token_ids, encode_chat
 from app.api.route_facts import PROBE, declare
 from app.api.schemas_misc import (
@@ -18,7 +18,7 @@ from app.api.schemas_misc import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from app.api.state import Phase, Serving
+from app.api.state import Phase, Serving, ServingDep, StateDep
 
 health_router = APIRouter(tags=["Health"])
 router = APIRouter(tags=["Models and tokenizer"])
@@ -77,14 +77,14 @@ async def list_models(serving: ServingDep) -> ModelList:
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
 async def get_model(model_id: str, serving: ServingDep) -> ModelCard:
-    check_model(model_id, serving)
+    check_model(model_id, serving.model.name)
     return _model_card(serving)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
 async def tokenize(body: TokenizeRequest, serving: ServingDep) -> TokenizeResponse:
     """Token ids of a prompt, or of chat messages rendered with the chat template."""
-    check_model(body.model, serving)
+    check_model(body.model, serving.model.name)
     if (body.prompt is None) == (body.messages is None):
         raise invalid_request("give exactly one of `prompt` or `messages`", param="prompt")
     if body.messages is not None:
@@ -100,7 +100,7 @@ async def tokenize(body: TokenizeRequest, serving: ServingDep) -> TokenizeRespon
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
 async def detokenize(body: DetokenizeRequest, serving: ServingDep) -> DetokenizeResponse:
-    check_model(body.model, serving)
+    check_model(body.model, serving.model.name)
     check_token_ids(body.tokens, "tokens", serving.limits.vocab_size)
     return DetokenizeResponse(
         prompt=serving.tokenizer.decode(body.tokens, skip_special_tokens=False)

@@ -2,16 +2,23 @@
 
 One `ServerState` lives on `app.state.server`. It starts in the LOADING phase with no
 engine; the lifespan task fills `engine` and `tokenizer` and moves to READY. Shutdown
-moves it to DRAINING. Routes reach it through the dependencies in `deps.py`.
+moves it to DRAINING. Routes reach it through `StateDep` and `ServingDep` (the gate of
+the model routes: 503 until the model is loaded and while draining); the generation
+routes pass their own gate, routes.admit, which also admits them.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Annotated, Protocol
+
+from fastapi import Depends, Request
 
 from app.api.admission import AdmissionController
 from app.api.engine_client import EngineClient
+from app.api.errors import APIError, service_unavailable
+from app.api.request_record import RequestRecord
 from app.config import Settings
 from app.tokenizer import Tokenizer
 
@@ -84,6 +91,12 @@ class Limits:
         return min(self.max_model_len - 1, configured or self.max_model_len)
 
 
+class Stoppable(Protocol):
+    """What the drain stops: the route driver's run of one request (driver.Run)."""
+
+    def stop(self, error: APIError) -> None: ...
+
+
 @dataclass(frozen=True)
 class Serving:
     """What generation routes use once the model is up. Built once, when loading ends."""
@@ -93,6 +106,7 @@ class Serving:
     model: ModelInfo
     limits: Limits
     keepalive_interval_s: float
+    runs: set[Stoppable] = field(default_factory=set)  # generation requests running now
 
 
 @dataclass
@@ -106,3 +120,28 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.admission = AdmissionController.from_settings(self.settings)
+
+
+# Both are `async def` although they never wait: FastAPI runs a plain `def` dependency
+# in its thread pool, two thread hops per request for a dictionary lookup.
+async def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def serving_or_503(state: ServerState, record: RequestRecord) -> Serving:
+    """The loaded model and engine, or a 503 saying why there are none right now."""
+    if not state.readiness.is_ready or state.serving is None:
+        # Loading or draining: the server doing its job, not an error (see access_log.py).
+        record.fail("unavailable")
+        raise service_unavailable(
+            state.readiness.describe(), code=f"server_{state.readiness.phase.value}"
+        )
+    return state.serving
+
+
+async def get_serving(request: Request) -> Serving:
+    return serving_or_503(request.app.state.server, RequestRecord.of(request))
+
+
+ServingDep = Annotated[Serving, Depends(get_serving)]
+StateDep = Annotated[ServerState, Depends(get_state)]

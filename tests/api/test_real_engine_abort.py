@@ -24,12 +24,15 @@ def tiny_server(tiny_model_path) -> Iterator[tuple[str, object]]:
         yield server.url, app.state.server.serving.engine
 
 
-def wait_until_idle(engine, timeout_s: float = 10.0) -> None:
-    """Wait for no sequence to be running or waiting, and for steps to stop."""
+def wait_until_idle(engine, aborted: list[str], timeout_s: float = 10.0) -> None:
+    """Wait for the server to abort the request (on a loaded machine the client may
+    leave before the request even reached the engine), then for no sequence to be
+    pending, running or waiting, and for steps to stop."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         stats = engine.stats()
-        if stats.num_running == 0 and stats.num_waiting == 0:
+        idle = not (stats.num_running or stats.num_waiting or stats.num_pending_requests)
+        if aborted and idle:
             time.sleep(0.2)
             assert engine.stats().num_steps == stats.num_steps, "the engine kept stepping"
             return
@@ -38,18 +41,25 @@ def wait_until_idle(engine, timeout_s: float = 10.0) -> None:
 
 
 @pytest.fixture
-def slow_steps(tiny_server, monkeypatch) -> None:
+def slow_steps(tiny_server, monkeypatch) -> list[str]:
     """Each engine step takes at least 5 ms: the tiny model can compute MAX_TOKENS
     tokens before the client leaves (a 0.3 s timeout, or three events read), and the
-    request would not be abandoned in flight."""
-    runner = tiny_server[1].core.runner
-    execute = runner.execute
+    request would not be abandoned in flight. Returns the ids the server aborts."""
+    engine = tiny_server[1]
+    runner, execute, abort = engine.core.runner, engine.core.runner.execute, engine.abort
+    aborted: list[str] = []
 
     def slow_execute(batch):
         time.sleep(0.005)
         return execute(batch)
 
+    def recorded_abort(request_id: str, reason: str = "request aborted") -> None:
+        aborted.append(request_id)
+        abort(request_id, reason)
+
     monkeypatch.setattr(runner, "execute", slow_execute)
+    monkeypatch.setattr(engine, "abort", recorded_abort)
+    return aborted
 
 
 LONG = {"prompt": "Hello", "max_tokens": MAX_TOKENS, "ignore_eos": True, "temperature": 0}
@@ -62,7 +72,7 @@ def test_leaving_a_stream_aborts_in_the_engine(tiny_server, slow_steps) -> None:
         data = (line for line in r.iter_lines() if line.startswith("data:"))
         for _ in range(3):
             next(data)
-    wait_until_idle(engine)
+    wait_until_idle(engine, slow_steps)
     assert engine.stats().num_steps - steps_before < MAX_TOKENS
 
 
@@ -71,7 +81,7 @@ def test_leaving_before_a_plain_answer_aborts_in_the_engine(tiny_server, slow_st
     steps_before = engine.stats().num_steps
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/v1/completions", json=LONG, timeout=0.3)
-    wait_until_idle(engine)
+    wait_until_idle(engine, slow_steps)
     assert engine.stats().num_steps - steps_before < MAX_TOKENS
     ok = httpx.post(url + "/v1/completions", json={**LONG, "max_tokens": 3}, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3

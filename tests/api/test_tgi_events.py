@@ -9,7 +9,9 @@ from app.core import FinishReason, SamplingParams, TokenDelta, Usage
 
 
 def render_all(deltas: list[TokenDelta], tokenizer) -> list[dict]:
-    dialect = TGIDialect([1, 2, 3], SamplingParams(temperature=0.0), True, tokenizer=tokenizer)
+    dialect = TGIDialect(
+        "id", [1, 2, 3], SamplingParams(temperature=0.0), True, tokenizer=tokenizer
+    )
     frames = [frame for delta in deltas for frame in dialect.render_delta(0, delta)]
     return [json.loads(frame.decode()[len("data: ") :]) for frame in frames]
 

@@ -1,4 +1,4 @@
-"""Admission control: the bounded queue, its 429, and the tickets behind deadlines.
+"""Admission control (the bounded queue and its 429) and the run's deadline and stop.
 
 Unit tests drive AdmissionController, its tickets and the driver's Run directly on an
 event loop; the HTTP tests run the real app over the fake engine (in-process, no model).
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from app.api.admission import AdmissionController
-from app.api.deadline import deadline_exceeded
+from app.api.deadline import Deadline, deadline_exceeded
 from app.api.driver import Dialect, Run
 from app.api.errors import APIError
 from app.api.request_record import RequestRecord
@@ -85,66 +85,53 @@ async def test_wait_idle_returns_when_the_last_request_ends() -> None:
     assert await controller.wait_idle(5.0)
 
 
-# --- runs and expiry ------------------------------------------------------------------------
-
-
-class Stopped:
-    """A stand-in for the driver's run: records what stopped it."""
-
-    def __init__(self, finished: bool = False) -> None:
-        self.finished = finished
-        self.errors: list[APIError] = []
-
-    def stop(self, error: APIError) -> None:
-        self.errors.append(error)
+# --- runs: deadlines and stops ----------------------------------------------------------------
 
 
 class Plain(Dialect):
     id_prefix = "plain"
 
 
-def new_run(engine: FakeEngine, ticket, prompts: list[list[int]], n: int = 1) -> Run:
-    dialect = Plain(prompts, [SamplingParams(max_tokens=500)] * len(prompts), n, stream=False)
+def new_run(
+    engine: FakeEngine,
+    ticket,
+    prompts: list[list[int]],
+    n: int = 1,
+    deadline: Deadline | None = None,
+    runs: set | None = None,
+    max_tokens: int = 500,
+) -> Run:
+    params = [SamplingParams(max_tokens=max_tokens)] * len(prompts)
+    dialect = Plain("id", prompts, params, n, stream=False)
     record = RequestRecord("id", False, "POST", "/generate", Metrics("m"), False)
-    return Run(engine, dialect, record, ticket)
+    return Run(engine, dialect, record, ticket, deadline, runs)
 
 
-async def test_expiry_stops_the_run_once_and_a_late_run_at_once() -> None:
-    controller = AdmissionController(max_queued=4, max_running=4, server_timeout_s=None)
-    ticket = controller.admit()
-    run = Stopped()
-    ticket.attach(run)
-    ticket.expire(deadline_exceeded(0.5))
-    ticket.expire(deadline_exceeded(0.7))  # the first expiry wins
-    assert [e.status_code for e in run.errors] == [504]
-    late_ticket = controller.admit()
-    late_ticket.expire(deadline_exceeded(0.5))  # while the request is still being prepared
-    late_run = Stopped()
-    late_ticket.attach(late_run)
-    assert [e.code for e in late_run.errors] == ["request_timeout"]
-    controller.release(ticket)
-    controller.release(late_ticket)
+async def test_a_deadline_stops_the_run_and_counts_a_timeout(http_tokenizer) -> None:
+    engine = FakeEngine(http_tokenizer, token_interval_s=10.0)  # nothing arrives in time
+    engine.start()
+    runs: set = set()
+    run = new_run(engine, None, [[1, 2]], deadline=Deadline.after(0.05), runs=runs)
+    assert runs == {run}  # where the drain finds it
+    with pytest.raises(APIError) as stopped:
+        await asyncio.wait_for(run.collect(), 2.0)
+    assert stopped.value.code == "request_timeout"
+    assert "deadline of 0.05 s" in stopped.value.message
+    assert run.record.failure == "timeout" and engine.aborted == [run.streams[0].request_id]
+    run.stop(deadline_exceeded(0.7))  # the first stop wins
+    assert run.stopped_with is stopped.value
+    await run.aclose()
+    assert runs == set()
 
 
-async def test_a_deadline_fires_on_its_own() -> None:
-    controller = AdmissionController(max_queued=4, max_running=4, server_timeout_s=None)
-    ticket = controller.admit(timeout_s=0.05)
-    run = Stopped()
-    ticket.attach(run)
-    await asyncio.sleep(0.2)
-    assert [e.code for e in run.errors] == ["request_timeout"]
-    assert "deadline of 0.05 s" in run.errors[0].message
-    controller.release(ticket)
-
-
-async def test_a_deadline_after_the_last_token_changes_nothing() -> None:
-    controller = AdmissionController(max_queued=4, max_running=4, server_timeout_s=None)
-    ticket = controller.admit(timeout_s=0.02)
-    run = Stopped(finished=True)  # only its final frames are still being written
-    ticket.attach(run)
-    await asyncio.sleep(0.1)
-    assert ticket.expiry is None and run.errors == []
-    controller.release(ticket)
+async def test_a_deadline_after_the_last_token_changes_nothing(http_tokenizer) -> None:
+    engine = FakeEngine(http_tokenizer, token_interval_s=0.001)
+    engine.start()
+    run = new_run(engine, None, [[1, 2]], deadline=Deadline.after(0.1), max_tokens=2)
+    await run.collect()
+    await asyncio.sleep(0.2)  # only its final frames would still be being written
+    assert run.stopped_with is None and run.record.failure is None and not engine.aborted
+    await run.aclose()
 
 
 async def test_stopping_a_run_aborts_every_engine_request_and_answers_with_the_error(
@@ -157,7 +144,7 @@ async def test_stopping_a_run_aborts_every_engine_request_and_answers_with_the_e
     run = new_run(engine, ticket, [[1, 2], [3, 4]], n=2)
     reader = asyncio.ensure_future(run.collect())
     await asyncio.sleep(0.01)
-    ticket.expire(deadline_exceeded(0.5))
+    run.stop(deadline_exceeded(0.5))  # as the drain does with its own error
     with pytest.raises(APIError) as stopped:
         await asyncio.wait_for(reader, 1.0)
     assert stopped.value.status_code == 504 and stopped.value.code == "request_timeout"
