@@ -50,6 +50,9 @@ class LevelResult:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lamina bench engine", description=__doc__)
+    parser.add_argument(
+        "--model", type=Path, help="local model folder, any family lamina runs (LAMINA_MODEL)"
+    )
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128, help="mean prompt tokens")
@@ -220,7 +223,9 @@ class Engine:
         from app.model.runner import ModelRunner
 
         self.weight_dtype = weight_dtype
+        model = {"model": args.model} if args.model else {}  # else LAMINA_MODEL or the default
         self.settings = load_settings(
+            **model,
             device=args.device,
             dtype=args.dtype,
             weight_dtype=weight_dtype,

@@ -34,6 +34,7 @@ from app.model.attention import (
 )
 from app.model.config import ModelConfig
 from app.model.cpu_threads import default_num_threads
+from app.model.families import read_model_config
 from app.model.host_memory import HugePageArena
 from app.model.kv_cache import KVCache
 from app.model.linear import onednn_available
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if not libraries:
         print("native kernels unavailable on this machine (see the log): nothing to compare")
         return 1
-    config = ModelConfig.from_dir(load_settings().model)
+    config = read_model_config(load_settings().model)
     if args.layers:
         config = dataclasses.replace(config, num_layers=args.layers)
     print(

@@ -2,7 +2,9 @@
 
 Every new token attends to its whole context: the keys already in the cache plus the
 ones of this step, which are written to the cache first, so a token is computed the
-same way whether its neighbours arrived in the same chunk or in an earlier step.
+same way whether its neighbours arrived in the same chunk or in an earlier step. With a
+sliding window (Mistral), the token at position p sees keys p - window + 1 .. p only:
+the others are masked (weight exactly 0), and the native kernel skips their blocks.
 
 Queries are split into *groups*, each computed by one gather of whole KV blocks and a
 pair of batched matmuls (scores, then probabilities times values):
@@ -80,6 +82,7 @@ class AttentionMetadata:
     # "bmm": gather + two batched matmuls; "sdpa": fused kernel (CUDA); "native": app.native
     backend: str = "bmm"
     native: NativeAttentionInputs | None = None  # backend "native" only
+    sliding_window: int | None = None  # a token attends to its last `sliding_window` keys
 
 
 @dataclass
@@ -139,6 +142,7 @@ def build_attention_metadata(
     backend: str = "bmm",
     mask_dtype: torch.dtype = torch.float32,
     native: NativeKernels | None = None,
+    sliding_window: int | None = None,
 ) -> tuple[torch.Tensor, AttentionMetadata]:
     """Positions [N] and attention metadata of a batch, from host lists.
 
@@ -159,7 +163,12 @@ def build_attention_metadata(
         spans.append(_SeqSpan(row, num_new, num_context, table))
         row += num_new
     positions, slots = _positions_and_slots(spans, block_size)
-    metadata = AttentionMetadata(slots.to(device), min_query_rows=min_query_rows, backend=backend)
+    metadata = AttentionMetadata(
+        slots.to(device),
+        min_query_rows=min_query_rows,
+        backend=backend,
+        sliding_window=sliding_window,
+    )
     if native is not None:
         metadata.native = NativeAttentionInputs.build(spans, native, num_blocks)
         return positions, metadata
@@ -168,7 +177,9 @@ def build_attention_metadata(
         num_decodes += 1
     metadata.num_decode_tokens = num_decodes
     per_bucket = batch_invariant and backend == "bmm"
-    plan = _GroupBuilder(block_size, num_blocks, num_kv_heads, device, per_bucket, mask_dtype)
+    plan = _GroupBuilder(
+        block_size, num_blocks, num_kv_heads, device, per_bucket, mask_dtype, sliding_window
+    )
     metadata.groups = plan.decode_groups(spans[:num_decodes])
     for span in spans[num_decodes:]:
         metadata.groups.extend(plan.prefill_groups(span))
@@ -196,7 +207,9 @@ class _GroupBuilder:
         device: torch.device,
         batch_invariant: bool,
         mask_dtype: torch.dtype = torch.float32,
+        sliding_window: int | None = None,
     ) -> None:
+        self.sliding_window = sliding_window
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.num_kv_heads = num_kv_heads
@@ -240,7 +253,10 @@ class _GroupBuilder:
     def _decode_group(self, spans: list[_SeqSpan], num_keys: int) -> AttentionGroup:
         seq_lens = torch.tensor([s.num_context + 1 for s in spans])
         key_index = torch.arange(num_keys)
-        mask = _additive_mask(key_index[None, :] < seq_lens[:, None])  # [n, L]
+        visible = key_index[None, :] < seq_lens[:, None]  # [n, L]
+        if self.sliding_window is not None:  # and inside the window of the new token
+            visible &= key_index[None, :] >= seq_lens[:, None] - self.sliding_window
+        mask = _additive_mask(visible)
         return AttentionGroup(
             row_start=spans[0].row_start,
             row_end=spans[-1].row_start + 1,
@@ -255,7 +271,10 @@ class _GroupBuilder:
         self, span: _SeqSpan, first_pos: int, end_pos: int, num_keys: int
     ) -> AttentionGroup:
         query_pos = torch.arange(first_pos, end_pos)
-        visible = torch.arange(num_keys)[None, :] <= query_pos[:, None]  # causal: [T, L]
+        key_pos = torch.arange(num_keys)[None, :]
+        visible = key_pos <= query_pos[:, None]  # causal: [T, L]
+        if self.sliding_window is not None:
+            visible &= key_pos > query_pos[:, None] - self.sliding_window
         row_start = span.row_start + first_pos - span.num_context
         return AttentionGroup(
             row_start=row_start,
@@ -305,7 +324,7 @@ def paged_attention(
         inputs = metadata.native
         return inputs.kernels.paged_attention(
             query, layer_cache[0], layer_cache[1], inputs.block_tables, inputs.token_seq,
-            inputs.num_keys, scale,
+            inputs.num_keys, scale, metadata.sliding_window,
         )  # fmt: skip
     num_tokens, num_heads, head_dim = query.shape
     attend = _attend_sdpa if metadata.backend == "sdpa" else _attend

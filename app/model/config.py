@@ -1,23 +1,46 @@
 """What lamina knows of a model's architecture: config.json read and validated into
 `ModelConfig`, its rotary frequencies, its EOS ids. A leaf: the model definition, the
-KV cache and the loader all name it, and it names none of them."""
+KV cache and the loader all name it, and it names none of them.
+
+`ModelConfig` holds the fields every family shares plus each family difference as a
+plain switch (q/k/v and o biases, per-head q/k norms, a sliding window). Which switches
+a family turns on, and from which config.json fields, is the family's `Family.features`
+(app/model/families.py and the one file per family it lists)."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# Why the others are refused: each changes the numbers in a way lamina does not compute.
+_REFUSED_ROPE_TYPES = {
+    "dynamic": "its frequencies change with the longest sequence of each batch, so a "
+    "token's result would depend on its neighbours",
+    "yarn": "not implemented yet",
+    "longrope": "not implemented yet",
+}
 
 
 class ModelLoadError(ValueError):
     """The folder does not hold a model lamina can serve; the message says why."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture lamina runs natively: `config.json`'s `architectures[0]`, the
+    model class that runs it, and `features(raw config) -> ModelConfig fields`: the
+    family's differences from LLaMA, read from its config.json (or fixed by the family)."""
+
+    architecture: str
+    model_class: Callable[[ModelConfig], Any]
+    features: Callable[[dict[str, Any]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -33,7 +56,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The architecture numbers our LLaMA implementation needs, read from config.json."""
+    """The architecture numbers lamina's decoder needs, read from config.json."""
 
     vocab_size: int
     hidden_size: int
@@ -47,8 +70,12 @@ class ModelConfig:
     rope_scaling: RopeScaling
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool
+    qkv_bias: bool  # biases on the q, k and v projections
+    o_bias: bool  # a bias on the attention's output projection
     mlp_bias: bool
+    architecture: str = "LlamaForCausalLM"
+    qk_norm: bool = False  # RMSNorm over each q and k head before the rotary embedding
+    sliding_window: int | None = None  # a token sees only its last `sliding_window` keys
 
     @property
     def q_size(self) -> int:
@@ -59,9 +86,10 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        """Validate a parsed config.json; raise ModelLoadError on what we cannot run."""
-        _check_architecture(raw)
+    def from_dict(cls, raw: dict[str, Any], **features: Any) -> ModelConfig:
+        """Validate a parsed config.json's shared fields; `features` are the family's
+        (Family.features). Raises ModelLoadError on what lamina cannot run."""
+        _check_activation(raw)
         hidden_size = int(raw["hidden_size"])
         num_heads = int(raw["num_attention_heads"])
         rope_theta, rope_scaling = _parse_rope(raw)
@@ -78,9 +106,13 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            attention_bias=bool(raw.get("attention_bias", False)),
+            qkv_bias=bool(raw.get("attention_bias", False)),
+            o_bias=bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
         )
+        config = replace(config, **features)
+        if config.sliding_window is not None and config.sliding_window < 1:
+            raise ModelLoadError(f"sliding_window must be at least 1, not {config.sliding_window}")
         if config.num_heads % config.num_kv_heads:
             raise ModelLoadError(
                 f"num_attention_heads ({num_heads}) must be a multiple of "
@@ -88,26 +120,21 @@ class ModelConfig:
             )
         return config
 
-    @classmethod
-    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
-        path = Path(model_dir) / "config.json"
-        if not path.is_file():
-            raise ModelLoadError(f"{path} not found: is {model_dir} a Hugging Face model folder?")
-        return cls.from_dict(json.loads(path.read_text()))
+
+def read_config_json(model_dir: str | Path) -> dict[str, Any]:
+    """config.json of a model folder, parsed."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{path} not found: is {model_dir} a Hugging Face model folder?")
+    return json.loads(path.read_text())
 
 
-def _check_architecture(raw: dict[str, Any]) -> None:
-    architectures = raw.get("architectures") or []
-    if not architectures and raw.get("model_type") == "llama":
-        architectures = ["LlamaForCausalLM"]
-    if not any(name in SUPPORTED_ARCHITECTURES for name in architectures):
-        raise ModelLoadError(
-            f"unsupported architecture {architectures or raw.get('model_type')!r}: "
-            f"lamina runs {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+def _check_activation(raw: dict[str, Any]) -> None:
     activation = raw.get("hidden_act", "silu")
     if activation != "silu":
-        raise ModelLoadError(f"unsupported hidden_act {activation!r}: LLaMA uses silu")
+        raise ModelLoadError(
+            f"unsupported hidden_act {activation!r}: lamina's MLP is SwiGLU (silu)"
+        )
 
 
 def _parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
@@ -119,13 +146,23 @@ def _parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
         params = raw.get("rope_scaling") or {}
         theta = raw.get("rope_theta", 10000.0)
     rope_type = params.get("rope_type") or params.get("type") or "default"
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
         raise ModelLoadError(
-            f"unsupported rope type {rope_type!r}: "
+            f"unsupported partial_rotary_factor {partial}: lamina rotates whole heads"
+        )
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        why = _REFUSED_ROPE_TYPES.get(rope_type)
+        raise ModelLoadError(
+            f"unsupported rope type {rope_type!r}{f' ({why})' if why else ''}: "
             f"lamina supports {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     if rope_type == "default":
         return float(theta), RopeScaling()
+    if rope_type == "linear":
+        if "factor" not in params:
+            raise ModelLoadError("rope type 'linear' needs a factor in its parameters")
+        return float(theta), RopeScaling(rope_type="linear", factor=float(params["factor"]))
     missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
     if missing:
         raise ModelLoadError(f"rope type 'llama3' needs {', '.join(missing)} in its parameters")
@@ -141,10 +178,11 @@ def _parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    """Per-pair rotation speeds, [head_dim // 2] fp32, with llama3 scaling when configured.
+    """Per-pair rotation speeds, [head_dim // 2] fp32, with the configured scaling.
 
-    llama3 leaves high frequencies (short wavelengths) alone, slows low frequencies by
-    `factor`, and blends linearly in between, so long contexts stay in distribution.
+    linear slows every frequency by `factor` (positions interpolated). llama3 leaves high
+    frequencies (short wavelengths) alone, slows low frequencies by `factor`, and blends
+    linearly in between, so long contexts stay in distribution.
     """
     dim = config.head_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
@@ -152,6 +190,8 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     scaling = config.rope_scaling
     if scaling.rope_type == "default":
         return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
     original_len = scaling.original_max_position_embeddings
     low_freq_wavelen = original_len / scaling.low_freq_factor
     high_freq_wavelen = original_len / scaling.high_freq_factor

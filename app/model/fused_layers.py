@@ -45,8 +45,8 @@ class FusableModel(Protocol):
     config: ModelConfig
     native: NativeKernels | None
     rotary: RotaryTables
-    layers: nn.ModuleList  # each: input_norm, attn.qkv_proj / o_proj, post_attention_norm,
-    # mlp.gate_up_proj / down_proj
+    layers: nn.ModuleList  # each: input_norm, attn.qkv_proj / o_proj (and q_norm / k_norm,
+    # None or [head_dim]), post_attention_norm, mlp.gate_up_proj / down_proj
 
 
 def can_fuse(model: FusableModel) -> bool:
@@ -73,6 +73,7 @@ class FusedLayers:
             config.head_dim,
             config.intermediate_size,
             config.rms_norm_eps,
+            config.sliding_window,
         )
         self.stack: StackDesc = describe_stack(self.layers, shape)
 
@@ -115,7 +116,13 @@ def _layer_weights(layer: nn.Module, cache: torch.Tensor) -> DecoderLayerWeights
         down=_packed(layer.mlp.down_proj),
         keys=cache[0],
         values=cache[1],
+        q_norm=_norm_weight(layer.attn.q_norm),
+        k_norm=_norm_weight(layer.attn.k_norm),
     )
+
+
+def _norm_weight(norm: nn.Module | None) -> torch.Tensor | None:
+    return None if norm is None else norm.weight.detach().contiguous()
 
 
 def _packed(linear: Linear) -> PackedLinear:

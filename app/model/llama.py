@@ -1,5 +1,8 @@
 """LLaMA over a flat batch of tokens: RMSNorm, rotary embeddings, GQA attention, SwiGLU.
 
+The families built on LLaMA (qwen2.py, qwen3.py, mistral.py) run this same model with
+ModelConfig's switches on: q/k/v and o biases, per-head q/k norms, a sliding window.
+
 There is no batch dimension: the tokens of every sequence in a step are concatenated
 into N rows, and the attention metadata says which rows belong together and where
 their keys and values live in the paged cache.
@@ -7,12 +10,14 @@ their keys and values live in the paged cache.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from app.model.attention import AttentionMetadata, paged_attention
-from app.model.config import ModelConfig, rope_inverse_frequencies
+from app.model.config import Family, ModelConfig, rope_inverse_frequencies
 from app.model.fused_layers import FusedLayers, can_fuse
 from app.model.kv_cache import KVCache
 from app.model.linear import KernelPlan, Linear, NativeLinearKernel, RowInvariance, RowKinds
@@ -80,8 +85,11 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         self.split_sizes = (config.q_size, config.kv_size, config.kv_size)
-        self.qkv_proj = Linear(config.hidden_size, sum(self.split_sizes), config.attention_bias)
-        self.o_proj = Linear(config.q_size, config.hidden_size, config.attention_bias)
+        self.qkv_proj = Linear(config.hidden_size, sum(self.split_sizes), config.qkv_bias)
+        self.o_proj = Linear(config.q_size, config.hidden_size, config.o_bias)
+        # Qwen3: an RMSNorm over each q head and each k head, before the rotation.
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(
         self,
@@ -95,6 +103,10 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(x, kinds)  # [N, q_size + 2 * kv_size]: ours, so rotated in place
         num_q, num_qk = self.split_sizes[0], self.split_sizes[0] + self.split_sizes[1]
         heads = (num_tokens, -1, self.head_dim)
+        if self.q_norm is not None:
+            q_heads, k_heads = qkv[:, :num_q].view(heads), qkv[:, num_q:num_qk].view(heads)
+            q_heads.copy_(self.q_norm(q_heads))
+            k_heads.copy_(self.k_norm(k_heads))
         # q and k are adjacent in the fused projection: rotate them in one go.
         apply_rotary_(qkv[:, :num_qk].view(heads), *rope)
         q = qkv[:, :num_q].view(heads)  # [N, num_heads, head_dim]
@@ -169,7 +181,8 @@ def _fp32_panels(linear: Linear) -> torch.Tensor | None:
 
 
 class LlamaForCausalLM(nn.Module):
-    """Decoder-only LLaMA. Build on the meta device; loader.load_model fills it."""
+    """Decoder-only LLaMA (and the families that differ from it only by ModelConfig's
+    switches). Build on the meta device; loader.load_model fills it."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -260,3 +273,12 @@ class LlamaForCausalLM(nn.Module):
         """[S, hidden] -> [S, vocab]; call it only on the rows that sample. kinds: of
         those S rows (the token each row was computed for)."""
         return self.lm_head(hidden, kinds)
+
+
+def _llama_features(raw: dict[str, Any]) -> dict[str, Any]:
+    """LLaMA's switches are its own config fields (attention_bias, mlp_bias): read by
+    ModelConfig.from_dict already."""
+    return {}
+
+
+FAMILY = Family("LlamaForCausalLM", LlamaForCausalLM, _llama_features)

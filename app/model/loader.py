@@ -1,4 +1,5 @@
-"""Read a local Hugging Face LLaMA folder: its config.json and its safetensors weights.
+"""Read a local Hugging Face model folder (a family of families.py): its config.json and
+its safetensors weights.
 
 Only safetensors are read: pickle checkpoints (*.bin, *.pt) can run code when loaded.
 The model is built on the meta device (no memory, no random init) and the checkpoint
@@ -21,8 +22,8 @@ from pathlib import Path
 import torch
 
 from app.model.config import ModelConfig, ModelLoadError
+from app.model.families import build_model, read_model_config
 from app.model.linear import kernel_plan
-from app.model.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ _RENAMED = {
     "mlp.down_proj": "mlp.down_proj",
     "input_layernorm": "input_norm",
     "post_attention_layernorm": "post_attention_norm",
+    "self_attn.q_norm": "attn.q_norm",  # Qwen3's per-head norms
+    "self_attn.k_norm": "attn.k_norm",
 }
 _TOP_LEVEL = {
     "model.embed_tokens.weight": "embed_tokens.weight",
@@ -144,7 +147,7 @@ def load_model(
     batch_invariant: bool = True,
     kernels: str = "auto",
 ) -> torch.nn.Module:
-    """Build our LlamaForCausalLM from a local folder, ready for inference on `device`.
+    """Build the family's model from a local folder, ready for inference on `device`.
 
     `max_positions` sizes the rotary cos/sin table (default: max_position_embeddings).
     `weight_dtype` (CPU only) stores linear weights in another precision; `kernels`
@@ -153,10 +156,10 @@ def load_model(
     """
 
     device = torch.device(device)
-    config = ModelConfig.from_dir(model_dir)
+    config = read_model_config(model_dir)
     files = safetensors_files(model_dir)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = build_model(config)
     state = convert_checkpoint(_iter_checkpoint(files), config, device, dtype)
     try:
         model.load_state_dict(state, strict=True, assign=True)
@@ -170,8 +173,9 @@ def load_model(
     if device.type == "cpu":
         _copy_out_of_checkpoint(model)
     logger.info(
-        "loaded %s: %d layers, %.1fM parameters, %s on %s, linear weights %s%s",
+        "loaded %s (%s): %d layers, %.1fM parameters, %s on %s, linear weights %s%s",
         Path(model_dir).name,
+        config.architecture,
         config.num_layers,
         num_parameters / 1e6,
         dtype,

@@ -23,6 +23,7 @@ from app.model.cache_sizing import num_cache_blocks
 from app.model.config import ModelConfig, read_eos_token_ids
 from app.model.cpu_threads import default_num_threads
 from app.model.cuda_graphs import DecodeGraphs
+from app.model.families import read_model_config
 from app.model.host_memory import keep_freed_memory_in_heap, release_freed_heap
 from app.model.kv_cache import GIB, KVCache
 from app.model.linear import RowKinds
@@ -120,11 +121,16 @@ class ModelRunner:
             )
         self.decode_graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
-            self.enable_decode_graphs(max_num_seqs, use_cuda_graphs=True)
+            if self.config.sliding_window is None:
+                self.enable_decode_graphs(max_num_seqs, use_cuda_graphs=True)
+            else:  # their recorded masks have no window (cuda_graphs.py)
+                logger.info("decode CUDA graphs off: the model has a sliding window")
 
     def enable_decode_graphs(self, max_batch: int, use_cuda_graphs: bool) -> None:
         """Run decode-only steps through DecodeGraphs (use_cuda_graphs=False: its eager
         twin, which tests use on the CPU)."""
+        if self.config.sliding_window is not None:
+            raise ValueError("decode graphs have no sliding window")
         self.attention_backend = "sdpa"
         self.decode_graphs = DecodeGraphs(
             self._forward_logits,
@@ -151,7 +157,7 @@ class ModelRunner:
             torch.set_num_threads(num_threads)  # before loading: packing runs threaded too
             logger.info("torch uses %d CPU threads", num_threads)
         weight_dtype = resolve_weight_dtype(settings.weight_dtype, device, dtype)
-        config = ModelConfig.from_dir(settings.model)
+        config = read_model_config(settings.model)
         max_model_len = settings.max_model_len or config.max_position_embeddings
         if max_model_len > config.max_position_embeddings:
             logger.warning(
@@ -231,6 +237,7 @@ class ModelRunner:
                 backend=self.attention_backend,
                 mask_dtype=self.dtype,
                 native=self.model.native if self.attention_backend == "native" else None,
+                sliding_window=self.config.sliding_window,
             )
             input_ids = torch.tensor(flat.input_ids, dtype=torch.int64).to(self.device)
             kinds = self._row_kinds(flat) if self.splits_rows else None  # of the N rows

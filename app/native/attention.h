@@ -48,7 +48,16 @@ typedef struct {
     float *out;               /* [N, num_heads * head_dim] */
     long num_heads, num_kv_heads, head_dim;
     float scale;
+    long window;              /* > 0: a token sees only its last `window` keys (Mistral) */
 } attention_args;
+
+/* The first key a token with `num_keys` visible keys attends to: 0, or the window's start.
+ * Keys before it get probability exactly 0 (their scores are set to -inf), so skipping
+ * whole blocks of them before the first one needed changes no bits: every row's result
+ * is the same whichever rows share its tile. */
+static inline long first_key(const attention_args *a, long num_keys) {
+    return a->window > 0 && num_keys > a->window ? num_keys - a->window : 0;
+}
 
 /* Rows computed together: each block of keys or values is read from memory once per
  * tile and from L1 by the tile's other rows. Row r of a tile sees L0 + r * step keys:
@@ -95,9 +104,9 @@ static inline void prefetch_some(prefetcher *p) {
 static inline __attribute__((always_inline)) void score_tile(
     const float *queries, long count, long L0, long step, const float *k_head,
     const int32_t *table, long block_size, long D, float *scores, long stride,
-    prefetcher *ahead) {
+    prefetcher *ahead, long first_block) {
     long block_elems = block_size * D, keys = L0 + (count - 1) * step;
-    for (long start = 0, b = 0; start < keys; start += block_size, b++) {
+    for (long b = first_block, start = b * block_size; start < keys; start += block_size, b++) {
         const float *block = k_head + table[b] * block_elems;
         prefetch_some(ahead);
         for (long r = 0; r < count; r++) {
@@ -124,7 +133,7 @@ static inline __attribute__((always_inline)) void score_tile(
 static inline __attribute__((always_inline)) void weigh_tile(
     const float *probs, long stride, long count, long L0, long step, const float *v_head,
     const int32_t *table, long block_size, long D, float *out, long out_stride,
-    prefetcher *ahead) {
+    prefetcher *ahead, long first_block) {
     long block_elems = block_size * D, keys = L0 + (count - 1) * step;
     if (D % LANES) { /* a head_dim not a multiple of 16: plain scalar sums */
         for (long r = 0; r < count; r++)
@@ -144,7 +153,7 @@ static inline __attribute__((always_inline)) void weigh_tile(
     for (long d0 = 0; d0 < D; d0 += LANES) {
         vec8 acc[TILE][2];
         for (long r = 0; r < TILE; r++) acc[r][0] = acc[r][1] = (vec8){};
-        for (long start = 0, b = 0; start < keys; start += block_size, b++) {
+        for (long b = first_block, start = b * block_size; start < keys; start += block_size, b++) {
             const float *block = v_head + table[b] * block_elems + d0;
             if (d0 % (4 * LANES) == 0) prefetch_some(ahead); /* once per 64 columns */
             long n = keys - start < block_size ? keys - start : block_size;
@@ -168,7 +177,7 @@ static inline __attribute__((always_inline)) void weigh_tile(
         vecf acc[TILE][4];
         for (long r = 0; r < TILE; r++)
             for (long c = 0; c < 4; c++) acc[r][c] = broadcast(0.0f);
-        for (long start = 0, b = 0; start < keys; start += block_size, b++) {
+        for (long b = first_block, start = b * block_size; start < keys; start += block_size, b++) {
             const float *block = v_head + table[b] * block_elems + d0;
             prefetch_some(ahead);
             long n = keys - start < block_size ? keys - start : block_size;
@@ -189,6 +198,11 @@ static inline __attribute__((always_inline)) void weigh_tile(
 #endif
 }
 
+/* scores[0:first] = -inf: keys outside the sliding window weigh exactly 0. */
+static inline void hide_keys_before(float *scores, long first) {
+    for (long j = 0; j < first; j++) scores[j] = -INFINITY;
+}
+
 /* Whether a tile of `count` tokens computes its query heads as the rows of one tile. */
 static inline int heads_as_rows(const attention_args *a, long count) {
     return count == 1 && a->num_heads / a->num_kv_heads <= TILE;
@@ -205,16 +219,20 @@ static inline __attribute__((always_inline)) void attend_tile_d(
     long head_elems = a->num_blocks * a->block_size * D;
     const int32_t *table = a->tables + a->token_seq[first] * a->table_stride;
     const float *k_head = a->keys + head * head_elems, *v_head = a->values + head * head_elems;
+    long first_block = first_key(a, L0) / a->block_size; /* the tile's first row sees most */
     if (heads_as_rows(a, count)) {
         const float *query = a->query + first * a->q_stride + head * group * D;
         float queries[TILE * D];
         for (long i = 0; i < group * D; i++) queries[i] = query[i] * a->scale;
         score_tile(queries, group, L0, 0, k_head, table, a->block_size, D, scratch, stride,
-                   ahead);
-        for (long g = 0; g < group; g++) softmax(scratch + g * stride, L0);
+                   ahead, first_block);
+        for (long g = 0; g < group; g++) {
+            hide_keys_before(scratch + g * stride, first_key(a, L0));
+            softmax(scratch + g * stride, L0);
+        }
         float *out = a->out + (first * a->num_heads + head * group) * D;
         weigh_tile(scratch, stride, group, L0, 0, v_head, table, a->block_size, D, out, D,
-                   ahead);
+                   ahead, first_block);
         return;
     }
     for (long g = 0; g < group; g++) {
@@ -224,11 +242,14 @@ static inline __attribute__((always_inline)) void attend_tile_d(
             for (long d = 0; d < D; d++)
                 queries[r * D + d] = a->query[(first + r) * a->q_stride + q_head * D + d] * a->scale;
         score_tile(queries, count, L0, 1, k_head, table, a->block_size, D, scratch, stride,
-                   ahead);
-        for (long r = 0; r < count; r++) softmax(scratch + r * stride, L0 + r);
+                   ahead, first_block);
+        for (long r = 0; r < count; r++) {
+            hide_keys_before(scratch + r * stride, first_key(a, L0 + r));
+            softmax(scratch + r * stride, L0 + r);
+        }
         float *out = a->out + (first * a->num_heads + q_head) * D;
         weigh_tile(scratch, stride, count, L0, 1, v_head, table, a->block_size, D, out,
-                   a->num_heads * D, ahead);
+                   a->num_heads * D, ahead, first_block);
     }
 }
 
@@ -278,8 +299,10 @@ static void plan_prefetch(prefetcher *p, const attention_args *a, const long *st
     long tile = next / a->num_kv_heads, head = next % a->num_kv_heads;
     long block_elems = a->block_size * a->head_dim;
     long head_elems = a->num_blocks * block_elems;
-    const int32_t *table = a->tables + a->token_seq[starts[tile]] * a->table_stride;
-    long n = tile_blocks(a, starts, tile);
+    long first_block = first_key(a, a->num_keys[starts[tile]]) / a->block_size;
+    const int32_t *table =
+        a->tables + a->token_seq[starts[tile]] * a->table_stride + first_block;
+    long n = tile_blocks(a, starts, tile) - first_block;
     n = n < AHEAD_MAX_BLOCKS ? n : AHEAD_MAX_BLOCKS;
     for (long b = 0; b < n; b++) {
         p->blocks[b] = (const char *)(a->keys + head * head_elems + table[b] * block_elems);
@@ -326,14 +349,17 @@ static long score_stride(const int32_t *num_keys, long num_tokens) {
     return (max_keys + LANES - 1) / LANES * LANES;
 }
 
-void lamina_paged_attention(const float *query, long q_stride, const float *keys,
-                            const float *values, long num_blocks, long block_size,
-                            const int32_t *tables, long table_stride, const int32_t *token_seq,
-                            const int32_t *num_keys, float *out, long num_tokens,
-                            long num_heads, long num_kv_heads, long head_dim, float scale) {
+/* window > 0: each token attends to its last `window` keys only (sliding window). */
+void lamina_paged_attention_windowed(const float *query, long q_stride, const float *keys,
+                                     const float *values, long num_blocks, long block_size,
+                                     const int32_t *tables, long table_stride,
+                                     const int32_t *token_seq, const int32_t *num_keys,
+                                     float *out, long num_tokens, long num_heads,
+                                     long num_kv_heads, long head_dim, float scale,
+                                     long window) {
     attention_args a = {query,   q_stride,  keys,         values,   num_blocks,
                         block_size, tables, table_stride, token_seq, num_keys,
-                        out,     num_heads, num_kv_heads, head_dim, scale};
+                        out,     num_heads, num_kv_heads, head_dim, scale, window};
     long stride = score_stride(num_keys, num_tokens);
     long *starts = malloc(sizeof(long) * (num_tokens + 1));
     long tiles = make_tiles(token_seq, num_keys, num_tokens, starts), claimed = 0;
@@ -344,4 +370,14 @@ void lamina_paged_attention(const float *query, long q_stride, const float *keys
         free(scratch);
     }
     free(starts);
+}
+
+void lamina_paged_attention(const float *query, long q_stride, const float *keys,
+                            const float *values, long num_blocks, long block_size,
+                            const int32_t *tables, long table_stride, const int32_t *token_seq,
+                            const int32_t *num_keys, float *out, long num_tokens,
+                            long num_heads, long num_kv_heads, long head_dim, float scale) {
+    lamina_paged_attention_windowed(query, q_stride, keys, values, num_blocks, block_size,
+                                    tables, table_stride, token_seq, num_keys, out, num_tokens,
+                                    num_heads, num_kv_heads, head_dim, scale, 0);
 }

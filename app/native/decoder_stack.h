@@ -16,6 +16,7 @@ typedef struct {
     const float *input_norm, *post_attention_norm; /* [hidden] */
     linear_desc qkv, o, gate_up, down;            /* qkv: q, k, v heads; gate_up: gate, up */
     float *keys, *values;                          /* [kv_heads, num_blocks, block_size, dim] */
+    const float *q_norm, *k_norm; /* [head_dim] per-head RMSNorm before rotary (Qwen3), or NULL */
 } layer_desc;
 
 typedef struct {
@@ -23,6 +24,7 @@ typedef struct {
     long num_blocks, block_size; /* of the KV cache, scratch block included */
     float eps, scale;
     const layer_desc *layers;
+    long window; /* > 0: sliding-window attention over each token's last `window` keys */
 } stack_desc;
 
 typedef struct {
@@ -53,8 +55,20 @@ static void rms_norm_rows(const float *x, const float *weight, float *out, long 
     }
 }
 
-/* Rotate the q and k heads of each qkv row (x * cos + rotate_half(x) * sin), then store
- * the row's keys and values at its cache slot. */
+/* x[0:D] = x / rms(x) * weight, in place: one head (Qwen3's q/k norms), summed as
+ * rms_norm_rows sums a row. */
+static void rms_norm_head(float *x, const float *weight, long D, float eps) {
+    vecf squares = broadcast(0.0f);
+    long d = 0;
+    for (; d + LANES <= D; d += LANES) squares = squares + load(x + d) * load(x + d);
+    float sum = sum_lanes(squares);
+    for (; d < D; d++) sum += x[d] * x[d];
+    float inverse = 1.0f / sqrtf(sum / (float)D + eps);
+    for (d = 0; d < D; d++) x[d] = x[d] * inverse * weight[d];
+}
+
+/* Normalize the q and k heads of each qkv row when the layer has q/k norms, rotate them
+ * (x * cos + rotate_half(x) * sin), then store the row's keys and values at its slot. */
 static void rotate_and_store_rows(const stack_desc *m, const layer_desc *layer,
                                   const step_desc *s, float *qkv, long width) {
     long D = m->head_dim, half = D / 2, rotated = m->num_heads + m->num_kv_heads;
@@ -65,6 +79,7 @@ static void rotate_and_store_rows(const stack_desc *m, const layer_desc *layer,
         const float *cos = s->cos + t * D, *sin = s->sin + t * D;
         for (long h = 0; h < rotated; h++) {
             float *x = row + h * D, before[D];
+            if (layer->q_norm) rms_norm_head(x, h < m->num_heads ? layer->q_norm : layer->k_norm, D, m->eps);
             memcpy(before, x, sizeof before);
             for (long i = 0; i < D; i++)
                 x[i] = before[i] * cos[i] + before[i < half ? i + half : i - half] * sin[i];
@@ -117,7 +132,7 @@ void lamina_decoder_stack(const stack_desc *m, const step_desc *s) {
             attention_args a = {qkv, width, layer->keys, layer->values, m->num_blocks,
                                 m->block_size, s->tables, s->table_stride, s->token_seq,
                                 s->num_keys, attended, m->num_heads, m->num_kv_heads, D,
-                                m->scale};
+                                m->scale, m->window};
             rms_norm_rows(s->x, layer->input_norm, normed, N, H, m->eps);
             linear_phase(&layer->qkv, normed, H, N, s->split, qkv, 0, rounded);
             rotate_and_store_rows(m, layer, s, qkv, width);

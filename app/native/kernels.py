@@ -43,7 +43,7 @@ class NativeKernels:
         self.bf16_dot_product = bool(library.lamina_bf16_dot_product())
         attention_args = (_pointer, _long, _pointer, _pointer, _long, _long, _pointer, _long)
         attention_args += (_pointer, _pointer, _pointer, _long, _long, _long, _long, _float)
-        self._attention = _bind(library.lamina_paged_attention, attention_args)
+        self._attention = _bind(library.lamina_paged_attention_windowed, (*attention_args, _long))
         stack_args = (ctypes.POINTER(StackDesc), ctypes.POINTER(StepDesc))
         self._decoder_stack = _bind(library.lamina_decoder_stack, stack_args)
         argmax_args = (_pointer, _long, _long, _long, _pointer)
@@ -110,8 +110,10 @@ class NativeKernels:
         token_seq: torch.Tensor,  # [N] int32: each token's row of block_tables
         num_keys: torch.Tensor,  # [N] int32: keys each token attends over (position + 1)
         scale: float,
+        sliding_window: int | None = None,  # then only the last sliding_window of those
     ) -> torch.Tensor:  # [N, num_heads * head_dim]
-        """Each token's query heads over its first num_keys cached keys (GQA)."""
+        """Each token's query heads over its first num_keys cached keys (GQA), or over the
+        last `sliding_window` of them."""
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads, num_blocks, block_size, _ = keys.shape
         if query.stride(2) != 1 or query.stride(1) != head_dim:
@@ -129,7 +131,7 @@ class NativeKernels:
                 query.data_ptr(), query.stride(0), keys.data_ptr(), values.data_ptr(),
                 num_blocks, block_size, block_tables.data_ptr(), block_tables.stride(0),
                 token_seq.data_ptr(), num_keys.data_ptr(), out.data_ptr(),
-                num_tokens, num_heads, num_kv_heads, head_dim, scale,
+                num_tokens, num_heads, num_kv_heads, head_dim, scale, sliding_window or 0,
             )  # fmt: skip
         return out
 

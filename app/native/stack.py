@@ -48,6 +48,8 @@ class DecoderLayerWeights:
     down: PackedLinear  # intermediate -> hidden
     keys: torch.Tensor  # [kv_heads, num_blocks, block_size, head_dim] fp32, contiguous
     values: torch.Tensor  # same layout as keys
+    q_norm: torch.Tensor | None = None  # [head_dim] fp32: per-head RMSNorm of q (Qwen3)
+    k_norm: torch.Tensor | None = None  # [head_dim] fp32: the same for k
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class StackShape:
     head_dim: int
     intermediate: int
     eps: float
+    sliding_window: int | None = None  # a token sees its last `sliding_window` keys only
 
 
 class _LinearDesc(ctypes.Structure):
@@ -79,6 +82,8 @@ class _LayerDesc(ctypes.Structure):
         ("down", _LinearDesc),
         ("keys", _pointer),
         ("values", _pointer),
+        ("q_norm", _pointer),
+        ("k_norm", _pointer),
     ]
 
 
@@ -95,6 +100,7 @@ class StackDesc(ctypes.Structure):
         ("eps", _float),
         ("scale", _float),
         ("layers", ctypes.POINTER(_LayerDesc)),
+        ("window", _long),
     ]
 
 
@@ -123,6 +129,7 @@ def describe_stack(layers: list[DecoderLayerWeights], shape: StackShape) -> Stac
     stack = StackDesc(
         len(layers), layers[0].input_norm.numel(), shape.num_heads, num_kv_heads, head_dim,
         shape.intermediate, num_blocks, block_size, shape.eps, head_dim**-0.5, descs,
+        shape.sliding_window or 0,
     )  # fmt: skip
     stack._layers = descs  # ctypes keeps no reference through a POINTER field
     return stack
@@ -141,7 +148,12 @@ def _describe_layer(layer: DecoderLayerWeights) -> _LayerDesc:
         _describe_linear(layer.qkv), _describe_linear(layer.o),
         _describe_linear(layer.gate_up), _describe_linear(layer.down),
         layer.keys.data_ptr(), layer.values.data_ptr(),
+        _pointer_or_null(layer.q_norm), _pointer_or_null(layer.k_norm),
     )  # fmt: skip
+
+
+def _pointer_or_null(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
 def _describe_linear(linear: PackedLinear) -> _LinearDesc:
@@ -160,6 +172,9 @@ def _check_layers(layers: list[DecoderLayerWeights]) -> None:
         raise ValueError("a decoder stack needs at least one layer")
     for layer in layers:
         fp32 = [layer.input_norm, layer.post_attention_norm, layer.keys, layer.values]
+        if (layer.q_norm is None) != (layer.k_norm is None):
+            raise ValueError("q and k norms come together")
+        fp32 += [norm for norm in (layer.q_norm, layer.k_norm) if norm is not None]
         linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
         fp32 += [linear.bias for linear in linears if linear.bias is not None]
         panels = [p for linear in linears for p in (linear.prompt_panels, linear.generated_panels)]
@@ -181,6 +196,11 @@ def _check_shapes(layers: list[DecoderLayerWeights], shape: StackShape) -> None:
     q_size, kv_size = shape.num_heads * head_dim, shape.num_kv_heads * head_dim
     if layers[0].keys.shape[0] != shape.num_kv_heads or layers[0].keys.shape[3] != head_dim:
         raise ValueError("the KV cache does not match the attention heads")
+    norms = [n for layer in layers for n in (layer.q_norm, layer.k_norm) if n is not None]
+    if any(norm.shape != (head_dim,) for norm in norms):
+        raise ValueError(f"q/k norms must be [{head_dim}]")
+    if len(norms) not in (0, 2 * len(layers)):
+        raise ValueError("every layer has q/k norms, or none does")
     expected = {
         "qkv": (hidden, q_size + 2 * kv_size),
         "o": (q_size, hidden),

@@ -118,6 +118,7 @@ def model_logits(
         backend=backend,
         mask_dtype=model.dtype,
         native=model.native if backend == "native" else None,
+        sliding_window=model.config.sliding_window,
     )
     input_ids = torch.tensor([t for c in chunks for t in c.token_ids], device=device)
     with torch.inference_mode():
@@ -153,7 +154,17 @@ def hf_greedy(model_path, prompts: list[list[int]], max_new_tokens: int) -> list
 
 def save_random_llama(out_dir, seed: int = 0, **overrides):
     """Write a small random LlamaForCausalLM (transformers' own layout) to out_dir."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return save_random_model(out_dir, "LlamaConfig", seed, random_norms=False, **overrides)
+
+
+def save_random_model(
+    out_dir, config_class: str, seed: int = 0, random_norms: bool = True, **overrides
+):
+    """Write a small random model of transformers' `config_class` (LlamaConfig,
+    Qwen2Config, ...) to out_dir: 2 layers, hidden 64, GQA, unless overridden. Biases,
+    which transformers initializes to 0, are drawn at random, and so are the norms'
+    weights (1) with random_norms."""
+    import transformers
 
     fields = dict(
         vocab_size=256,
@@ -172,11 +183,63 @@ def save_random_llama(out_dir, seed: int = 0, **overrides):
     fields.update(overrides)
     shard_size = fields.pop("max_shard_size", None)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**fields)).eval()
-    with torch.no_grad():  # transformers initializes biases to zero: make them count
+    config = getattr(transformers, config_class)(**fields)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # make biases and norm weights count
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0, 0.1)
+            elif random_norms and name.endswith("norm.weight"):
+                param.normal_(1, 0.2)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
     return out_dir
+
+
+def check_logits_parity(
+    model_dir, prompt_len: int = 37, seed: int = 0, kernels: str = "auto", fused: bool = True
+) -> None:
+    """Full prefill, chunked prefill, decode steps and a mixed batch, all vs transformers
+    (fp32 logits within 1e-4). kernels "auto" runs lamina's native kernels (the fused
+    decoder stack, or one op at a time with fused=False); "torch" torch's ops."""
+    from transformers import AutoModelForCausalLM
+
+    from app.model.loader import load_model
+
+    ours = load_model(model_dir, kernels=kernels)
+    if kernels == "auto" and ours.native is not None:
+        assert ours.fuse_layers, "every Linear is native: the layers must fuse"
+    ours.fuse_layers = fused and ours.fuse_layers
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    vocab = ours.config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    seq_a = torch.randint(0, vocab, (prompt_len,), generator=generator).tolist()
+    seq_b = torch.randint(0, vocab, (prompt_len // 2,), generator=generator).tolist()
+    cache = KVCache(ours.config, 64, PARITY_BLOCK_SIZE, torch.device("cpu"), torch.float32)
+    allocator = NaiveBlockAllocator(64, PARITY_BLOCK_SIZE)
+    table_a: list[int] = []
+    table_b: list[int] = []
+    allocator.reserve(table_a, len(seq_a))
+    allocator.reserve(table_b, len(seq_b))
+    ref_a, ref_b = hf_logits(hf, seq_a), hf_logits(hf, seq_b)
+
+    # Step 1: a fresh prefill of a's first 10 tokens next to all of b but its last token.
+    part_a, part_b = model_logits(
+        ours, cache, [Chunk(seq_a[:10], 0, table_a), Chunk(seq_b[:-1], 0, table_b)]
+    )
+    # Step 2: b decodes its last token while a prefills a chunk after its cached prefix.
+    step_b, step_a = model_logits(
+        ours, cache, [Chunk(seq_b[-1:], len(seq_b) - 1, table_b), Chunk(seq_a[10:30], 10, table_a)]
+    )
+    # Steps 3+: a decodes token by token.
+    decodes = [
+        model_logits(ours, cache, [Chunk([seq_a[p]], p, table_a)])[0] for p in range(30, len(seq_a))
+    ]
+    ours_a = torch.cat([part_a, step_a, *decodes])
+    ours_b = torch.cat([part_b, step_b])
+    assert (ours_a - ref_a).abs().max() < PARITY_ATOL
+    assert (ours_b - ref_b).abs().max() < PARITY_ATOL
+
+
+PARITY_ATOL = 1e-4  # fp32 on the CPU, a few layers
+PARITY_BLOCK_SIZE = 4  # small blocks: every test crosses many block boundaries

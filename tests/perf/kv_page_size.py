@@ -18,6 +18,7 @@ import time
 import torch
 
 from app.model.config import ModelConfig
+from app.model.families import read_model_config
 from app.model.host_memory import advise_huge_pages
 from app.model.kv_cache import GIB, KVCache, num_blocks_for_bytes
 from app.native import native_kernels
@@ -52,7 +53,7 @@ def main() -> None:
     native = native_kernels()
     if native is None:
         raise SystemExit("the native kernels did not build")
-    config = ModelConfig.from_dir(default_model_dir())
+    config = read_model_config(default_model_dir())
     num_blocks = num_blocks_for_bytes(config, BLOCK_SIZE, torch.float32, GIB)
     per_seq = -(-args.context // BLOCK_SIZE)
     if args.seqs * per_seq > num_blocks:

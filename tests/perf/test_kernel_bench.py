@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 
 from app.bench.kernel_bench import linear_shapes, main
-from app.model.config import ModelConfig
+from app.model.families import read_model_config
 from app.native.build import find_compiler, runnable_levels
 
 
 def test_linear_shapes_cover_one_forward(default_model_path):
-    config = ModelConfig.from_dir(default_model_path)
+    config = read_model_config(default_model_path)
     shapes = linear_shapes(config)
     assert len(shapes) == 4 * config.num_layers + 1
     assert shapes[0] == (config.hidden_size, config.q_size + 2 * config.kv_size)

@@ -12,12 +12,8 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from app.model.config import (
-    ModelConfig,
-    ModelLoadError,
-    read_eos_token_ids,
-    rope_inverse_frequencies,
-)
+from app.model.config import ModelLoadError, read_eos_token_ids, rope_inverse_frequencies
+from app.model.families import config_from_dict, read_model_config
 from app.model.loader import load_model, safetensors_files
 from tests.model.helpers import save_random_llama
 
@@ -39,7 +35,7 @@ LLAMA3 = {
 
 
 def test_defaults_from_a_minimal_config():
-    config = ModelConfig.from_dict(BASE)
+    config = config_from_dict(BASE)
     assert config.num_kv_heads == 4  # no num_key_value_heads: plain multi-head attention
     assert config.head_dim == 16
     assert config.rope_theta == 10000.0
@@ -57,23 +53,23 @@ def test_defaults_from_a_minimal_config():
     ids=["rope_parameters", "rope_scaling.rope_type", "rope_scaling.type"],
 )
 def test_both_rope_layouts_read_the_same(rope_fields):
-    config = ModelConfig.from_dict({**BASE, **rope_fields})
+    config = config_from_dict({**BASE, **rope_fields})
     assert config.rope_theta == 5e5
     assert config.rope_scaling.rope_type == "llama3"
     assert config.rope_scaling.factor == 8.0
     assert config.rope_scaling.original_max_position_embeddings == 64
 
 
-@pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "linear", "longrope"])
+@pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope"])
 def test_unsupported_rope_type_is_a_clear_error(rope_type):
     raw = {**BASE, "rope_scaling": {"rope_type": rope_type, "factor": 2.0}}
     with pytest.raises(ModelLoadError, match=f"unsupported rope type '{rope_type}'.*llama3"):
-        ModelConfig.from_dict(raw)
+        config_from_dict(raw)
 
 
 def test_llama3_without_its_factors_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="low_freq_factor"):
-        ModelConfig.from_dict({**BASE, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+        config_from_dict({**BASE, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
 
 
 @pytest.mark.parametrize(
@@ -83,7 +79,28 @@ def test_llama3_without_its_factors_is_a_clear_error():
 )
 def test_unsupported_models_are_clear_errors(change):
     with pytest.raises(ModelLoadError, match="unsupported"):
-        ModelConfig.from_dict({**BASE, **change})
+        config_from_dict({**BASE, **change})
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    raw = {**BASE, "architectures": ["MixtralForCausalLM"]}
+    with pytest.raises(ModelLoadError) as error:
+        config_from_dict(raw)
+    message = str(error.value)
+    assert "\n" not in message and "'MixtralForCausalLM'" in message
+    for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"):
+        assert name in message
+
+
+def test_linear_rope_frequencies_match_transformers():
+    hf_config = LlamaConfig(
+        **{k: v for k, v in BASE.items() if k != "architectures"},
+        rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0},
+    )
+    expected, _ = ROPE_INIT_FUNCTIONS["linear"](hf_config, "cpu")
+    ours = config_from_dict({**json.loads(hf_config.to_json_string()), **BASE})
+    assert ours.rope_scaling.rope_type == "linear"
+    torch.testing.assert_close(rope_inverse_frequencies(ours), expected, rtol=0, atol=0)
 
 
 def test_llama3_frequencies_match_transformers():
@@ -92,7 +109,7 @@ def test_llama3_frequencies_match_transformers():
         rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, **LLAMA3},
     )
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
-    ours = ModelConfig.from_dict(json.loads(hf_config.to_json_string()))
+    ours = config_from_dict(json.loads(hf_config.to_json_string()))
     torch.testing.assert_close(rope_inverse_frequencies(ours), expected, rtol=0, atol=0)
 
 
@@ -163,7 +180,7 @@ def test_eos_ids_from_config_and_generation_config(tmp_path):
 
 
 def test_default_model_config(default_model_path):
-    config = ModelConfig.from_dir(default_model_path)
+    config = read_model_config(default_model_path)
     assert (config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (
         30,
         9,

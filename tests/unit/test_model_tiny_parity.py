@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM as HFLlama
 
 from app.model.kv_cache import KVCache
 from app.model.linear import ALL_GENERATED, ALL_PROMPT
@@ -14,12 +13,11 @@ from app.model.loader import load_model
 from tests.model.helpers import (
     Chunk,
     NaiveBlockAllocator,
-    hf_logits,
+    check_logits_parity,
     model_logits,
     save_random_llama,
 )
 
-ATOL = 1e-4  # fp32 on the CPU, two layers
 BLOCK_SIZE = 4  # small blocks: every test crosses many block boundaries
 
 LLAMA3_ROPE = {
@@ -39,37 +37,7 @@ VARIANTS = {
 
 
 def check_parity(model_dir, prompt_len: int = 37, seed: int = 0) -> None:
-    """Full prefill, chunked prefill, decode steps and a mixed batch, all vs transformers."""
-    ours = load_model(model_dir)
-    hf = HFLlama.from_pretrained(model_dir, dtype=torch.float32).eval()
-    vocab = ours.config.vocab_size
-    generator = torch.Generator().manual_seed(seed)
-    seq_a = torch.randint(0, vocab, (prompt_len,), generator=generator).tolist()
-    seq_b = torch.randint(0, vocab, (prompt_len // 2,), generator=generator).tolist()
-    cache = KVCache(ours.config, 64, BLOCK_SIZE, torch.device("cpu"), torch.float32)
-    allocator = NaiveBlockAllocator(64, BLOCK_SIZE)
-    table_a: list[int] = []
-    table_b: list[int] = []
-    allocator.reserve(table_a, len(seq_a))
-    allocator.reserve(table_b, len(seq_b))
-    ref_a, ref_b = hf_logits(hf, seq_a), hf_logits(hf, seq_b)
-
-    # Step 1: a fresh prefill of a's first 10 tokens next to all of b but its last token.
-    part_a, part_b = model_logits(
-        ours, cache, [Chunk(seq_a[:10], 0, table_a), Chunk(seq_b[:-1], 0, table_b)]
-    )
-    # Step 2: b decodes its last token while a prefills a chunk after its cached prefix.
-    step_b, step_a = model_logits(
-        ours, cache, [Chunk(seq_b[-1:], len(seq_b) - 1, table_b), Chunk(seq_a[10:30], 10, table_a)]
-    )
-    # Steps 3+: a decodes token by token.
-    decodes = [
-        model_logits(ours, cache, [Chunk([seq_a[p]], p, table_a)])[0] for p in range(30, len(seq_a))
-    ]
-    ours_a = torch.cat([part_a, step_a, *decodes])
-    ours_b = torch.cat([part_b, step_b])
-    assert (ours_a - ref_a).abs().max() < ATOL
-    assert (ours_b - ref_b).abs().max() < ATOL
+    check_logits_parity(model_dir, prompt_len, seed)
 
 
 def test_tiny_model_fixture_gqa_untied(tiny_model_path):

@@ -1,0 +1,59 @@
+"""The model families lamina runs natively: config.json's `architectures[0]` -> Family.
+
+Each family is one file (llama.py, qwen2.py, qwen3.py, mistral.py) whose `FAMILY` names
+its model class and reads its differences from LLaMA out of config.json into
+ModelConfig's switches. Adding a family: that file, one line here, its parity test
+(docs/adding-a-model-family.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from app.model import llama, mistral, qwen2, qwen3
+from app.model.config import Family, ModelConfig, ModelLoadError, read_config_json
+
+FAMILIES: dict[str, Family] = {
+    family.architecture: family
+    for family in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY)
+}
+# Folders saved without `architectures` name their family by model_type only.
+_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+
+
+def family_of(raw: dict[str, Any]) -> Family:
+    """The family of a parsed config.json; ModelLoadError (one line, listing what lamina
+    runs) for any other architecture."""
+    architectures = raw.get("architectures") or []
+    if not architectures and raw.get("model_type") in _BY_MODEL_TYPE:
+        architectures = [_BY_MODEL_TYPE[raw["model_type"]]]
+    if not architectures or architectures[0] not in FAMILIES:
+        found = architectures[0] if architectures else f"model_type {raw.get('model_type')!r}"
+        raise ModelLoadError(
+            f"unsupported architecture {found!r}: lamina runs {', '.join(FAMILIES)}"
+        )
+    return FAMILIES[architectures[0]]
+
+
+def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    """A parsed config.json -> ModelConfig with its family's differences switched on."""
+    family = family_of(raw)
+    return ModelConfig.from_dict(raw, architecture=family.architecture, **family.features(raw))
+
+
+def read_model_config(model_dir: str | Path) -> ModelConfig:
+    """The ModelConfig of a local Hugging Face folder (ModelLoadError if lamina cannot run it)."""
+    return config_from_dict(read_config_json(model_dir))
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The family's model for `config`, unloaded (build it on the meta device)."""
+    return FAMILIES[config.architecture].model_class(config)
