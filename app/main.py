@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -134,6 +135,13 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
+def _is_model_refusal(exc: BaseException) -> bool:
+    """Whether loading failed because the folder holds a model lamina cannot run
+    (app.model.config.ModelLoadError; only looked up once that module was loaded)."""
+    config = sys.modules.get("app.model.config")
+    return config is not None and isinstance(exc, config.ModelLoadError)
+
+
 async def _bring_up(
     state: ServerState,
     loader: EngineLoader,
@@ -146,7 +154,10 @@ async def _bring_up(
         loaded = await _run_in_passing_thread(loader, settings)
         loaded.engine.start()
     except Exception as exc:
-        logger.exception("loading the model from %s failed", settings.model)
+        if _is_model_refusal(exc):  # the reason is the whole story: no traceback
+            logger.error("cannot serve %s: %s", settings.model, exc)
+        else:
+            logger.exception("loading the model from %s failed", settings.model)
         reason = f"{type(exc).__name__}: {exc}"
         state.readiness.fail(reason)
         if on_fatal is not None:

@@ -49,11 +49,22 @@ class FusableModel(Protocol):
     # None or [head_dim]), post_attention_norm, mlp.gate_up_proj / down_proj
 
 
-def can_fuse(model: FusableModel) -> bool:
-    """Whether every decoder-layer Linear runs lamina's native matmul (fp32 activations)."""
+def why_not_fused(model: FusableModel) -> str | None:
+    """None when every decoder-layer Linear runs lamina's native matmul (fp32
+    activations), so the layers can run as one native call; else why they run one op at
+    a time (the start-up log says it)."""
+    if model.native is None:
+        return "lamina's native CPU kernels are not in use (a GPU, kernels=torch, or no compiler)"
     linears = [m for layer in model.layers for m in layer.modules() if isinstance(m, Linear)]
     kernels = [k for m in linears for k in (m.kernel, m.prompt_kernel) if k is not None]
-    return bool(linears) and all(isinstance(k, NativeLinearKernel) for k in kernels)
+    if not linears or not all(isinstance(k, NativeLinearKernel) for k in kernels):
+        return "some linear layers run torch's or oneDNN's kernels (the model dtype is not fp32)"
+    return None
+
+
+def can_fuse(model: FusableModel) -> bool:
+    """Whether every decoder-layer Linear runs lamina's native matmul (fp32 activations)."""
+    return why_not_fused(model) is None
 
 
 class FusedLayers:

@@ -23,6 +23,7 @@ import torch
 
 from app.model.config import ModelConfig, ModelLoadError
 from app.model.families import build_model, read_model_config
+from app.model.fused_layers import why_not_fused
 from app.model.linear import kernel_plan
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,12 @@ def load_model(
     model.finish_loading(device, max_positions or config.max_position_embeddings, plan)
     if device.type == "cpu":
         _copy_out_of_checkpoint(model)
+    reason = why_not_fused(model)
+    logger.info(
+        "decoder layers: %s",
+        "lamina's fused native stack, one call per step" if reason is None
+        else f"one op at a time: {reason}",
+    )  # fmt: skip
     logger.info(
         "loaded %s (%s): %d layers, %.1fM parameters, %s on %s, linear weights %s%s",
         Path(model_dir).name,

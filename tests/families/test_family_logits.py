@@ -35,3 +35,15 @@ def test_the_family_differences_are_read(family_model_paths):
 def test_a_prompt_far_past_the_window(family_model_paths, native):
     """150 tokens through a 12-token window: most keys lie outside it."""
     check_logits_parity(family_model_paths["mistral_window"], prompt_len=150)
+
+
+def test_start_up_says_which_path_the_layers_take(family_model_paths, native, caplog):
+    caplog.set_level("INFO", logger="app.model.loader")
+    load_model(family_model_paths["qwen3"])
+    load_model(family_model_paths["qwen3"], kernels="torch")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decoder")]
+    assert lines == [
+        "decoder layers: lamina's fused native stack, one call per step",
+        "decoder layers: one op at a time: lamina's native CPU kernels are not in use "
+        "(a GPU, kernels=torch, or no compiler)",
+    ]
