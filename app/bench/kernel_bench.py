@@ -6,14 +6,14 @@ through the native kernel, oneDNN with packed weights (torch's fastest fp32 kern
 and F.linear, for several row counts. Attention: one decode step of S sequences with C
 cached tokens each, all layers, through the native kernel and through torch's path
 (gather the blocks, two batched matmuls, key buckets for invariance). bf16 weights: the
-same matmuls with bf16 panels against fp32 panels and against oneDNN's bf16 matmul
-(activations cast to bf16, as torch's path runs them). Variants alternate
+same matmuls with bf16 panels against fp32 panels (of each library) and against oneDNN's
+bf16 matmul (activations cast to bf16, as torch's path runs them). Variants alternate
 within each repetition and the best repetition counts, so a noisy machine hurts both
 alike; the ratio is the figure to read.
 
-`--isa x86-64-v3,x86-64-v4,native` (and `--compiler gcc|clang`) runs the matmuls on each
-instruction-set build of the kernels, side by side, each against the FMA peak of its own
-library (an AVX2 build's peak is half an AVX-512 one's).
+`--isa x86-64-v3,x86-64-v4,x86-64-v4-bf16,native` (and `--compiler gcc|clang`) runs the
+matmuls (fp32 and bf16) on each instruction-set build of the kernels, side by side, each
+against the FMA peak of its own library.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--isa",
         help="instruction-set levels of the kernels to compare, comma-separated: native, "
-        "x86-64-v4, x86-64-v3 (armv8-a on ARM); default: the library the server loads",
+        "x86-64-v4-bf16, x86-64-v4, x86-64-v3 (armv8-a on ARM); default: the library the "
+        "server loads",
     )
     parser.add_argument("--compiler", help="compiler for --isa builds (default: cc, gcc, clang)")
     args = parser.parse_args(argv)
@@ -151,19 +152,24 @@ def bench_matmuls(libraries: list[Library], config: ModelConfig, args) -> None:
         print(f"{rows:5d} {cells}  {speedup:.2f}x over the fastest other; {shares}")
 
 
-def bench_bf16_matmuls(native: NativeKernels, config: ModelConfig, args, fma_peak: float) -> None:
-    """The forward's matmuls with bf16 weights: native bf16 panels (AVX512-BF16 dot
-    products, or widened in the kernel) beside native fp32 panels and oneDNN in bf16."""
+def bench_bf16_matmuls(libraries: list[Library], config: ModelConfig, args) -> None:
+    """The forward's matmuls with bf16 weights: each library's bf16 panels (AVX512-BF16
+    dot products, or widened in the kernel) beside its fp32 panels, and oneDNN in bf16."""
     shapes = linear_shapes(config)
     weights = [torch.randn(n, k) * 0.02 for k, n in shapes]  # [out, in], as checkpoints
     arena = HugePageArena()
-    fp32 = [native.pack_weight(w, arena.empty) for w in weights]
-    bf16 = [native.pack_weight(w, arena.empty, dtype=torch.bfloat16) for w in weights]
+    first = libraries[0].kernels  # every level packs the same layouts: one copy serves all
+    fp32 = [first.pack_weight(w, arena.empty) for w in weights]
+    bf16 = [first.pack_weight(w, arena.empty, dtype=torch.bfloat16) for w in weights]
     del weights
-    variants_for: dict[str, Callable[[dict[int, torch.Tensor]], None]] = {
-        "fp32": lambda xs: [native.matmul(xs[k], p, None, n) for (k, n), p in zip(shapes, fp32)],
-        "bf16": lambda xs: [native.matmul(xs[k], p, None, n) for (k, n), p in zip(shapes, bf16)],
-    }
+    # Columns "fp32" and "bf16" for one library; "<level> fp32", "<level> bf16" for several.
+    prefix = (lambda library: f"{library.name} ") if len(libraries) > 1 else (lambda _: "")
+    variants_for: dict[str, Callable[[dict[int, torch.Tensor]], None]] = {}
+    for library in libraries:
+        for dtype, panels in (("fp32", fp32), ("bf16", bf16)):
+            variants_for[prefix(library) + dtype] = lambda xs, k=library.kernels, p=panels: [
+                k.matmul(xs[i], w, None, n) for (i, n), w in zip(shapes, p)
+            ]
     if onednn_available(torch.bfloat16):
         packed = [
             torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k).bfloat16() * 0.02, None)
@@ -174,23 +180,33 @@ def bench_bf16_matmuls(native: NativeKernels, config: ModelConfig, args, fma_pea
             linear(xs[k].bfloat16(), p, None, "none", [], "").float()
             for (k, _), p in zip(shapes, packed)
         ]
-    how = "AVX512-BF16 dot products" if native.bf16_dot_product else "bf16 widened to fp32 FMAs"
-    print(f"\nmatmuls of one forward with bf16 weights (native: {how}), best of {args.repeats}, ms")
+    hows = ", ".join(
+        f"{prefix(library)}"
+        + ("AVX512-BF16 dot products" if library.kernels.bf16_dot_product else "widened to FMAs")
+        for library in libraries
+    )
+    print(f"\nmatmuls of one forward with bf16 weights ({hows}), best of {args.repeats}, ms")
     names = list(variants_for)
-    print(f"{'rows':>5} " + " ".join(f"{n:>11}" for n in names) + "  bf16 speed-up")
+    width = max(11, *(len(n) for n in names))
+    print(f"{'rows':>5} " + " ".join(f"{n:>{width}}" for n in names) + "  bf16 speed-up")
     for rows in args.rows:
         xs = {k: torch.randn(rows, k) for k in {k for k, _ in shapes}}
         variants = {n: lambda f=f, xs=xs: f(xs) for n, f in variants_for.items()}
         timings = best_ms(variants, args.repeats)
-        cells = " ".join(f"{timings[n]:11.1f}" for n in names)
-        against = [f"{timings['fp32'] / timings['bf16']:.2f}x over native fp32"]
-        if "oneDNN bf16" in timings:
-            against.append(f"{timings['oneDNN bf16'] / timings['bf16']:.2f}x over oneDNN bf16")
-        rate = sum(2 * rows * k * n for k, n in shapes) / (timings["bf16"] / 1e3)
-        print(
-            f"{rows:5d} {cells}  {', '.join(against)}; {rate / 1e9:.0f} GFLOP/s, "
-            f"{rate / fma_peak:.0%} of the fp32 FMA peak"
-        )
+        cells = " ".join(f"{timings[n]:{width}.1f}" for n in names)
+        flops = sum(2 * rows * k * n for k, n in shapes)
+        against = []
+        for library in libraries:
+            bf16_ms = timings[prefix(library) + "bf16"]
+            figures = [f"{timings[prefix(library) + 'fp32'] / bf16_ms:.2f}x over native fp32"]
+            if "oneDNN bf16" in timings:
+                figures.append(f"{timings['oneDNN bf16'] / bf16_ms:.2f}x over oneDNN bf16")
+            rate = flops / (bf16_ms / 1e3)
+            figures.append(
+                f"{rate / 1e9:.0f} GFLOP/s, {rate / library.fma_peak:.0%} of the fp32 FMA peak"
+            )
+            against.append(prefix(library) + ", ".join(figures))
+        print(f"{rows:5d} {cells}  " + "; ".join(against))
 
 
 def bench_attention(native: NativeKernels, config: ModelConfig, args) -> None:
@@ -271,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     with torch.inference_mode():
         bench_matmuls(libraries, config, args)
-        first = libraries[0]
-        bench_bf16_matmuls(first.kernels, config, args, first.fma_peak)
-        bench_attention(first.kernels, config, args)
+        bench_bf16_matmuls(libraries, config, args)
+        bench_attention(libraries[0].kernels, config, args)
     return 0

@@ -7,8 +7,9 @@ on one machine never load a half-written file.
 
 Images without a compiler (the Docker runtime stage) ship *portable* builds instead,
 made by `python -m app.native.build --portable` in a stage that has one: one library per
-CPU level (x86-64-v4, x86-64-v3 on x86; armv8-a on ARM) in app/native/prebuilt/, and the
-best level this CPU supports is loaded when no compiler is found.
+CPU level (x86-64-v4-bf16, x86-64-v4, x86-64-v3 on x86; armv8-a on ARM) in
+app/native/prebuilt/, and the best level this CPU supports is loaded when no compiler is
+found.
 
 `build_level(level, compiler)` compiles any one of them (or -march=native) with a given
 compiler into the cache, so the tests and `lamina bench kernels --isa` run every level
@@ -47,13 +48,19 @@ COMPILE_CPU_LIMIT_S = 120
 COMPILE_TIMEOUT_S = 900
 NATIVE = "native"  # -march=native: every instruction this CPU has
 # Portable CPU levels per machine, best first, with the /proc/cpuinfo flags each needs.
+_AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 PORTABLE_LEVELS = {
     "x86_64": (
-        ("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+        # AVX-512 with bf16 dot products (Zen 4, Sapphire Rapids, Cooper Lake): without it
+        # a prebuilt x86-64-v4 library widens bf16 weights into FMAs on those CPUs too.
+        ("x86-64-v4-bf16", _AVX512 | {"avx512_bf16"}),
+        ("x86-64-v4", _AVX512),
         ("x86-64-v3", {"avx2", "fma", "bmi2", "f16c", "movbe"}),
     ),
     "aarch64": (("armv8-a", set()),),
 }
+# The compiler's target flags of a level that is not a -march name of its own.
+LEVEL_TARGET = {"x86-64-v4-bf16": ("-march=x86-64-v4", "-mavx512bf16")}
 
 
 class NativeBuildError(RuntimeError):
@@ -65,7 +72,7 @@ class Build:
     """One kernels library and how it came to be: what the start-up log reports."""
 
     path: Path
-    level: str  # NATIVE or a portable level ("x86-64-v3", "x86-64-v4", "armv8-a")
+    level: str  # NATIVE or a portable level ("x86-64-v3", "x86-64-v4-bf16", "armv8-a")
     compiler: str = ""  # "gcc 12.2.0", "clang 14.0.6"; "" for a prebuilt library
     not_compiled_because: str = ""  # a prebuilt library: why none was compiled here
 
@@ -233,7 +240,8 @@ def build_program(program: Path, level: str, compiler: str, directory: Path | No
 
 
 def _compile(compiler: str, march: str, target: Path, program: Path | None = None) -> None:
-    """The library (or, given `program`, an executable of it, kernels.c included)."""
+    """The library (or, given `program`, an executable of it, kernels.c included) for
+    `march`, a level (LEVEL_TARGET's flags) or a -march name."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -243,11 +251,12 @@ def _compile(compiler: str, march: str, target: Path, program: Path | None = Non
     except OSError as exc:
         raise NativeBuildError(f"cannot write to {target.parent}: {exc}") from None
     os.close(fd)
+    target_flags = LEVEL_TARGET.get(march, (f"-march={march}",))
     if program is None:
-        command = [compiler, *FLAGS, f"-march={march}", str(SOURCE), "-o", temporary]
+        command = [compiler, *FLAGS, *target_flags, str(SOURCE), "-o", temporary]
     else:
         flags = [flag for flag in FLAGS if flag not in ("-shared", "-fPIC")]
-        command = [compiler, *flags, f"-march={march}", f"-I{SOURCE.parent}", str(program)]
+        command = [compiler, *flags, *target_flags, f"-I{SOURCE.parent}", str(program)]
         command += ["-o", temporary, "-lm"]
     try:
         limited = ["sh", "-c", f'ulimit -t {COMPILE_CPU_LIMIT_S} && exec "$@"', "sh", *command]

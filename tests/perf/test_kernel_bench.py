@@ -34,7 +34,8 @@ def test_bench_kernels_prints_every_table(native, capsys):
 
 
 def test_bench_kernels_compares_instruction_set_levels(capsys):
-    """`--isa` runs each level's library side by side, each against its own FMA peak."""
+    """`--isa` runs each level's library side by side, each against its own FMA peak, with
+    fp32 and with bf16 weights."""
     levels = runnable_levels()[::-1]  # e.g. x86-64-v3, x86-64-v4, native
     if find_compiler() is None:
         pytest.skip("no C compiler to build the levels with")
@@ -44,9 +45,12 @@ def test_bench_kernels_compares_instruction_set_levels(capsys):
     out = capsys.readouterr().out
     for level in levels:
         assert f"\n{level}: " in out  # the library's line: level, compiler, file
-    row = next(line for line in out.splitlines() if line.strip().startswith("2 "))  # fp32
-    assert row.count("of its FMA peak") == len(levels)
+    fp32_row, bf16_row = [line for line in out.splitlines() if line.strip().startswith("2 ")]
+    assert fp32_row.count("of its FMA peak") == len(levels)
     assert f"{levels[0]} speed-up" in out
+    assert bf16_row.count("of the fp32 FMA peak") == len(levels)  # bf16: every level too
+    header = next(line for line in out.splitlines() if line.endswith("bf16 speed-up"))
+    assert all(f"{level} fp32" in header and f"{level} bf16" in header for level in levels)
 
 
 def test_bench_kernels_names_a_level_it_cannot_build(capsys):
