@@ -6,6 +6,8 @@ output length (ignore_eos), for a sweep of concurrencies. Reports output tokens/
 requests/s, TTFT, inter-token and end-to-end latency percentiles and errors; writes
 JSON and a PNG plot. `--spawn` starts lamina itself; `--baseline transformers` also
 starts a static-batching transformers server and measures it in the same run.
+`--spawn-variant NAME:VAR=VALUE` (repeated) starts one lamina server per setting and runs
+every level on each in turn: two settings compared in one run (e.g. fp32 and bf16 weights).
 
 `--long-prompt-len L` adds, at every level, open-loop arrivals of long-prompt requests
 (`--long-prompt-rate` per second, `--long-output-len` tokens each) while the closed-loop
@@ -46,6 +48,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "against one server, or its prefix cache serves the repeated prompts",
     )
     parser.add_argument("--spawn", action="store_true", help="start a lamina server first")
+    parser.add_argument(
+        "--spawn-variant",
+        action="append",
+        default=[],
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        help="start one lamina server per variant (environment settings, e.g. "
+        "fp32:LAMINA_WEIGHT_DTYPE=float32) and run each level on every server in turn, "
+        "so their figures come from the same minutes of a shared machine (repeatable)",
+    )
     parser.add_argument("--baseline", choices=["none", "transformers"], default="none")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     parser.add_argument("--timeout-s", type=float, default=600.0)
@@ -161,20 +172,47 @@ async def _first_model(base_url: str) -> str:
 
 
 async def sweep(name: str, base_url: str, args: argparse.Namespace) -> ServerRun:
-    model = args.model or await _first_model(base_url)
+    (run,) = await sweep_interleaved({name: base_url}, args)
+    return run
+
+
+async def sweep_interleaved(urls: dict[str, str], args: argparse.Namespace) -> list[ServerRun]:
+    """Every level on each server (name -> base URL) in turn, the same prompts for all."""
+    models = {name: args.model or await _first_model(url) for name, url in urls.items()}
     levels = [int(c) for c in args.concurrency.split(",")]
     # One short request first, so no level pays for a cold start. Its own seed: a prompt
     # of level 1 must not find itself in the server's prefix cache.
     warmup = {"output_len": 4, "requests_per_client": 1, "long_prompt_len": 0, "seed": -1}
-    await run_level(base_url, model, 1, argparse.Namespace(**{**vars(args), **warmup}))
-    summaries = []
+    for name, url in urls.items():
+        await run_level(url, models[name], 1, argparse.Namespace(**{**vars(args), **warmup}))
+    runs = {name: ServerRun(name, []) for name in urls}
     for level in levels:
-        summary = await run_level(base_url, model, level, args)
-        print(f"{name:>12} {summary.table_row()}", flush=True)
-        if summary.num_long_requests:
-            print(f"{'':>12} {summary.long_prompts_row()}", flush=True)
-        summaries.append(summary)
-    return ServerRun(name, summaries)
+        for name, url in urls.items():
+            summary = await run_level(url, models[name], level, args)
+            print(f"{name:>12} {summary.table_row()}", flush=True)
+            if summary.num_long_requests:
+                print(f"{'':>12} {summary.long_prompts_row()}", flush=True)
+            runs[name].levels.append(summary)
+    return list(runs.values())
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """'bf16:LAMINA_WEIGHT_DTYPE=bfloat16,LAMINA_THREADS=2' -> (name, environment)."""
+    name, _, settings = text.partition(":")
+    pairs = [item.partition("=") for item in settings.split(",") if item]
+    if not name or not pairs or any(not key or sep != "=" for key, sep, _ in pairs):
+        raise ValueError(f"--spawn-variant {text!r}: expected NAME:VAR=VALUE[,VAR=VALUE]")
+    return name, {key: value for key, _, value in pairs}
+
+
+def run_variants(args: argparse.Namespace) -> list[ServerRun]:
+    """One lamina server per --spawn-variant, all started first, levels interleaved."""
+    variants = [parse_variant(text) for text in args.spawn_variant]
+    with contextlib.ExitStack() as servers:
+        urls = {}
+        for name, env in variants:
+            urls[name] = servers.enter_context(spawned_server("lamina", env))
+        return asyncio.run(sweep_interleaved(urls, args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
     runs: list[ServerRun] = []
     print(f"{'server':>12} {LevelSummary.table_header()}", flush=True)
-    if args.spawn:
+    if args.spawn_variant:
+        runs.extend(run_variants(args))
+    elif args.spawn:
         with spawned_server("lamina") as url:
             runs.append(asyncio.run(sweep("lamina", url, args)))
     else:

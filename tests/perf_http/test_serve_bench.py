@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
 
-from app.bench.serve_bench import parse_args, run_level
+from app.bench import serve_bench
+from app.bench.serve_bench import parse_args, parse_variant, run_level, run_variants
 from app.bench.serve_client import RequestRecord
 from app.bench.serve_stats import percentile, summarize
 from app.config import Settings
@@ -69,3 +71,38 @@ def test_percentiles_and_errors():
     assert (summary.num_errors, summary.first_error) == (1, "HTTP 429: busy")
     assert summary.output_tok_s == pytest.approx(1.5)
     assert summary.itl_max_s == pytest.approx(0.4)
+
+
+def test_a_variant_is_a_name_and_environment_settings():
+    assert parse_variant("bf16:LAMINA_WEIGHT_DTYPE=bfloat16,LAMINA_THREADS=2") == (
+        "bf16",
+        {"LAMINA_WEIGHT_DTYPE": "bfloat16", "LAMINA_THREADS": "2"},
+    )
+    for malformed in ("bf16", "bf16:", ":LAMINA_THREADS=2", "bf16:LAMINA_THREADS"):
+        with pytest.raises(ValueError, match="NAME:VAR=VALUE"):
+            parse_variant(malformed)
+
+
+def test_spawned_variants_run_every_level_in_turn(sleep_server, monkeypatch, capsys):
+    """--spawn-variant starts one server per variant with its settings (here each one
+    stands for the sleep server), all before the first level, then runs each level on
+    every server in turn."""
+    url, _ = sleep_server
+    started: list[dict[str, str]] = []
+
+    @contextlib.contextmanager
+    def fake_spawned_server(kind, extra_env=None):
+        assert kind == "lamina"
+        started.append(extra_env)
+        yield url
+
+    monkeypatch.setattr(serve_bench, "spawned_server", fake_spawned_server)
+    args = bench_args("--concurrency", "1,2", "--spawn-variant", "fp32:LAMINA_WEIGHT_DTYPE=float32")
+    args.spawn_variant.append("bf16:LAMINA_WEIGHT_DTYPE=bfloat16")
+    runs = run_variants(args)
+    assert started == [{"LAMINA_WEIGHT_DTYPE": "float32"}, {"LAMINA_WEIGHT_DTYPE": "bfloat16"}]
+    assert [run.name for run in runs] == ["fp32", "bf16"]
+    assert all([level.concurrency for level in run.levels] == [1, 2] for run in runs)
+    assert all(level.num_errors == 0 for run in runs for level in run.levels)
+    printed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert printed == ["fp32", "bf16", "fp32", "bf16"]  # level 1 on both, then level 2
