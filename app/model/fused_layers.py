@@ -15,6 +15,7 @@ back in row order after it.
 from __future__ import annotations
 
 from typing import Protocol
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import nn
@@ -45,6 +46,9 @@ class FusableModel(Protocol):
     config: ModelConfig
     native: NativeKernels | None
     rotary: RotaryTables
+    fuse_layers: bool  # the path chosen at load (loader.py, from why_not_fused)
+    embed_tokens: nn.Module  # [N] ids -> [N, hidden]
+    norm: nn.Module  # the final norm
     layers: nn.ModuleList  # each: input_norm, attn.qkv_proj / o_proj (and q_norm / k_norm,
     # None or [head_dim]), post_attention_norm, mlp.gate_up_proj / down_proj
 
@@ -65,6 +69,36 @@ def why_not_fused(model: FusableModel) -> str | None:
 def can_fuse(model: FusableModel) -> bool:
     """Whether every decoder-layer Linear runs lamina's native matmul (fp32 activations)."""
     return why_not_fused(model) is None
+
+
+def run_decoder(
+    model: FusableModel,
+    input_ids: torch.Tensor,  # [N] int64
+    positions: torch.Tensor,  # [N] int64
+    metadata: AttentionMetadata,
+    kv_cache: KVCache,
+    kinds: RowKinds | None = None,
+) -> torch.Tensor:  # [N, hidden], after the final norm
+    """The model's forward on the path chosen for it at load: the fused native stack when
+    `model.fuse_layers` and this step's attention is native (the runner's backend), else
+    the model's own per-op forward. The model's code is the math; the path is chosen
+    here, once per step, for the runner and the tests alike."""
+    if not (model.fuse_layers and metadata.native is not None):
+        return model(input_ids, positions, metadata, kv_cache, kinds)
+    x = model.embed_tokens(input_ids)
+    return model.norm(bound_layers(model, kv_cache)(x, positions, metadata, kinds))
+
+
+_BOUND: WeakKeyDictionary[nn.Module, FusedLayers] = WeakKeyDictionary()
+
+
+def bound_layers(model: FusableModel, kv_cache: KVCache) -> FusedLayers:
+    """The model's layers described to the C side for `kv_cache` (kept for the last
+    cache seen: describing them costs a walk over every weight)."""
+    fused = _BOUND.get(model)
+    if fused is None or fused.kv_cache is not kv_cache:
+        fused = _BOUND[model] = FusedLayers(model, kv_cache)
+    return fused
 
 
 class FusedLayers:

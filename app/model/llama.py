@@ -18,7 +18,6 @@ from torch import nn
 
 from app.model.attention import AttentionMetadata, paged_attention
 from app.model.config import Family, ModelConfig, rope_inverse_frequencies
-from app.model.fused_layers import FusedLayers, can_fuse
 from app.model.kv_cache import KVCache
 from app.model.linear import KernelPlan, Linear, NativeLinearKernel, RowInvariance, RowKinds
 from app.native import NativeKernels
@@ -194,10 +193,10 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
         self.native: NativeKernels | None = None  # lamina's CPU kernels, when the plan uses them
-        # Run the decoder layers as one native call per step where every Linear is native
-        # (fused_layers.py); False keeps the per-op path (tests and benchmarks compare).
+        # The path chosen for the decoder layers at load: True runs them as one native
+        # call per step (fused_layers.run_decoder; the loader sets it where every Linear is
+        # native); False, this forward's per-op path (tests and benchmarks compare).
         self.fuse_layers = False
-        self._fused: FusedLayers | None = None  # bound to the last KV cache seen
 
     def finish_loading(
         self, device: torch.device, max_positions: int, plan: KernelPlan | None
@@ -215,7 +214,6 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepare_for_inference(plan, invariance)
-        self.fuse_layers = can_fuse(self)
         panels = _fp32_panels(self.lm_head) if self.config.tie_word_embeddings else None
         if panels is not None:  # one copy of the tied matrix, not two
             self.embed_tokens = PanelEmbedding(panels)
@@ -241,18 +239,13 @@ class LlamaForCausalLM(nn.Module):
         kv_cache: KVCache,
         kinds: RowKinds | None = None,  # [N] rows' token kinds, for two-kernel Linears
     ) -> torch.Tensor:  # [N, hidden], after the final norm
+        """The per-op path: torch calls each layer's ops (fused_layers.run_decoder picks
+        between this and the fused native stack)."""
         x = self.embed_tokens(input_ids)
-        if self.fuse_layers and metadata.native is not None:
-            return self.norm(self._fused_layers(kv_cache)(x, positions, metadata, kinds))
         rope = self.rotary.lookup(positions)  # shared by every layer
         for index, layer in enumerate(self.layers):
             x = layer(x, rope, metadata, kv_cache.layer(index), kinds)
         return self.norm(x)
-
-    def _fused_layers(self, kv_cache: KVCache) -> FusedLayers:
-        if self._fused is None or self._fused.kv_cache is not kv_cache:
-            self._fused = FusedLayers(self, kv_cache)
-        return self._fused
 
     @property
     def attention_backend(self) -> str:

@@ -174,6 +174,7 @@ def load_model(
     if device.type == "cpu":
         _copy_out_of_checkpoint(model)
     reason = why_not_fused(model)
+    model.fuse_layers = reason is None  # the path fused_layers.run_decoder takes
     logger.info(
         "decoder layers: %s",
         "lamina's fused native stack, one call per step" if reason is None

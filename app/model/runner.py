@@ -24,6 +24,7 @@ from app.model.config import ModelConfig, read_eos_token_ids
 from app.model.cpu_threads import default_num_threads
 from app.model.cuda_graphs import DecodeGraphs
 from app.model.families import read_model_config
+from app.model.fused_layers import run_decoder
 from app.model.host_memory import keep_freed_memory_in_heap, release_freed_heap
 from app.model.kv_cache import GIB, KVCache
 from app.model.linear import RowKinds
@@ -241,7 +242,8 @@ class ModelRunner:
             )
             input_ids = torch.tensor(flat.input_ids, dtype=torch.int64).to(self.device)
             kinds = self._row_kinds(flat) if self.splits_rows else None  # of the N rows
-            hidden = self.model(input_ids, positions, metadata, self.kv_cache, kinds)  # [N, hidden]
+            # [N, hidden], through the fused native stack or one op at a time
+            hidden = run_decoder(self.model, input_ids, positions, metadata, self.kv_cache, kinds)
             return self._sample(batch, flat, hidden, rows_are_sequences=False)
 
     def _sample(
@@ -285,7 +287,7 @@ class ModelRunner:
         self, input_ids: torch.Tensor, positions: torch.Tensor, metadata
     ) -> torch.Tensor:
         """Model forward plus logits of every row: what a decode graph records."""
-        hidden = self.model(input_ids, positions, metadata, self.kv_cache)
+        hidden = run_decoder(self.model, input_ids, positions, metadata, self.kv_cache)
         return self.model.compute_logits(hidden)
 
     def _fits_decode_graph(self, flat: _FlatBatch) -> bool:

@@ -9,6 +9,7 @@ import torch
 
 from app.core import SampleOutput, SamplingParams, ScheduledBatch, ScheduledSeq, Sequence
 from app.model.attention import build_attention_metadata
+from app.model.fused_layers import run_decoder
 from app.model.kv_cache import KVCache
 from app.model.linear import RowKinds
 
@@ -122,7 +123,8 @@ def model_logits(
     )
     input_ids = torch.tensor([t for c in chunks for t in c.token_ids], device=device)
     with torch.inference_mode():
-        logits = model.compute_logits(model(input_ids, positions, metadata, cache, kinds), kinds)
+        hidden = run_decoder(model, input_ids, positions, metadata, cache, kinds)
+        logits = model.compute_logits(hidden, kinds)
     return list(logits.float().cpu().split([len(c.token_ids) for c in chunks]))
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from app.model import linear
+from app.model.fused_layers import bound_layers
 from app.model.kv_cache import KVCache
 from app.model.linear import ALL_GENERATED, ALL_PROMPT, RowKinds
 from app.model.loader import load_model
@@ -169,7 +170,7 @@ def test_a_stack_with_mismatched_tensors_is_refused(native, tiny_model_path):
 def test_a_step_with_a_slot_outside_the_cache_is_refused(native, tiny_model_path):
     model = load_model(tiny_model_path, max_positions=256)
     cache = fresh_cache(model, num_blocks=4)
-    stack = model._fused_layers(cache).stack
+    stack = bound_layers(model, cache).stack
     config = model.config
     x = torch.zeros(1, config.hidden_size)
     rotary = torch.zeros(1, config.head_dim)
