@@ -24,15 +24,19 @@ def tiny_server(tiny_model_path) -> Iterator[tuple[str, object]]:
         yield server.url, app.state.server.serving.engine
 
 
-def wait_until_idle(engine, aborted: list[str], timeout_s: float = 10.0) -> None:
+def wait_until_idle(engine, aborted: list[tuple[str, object]], timeout_s: float = 10.0) -> None:
     """Wait for the server to abort the request (on a loaded machine the client may
     leave before the request even reached the engine), then for no sequence to be
-    pending, running or waiting, and for steps to stop."""
+    pending, running or waiting, and for steps to stop.
+
+    `engine.stats()` is a snapshot the engine thread refreshes after each turn of its
+    loop: the one current when the abort was called may predate the request's add (the
+    thread had not woken up yet), so only a later snapshot can show the abort applied."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         stats = engine.stats()
         idle = not (stats.num_running or stats.num_waiting or stats.num_pending_requests)
-        if aborted and idle:
+        if aborted and idle and all(stats is not seen for _, seen in aborted):
             time.sleep(0.2)
             assert engine.stats().num_steps == stats.num_steps, "the engine kept stepping"
             return
@@ -41,20 +45,21 @@ def wait_until_idle(engine, aborted: list[str], timeout_s: float = 10.0) -> None
 
 
 @pytest.fixture
-def slow_steps(tiny_server, monkeypatch) -> list[str]:
+def slow_steps(tiny_server, monkeypatch) -> list[tuple[str, object]]:
     """Each engine step takes at least 5 ms: the tiny model can compute MAX_TOKENS
     tokens before the client leaves (a 0.3 s timeout, or three events read), and the
-    request would not be abandoned in flight. Returns the ids the server aborts."""
+    request would not be abandoned in flight. Returns the ids the server aborts, each
+    with the engine's stats snapshot at that moment."""
     engine = tiny_server[1]
     runner, execute, abort = engine.core.runner, engine.core.runner.execute, engine.abort
-    aborted: list[str] = []
+    aborted: list[tuple[str, object]] = []
 
     def slow_execute(batch):
         time.sleep(0.005)
         return execute(batch)
 
     def recorded_abort(request_id: str, reason: str = "request aborted") -> None:
-        aborted.append(request_id)
+        aborted.append((request_id, engine.stats()))
         abort(request_id, reason)
 
     monkeypatch.setattr(runner, "execute", slow_execute)
