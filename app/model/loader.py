@@ -79,6 +79,8 @@ _RENAMED = {
     "mlp.down_proj": "mlp.down_proj",
     "input_layernorm": "input_norm",
     "post_attention_layernorm": "post_attention_norm",
+    "self_attn.qkv_proj": "attn.qkv_proj",  # Phi-3 stores them merged already
+    "mlp.gate_up_proj": "mlp.gate_up_proj",
     "self_attn.q_norm": "attn.q_norm",  # Qwen3's per-head norms
     "self_attn.k_norm": "attn.k_norm",
 }

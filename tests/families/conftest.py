@@ -3,7 +3,8 @@ the default model's tokenizer, and an engine runner over each.
 
 Every family's peculiarity is switched on: Qwen2's q/k/v biases (and a tied head, as
 its small checkpoints have), Qwen3's per-head q/k norms (with a head_dim of its own),
-Mistral with and without a sliding window shorter than the prompts.
+Mistral with and without a sliding window shorter than the prompts, Phi-3's merged
+q/k/v and gate/up weights (with a window of 20).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ FAMILY_MODELS = {
     "qwen3": ("Qwen3Config", dict(head_dim=32)),
     "mistral": ("MistralConfig", dict(sliding_window=None)),
     "mistral_window": ("MistralConfig", dict(sliding_window=SLIDING_WINDOW)),
+    "phi3": ("Phi3Config", dict(sliding_window=20)),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 

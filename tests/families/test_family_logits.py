@@ -30,6 +30,8 @@ def test_the_family_differences_are_read(family_model_paths):
     window = load_model(family_model_paths["mistral_window"]).config
     assert window.sliding_window == SLIDING_WINDOW
     assert load_model(family_model_paths["mistral"]).config.sliding_window is None
+    phi3 = load_model(family_model_paths["phi3"]).config
+    assert (phi3.architecture, phi3.sliding_window, phi3.qkv_bias) == ("Phi3ForCausalLM", 20, False)
 
 
 def test_a_prompt_far_past_the_window(family_model_paths, native):
