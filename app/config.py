@@ -129,6 +129,32 @@ class Settings(BaseModel):
         "pays no first-call costs",
     )
 
+    # --- connections (before HTTP: see Reliability) -------------------------------
+    max_connections: int = Field(
+        default=4096,
+        ge=1,
+        description="client connections open at once; more get a 503 and are closed at once. "
+        "Kept 256 below the open-file limit, which start-up raises to its hard limit",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds to receive a request's line and headers, from its first byte (or "
+        "from connecting); then 408 and close",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds to receive a request body, from the end of its headers; then 408 "
+        "and close",
+    )
+    idle_timeout_s: float = Field(
+        default=75.0,
+        gt=0,
+        description="seconds a keep-alive connection may stay unused between requests; keep "
+        "it above a load balancer's own idle timeout (nginx here: 60 s)",
+    )
+
     # --- limits on a single request ----------------------------------------------
     max_body_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="request body size (413 above it)"
