@@ -26,7 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app import __version__
 from app.api.auth import ApiKeyAuth
 from app.api.debug_hooks import install_test_hooks
-from app.api.drain import SHUTDOWN_GRACE_S, DrainingServer
+from app.api.drain import DrainingServer
 from app.api.engine_client import EngineClient
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyGuard
@@ -39,9 +39,6 @@ from app.api.state import Limits, ModelInfo, ServerState, Serving
 from app.config import Settings
 from app.logging_setup import configure_logging
 from app.metrics import Metrics
-from app.server.connections import ConnectionBook, ConnectionCollector, ConnectionLimits
-from app.server.fd_limit import connection_cap, raise_fd_soft_limit
-from app.server.protocol import guarded_protocol_class
 from app.tokenizer import Tokenizer
 
 logger = logging.getLogger("lamina")
@@ -264,27 +261,11 @@ def create_app(
     return app
 
 
-def connection_limits(settings: Settings) -> ConnectionLimits:
-    """Raise the open-file limit, then the connection limits in effect (logged)."""
-    fd_limit = raise_fd_soft_limit()
-    limits = ConnectionLimits(
-        max_connections=connection_cap(settings.max_connections, fd_limit),
-        header_timeout_s=settings.header_timeout_s,
-        body_timeout_s=settings.body_timeout_s,
-        idle_timeout_s=settings.idle_timeout_s,
-    )
-    logger.info(
-        "connections: at most %d open (open-file limit %d); request head within %g s, "
-        "body within %g s, keep-alive idle %g s",
-        limits.max_connections, fd_limit, limits.header_timeout_s, limits.body_timeout_s,
-        limits.idle_timeout_s,
-    )  # fmt: skip
-    return limits
-
-
 def serve(settings: Settings) -> int:
     """Run the server until SIGINT/SIGTERM. Returns the process exit status."""
     import uvicorn
+
+    from app.server.uvicorn_config import uvicorn_config
 
     configure_logging(settings.log_format, settings.log_level)
     logger.info(
@@ -300,24 +281,7 @@ def serve(settings: Settings) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_fatal=on_fatal, freeze_heap=True)
-    book = ConnectionBook(connection_limits(settings))
-    app.state.metrics.registry.register(ConnectionCollector(settings.model_name, book))
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # configure_logging above: one handler, one line format
-        access_log=False,  # the access line is lamina's own (app/api/access_log.py)
-        lifespan="on",
-        # Connection cap, header/body read deadlines, half-close (app/server/protocol.py).
-        http=guarded_protocol_class(book),
-        ws="none",
-        timeout_keep_alive=settings.idle_timeout_s,  # type: ignore[arg-type]  # float is fine
-        # The drain (DrainingServer) already waited for generation requests; what is
-        # left when uvicorn shuts down is idle connections and quick routes.
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-    )
+    config = uvicorn_config(app, settings)
     server = DrainingServer(config, app.state.server)  # SIGTERM: drain, then exit 0
     servers.append(server)
     server.run()

@@ -15,6 +15,7 @@ from app.config import load_settings
 from app.engine.engine import Engine
 from app.logging_setup import configure_logging
 from app.main import LoadedEngine, create_app
+from app.server.uvicorn_config import uvicorn_config
 from app.tokenizer import Tokenizer
 from tests.perf_http.sleep_runner import SAMPLE_TEXT, SleepRunner
 
@@ -54,8 +55,10 @@ def main() -> None:
     args = parser.parse_args()
     settings, app = build_app(args)
     configure_logging(settings.log_format, settings.log_level)
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=args.port, log_config=None, access_log=False
+    # The production server's uvicorn configuration (connection guard included), so its
+    # per-token cost is part of what is measured.
+    config = uvicorn_config(
+        app, settings.model_copy(update={"host": "127.0.0.1", "port": args.port})
     )
     uvicorn.Server(config).run()
 
