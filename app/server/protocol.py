@@ -10,7 +10,10 @@
   of the head.
 - A keep-alive idle timeout between two requests (uvicorn's own, `idle_timeout_s`).
 - A half-close (the client's shutdown(SHUT_WR) after a complete request) is not a
-  disconnect: the request is answered, then the connection is closed.
+  disconnect: the request is answered, then the connection is closed. A client that
+  closed its socket entirely sends the same FIN; it is found out by the next write (a
+  `100 Continue` each PROBE_INTERVAL_S until the response starts), so its request is
+  still aborted, about 2 s later than on a plain disconnect.
 
 Nothing runs while a response is being sent: a long stream is never cut by these
 deadlines. The checks cost nothing per request when the head and body arrive in one
@@ -55,6 +58,11 @@ TIMEOUT_RESPONSES = {
 }
 
 
+# After a half-close, how often to check that the client is still there.
+PROBE_INTERVAL_S = 1.0
+PROBE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """One client connection (see the module doc). `book` is set per server by
     `guarded_protocol_class`."""
@@ -70,6 +78,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._read_timer: asyncio.TimerHandle | None = None
         self._read_timer_reason: str | None = None
         self._any_bytes = False  # whether the client ever sent anything
+        self._probe_timer: asyncio.TimerHandle | None = None  # after a half-close
 
     # --- connection lifetime ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
@@ -88,6 +97,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._admitted = False
         self._cancel_read_timer()
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
         self.book.on_closed()
         super().connection_lost(exc)
 
@@ -103,8 +114,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             and self._head_started_at is None
         ):
             cycle.keep_alive = False  # close once answered: nothing more can come
+            if cycle.scope["http_version"] == "1.1":  # no 1xx to an HTTP/1.0 client
+                self._probe_timer = self.loop.call_later(PROBE_INTERVAL_S, self._probe_peer)
             return True
         return None
+
+    def _probe_peer(self) -> None:
+        """A FIN is a half-close or a full close: only a write tells them apart (a closed
+        socket answers it with a reset, and the write after that fails, which uvicorn
+        reports as a disconnect, aborting the request). Until the response starts, send
+        an interim `100 Continue`, which HTTP/1.1 clients must accept and skip; once it
+        has started, its own writes (tokens, keep-alive comments) do the probing."""
+        self._probe_timer = None
+        cycle = self.cycle
+        if self.transport.is_closing() or cycle is None or cycle.response_started:
+            return
+        self.transport.write(PROBE)
+        self._probe_timer = self.loop.call_later(PROBE_INTERVAL_S, self._probe_peer)
 
     # --- reading -----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:

@@ -10,6 +10,7 @@ with small connection limits, so each probe is quick and uses few descriptors.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -32,22 +33,31 @@ CAP_LIMITS = {
 }
 
 
-def _server(model_path: Path, limits: dict[str, str]) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="session")
+def attack_servers(tiny_model_path: Path) -> Iterator[dict[str, ServerProcess]]:
+    """Both servers, started side by side (their start-up is most of the suite's time)."""
     if not engine_available():
         pytest.skip("the engine is not in the tree")
-    env = {**TINY_ENV, "LAMINA_MODEL": str(model_path), **limits}
-    server = ServerProcess(extra_env=env).start(120)
+    base = {**TINY_ENV, "LAMINA_MODEL": str(tiny_model_path)}
+    servers = {
+        "guarded": ServerProcess(extra_env={**base, **LIMITS}),
+        "capped": ServerProcess(extra_env={**base, **CAP_LIMITS}),
+    }
     try:
-        yield server
+        with ThreadPoolExecutor(len(servers)) as pool:
+            for started in [pool.submit(s.start, 180) for s in servers.values()]:
+                started.result()
+        yield servers
     finally:
-        server.stop()
+        for server in servers.values():
+            server.stop()
 
 
 @pytest.fixture(scope="session")
-def guarded_server(tiny_model_path: Path) -> Iterator[ServerProcess]:
-    yield from _server(tiny_model_path, LIMITS)
+def guarded_server(attack_servers: dict[str, ServerProcess]) -> ServerProcess:
+    return attack_servers["guarded"]
 
 
 @pytest.fixture(scope="session")
-def capped_server(tiny_model_path: Path) -> Iterator[ServerProcess]:
-    yield from _server(tiny_model_path, CAP_LIMITS)
+def capped_server(attack_servers: dict[str, ServerProcess]) -> ServerProcess:
+    return attack_servers["capped"]

@@ -19,7 +19,7 @@ import uvicorn
 
 from app.server.connections import ConnectionBook, ConnectionLimits
 from app.server.fd_limit import FD_RESERVE, connection_cap
-from app.server.protocol import guarded_protocol_class
+from app.server.protocol import PROBE, PROBE_INTERVAL_S, guarded_protocol_class
 from tests.server_process import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -31,9 +31,14 @@ LIMITS = ConnectionLimits(
 SLOW_S = 1.5
 
 
+# (time.monotonic(), message type) each time /until-disconnect saw its client leave.
+DISCONNECTS: list[tuple[float, str]] = []
+
+
 async def app(scope, receive, send) -> None:
     """/stream: a chunk every 0.25 s for SLOW_S; /late: one answer after SLOW_S;
-    anything else: echoes the request body."""
+    /until-disconnect: no answer, waits for the client to leave; anything else: echoes
+    the request body."""
     if scope["type"] != "http":
         return
     body = b""
@@ -43,6 +48,10 @@ async def app(scope, receive, send) -> None:
         body += message.get("body", b"")
         more = message.get("more_body", False)
     path = scope["path"]
+    if path == "/until-disconnect":
+        message = await receive()  # the body is read: this returns when the client leaves
+        DISCONNECTS.append((time.monotonic(), message["type"]))
+        return
     if path == "/stream":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         for i in range(int(SLOW_S / 0.25)):
@@ -136,8 +145,27 @@ def test_pipelined_and_keep_alive_requests_are_all_served(guarded) -> None:
 def test_a_half_closed_client_gets_a_late_answer(guarded) -> None:
     port, _ = guarded
     data = exchange(port, get("/late", close=False), half_close=True)
-    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"late answer"), data
+    # The answer took longer than PROBE_INTERVAL_S: a 100 Continue came first.
+    assert data.startswith(PROBE + b"HTTP/1.1 200") and data.endswith(b"late answer"), data
     assert b"connection: close" in data
+
+
+def test_a_client_that_closed_its_socket_is_still_found_out(guarded) -> None:
+    """A full close sends the same FIN as a half-close: the probe's reset reveals it,
+    and the app sees the disconnect (lamina then aborts the request)."""
+    port, _ = guarded
+    DISCONNECTS.clear()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(get("/until-disconnect", close=False))
+        time.sleep(0.2)  # the request is read before the close
+    closed_at = time.monotonic()
+    deadline = closed_at + 2 * PROBE_INTERVAL_S + 5.0  # a loaded machine runs timers late
+    while not DISCONNECTS:
+        assert time.monotonic() < deadline, "the closed client was never found out"
+        time.sleep(0.02)
+    seen_at, kind = DISCONNECTS[0]
+    assert kind == "http.disconnect"
+    assert seen_at - closed_at >= PROBE_INTERVAL_S - 0.3  # found by a probe, not the FIN
 
 
 def test_a_half_close_before_the_head_is_complete_closes_at_once(guarded) -> None:
