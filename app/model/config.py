@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Why the others are refused: each changes the numbers in a way lamina does not compute.
 _REFUSED_ROPE_TYPES = {
     "dynamic": "its frequencies change with the longest sequence of each batch, so a "
     "token's result would depend on its neighbours",
-    "yarn": "not implemented yet",
     "longrope": "not implemented yet",
 }
 
@@ -52,6 +51,12 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
+    # yarn: the frequency band blended between interpolation and extrapolation, and the
+    # factor cos and sin are multiplied by (its attention temperature).
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,8 @@ def _parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
         if "factor" not in params:
             raise ModelLoadError("rope type 'linear' needs a factor in its parameters")
         return float(theta), RopeScaling(rope_type="linear", factor=float(params["factor"]))
+    if rope_type == "yarn":
+        return float(theta), _parse_yarn(raw, params)
     missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
     if missing:
         raise ModelLoadError(f"rope type 'llama3' needs {', '.join(missing)} in its parameters")
@@ -175,6 +182,55 @@ def _parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
         original_max_position_embeddings=int(original),
     )
     return float(theta), scaling
+
+
+def _parse_yarn(raw: dict[str, Any], params: dict[str, Any]) -> RopeScaling:
+    """YaRN's parameters, with transformers' defaults (modeling_rope_utils.py)."""
+    original = params.get("original_max_position_embeddings") or raw.get("max_position_embeddings")
+    factor = params.get("factor") or int(raw["max_position_embeddings"]) / int(original)
+
+    def mscale(scale: float, weight: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        weights = params.get("mscale"), params.get("mscale_all_dim")
+        if all(weights):
+            attention_factor = mscale(factor, weights[0]) / mscale(factor, weights[1])
+        else:
+            attention_factor = mscale(factor)
+    return RopeScaling(
+        rope_type="yarn",
+        factor=float(factor),
+        original_max_position_embeddings=int(original),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        truncate=bool(params.get("truncate", True)),
+        attention_factor=float(attention_factor),
+    )
+
+
+def _yarn_inverse_frequencies(config: ModelConfig, exponents: torch.Tensor) -> torch.Tensor:
+    """YaRN: dimensions that turn fewer than beta_slow times over the original context are
+    interpolated (slowed by `factor`), those that turn more than beta_fast times are left
+    alone, and a linear ramp blends the ones between."""
+    scaling, dim, base = config.rope_scaling, config.head_dim, config.rope_theta
+    original = scaling.original_max_position_embeddings
+
+    def dimension_for(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dimension_for(scaling.beta_fast), dimension_for(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1 - ramp  # [head_dim / 2]: the share that keeps its own frequency
+    wavelengths = base**exponents  # in transformers' order of operations: the same bits
+    interpolated = 1.0 / (scaling.factor * wavelengths)
+    return interpolated * (1 - extrapolated) + 1.0 / wavelengths * extrapolated
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -192,6 +248,8 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
         return inv_freq
     if scaling.rope_type == "linear":
         return inv_freq / scaling.factor
+    if scaling.rope_type == "yarn":
+        return _yarn_inverse_frequencies(config, exponents)
     original_len = scaling.original_max_position_embeddings
     low_freq_wavelen = original_len / scaling.low_freq_factor
     high_freq_wavelen = original_len / scaling.high_freq_factor

@@ -58,8 +58,12 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(max_positions, device=device, dtype=torch.float32)
         angles = positions[:, None] * inv_freq[None, :]  # [max_positions, head_dim / 2]
         angles = torch.cat((angles, angles), dim=-1)  # [max_positions, head_dim]
-        self.cos = angles.cos().to(dtype)
-        sin = angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        scale = self.config.rope_scaling.attention_factor  # yarn's temperature; else 1
+        if scale != 1.0:
+            cos, sin = cos * scale, sin * scale
+        self.cos = cos.to(dtype)
+        sin = sin.to(dtype)
         half = sin.shape[-1] // 2
         self.signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 

@@ -30,9 +30,10 @@ FAMILY_MODELS = {
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
-def save_family_model(out: Path, name: str, default_model_path: Path) -> Path:
+def save_family_model(out: Path, name: str, default_model_path: Path, **overrides) -> Path:
     """A 3-layer random model of family `name` with the default model's vocabulary."""
     config_class, fields = FAMILY_MODELS[name]
+    fields = {**fields, **overrides}
     save_random_model(
         out,
         config_class,

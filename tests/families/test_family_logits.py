@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from app.model.loader import load_model
-from tests.families.conftest import FAMILY_MODELS, SLIDING_WINDOW
+from tests.families.conftest import FAMILY_MODELS, SLIDING_WINDOW, save_family_model
 from tests.model.helpers import check_logits_parity
 
 PATHS = {
@@ -49,3 +49,16 @@ def test_start_up_says_which_path_the_layers_take(family_model_paths, native, ca
         "decoder layers: one op at a time: lamina's native CPU kernels are not in use "
         "(a GPU, kernels=torch, or no compiler)",
     ]
+
+
+@pytest.mark.parametrize("kernel_family", ["auto", "torch"])
+def test_yarn_rope_far_past_its_original_context(
+    tmp_path, default_model_path, kernel_family, native
+):
+    """Qwen2.5's long-context setting (YaRN, factor 4) on positions up to 3x the original
+    context: the blended frequencies and the temperature on cos and sin both count."""
+    yarn = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}
+    yarn["original_max_position_embeddings"] = 32
+    path = save_family_model(tmp_path, "qwen2", default_model_path, rope_parameters=yarn)
+    assert load_model(path).config.rope_scaling.attention_factor > 1.1
+    check_logits_parity(path, prompt_len=96, kernels=kernel_family)

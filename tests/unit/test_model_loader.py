@@ -60,7 +60,7 @@ def test_both_rope_layouts_read_the_same(rope_fields):
     assert config.rope_scaling.original_max_position_embeddings == 64
 
 
-@pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope"])
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
 def test_unsupported_rope_type_is_a_clear_error(rope_type):
     raw = {**BASE, "rope_scaling": {"rope_type": rope_type, "factor": 2.0}}
     with pytest.raises(ModelLoadError, match=f"unsupported rope type '{rope_type}'.*llama3"):
@@ -101,6 +101,26 @@ def test_linear_rope_frequencies_match_transformers():
     ours = config_from_dict({**json.loads(hf_config.to_json_string()), **BASE})
     assert ours.rope_scaling.rope_type == "linear"
     torch.testing.assert_close(rope_inverse_frequencies(ours), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"factor": 4.0, "original_max_position_embeddings": 32},
+        {"factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 16, "truncate": False},
+        {"factor": 2.0, "original_max_position_embeddings": 64, "mscale": 1, "mscale_all_dim": 0.5},
+    ],
+    ids=["qwen", "betas_untruncated", "mscales"],
+)
+def test_yarn_frequencies_and_temperature_match_transformers(params):
+    hf_config = LlamaConfig(
+        **{k: v for k, v in BASE.items() if k != "architectures"},
+        rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, **params},
+    )
+    expected, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
+    ours = config_from_dict({**json.loads(hf_config.to_json_string()), **BASE})
+    torch.testing.assert_close(rope_inverse_frequencies(ours), expected, rtol=0, atol=0)
+    assert ours.rope_scaling.attention_factor == attention_factor
 
 
 def test_llama3_frequencies_match_transformers():
