@@ -133,8 +133,9 @@ class Settings(BaseModel):
     max_connections: int = Field(
         default=4096,
         ge=1,
-        description="client connections open at once; more get a 503 and are closed at once. "
-        "Kept 256 below the open-file limit, which start-up raises to its hard limit",
+        description="client connections open at once; at the cap a new one replaces the one "
+        "idle the longest, or gets a 503 when all are busy. Kept 256 below the open-file "
+        "limit, which start-up raises to its hard limit",
     )
     header_timeout_s: float = Field(
         default=10.0,

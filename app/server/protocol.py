@@ -1,7 +1,9 @@
 """uvicorn's httptools protocol with the guards it lacks (issue 16, D1 and D5).
 
-- A connection cap: past `max_connections` open, a new connection gets a canned 503
-  (`Connection: close`) and is closed at once, before anything is read or parsed.
+- A connection cap: at `max_connections` open, a new connection takes the place of the
+  one idle the longest (no request in flight: fresh, between requests, or still sending
+  its head or body), which is closed; when every connection has a request in flight,
+  the new one gets a canned 503 (`Connection: close`) and is closed at once.
 - A header-read deadline: a request head (request line and headers) must be complete
   within `header_timeout_s` of its first byte, and a new connection must send its first
   request head within `header_timeout_s` of connecting. Later bytes do not extend it,
@@ -71,7 +73,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._admitted = False
+        self._made = False  # uvicorn's connection_made ran (not a refused connection)
+        self._counted = False  # counted open in the book
         # loop.time() when the head (or body) being read began; None: not reading one.
         self._head_started_at: float | None = None
         self._body_started_at: float | None = None
@@ -82,32 +85,42 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     # --- connection lifetime ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
-        if not self.book.try_open():
+        if not self.book.admit(self):
             transport.write(OVER_LIMIT_RESPONSE)  # type: ignore[attr-defined]
             transport.close()
             return
-        self._admitted = True
+        self._counted = self._made = True
         super().connection_made(transport)  # type: ignore[arg-type]
         # A new connection is reading its first head from now on.
         self._head_started_at = self.loop.time()
         self._update_read_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self._admitted:
+        self._release()
+        if not self._made:
             return
-        self._admitted = False
+        self._made = False
         self._cancel_read_timer()
         if self._probe_timer is not None:
             self._probe_timer.cancel()
-        self.book.on_closed()
         super().connection_lost(exc)
+
+    def evict(self) -> None:
+        """Closed by the book at the cap to make room (no request in flight)."""
+        self._release()
+        self.transport.close()
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.book.on_closed(self)
 
     def eof_received(self) -> bool | None:
         """The client will send no more. With a complete request still unanswered, keep
         the connection open to answer it (True), then close; otherwise close now."""
         cycle = self.cycle
         if (
-            self._admitted
+            self._made
             and cycle is not None
             and not cycle.more_body
             and not cycle.response_complete
@@ -134,7 +147,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     # --- reading -----------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if not self._admitted:
+        if not self._made:
             return
         self._any_bytes = True
         if self._between_requests():
@@ -152,12 +165,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._body_started_at = None
+        if not self.cycle.response_complete:
+            self.book.set_busy(self, True)  # a request in flight: never evicted
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        # A pipelined request started now reads the rest of its body from now on.
+        if self.transport.is_closing():
+            return
         cycle = self.cycle
-        if cycle is not None and cycle.more_body and not cycle.response_complete:
+        if cycle is None or cycle.response_complete:
+            self.book.set_busy(self, False)
+        elif cycle.more_body and self._body_started_at is None:
+            # A pipelined request started now reads the rest of its body from now on.
             self._body_started_at = self.loop.time()
             self._update_read_deadline()
 

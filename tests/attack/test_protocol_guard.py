@@ -184,6 +184,36 @@ def test_the_connection_count_returns_to_zero(guarded) -> None:
         time.sleep(0.02)
 
 
+def wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_at_the_cap_with_every_connection_busy_a_new_one_is_refused_at_once(guarded) -> None:
+    port, book = guarded
+    wait_until(lambda: book.num_open == 0)
+    busy = []
+    try:
+        for _ in range(LIMITS.max_connections):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+            sock.sendall(get("/until-disconnect", close=False))  # in flight until we leave
+            busy.append(sock)
+        wait_until(lambda: book.num_open == LIMITS.max_connections and book.num_idle == 0)
+        refused_before = book.num_closed["over_limit"]
+        start = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as extra:
+            data = extra.recv(65536)
+        assert time.monotonic() - start < 2.0
+        assert data.startswith(b"HTTP/1.1 503 ") and b"too_many_connections" in data, data
+        assert book.num_closed["over_limit"] == refused_before + 1
+    finally:
+        for sock in busy:
+            sock.close()
+    wait_until(lambda: book.num_open == 0)
+
+
 def test_connection_cap_stays_below_the_fd_limit() -> None:
     assert connection_cap(4096, 1 << 20) == 4096
     assert connection_cap(4096, 1024) == 1024 - FD_RESERVE
