@@ -14,7 +14,7 @@ from app.core import SamplingParams
 from app.engine.engine_core import EngineCore
 from app.tokenizer import Tokenizer
 from tests.engine.conftest import SizedRunner, drive, hf_greedy
-from tests.families.conftest import FAMILY_MODELS
+from tests.families.conftest import ENGINE_FAMILIES
 
 NUM_NEW_TOKENS = 8
 # Prefixes of one text, each 2 tokens short of a block boundary its new tokens cross.
@@ -57,7 +57,7 @@ def loaded_cases() -> dict[str, FamilyCase]:
     return {}  # filled on first use: one runner and one set of references per family
 
 
-@pytest.fixture(params=sorted(FAMILY_MODELS))
+@pytest.fixture(params=ENGINE_FAMILIES)
 def case(request, family_model_paths, loaded_cases) -> FamilyCase:
     name = request.param
     if name not in loaded_cases:
