@@ -118,41 +118,55 @@ static void round_rows_bf16(const float *x, long ldx, long M, long K, bf16_act *
         for (int r = 0; r < ROWS; r++)                                                     \
             for (int v = 0; v < 4; v++) out[r][v] = acc[r][v];                             \
     }
+#elif defined(__AVX512F__)
+/* AVX-512 without the instruction: the 4 vectors of the K-pair widened (a mask for the
+ * odd halves, a shift for the even ones), then the two FMAs per row and vector. Walking
+ * the K-pairs per group of vectors instead (as below) measured slower here at 8 rows
+ * (each walk reads a part of every cache line pair) and no faster at 32. */
+#define DEFINE_TILE_BF16(ROWS)                                                             \
+    static void tile_bf16_##ROWS##_4(const bf16_act *x, long ldx, const uint16_t *w,       \
+                                     long pairs, vecf out[MAX_ROWS][4], const char *ahead) { \
+        vecf acc[ROWS][4];                                                                 \
+        for (int r = 0; r < ROWS; r++)                                                     \
+            for (int v = 0; v < 4; v++) acc[r][v] = broadcast(0.0f);                       \
+        for (long k = 0; k < pairs; k++) {                                                 \
+            const uint16_t *wk = w + k * 2 * PANEL;                                        \
+            if (ahead) __builtin_prefetch(ahead + k * 64, 0, 2); /* a line per pair */     \
+            vecf odd[4], even[4];                                                          \
+            for (int v = 0; v < 4; v++) {                                                  \
+                vecu bits = *(const vecu *)(wk + v * 2 * LANES);                           \
+                odd[v] = (vecf)(bits & 0xffff0000u);                                       \
+                even[v] = (vecf)(bits << 16);                                              \
+            }                                                                              \
+            for (int r = 0; r < ROWS; r++) {                                               \
+                vecf x_odd = broadcast(x[r * ldx + 2 * k + 1]);                            \
+                vecf x_even = broadcast(x[r * ldx + 2 * k]);                               \
+                for (int v = 0; v < 4; v++) {                                              \
+                    acc[r][v] = acc[r][v] + x_odd * odd[v];                                \
+                    acc[r][v] = acc[r][v] + x_even * even[v];                              \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+        for (int r = 0; r < ROWS; r++)                                                     \
+            for (int v = 0; v < 4; v++) out[r][v] = acc[r][v];                             \
+    }
 #else
-/* Without the instruction: each step's weights widened in the kernel (a mask for the
- * odd halves, a shift for the even ones) and the two FMAs written out. A tile walks its
- * K-pairs once per group of vectors, as many as the registers hold beside the widened
- * weights and the row broadcasts (which compilers hoist out of the group's loop):
- * 64-byte vectors with AVX-512 (32 registers: all 4 for up to 3 rows, else 2 per walk),
- * 8-lane halves otherwise (AVX2's 16 ymm, ARM's 32 of 16 bytes: all 8 for one row, 4
- * for two, 2 for three, else 1; 64-byte accumulators would not fit there, and gcc keeps
- * them in memory: the model's matmuls at 32 rows took 15x the fp32 tile's time; in
- * 8-lane halves, 1.1-1.4x with gcc and clang, no stack access in the K loops). Each
- * element's sum takes the same FMAs in the same order whatever the walk: the same bits.
- * The first walk prefetches. */
-#if defined(__AVX512F__)
-/* clang's x86-64-v4 prefers 256-bit registers: it would split each 64-byte vector in
- * two, and a walk's accumulators then spill (the attribute is the one its AVX-512
- * intrinsics carry). */
-#if defined(__clang__)
-#define BF16_TILE_ATTRIBUTES __attribute__((min_vector_width(512)))
-#endif
-typedef vecf bf16_vec;
-typedef vecu bf16_word_vec;
-#define BF16_GROUP(ROWS) ((ROWS) <= 3 ? 4 : 2)
-#else
+/* Without AVX-512 (AVX2's 16 ymm registers, ARM's 32 of 16 bytes), 64-byte accumulators
+ * would not fit, and gcc keeps them in memory: the model's matmuls at 32 rows took 15x
+ * the fp32 tile's time. So the tile walks its K-pairs once per group of 8-column halves,
+ * as many as the registers hold beside the widened weights (a mask for the odd halves, a
+ * shift for the even ones) and the row broadcasts, which compilers hoist out of the
+ * group's loop: all 8 for one row, 4 for two, 2 for three, else 1 (in 8-lane halves,
+ * 1.1-1.6x fp32's time at 32 rows with gcc and clang, no stack access in the K loops).
+ * Each element's sum takes the same FMAs in the same order whatever the walk: the same
+ * bits. The first walk prefetches. */
 typedef vec8 bf16_vec;
 typedef uint32_t bf16_word_vec __attribute__((vector_size(32), aligned(4)));
 #define BF16_GROUP(ROWS) ((ROWS) == 1 ? 8 : (ROWS) == 2 ? 4 : (ROWS) == 3 ? 2 : 1)
-#endif
-#ifndef BF16_TILE_ATTRIBUTES
-#define BF16_TILE_ATTRIBUTES
-#endif
 enum { BF16_LANES = sizeof(bf16_vec) / sizeof(float) }; /* columns per vector */
 #define DEFINE_TILE_BF16(ROWS)                                                             \
-    BF16_TILE_ATTRIBUTES static void tile_bf16_##ROWS##_4(                                 \
-        const bf16_act *x, long ldx, const uint16_t *w, long pairs, vecf out[MAX_ROWS][4], \
-        const char *ahead) {                                                               \
+    static void tile_bf16_##ROWS##_4(const bf16_act *x, long ldx, const uint16_t *w,       \
+                                     long pairs, vecf out[MAX_ROWS][4], const char *ahead) { \
         enum { G = BF16_GROUP(ROWS) };                                                     \
         for (int first = 0; first < PANEL / BF16_LANES; first += G) {                      \
             bf16_vec acc[ROWS][G];                                                         \
