@@ -55,6 +55,7 @@ class Agreement:
     mean_tokens_before_divergence: float
     num_prompts: int
     num_new_tokens: int
+    matmuls: str  # which kernels ran the Linears (matmul_kernels)
 
 
 def runner_for(model_dir, weight_dtype: str):
@@ -69,6 +70,27 @@ def runner_for(model_dir, weight_dtype: str):
         kv_cache_gb=0.25,
     )
     return ModelRunner.from_settings(settings), settings
+
+
+def matmul_kernels(runner) -> str:
+    """The kernels every Linear of the model runs on, in words: "native bfloat16 panels
+    (AVX512-BF16 dot products)", "native float32 panels", "OneDnnLinearKernel"..."""
+    from app.model.linear import Linear, NativeLinearKernel
+
+    kinds = set()
+    for module in runner.model.modules():
+        if isinstance(module, Linear):
+            for kernel in (module.kernel, module.prompt_kernel):
+                if isinstance(kernel, NativeLinearKernel):
+                    kinds.add(f"native {str(kernel.panels.dtype).removeprefix('torch.')} panels")
+                elif kernel is not None:
+                    kinds.add(type(kernel).__name__)
+    described = ", ".join(sorted(kinds))
+    native = runner.model.native
+    if native is not None and "native bfloat16 panels" in kinds:
+        how = "AVX512-BF16 dot products" if native.bf16_dot_product else "widened to FMAs"
+        described += f" ({how})"
+    return described
 
 
 def greedy(runner, settings, tokenizer, prompts: list[list[int]], num_new: int) -> list[list[int]]:
@@ -130,6 +152,7 @@ def measure(model_dir, weight_dtypes: list[str], num_new: int) -> list[Agreement
                 mean_tokens_before_divergence=statistics.mean(prefixes),
                 num_prompts=len(prompts),
                 num_new_tokens=num_new,
+                matmuls=matmul_kernels(runner),
             )
         )
     return results
@@ -156,7 +179,7 @@ def main() -> None:
             f"{result.teacher_forced_top1:.1%}, exact greedy match "
             f"{result.exact_greedy_match:.0%} of {result.num_prompts} prompts, "
             f"{result.mean_tokens_before_divergence:.1f} of {result.num_new_tokens} tokens "
-            "before the first divergence"
+            f"before the first divergence; matmuls: {result.matmuls}"
         )
 
 
