@@ -482,3 +482,61 @@ def test_bf16_bits_are_the_same_on_every_build(kernels, native):
 def bf16_matmul(kernels: NativeKernels, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     panels = kernels.pack_weight(weight, dtype=torch.bfloat16)
     return kernels.matmul(x, panels, None, weight.shape[0])
+
+
+# --- sliding-window attention (Mistral, Phi-3) ---------------------------------------------
+
+
+def dense_windowed(query, keys, values, first_pos, scale, window):
+    """dense_causal in fp64 where the token at position p sees keys p - window + 1 .. p."""
+    tokens, heads, _ = query.shape
+    group = heads // keys.shape[1]
+    k = keys.double().repeat_interleave(group, dim=1)  # [L, heads, D]
+    v = values.double().repeat_interleave(group, dim=1)
+    scores = torch.einsum("thd,shd->hts", query.double(), k) * scale
+    positions = torch.arange(first_pos, first_pos + tokens)[:, None]
+    key_pos = torch.arange(k.shape[0])[None, :]
+    hidden = (key_pos > positions) | (key_pos <= positions - window)
+    out = torch.einsum("hts,shd->thd", scores.masked_fill(hidden, float("-inf")).softmax(-1), v)
+    return out.reshape(tokens, -1)
+
+
+@pytest.mark.parametrize(("head_dim", "window"), [(64, 37), (64, 16), (24, 37), (128, 5)])
+def test_windowed_attention_matches_dense_windowed_attention(kernels, head_dim, window):
+    """A prefill chunk (tiles of 4 tokens) and decode tokens past the window, over
+    scattered blocks; the window is not a block multiple but for 16: whole blocks before
+    the first visible key are skipped, the rest masked."""
+    length, first = 150, 120
+    table = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(3))[:10].tolist()
+    keys, values = (
+        randn(length, KV_HEADS, head_dim, seed=4),
+        randn(length, KV_HEADS, head_dim, seed=5),
+    )
+    key_cache, value_cache = cache_with(keys, values, table, head_dim)
+    query = randn(length - first, HEADS, head_dim, seed=6)
+    scale = head_dim**-0.5
+    expected = dense_windowed(query, keys, values, first, scale, window)
+    chunk = kernels.paged_attention(
+        query, key_cache, value_cache, int32([table]), int32([0] * (length - first)),
+        int32(range(first + 1, length + 1)), scale, window,
+    )  # fmt: skip
+    torch.testing.assert_close(chunk.double(), expected, atol=2e-6, rtol=1e-5)
+    for row in range(0, length - first, 7):  # decode tokens, alone: the same bits
+        alone = kernels.paged_attention(
+            query[row : row + 1], key_cache, value_cache, int32([table]), int32([0]),
+            int32([first + row + 1]), scale, window,
+        )  # fmt: skip
+        assert torch.equal(alone[0], chunk[row]), row
+
+
+def test_a_window_wider_than_the_context_changes_no_bits(kernels):
+    """window >= keys: the same call as without a window, bit for bit."""
+    head_dim, length = 64, 70
+    table = list(range(5))
+    keys, values = randn(length, KV_HEADS, head_dim, seed=4), randn(length, KV_HEADS, head_dim)
+    key_cache, value_cache = cache_with(keys, values, table, head_dim)
+    query = randn(length, HEADS, head_dim, seed=6)
+    args = (int32([table]), int32([0] * length), int32(range(1, length + 1)), 0.125)
+    plain = kernels.paged_attention(query, key_cache, value_cache, *args)
+    assert torch.equal(kernels.paged_attention(query, key_cache, value_cache, *args, 70), plain)
+    assert not torch.equal(kernels.paged_attention(query, key_cache, value_cache, *args, 69), plain)
