@@ -91,5 +91,9 @@ def test_slow_and_idle_connections_are_closed_while_the_service_answers(
     assert delta["closed:body_timeout"] >= NUM_SLOW_BODY, delta
     assert delta["closed:idle_timeout"] >= NUM_KEEPALIVE, delta
     assert delta["closed:over_limit"] == 0, delta
-    # Only the scrape's own connection (and perhaps the probe's, closing) is left open.
-    assert after["open"] <= 2, after
+    # Every connection closes: only the scrape's own is left (polled: the probe's
+    # client may close its connection just before).
+    deadline = time.monotonic() + 10.0
+    while connection_metrics(guarded_server.url)["open"] > 1:
+        assert time.monotonic() < deadline, connection_metrics(guarded_server.url)
+        time.sleep(0.1)
