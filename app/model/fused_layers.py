@@ -66,11 +66,6 @@ def why_not_fused(model: FusableModel) -> str | None:
     return None
 
 
-def can_fuse(model: FusableModel) -> bool:
-    """Whether every decoder-layer Linear runs lamina's native matmul (fp32 activations)."""
-    return why_not_fused(model) is None
-
-
 def run_decoder(
     model: FusableModel,
     input_ids: torch.Tensor,  # [N] int64
