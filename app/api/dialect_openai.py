@@ -1,7 +1,9 @@
 """The OpenAI dialects: /v1/completions and /v1/chat/completions (see driver.py).
 
-A plain-text token is written from a template (stream_frames.py); anything with
-logprobs, and the usage chunk, goes through the pydantic chunk models.
+Both tell the same story (`OpenAIDialect`): chunks with id/created/model, a plain-text
+token written from a template (sse.TextFrames), anything with logprobs or a finish
+reason through the pydantic chunk models, the usage chunk, `data: [DONE]`. A dialect
+says only how its choices look, in chunks and in the final answer.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any, ClassVar
 
 from app.api.driver import ChoiceResult, Dialect
 from app.api.params import chat_inputs, check_model, completion_inputs
+from app.api.prompts import completion_prompts
 from app.api.request_record import Usage
 from app.api.schemas import (
     ChatChoice,
@@ -33,14 +36,13 @@ from app.api.schemas import (
     PromptTokensDetails,
     UsageInfo,
 )
-from app.api.sse import DONE, sse_event
+from app.api.sse import DONE, TextFrames, finite, sse_event
 from app.api.state import Serving
-from app.api.stream_frames import ChatFrames, CompletionFrames, finite
 from app.core import FinishReason, TokenDelta, TokenLogprob
 
 
 def finish_name(reason: FinishReason | None) -> FinishReasonName | None:
-    """OpenAI's finish_reason; also the templates' (stream_frames.py)."""
+    """OpenAI's finish_reason."""
     if reason is FinishReason.STOP:
         return "stop"
     if reason is FinishReason.LENGTH:
@@ -94,35 +96,68 @@ def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:
 
 
 class OpenAIDialect(Dialect):
-    """What both OpenAI routes share: chunks with id/created/model, the usage chunk."""
+    """What both OpenAI routes share; a subclass gives its models and its choices."""
 
     chunk_model: ClassVar[type[CompletionChunk] | type[ChatCompletionChunk]]
+    response_model: ClassVar[type[CompletionResponse] | type[ChatCompletionResponse]]
 
     def __init__(self, *args: Any, model: str, include_usage: bool, logprobs: bool) -> None:
         super().__init__(*args)
         self.model = model
         self.include_usage = include_usage
         self.want_logprobs = logprobs
+        self.text_frames = TextFrames(
+            lambda index, text: self._chunk([self.chunk_choice(index, text)])
+        )
 
     @staticmethod
     def user(body: CompletionRequest | ChatCompletionRequest) -> str | None:
         return body.user
 
-    def chunk(self, choices: list[Any], usage: UsageInfo | None = None) -> bytes:
-        return sse_event(
-            self.chunk_model(
-                id=self.response_id,
-                created=self.created,
-                model=self.model,
-                choices=choices,
-                usage=usage,
-            )
+    def chunk_choice(
+        self, index: int, text: str, logprobs: Any = None, delta: TokenDelta | None = None
+    ) -> Any:
+        """The choice of a chunk; `delta` gives the finish reason when it is the last one."""
+        raise NotImplementedError
+
+    def delta_logprobs(self, index: int, delta: TokenDelta) -> Any:
+        raise NotImplementedError
+
+    def final_choice(self, result: ChoiceResult) -> Any:
+        raise NotImplementedError
+
+    def _chunk(self, choices: list[Any], usage: UsageInfo | None = None) -> Any:
+        return self.chunk_model(
+            id=self.response_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            usage=usage,
         )
+
+    def render_delta(self, index: int, delta: TokenDelta) -> Iterable[bytes]:
+        logprobs = None
+        if self.want_logprobs and delta.logprobs:
+            logprobs = self.delta_logprobs(index, delta)
+        if not (delta.text or logprobs or delta.finished):
+            return ()  # text held back (half a character, a possible stop string)
+        if logprobs is None and not delta.finished:  # the common case: a template
+            return (self.text_frames.frame(index, delta.text),)
+        return (sse_event(self._chunk([self.chunk_choice(index, delta.text, logprobs, delta)])),)
 
     def closing(self, usage: Usage) -> Iterable[bytes]:
         if self.include_usage:
-            yield self.chunk([], usage_info(usage))
+            yield sse_event(self._chunk([], usage_info(usage)))
         yield DONE
+
+    def render_final(self, results: list[ChoiceResult], usage: Usage) -> Any:
+        return self.response_model(
+            id=self.response_id,
+            created=self.created,
+            model=self.model,
+            choices=[self.final_choice(result) for result in results],
+            usage=usage_info(usage),
+        )
 
 
 def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
@@ -132,6 +167,7 @@ def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
 class CompletionDialect(OpenAIDialect):
     id_prefix = "cmpl"
     chunk_model = CompletionChunk
+    response_model = CompletionResponse
 
     @classmethod
     def parse(
@@ -156,7 +192,6 @@ class CompletionDialect(OpenAIDialect):
         super().__init__(*args, **kwargs)
         self.echo: list[str] | None = None  # per prompt, with `echo`
         self.offsets = [0] * self.num_choices  # text offset of each choice (logprobs)
-        self.frames = CompletionFrames(self.response_id, self.created, self.model)
 
     def opening(self) -> Iterable[bytes]:
         if not self.echo:
@@ -164,62 +199,49 @@ class CompletionDialect(OpenAIDialect):
         for index in range(self.num_choices):
             text = self.echo[index // self.n]
             self.offsets[index] = len(text)
-            yield self.chunk([CompletionChunkChoice(index=index, text=text)])
+            yield sse_event(self._chunk([CompletionChunkChoice(index=index, text=text)]))
 
-    def render_delta(self, index: int, delta: TokenDelta) -> Iterable[bytes]:
-        logprobs = None
-        if self.want_logprobs and delta.logprobs:
-            logprobs, self.offsets[index] = completion_logprobs(delta.logprobs, self.offsets[index])
-        if not (delta.text or logprobs or delta.finished):
-            return ()  # text held back (half a character, a possible stop string)
-        finish = finish_name(delta.finish_reason)
-        if logprobs is None:  # the common case: a template, no pydantic model
-            return (self.frames.text(index, delta.text, finish, delta.stop_reason),)
-        choice = CompletionChunkChoice(
+    def chunk_choice(
+        self, index: int, text: str, logprobs: Any = None, delta: TokenDelta | None = None
+    ) -> CompletionChunkChoice:
+        return CompletionChunkChoice(
             index=index,
-            text=delta.text,
+            text=text,
             logprobs=logprobs,
-            finish_reason=finish,
-            stop_reason=delta.stop_reason,
+            finish_reason=finish_name(delta.finish_reason) if delta else None,
+            stop_reason=delta.stop_reason if delta else None,
         )
-        return (self.chunk([choice]),)
 
-    def render_final(self, results: list[ChoiceResult], usage: Usage) -> CompletionResponse:
-        choices = []
-        for result in results:
-            prefix = self.echo[result.index // self.n] if self.echo else ""
-            logprobs = None
-            if self.want_logprobs:
-                logprobs, _ = completion_logprobs(result.logprobs, len(prefix))
-            choices.append(
-                CompletionChoice(
-                    index=result.index,
-                    text=prefix + result.text,
-                    logprobs=logprobs,
-                    finish_reason=finish_name(result.finish_reason),
-                    stop_reason=result.stop_reason,
-                )
-            )
-        return CompletionResponse(
-            id=self.response_id,
-            created=self.created,
-            model=self.model,
-            choices=choices,
-            usage=usage_info(usage),
+    def delta_logprobs(self, index: int, delta: TokenDelta) -> CompletionLogprobs:
+        logprobs, self.offsets[index] = completion_logprobs(delta.logprobs, self.offsets[index])
+        return logprobs
+
+    def final_choice(self, result: ChoiceResult) -> CompletionChoice:
+        prefix = self.echo[result.index // self.n] if self.echo else ""
+        logprobs = None
+        if self.want_logprobs:
+            logprobs, _ = completion_logprobs(result.logprobs, len(prefix))
+        return CompletionChoice(
+            index=result.index,
+            text=prefix + result.text,
+            logprobs=logprobs,
+            finish_reason=finish_name(result.finish_reason),
+            stop_reason=result.stop_reason,
         )
 
 
 def _echo_texts(body: CompletionRequest, prompts: list[list[int]], serving: Serving) -> list[str]:
-    if isinstance(body.prompt, str):
-        return [body.prompt]
-    if all(isinstance(item, str) for item in body.prompt):
-        return [str(item) for item in body.prompt]
-    return [serving.tokenizer.decode(prompt, skip_special_tokens=False) for prompt in prompts]
+    """Each prompt as `echo` shows it: as sent, or token ids decoded."""
+    return [
+        sent if isinstance(sent, str) else serving.tokenizer.decode(ids, skip_special_tokens=False)
+        for (_, sent), ids in zip(completion_prompts(body.prompt), prompts)
+    ]
 
 
 class ChatDialect(OpenAIDialect):
     id_prefix = "chatcmpl"
     chunk_model = ChatCompletionChunk
+    response_model = ChatCompletionResponse
 
     @classmethod
     def parse(
@@ -238,50 +260,31 @@ class ChatDialect(OpenAIDialect):
             logprobs=params.logprobs is not None,
         )
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.frames = ChatFrames(self.response_id, self.created, self.model)
-
     def opening(self) -> Iterable[bytes]:
         # The first chunk of each choice carries the role, before any token is ready.
         for index in range(self.num_choices):
-            yield self.chunk(
-                [ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))]
-            )
+            delta = ChatDelta(role="assistant", content="")
+            yield sse_event(self._chunk([ChatChunkChoice(index=index, delta=delta)]))
 
-    def render_delta(self, index: int, delta: TokenDelta) -> Iterable[bytes]:
-        logprobs = None
-        if self.want_logprobs and delta.logprobs:
-            logprobs = chat_logprobs(delta.logprobs)
-        if not (delta.text or logprobs or delta.finished):
-            return ()
-        finish = finish_name(delta.finish_reason)
-        if logprobs is None:  # the common case: a template, no pydantic model
-            return (self.frames.content(index, delta.text or None, finish, delta.stop_reason),)
-        choice = ChatChunkChoice(
+    def chunk_choice(
+        self, index: int, text: str, logprobs: Any = None, delta: TokenDelta | None = None
+    ) -> ChatChunkChoice:
+        return ChatChunkChoice(
             index=index,
-            delta=ChatDelta(content=delta.text or None),
+            delta=ChatDelta(content=text or None),
             logprobs=logprobs,
-            finish_reason=finish,
-            stop_reason=delta.stop_reason,
+            finish_reason=finish_name(delta.finish_reason) if delta else None,
+            stop_reason=delta.stop_reason if delta else None,
         )
-        return (self.chunk([choice]),)
 
-    def render_final(self, results: list[ChoiceResult], usage: Usage) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(
-                index=result.index,
-                message=ChatResponseMessage(content=result.text),
-                logprobs=chat_logprobs(result.logprobs) if self.want_logprobs else None,
-                finish_reason=finish_name(result.finish_reason),
-                stop_reason=result.stop_reason,
-            )
-            for result in results
-        ]
-        return ChatCompletionResponse(
-            id=self.response_id,
-            created=self.created,
-            model=self.model,
-            choices=choices,
-            usage=usage_info(usage),
+    def delta_logprobs(self, index: int, delta: TokenDelta) -> ChatLogprobs:
+        return chat_logprobs(delta.logprobs)
+
+    def final_choice(self, result: ChoiceResult) -> ChatChoice:
+        return ChatChoice(
+            index=result.index,
+            message=ChatResponseMessage(content=result.text),
+            logprobs=chat_logprobs(result.logprobs) if self.want_logprobs else None,
+            finish_reason=finish_name(result.finish_reason),
+            stop_reason=result.stop_reason,
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from app.api.errors import invalid_request, model_not_found
-from app.api.prompts import check_token_ids, encode_chat, encode_completion_prompts, encode_text
+from app.api.prompts import check_token_ids, completion_prompts, encode_chat, encode_prompt
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from app.api.schemas_tgi import GenerateParameters, GenerateRequest
 from app.api.state import Limits
@@ -53,27 +53,11 @@ def nucleus_top_p(value: float | None) -> float:
     return 1.0 if value is None else max(value, MIN_TOP_P)
 
 
-def check_n(n: int | None, limits: Limits) -> int:
-    n, max_n = 1 if n is None else n, limits.settings.max_n
-    if n > max_n:
-        raise invalid_request(f"`n` must be at most {max_n} (got {n})", param="n")
-    return n
-
-
-def check_num_prompts(
-    prompt: str | list[str] | list[int] | list[list[int]], limits: Limits
-) -> None:
-    """A list of strings or of token-id lists holds several prompts: at most max_prompts
-    (each becomes its own engine request, so this bounds one request's work)."""
-    if isinstance(prompt, str) or all(isinstance(item, int) for item in prompt):
-        return
-    max_prompts = limits.settings.max_prompts_per_request
-    if len(prompt) > max_prompts:
-        raise invalid_request(
-            f"`prompt` holds {len(prompt)} prompts; at most {max_prompts} are allowed "
-            "in one request",
-            param="prompt",
-        )
+def at_most(value: int | None, limit: int | None, param: str) -> int | None:
+    """`value` when it is within the setting `limit` (None: no limit), else a 400."""
+    if value is not None and limit is not None and value > limit:
+        raise invalid_request(f"`{param}` must be at most {limit} (got {value})", param=param)
+    return value
 
 
 def check_stop(
@@ -132,20 +116,6 @@ def check_logit_bias(
             )
         entries.append((token_id, float(bias)))
     return tuple(sorted(entries))
-
-
-def check_top_logprobs(value: int | None, limits: Limits, param: str) -> int | None:
-    most = limits.settings.max_top_logprobs
-    if value is not None and value > most:
-        raise invalid_request(f"`{param}` must be at most {most} (got {value})", param=param)
-    return value
-
-
-def check_max_tokens(max_tokens: int | None, limits: Limits, param: str) -> int | None:
-    limit = limits.settings.max_tokens_limit
-    if max_tokens is not None and limit is not None and max_tokens > limit:
-        raise invalid_request(f"`{param}` must be at most {limit} (got {max_tokens})", param=param)
-    return max_tokens
 
 
 def fit_to_context(
@@ -236,10 +206,18 @@ def completion_inputs(
 ) -> tuple[list[list[int]], list[SamplingParams], int]:
     """/v1/completions: the prompts, SamplingParams per prompt (max_tokens fitted to
     each), and n."""
-    n = check_n(body.n, limits)
-    check_num_prompts(body.prompt, limits)
-    max_tokens = check_max_tokens(body.max_tokens, limits, "max_tokens")
-    logprobs = check_top_logprobs(body.logprobs, limits, "logprobs")
+    settings = limits.settings
+    n = body.n or 1
+    at_most(n, settings.max_n, "n")
+    parts = completion_prompts(body.prompt)
+    if len(parts) > settings.max_prompts_per_request:  # each one is an engine request
+        raise invalid_request(
+            f"`prompt` holds {len(parts)} prompts; at most "
+            f"{settings.max_prompts_per_request} are allowed in one request",
+            param="prompt",
+        )
+    max_tokens = at_most(body.max_tokens, settings.max_tokens_limit, "max_tokens")
+    logprobs = at_most(body.logprobs, settings.max_top_logprobs, "logprobs")
     if body.echo and logprobs is not None:
         raise invalid_request(
             "`echo` together with `logprobs` is not supported: lamina does not compute "
@@ -247,19 +225,10 @@ def completion_inputs(
             param="echo",
         )
     params = _openai_params(body, limits, max_tokens, "max_tokens", logprobs)
-    prompts = encode_completion_prompts(body.prompt, tokenizer)
-    several = len(prompts) > 1
+    prompts = [encode_prompt(prompt, param, tokenizer) for param, prompt in parts]
     per_prompt = [
-        with_max_tokens(
-            params,
-            fit_to_context(
-                len(prompt),
-                max_tokens,
-                limits,
-                prompt_param=f"prompt[{i}]" if several else "prompt",
-            ),
-        )  # fmt: skip
-        for i, prompt in enumerate(prompts)
+        with_max_tokens(params, fit_to_context(len(ids), max_tokens, limits, prompt_param=param))
+        for ids, (param, _) in zip(prompts, parts)
     ]
     return prompts, per_prompt, n
 
@@ -268,12 +237,14 @@ def chat_inputs(
     body: ChatCompletionRequest, limits: Limits, tokenizer: Tokenizer
 ) -> tuple[list[int], SamplingParams, int]:
     """/v1/chat/completions: the chat template's prompt, its SamplingParams, and n."""
-    n = check_n(body.n, limits)
+    settings = limits.settings
+    n = body.n or 1
+    at_most(n, settings.max_n, "n")
     max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
     if body.max_completion_tokens is not None:  # the newer name wins
         max_tokens, max_tokens_param = body.max_completion_tokens, "max_completion_tokens"
-    check_max_tokens(max_tokens, limits, max_tokens_param)
-    top_logprobs = check_top_logprobs(body.top_logprobs, limits, "top_logprobs")
+    at_most(max_tokens, settings.max_tokens_limit, max_tokens_param)
+    top_logprobs = at_most(body.top_logprobs, settings.max_top_logprobs, "top_logprobs")
     if top_logprobs is not None and not body.logprobs:
         raise invalid_request("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
     logprobs = (top_logprobs or 0) if body.logprobs else None
@@ -313,14 +284,17 @@ def tgi_inputs(
     logprobs are always on (TGI reports them)."""
     parameters = body.parameters
     _reject_unsupported(parameters)
-    max_tokens = check_max_tokens(parameters.max_new_tokens, limits, "parameters.max_new_tokens")
-    top_n = check_top_logprobs(parameters.top_n_tokens, limits, "parameters.top_n_tokens")
+    settings = limits.settings
+    max_tokens = at_most(
+        parameters.max_new_tokens, settings.max_tokens_limit, "parameters.max_new_tokens"
+    )
+    top_n = at_most(parameters.top_n_tokens, settings.max_top_logprobs, "parameters.top_n_tokens")
     sampling = bool(parameters.do_sample) or any(
         value is not None for value in (parameters.temperature, parameters.top_k, parameters.top_p)
     )
     temperature = sampling_temperature(parameters.temperature or 1.0) if sampling else 0.0
     stop = check_stop(parameters.stop, limits, "parameters.stop")
-    prompt = encode_text(body.inputs, tokenizer, "inputs")
+    prompt = encode_prompt(body.inputs, "inputs", tokenizer)
     if parameters.truncate is not None:
         prompt = prompt[-parameters.truncate :]
     max_tokens = fit_to_context(

@@ -25,37 +25,29 @@ def check_token_ids(token_ids: SequenceOf[int], param: str, vocab_size: int) -> 
             )
 
 
-def encode_completion_prompts(
-    prompt: str | list[str] | list[int] | list[list[int]], tokenizer: Tokenizer
-) -> list[list[int]]:
-    """One token id list per prompt; a list of strings or of id lists gives several."""
+def completion_prompts(
+    prompt: str | list[str] | list[int] | list[list[int]],
+) -> list[tuple[str, str | list[int]]]:
+    """The prompts of /v1/completions' `prompt`, each with the name errors give it: a
+    string or a list of token ids is one prompt; a list of either holds several."""
+    if isinstance(prompt, str) or all(isinstance(item, int) for item in prompt):
+        return [("prompt", prompt)]  # type: ignore[list-item]
+    return [(f"prompt[{i}]", item) for i, item in enumerate(prompt)]  # type: ignore[misc]
+
+
+def encode_prompt(prompt: str | list[int], param: str, tokenizer: Tokenizer) -> list[int]:
+    """A text prompt's token ids (special tokens added, as the tokenizer does), or token
+    ids checked against the vocabulary."""
     if isinstance(prompt, str):
-        prompts = [tokenizer.encode(prompt)]
-        params = ["prompt"]
-    elif all(isinstance(item, str) for item in prompt):
-        prompts = [tokenizer.encode(str(item)) for item in prompt]
-        params = [f"prompt[{i}]" for i in range(len(prompt))]
-    elif all(isinstance(item, int) for item in prompt):
-        prompts = [[int(item) for item in prompt]]  # type: ignore[arg-type]
-        params = ["prompt"]
-    else:
-        prompts = [list(item) for item in prompt]  # type: ignore[arg-type]
-        params = [f"prompt[{i}]" for i in range(len(prompt))]
-    for token_ids, param in zip(prompts, params):
-        require_tokens(token_ids, param)
-        check_token_ids(token_ids, param, tokenizer.vocab_size)
-    return prompts
+        return require_tokens(tokenizer.encode(prompt), param)
+    check_token_ids(prompt, param, tokenizer.vocab_size)
+    return require_tokens([int(token_id) for token_id in prompt], param)
 
 
 def require_tokens(token_ids: list[int], param: str) -> list[int]:
     if not token_ids:
         raise invalid_request(f"`{param}` is empty: it must hold at least one token", param)
     return token_ids
-
-
-def encode_text(text: str, tokenizer: Tokenizer, param: str) -> list[int]:
-    """A text prompt's token ids (special tokens added, as the tokenizer does)."""
-    return require_tokens(tokenizer.encode(text), param)
 
 
 def message_text(message: ChatMessage, index: int) -> str:
