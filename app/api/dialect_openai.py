@@ -8,7 +8,7 @@ says only how its choices look, in chunks and in the final answer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 from app.api.driver import ChoiceResult, Dialect
@@ -38,7 +38,7 @@ from app.api.schemas import (
 )
 from app.api.sse import DONE, TextFrames, finite, sse_event
 from app.api.state import Serving
-from app.core import FinishReason, TokenDelta, TokenLogprob
+from app.core import FinishReason, SamplingParams, TokenDelta, TokenLogprob
 
 
 def finish_name(reason: FinishReason | None) -> FinishReasonName | None:
@@ -100,12 +100,20 @@ class OpenAIDialect(Dialect):
 
     chunk_model: ClassVar[type[CompletionChunk] | type[ChatCompletionChunk]]
     response_model: ClassVar[type[CompletionResponse] | type[ChatCompletionResponse]]
+    # (body, limits, tokenizer) -> (prompts, SamplingParams per prompt, n), in params.py
+    inputs: ClassVar[Callable[..., tuple[list[list[int]], list[SamplingParams], int]]]
 
-    def __init__(self, *args: Any, model: str, include_usage: bool, logprobs: bool) -> None:
+    @classmethod
+    def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> OpenAIDialect:
+        check_model(body.model, serving.model.name)
+        prompts, params, n = cls.inputs(body, serving.limits, serving.tokenizer)
+        return cls(request_id, prompts, params, n, stream, body=body, serving=serving)
+
+    def __init__(self, *args: Any, body: Any, serving: Serving) -> None:
         super().__init__(*args)
-        self.model = model
-        self.include_usage = include_usage
-        self.want_logprobs = logprobs
+        self.model = serving.model.name
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.want_logprobs = self.params[0].logprobs is not None
         self.text_frames = TextFrames(
             lambda index, text: self._chunk([self.chunk_choice(index, text)])
         )
@@ -160,37 +168,21 @@ class OpenAIDialect(Dialect):
         )
 
 
-def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
-    return bool(body.stream_options and body.stream_options.include_usage)
-
-
 class CompletionDialect(OpenAIDialect):
     id_prefix = "cmpl"
     chunk_model = CompletionChunk
     response_model = CompletionResponse
+    inputs = staticmethod(completion_inputs)
 
-    @classmethod
-    def parse(
-        cls, body: CompletionRequest, serving: Serving, request_id: str, stream: bool
-    ) -> CompletionDialect:
-        check_model(body.model, serving.model.name)
-        prompts, params, n = completion_inputs(body, serving.limits, serving.tokenizer)
-        dialect = cls(
-            request_id,
-            prompts,
-            params,
-            n,
-            stream,
-            model=serving.model.name,
-            include_usage=_include_usage(body),
-            logprobs=params[0].logprobs is not None,
-        )
-        dialect.echo = _echo_texts(body, prompts, serving) if body.echo else None
-        return dialect
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.echo: list[str] | None = None  # per prompt, with `echo`
+    def __init__(self, *args: Any, body: CompletionRequest, serving: Serving) -> None:
+        super().__init__(*args, body=body, serving=serving)
+        self.echo: list[str] | None = None  # per prompt, with `echo`: as sent, or decoded
+        if body.echo:
+            decode = serving.tokenizer.decode
+            self.echo = [
+                sent if isinstance(sent, str) else decode(ids, skip_special_tokens=False)
+                for (_, sent), ids in zip(completion_prompts(body.prompt), self.prompts)
+            ]
         self.offsets = [0] * self.num_choices  # text offset of each choice (logprobs)
 
     def opening(self) -> Iterable[bytes]:
@@ -230,35 +222,11 @@ class CompletionDialect(OpenAIDialect):
         )
 
 
-def _echo_texts(body: CompletionRequest, prompts: list[list[int]], serving: Serving) -> list[str]:
-    """Each prompt as `echo` shows it: as sent, or token ids decoded."""
-    return [
-        sent if isinstance(sent, str) else serving.tokenizer.decode(ids, skip_special_tokens=False)
-        for (_, sent), ids in zip(completion_prompts(body.prompt), prompts)
-    ]
-
-
 class ChatDialect(OpenAIDialect):
     id_prefix = "chatcmpl"
     chunk_model = ChatCompletionChunk
     response_model = ChatCompletionResponse
-
-    @classmethod
-    def parse(
-        cls, body: ChatCompletionRequest, serving: Serving, request_id: str, stream: bool
-    ) -> ChatDialect:
-        check_model(body.model, serving.model.name)
-        prompt, params, n = chat_inputs(body, serving.limits, serving.tokenizer)
-        return cls(
-            request_id,
-            [prompt],
-            [params],
-            n,
-            stream,
-            model=serving.model.name,
-            include_usage=_include_usage(body),
-            logprobs=params.logprobs is not None,
-        )
+    inputs = staticmethod(chat_inputs)
 
     def opening(self) -> Iterable[bytes]:
         # The first chunk of each choice carries the role, before any token is ready.

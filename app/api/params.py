@@ -235,8 +235,9 @@ def completion_inputs(
 
 def chat_inputs(
     body: ChatCompletionRequest, limits: Limits, tokenizer: Tokenizer
-) -> tuple[list[int], SamplingParams, int]:
-    """/v1/chat/completions: the chat template's prompt, its SamplingParams, and n."""
+) -> tuple[list[list[int]], list[SamplingParams], int]:
+    """/v1/chat/completions: the chat template's prompt, its SamplingParams (one each),
+    and n."""
     settings = limits.settings
     n = body.n or 1
     at_most(n, settings.max_n, "n")
@@ -253,7 +254,7 @@ def chat_inputs(
     fitted = fit_to_context(
         len(prompt), max_tokens, limits, prompt_param="messages", max_tokens_param=max_tokens_param
     )
-    return prompt, with_max_tokens(params, fitted), n
+    return [prompt], [with_max_tokens(params, fitted)], n
 
 
 # --- TGI ---------------------------------------------------------------------------------
