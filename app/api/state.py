@@ -122,12 +122,6 @@ class ServerState:
         self.admission = AdmissionController.from_settings(self.settings)
 
 
-# Both are `async def` although they never wait: FastAPI runs a plain `def` dependency
-# in its thread pool, two thread hops per request for a dictionary lookup.
-async def get_state(request: Request) -> ServerState:
-    return request.app.state.server
-
-
 def serving_or_503(state: ServerState, record: RequestRecord) -> Serving:
     """The loaded model and engine, or a 503 saying why there are none right now."""
     if not state.readiness.is_ready or state.serving is None:
@@ -137,6 +131,12 @@ def serving_or_503(state: ServerState, record: RequestRecord) -> Serving:
             state.readiness.describe(), code=f"server_{state.readiness.phase.value}"
         )
     return state.serving
+
+
+# Both dependencies are `async def` although they never wait: FastAPI runs a plain
+# `def` dependency in its thread pool, two thread hops per request for a lookup.
+async def get_state(request: Request) -> ServerState:
+    return request.app.state.server
 
 
 async def get_serving(request: Request) -> Serving:
