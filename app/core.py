@@ -14,6 +14,27 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class ConstraintMatcherLike(Protocol):
+    """A sequence's position in its grammar (app/structured's ConstraintMatcher)."""
+
+    def advance(self, token_id: int) -> bool: ...
+
+    @property
+    def is_finished(self) -> bool: ...
+
+    @property
+    def error(self) -> str | None: ...
+
+
+class CompiledConstraintLike(Protocol):
+    """A compiled output constraint (app/structured's CompiledConstraint)."""
+
+    kind: str
+
+    def new_matcher(self) -> ConstraintMatcherLike: ...
 
 
 class FinishReason(str, enum.Enum):
@@ -50,6 +71,9 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # None: no logprobs; k >= 0: chosen token + top k
     skip_special_tokens: bool = True
+    # Structured output: only tokens this grammar allows are sampled, EOS only where it
+    # accepts (compiled by app/structured before the request reaches the engine).
+    constraint: CompiledConstraintLike | None = None
 
     def __post_init__(self) -> None:
         # The API validates with user-facing messages; these guard internal callers.
@@ -110,6 +134,9 @@ class Sequence:
     # they share its blocks through the prefix cache instead of recomputing them.
     wait_for_seq: Sequence | None = None
     num_preemptions: int = 0
+    # Where the output stands in params.constraint's grammar; advanced with each token
+    # by the engine, kept across preemption (the output tokens are kept too).
+    constraint_matcher: ConstraintMatcherLike | None = None
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

@@ -25,6 +25,7 @@ from app.core import (
     Usage,
 )
 from app.engine.block_manager import BlockManager
+from app.engine.constraints import advance_matchers, start_matcher
 from app.engine.outputs import FinishInfo, SequenceOutput
 from app.engine.protocol import Runner, TokenizerLike
 from app.engine.scheduler import Scheduler, SeqUpdate
@@ -150,6 +151,7 @@ class EngineCore:
         if self._is_faulty(prompt_token_ids):
             self._faulty_requests.add(request_id)
         for seq in seqs:
+            start_matcher(seq)
             self._outputs[seq.seq_id] = SequenceOutput(seq, self.tokenizer)
             self.scheduler.add(seq)
         return []
@@ -242,6 +244,9 @@ class EngineCore:
         batch, outputs, fault_deltas = self._execute_isolated(batch)
         deltas.extend(fault_deltas)
         updates = self.scheduler.update(batch, outputs) if batch.seqs else []
+        updates, rejected = advance_matchers(self.scheduler, updates)
+        for seq, reason in rejected:
+            deltas.extend(self.fail_request(seq.request_id, f"internal error: {reason}"))
         now = self.clock()
         for update in updates:
             deltas.extend(self._postprocess(update, now))
@@ -355,6 +360,7 @@ class EngineCore:
 
     def _seq_done(self, seq: Sequence) -> None:
         self._outputs.pop(seq.seq_id, None)
+        seq.constraint_matcher = None
         self.runner.release([seq.seq_id])
         request = self._requests.get(seq.request_id)
         if request is None:

@@ -21,6 +21,7 @@ from app.core import SampleOutput, SamplingParams, ScheduledBatch, ScheduledSeq,
 from app.model.attention import build_attention_metadata, calibrate_min_query_rows, key_bucket
 from app.model.cache_sizing import num_cache_blocks
 from app.model.config import ModelConfig, read_eos_token_ids
+from app.model.constraint_masks import ConstraintMasks, PendingMasks
 from app.model.cpu_threads import default_num_threads
 from app.model.cuda_graphs import DecodeGraphs
 from app.model.families import read_model_config
@@ -103,6 +104,7 @@ class ModelRunner:
         # lamina's CPU kernels (set only on the CPU) have a multi-threaded argmax.
         argmax = model.native.argmax_rows if model.native is not None else None
         self.sampler = Sampler(eos_token_ids, self.device, seed, argmax)
+        self.constraint_masks = ConstraintMasks(self.config.vocab_size, max_num_seqs)
         kernel = getattr(model.lm_head, "kernel", None)
         self.matmul_dtype = kernel.matmul_dtype if kernel is not None else self.dtype
         # fp16 weights on the CPU: prompt tokens' rows take a second kernel, chosen per row.
@@ -219,12 +221,22 @@ class ModelRunner:
             return []
         self._apply_num_threads()
         flat = self._flatten(batch.seqs)
+        masks = self._start_masks(batch, flat)  # computed while the model runs
+        try:
+            return self._run(batch, flat, masks)
+        finally:
+            if masks is not None:
+                masks.settle()  # the buffer is reused next step, even after an error
+
+    def _run(
+        self, batch: ScheduledBatch, flat: _FlatBatch, masks: PendingMasks | None
+    ) -> list[SampleOutput | None]:
         with torch.inference_mode():
             if self._fits_decode_graph(flat):
                 logits = self.decode_graphs.run(
                     flat.input_ids, flat.context_lens, flat.block_tables
                 )  # [B, vocab]: one row per sequence
-                return self._sample(batch, flat, logits, rows_are_sequences=True)
+                return self._sample(batch, flat, logits, True, masks)
             positions, metadata = build_attention_metadata(
                 flat.query_lens,
                 flat.context_lens,
@@ -244,10 +256,26 @@ class ModelRunner:
             kinds = self._row_kinds(flat) if self.splits_rows else None  # of the N rows
             # [N, hidden], through the fused native stack or one op at a time
             hidden = run_decoder(self.model, input_ids, positions, metadata, self.kv_cache, kinds)
-            return self._sample(batch, flat, hidden, rows_are_sequences=False)
+            return self._sample(batch, flat, hidden, False, masks)
+
+    def _start_masks(self, batch: ScheduledBatch, flat: _FlatBatch) -> PendingMasks | None:
+        """Start the grammar masks of the constrained sequences that sample this step;
+        sampler rows follow model order, as in _sample."""
+        sampling = [index for index in flat.order if batch.seqs[index].sample]
+        constrained = [
+            (row, batch.seqs[index].seq.constraint_matcher)
+            for row, index in enumerate(sampling)
+            if batch.seqs[index].seq.constraint_matcher is not None
+        ]
+        return self.constraint_masks.start(constrained)
 
     def _sample(
-        self, batch: ScheduledBatch, flat: _FlatBatch, rows: torch.Tensor, rows_are_sequences: bool
+        self,
+        batch: ScheduledBatch,
+        flat: _FlatBatch,
+        rows: torch.Tensor,
+        rows_are_sequences: bool,
+        masks: PendingMasks | None = None,
     ) -> list[SampleOutput | None]:
         """Logits of the sampling sequences' last tokens, then the sampler.
 
@@ -265,6 +293,7 @@ class ModelRunner:
                 # The chunk's last row, a prompt token only if every row of it is.
                 picked_is_prompt.append(flat.prompt_rows[position] == flat.query_lens[position])
         results: list[SampleOutput | None] = [None] * len(batch.seqs)
+        token_bitmask = masks.wait() if masks is not None else None
         if not sampling:
             return results
         if rows_are_sequences and len(picked) == rows.shape[0]:
@@ -279,7 +308,8 @@ class ModelRunner:
                     kinds = RowKinds.from_flags(picked_is_prompt, self.device)  # of the S rows
                 logits = self.model.compute_logits(selected, kinds)  # [S, vocab]
         requests = [_sampling_request(batch.seqs[i].seq) for i in sampling]
-        for index, output in zip(sampling, self.sampler(logits, requests)):  # [S, vocab]
+        outputs = self.sampler(logits, requests, token_bitmask)  # from [S, vocab]
+        for index, output in zip(sampling, outputs):
             results[index] = output
         return results
 

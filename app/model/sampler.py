@@ -2,6 +2,7 @@
 
 Order of the pipeline (each stage runs only when some row of the batch needs it):
   raw logits -> logprobs (of the raw model distribution, as vLLM v1 reports them)
+  -> grammar masks (constrained rows: tokens the grammar forbids get -inf)
   -> logit_bias -> min_tokens (ban EOS/stop ids) -> repetition, presence, frequency
   -> greedy rows: argmax
   -> random rows: / temperature -> top-k -> top-p -> softmax -> min-p -> inverse CDF
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from app.core import SampleOutput, SamplingParams, TopLogprob
+from app.model.constraint_masks import TokenBitmask
 
 _MASK64 = (1 << 64) - 1
 
@@ -72,8 +74,14 @@ class Sampler:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, requests: list[SamplingRequest]) -> list[SampleOutput]:
-        """logits [S, vocab] (any float dtype), one request per row, in order."""
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        requests: list[SamplingRequest],
+        token_bitmask: TokenBitmask | None = None,
+    ) -> list[SampleOutput]:
+        """logits [S, vocab] (any float dtype), one request per row, in order;
+        token_bitmask: the allowed tokens of the rows that carry a grammar constraint."""
         if logits.shape[0] != len(requests):
             raise ValueError(f"{logits.shape[0]} rows of logits for {len(requests)} requests")
         logits = logits.float()
@@ -82,7 +90,14 @@ class Sampler:
         raw_logprobs = None
         if wants_logprobs:
             raw_logprobs = torch.log_softmax(logits[wants_logprobs], dim=-1)
-        processed = self._process_logits(logits, requests)
+        masked = logits
+        if token_bitmask is not None and token_bitmask.rows:
+            masked = logits.clone()
+            rows = token_bitmask.rows
+            masked[rows] = apply_token_bitmask(masked[rows], token_bitmask.words)
+        processed = self._process_logits(masked, requests)
+        if token_bitmask is not None and processed is not masked:
+            _restore_grammar_only_rows(processed, masked, token_bitmask.rows)
         token_ids = self.argmax(processed)  # [S]; right for greedy rows
         random_rows = _rows(requests, lambda r: not r.params.greedy)
         if random_rows:
@@ -322,6 +337,31 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
 
 class NonFiniteLogitsError(ValueError):
     """The model produced NaN logits for some rows; their requests must fail."""
+
+
+def apply_token_bitmask(logits: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Forbidden tokens to -inf, vectorised: no loop over rows or the vocabulary.
+
+    logits [R, vocab], words [R, ceil(vocab / 32)] int32 (bit t of a row allows token t)
+    -> [R, vocab].
+    """
+    num_rows, vocab = logits.shape
+    words = words.to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = (words.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]
+    allowed = bits.view(num_rows, -1)[:, :vocab].to(device=logits.device, dtype=torch.bool)
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def _restore_grammar_only_rows(
+    processed: torch.Tensor, masked: torch.Tensor, rows: list[int]
+) -> None:
+    """A constrained row with nothing left after min_tokens' EOS ban (the grammar allows
+    only EOS) takes the grammar's choice: the constraint outranks min_tokens."""
+    dead = torch.isneginf(processed[rows]).all(dim=-1)  # [C]
+    if bool(dead.any()):
+        dead_rows = [row for row, is_dead in zip(rows, dead.tolist()) if is_dead]
+        processed[dead_rows] = masked[dead_rows]
 
 
 def _reject_nan_rows(logits: torch.Tensor) -> None:
