@@ -88,6 +88,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="smoke run: as many prompts as the highest level, 32 new tokens",
     )
+    parser.add_argument(
+        "--structured",
+        nargs="?",
+        const="builtin",
+        metavar="SCHEMA.json",
+        help="constrained (JSON schema) against unconstrained decoding, plus compile times "
+        "(app/bench/structured_bench.py); without a file, a built-in schema",
+    )
     parser.add_argument("--json", type=Path, help="write results here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -166,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     engines = [Engine(args, weight_dtype) for weight_dtype in args.weight_dtypes]
     settings = engines[0].settings
     tokenizer = Tokenizer(settings.model)
+    if args.structured:
+        from app.bench.structured_bench import main as bench_structured
+
+        return bench_structured(args, engines[0], tokenizer)
     prompts = make_prompts(tokenizer.vocab_size, args.num_prompts, args.prompt_len, args.seed)
     counts = FlopCounts.from_model_dir(settings.model)
     workload_flops = sum(counts.request(len(p), args.output_len) for p in prompts)

@@ -49,9 +49,12 @@ class ConstraintMasks:
     def __init__(self, vocab_size: int, max_rows: int = 64, overlap: bool = True) -> None:
         self.num_words = bitmask_words(vocab_size)
         self.overlap = overlap
-        self._buffer = torch.zeros(max_rows, self.num_words, dtype=torch.int32)
-        self._filler = MaskFiller()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lamina-masks")
+        self.max_rows = max_rows
+        # Made at the first constrained step: a server that never sees a constraint
+        # starts no mask threads and holds no bitmask.
+        self._buffer: torch.Tensor | None = None
+        self._filler: MaskFiller | None = None
+        self._thread: ThreadPoolExecutor | None = None
 
     def start(
         self, constrained: SequenceOf[tuple[int, ConstraintMatcherLike]]
@@ -62,8 +65,12 @@ class ConstraintMasks:
         """
         if not constrained:
             return None
-        if len(constrained) > self._buffer.shape[0]:
-            self._buffer = torch.zeros(len(constrained), self.num_words, dtype=torch.int32)
+        if self._filler is None:
+            self._filler = MaskFiller()
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lamina-masks")
+        if self._buffer is None or len(constrained) > self._buffer.shape[0]:
+            num_rows = max(len(constrained), self.max_rows)
+            self._buffer = torch.zeros(num_rows, self.num_words, dtype=torch.int32)
         words = self._buffer[: len(constrained)]  # [C, W], C-contiguous
         rows = [row for row, _ in constrained]
         matchers = [matcher for _, matcher in constrained]

@@ -65,7 +65,7 @@ class ConstraintCompiler:
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lamina-grammar")
         self.hits = 0
-        self.misses = 0
+        self.misses = 0  # lookups that had to compile
 
     @property
     def num_entries(self) -> int:
@@ -78,7 +78,7 @@ class ConstraintCompiler:
 
     async def compile(self, spec: ConstraintSpec) -> CompiledConstraint:
         """Compile (or find in the cache) without blocking the running event loop."""
-        cached = self._lookup(spec.content_hash())
+        cached = self._lookup(spec.content_hash(), count_miss=False)  # compile_sync counts it
         if cached is not None:
             return cached
         loop = asyncio.get_running_loop()
@@ -112,11 +112,11 @@ class ConstraintCompiler:
             raise ConstraintError(f"unsupported {spec.kind} constraint: {template.get_error()}")
         return CompiledConstraint(key, spec.kind, len(grammar), template)
 
-    def _lookup(self, key: str) -> CompiledConstraint | None:
+    def _lookup(self, key: str, count_miss: bool = True) -> CompiledConstraint | None:
         with self._lock:
             entry = self._cache.get(key)
             if entry is None:
-                self.misses += 1
+                self.misses += count_miss
                 return None
             self._cache.move_to_end(key)
             self.hits += 1

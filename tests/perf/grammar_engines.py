@@ -38,7 +38,9 @@ NESTED = {
 }
 ARRAY = {
     "type": "object",
-    "properties": {"tags": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 4}},
+    "properties": {
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2, "maxItems": 4}
+    },
     "required": ["tags"],
 }
 ENUM_BOUNDS = {

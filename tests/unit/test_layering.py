@@ -23,6 +23,8 @@ FORBIDDEN = {
     "engine": ("torch", "app.model", "app.api", "fastapi"),
     "api": ("torch", "app.model"),
     "model": ("app.api", "app.engine.engine", "app.engine.scheduler", "fastapi"),
+    # grammar constraints: compiled without torch (the API calls it), below the engine
+    "structured": ("torch", "app.model", "app.engine", "app.api", "fastapi"),
     # compiled kernels below the model: they know tensors and pointers, nothing of lamina
     "native": ("app.model", "app.engine", "app.api", "fastapi"),
 }
