@@ -76,18 +76,22 @@ def completion_logprobs(
     return result, text_offset
 
 
-def chat_logprobs(logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:
+def chat_logprobs(
+    logprobs: Sequence[TokenLogprob], token_bytes: Callable[[int], bytes]
+) -> ChatLogprobs:
+    """Chat logprobs; `bytes` are each token's own bytes (part of a character for some
+    tokens, whose text alone is U+FFFD), from the tokenizer's vocabulary."""
     return ChatLogprobs(
         content=[
             ChatTokenLogprob(
                 token=entry.text,
                 logprob=finite(entry.logprob),
-                bytes=list(entry.text.encode("utf-8")),
+                bytes=list(token_bytes(entry.token_id)),
                 top_logprobs=[
                     ChatTopLogprob(
-                        token=text, logprob=finite(logprob), bytes=list(text.encode("utf-8"))
+                        token=text, logprob=finite(logprob), bytes=list(token_bytes(token_id))
                     )
-                    for _token_id, text, logprob in entry.top
+                    for token_id, text, logprob in entry.top
                 ],
             )
             for entry in logprobs
@@ -114,6 +118,7 @@ class OpenAIDialect(Dialect):
         self.model = serving.model.name
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.want_logprobs = self.params[0].logprobs is not None
+        self.token_bytes = serving.tokenizer.token_bytes
         self.text_frames = TextFrames(
             lambda index, text: self._chunk([self.chunk_choice(index, text)])
         )
@@ -246,13 +251,15 @@ class ChatDialect(OpenAIDialect):
         )
 
     def delta_logprobs(self, index: int, delta: TokenDelta) -> ChatLogprobs:
-        return chat_logprobs(delta.logprobs)
+        return chat_logprobs(delta.logprobs, self.token_bytes)
 
     def final_choice(self, result: ChoiceResult) -> ChatChoice:
         return ChatChoice(
             index=result.index,
             message=ChatResponseMessage(content=result.text),
-            logprobs=chat_logprobs(result.logprobs) if self.want_logprobs else None,
+            logprobs=(
+                chat_logprobs(result.logprobs, self.token_bytes) if self.want_logprobs else None
+            ),
             finish_reason=finish_name(result.finish_reason),
             stop_reason=result.stop_reason,
         )

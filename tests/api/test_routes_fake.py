@@ -357,3 +357,34 @@ async def test_cors_when_origins_are_configured(default_model_path, http_tokeniz
         )
     assert response.status_code == 200
     assert response.headers["access-control-allow-origin"] == "https://app.example"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_logprob_bytes_are_the_tokens_own_bytes(
+    default_model_path, http_tokenizer, stream: bool
+) -> None:
+    """A token holding part of a UTF-8 character reports its bytes, not U+FFFD's."""
+    engine = FakeEngine(http_tokenizer, reply="😀 ok")
+    async with running_fake_app(fake_settings(default_model_path), engine) as app:
+        response = await app.client.post(
+            "/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 4,
+                "logprobs": True,
+                "top_logprobs": 2,
+                "stream": stream,
+            },
+        )
+    if stream:
+        choices = [c["choices"][0] for c in sse_json(response.text)]
+        entries = [e for c in choices if c.get("logprobs") for e in c["logprobs"]["content"]]
+    else:
+        entries = response.json()["choices"][0]["logprobs"]["content"]
+    reply_ids = engine.reply_ids()
+    assert entries[0]["token"] == "\ufffd" and entries[0]["bytes"][0] == 0xF0
+    assert b"".join(bytes(e["bytes"]) for e in entries[:3]) == "😀".encode()
+    for entry, token_id in zip(entries, reply_ids):
+        assert bytes(entry["bytes"]) == http_tokenizer.token_bytes(token_id)
+        for top in entry["top_logprobs"]:
+            assert top["bytes"] and (top["token"] != "\ufffd" or top["bytes"] != [239, 191, 189])
