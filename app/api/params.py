@@ -16,6 +16,7 @@ from app.api.prompts import check_token_ids, completion_prompts, encode_chat, en
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from app.api.schemas_tgi import GenerateParameters, GenerateRequest
 from app.api.state import Limits
+from app.api.unimplemented import refuse_unimplemented
 from app.core import SamplingParams
 from app.tokenizer import Tokenizer
 
@@ -201,6 +202,14 @@ def with_max_tokens(params: SamplingParams, max_tokens: int | None) -> SamplingP
     return dataclasses.replace(params, max_tokens=max_tokens)
 
 
+def requested_max_tokens(body: CompletionRequest | ChatCompletionRequest) -> tuple[int | None, str]:
+    """The output-token cap asked for, and its field: `max_completion_tokens`, the newer
+    name, wins over `max_tokens` on both OpenAI routes."""
+    if body.max_completion_tokens is not None:
+        return body.max_completion_tokens, "max_completion_tokens"
+    return body.max_tokens, "max_tokens"
+
+
 def completion_inputs(
     body: CompletionRequest, limits: Limits, tokenizer: Tokenizer
 ) -> tuple[list[list[int]], list[SamplingParams], int]:
@@ -216,7 +225,9 @@ def completion_inputs(
             f"{settings.max_prompts_per_request} are allowed in one request",
             param="prompt",
         )
-    max_tokens = at_most(body.max_tokens, settings.max_tokens_limit, "max_tokens")
+    refuse_unimplemented(body.model_extra)
+    max_tokens, max_tokens_param = requested_max_tokens(body)
+    at_most(max_tokens, settings.max_tokens_limit, max_tokens_param)
     logprobs = at_most(body.logprobs, settings.max_top_logprobs, "logprobs")
     if body.echo and logprobs is not None:
         raise invalid_request(
@@ -224,10 +235,15 @@ def completion_inputs(
             "log-probabilities of prompt tokens",
             param="echo",
         )
-    params = _openai_params(body, limits, max_tokens, "max_tokens", logprobs)
+    params = _openai_params(body, limits, max_tokens, max_tokens_param, logprobs)
     prompts = [encode_prompt(prompt, param, tokenizer) for param, prompt in parts]
     per_prompt = [
-        with_max_tokens(params, fit_to_context(len(ids), max_tokens, limits, prompt_param=param))
+        with_max_tokens(
+            params,
+            fit_to_context(
+                len(ids), max_tokens, limits, prompt_param=param, max_tokens_param=max_tokens_param
+            ),
+        )
         for ids, (param, _) in zip(prompts, parts)
     ]
     return prompts, per_prompt, n
@@ -241,9 +257,8 @@ def chat_inputs(
     settings = limits.settings
     n = body.n or 1
     at_most(n, settings.max_n, "n")
-    max_tokens, max_tokens_param = body.max_tokens, "max_tokens"
-    if body.max_completion_tokens is not None:  # the newer name wins
-        max_tokens, max_tokens_param = body.max_completion_tokens, "max_completion_tokens"
+    refuse_unimplemented(body.model_extra)
+    max_tokens, max_tokens_param = requested_max_tokens(body)
     at_most(max_tokens, settings.max_tokens_limit, max_tokens_param)
     top_logprobs = at_most(body.top_logprobs, settings.max_top_logprobs, "top_logprobs")
     if top_logprobs is not None and not body.logprobs:

@@ -72,7 +72,12 @@ class StreamOptions(LaminaRequest):
 
 
 class SamplingFields(LaminaRequest):
-    """Sampling and stopping fields shared by /v1/completions and /v1/chat/completions."""
+    """Sampling and stopping fields shared by /v1/completions and /v1/chat/completions.
+
+    Unknown fields are kept (`model_extra`) so that the ones lamina does not implement
+    are refused by name (unimplemented.py) instead of dropped."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = Field(
         default=None, description="The served model's id (GET /v1/models); may be omitted."
@@ -81,6 +86,9 @@ class SamplingFields(LaminaRequest):
         default=None,
         ge=1,
         description="Most tokens to generate. Unset: until the context window is full.",
+    )
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, description="Alias of max_tokens (wins when both are set)."
     )
     temperature: float | None = Field(
         default=None, ge=0, le=2, description="Sampling temperature; 0 is greedy. Default 1."
@@ -252,9 +260,6 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions. The prompt is the model's chat template over `messages`."""
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
-    max_completion_tokens: int | None = Field(
-        default=None, ge=1, description="Alias of max_tokens (wins when both are set)."
-    )
     logprobs: bool | None = Field(
         default=None, description="Return the log-probability of each output token."
     )

@@ -104,17 +104,63 @@ async def test_max_tokens_limit_caps_an_unset_max_tokens(
         assert "at most 3" in too_many.json()["error"]["message"]
 
 
-async def test_unknown_fields_are_ignored(fake_app: FakeApp) -> None:
+async def test_unknown_and_ignorable_fields_are_accepted(fake_app: FakeApp) -> None:
     response = await fake_app.client.post(
         "/v1/chat/completions",
         json={
             "messages": [{"role": "user", "content": "Hi", "vendor_field": 1}],
             "max_tokens": 2,
-            "guided_json": {"x": 1},
+            "vendor_extension": {"x": 1},
             "service_tier": "auto",
+            "metadata": {"k": "v"},
+            "response_format": {"type": "text"},
+            "tool_choice": "none",
         },
     )
     assert response.status_code == 200, response.text
+
+
+UNIMPLEMENTED_REQUESTS = [
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "response_format", {"type": "json_schema", "json_schema": {}}),
+    ("/v1/completions", "response_format", {"type": "json_object"}),
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("/v1/chat/completions", "tool_choice", "required"),
+    ("/v1/chat/completions", "guided_json", {"type": "object"}),
+    ("/v1/completions", "guided_regex", "[a-z]+"),
+    ("/v1/chat/completions", "structured_outputs", {"choice": ["a", "b"]}),
+    ("/v1/completions", "suffix", "end"),
+    ("/v1/completions", "best_of", 3),
+    ("/v1/chat/completions", "modalities", ["text", "audio"]),
+]
+
+
+@pytest.mark.parametrize(("path", "field", "value"), UNIMPLEMENTED_REQUESTS)
+async def test_an_unimplemented_field_is_refused_by_name(
+    fake_app: FakeApp, path: str, field: str, value: object
+) -> None:
+    prompt = (
+        {"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path else {"prompt": "Hi"}
+    )
+    before = len(fake_app.engine.requests)
+    response = await fake_app.client.post(path, json={**prompt, "max_tokens": 2, field: value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and error["code"] == "unsupported_field"
+    assert f"`{field}` is not supported" in error["message"]
+    assert len(fake_app.engine.requests) == before  # nothing reached the engine
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_max_completion_tokens_wins_on_both_routes(fake_app: FakeApp, path: str) -> None:
+    prompt = (
+        {"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path else {"prompt": "Hi"}
+    )
+    response = await fake_app.client.post(
+        path, json={**prompt, "max_tokens": 5, "max_completion_tokens": 2}
+    )
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
+    assert fake_app.engine.requests[-1].params.max_tokens == 2
 
 
 async def test_several_prompts_and_n_number_choices_in_order(fake_app: FakeApp) -> None:

@@ -1,0 +1,60 @@
+"""OpenAI request fields lamina does not implement: refused by name, never dropped.
+
+A client that asks for a JSON schema or a tool call and gets free text fails far from
+the cause, so such a field is a 400 naming it, unless its value asks for what lamina
+does anyway (`response_format: {"type": "text"}`, `tool_choice: "none"`).
+Fields accepted and knowingly ignored are listed too; anything else unknown (a vendor
+extension) is ignored and logged at debug level (schemas.LaminaRequest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from app.api.errors import invalid_request
+
+_STRUCTURED = "structured outputs are not available on this server yet"
+_TOOLS = "tool calling is not available on this server yet"
+
+
+def _is_text_format(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("type") == "text"
+
+
+def _never(_value: Any) -> bool:
+    return False
+
+
+# field -> (is this value what lamina does anyway?, why the field is refused)
+NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "response_format": (_is_text_format, _STRUCTURED),
+    "structured_outputs": (_never, _STRUCTURED),  # vLLM's names, for clients written for it
+    "guided_json": (_never, _STRUCTURED),
+    "guided_regex": (_never, _STRUCTURED),
+    "guided_choice": (_never, _STRUCTURED),
+    "guided_grammar": (_never, _STRUCTURED),
+    "tools": (lambda value: value == [], _TOOLS),
+    "tool_choice": (lambda value: value == "none", _TOOLS),
+    "functions": (lambda value: value == [], _TOOLS),
+    "function_call": (lambda value: value == "none", _TOOLS),
+    "audio": (_never, "audio output is not supported"),
+    "modalities": (lambda value: value == ["text"], "only text output is supported"),
+    "prediction": (_never, "predicted outputs are not supported"),
+    "web_search_options": (_never, "web search is not supported"),
+    "suffix": (_never, "insertion (`suffix`) is not supported"),
+    "best_of": (lambda value: value in (None, 1), "best-of is not supported (must be 1)"),
+}
+
+# OpenAI fields accepted without effect: bookkeeping for OpenAI's own platform.
+ACCEPTED_AND_IGNORED = frozenset({"metadata", "store", "service_tier", "parallel_tool_calls"})
+
+
+def refuse_unimplemented(extra_fields: Mapping[str, Any] | None) -> None:
+    """400 for the first field of NOT_IMPLEMENTED whose value asks for something new."""
+    for name, value in (extra_fields or {}).items():
+        rule = NOT_IMPLEMENTED.get(name)
+        if rule is not None and value is not None and not rule[0](value):
+            raise invalid_request(
+                f"`{name}` is not supported: {rule[1]}", param=name, code="unsupported_field"
+            )
