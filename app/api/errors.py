@@ -223,6 +223,8 @@ async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
             code="method_not_allowed",
             headers=headers,
         )
+    elif exc.detail == "There was an error parsing the body":  # FastAPI's, for the rest
+        error = invalid_request("request body could not be parsed as JSON", code="invalid_body")
     else:
         error = APIError(
             exc.status_code, str(exc.detail), type="invalid_request_error", headers=headers

@@ -7,6 +7,7 @@ bodies); the context window is the server's (GET /v1/models), passed to `bad_req
 
 from __future__ import annotations
 
+import gzip
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -313,6 +314,43 @@ def bad_requests(context: int) -> list[BadRequest]:
             headers={"content-type": "application/json"},
         ),
         BadRequest("json-array", COMPLETIONS, [1, 2], words=("JSON object",)),
+        BadRequest(
+            "no-content-type",
+            COMPLETIONS,
+            raw=b'{"prompt": "hi"}',
+            status=415,
+            words=("Content-Type: application/json", "got none"),
+        ),
+        BadRequest(
+            "text-plain",
+            CHAT,
+            raw=b'{"messages": []}',
+            status=415,
+            words=("Content-Type: application/json", "text/plain"),
+            headers={"content-type": "text/plain"},
+        ),
+        BadRequest(
+            "gzip-body",
+            COMPLETIONS,
+            raw=gzip.compress(b'{"prompt": "hi", "max_tokens": 1}'),
+            status=415,
+            words=("Content-Encoding 'gzip'", "uncompressed"),
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        ),
+        BadRequest(
+            "invalid-utf8",
+            COMPLETIONS,
+            raw=b'{"prompt": "caf\xe9"}',
+            words=("not valid UTF-8", "0xe9", "offset 15"),
+            headers={"content-type": "application/json"},
+        ),
+        BadRequest(
+            "json-too-deep",
+            COMPLETIONS,
+            raw=b'{"prompt": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+            words=("too deeply",),
+            headers={"content-type": "application/json"},
+        ),
         BadRequest(
             "tgi-inputs-missing",
             "/generate",
