@@ -21,12 +21,13 @@ import asyncio
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from starlette.datastructures import Headers
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.access_log import log_access
@@ -67,9 +68,30 @@ def generate_request_id() -> str:
 
 
 def route_label(scope: Scope) -> str:
-    """The matched route's template (bounded cardinality), or "unmatched"."""
+    """The matched route's template (bounded cardinality), or "unmatched".
+
+    A request refused before routing (401 from the key check, 413 and 415 from
+    BodyGuard) has no route in its scope yet: its path is matched here, so it counts
+    under the route it was for."""
     path = getattr(scope.get("route"), "path", None)
-    return path if isinstance(path, str) else "unmatched"
+    if isinstance(path, str):
+        return path
+    for route in _plain_routes(getattr(getattr(scope.get("app"), "router", None), "routes", ())):
+        if route.matches(scope)[0] is Match.FULL:
+            return str(route.path)
+    return "unmatched"
+
+
+def _plain_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """Routes with a path, routers included without a prefix opened up (lamina's own);
+    a prefixed router is skipped rather than matched without its prefix."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is None:
+            if isinstance(getattr(route, "path", None), str):
+                yield route
+        elif not route.include_context.prefix:
+            yield from _plain_routes(included.routes)
 
 
 class ObservabilityMiddleware:

@@ -198,7 +198,8 @@ async def test_each_failed_request_counts_once_with_its_reason(app: FakeApp) -> 
         "unauthorized": 0,
     }
     assert diff(after, before, "lamina:request_success_total") == 0
-    assert diff(after, before, "lamina:http_requests_total", route="unmatched", status="413") == 1
+    # Refused before routing, still counted under the route it was for.
+    assert diff(after, before, "lamina:http_requests_total", route="/generate", status="413") == 1
     assert diff(after, before, "lamina:http_requests_total", status="500") == 1
 
 

@@ -163,3 +163,26 @@ def test_open_routes_and_bearer_parsing() -> None:
     assert bearer_token(Headers(authorization="  bearer   abc  ")) == "abc"
     assert bearer_token(Headers(authorization="Token abc")) is None
     assert bearer_token(Headers()) is None
+
+
+async def test_refusals_before_routing_count_under_their_route(keyed_app: FakeApp) -> None:
+    """401s (and BodyGuard's 413s) happen before routing; they count under the route
+    the request was for, not under "unmatched"."""
+    from tests.observability.exposition import diff, parse
+
+    client = keyed_app.client
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+
+    async def scrape():
+        return parse((await client.get("/metrics")).text)
+
+    before = await scrape()
+    assert_401(await client.post("/v1/chat/completions", json=CHAT), "missing_api_key")
+    too_large = await client.post("/v1/completions", json={"prompt": "x" * 4096}, headers=auth)
+    assert too_large.status_code == 413
+    assert_401(await client.get("/no/such/route"), "missing_api_key")
+    after = await scrape()
+    total = "lamina:http_requests_total"
+    assert diff(after, before, total, route="/v1/chat/completions", status="401") == 1
+    assert diff(after, before, total, route="/v1/completions", status="413") == 1
+    assert diff(after, before, total, route="unmatched", status="401") == 1
