@@ -11,7 +11,16 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 logger = logging.getLogger("lamina.api")
 
@@ -66,7 +75,7 @@ def _check_prompt(value: Any) -> Any:
 
 
 class StreamOptions(LaminaRequest):
-    include_usage: bool | None = Field(
+    include_usage: StrictBool | None = Field(
         default=None, description="Send a last chunk with token usage before `data: [DONE]`."
     )
 
@@ -82,46 +91,46 @@ class SamplingFields(LaminaRequest):
     model: str | None = Field(
         default=None, description="The served model's id (GET /v1/models); may be omitted."
     )
-    max_tokens: int | None = Field(
+    max_tokens: StrictInt | None = Field(
         default=None,
         ge=1,
         description="Most tokens to generate. Unset: until the context window is full.",
     )
-    max_completion_tokens: int | None = Field(
+    max_completion_tokens: StrictInt | None = Field(
         default=None, ge=1, description="Alias of max_tokens (wins when both are set)."
     )
-    temperature: float | None = Field(
+    temperature: StrictFloat | None = Field(
         default=None, ge=0, le=2, description="Sampling temperature; 0 is greedy. Default 1."
     )
-    top_p: float | None = Field(
+    top_p: StrictFloat | None = Field(
         default=None,
         gt=0,
         le=1,
         description="Nucleus sampling: keep the smallest set of "
         "tokens whose probability adds up to top_p. Default 1 (off).",
     )
-    top_k: int | None = Field(
+    top_k: StrictInt | None = Field(
         default=None, ge=-1, description="Keep only the k most likely tokens; 0 or -1: off."
     )
-    min_p: float | None = Field(
+    min_p: StrictFloat | None = Field(
         default=None,
         ge=0,
         le=1,
         description="Drop tokens less likely than min_p times the top token. Default 0 (off).",
     )
-    repetition_penalty: float | None = Field(
+    repetition_penalty: StrictFloat | None = Field(
         default=None,
         gt=0,
         le=10,
         description="Divide logits of tokens already in prompt or output (CTRL). 1: off.",
     )
-    presence_penalty: float | None = Field(
+    presence_penalty: StrictFloat | None = Field(
         default=None, ge=-2, le=2, description="Penalty on tokens already generated, once each."
     )
-    frequency_penalty: float | None = Field(
+    frequency_penalty: StrictFloat | None = Field(
         default=None, ge=-2, le=2, description="Penalty on tokens already generated, per use."
     )
-    seed: int | None = Field(
+    seed: StrictInt | None = Field(
         default=None,
         ge=INT64_MIN,
         le=INT64_MAX,
@@ -130,7 +139,7 @@ class SamplingFields(LaminaRequest):
     stop: str | list[str] | None = Field(
         default=None, description="Stop string(s); the output ends before the first match."
     )
-    stop_token_ids: list[int] | None = Field(
+    stop_token_ids: list[StrictInt] | None = Field(
         default=None, description="Token ids that end the output (besides EOS)."
     )
     logit_bias: dict[str, float] | None = Field(
@@ -138,26 +147,26 @@ class SamplingFields(LaminaRequest):
         description="Token id (as a string) -> bias in [-100, 100] added to its logit, "
         'e.g. {"50256": -100}.',
     )
-    ignore_eos: bool | None = Field(
+    ignore_eos: StrictBool | None = Field(
         default=None, description="Keep generating after EOS (benchmarks)."
     )
-    min_tokens: int | None = Field(
+    min_tokens: StrictInt | None = Field(
         default=None, ge=0, description="Generate at least this many tokens before EOS or stops."
     )
-    n: int | None = Field(
+    n: StrictInt | None = Field(
         default=None, ge=1, description="Number of choices; they share the prompt's KV cache."
     )
-    stream: bool | None = Field(default=None, description="Stream the answer as SSE events.")
+    stream: StrictBool | None = Field(default=None, description="Stream the answer as SSE events.")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
     user: str | None = Field(
         default=None,
         description="End-user id, for logs: the request's access line carries its first "
         "128 characters as `user` (never a metric label).",
     )
-    include_stop_str_in_output: bool | None = Field(
+    include_stop_str_in_output: StrictBool | None = Field(
         default=None, description="Keep the matched stop string at the end of the text."
     )
-    skip_special_tokens: bool | None = Field(
+    skip_special_tokens: StrictBool | None = Field(
         default=None, description="Leave special tokens out of the text. Default true."
     )
 
@@ -177,8 +186,8 @@ class CompletionRequest(SamplingFields):
         description="A string, a list of strings (one completion each), a list of token ids, "
         "or a list of token id lists."
     )
-    echo: bool | None = Field(default=None, description="Prepend the prompt to the text.")
-    logprobs: int | None = Field(
+    echo: StrictBool | None = Field(default=None, description="Prepend the prompt to the text.")
+    logprobs: StrictInt | None = Field(
         default=None,
         ge=0,
         description="Return the log-probability of each token and of the `logprobs` most "
@@ -260,13 +269,13 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions. The prompt is the model's chat template over `messages`."""
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
-    logprobs: bool | None = Field(
+    logprobs: StrictBool | None = Field(
         default=None, description="Return the log-probability of each output token."
     )
-    top_logprobs: int | None = Field(
+    top_logprobs: StrictInt | None = Field(
         default=None, ge=0, description="With logprobs: also the k most likely alternatives."
     )
-    add_generation_prompt: bool | None = Field(
+    add_generation_prompt: StrictBool | None = Field(
         default=None, description="End the prompt with the assistant turn's header. Default true."
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 from app.api.schemas import INT64_MAX, LaminaRequest
 
@@ -15,35 +15,37 @@ class GenerateParameters(LaminaRequest):
     """TGI's `parameters`; null means the default. Sampling is on when `do_sample` is true
     or any of temperature, top_k, top_p is set; otherwise decoding is greedy."""
 
-    max_new_tokens: int | None = Field(
+    max_new_tokens: StrictInt | None = Field(
         default=None, ge=1, description="Most tokens to generate. Unset: until the context is full."
     )
-    do_sample: bool | None = Field(default=None, description="Sample instead of greedy decoding")
-    temperature: float | None = Field(default=None, gt=0, description="Sampling temperature")
-    top_k: int | None = Field(default=None, gt=0, description="Keep the k most likely tokens")
-    top_p: float | None = Field(default=None, gt=0, lt=1, description="Nucleus sampling")
-    repetition_penalty: float | None = Field(
+    do_sample: StrictBool | None = Field(
+        default=None, description="Sample instead of greedy decoding"
+    )
+    temperature: StrictFloat | None = Field(default=None, gt=0, description="Sampling temperature")
+    top_k: StrictInt | None = Field(default=None, gt=0, description="Keep the k most likely tokens")
+    top_p: StrictFloat | None = Field(default=None, gt=0, lt=1, description="Nucleus sampling")
+    repetition_penalty: StrictFloat | None = Field(
         default=None, gt=0, description="CTRL repetition penalty; 1 is off"
     )
-    frequency_penalty: float | None = Field(
+    frequency_penalty: StrictFloat | None = Field(
         default=None, ge=-2, le=2, description="OpenAI-style frequency penalty"
     )
-    seed: int | None = Field(default=None, ge=0, le=INT64_MAX, description="Sampling seed")
+    seed: StrictInt | None = Field(default=None, ge=0, le=INT64_MAX, description="Sampling seed")
     stop: list[str] | None = Field(default=None, description="Stop sequences")
-    details: bool | None = Field(default=None, description="Return token details")
-    decoder_input_details: bool | None = Field(
+    details: StrictBool | None = Field(default=None, description="Return token details")
+    decoder_input_details: StrictBool | None = Field(
         default=None, description="Prompt token details (not supported: must be false)"
     )
-    return_full_text: bool | None = Field(default=None, description="Prepend the input")
-    top_n_tokens: int | None = Field(
+    return_full_text: StrictBool | None = Field(default=None, description="Prepend the input")
+    top_n_tokens: StrictInt | None = Field(
         default=None, ge=0, description="Also return the n most likely tokens at each step"
     )
-    truncate: int | None = Field(
+    truncate: StrictInt | None = Field(
         default=None, ge=1, description="Keep only the last `truncate` input tokens"
     )
-    best_of: int | None = Field(default=None, ge=1, description="Not supported above 1")
-    typical_p: float | None = Field(default=None, description="Not supported")
-    watermark: bool | None = Field(default=None, description="Not supported (must be false)")
+    best_of: StrictInt | None = Field(default=None, ge=1, description="Not supported above 1")
+    typical_p: StrictFloat | None = Field(default=None, description="Not supported")
+    watermark: StrictBool | None = Field(default=None, description="Not supported (must be false)")
     grammar: Any | None = Field(default=None, description="Not supported")
     adapter_id: str | None = Field(default=None, description="Not supported")
 
@@ -60,7 +62,7 @@ class GenerateRequest(LaminaRequest):
 
     inputs: str = Field(description="The prompt text")
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
-    stream: bool | None = Field(default=None, description="Only read by POST /")
+    stream: StrictBool | None = Field(default=None, description="Only read by POST /")
 
 
 class TGIToken(BaseModel):
