@@ -10,7 +10,8 @@ from app.model.config import Family
 from app.model.llama import LlamaForCausalLM
 
 
-def _features(raw: dict[str, Any]) -> dict[str, Any]:
+def windowed_llama_features(raw: dict[str, Any]) -> dict[str, Any]:
+    """LLaMA without biases, with config.json's `sliding_window` (None: every key)."""
     window = raw.get("sliding_window")
     return {
         "qkv_bias": False,
@@ -20,4 +21,4 @@ def _features(raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-FAMILY = Family("MistralForCausalLM", LlamaForCausalLM, _features)
+FAMILY = Family("MistralForCausalLM", LlamaForCausalLM, windowed_llama_features)

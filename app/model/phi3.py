@@ -6,20 +6,9 @@ no biases, and sliding-window attention when config.json sets `sliding_window`
 
 from __future__ import annotations
 
-from typing import Any
-
 from app.model.config import Family
 from app.model.llama import LlamaForCausalLM
+from app.model.mistral import windowed_llama_features
 
-
-def _features(raw: dict[str, Any]) -> dict[str, Any]:
-    window = raw.get("sliding_window")
-    return {
-        "qkv_bias": False,
-        "o_bias": False,
-        "mlp_bias": False,
-        "sliding_window": None if window is None else int(window),
-    }
-
-
-FAMILY = Family("Phi3ForCausalLM", LlamaForCausalLM, _features)
+# Its features are Mistral's: the merged layout is a loader matter.
+FAMILY = Family("Phi3ForCausalLM", LlamaForCausalLM, windowed_llama_features)
