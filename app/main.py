@@ -39,6 +39,7 @@ from app.api.state import Limits, ModelInfo, ServerState, Serving
 from app.config import Settings
 from app.logging_setup import configure_logging
 from app.metrics import Metrics
+from app.structured import ConstraintCompiler, grammar_tokenizer
 from app.tokenizer import Tokenizer
 
 logger = logging.getLogger("lamina")
@@ -61,6 +62,8 @@ class LoadedEngine:
     # Tokens one sequence can hold in the KV cache; requests are limited to the smaller
     # of this and the engine's max_model_len, so a request that cannot fit is a 400.
     max_tokens_in_cache: int | None = None
+    # Compiles `response_format` grammars; None: the engine cannot apply them (a 400).
+    constraints: ConstraintCompiler | None = None
 
 
 EngineLoader = Callable[[Settings], LoadedEngine]  # blocking: runs in a worker thread
@@ -81,12 +84,16 @@ def load_engine(settings: Settings) -> LoadedEngine:
         runner.warmup()
     runner.log_memory()
     engine = Engine(runner, Tokenizer(settings.model), settings)
+    # Masks as wide as the logits; EOS (the lowest id if several) where the grammar accepts.
+    eos = min(http_tokenizer.eos_token_ids)
+    compiler = ConstraintCompiler(grammar_tokenizer(settings.model, runner.config.vocab_size, eos))
     return LoadedEngine(
         engine=engine,
         tokenizer=http_tokenizer,
         device=_describe(getattr(runner, "device", None)),
         dtype=_describe(getattr(runner, "dtype", None)),
         max_tokens_in_cache=runner.num_blocks * runner.block_size,
+        constraints=compiler,
     )
 
 
@@ -185,6 +192,7 @@ async def _bring_up(
         ),
         limits=Limits(settings, max_model_len, loaded.tokenizer.vocab_size),
         keepalive_interval_s=settings.keepalive_interval_s,
+        constraints=loaded.constraints,
     )
     if freeze_heap:
         _freeze_heap()
@@ -210,6 +218,8 @@ def _make_lifespan(
                 await bring_up
             if state.serving is not None:
                 await asyncio.to_thread(state.serving.engine.shutdown)
+                if state.serving.constraints is not None:
+                    state.serving.constraints.close()
 
     return lifespan
 

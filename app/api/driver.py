@@ -123,6 +123,10 @@ class Dialect:
         """The end-user id the body names, for the access line (OpenAI's `user`)."""
         return None
 
+    async def compile_constraints(self, serving: Serving) -> None:
+        """The async part of parsing: compile what the request asks the output to match
+        into its params (a 4xx if it cannot be), before any engine request opens."""
+
     @property
     def num_choices(self) -> int:
         return len(self.prompts) * self.n
@@ -154,6 +158,7 @@ async def drive(call: Call, dialect_type: type[Dialect], body: Any, stream: bool
     record, serving = call.record, call.serving
     record.note_user(dialect_type.user(body))  # first: a request refused below still logs it
     dialect = dialect_type.parse(body, serving, record.request_id, stream)
+    await dialect.compile_constraints(serving)
     run = Run(serving.engine, dialect, record, call.ticket, call.deadline, serving.runs)
     if dialect.stream:
         tgi_errors = facts_for(call.request.url.path).tgi_errors

@@ -20,6 +20,7 @@ from app.api.engine_client import EngineClient
 from app.api.errors import APIError, service_unavailable
 from app.api.request_record import RequestRecord
 from app.config import Settings
+from app.structured import ConstraintCompiler
 from app.tokenizer import Tokenizer
 
 
@@ -107,6 +108,9 @@ class Serving:
     limits: Limits
     keepalive_interval_s: float
     runs: set[Stoppable] = field(default_factory=set)  # generation requests running now
+    # Compiles `response_format` grammars for the model's tokenizer (thread-safe, cached);
+    # None when the engine cannot apply constraints: such requests are then a 400.
+    constraints: ConstraintCompiler | None = None
 
 
 @dataclass

@@ -23,6 +23,7 @@ from fastapi import FastAPI
 
 from app.config import Settings
 from app.main import LoadedEngine, create_app
+from app.structured import ConstraintCompiler
 from app.tokenizer import Tokenizer
 from tests.api.fake_engine import FakeEngine
 from tests.server_process import ServerProcess, engine_available, free_port
@@ -44,8 +45,12 @@ def fake_settings(model_path: Path, **overrides: object) -> Settings:
     return Settings(**values)
 
 
-def fake_app_for(settings: Settings, engine: FakeEngine) -> FastAPI:
-    return create_app(settings, loader=lambda _s: LoadedEngine(engine, engine.tokenizer, "cpu"))
+def fake_app_for(
+    settings: Settings, engine: FakeEngine, constraints: ConstraintCompiler | None = None
+) -> FastAPI:
+    """The app over `engine`; `constraints` makes it compile `response_format` grammars."""
+    loaded = LoadedEngine(engine, engine.tokenizer, "cpu", constraints=constraints)
+    return create_app(settings, loader=lambda _s: loaded)
 
 
 async def wait_until_ready(app: FastAPI, timeout_s: float = 10.0) -> None:
@@ -65,9 +70,11 @@ class FakeApp:
 
 
 @contextlib.asynccontextmanager
-async def running_fake_app(settings: Settings, engine: FakeEngine) -> AsyncIterator[FakeApp]:
+async def running_fake_app(
+    settings: Settings, engine: FakeEngine, constraints: ConstraintCompiler | None = None
+) -> AsyncIterator[FakeApp]:
     """The app over `engine`, lifespan running and model 'loaded', with an AsyncClient."""
-    app = fake_app_for(settings, engine)
+    app = fake_app_for(settings, engine, constraints)
     async with app.router.lifespan_context(app):
         await wait_until_ready(app)
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)

@@ -122,7 +122,11 @@ async def test_unknown_and_ignorable_fields_are_accepted(fake_app: FakeApp) -> N
 
 UNIMPLEMENTED_REQUESTS = [
     ("/v1/chat/completions", "response_format", {"type": "json_object"}),
-    ("/v1/chat/completions", "response_format", {"type": "json_schema", "json_schema": {}}),
+    (
+        "/v1/chat/completions",
+        "response_format",
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+    ),
     ("/v1/completions", "response_format", {"type": "json_object"}),
     ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
     ("/v1/chat/completions", "tool_choice", "required"),
