@@ -1,6 +1,7 @@
-"""OpenAI `response_format` -> a compiled grammar constraint, before the engine sees it.
+"""OpenAI `response_format` (and vLLM's `guided_*`, `structured_outputs`) -> a compiled
+grammar constraint, before the engine sees it.
 
-Parsing is sync (`response_format_spec`, in the dialect's parse); compiling is async
+Parsing is sync (`request_constraint`, in the dialect's parse); compiling is async
 (`compile_constraint`: the server's ConstraintCompiler works in its own thread, cached by
 content hash), awaited before any engine request or stream opens, so a schema the
 grammar engine cannot compile is a 400 naming what is unsupported.
@@ -9,6 +10,7 @@ grammar engine cannot compile is a 400 naming what is unsupported.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from app.api.errors import APIError, invalid_request
@@ -45,21 +47,96 @@ def response_format_spec(extra_fields: Mapping[str, Any] | None) -> ConstraintSp
     )
 
 
+# vLLM's older field names, and the kind each one asks for
+GUIDED_FIELDS = {
+    "guided_json": "json_schema",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+# vLLM's `structured_outputs` keys, and the kind each one asks for
+STRUCTURED_OUTPUTS_KEYS = {
+    "json": "json_schema",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+}
+
+
+@dataclass(frozen=True)
+class RequestedConstraint:
+    """The one constraint a request asks for, and the field that asked (for errors)."""
+
+    spec: ConstraintSpec
+    param: str
+
+
+def request_constraint(extra_fields: Mapping[str, Any] | None) -> RequestedConstraint | None:
+    """The request's constraint from whichever field asks for one; a 400 if several do."""
+    extra = extra_fields or {}
+    found: list[RequestedConstraint] = []
+    spec = response_format_spec(extra)
+    if spec is not None:
+        found.append(RequestedConstraint(spec, PARAM))
+    for name, kind in GUIDED_FIELDS.items():
+        if extra.get(name) is not None:
+            found.append(RequestedConstraint(_spec(kind, extra[name], name), name))
+    if extra.get("structured_outputs") is not None:
+        found.append(structured_outputs_constraint(extra["structured_outputs"]))
+    if len(found) > 1:
+        names = ", ".join(f"`{c.param}`" for c in found)
+        raise invalid_request(
+            f"{names} each ask for an output constraint; send at most one", param=found[1].param
+        )
+    return found[0] if found else None
+
+
+def structured_outputs_constraint(value: Any) -> RequestedConstraint:
+    """vLLM's `structured_outputs`: exactly one of json, regex, choice, grammar."""
+    param = "structured_outputs"
+    if not isinstance(value, dict):
+        raise invalid_request(f"`{param}` must be an object", param=param)
+    unknown = sorted(set(value) - set(STRUCTURED_OUTPUTS_KEYS))
+    if unknown:
+        raise invalid_request(
+            f"`{param}.{unknown[0]}` is not supported; supported: "
+            + ", ".join(STRUCTURED_OUTPUTS_KEYS),
+            param=param,
+            code="unsupported_field",
+        )
+    given = [key for key, item in value.items() if item is not None]
+    if len(given) != 1:
+        raise invalid_request(
+            f"`{param}` needs exactly one of " + ", ".join(STRUCTURED_OUTPUTS_KEYS), param=param
+        )
+    (key,) = given
+    return RequestedConstraint(_spec(STRUCTURED_OUTPUTS_KEYS[key], value[key], param), param)
+
+
+def _spec(kind: str, value: Any, param: str) -> ConstraintSpec:
+    if kind == "choice" and isinstance(value, list):
+        value = tuple(value)
+    if kind == "json_schema" and not isinstance(value, dict | bool | str):
+        raise invalid_request(f"`{param}` must be a JSON schema (an object)", param=param)
+    return ConstraintSpec(kind, value)
+
+
 async def compile_constraint(
-    spec: ConstraintSpec, compiler: ConstraintCompiler | None
+    requested: RequestedConstraint, compiler: ConstraintCompiler | None
 ) -> CompiledConstraint:
     """The compiled constraint, or a 400 saying why there is none (nothing has started)."""
+    param = requested.param
     if compiler is None:  # an engine without grammar support (the tests' fake engine)
         raise invalid_request(
-            f"`{PARAM}` is not supported: this server's engine cannot constrain its output",
-            param=PARAM,
+            f"`{param}` is not supported: this server's engine cannot constrain its output",
+            param=param,
             code="unsupported_field",
         )
     try:
-        return await compiler.compile(spec)
+        return await compiler.compile(requested.spec)
     except ConstraintError as exc:
-        raise constraint_refused(exc) from None
+        raise constraint_refused(exc, param) from None
 
 
-def constraint_refused(exc: ConstraintError) -> APIError:
-    return invalid_request(f"`{PARAM}` cannot be enforced: {exc}", param=PARAM)
+def constraint_refused(exc: ConstraintError, param: str = PARAM) -> APIError:
+    return invalid_request(f"`{param}` cannot be enforced: {exc}", param=param)

@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
-from app.api.constraints import compile_constraint, response_format_spec
+from app.api.constraints import RequestedConstraint, compile_constraint, request_constraint
 from app.api.driver import ChoiceResult, Dialect
 from app.api.params import chat_inputs, check_model, completion_inputs
 from app.api.prompts import completion_prompts
@@ -41,7 +41,6 @@ from app.api.schemas import (
 from app.api.sse import DONE, TextFrames, finite, sse_event
 from app.api.state import Serving
 from app.core import FinishReason, SamplingParams, TokenDelta, TokenLogprob
-from app.structured import ConstraintSpec
 
 
 def finish_name(reason: FinishReason | None) -> FinishReasonName | None:
@@ -115,19 +114,19 @@ class OpenAIDialect(Dialect):
         check_model(body.model, serving.model.name)
         prompts, params, n = cls.inputs(body, serving.limits, serving.tokenizer)
         dialect = cls(request_id, prompts, params, n, stream, body=body, serving=serving)
-        dialect.constraint_spec = response_format_spec(body.model_extra)
+        dialect.constraint = request_constraint(body.model_extra)
         return dialect
 
     async def compile_constraints(self, serving: Serving) -> None:
-        if self.constraint_spec is None:
+        if self.constraint is None:
             return
-        compiled = await compile_constraint(self.constraint_spec, serving.constraints)
+        compiled = await compile_constraint(self.constraint, serving.constraints)
         self.params = [dataclasses.replace(p, constraint=compiled) for p in self.params]
 
     def __init__(self, *args: Any, body: Any, serving: Serving) -> None:
         super().__init__(*args)
         self.model = serving.model.name
-        self.constraint_spec: ConstraintSpec | None = None  # response_format's, if any
+        self.constraint: RequestedConstraint | None = None  # what the body asks, if anything
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.want_logprobs = self.params[0].logprobs is not None
         self.token_bytes = serving.tokenizer.token_bytes

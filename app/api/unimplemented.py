@@ -2,7 +2,8 @@
 
 A client that asks for a JSON schema or a tool call and gets free text fails far from
 the cause, so such a field is a 400 naming it, unless its value asks for what lamina
-does anyway (`tool_choice: "none"`). `response_format` is implemented (constraints.py).
+does anyway (`tool_choice: "none"`). `response_format`, `guided_*`
+and `structured_outputs` are implemented (constraints.py).
 Fields accepted and knowingly ignored are listed too; anything else unknown (a vendor
 extension) is ignored and logged at debug level (schemas.LaminaRequest).
 """
@@ -14,7 +15,6 @@ from typing import Any
 
 from app.api.errors import invalid_request
 
-_STRUCTURED = "vLLM's structured-output fields are not available yet; use `response_format`"
 _TOOLS = "tool calling is not available on this server yet"
 
 
@@ -24,11 +24,6 @@ def _never(_value: Any) -> bool:
 
 # field -> (is this value what lamina does anyway?, why the field is refused)
 NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "structured_outputs": (_never, _STRUCTURED),  # vLLM's names, for clients written for it
-    "guided_json": (_never, _STRUCTURED),
-    "guided_regex": (_never, _STRUCTURED),
-    "guided_choice": (_never, _STRUCTURED),
-    "guided_grammar": (_never, _STRUCTURED),
     "tools": (lambda value: value == [], _TOOLS),
     "tool_choice": (lambda value: value == "none", _TOOLS),
     "functions": (lambda value: value == [], _TOOLS),

@@ -219,3 +219,73 @@ async def test_the_compiled_constraint_rides_in_every_prompts_params(
     assert len(params) == (1 if "chat" in path else 2)
     kinds = {p.constraint.kind if p.constraint is not None else None for p in params}
     assert kinds == {kind}
+
+
+VLLM_FIELDS = [
+    ({"guided_json": SCHEMAS["person"]}, "json_schema"),
+    ({"guided_regex": "[a-z]{1,8}"}, "regex"),
+    ({"guided_choice": ["yes", "no"]}, "choice"),
+    ({"guided_grammar": 'start: "a" | "b"'}, "grammar"),
+    ({"structured_outputs": {"json": SCHEMAS["person"]}}, "json_schema"),
+    ({"structured_outputs": {"regex": "[0-9]+"}}, "regex"),
+    ({"structured_outputs": {"choice": ["red", "blue"]}}, "choice"),
+    ({"structured_outputs": {"grammar": 'root ::= "x" | "y"'}}, "grammar"),
+]
+
+
+@pytest.mark.parametrize(("fields", "kind"), VLLM_FIELDS)
+async def test_vllm_constraint_fields_compile_into_the_params(
+    compiling_app: FakeApp, fields: dict, kind: str
+) -> None:
+    body = {"prompt": "Hi", "max_tokens": 2, **fields}
+    response = await compiling_app.client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    (request,) = compiling_app.engine.requests
+    assert request.params.constraint is not None and request.params.constraint.kind == kind
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "named"),
+    [
+        ({"guided_regex": "(?<=a)b"}, "guided_regex", "look-around"),
+        ({"guided_choice": []}, "guided_choice", "non-empty list"),
+        ({"guided_grammar": "start: nowhere"}, "guided_grammar", "nowhere"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "one of"),
+        ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs", "structural_tag"),
+        (
+            {"guided_regex": "a", "response_format": {"type": "json_object"}},
+            "guided_regex",
+            "at most one",
+        ),
+    ],
+)
+async def test_a_bad_vllm_constraint_is_a_400_before_the_engine(
+    compiling_app: FakeApp, fields: dict, param: str, named: str
+) -> None:
+    body = {"prompt": "Hi", "max_tokens": 2, **fields}
+    response = await compiling_app.client.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and named in error["message"], error
+    assert compiling_app.engine.requests == []
+
+
+@pytest.mark.system
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_vllm_regex_and_choice_on_the_real_server(client: OpenAI, stream: bool) -> None:
+    import re
+
+    def chat(extra: dict) -> tuple[str, str]:
+        request = {"model": MODEL, "messages": ASK, "max_tokens": 12, "extra_body": extra}
+        if not stream:
+            choice = client.chat.completions.create(**request).choices[0]
+            return choice.message.content, choice.finish_reason
+        chunks = [c for c in client.chat.completions.create(**request, stream=True) if c.choices]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        return text, chunks[-1].choices[0].finish_reason
+
+    text, finish = chat({"guided_choice": ["alpha", "beta", "gamma"], "seed": 1})
+    assert finish == "stop" and text in ("alpha", "beta", "gamma")
+    text, finish = chat({"structured_outputs": {"regex": "[A-Z][a-z]{2,5}"}, "seed": 1})
+    assert finish == "stop" and re.fullmatch("[A-Z][a-z]{2,5}", text), text
