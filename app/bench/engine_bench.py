@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from app.bench.closed_loop import closed_loop
 from app.bench.flops import FlopCounts, measure_matmul_peak
 from app.config import load_settings
 from app.core import SamplingParams
@@ -123,21 +124,7 @@ def run_lamina(
 ) -> tuple[int, float]:
     """Closed loop: keep `concurrency` requests in flight until all prompts are done."""
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    queue = list(enumerate(prompts))
-    in_flight, num_tokens = 0, 0
-    start = time.perf_counter()
-    while queue or core.has_unfinished():
-        while queue and in_flight < concurrency:
-            index, prompt = queue.pop(0)
-            core.add_request(f"bench-{concurrency}-{index}", prompt, params)
-            in_flight += 1
-        for delta in core.step():
-            if delta.error:
-                raise RuntimeError(delta.error)
-            num_tokens += len(delta.token_ids)
-            if delta.finished:
-                in_flight -= 1
-    return num_tokens, time.perf_counter() - start
+    return closed_loop(core, prompts, params, concurrency, "bench")
 
 
 def run_transformers(

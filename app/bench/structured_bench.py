@@ -16,6 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
+from app.bench.closed_loop import closed_loop
 from app.core import SamplingParams
 
 BUILTIN_SCHEMA = {
@@ -58,18 +59,8 @@ def time_compiles(grammar_tok, schema: dict, repeats: int = 5) -> tuple[float, f
 def run_level(core, prompt: list[int], params: SamplingParams, level: int, num: int) -> float:
     """Closed loop of `num` requests, `level` in flight: output tokens per second.
     The bench runs one request per stream (num = level)."""
-    queue, in_flight, tokens = list(range(num)), 0, 0
-    start = time.perf_counter()
-    while queue or core.has_unfinished():
-        while queue and in_flight < level:
-            core.add_request(f"structured-{level}-{queue.pop()}", prompt, params)
-            in_flight += 1
-        for delta in core.step():
-            if delta.error:
-                raise RuntimeError(delta.error)
-            tokens += len(delta.token_ids)
-            in_flight -= delta.finished
-    return tokens / (time.perf_counter() - start)
+    tokens, seconds = closed_loop(core, [prompt] * num, params, level, "structured")
+    return tokens / seconds
 
 
 def main(args, engine, tokenizer) -> int:

@@ -1,0 +1,29 @@
+"""The closed loop both engine benchmarks drive: a fixed number of requests in flight."""
+
+from __future__ import annotations
+
+import time
+
+from app.core import SamplingParams
+
+
+def closed_loop(
+    core, prompts: list[list[int]], params: SamplingParams, concurrency: int, tag: str
+) -> tuple[int, float]:
+    """Keep `concurrency` requests in flight until every prompt is done, stepping `core`
+    on this thread: (output tokens, seconds). Request ids are `{tag}-{concurrency}-{i}`."""
+    queue = list(enumerate(prompts))
+    in_flight, num_tokens = 0, 0
+    start = time.perf_counter()
+    while queue or core.has_unfinished():
+        while queue and in_flight < concurrency:
+            index, prompt = queue.pop(0)
+            core.add_request(f"{tag}-{concurrency}-{index}", prompt, params)
+            in_flight += 1
+        for delta in core.step():
+            if delta.error:
+                raise RuntimeError(delta.error)
+            num_tokens += len(delta.token_ids)
+            if delta.finished:
+                in_flight -= 1
+    return num_tokens, time.perf_counter() - start
