@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -46,6 +48,23 @@ async def open_idle(port: int) -> Closed:
     return Closed(time.monotonic() - start, data)
 
 
+async def drip_until_closed(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    drip: Coroutine[Any, Any, None],
+    start: float,
+) -> Closed:
+    """Run `drip` (a coroutine writing slowly) until the server closes the connection;
+    the time counts from `start`."""
+    dripping = asyncio.ensure_future(drip)
+    data = await read_to_eof(reader)
+    elapsed = time.monotonic() - start
+    dripping.cancel()
+    await asyncio.gather(dripping, return_exceptions=True)
+    writer.close()
+    return Closed(elapsed, data)
+
+
 async def slowloris(port: int, interval_s: float) -> Closed:
     """Send a request head one byte every `interval_s`, never finishing it."""
     start = time.monotonic()
@@ -58,13 +77,7 @@ async def slowloris(port: int, interval_s: float) -> Closed:
             await writer.drain()
             await asyncio.sleep(interval_s)
 
-    dripping = asyncio.ensure_future(drip())
-    data = await read_to_eof(reader)
-    elapsed = time.monotonic() - start
-    dripping.cancel()
-    await asyncio.gather(dripping, return_exceptions=True)
-    writer.close()
-    return Closed(elapsed, data)
+    return await drip_until_closed(reader, writer, drip(), start)
 
 
 async def slow_body(port: int, interval_s: float) -> Closed:
@@ -84,13 +97,7 @@ async def slow_body(port: int, interval_s: float) -> Closed:
             writer.write(b" ")
             await writer.drain()
 
-    dripping = asyncio.ensure_future(drip())
-    data = await read_to_eof(reader)
-    elapsed = time.monotonic() - start
-    dripping.cancel()
-    await asyncio.gather(dripping, return_exceptions=True)
-    writer.close()
-    return Closed(elapsed, data)
+    return await drip_until_closed(reader, writer, drip(), start)
 
 
 async def idle_after_request(port: int) -> Closed:
