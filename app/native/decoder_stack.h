@@ -39,32 +39,34 @@ typedef struct {
     float *work;              /* N * (hidden + q + 2 kv + q + 3 intermediate) floats */
 } step_desc;
 
-/* out = x / rms(x) * weight per row: sum of squares in 16 lanes (in order), then sum_lanes. */
+/* 1 / rms(row[0:H]) with eps: sum of squares in 16 lanes (in order), then sum_lanes, then
+ * the tail; every RMSNorm of the stack sums this way, so a row's bits never depend on
+ * which norm ran it. */
+static float inverse_rms(const float *row, long H, float eps) {
+    vecf squares = broadcast(0.0f);
+    long d = 0;
+    for (; d + LANES <= H; d += LANES) squares = squares + load(row + d) * load(row + d);
+    float sum = sum_lanes(squares);
+    for (; d < H; d++) sum += row[d] * row[d];
+    return 1.0f / sqrtf(sum / (float)H + eps);
+}
+
+/* out = x / rms(x) * weight per row. */
 static void rms_norm_rows(const float *x, const float *weight, float *out, long N, long H,
                           float eps) {
 #pragma omp for schedule(static)
     for (long t = 0; t < N; t++) {
         const float *row = x + t * H;
-        vecf squares = broadcast(0.0f);
-        long d = 0;
-        for (; d + LANES <= H; d += LANES) squares = squares + load(row + d) * load(row + d);
-        float sum = sum_lanes(squares);
-        for (; d < H; d++) sum += row[d] * row[d];
-        float inverse = 1.0f / sqrtf(sum / (float)H + eps);
-        for (d = 0; d < H; d++) out[t * H + d] = row[d] * inverse * weight[d];
+        float inverse = inverse_rms(row, H, eps);
+        for (long d = 0; d < H; d++) out[t * H + d] = row[d] * inverse * weight[d];
     }
 }
 
 /* x[0:D] = x / rms(x) * weight, in place: one head (Qwen3's q/k norms), summed as
  * rms_norm_rows sums a row. */
 static void rms_norm_head(float *x, const float *weight, long D, float eps) {
-    vecf squares = broadcast(0.0f);
-    long d = 0;
-    for (; d + LANES <= D; d += LANES) squares = squares + load(x + d) * load(x + d);
-    float sum = sum_lanes(squares);
-    for (; d < D; d++) sum += x[d] * x[d];
-    float inverse = 1.0f / sqrtf(sum / (float)D + eps);
-    for (d = 0; d < D; d++) x[d] = x[d] * inverse * weight[d];
+    float inverse = inverse_rms(x, D, eps);
+    for (long d = 0; d < D; d++) x[d] = x[d] * inverse * weight[d];
 }
 
 /* Normalize the q and k heads of each qkv row when the layer has q/k norms, rotate them
