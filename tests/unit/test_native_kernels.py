@@ -115,9 +115,9 @@ def int32(values):
     return torch.tensor(values, dtype=torch.int32)
 
 
-@pytest.mark.parametrize("head_dim", [64, 8, 24])
-def test_attention_matches_dense_causal_attention(kernels, head_dim):
-    length, first = 150, 120  # keys 0..149; queries at 120..149 (a chunk after a prefix)
+def chunk_after_prefix(length: int, first: int, head_dim: int):
+    """Keys 0..length-1 in 10 scattered blocks of the cache, and the queries of positions
+    first..length-1: (keys, values, key_cache, value_cache, block table, query)."""
     table = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(3))[:10].tolist()
     keys, values = (
         randn(length, KV_HEADS, head_dim, seed=4),
@@ -125,6 +125,13 @@ def test_attention_matches_dense_causal_attention(kernels, head_dim):
     )
     key_cache, value_cache = cache_with(keys, values, table, head_dim)
     query = randn(length - first, HEADS, head_dim, seed=6)
+    return keys, values, key_cache, value_cache, table, query
+
+
+@pytest.mark.parametrize("head_dim", [64, 8, 24])
+def test_attention_matches_dense_causal_attention(kernels, head_dim):
+    length, first = 150, 120  # keys 0..149; queries at 120..149 (a chunk after a prefix)
+    keys, values, key_cache, value_cache, table, query = chunk_after_prefix(length, first, head_dim)
     scale = head_dim**-0.5
     out = kernels.paged_attention(
         query, key_cache, value_cache, int32([table]), int32([0] * (length - first)),
@@ -507,13 +514,7 @@ def test_windowed_attention_matches_dense_windowed_attention(kernels, head_dim, 
     scattered blocks; the window is not a block multiple but for 16: whole blocks before
     the first visible key are skipped, the rest masked."""
     length, first = 150, 120
-    table = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(3))[:10].tolist()
-    keys, values = (
-        randn(length, KV_HEADS, head_dim, seed=4),
-        randn(length, KV_HEADS, head_dim, seed=5),
-    )
-    key_cache, value_cache = cache_with(keys, values, table, head_dim)
-    query = randn(length - first, HEADS, head_dim, seed=6)
+    keys, values, key_cache, value_cache, table, query = chunk_after_prefix(length, first, head_dim)
     scale = head_dim**-0.5
     expected = dense_windowed(query, keys, values, first, scale, window)
     chunk = kernels.paged_attention(
