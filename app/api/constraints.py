@@ -113,6 +113,35 @@ def structured_outputs_constraint(value: Any) -> RequestedConstraint:
     return RequestedConstraint(_spec(STRUCTURED_OUTPUTS_KEYS[key], value[key], param), param)
 
 
+TGI_GRAMMAR_PARAM = "parameters.grammar"
+
+
+def tgi_grammar_constraint(grammar: Any) -> RequestedConstraint | None:
+    """TGI's `parameters.grammar`: `{"type": "json", "value": schema}` (the schema may also
+    come as a JSON string; `json_object` is TGI's alias of `json`), `{"type": "regex",
+    "value": pattern}` or `{"type": "json_schema", "value": {"name", "schema"}}`."""
+    if grammar is None:
+        return None
+    kind, value = grammar.type, grammar.value
+    if kind == "regex":
+        if not isinstance(value, str):
+            raise invalid_request(
+                "`parameters.grammar.value` must be a regular expression (a string)",
+                param=TGI_GRAMMAR_PARAM,
+            )
+        return RequestedConstraint(ConstraintSpec("regex", value), TGI_GRAMMAR_PARAM)
+    if kind == "json_schema":
+        if not isinstance(value, dict) or not isinstance(value.get("schema"), dict | bool):
+            raise invalid_request(
+                '`parameters.grammar` of type "json_schema" needs `value.schema`, a JSON '
+                "schema object",
+                param=TGI_GRAMMAR_PARAM,
+            )
+        value = value["schema"]
+    spec = _spec("json_schema", value, TGI_GRAMMAR_PARAM)
+    return RequestedConstraint(spec, TGI_GRAMMAR_PARAM)
+
+
 def _spec(kind: str, value: Any, param: str) -> ConstraintSpec:
     if kind == "choice" and isinstance(value, list):
         value = tuple(value)

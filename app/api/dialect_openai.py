@@ -8,11 +8,10 @@ says only how its choices look, in chunks and in the final answer.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
-from app.api.constraints import RequestedConstraint, compile_constraint, request_constraint
+from app.api.constraints import request_constraint
 from app.api.driver import ChoiceResult, Dialect
 from app.api.params import chat_inputs, check_model, completion_inputs
 from app.api.prompts import completion_prompts
@@ -117,16 +116,9 @@ class OpenAIDialect(Dialect):
         dialect.constraint = request_constraint(body.model_extra)
         return dialect
 
-    async def compile_constraints(self, serving: Serving) -> None:
-        if self.constraint is None:
-            return
-        compiled = await compile_constraint(self.constraint, serving.constraints)
-        self.params = [dataclasses.replace(p, constraint=compiled) for p in self.params]
-
     def __init__(self, *args: Any, body: Any, serving: Serving) -> None:
         super().__init__(*args)
         self.model = serving.model.name
-        self.constraint: RequestedConstraint | None = None  # what the body asks, if anything
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.want_logprobs = self.params[0].logprobs is not None
         self.token_bytes = serving.tokenizer.token_bytes

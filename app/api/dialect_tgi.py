@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from app.api.constraints import tgi_grammar_constraint
 from app.api.driver import ChoiceResult, Dialect
 from app.api.params import tgi_inputs
 from app.api.request_record import Usage
@@ -65,7 +66,7 @@ class TGIDialect(Dialect):
     ) -> TGIDialect:
         prompt, params = tgi_inputs(body, serving.limits, serving.tokenizer)
         parameters = body.parameters
-        return cls(
+        dialect = cls(
             request_id,
             prompt,
             params,
@@ -75,6 +76,8 @@ class TGIDialect(Dialect):
             want_details=bool(parameters.details),
             num_top_tokens=parameters.top_n_tokens or 0,
         )
+        dialect.constraint = tgi_grammar_constraint(parameters.grammar)
+        return dialect
 
     def __init__(
         self,

@@ -23,13 +23,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeVar
 
 import anyio
 from fastapi import Request
 
 from app.api.admission import Ticket
+from app.api.constraints import RequestedConstraint, compile_constraint
 from app.api.deadline import Deadline, deadline_exceeded
 from app.api.engine_client import EngineClient, EngineDeadError
 from app.api.errors import APIError, ClientDisconnected, server_error, service_unavailable
@@ -112,6 +113,7 @@ class Dialect:
         self.n = n  # choices per prompt
         self.stream = stream
         self.created = int(time.time())
+        self.constraint: RequestedConstraint | None = None  # what the body asks the output to match
 
     @classmethod
     def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> Dialect:
@@ -125,7 +127,12 @@ class Dialect:
 
     async def compile_constraints(self, serving: Serving) -> None:
         """The async part of parsing: compile what the request asks the output to match
-        into its params (a 4xx if it cannot be), before any engine request opens."""
+        (`self.constraint`, set by `parse`) into its params (a 4xx if it cannot be),
+        before any engine request opens."""
+        if self.constraint is None:
+            return
+        compiled = await compile_constraint(self.constraint, serving.constraints)
+        self.params = [replace(p, constraint=compiled) for p in self.params]
 
     @property
     def num_choices(self) -> int:

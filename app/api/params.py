@@ -285,8 +285,6 @@ def _reject_unsupported(parameters: GenerateParameters) -> None:
         reject("watermark", "must be false: watermarking is not supported")
     if parameters.typical_p is not None and parameters.typical_p != 1.0:
         reject("typical_p", f"is not supported (got {parameters.typical_p})")
-    if parameters.grammar is not None:
-        reject("grammar", "is not supported: constrained decoding is not available")
     if parameters.adapter_id:
         reject("adapter_id", "is not supported: this server has no adapters")
     if parameters.decoder_input_details:

@@ -11,6 +11,16 @@ from app.api.schemas import INT64_MAX, LaminaRequest
 TGIFinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
+class TGIGrammar(LaminaRequest):
+    """TGI's `parameters.grammar`: what the generated text must match."""
+
+    type: Literal["json", "json_object", "regex", "json_schema"] = Field(
+        description="json / json_object: `value` is a JSON schema (object or JSON string); "
+        "regex: a regular expression; json_schema: `{name, schema}`"
+    )
+    value: Any = Field(description="The schema or the pattern")
+
+
 class GenerateParameters(LaminaRequest):
     """TGI's `parameters`; null means the default. Sampling is on when `do_sample` is true
     or any of temperature, top_k, top_p is set; otherwise decoding is greedy."""
@@ -46,7 +56,9 @@ class GenerateParameters(LaminaRequest):
     best_of: StrictInt | None = Field(default=None, ge=1, description="Not supported above 1")
     typical_p: StrictFloat | None = Field(default=None, description="Not supported")
     watermark: StrictBool | None = Field(default=None, description="Not supported (must be false)")
-    grammar: Any | None = Field(default=None, description="Not supported")
+    grammar: TGIGrammar | None = Field(
+        default=None, description="Constrain the output to a JSON schema or a regex"
+    )
     adapter_id: str | None = Field(default=None, description="Not supported")
 
     @field_validator("stop", mode="before")

@@ -23,7 +23,7 @@ from fastapi import FastAPI
 
 from app.config import Settings
 from app.main import LoadedEngine, create_app
-from app.structured import ConstraintCompiler
+from app.structured import ConstraintCompiler, grammar_tokenizer
 from app.tokenizer import Tokenizer
 from tests.api.fake_engine import FakeEngine
 from tests.server_process import ServerProcess, engine_available, free_port
@@ -160,3 +160,21 @@ def live_server(request: pytest.FixtureRequest) -> LiveServer:
     """Each test using it runs twice: on the fake engine, then on the real server."""
     name = "threaded_fake_server" if request.param == "fake" else "api_server"
     return request.getfixturevalue(name)
+
+
+@pytest.fixture(scope="session")
+def grammar_tok(default_model_path: Path):
+    tokenizer = Tokenizer(default_model_path)
+    return grammar_tokenizer(default_model_path, tokenizer.vocab_size, min(tokenizer.eos_token_ids))
+
+
+@pytest.fixture
+async def compiling_app(
+    default_model_path: Path, http_tokenizer: Tokenizer, grammar_tok
+) -> AsyncIterator[FakeApp]:
+    """The fake engine behind a server that compiles constraints (the app closes the
+    compiler at shutdown, so each test gets its own; the tokenizer is shared)."""
+    settings = fake_settings(default_model_path)
+    engine = FakeEngine(http_tokenizer)
+    async with running_fake_app(settings, engine, ConstraintCompiler(grammar_tok)) as app:
+        yield app

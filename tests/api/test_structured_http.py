@@ -9,18 +9,13 @@ compile is a 400 naming what is unsupported, and nothing reaches the engine.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import jsonschema
 import pytest
 from openai import OpenAI
 from pydantic import BaseModel, Field
 
-from app.structured import ConstraintCompiler, grammar_tokenizer
-from app.tokenizer import Tokenizer
-from tests.api.conftest import FakeApp, LiveServer, fake_settings, running_fake_app
-from tests.api.fake_engine import FakeEngine
+from tests.api.conftest import FakeApp, LiveServer
 from tests.engine.structured_schemas import SCHEMAS
 
 pytestmark = pytest.mark.anyio
@@ -135,24 +130,6 @@ class TestRealServer:
 
 
 # --- the fake engine with the real compiler: what reaches the engine -------------------
-
-
-@pytest.fixture(scope="module")
-def grammar_tok(default_model_path: Path):
-    tokenizer = Tokenizer(default_model_path)
-    return grammar_tokenizer(default_model_path, tokenizer.vocab_size, min(tokenizer.eos_token_ids))
-
-
-@pytest.fixture
-async def compiling_app(
-    default_model_path: Path, http_tokenizer: Tokenizer, grammar_tok
-) -> AsyncIterator[FakeApp]:
-    """The fake engine behind a server that compiles constraints (the app closes the
-    compiler at shutdown, so each test gets its own; the tokenizer is shared)."""
-    settings = fake_settings(default_model_path)
-    engine = FakeEngine(http_tokenizer)
-    async with running_fake_app(settings, engine, ConstraintCompiler(grammar_tok)) as app:
-        yield app
 
 
 def chat_body(response_format: object, **extra: object) -> dict:
