@@ -8,6 +8,8 @@ JSON and a PNG plot. `--spawn` starts lamina itself; `--baseline transformers` a
 starts a static-batching transformers server and measures it in the same run.
 `--spawn-variant NAME:VAR=VALUE` (repeated) starts one lamina server per setting and runs
 every level on each in turn: two settings compared in one run (e.g. fp32 and bf16 weights).
+`--structured [SCHEMA.json]` runs every level twice on each server, free and constrained
+to a JSON schema (app/bench/serve_structured.py), and times the schema's compile.
 
 `--long-prompt-len L` adds, at every level, open-loop arrivals of long-prompt requests
 (`--long-prompt-rate` per second, `--long-output-len` tokens each) while the closed-loop
@@ -22,7 +24,7 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
@@ -57,6 +59,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "fp32:LAMINA_WEIGHT_DTYPE=float32) and run each level on every server in turn, "
         "so their figures come from the same minutes of a shared machine (repeatable)",
     )
+    parser.add_argument(
+        "--structured",
+        nargs="?",
+        const="builtin",
+        metavar="SCHEMA.json",
+        help="also run each level constrained to this JSON schema (an array of such objects, "
+        "longer than --output-len), interleaved with the free run; without a file, a "
+        "built-in event schema",
+    )
     parser.add_argument("--baseline", choices=["none", "transformers"], default="none")
     parser.add_argument("--out", type=Path, default=Path("bench_results"))
     parser.add_argument("--timeout-s", type=float, default=600.0)
@@ -77,6 +88,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 class ServerRun:
     name: str
     levels: list[LevelSummary]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One series of the sweep: a server, and what its requests add to the plain body."""
+
+    name: str
+    url: str
+    body_extra: dict = field(default_factory=dict)
+    seed_offset: int = 0  # its own prompts, so no series reads another's prefix cache
 
 
 def seeded_prompts(num: int, length: int, seed: int, vocab_size: int = 49152) -> list[list[int]]:
@@ -133,14 +154,19 @@ def _start_long_prompts(client, url, model, concurrency, args, stop, records):
 
 
 async def run_level(
-    base_url: str, model: str, concurrency: int, args: argparse.Namespace
+    base_url: str,
+    model: str,
+    concurrency: int,
+    args: argparse.Namespace,
+    body_extra: dict | None = None,
+    seed_offset: int = 0,
 ) -> LevelSummary:
     """Run one concurrency level: `concurrency` clients, each sending its share in turn."""
     from tqdm import tqdm
 
     total = concurrency * args.requests_per_client
-    prompts = seeded_prompts(total, args.prompt_len, args.seed + concurrency)
-    bodies = [completion_body(model, p, args.output_len) for p in prompts]
+    prompts = seeded_prompts(total, args.prompt_len, args.seed + seed_offset + concurrency)
+    bodies = [{**completion_body(model, p, args.output_len), **(body_extra or {})} for p in prompts]
     records: list[RequestRecord] = []
     longs: list[RequestRecord] = []  # --long-prompt-len requests
     long_len = getattr(args, "long_prompt_len", 0)
@@ -171,28 +197,47 @@ async def _first_model(base_url: str) -> str:
         return response.json()["data"][0]["id"]
 
 
-async def sweep(name: str, base_url: str, args: argparse.Namespace) -> ServerRun:
-    (run,) = await sweep_interleaved({name: base_url}, args)
-    return run
+async def sweep(name: str, base_url: str, args: argparse.Namespace) -> list[ServerRun]:
+    return await sweep_interleaved({name: base_url}, args)
+
+
+def targets_of(urls: dict[str, str], args: argparse.Namespace) -> list[Target]:
+    """One series per server; with --structured, a free and a constrained one each."""
+    if not getattr(args, "structured", None):
+        return [Target(name, url) for name, url in urls.items()]
+    from app.bench.serve_structured import structured_targets
+
+    return [t for name, url in urls.items() for t in structured_targets(name, url, args)]
 
 
 async def sweep_interleaved(urls: dict[str, str], args: argparse.Namespace) -> list[ServerRun]:
-    """Every level on each server (name -> base URL) in turn, the same prompts for all."""
-    models = {name: args.model or await _first_model(url) for name, url in urls.items()}
+    """Every level on each series (see targets_of) in turn, the same prompt lengths for all."""
+    targets = targets_of(urls, args)
+    models = {t.url: args.model or await _first_model(t.url) for t in targets}
     levels = [int(c) for c in args.concurrency.split(",")]
-    # One short request first, so no level pays for a cold start. Its own seed: a prompt
-    # of level 1 must not find itself in the server's prefix cache.
+    # One short request first, so no level pays for a cold start (a constrained one also
+    # compiles its schema). Its own seed: a prompt of level 1 must not find itself in
+    # the server's prefix cache.
     warmup = {"output_len": 4, "requests_per_client": 1, "long_prompt_len": 0, "seed": -1}
-    for name, url in urls.items():
-        await run_level(url, models[name], 1, argparse.Namespace(**{**vars(args), **warmup}))
-    runs = {name: ServerRun(name, []) for name in urls}
+    for target in targets:
+        warm_args = argparse.Namespace(**{**vars(args), **warmup})
+        await run_level(target.url, models[target.url], 1, warm_args, target.body_extra)
+    runs = {target.name: ServerRun(target.name, []) for target in targets}
     for level in levels:
-        for name, url in urls.items():
-            summary = await run_level(url, models[name], level, args)
-            print(f"{name:>12} {summary.table_row()}", flush=True)
+        for target in targets:
+            model = models[target.url]
+            summary = await run_level(
+                target.url, model, level, args, target.body_extra, target.seed_offset
+            )
+            print(f"{target.name:>12} {summary.table_row()}", flush=True)
             if summary.num_long_requests:
                 print(f"{'':>12} {summary.long_prompts_row()}", flush=True)
-            runs[name].levels.append(summary)
+            runs[target.name].levels.append(summary)
+    if getattr(args, "structured", None):
+        from app.bench.serve_structured import print_compile_times
+
+        for name, url in urls.items():
+            await print_compile_times(name, url, models[url], args)
     return list(runs.values())
 
 
@@ -219,18 +264,20 @@ def main(argv: list[str] | None = None) -> int:
     from app.bench.serve_report import write_plot, write_table
 
     args = parse_args(argv or [])
+    if args.structured and args.baseline != "none":
+        raise SystemExit("--structured: the transformers baseline has no response_format")
     runs: list[ServerRun] = []
     print(f"{'server':>12} {LevelSummary.table_header()}", flush=True)
     if args.spawn_variant:
         runs.extend(run_variants(args))
     elif args.spawn:
         with spawned_server("lamina") as url:
-            runs.append(asyncio.run(sweep("lamina", url, args)))
+            runs.extend(asyncio.run(sweep("lamina", url, args)))
     else:
-        runs.append(asyncio.run(sweep("target", args.url.rstrip("/"), args)))
+        runs.extend(asyncio.run(sweep("target", args.url.rstrip("/"), args)))
     if args.baseline == "transformers":
         with spawned_server("transformers") as url:
-            runs.append(asyncio.run(sweep("transformers", url, args)))
+            runs.extend(asyncio.run(sweep("transformers", url, args)))
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {
         "workload": {k: v for k, v in vars(args).items() if k != "out"},
