@@ -1,6 +1,7 @@
 """Thirty JSON schemas through the official `openai` client on the real server, all at
 once: every output validates, greedy and sampled, streaming and not; and a constrained
-request gives the same text alone as among the other 59 (batch invariance through HTTP).
+request gives the same text alone as among 67 others, constrained or not (batch
+invariance through HTTP).
 
 The 135M model is weak: the grammar does the work. The engine-level twin of this test
 is tests/engine/test_structured_engine.py.
@@ -56,8 +57,20 @@ async def answer(client: AsyncOpenAI, body: dict) -> tuple[str, str]:
     return text, finish
 
 
+def free_request(index: int) -> dict:
+    ask = f"Tell me about the number {index}."
+    return {
+        "model": "tgi",
+        "messages": [{"role": "user", "content": ask}],
+        "max_tokens": 24,
+        "stream": index % 2 == 0,
+        "temperature": 0,
+    }
+
+
 def test_thirty_schemas_validate_and_batching_changes_nothing(api_server: LiveServer) -> None:
-    # 60 requests: each schema greedy and seeded-sampled, half of them streamed
+    # 60 constrained requests: each schema greedy and seeded-sampled, half of them
+    # streamed; and 8 free ones in the same crowd
     bodies = {
         (name, sampled): request(name, sampled, stream=(index + sampled) % 2 == 0)
         for index, name in enumerate(SCHEMAS)
@@ -69,14 +82,16 @@ def test_thirty_schemas_validate_and_batching_changes_nothing(api_server: LiveSe
         client = AsyncOpenAI(base_url=api_server.url + "/v1", api_key="-", timeout=300)
         async with client:
             alone = [await answer(client, bodies[key]) for key in watched]
-            together = await asyncio.gather(*(answer(client, b) for b in bodies.values()))
+            crowd = [*bodies.values(), *(free_request(i) for i in range(8))]
+            together = await asyncio.gather(*(answer(client, b) for b in crowd))
         return alone, list(together)
 
     alone, together = asyncio.run(run())
     assert len(SCHEMAS) >= 30
-    results = dict(zip(bodies, together))
+    results = dict(zip(bodies, together))  # the constrained ones; the free ones follow
+    assert all(finish in ("stop", "length") for _, finish in together[len(bodies) :])
     for (name, sampled), (text, finish) in results.items():
         assert finish == "stop", (name, sampled, text)
         jsonschema.validate(json.loads(text), SCHEMAS[name])
     for key, lone in zip(watched, alone):
-        assert results[key] == lone, f"{key} changed among 59 others"
+        assert results[key] == lone, f"{key} changed among 67 others"
