@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app.weights import default_model_dir
+from app.weights_source import parse_model_spec, resolve_model_folder
 
 ENV_PREFIX = "LAMINA_"
 
@@ -25,10 +26,13 @@ class Settings(BaseModel):
     # --- model -----------------------------------------------------------------
     model: Path = Field(
         default_factory=default_model_dir,
-        description="local Hugging Face model folder (safetensors, tokenizer, config.json)",
+        description="a local Hugging Face model folder (safetensors, tokenizer, config.json), "
+        "a `.gguf` file, or a hub id `org/name[@revision]` (see Models)",
     )
     served_model_name: str | None = Field(
-        default=None, description="the model's id in the API; unset: the folder's name"
+        default=None,
+        description="the model's id in the API; unset: the folder's name, the .gguf file's "
+        "stem or the hub id",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="`auto`: CUDA when torch sees a GPU, else the CPU"
@@ -229,7 +233,14 @@ class Settings(BaseModel):
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model.name
+        return self.served_model_name or parse_model_spec(self.model).served_name
+
+    def with_model_folder(self) -> Settings:
+        """These settings with `model` resolved to a local folder (blocking: may download
+        or read a GGUF's metadata; ModelSourceError if it cannot) and the served name
+        kept."""
+        folder = resolve_model_folder(self.model)
+        return self.model_copy(update={"model": folder, "served_model_name": self.model_name})
 
 
 def _env_values(environ: dict[str, str]) -> dict[str, str]:

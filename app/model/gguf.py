@@ -1,0 +1,235 @@
+"""Read a GGUF file (llama.cpp's format) as a Hugging Face checkpoint: its metadata as a
+config.json dict, its tensors dequantized and renamed to transformers' names.
+
+Everything is checked before a tensor is read (architecture, quant types, tensor
+names, rope scaling), so a file lamina cannot use is refused with one line naming the
+file and the field, never half-loaded. The tensor-name table and the q/k permutation
+follow transformers' GGUF loader (modeling_gguf_pytorch_utils.py), itself the inverse
+of llama.cpp's convert_hf_to_gguf.py.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.model.config import ModelLoadError
+
+# GGUF `general.architecture` -> the transformers class lamina runs it with. llama.cpp
+# stores Mistral (without a sliding window) as `llama`.
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# llama.cpp interleaves the rotary halves of q and k for these (convert_hf_to_gguf.py's
+# LlamaModel.permute); they are put back in transformers' order here.
+_PERMUTED_QK = {"llama"}
+
+_TOP_LEVEL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_PARTS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def open_gguf(path: Path):
+    """A GGUFReader over `path` (memory-mapped); ModelLoadError if it cannot be parsed."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:  # pragma: no cover - a dependency of lamina
+        raise ModelLoadError("serving a .gguf file needs the `gguf` package") from None
+    try:
+        return GGUFReader(path)
+    except (ValueError, KeyError, IndexError, OSError) as exc:
+        # An unknown tensor type id fails here (GGMLQuantizationType(n)).
+        raise ModelLoadError(
+            f"{path}: not a GGUF file this `gguf` package can read ({exc}); lamina reads "
+            f"the quant types {', '.join(dequantizable_types())}"
+        ) from None
+
+
+def dequantizable_types() -> list[str]:
+    """The tensor types the installed `gguf` package turns back into floats."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import _type_traits  # the types with a dequantize implementation
+
+    names = {"F32", "F16"} | {qtype.name for qtype in _type_traits}
+    return [t.name for t in GGMLQuantizationType if t.name in names]
+
+
+def _value(reader, key: str, path: Path, default: Any = ...) -> Any:
+    field = reader.get_field(key)
+    if field is None:
+        if default is ...:
+            raise ModelLoadError(f"{path}: metadata field {key!r} is missing")
+        return default
+    return field.contents()
+
+
+def gguf_architecture(reader, path: Path) -> str:
+    """`general.architecture`, refused unless lamina runs it."""
+    arch = _value(reader, "general.architecture", path)
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(
+            f"{path}: general.architecture {arch!r} is not one lamina runs from GGUF "
+            f"(it runs {', '.join(GGUF_ARCHITECTURES)}); convert the model to a Hugging Face "
+            "folder (safetensors) to serve another family"
+        )
+    return arch
+
+
+def gguf_config(reader, path: Path) -> dict[str, Any]:
+    """The config.json transformers would write for this file, after every check."""
+    arch = gguf_architecture(reader, path)
+    check_tensors(reader, path)
+
+    def meta(key: str, default: Any = ...) -> Any:
+        return _value(reader, f"{arch}.{key}", path, default)
+
+    num_heads = int(meta("attention.head_count"))
+    num_kv_heads = meta("attention.head_count_kv", num_heads)
+    if isinstance(num_kv_heads, list):
+        raise ModelLoadError(f"{path}: {arch}.attention.head_count_kv differs per layer")
+    hidden_size = int(meta("embedding_length"))
+    names = {t.name: t for t in reader.tensors}
+    embedding = names["token_embd.weight"]
+    return {
+        "architectures": [GGUF_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": int(embedding.shape[1]),  # ggml order: [hidden, vocab]
+        "hidden_size": hidden_size,
+        "intermediate_size": int(meta("feed_forward_length")),
+        "num_hidden_layers": int(meta("block_count")),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": int(num_kv_heads),
+        "head_dim": int(meta("attention.key_length", hidden_size // num_heads)),
+        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon")),
+        "max_position_embeddings": int(meta("context_length")),
+        "rope_theta": float(meta("rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(reader, arch, path),
+        # No output tensor: the head is the embedding (llama.cpp drops the copy).
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": _value(reader, "tokenizer.ggml.bos_token_id", path, None),
+        "eos_token_id": _value(reader, "tokenizer.ggml.eos_token_id", path, None),
+    }
+
+
+def _rope_scaling(reader, arch: str, path: Path) -> dict[str, Any] | None:
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ModelLoadError(
+            f"{path}: tensor 'rope_freqs.weight' (Llama 3.1-style rope scaling stored as "
+            "frequencies) is not read from GGUF yet; serve the Hugging Face folder instead"
+        )
+    kind = _value(reader, f"{arch}.rope.scaling.type", path, "none")
+    if kind == "none":
+        return None
+    factor = float(_value(reader, f"{arch}.rope.scaling.factor", path))
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        original = _value(reader, f"{arch}.rope.scaling.original_context_length", path)
+        return {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+    raise ModelLoadError(
+        f"{path}: {arch}.rope.scaling.type {kind!r} is not supported (lamina reads none, "
+        "linear and yarn from GGUF)"
+    )
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """'blk.3.ffn_up.weight' -> 'model.layers.3.mlp.up_proj.weight'; None if unknown."""
+    if gguf_name in _TOP_LEVEL:
+        return _TOP_LEVEL[gguf_name]
+    match = _LAYER_TENSOR.match(gguf_name)
+    if match is None or match.group(2) not in _LAYER_PARTS:
+        return None
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_LAYER_PARTS[part]}.{kind}"
+
+
+def check_tensors(reader, path: Path) -> None:
+    """Every tensor has a name lamina maps and a type it can dequantize."""
+    readable = set(dequantizable_types())
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":
+            continue  # refused, with its reason, by _rope_scaling
+        if tensor.tensor_type.name not in readable:
+            raise ModelLoadError(
+                f"{path}: tensor {tensor.name!r} has quant type {tensor.tensor_type.name}, "
+                f"which lamina cannot dequantize; it reads {', '.join(sorted(readable))}"
+            )
+        if hf_tensor_name(tensor.name) is None:
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} is not one lamina knows")
+    if "token_embd.weight" not in {t.name for t in reader.tensors}:
+        raise ModelLoadError(f"{path}: tensor 'token_embd.weight' is missing")
+
+
+def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k permutation: per head, [dim/2 pairs, 2] -> [2, dim/2]."""
+    # [num_heads * head_dim, in] -> [num_heads, head_dim/2, 2, in] -> swap -> back
+    half = weight.shape[0] // num_heads // 2
+    grouped = weight.reshape(num_heads, half, 2, *weight.shape[1:])
+    return grouped.swapaxes(2, 1).reshape(weight.shape)
+
+
+def tensor_table(reader) -> list[dict[str, Any]]:
+    """Where each tensor lies in the file: name, type, ggml shape, byte offset and size.
+    Written beside the file's folder, it spares a load the slow parse of the metadata
+    (the vocabulary is ~100k small strings)."""
+    return [
+        {
+            "name": t.name,
+            "type": t.tensor_type.name,
+            "shape": [int(n) for n in t.shape.tolist()],
+            "offset": int(t.data_offset),
+            "num_bytes": int(t.n_bytes),
+        }
+        for t in reader.tensors
+    ]
+
+
+def iter_gguf_tensors(
+    path: Path, config: dict[str, Any], table: list[dict[str, Any]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers name, float32 tensor) for every tensor of `table` (tensor_table of
+    the file, already checked), one at a time, so only one dequantized tensor is held
+    beyond what the caller keeps."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quant_shape_to_byte_shape
+
+    # A plain ndarray view: gguf dequantizes in groups of rows, and every slice of a
+    # np.memmap pays for that subclass (a third of the time).
+    data = np.asarray(np.memmap(path, dtype=np.uint8, mode="r"))
+    permuted = config["model_type"] in _PERMUTED_QK
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    for entry in table:
+        qtype = GGMLQuantizationType[entry["type"]]
+        shape = tuple(reversed(entry["shape"]))  # ggml lists the fastest dimension first
+        raw = data[entry["offset"] : entry["offset"] + entry["num_bytes"]]
+        values = dequantize(raw.reshape(quant_shape_to_byte_shape(shape, qtype)), qtype)
+        values = values.reshape(shape)
+        part = entry["name"].split(".")[2] if entry["name"].startswith("blk.") else ""
+        if permuted and part in heads:
+            values = _unpermute(values, heads[part])
+        if not values.flags.writeable or not values.flags.c_contiguous:
+            values = np.ascontiguousarray(values).copy()  # off the read-only memory map
+        yield str(hf_tensor_name(entry["name"])), torch.from_numpy(values)

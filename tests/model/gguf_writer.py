@@ -1,0 +1,106 @@
+"""Write a Hugging Face folder (a tiny random model) as a GGUF file with the `gguf`
+package, the way llama.cpp's convert_hf_to_gguf.py does for these architectures: F32
+tensors under llama.cpp's names (the `gguf` package's own table, not lamina's), q/k
+permuted for `llama`, the head dropped when it is tied, the BPE tokenizer and chat
+template in `tokenizer.*` metadata. Only what the tests need; tests read it back with
+lamina and compare with the folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+GGUF_ARCH = {"llama": "LLAMA", "qwen2": "QWEN2", "qwen3": "QWEN3"}
+_CONTROL, _NORMAL = 3, 1  # llama.cpp token types
+
+
+def _llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute: rotary halves interleaved per head."""
+    return (
+        weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def write_gguf(folder: Path, out: Path, arch: str = "llama", num_tokens: int | None = None) -> Path:
+    """`folder`'s model as the GGUF file `out` (architecture `arch`); returns `out`.
+
+    num_tokens: keep only the tokenizer's first tokens (and the merges among them), for a
+    model with a vocabulary that small: reading a GGUF's metadata takes seconds per
+    100k tokens."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    writer = gguf.GGUFWriter(str(out), arch)
+    _write_config(writer, config)
+    _write_tokenizer(writer, folder, num_tokens)
+    names = gguf.get_tensor_name_map(
+        getattr(gguf.MODEL_ARCH, GGUF_ARCH[arch]), config["num_hidden_layers"]
+    )
+    num_heads = config["num_attention_heads"]
+    num_kv_heads = config.get("num_key_value_heads") or num_heads
+    for name, weight in sorted(load_file(str(folder / "model.safetensors")).items()):
+        if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert gguf_name is not None, name
+        weight = weight.astype(np.float32)
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = num_heads if "q_proj" in name else num_kv_heads
+            weight = _llama_cpp_permute(weight, heads)
+        writer.add_tensor(gguf_name, weight)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def _write_config(writer, config: dict) -> None:
+    num_heads = config["num_attention_heads"]
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(num_heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or num_heads)
+    head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    rope = config.get("rope_parameters") or {}
+    writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def _write_tokenizer(writer, folder: Path, num_tokens: int | None) -> None:
+    """tokenizer.json's byte-level BPE as llama.cpp's `gpt2` tokenizer metadata."""
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    vocab = dict(tokenizer["model"]["vocab"])
+    special = set()
+    for added in tokenizer.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+        if added["special"]:
+            special.add(added["id"])
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]]
+    if num_tokens is not None:
+        tokens = tokens[:num_tokens]
+        kept = set(tokens)
+        merges = [m for m in merges if set(m.split(" ")) | {m.replace(" ", "")} <= kept]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([_CONTROL if i in special else _NORMAL for i in range(len(tokens))])
+    writer.add_token_merges(merges)
+    path = folder / "generation_config.json"
+    generation = json.loads(path.read_text()) if path.is_file() else {}
+    writer.add_bos_token_id(generation.get("bos_token_id", 1))
+    writer.add_eos_token_id(generation.get("eos_token_id", 2))
+    writer.add_add_bos_token(False)
+    template = folder / "chat_template.jinja"
+    if template.is_file():
+        writer.add_chat_template(template.read_text())
