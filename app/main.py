@@ -77,9 +77,11 @@ def _describe(value: Any) -> str | None:
 def load_engine(settings: Settings) -> LoadedEngine:
     """Load weights, size the KV cache, warm up, build the engine (blocking, seconds)."""
     from app.engine.engine import Engine
+    from app.model.families import read_model_config
     from app.model.runner import ModelRunner
 
     settings = settings.with_model_folder()  # a .gguf or hub id becomes a local folder
+    read_model_config(settings.model)  # a model lamina cannot run is refused before anything
     http_tokenizer = Tokenizer(settings.model, settings.chat_control_tokens)
     runner = ModelRunner.from_settings(settings)
     if settings.warmup:

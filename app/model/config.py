@@ -130,7 +130,16 @@ def read_config_json(model_dir: str | Path) -> dict[str, Any]:
     """config.json of a model folder, parsed."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise ModelLoadError(f"{path} not found: is {model_dir} a Hugging Face model folder?")
+        ggufs = sorted(p.name for p in Path(model_dir).glob("*.gguf"))
+        hint = (
+            f"; the folder holds {', '.join(ggufs)}: set LAMINA_MODEL to that file"
+            if ggufs
+            else "; LAMINA_MODEL may also name a .gguf file or a hub id (org/name)"
+        )
+        raise ModelLoadError(
+            f"{path} not found: a Hugging Face model folder has config.json, *.safetensors "
+            f"and tokenizer files{hint}"
+        )
     return json.loads(path.read_text())
 
 

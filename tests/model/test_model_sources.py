@@ -1,0 +1,159 @@
+"""What LAMINA_MODEL may name, served by the real loader and engine: the default model's
+GGUF file (the same greedy tokens as its converted folder), a hub id served offline from
+a hub cache built here (by id and by revision), and models the loader cannot use, each
+refused at start-up in one line naming the file, the field and what would work.
+
+Nothing here reaches a hub: huggingface_hub runs offline on a cache in a temporary
+folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from app.model import gguf_folder
+from app.weights_source import parse_model_spec
+from tests.model.gguf_writer import write_gguf
+from tests.model.serving import greedy, refusal, served
+
+pytestmark = pytest.mark.anyio
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def gguf_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "gguf-cache"
+    monkeypatch.setattr(gguf_folder, "gguf_cache_dir", lambda: cache)
+    return cache
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, tiny_model_path):
+    """A hub cache holding `org/tiny` at COMMIT (refs: main and v1), huggingface_hub
+    offline over it."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny"
+    shutil.copytree(tiny_model_path, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    for ref in ("main", "v1"):
+        (repo / "refs" / ref).write_text(COMMIT)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+async def test_the_default_gguf_serves_the_folders_greedy_tokens(
+    default_gguf_path, default_model_path
+):
+    async with served(default_gguf_path) as client:
+        models = (await client.get("/v1/models")).json()["data"]
+        assert [m["id"] for m in models] == ["SmolLM2-135M-Instruct.Q4_1"]
+        from_gguf = await greedy(client, PROMPT, 10)
+        assert from_gguf[1].startswith("The capital of France is Paris")
+    async with served(default_model_path) as client:
+        assert await greedy(client, PROMPT, 10) == from_gguf
+
+
+@pytest.mark.parametrize("revision", ["", "@v1", f"@{COMMIT}"])
+async def test_a_hub_id_serves_offline_from_the_cache(hub_cache, tiny_model_path, revision):
+    async with served(tiny_model_path) as client:
+        expected = await greedy(client, "Hello", 6)
+    async with served(f"org/tiny{revision}") as client:
+        models = (await client.get("/v1/models")).json()["data"]
+        assert [m["id"] for m in models] == ["org/tiny"]
+        assert await greedy(client, "Hello", 6) == expected
+
+
+async def test_a_hub_id_missing_offline_is_one_line(hub_cache, log_lines):
+    message = await refusal("org/absent", log_lines)
+    assert "hub model org/absent at revision main" in message
+    assert "HF_HUB_OFFLINE is set" in message and str(hub_cache) in message
+    assert "not a local folder either" in message
+
+
+def test_what_lamina_model_names():
+    assert parse_model_spec("org/name").kind == "hub"
+    spec = parse_model_spec("org/name@v2.1")
+    assert (spec.kind, spec.repo_id, spec.revision) == ("hub", "org/name", "v2.1")
+    assert parse_model_spec("./org/name").kind == "folder"
+    assert parse_model_spec("/models/org/name").kind == "folder"
+    assert parse_model_spec("no-slash").kind == "folder"
+    assert parse_model_spec("models/x.Q4_K_M.gguf").served_name == "x.Q4_K_M"
+
+
+async def test_a_folder_without_config_json_names_the_gguf_it_holds(
+    tmp_path, default_gguf_path, log_lines
+):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / "model.gguf").symlink_to(default_gguf_path)
+    message = await refusal(folder, log_lines)
+    assert "config.json" in message and "model.gguf" in message
+    assert "set LAMINA_MODEL to that file" in message
+
+
+async def test_a_folder_without_safetensors_is_one_line(tmp_path, tiny_model_path, log_lines):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_model_path, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    (folder / "pytorch_model.bin").write_bytes(b"")
+    message = await refusal(folder, log_lines)
+    assert "no *.safetensors weights" in message and "pytorch_model.bin" in message
+
+
+async def test_an_unsupported_gguf_architecture_is_one_line(
+    tmp_path, tiny_model_path, gguf_cache, log_lines
+):
+    path = write_gguf(tiny_model_path, tmp_path / "bert.gguf", arch="llama", num_tokens=64)
+    _rewrite_string(path, b"llama", b"bloom")  # general.architecture, same length
+    message = await refusal(path, log_lines)
+    assert str(path) in message and "general.architecture 'bloom'" in message
+    assert "llama, qwen2, qwen3" in message and "Hugging Face folder" in message
+
+
+async def test_an_unreadable_quant_type_is_one_line(tmp_path, gguf_cache, log_lines):
+    import gguf
+    import numpy as np
+
+    # A tensor stored as Q8_1: a type the gguf package knows but cannot dequantize.
+    odd = tmp_path / "odd.gguf"
+    writer = gguf.GGUFWriter(str(odd), "llama")
+    writer.add_tensor(
+        "blk.0.attn_q.weight",
+        np.zeros((4, 40), dtype=np.uint8),  # 4 rows of one 32-value block (40 bytes)
+        raw_dtype=gguf.GGMLQuantizationType.Q8_1,
+    )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    message = await refusal(odd, log_lines)
+    assert str(odd) in message and "'blk.0.attn_q.weight'" in message
+    assert "Q8_1" in message and "Q4_K" in message
+
+
+def _rewrite_string(path, old: bytes, new: bytes) -> None:
+    """Replace the first length-prefixed occurrence of metadata string `old`."""
+    data = bytearray(path.read_bytes())
+    at = data.index(len(old).to_bytes(8, "little") + old)
+    data[at + 8 : at + 8 + len(old)] = new
+    path.write_bytes(bytes(data))
+
+
+def test_config_json_of_a_gguf_folder(tmp_path, tiny_model_path, gguf_cache):
+    from app.weights_source import resolve_model_folder
+
+    path = write_gguf(tiny_model_path, tmp_path / "t.gguf", num_tokens=1024)
+    config = json.loads((resolve_model_folder(path) / "config.json").read_text())
+    original = json.loads((tiny_model_path / "config.json").read_text())
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"):
+        assert config[key] == original[key], key
