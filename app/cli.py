@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the HTTP API (settings from LAMINA_* env)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--model", help="local HF model folder (LAMINA_MODEL)")
+    serve.add_argument("--model", help="HF model folder, .gguf file or hub id (LAMINA_MODEL)")
     serve.set_defaults(func=_cmd_serve)
 
     bench = sub.add_parser(

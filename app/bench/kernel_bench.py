@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if not libraries:
         print("native kernels unavailable on this machine (see the log): nothing to compare")
         return 1
-    config = read_model_config(load_settings().model)
+    config = read_model_config(load_settings().with_model_folder().model)
     if args.layers:
         config = dataclasses.replace(config, num_layers=args.layers)
     print(
