@@ -46,6 +46,7 @@ from torch import nn
 
 from app.model.host_memory import HugePageArena
 from app.native import NativeKernels, native_kernels
+from app.native.panels import int8_fits
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,8 @@ class KernelPlan:
 
     @property
     def uses_native_matmul(self) -> bool:
-        """fp32, fp16 or bf16 weights (the native kernel sums their products in fp32)."""
-        native_weights = (torch.float32, torch.float16, torch.bfloat16)
+        """fp32, fp16, bf16 or int8 weights (the native kernel sums their products in fp32)."""
+        native_weights = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
         return self.native is not None and self.weight_dtype in native_weights
 
 
@@ -141,6 +142,13 @@ def cpu_kernel_plan(
     native = None
     if allow_native and activation_dtype == torch.float32:
         native = native_kernels()
+    if weight_dtype == torch.int8 and native is None:
+        raise ValueError(
+            "int8 weights run on lamina's native kernels only, which need fp32 activations "
+            "(LAMINA_DTYPE=float32) and LAMINA_NATIVE_KERNELS=true on a CPU they build or ship "
+            "for; "
+            "use LAMINA_WEIGHT_DTYPE=bfloat16 or float16 otherwise"
+        )
     # fp32 and bf16 without native kernels go through packed oneDNN. fp16 has no fast
     # batched oneDNN path without AVX512-FP16/AMX-FP16: native kernels read fp16 panels,
     # else F.linear's fp16 gemv (the fast single-stream torch kernel).
@@ -383,8 +391,9 @@ class OneDnnLinearKernel(LinearKernel):
 
 class NativeLinearKernel(LinearKernel):
     """lamina's matmul (app/native) against a weight packed into 64-column panels, stored
-    in fp32, fp16 or bf16 (the plan's weight dtype); activations and sums stay fp32 (with
-    bf16 panels each input row is rounded to bf16 inside the kernel)."""
+    in fp32, fp16, bf16 or int8 blocks (the plan's weight dtype); activations and sums stay
+    fp32 (with bf16 panels each input row is rounded to bf16 inside the kernel). A layer
+    whose inputs are not whole int8 blocks (a multiple of 32) keeps fp32 panels."""
 
     rows_invariant = True  # each element sums its K products in order: same bits for any M
 
@@ -392,9 +401,13 @@ class NativeLinearKernel(LinearKernel):
         super().__init__(weight, bias, plan)
         self.native = plan.native
         self.out_features = weight.shape[0]
+        dtype = plan.weight_dtype
+        if dtype == torch.int8 and not int8_fits(weight.shape[1]):
+            dtype = torch.float32
+        self.matmul_dtype = dtype
         # [N/64, K, 64], on huge pages: a single stream reads every panel for every token
         self.panels = self.native.pack_weight(
-            weight.detach().float(), plan.arena.empty, dtype=plan.weight_dtype
+            weight.detach().float(), plan.arena.empty, dtype=dtype
         )
         self.bias = None if bias is None else bias.detach().float().contiguous()
 

@@ -55,14 +55,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+# Linear-weight storage: the model dtypes, and int8 blocks (a scale per 32 weights)
+_WEIGHT_DTYPES = {**_DTYPES, "int8": torch.int8}
+
+
 def resolve_weight_dtype(name: str, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
     """Linear-weight storage precision; None: the model dtype. Only the CPU honours it."""
-    if name == "auto" or _DTYPES[name] == dtype:
+    if name == "auto" or _WEIGHT_DTYPES[name] == dtype:
         return None
     if device.type != "cpu":
         logger.warning("weight_dtype=%s applies to the CPU only; ignored on %s", name, device)
         return None
-    return _DTYPES[name]
+    return _WEIGHT_DTYPES[name]
 
 
 @dataclass

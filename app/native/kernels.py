@@ -19,7 +19,7 @@ _long, _float, _pointer = ctypes.c_long, ctypes.c_float, ctypes.c_void_p
 
 class NativeKernels:
     """Typed entry points into the compiled library. Activations, outputs and the KV
-    cache are fp32 on the CPU; weight panels are fp32, fp16 or bf16."""
+    cache are fp32 on the CPU; weight panels are fp32, fp16, bf16 or int8 (blocks)."""
 
     def __init__(self, build: Build) -> None:
         self.build, self.path = build, build.path
@@ -37,6 +37,7 @@ class NativeKernels:
             torch.float32: _bind(library.lamina_pack_weight, pack_args),
             torch.float16: _bind(library.lamina_pack_weight_f16, pack_args),
             torch.bfloat16: _bind(library.lamina_pack_weight_bf16, pack_args),
+            torch.int8: _bind(library.lamina_pack_weight_i8, pack_args),
         }
         # Whether bf16 matmuls run AVX512-BF16's dot product, or widen bf16 in the kernel
         # (the same bits but for denormals: bf16.h).
@@ -65,13 +66,14 @@ class NativeKernels:
         """A Linear's weight [N, K] (fp32) -> panels [ceil(N / 64), K, 64] in `dtype`
         (float32, or float16 rounded to nearest), or bfloat16 panels in K-pairs
         [ceil(N / 64), ceil(K / 2), 64, 2] (rounded to nearest even, denormals to zero:
-        bf16.h); zeros past N (and K).
+        bf16.h), or int8 blocks [ceil(N / 64), K / 32, 2304] (a scale per column and 32 k,
+        int8.h; K a multiple of 32); zeros past N (and K).
 
         allocate(shape, dtype=...) makes the uninitialised, contiguous panels tensor: the
         model passes a huge-page arena."""
         _check_fp32(weight)
         if dtype not in self._pack:
-            raise ValueError(f"panels are float32, float16 or bfloat16, not {dtype}")
+            raise ValueError(f"panels are float32, float16, bfloat16 or int8, not {dtype}")
         weight = weight.contiguous()
         out_features, in_features = weight.shape
         panels = allocate(panel_shape(out_features, in_features, dtype), dtype=dtype)

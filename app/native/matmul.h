@@ -1,17 +1,20 @@
 /* Part of kernels.c's one translation unit (after vector.h). */
 #pragma once
 #include "bf16.h"
+#include "int8.h"
 #include "vector.h"
 
 /* ---------------------------------------------------------------------------------
  * Matmul: y[M, N] = x[M, K] . W[K, N] (+ bias), W packed as panels [ceil(N/64)][K][64]
  * (zero columns past N), stored in fp32 or in fp16 (converted to fp32 as loaded), or in
  * bf16 as K-pairs [ceil(N/64)][ceil(K/2)][64][2] with the rows of x rounded to bf16
- * (bf16.h). The sums are fp32 in every case. Work is split into 16-column units; a tile
+ * (bf16.h), or in int8 blocks of 32 k with a scale per column and block (int8.h). The
+ * sums are fp32 in every case. Work is split into 16-column units; a tile
  * is up to 6 rows by up to 4 units of one panel.
  */
 
-enum { WEIGHTS_F32 = 0, WEIGHTS_F16 = 1, WEIGHTS_BF16 = 2 }; /* how panels are stored */
+/* how panels are stored */
+enum { WEIGHTS_F32 = 0, WEIGHTS_F16 = 1, WEIGHTS_BF16 = 2, WEIGHTS_I8 = 3 };
 
 static inline vecf load_f32(const float *p) { return load(p); }
 
@@ -193,9 +196,10 @@ DEFINE_TILES(f16, half_bits, 4) DEFINE_TILES(f16, half_bits, 5) DEFINE_TILES(f16
 
 /* Everything of one weight type after its tiles: a table of them (ROW gives a row of it:
  * TILE_ROW, or WHOLE_PANEL_TILE_ROW), and the loop over a run of 16-column units for all
- * M rows. A tile's loop takes STEP values of k per step (1, or 2 for bf16's K-pairs), x
+ * M rows. A tile's loop takes STEP values of k per step (1, 2 for bf16's K-pairs, 32 for
+ * int8's blocks), a step of a panel is STEP_SIZE WTYPEs and STEP_LINES cache lines, x
  * is XTYPE (fp32, or bf16.h's rounded rows). */
-#define DEFINE_MATMUL_UNITS(WT, XTYPE, WTYPE, STEP, ROW)                                   \
+#define DEFINE_MATMUL_UNITS(WT, XTYPE, WTYPE, STEP, ROW, STEP_SIZE, STEP_LINES)             \
     typedef void (*tile_##WT##_fn)(const XTYPE *, long, const WTYPE *, long,               \
                                    vecf[MAX_ROWS][4], const char *);                       \
     static const tile_##WT##_fn TILES_##WT[MAX_ROWS][4] = {                                \
@@ -206,7 +210,7 @@ DEFINE_TILES(f16, half_bits, 4) DEFINE_TILES(f16, half_bits, 5) DEFINE_TILES(f16
                                   const float *bias, float *y, long M, long K, long N,     \
                                   long first, long last, int accumulate, int lookahead) {  \
         vecf acc[MAX_ROWS][4];                                                             \
-        long steps = (K + STEP - 1) / STEP, panel_size = steps * STEP * PANEL;             \
+        long steps = (K + STEP - 1) / STEP, panel_size = steps * (STEP_SIZE);              \
         long unit = first;                                                                 \
         while (unit < last) {                                                              \
             long panel = unit / 4, offset = unit % 4;                                      \
@@ -217,7 +221,8 @@ DEFINE_TILES(f16, half_bits, 4) DEFINE_TILES(f16, half_bits, 5) DEFINE_TILES(f16
             for (long row = 0; row < M; row += MAX_ROWS) {                                 \
                 int rows = (int)(M - row < MAX_ROWS ? M - row : MAX_ROWS);                 \
                 const char *ahead = prefetch_target(                                       \
-                    next, panel_size * (long)sizeof(WTYPE), row / MAX_ROWS, steps);        \
+                    next, panel_size * (long)sizeof(WTYPE), row / MAX_ROWS,                \
+                    steps * (STEP_LINES));                                                 \
                 TILES_##WT[rows - 1][nv - 1](x + row * ldx, ldx, w, steps, acc, ahead);    \
                 store_tile(acc, rows, nv, y + row * N, N, unit * LANES, N, bias,           \
                            accumulate);                                                    \
@@ -226,18 +231,21 @@ DEFINE_TILES(f16, half_bits, 4) DEFINE_TILES(f16, half_bits, 5) DEFINE_TILES(f16
         }                                                                                  \
     }
 
-DEFINE_MATMUL_UNITS(f32, float, float, 1, TILE_ROW)
+DEFINE_MATMUL_UNITS(f32, float, float, 1, TILE_ROW, PANEL, 1)
 /* The same with fp16 panels: half the bytes a single stream reads per token. */
-DEFINE_MATMUL_UNITS(f16, float, half_bits, 1, TILE_ROW)
+DEFINE_MATMUL_UNITS(f16, float, half_bits, 1, TILE_ROW, PANEL, 1)
 /* bf16 panels in K-pairs against rows rounded to bf16 (bf16.h): one copy for every row. */
-DEFINE_MATMUL_UNITS(bf16, bf16_act, uint16_t, 2, WHOLE_PANEL_TILE_ROW)
+DEFINE_MATMUL_UNITS(bf16, bf16_act, uint16_t, 2, WHOLE_PANEL_TILE_ROW, 2 * PANEL, 1)
+/* int8 blocks of 32 k with their scales (int8.h): 1.125 bytes a weight, every row. */
+DEFINE_MATMUL_UNITS(i8, float, int8_t, I8_BLOCK, WHOLE_PANEL_TILE_ROW, I8_BLOCK_BYTES,
+                    I8_BLOCK_LINES)
 
 /* A linear layer's packed weight as the kernels see it. Rows of a matmul may take two
  * weight copies: rows [0, split) the first (prompt tokens), the rest the second
  * (generated tokens, fp16 panels with LAMINA_WEIGHT_DTYPE=float16). */
 typedef struct {
-    const void *panels[2];    /* [ceil(out/64)][in][64] fp32 or fp16; bf16: K-pairs */
-    int32_t kind[2];          /* WEIGHTS_F32, _F16 or _BF16: how panels[i] is stored */
+    const void *panels[2];    /* [ceil(out/64)][in][64] fp32 or fp16; bf16: K-pairs; int8 */
+    int32_t kind[2];          /* WEIGHTS_F32, _F16, _BF16 or _I8: how panels[i] is stored */
     const float *bias;        /* [out] or NULL */
     long in_features, out_features;
 } linear_desc;
@@ -283,6 +291,9 @@ static void linear_phase(const linear_desc *w, const float *x, long ldx, long M,
                 matmul_units_bf16((const bf16_act *)rounded + row * width, width, panels,
                                   w->bias, yr, end - row, K, N, first, last, accumulate,
                                   lookahead);
+            else if (w->kind[kind] == WEIGHTS_I8)
+                matmul_units_i8(xr, ldx, panels, w->bias, yr, end - row, K, N, first, last,
+                                 accumulate, lookahead);
             else if (w->kind[kind] == WEIGHTS_F16)
                 matmul_units_f16(xr, ldx, panels, w->bias, yr, end - row, K, N, first, last,
                                  accumulate, lookahead);
@@ -293,7 +304,8 @@ static void linear_phase(const linear_desc *w, const float *x, long ldx, long M,
     }
 }
 
-/* y[M, N] = x[M, K] . W (+ bias), W packed as panels of `kind` (WEIGHTS_F32, _F16, _BF16). */
+/* y[M, N] = x[M, K] . W (+ bias), W packed as panels of `kind` (WEIGHTS_F32, _F16, _BF16,
+ * _I8). */
 void lamina_matmul(const float *x, long ldx, const void *panels, int32_t kind, const float *bias,
                    float *y, long M, long K, long N) {
     linear_desc w = {{panels, panels}, {kind, kind}, bias, K, N};

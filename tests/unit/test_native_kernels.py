@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from app.native import NativeKernels, native_kernels
 from app.native import build as native_build
+from app.native.panels import dequantize_int8
 from app.native.self_check import check_library, dense_causal_attention
 
 
@@ -55,7 +56,7 @@ def test_matmul_reads_strided_rows_and_handles_no_rows(native):
         native.matmul(x.double(), panels, None, 80)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matmul_rows_have_the_same_bits_whatever_the_row_count(kernels, threads, dtype):
     """Batch invariance by construction: no row count, thread count or column split
@@ -74,7 +75,7 @@ def test_matmul_rows_have_the_same_bits_whatever_the_row_count(kernels, threads,
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_matmul_bits_do_not_depend_on_the_thread_count(kernels, dtype):
     x, weight = randn(9, 576), randn(960, 576, seed=1)
     panels = kernels.pack_weight(weight, dtype=dtype)
@@ -426,7 +427,7 @@ def test_fp16_panels_sum_in_fp32_with_the_same_bits_for_any_row_count(kernels):
     torch.testing.assert_close(out, expected, atol=1e-5 * math.sqrt(1536), rtol=1e-5)
     alone = torch.cat([kernels.matmul(x[i : i + 1], panels, None, 100) for i in range(9)])
     assert torch.equal(alone, out)
-    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+    with pytest.raises(ValueError, match="float32, float16, bfloat16 or int8"):
         kernels.pack_weight(weight, dtype=torch.float64)
 
 
@@ -489,6 +490,49 @@ def test_bf16_bits_are_the_same_on_every_build(kernels, native):
 def bf16_matmul(kernels: NativeKernels, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     panels = kernels.pack_weight(weight, dtype=torch.bfloat16)
     return kernels.matmul(x, panels, None, weight.shape[0])
+
+
+# --- int8 weights ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rows, in_features, out_features", [(1, 576, 960), (7, 1536, 576), (33, 64, 100), (50, 32, 7)]
+)
+def test_int8_matmul_is_the_fp32_sum_of_the_dequantized_weights(
+    kernels, rows, in_features, out_features
+):
+    """int8 blocks: a scale per column and 32 k (largest |w| / 127), weights rounded to the
+    nearest step; the kernel sums x[k] * (q * scale) in fp32, so against fp64 of the
+    dequantized weights its error is fp32's in the K + 1 additions (bias included)."""
+    x, weight = randn(rows, in_features), randn(out_features, in_features, seed=1)
+    weight[0, :32] = 0.0  # an all-zero block: scale 0
+    bias = randn(out_features, seed=2)
+    panels = kernels.pack_weight(weight, dtype=torch.int8)
+    assert panels.dtype == torch.int8
+    assert panels.shape == (math.ceil(out_features / 64), in_features // 32, 2304)
+    dequantized = dequantize_int8(panels, out_features)
+    blocks = weight.reshape(out_features, -1, 32)
+    step = (blocks.abs().amax(-1, keepdim=True) / 127).expand_as(blocks).reshape_as(weight)
+    assert ((dequantized - weight).abs() <= step / 2 * (1 + 1e-5) + 1e-30).all()
+    assert dequantized[0, :32].eq(0).all()
+    expected = x.double() @ dequantized.double().T + bias.double()
+    bound = (in_features + 1) * 2.0**-24 * (x.abs().double() @ dequantized.abs().double().T)
+    error = (kernels.matmul(x, panels, bias, out_features).double() - expected).abs()
+    assert (error <= bound + 2.0**-24 * bias.abs().double()).all(), (error - bound).max()
+
+
+def test_int8_bits_are_the_same_on_every_build(kernels, native):
+    """AVX-512 builds widen 16 weights at a time, the others 8 in several walks: each
+    element takes the same operations, so every build gives the native build's bits."""
+    x, weight = randn(37, 1536), randn(300, 1536, seed=1)
+    panels = native.pack_weight(weight, dtype=torch.int8)
+    assert torch.equal(kernels.pack_weight(weight, dtype=torch.int8), panels)
+    assert torch.equal(kernels.matmul(x, panels, None, 300), native.matmul(x, panels, None, 300))
+
+
+def test_int8_needs_whole_blocks_of_inputs(native):
+    with pytest.raises(ValueError, match="divisible by 32"):
+        native.pack_weight(randn(64, 48), dtype=torch.int8)
 
 
 # --- sliding-window attention (Mistral, Phi-3) ---------------------------------------------
