@@ -111,6 +111,26 @@ class Settings(BaseModel):
         ge=0,
         description="generation requests that may wait beyond the free running slots; more get 429",
     )
+    max_queued_sequences: int | None = Field(
+        default=None,
+        ge=0,
+        description="sequences (prompts x `n`) admitted beyond `LAMINA_MAX_NUM_SEQS`; more get "
+        "429, a request needing more than both is a 413; unset: 4 x `LAMINA_MAX_NUM_SEQS`",
+    )
+    max_admitted_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="estimated tokens (prompt + `max_tokens`, per sequence) of all admitted "
+        "generation requests, running or waiting; more get 429, a request needing more is a "
+        "413; unset: what the KV cache holds",
+    )
+    max_client_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="while other clients hold work or were just refused, the fraction of each "
+        "admission bound one client (API key, else address) may hold; 1: no fair share",
+    )
     request_timeout_s: float | None = Field(
         default=None,
         gt=0,
@@ -171,6 +191,12 @@ class Settings(BaseModel):
         default=None,
         ge=1,
         description="cap on `max_tokens` / `max_new_tokens`; unset: the context window",
+    )
+    default_max_tokens: int = Field(
+        default=1024,
+        ge=1,
+        description="`max_tokens` / `max_new_tokens` of a request that sets none (at most "
+        "what the context window leaves after the prompt)",
     )
     chat_control_tokens: Literal["text", "reject"] = Field(
         default="text",

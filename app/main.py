@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
+from app.api.admission_metrics import AdmissionCollector
 from app.api.auth import ApiKeyAuth
 from app.api.debug_hooks import install_test_hooks
 from app.api.drain import DrainingServer
@@ -186,6 +187,7 @@ async def _bring_up(
         )
         max_model_len = loaded.max_tokens_in_cache
     state.admission.watch_backlog(loaded.engine)
+    state.admission.size_token_budget(loaded.max_tokens_in_cache)
     state.serving = Serving(
         engine=loaded.engine,
         tokenizer=loaded.tokenizer,
@@ -244,6 +246,7 @@ def create_app(
     reach once the engine is ready."""
     state = ServerState(settings=settings)
     metrics = Metrics(settings.model_name)
+    metrics.registry.register(AdmissionCollector(settings.model_name, state.admission))
 
     def load_and_observe(s: Settings) -> LoadedEngine:
         loaded = loader(s)

@@ -1,7 +1,8 @@
 """The route driver: one story for every generation route, told in the route's dialect.
 
-    admit (routes.admit: a Call) -> parse (dialect) -> engine requests -> stream frames
-    or collect -> usage and the request record -> answer (dialect)
+    admit (routes.admit: a Call) -> parse (dialect) -> weigh (the ticket: sequences and
+    estimated tokens) -> engine requests -> stream frames or collect -> usage and the
+    request record -> answer (dialect)
 
 A `Dialect` (dialect_openai.py, dialect_tgi.py) parses its request into engine inputs
 and renders deltas, the final answer and the usage chunk; `drive` does the rest the
@@ -159,12 +160,25 @@ def is_failure(delta: TokenDelta) -> bool:
     return delta.finish_reason in (FinishReason.ERROR, FinishReason.ABORT)
 
 
+def estimated_tokens(dialect: Dialect, max_model_len: int) -> int:
+    """The KV tokens a request may fill: prompt + max_tokens for each of its sequences
+    (a prompt shared by n choices counts n times: an upper bound, like max_tokens)."""
+    total = 0
+    for prompt, params in zip(dialect.prompts, dialect.params):
+        max_tokens = params.max_tokens
+        per_seq = max_model_len if max_tokens is None else len(prompt) + max_tokens
+        total += per_seq * dialect.n
+    return total
+
+
 async def drive(call: Call, dialect_type: type[Dialect], body: Any, stream: bool):
     """Parse `body` in the route's dialect, run it and answer: an event stream, or the
     dialect's answer."""
     record, serving = call.record, call.serving
     record.note_user(dialect_type.user(body))  # first: a request refused below still logs it
     dialect = dialect_type.parse(body, serving, record.request_id, stream)
+    # The weigh step of admission, before a grammar compiles or the engine sees anything.
+    call.ticket.weigh(dialect.num_choices, estimated_tokens(dialect, serving.limits.max_model_len))
     await dialect.compile_constraints(serving)
     run = Run(serving.engine, dialect, record, call.ticket, call.deadline, serving.runs)
     if dialect.stream:

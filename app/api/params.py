@@ -126,11 +126,11 @@ def fit_to_context(
     *,
     prompt_param: str = "prompt",
     max_tokens_param: str = "max_tokens",
-) -> int | None:
+) -> int:
     """Check that the prompt, then prompt + max_tokens, fit; resolve an unset max_tokens.
 
-    Unset stays None ("until the context is full", the engine resolves it) unless
-    Settings.max_tokens_limit caps it.
+    Unset becomes Settings.default_max_tokens, capped by Settings.max_tokens_limit and by
+    what the context window leaves after the prompt.
     """
     cap = limits.settings.max_tokens_limit
     if num_prompt_tokens > limits.max_prompt_tokens:
@@ -142,8 +142,8 @@ def fit_to_context(
             code="context_length_exceeded",
         )
     room = limits.max_model_len - num_prompt_tokens
-    if max_tokens is None:
-        return None if cap is None else min(cap, room)
+    if max_tokens is None:  # a bounded default, so admission can weigh the request
+        return min(limits.settings.default_max_tokens, cap or room, room)
     if max_tokens > room:
         raise invalid_request(
             f"`{prompt_param}` ({num_prompt_tokens} tokens) + `{max_tokens_param}` "

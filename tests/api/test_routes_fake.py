@@ -81,12 +81,33 @@ async def test_completion_text_usage_and_engine_params(fake_app: FakeApp) -> Non
     )
 
 
-async def test_defaults_mean_off_and_unset_max_tokens_is_none(fake_app: FakeApp) -> None:
+async def test_defaults_mean_off_and_unset_max_tokens_is_the_default_cap(
+    fake_app: FakeApp,
+) -> None:
     response = await fake_app.client.post("/v1/completions", json={"prompt": "Hi", "top_k": -1})
     assert response.status_code == 200
     assert response.json()["choices"][0]["text"] == DEFAULT_REPLY
     assert response.json()["choices"][0]["finish_reason"] == "stop"
-    assert fake_app.engine.requests[-1].params == SamplingParams(max_tokens=None)
+    assert fake_app.engine.requests[-1].params == SamplingParams(max_tokens=1024)
+
+
+async def test_the_default_max_tokens_is_what_the_context_leaves_at_most(
+    default_model_path, http_tokenizer
+) -> None:
+    engine = FakeEngine(http_tokenizer)
+    settings = fake_settings(default_model_path, default_max_tokens=5000)
+    async with running_fake_app(settings, engine) as fake:
+        prompt = "word " * 4000  # thousands of tokens: less than 5000 left in 8192
+        for path, body in (
+            ("/v1/completions", {"prompt": prompt}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}),
+            ("/generate", {"inputs": prompt}),
+        ):
+            response = await fake.client.post(path, json=body)
+            assert response.status_code == 200, response.text
+            request = engine.requests[-1]
+            room = FakeEngine.max_model_len - len(request.prompt_token_ids)
+            assert room < 5000 and request.params.max_tokens == room, path
 
 
 async def test_max_tokens_limit_caps_an_unset_max_tokens(

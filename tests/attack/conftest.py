@@ -5,6 +5,8 @@ with small connection limits, so each probe is quick and uses few descriptors.
   1 s, body 2 s, keep-alive idle 2 s).
 - `capped_server`: a server with a small cap and long timeouts, so held connections stay
   open while the cap is probed.
+- `admission_server`: small admission bounds and a tiny KV cache, ADMISSION_LIMITS
+  below, with two API keys (two clients).
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ CAP_LIMITS = {
     "LAMINA_IDLE_TIMEOUT_S": "60",
 }
 
+# Small admission bounds (issue 16, D2): 4 running sequences, 4 queued requests, 16
+# queued sequences (20 admitted), a KV cache of 65 blocks (1040 tokens) as the token
+# budget, and two API keys: two clients for the fair share.
+ADMISSION_KEYS = ("key-a", "key-b")
+ADMISSION_LIMITS = {
+    "LAMINA_MAX_NUM_SEQS": "4",
+    "LAMINA_MAX_QUEUED": "4",
+    "LAMINA_KV_CACHE_GB": "0.0005",
+    "LAMINA_API_KEYS": ",".join(ADMISSION_KEYS),
+}
+
 
 @pytest.fixture(scope="session")
 def attack_servers(tiny_model_path: Path) -> Iterator[dict[str, ServerProcess]]:
@@ -42,6 +55,7 @@ def attack_servers(tiny_model_path: Path) -> Iterator[dict[str, ServerProcess]]:
     servers = {
         "guarded": ServerProcess(extra_env={**base, **LIMITS}),
         "capped": ServerProcess(extra_env={**base, **CAP_LIMITS}),
+        "admission": ServerProcess(extra_env={**base, **ADMISSION_LIMITS}),
     }
     try:
         with ThreadPoolExecutor(len(servers)) as pool:
@@ -61,3 +75,8 @@ def guarded_server(attack_servers: dict[str, ServerProcess]) -> ServerProcess:
 @pytest.fixture(scope="session")
 def capped_server(attack_servers: dict[str, ServerProcess]) -> ServerProcess:
     return attack_servers["capped"]
+
+
+@pytest.fixture(scope="session")
+def admission_server(attack_servers: dict[str, ServerProcess]) -> ServerProcess:
+    return attack_servers["admission"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from app.api.admission import AdmissionController
+from app.api.admission import CONTENTION_WINDOW_S, AdmissionController
 from app.api.deadline import Deadline, deadline_exceeded
 from app.api.driver import Dialect, Run
 from app.api.errors import APIError
@@ -83,6 +83,127 @@ async def test_wait_idle_returns_when_the_last_request_ends() -> None:
     assert not await controller.wait_idle(0.01)
     asyncio.get_running_loop().call_later(0.05, controller.release, ticket)
     assert await controller.wait_idle(5.0)
+
+
+# --- the weigh step: sequences and estimated tokens ------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def weighing_controller(share: float = 1.0, clock=None) -> AdmissionController:
+    return AdmissionController(
+        max_queued=8, max_running=8, server_timeout_s=None, max_sequences=10,
+        max_tokens=1000, client_share=share, clock=clock or FakeClock(),
+    )  # fmt: skip
+
+
+def refusal(action) -> APIError:
+    with pytest.raises(APIError) as refused:
+        action()
+    return refused.value
+
+
+async def test_sequences_and_tokens_are_reserved_until_release() -> None:
+    controller = weighing_controller()
+    first = controller.admit("a")
+    first.weigh(8, 400)
+    assert (controller.num_seqs, controller.num_tokens) == (8, 400)
+    second = controller.admit("a")
+    error = refusal(lambda: second.weigh(3, 10))  # 8 + 3 sequences > 10
+    assert (error.status_code, error.code, error.headers) == (
+        429, "server_overloaded", {"Retry-After": "1"})  # fmt: skip
+    assert "8 of 10 sequences are admitted and this request needs 3" in error.message
+    error = refusal(lambda: second.weigh(2, 601))  # 400 + 601 tokens > 1000
+    assert "400 of 1000 tokens (estimated) are admitted and this request needs 601" in (
+        error.message
+    )
+    second.weigh(2, 600)  # exactly full
+    assert controller.rejected == {"sequences": 1, "tokens": 1}
+    controller.release(first)
+    assert (controller.num_seqs, controller.num_tokens) == (2, 600)
+    controller.release(second)
+    controller.release(second)  # idempotent
+    assert (controller.num_seqs, controller.num_tokens, controller.num_in_flight) == (0, 0, 0)
+    assert controller.holding("a").empty
+
+
+async def test_a_request_larger_than_a_whole_budget_is_a_413_naming_it() -> None:
+    controller = weighing_controller()
+    ticket = controller.admit("a")
+    error = refusal(lambda: ticket.weigh(256, 10))
+    assert (error.status_code, error.code) == (413, "request_too_large")
+    assert "needs 256 sequences" in error.message
+    assert "(10: LAMINA_MAX_NUM_SEQS + LAMINA_MAX_QUEUED_SEQUENCES)" in error.message
+    error = refusal(lambda: ticket.weigh(1, 1001))
+    assert "needs 1001 tokens" in error.message and "LAMINA_MAX_ADMITTED_TOKENS" in error.message
+    assert controller.rejected == {"too_large": 2}
+    controller.release(ticket)
+    assert not controller.is_contended("b")  # a 413 is not a client waiting for its turn
+
+
+async def test_one_client_takes_everything_alone_and_its_share_once_another_waits() -> None:
+    clock = FakeClock()
+    controller = weighing_controller(share=0.5, clock=clock)
+    big = [controller.admit("a") for _ in range(2)]
+    big[0].weigh(5, 500)
+    big[1].weigh(5, 400)  # alone, client a may fill the sequence budget
+    small = controller.admit("b")
+    error = refusal(lambda: small.weigh(1, 10))  # no sequence left: b waits
+    assert "10 of 10 sequences" in error.message
+    controller.release(small)
+    controller.release(big[0])  # a's request ends; a asks again at once
+    again = controller.admit("a")
+    error = refusal(lambda: again.weigh(5, 100))
+    assert "this client holds 5 sequences and this request needs 5" in error.message
+    assert "at most 5 of the 10 sequences" in error.message
+    controller.release(again)
+    retry = controller.admit("b")  # b's retry finds the room a had to leave
+    retry.weigh(1, 10)
+    assert controller.rejected == {"sequences": 1, "client_share": 1}
+    for ticket in (big[1], retry):
+        controller.release(ticket)
+
+    # Refusals are forgotten after CONTENTION_WINDOW_S: alone again, a takes everything.
+    clock.now += CONTENTION_WINDOW_S + 1
+    alone = controller.admit("a")
+    alone.weigh(10, 1000)
+    controller.release(alone)
+
+
+async def test_the_gate_holds_a_client_to_its_share_of_requests() -> None:
+    controller = AdmissionController(max_queued=2, max_running=2, server_timeout_s=None,
+                                     client_share=0.5, clock=FakeClock())  # fmt: skip
+    held = [controller.admit("a") for _ in range(4)]  # alone: every place
+    error = refusal(lambda: controller.admit("b"))
+    assert error.status_code == 429 and "4 requests are already waiting" in error.message
+    controller.release(held.pop())
+    error = refusal(lambda: controller.admit("a"))  # b waits: a holds 3 of 4, share is 2
+    assert "at most 2 of the 4 requests" in error.message
+    held.append(controller.admit("b"))
+    assert controller.rejected == {"requests": 1, "client_share": 1}
+    for ticket in held:
+        controller.release(ticket)
+
+
+async def test_budgets_from_settings_and_the_kv_cache(default_model_path) -> None:
+    settings = fake_settings(default_model_path, max_num_seqs=4)
+    controller = AdmissionController.from_settings(settings)
+    assert controller.max_sequences == 4 + 4 * 4 and controller.client_share == 0.5
+    assert controller.max_tokens is None
+    controller.size_token_budget(2048)  # unset: what the KV cache holds
+    assert controller.max_tokens == 2048
+    settings = fake_settings(
+        default_model_path, max_queued_sequences=0, max_admitted_tokens=99, max_client_share=1
+    )
+    controller = AdmissionController.from_settings(settings)
+    controller.size_token_budget(2048)  # set: kept
+    assert (controller.max_sequences, controller.max_tokens) == (settings.max_num_seqs, 99)
 
 
 # --- runs: deadlines and stops ----------------------------------------------------------------
@@ -269,3 +390,26 @@ async def test_admission_ignores_other_routes(fake_app) -> None:
     assert (await fake_app.client.get("/v1/models")).status_code == 200
     assert (await fake_app.client.post("/tokenize", json={"prompt": "hi"})).status_code == 200
     assert (await fake_app.client.post("/v1/completions", json=COMPLETION)).status_code == 429
+
+
+async def test_the_weigh_step_refuses_before_the_engine_and_counts_by_reason(
+    default_model_path, http_tokenizer
+) -> None:
+    engine = FakeEngine(http_tokenizer, token_interval_s=0.001)
+    settings = fake_settings(default_model_path, max_num_seqs=4, max_queued=4)
+    async with running_fake_app(settings, engine) as fake:
+        huge = {"prompt": ["Hello"] * 32, "n": 8, "max_tokens": 2}  # 256 sequences
+        response = await fake.client.post("/v1/completions", json=huge)
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert error["code"] == "request_too_large" and "needs 256 sequences" in error["message"]
+        assert "(20: LAMINA_MAX_NUM_SEQS + LAMINA_MAX_QUEUED_SEQUENCES)" in error["message"]
+        assert not engine.requests  # refused before anything reached the engine
+        fits = {"prompt": ["Hello"] * 5, "n": 4, "max_tokens": 2}  # 20 sequences: the bound
+        response = await fake.client.post("/v1/completions", json=fits)
+        assert response.status_code == 200 and len(response.json()["choices"]) == 20
+        assert fake.app.state.server.admission.num_seqs == 0  # released with the response
+        metrics = (await fake.client.get("/metrics")).text
+        assert 'lamina:admission_rejected_total{model_name="smollm2-135m-instruct",' \
+            'reason="too_large"} 1.0' in metrics  # fmt: skip
+        assert 'lamina:admitted_sequences{model_name="smollm2-135m-instruct"} 0.0' in metrics
