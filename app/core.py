@@ -138,6 +138,9 @@ class Sequence:
     # by the engine, kept across preemption (the output tokens are kept too).
     constraint_matcher: ConstraintMatcherLike | None = None
     arrival_time: float = 0.0
+    # Whose work this is (admission's client: API key digest or address); the scheduler
+    # starts waiting sequences round-robin over clients. "": unknown, one client.
+    client: str = ""
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None

@@ -218,11 +218,14 @@ class Run:
         self._timer: asyncio.TimerHandle | None = None
         base_id = record.engine_request_id(dialect.response_id)
         several = len(dialect.prompts) > 1
+        client = ticket.client if ticket is not None else ""
         try:
             for index, (prompt, params) in enumerate(zip(dialect.prompts, dialect.params)):
                 engine_id = f"{base_id}-{index}" if several else base_id
                 self.streams.append(
-                    engine.add_request(engine_id, prompt, params, dialect.n, record.request_id)
+                    engine.add_request(
+                        engine_id, prompt, params, dialect.n, record.request_id, client
+                    )
                 )
         except EngineDeadError as exc:
             for stream in self.streams:  # prompts already queued must not run alone

@@ -27,8 +27,10 @@ class EngineClient(Protocol):
         params: SamplingParams,
         n: int = 1,
         log_request_id: str | None = None,
+        client: str = "",
     ) -> RequestStream:
-        """Queue a request. Raises EngineDeadError when the engine thread is not alive."""
+        """Queue a request; `client` is whose work it is (admission's client). Raises
+        EngineDeadError when the engine thread is not alive."""
         ...
 
     def abort(self, request_id: str, reason: str = "request aborted") -> None:

@@ -121,11 +121,13 @@ class EngineCore:
         arrival_time: float | None = None,
         *,
         log_request_id: str | None = None,
+        client: str = "",
     ) -> list[TokenDelta]:
         """Queue a request of n choices. Returns error deltas if it cannot be accepted.
 
         `log_request_id` (the HTTP request id) becomes the `request_id` field of log
-        lines about this request; without it the field is `request_id` itself.
+        lines about this request; without it the field is `request_id` itself. `client`
+        is whose work it is: the scheduler takes turns between clients.
         """
         arrival = self.clock() if arrival_time is None else arrival_time
         problem = self._reject_reason(request_id, prompt_token_ids, n)
@@ -145,6 +147,7 @@ class EngineCore:
                 index=index,
                 wait_for_seq=seqs[0] if seqs else None,
                 arrival_time=arrival,
+                client=client,
             )
             seqs.append(seq)
         self._requests[request_id] = _Request(request_id, seqs, len(seqs), log_request_id)

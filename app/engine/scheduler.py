@@ -4,7 +4,14 @@ There are no prefill and decode phases. Each step, every scheduled sequence catc
 `num_computed_tokens` up towards `num_tokens` (prompt + output so far) by as many tokens
 as the step's budget allows, so a long prompt is simply computed in chunks over several
 steps while other sequences keep decoding. Running sequences go first, in admission
-order, then waiting ones in FIFO order.
+order, then waiting ones in turns between clients (`fair_order`).
+
+Clients take turns (Sequence.client: the API key or address admission counted the work
+against). The next waiting sequence to start belongs to the client with the fewest
+sequences running, first come first served within a client and between equals; with a
+single client this is the waiting queue's own order. So a client whose many sequences
+fill the queue does not make another's single sequence wait behind all of them: it gets
+the next free slot.
 
 KV blocks are allocated lazily: only what the step computes (positions up to
 num_computed_tokens + num_new_tokens), not the whole prompt or max_tokens up front. That
@@ -34,7 +41,9 @@ Pure Python; never reads a clock (timing is the engine's job).
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
+from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from app.core import (
@@ -62,6 +71,29 @@ class SeqUpdate:
 def is_decoding(seq: Sequence) -> bool:
     """Past its prompt, with one token to compute: it samples its next token this step."""
     return bool(seq.output_token_ids) and seq.num_tokens - seq.num_computed_tokens == 1
+
+
+def fair_order(waiting: Iterable[Sequence], running: Iterable[Sequence]) -> list[Sequence]:
+    """Waiting sequences in the order they may start: clients take turns, the one with
+    the fewest sequences running (counting those placed before it in this order) first,
+    ties to the client whose sequence comes first in `waiting`; within a client, the
+    order of `waiting`. One client (or none named): `waiting` as it is."""
+    by_client: dict[str, deque[Sequence]] = {}
+    for seq in waiting:
+        by_client.setdefault(seq.client, deque()).append(seq)
+    if len(by_client) <= 1:
+        return [seq for queue in by_client.values() for seq in queue]
+    num_running = Counter(seq.client for seq in running)
+    turns = [(num_running[client], rank, client) for rank, client in enumerate(by_client)]
+    heapq.heapify(turns)
+    order: list[Sequence] = []
+    while turns:
+        count, rank, client = heapq.heappop(turns)
+        queue = by_client[client]
+        order.append(queue.popleft())
+        if queue:
+            heapq.heappush(turns, (count + 1, rank, client))
+    return order
 
 
 class _StepBudget:
@@ -117,7 +149,8 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.stop_criteria = default_criteria(self.eos_token_ids, max_model_len)
-        self.waiting: deque[Sequence] = deque()  # FIFO; preempted ones re-enter at the front
+        # Arrival order (preempted ones re-enter at the front); started in fair_order.
+        self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is preempted first
         self._failed: list[Sequence] = []  # finished with ERROR, not yet reported
         self.num_preemptions = 0
@@ -135,7 +168,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        """Enqueue a WAITING sequence (FIFO)."""
+        """Enqueue a WAITING sequence at the back of the queue."""
         if seq.status is not SequenceStatus.WAITING:
             raise ValueError(f"sequence {seq.seq_id} is {seq.status.value}, not waiting")
         self.waiting.append(seq)
@@ -229,7 +262,7 @@ class Scheduler:
 
     def _schedule_waiting(self, budget: _StepBudget, scheduled: list[ScheduledSeq]) -> None:
         manager = self.block_manager
-        queue = list(self.waiting)
+        queue = fair_order(self.waiting, self.running)
         for position, seq in enumerate(queue):
             if budget.prefill <= 0 or len(self.running) >= self.max_num_seqs:
                 return
@@ -245,7 +278,7 @@ class Scheduler:
             max_chunk = budget.prefill if position == len(queue) - 1 else budget.max_chunk
             num_new = min(seq.num_tokens - num_cached, budget.prefill, max_chunk)
             if not manager.can_allocate(seq, num_cached + num_new, cached_block_ids):
-                return  # FIFO: nobody overtakes the head for blocks
+                return  # nobody overtakes the next in turn for blocks
             manager.allocate(seq, num_cached + num_new, cached_block_ids)
             self._admit(seq, num_cached)
             scheduled.append(self._scheduled(seq, num_new))

@@ -27,6 +27,7 @@ class FakeRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     n: int
+    client: str = ""  # admission's client: whose work it is
     finished: bool = False
 
 
@@ -72,11 +73,12 @@ class FakeEngine:
         params: SamplingParams,
         n: int = 1,
         log_request_id: str | None = None,
+        client: str = "",
     ) -> RequestStream:
         """As Engine.add_request: the same RequestStream, fed by a task instead of a thread."""
         if not self.is_alive:
             raise EngineDeadError("fake engine is stopped")
-        request = FakeRequest(request_id, list(prompt_token_ids), params, n)
+        request = FakeRequest(request_id, list(prompt_token_ids), params, n, client)
         self.requests.append(request)
         stream = RequestStream(request_id, n, self.abort)
         self._streams[request_id] = stream

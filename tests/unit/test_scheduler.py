@@ -17,7 +17,7 @@ from app.core import (
     SequenceStatus,
 )
 from app.engine.block_manager import BlockManager
-from app.engine.scheduler import Scheduler, SeqUpdate
+from app.engine.scheduler import Scheduler, SeqUpdate, fair_order
 from tests.unit.fakes import FakeRunner, FakeTokenizer
 
 EOS = FakeTokenizer.EOS
@@ -535,3 +535,39 @@ def test_sample_output_type_is_what_update_appends(make: MakeScheduler):
     (update,) = scheduler.update(batch, [SampleOutput(token_id=9, logprob=-0.5)])
     assert update.output.logprob == -0.5 and seq.output_token_ids == [9]
     scheduler.finish(seq, FinishReason.STOP)
+
+
+# ------------------------------------------------------------ turns between clients
+def test_fair_order_takes_turns_between_clients_fewest_running_first():
+    def seqs_of(client: str, count: int) -> list[Sequence]:
+        made = [make_seq(2, request_id=f"{client}{i}") for i in range(count)]
+        for seq in made:
+            seq.client = client
+        return made
+
+    a, b, c = seqs_of("a", 3), seqs_of("b", 2), seqs_of("c", 1)
+    waiting = [*a, *b, *c]
+    assert fair_order(waiting, []) == [a[0], b[0], c[0], a[1], b[1], a[2]]
+    # a runs two sequences already: b and c go first, then everyone has two
+    running = seqs_of("a", 2)
+    assert fair_order(waiting, running) == [b[0], c[0], b[1], a[0], a[1], a[2]]
+    assert fair_order(a, running) == a  # one client: its own order
+    assert fair_order([*b, *a], []) == [b[0], a[0], b[1], a[1], a[2]]  # ties: first come
+
+
+def test_a_small_request_of_another_client_gets_the_next_free_slot(make: MakeScheduler):
+    scheduler, runner = make(max_num_seqs=2)
+    flood = []
+    for i in range(6):  # client a: six sequences, two run, four wait; a0 ends first
+        (seq,) = add_request(scheduler, f"a{i}", [11, 12, 13], max_tokens=5 if i == 0 else 40, n=1)
+        seq.client = "a"
+        flood.append(seq)
+    step(scheduler, runner)
+    (small,) = add_request(scheduler, "b", [14], max_tokens=1, n=1)
+    small.client = "b"
+    while not flood[0].is_finished:
+        step(scheduler, runner)
+        assert small.status is SequenceStatus.WAITING  # no free slot yet
+    step(scheduler, runner)  # one slot is free: b's turn (a runs one), not a2's
+    assert small.is_finished and flood[2].status is SequenceStatus.WAITING
+    run_to_completion(scheduler, runner)
