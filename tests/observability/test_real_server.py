@@ -27,10 +27,12 @@ from tests.system import deploy_files as deploy
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 # The tiny model in fp32 needs 8 KiB per 16-token block: 0.0002 GiB is 26 blocks.
+# Admission may overcommit the cache tenfold, so the preemption test can preempt.
 TINY_ENV = {
     "LAMINA_DEVICE": "cpu",
     "LAMINA_NUM_THREADS": "1",
     "LAMINA_KV_CACHE_GB": "0.0002",
+    "LAMINA_MAX_ADMITTED_TOKENS": "4160",
     "LAMINA_LOG_FORMAT": "json",
 }
 SECRET = "purple-elephant-7781"
