@@ -33,7 +33,8 @@ visible keys, so it is batch invariant by construction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,9 @@ class AttentionMetadata:
     backend: str = "bmm"
     native: NativeAttentionInputs | None = None  # backend "native" only
     sliding_window: int | None = None  # a token attends to its last `sliding_window` keys
+    # The same batch for the layers with a window of their own (Gemma's local layers):
+    # built when build_attention_metadata is given a `local_window`.
+    local: AttentionMetadata | None = None
 
 
 @dataclass
@@ -143,6 +147,7 @@ def build_attention_metadata(
     mask_dtype: torch.dtype = torch.float32,
     native: NativeKernels | None = None,
     sliding_window: int | None = None,
+    local_window: int | None = None,
 ) -> tuple[torch.Tensor, AttentionMetadata]:
     """Positions [N] and attention metadata of a batch, from host lists.
 
@@ -152,8 +157,36 @@ def build_attention_metadata(
     are few; any order is correct. backend "sdpa" (CUDA) merges groups as when not
     invariant: its fused kernel walks keys in fixed tiles, so masked padding adds
     exact zeros (unverified on hardware: see docs/performance.md). backend "native"
-    needs `native` (the compiled kernels) and builds no groups.
+    needs `native` (the compiled kernels) and builds no groups. `local_window` also
+    builds `metadata.local`, the same batch seen through that window.
     """
+    args = (query_lens, context_lens, block_tables, block_size, num_blocks, num_kv_heads, device)
+    options = dict(batch_invariant=batch_invariant, min_query_rows=min_query_rows)
+    options.update(backend=backend, mask_dtype=mask_dtype, native=native)
+    positions, metadata = _build_metadata(*args, **options, sliding_window=sliding_window)
+    if local_window is not None:
+        if metadata.native is not None:  # the kernel takes the window per call
+            metadata.local = replace(metadata, sliding_window=local_window)
+        else:  # the window is in the groups' masks
+            _, metadata.local = _build_metadata(*args, **options, sliding_window=local_window)
+    return positions, metadata
+
+
+def _build_metadata(
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    num_blocks: int,
+    num_kv_heads: int,
+    device: torch.device,
+    batch_invariant: bool,
+    min_query_rows: int,
+    backend: str,
+    mask_dtype: torch.dtype,
+    native: NativeKernels | None,
+    sliding_window: int | None,
+) -> tuple[torch.Tensor, AttentionMetadata]:
     if backend not in ("bmm", "sdpa", "native"):
         raise ValueError(f"unknown attention backend {backend!r}")
     if (backend == "native") != (native is not None):
@@ -312,14 +345,20 @@ def paged_attention(
     layer_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend. Returns [N, num_heads * head_dim].
+
+    softcap (Gemma 2): scores become softcap * tanh(scores / softcap) before the mask;
+    only the "bmm" backend computes it (the model picks that backend when it needs it).
 
     query [N, num_heads, head_dim] (rotated; any strides); new_kv [N, 2 * num_kv_heads,
     head_dim]: the new keys, then the new values; layer_cache [2, num_kv_heads,
     num_blocks, block_size, head_dim]: this layer's keys and values.
     """
     write_kv(layer_cache, new_kv, metadata.slot_mapping)
+    if softcap is not None and metadata.backend != "bmm":
+        raise ValueError(f"the {metadata.backend!r} attention backend has no logit soft-capping")
     if metadata.native is not None:
         inputs = metadata.native
         return inputs.kernels.paged_attention(
@@ -327,7 +366,10 @@ def paged_attention(
             inputs.num_keys, scale, metadata.sliding_window,
         )  # fmt: skip
     num_tokens, num_heads, head_dim = query.shape
-    attend = _attend_sdpa if metadata.backend == "sdpa" else _attend
+    if metadata.backend == "sdpa":
+        attend = _attend_sdpa
+    else:
+        attend = functools.partial(_attend, softcap=softcap)
     if len(metadata.groups) == 1 and metadata.groups[0].row_end == num_tokens:
         return attend(query, layer_cache, metadata.groups[0], metadata.min_query_rows, scale)
     # Rows no group covers (a CUDA graph's padding) stay zero.
@@ -344,6 +386,7 @@ def _attend(
     group: AttentionGroup,
     min_query_rows: int,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:  # [T, num_heads * head_dim]
     """One group: an item is one (sequence, KV head) with its query rows; the items'
     matmuls run as one batch, each over the group's num_keys gathered keys."""
@@ -362,6 +405,8 @@ def _attend(
     num_items, padded_rows = queries.shape[0], queries.shape[1]
     keys = gather_blocks(layer_cache[0], group).view(num_items, group.num_keys, head_dim)
     scores = torch.bmm(queries, keys.transpose(1, 2))  # [items, padded rows, L]
+    if softcap is not None:  # before the mask, as transformers does
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
     if group.is_decode:  # [n, heads * padded rows, L] + [n, 1, L]: padding rows too
         scores.view(group.num_seqs, -1, group.num_keys).add_(group.mask)
     else:  # [heads, T, group_size, L] + [T, 1, L]; padding rows (if any) come after

@@ -81,8 +81,9 @@ def _profile_prefill(model, settings, device, dtype, max_model_len) -> None:
         model.config.num_kv_heads,
         device,
         batch_invariant=settings.batch_invariant,
-        backend="sdpa",
+        backend=_profiled_backend(model),
         mask_dtype=dtype,
+        local_window=model.config.local_window,
     )
     ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
     hidden = model(ids, positions, metadata, scratch)
@@ -111,8 +112,15 @@ def _profile_decode(model, settings, device, dtype, max_model_len) -> None:
         slot_mapping=torch.zeros(batch, dtype=torch.int64, device=device),
         groups=[group],
         num_decode_tokens=batch,
-        backend="sdpa",
+        backend=_profiled_backend(model),
     )
+    metadata.local = metadata  # local layers read the same keys: as large, windowed or not
     zeros = torch.zeros(batch, dtype=torch.int64, device=device)
     hidden = model(zeros, zeros, metadata, scratch)
     model.compute_logits(hidden).float().softmax(-1)
+
+
+def _profiled_backend(model) -> str:
+    """The CUDA backend the model's attention takes: "sdpa", or "bmm" for soft-capped
+    scores (Gemma 2)."""
+    return "bmm" if model.attention_backend == "bmm" else "sdpa"

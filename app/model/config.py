@@ -81,6 +81,16 @@ class ModelConfig:
     architecture: str = "LlamaForCausalLM"
     qk_norm: bool = False  # RMSNorm over each q and k head before the rotary embedding
     sliding_window: int | None = None  # a token sees only its last `sliding_window` keys
+    hidden_act: str = "silu"  # the MLP's gate activation (SUPPORTED_ACTIVATIONS)
+    # Gemma's local layers: these layers see their last `local_window` keys only (the
+    # others every key, or `sliding_window`), and rotate with `local_rope_theta` when set.
+    # local_window is None when no layer is local.
+    local_layers: tuple[int, ...] = ()
+    local_window: int | None = None
+    local_rope_theta: float | None = None  # default rope with this base on local layers
+    query_scale: float | None = None  # the attention's score scale; None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
 
     @property
     def q_size(self) -> int:
@@ -94,10 +104,9 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any], **features: Any) -> ModelConfig:
         """Validate a parsed config.json's shared fields; `features` are the family's
         (Family.features). Raises ModelLoadError on what lamina cannot run."""
-        _check_activation(raw)
         hidden_size = int(raw["hidden_size"])
         num_heads = int(raw["num_attention_heads"])
-        rope_theta, rope_scaling = _parse_rope(raw)
+        rope_theta, rope_scaling = parse_rope(raw)
         config = cls(
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden_size,
@@ -114,8 +123,12 @@ class ModelConfig:
             qkv_bias=bool(raw.get("attention_bias", False)),
             o_bias=bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
+            hidden_act=str(raw.get("hidden_act", "silu")),
         )
         config = replace(config, **features)
+        _check_activation(config.hidden_act)
+        if config.local_layers and (config.local_window or 0) < 1:
+            raise ModelLoadError(f"sliding_window must be at least 1, not {config.local_window}")
         if config.sliding_window is not None and config.sliding_window < 1:
             raise ModelLoadError(f"sliding_window must be at least 1, not {config.sliding_window}")
         if config.num_heads % config.num_kv_heads:
@@ -143,16 +156,20 @@ def read_config_json(model_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _check_activation(raw: dict[str, Any]) -> None:
-    activation = raw.get("hidden_act", "silu")
-    if activation != "silu":
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in SUPPORTED_ACTIVATIONS:
         raise ModelLoadError(
-            f"unsupported hidden_act {activation!r}: lamina's MLP is SwiGLU (silu)"
+            f"unsupported hidden_act {activation!r}: lamina's gated MLP runs "
+            f"{', '.join(SUPPORTED_ACTIVATIONS)}"
         )
 
 
-def _parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
-    """Both layouts: transformers-5 `rope_parameters`, or `rope_theta` + `rope_scaling`."""
+def parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
+    """Rope base and scaling of a config.json; both layouts: transformers-5
+    `rope_parameters`, or `rope_theta` + `rope_scaling`."""
     params = raw.get("rope_parameters")
     if isinstance(params, dict):
         theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))

@@ -1,6 +1,7 @@
 """The model families lamina runs natively: config.json's `architectures[0]` -> Family.
 
-Each family is one file (llama.py, qwen2.py, qwen3.py, mistral.py, phi3.py) whose `FAMILY` names
+Each family is one file (llama.py, qwen2.py, qwen3.py, mistral.py, phi3.py, gemma.py for
+Gemma 2 and 3) whose `FAMILY` names
 its model class and reads its differences from LLaMA out of config.json into
 ModelConfig's switches. Adding a family: that file, one line here, its parity test
 (docs/adding-a-model-family.md).
@@ -13,13 +14,16 @@ from typing import Any
 
 from torch import nn
 
-from app.model import llama, mistral, phi3, qwen2, qwen3
+from app.model import gemma, llama, mistral, phi3, qwen2, qwen3
 from app.model.config import Family, ModelConfig, ModelLoadError, read_config_json
 
 FAMILIES: dict[str, Family] = {
     family.architecture: family
-    for family in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY, phi3.FAMILY)
-}
+    for family in (
+        llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY, phi3.FAMILY, gemma.GEMMA2,
+        gemma.GEMMA3,
+    )
+}  # fmt: skip
 # Folders saved without `architectures` name their family by model_type only.
 _BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
@@ -27,6 +31,8 @@ _BY_MODEL_TYPE = {
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 
 

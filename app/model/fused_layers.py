@@ -59,6 +59,11 @@ def why_not_fused(model: FusableModel) -> str | None:
     a time (the start-up log says it)."""
     if model.native is None:
         return "lamina's native CPU kernels are not in use (a GPU, kernels=torch, or no compiler)"
+    family_reason = getattr(model, "fused_stack_lacks", None)  # a family it cannot run
+    if family_reason is not None:
+        return family_reason
+    if model.config.hidden_act != "silu":
+        return f"the fused stack's MLP is SwiGLU, not {model.config.hidden_act}"
     linears = [m for layer in model.layers for m in layer.modules() if isinstance(m, Linear)]
     kernels = [k for m in linears for k in (m.kernel, m.prompt_kernel) if k is not None]
     if not linears or not all(isinstance(k, NativeLinearKernel) for k in kernels):

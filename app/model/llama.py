@@ -86,7 +86,8 @@ class LlamaAttention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.scale = config.head_dim**-0.5
+        self.scale = config.query_scale or config.head_dim**-0.5
+        self.softcap = config.attn_logit_softcap  # Gemma 2's, on the scores
         self.split_sizes = (config.q_size, config.kv_size, config.kv_size)
         self.qkv_proj = Linear(config.hidden_size, sum(self.split_sizes), config.qkv_bias)
         self.o_proj = Linear(config.q_size, config.hidden_size, config.o_bias)
@@ -114,15 +115,25 @@ class LlamaAttention(nn.Module):
         apply_rotary_(qkv[:, :num_qk].view(heads), *rope)
         q = qkv[:, :num_q].view(heads)  # [N, num_heads, head_dim]
         new_kv = qkv[:, num_q:].view(heads)  # [N, 2 * num_kv_heads, head_dim]
-        out = paged_attention(q, new_kv, cache, metadata, self.scale)
+        out = paged_attention(q, new_kv, cache, metadata, self.scale, self.softcap)
         return self.o_proj(out, kinds)  # [N, num_heads * head_dim] in
 
 
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# config.hidden_act -> the gate's activation (SUPPORTED_ACTIVATIONS in config.py)
+GATE_ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": _gelu_tanh}
+
+
 class LlamaMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up as one matmul."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up as one matmul (GeGLU, the
+    tanh-approximated GELU in silu's place, when config.hidden_act says so: Gemma)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.activation = GATE_ACTIVATIONS[config.hidden_act]
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = Linear(
             config.hidden_size, 2 * config.intermediate_size, config.mlp_bias
@@ -133,7 +144,7 @@ class LlamaMLP(nn.Module):
         self, x: torch.Tensor, kinds: RowKinds | None = None
     ) -> torch.Tensor:  # [N, hidden] -> [N, hidden]
         gate, up = self.gate_up_proj(x, kinds).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up, kinds)  # [N, intermediate] in
+        return self.down_proj(self.activation(gate) * up, kinds)  # [N, intermediate] in
 
 
 class LlamaDecoderLayer(nn.Module):

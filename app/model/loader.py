@@ -97,6 +97,8 @@ _RENAMED = {
     "mlp.down_proj": "mlp.down_proj",
     "input_layernorm": "input_norm",
     "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "pre_feedforward_norm",  # Gemma's extra norms
+    "post_feedforward_layernorm": "post_feedforward_norm",
     "self_attn.qkv_proj": "attn.qkv_proj",  # Phi-3 stores them merged already
     "mlp.gate_up_proj": "mlp.gate_up_proj",
     "self_attn.q_norm": "attn.q_norm",  # Qwen3's per-head norms

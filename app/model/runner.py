@@ -128,7 +128,7 @@ class ModelRunner:
             )
         self.decode_graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
-            if self.config.sliding_window is None:
+            if self.config.sliding_window is None and self.config.local_window is None:
                 self.enable_decode_graphs(max_num_seqs, use_cuda_graphs=True)
             else:  # their recorded masks have no window (cuda_graphs.py)
                 logger.info("decode CUDA graphs off: the model has a sliding window")
@@ -136,7 +136,7 @@ class ModelRunner:
     def enable_decode_graphs(self, max_batch: int, use_cuda_graphs: bool) -> None:
         """Run decode-only steps through DecodeGraphs (use_cuda_graphs=False: its eager
         twin, which tests use on the CPU)."""
-        if self.config.sliding_window is not None:
+        if self.config.sliding_window is not None or self.config.local_window is not None:
             raise ValueError("decode graphs have no sliding window")
         self.attention_backend = "sdpa"
         self.decode_graphs = DecodeGraphs(
@@ -255,6 +255,7 @@ class ModelRunner:
                 mask_dtype=self.dtype,
                 native=self.model.native if self.attention_backend == "native" else None,
                 sliding_window=self.config.sliding_window,
+                local_window=self.config.local_window,
             )
             input_ids = torch.tensor(flat.input_ids, dtype=torch.int64).to(self.device)
             kinds = self._row_kinds(flat) if self.splits_rows else None  # of the N rows

@@ -4,7 +4,11 @@ the default model's tokenizer, and an engine runner over each.
 Every family's peculiarity is switched on: Qwen2's q/k/v biases (and a tied head, as
 its small checkpoints have), Qwen3's per-head q/k norms (with a head_dim of its own),
 Mistral with and without a sliding window shorter than the prompts, Phi-3's merged
-q/k/v and gate/up weights (with a window of 20).
+q/k/v and gate/up weights (with a window of 20), Gemma 2 and 3 (GeGLU, four (1 + weight)
+norms a layer, scaled embeddings, query_pre_attn_scalar, local layers with a window
+shorter than the prompts between global ones; Gemma 2 tied, with both soft-caps low
+enough to bend its scores and logits; Gemma 3 with q/k norms, a local rope base of its
+own and linear rope scaling on its global layer).
 """
 
 from __future__ import annotations
@@ -26,7 +30,33 @@ FAMILY_MODELS = {
     "mistral": ("MistralConfig", dict(sliding_window=None)),
     "mistral_window": ("MistralConfig", dict(sliding_window=SLIDING_WINDOW)),
     "phi3": ("Phi3Config", dict(sliding_window=20)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            head_dim=32,
+            tie_word_embeddings=True,
+            sliding_window=SLIDING_WINDOW,  # layers 0 and 2; layer 1 is global
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=0.5,  # the tiny model's scores reach past it
+            final_logit_softcapping=1.0,  # its logits too
+        ),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            head_dim=32,
+            sliding_window=SLIDING_WINDOW,
+            sliding_window_pattern=3,  # layers 0 and 1 local, layer 2 global
+            query_pre_attn_scalar=24,
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            },
+        ),
+    ),
 }
+# Families the fused native stack does not run (their layers run one op at a time).
+UNFUSED_FAMILIES = frozenset({"gemma2", "gemma3"})
 # Mistral without a window runs exactly LLaMA's code (tests/unit and tests/engine):
 # the engine-level tests take the models whose code differs.
 ENGINE_FAMILIES = sorted(set(FAMILY_MODELS) - {"mistral"})

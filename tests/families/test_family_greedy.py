@@ -14,7 +14,7 @@ from app.core import SamplingParams
 from app.engine.engine_core import EngineCore
 from app.tokenizer import Tokenizer
 from tests.engine.conftest import SizedRunner, drive, hf_greedy
-from tests.families.conftest import ENGINE_FAMILIES
+from tests.families.conftest import ENGINE_FAMILIES, UNFUSED_FAMILIES
 
 NUM_NEW_TOKENS = 8
 # Prefixes of one text, each 2 tokens short of a block boundary its new tokens cross.
@@ -57,19 +57,29 @@ def loaded_cases() -> dict[str, FamilyCase]:
     return {}  # filled on first use: one runner and one set of references per family
 
 
-@pytest.fixture(params=ENGINE_FAMILIES)
-def case(request, family_model_paths, loaded_cases) -> FamilyCase:
-    name = request.param
+# (family, through the fused stack): every family one op at a time, and fused where the
+# stack runs it.
+RUNS = [
+    (family, fused)
+    for family in ENGINE_FAMILIES
+    for fused in (True, False)
+    if not (fused and family in UNFUSED_FAMILIES)
+]
+
+
+@pytest.fixture(params=RUNS, ids=[f"{f}-{'fused' if x else 'per_op'}" for f, x in RUNS])
+def run(request, family_model_paths, loaded_cases) -> tuple[FamilyCase, bool]:
+    """A family's case and whether this test runs it through the fused stack."""
+    name, fused = request.param
     if name not in loaded_cases:
         loaded_cases[name] = FamilyCase(family_model_paths[name])
     runner = loaded_cases[name].runner
-    fused = runner.model.native is not None and runner.model.fuse_layers
-    yield loaded_cases[name]
-    runner.model.fuse_layers = fused  # as loaded, for the next test
+    as_loaded = runner.model.native is not None and runner.model.fuse_layers
+    yield loaded_cases[name], fused
+    runner.model.fuse_layers = as_loaded  # for the next test
 
 
 PARAMS = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0.0)
-FUSED = pytest.mark.parametrize("fused", [True, False], ids=["fused", "per_op"])
 
 
 def _run(core: EngineCore, arrivals) -> dict[str, list[int]]:
@@ -80,23 +90,23 @@ def _ids(case: FamilyCase) -> list[str]:
     return [f"r{i}" for i in range(len(case.prompts))]
 
 
-@FUSED
-def test_one_at_a_time(case, fused):
+def test_one_at_a_time(run):
+    case, fused = run
     core = case.core(fused)
     for request_id, prompt, expected in zip(_ids(case), case.prompts, case.expected):
         assert _run(core, {0: [(request_id, prompt)]})[request_id] == expected, request_id
 
 
-@FUSED
-def test_batched_and_staggered(case, fused):
+def test_batched_and_staggered(run):
+    case, fused = run
     core = case.core(fused, enable_prefix_caching=False)
     arrivals = {2 * i: [(rid, p)] for i, (rid, p) in enumerate(zip(_ids(case), case.prompts))}
     got = _run(core, arrivals)
     assert [got[rid] for rid in _ids(case)] == case.expected
 
 
-@FUSED
-def test_prefix_caching(case, fused):
+def test_prefix_caching(run):
+    case, fused = run
     core = case.core(fused)
     longest = len(PROMPT_LENGTHS) - 1
     assert _run(core, {0: [("first", case.prompts[longest])]})["first"] == case.expected[longest]
@@ -106,15 +116,15 @@ def test_prefix_caching(case, fused):
     assert [got[rid] for rid in _ids(case)] == case.expected
 
 
-@FUSED
-def test_chunked_prefill(case, fused):
+def test_chunked_prefill(run):
+    case, fused = run
     core = case.core(fused, max_num_batched_tokens=16, enable_prefix_caching=False)
     got = _run(core, {0: list(zip(_ids(case), case.prompts))})
     assert [got[rid] for rid in _ids(case)] == case.expected
 
 
-@FUSED
-def test_preemption(case, fused):
+def test_preemption(run):
+    case, fused = run
     # The first three take the 6 blocks (1 + 2 + 3 of 16) and each needs one more after
     # 2 new tokens: someone must be preempted.
     core = case.core(fused, num_blocks=6, enable_prefix_caching=False)

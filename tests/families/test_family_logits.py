@@ -7,7 +7,12 @@ from __future__ import annotations
 import pytest
 
 from app.model.loader import load_model
-from tests.families.conftest import FAMILY_MODELS, SLIDING_WINDOW, save_family_model
+from tests.families.conftest import (
+    FAMILY_MODELS,
+    SLIDING_WINDOW,
+    UNFUSED_FAMILIES,
+    save_family_model,
+)
 from tests.model.helpers import check_logits_parity
 
 PATHS = {
@@ -17,8 +22,15 @@ PATHS = {
 }
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
-@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
+FAMILY_PATHS = [
+    (family, path)
+    for family in sorted(FAMILY_MODELS)
+    for path in sorted(PATHS)
+    if not (path == "fused" and family in UNFUSED_FAMILIES)
+]
+
+
+@pytest.mark.parametrize(("family", "path"), FAMILY_PATHS)
 def test_logits_match_transformers(family_model_paths, family, path, native):
     check_logits_parity(family_model_paths[family], **PATHS[path])
 
@@ -62,3 +74,32 @@ def test_yarn_rope_far_past_its_original_context(
     path = save_family_model(tmp_path, "qwen2", default_model_path, rope_parameters=yarn)
     assert load_model(path).config.rope_scaling.attention_factor > 1.1
     check_logits_parity(path, prompt_len=96, kernels=kernel_family)
+
+
+@pytest.mark.parametrize("family", sorted(UNFUSED_FAMILIES))
+@pytest.mark.parametrize("kernel_family", ["auto", "torch"])
+def test_gemma_far_past_its_local_window(family_model_paths, family, kernel_family, native):
+    """150 tokens: the local layers see their last 12 keys, the global ones all 150."""
+    check_logits_parity(
+        family_model_paths[family], prompt_len=150, kernels=kernel_family, fused=False
+    )
+
+
+def test_the_gemma_differences_are_read(family_model_paths, native, caplog):
+    caplog.set_level("INFO", logger="app.model.loader")
+    gemma2 = load_model(family_model_paths["gemma2"])
+    config = gemma2.config
+    assert (config.hidden_act, config.local_layers, config.local_window) == (
+        "gelu_pytorch_tanh",
+        (0, 2),
+        SLIDING_WINDOW,
+    )
+    assert (config.attn_logit_softcap, config.final_logit_softcap) == (0.5, 1.0)
+    assert config.query_scale == 24**-0.5 and config.local_rope_theta is None
+    assert gemma2.attention_backend == "bmm"  # soft-capped scores
+    gemma3 = load_model(family_model_paths["gemma3"]).config
+    assert gemma3.qk_norm and gemma3.local_layers == (0, 1) and gemma3.local_rope_theta == 100
+    assert (gemma3.rope_theta, gemma3.rope_scaling.rope_type) == (1e4, "linear")
+    assert gemma3.attn_logit_softcap is None and gemma3.final_logit_softcap is None
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decoder")]
+    assert lines[0].startswith("decoder layers: one op at a time: the fused native stack has no")

@@ -120,6 +120,7 @@ def model_logits(
         mask_dtype=model.dtype,
         native=model.native if backend == "native" else None,
         sliding_window=model.config.sliding_window,
+        local_window=model.config.local_window,
     )
     input_ids = torch.tensor([t for c in chunks for t in c.token_ids], device=device)
     with torch.inference_mode():
@@ -209,7 +210,7 @@ def check_logits_parity(
     from app.model.loader import load_model
 
     ours = load_model(model_dir, kernels=kernels)
-    if kernels == "auto" and ours.native is not None:
+    if fused and kernels == "auto" and ours.native is not None:
         assert ours.fuse_layers, "every Linear is native: the layers must fuse"
     ours.fuse_layers = fused and ours.fuse_layers
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
