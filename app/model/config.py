@@ -91,6 +91,7 @@ class ModelConfig:
     query_scale: float | None = None  # the attention's score scale; None: head_dim ** -0.5
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
+    generic: bool = False  # run by transformers' own modules (app/model/generic.py)
 
     @property
     def q_size(self) -> int:

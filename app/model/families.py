@@ -4,7 +4,8 @@ Each family is one file (llama.py, qwen2.py, qwen3.py, mistral.py, phi3.py, gemm
 Gemma 2 and 3) whose `FAMILY` names
 its model class and reads its differences from LLaMA out of config.json into
 ModelConfig's switches. Adding a family: that file, one line here, its parity test
-(docs/adding-a-model-family.md).
+(docs/adding-a-model-family.md). Any other architecture goes to the generic backend
+(generic.py), which refuses what it cannot run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from app.model import gemma, llama, mistral, phi3, qwen2, qwen3
 from app.model.config import Family, ModelConfig, ModelLoadError, read_config_json
+from app.model.generic import generic_config
 
 FAMILIES: dict[str, Family] = {
     family.architecture: family
@@ -57,10 +59,31 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
 
 
 def read_model_config(model_dir: str | Path) -> ModelConfig:
-    """The ModelConfig of a local Hugging Face folder (ModelLoadError if lamina cannot run it)."""
-    return config_from_dict(read_config_json(model_dir))
+    """The ModelConfig of a local Hugging Face folder: a native family's, else one for the
+    generic backend (generic.py); ModelLoadError, in one line saying what lamina runs,
+    when neither can run it."""
+    raw = read_config_json(model_dir)
+    if _native_architecture(raw) in FAMILIES:
+        return config_from_dict(raw)
+    try:
+        return generic_config(model_dir, raw)
+    except ModelLoadError as exc:
+        found = _native_architecture(raw) or f"model_type {raw.get('model_type')!r}"
+        raise ModelLoadError(
+            f"unsupported architecture {found!r} ({exc}): lamina runs {', '.join(FAMILIES)} "
+            "natively, and other decoder-only causal LMs of transformers whose attention "
+            "goes through its AttentionInterface with the generic backend"
+        ) from None
+
+
+def _native_architecture(raw: dict[str, Any]) -> str | None:
+    architectures = raw.get("architectures") or []
+    if architectures:
+        return architectures[0]
+    return _BY_MODEL_TYPE.get(raw.get("model_type"))
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """The family's model for `config`, unloaded (build it on the meta device)."""
+    """The family's model for `config`, unloaded (build it on the meta device); native
+    families only (the generic backend's model is transformers', loaded by generic.py)."""
     return FAMILIES[config.architecture].model_class(config)

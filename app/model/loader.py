@@ -26,6 +26,7 @@ import torch
 from app.model.config import ModelConfig, ModelLoadError, read_config_json
 from app.model.families import build_model, read_model_config
 from app.model.fused_layers import why_not_fused
+from app.model.generic import load_generic
 from app.model.gguf_folder import TENSOR_TABLE
 from app.model.linear import kernel_plan
 
@@ -181,6 +182,12 @@ def load_model(
     device = torch.device(device)
     model_dir = Path(model_dir)
     config = read_model_config(model_dir)
+    if config.generic:
+        safetensors_files(model_dir)  # refuses pickles and empty folders, naming them
+        return _load_generic(
+            model_dir, config, device, dtype, weight_dtype, batch_invariant, kernels
+        )
+    logger.info("backend: native (lamina's own %s code)", config.architecture)
     tensors = checkpoint_tensors(model_dir)
     with torch.device("meta"):
         model = build_model(config)
@@ -215,6 +222,16 @@ def load_model(
         _kernel_note(plan),
     )
     return model.eval()
+
+
+def _load_generic(model_dir, config, device, dtype, weight_dtype, batch_invariant, kernels):
+    """transformers' modules with lamina's paged attention (generic.py); of the kernel
+    plan only the native attention applies."""
+    plan = kernel_plan(device, dtype, None, batch_invariant, kernels)
+    if weight_dtype is not None:
+        logger.warning("weight_dtype applies to the native families only: ignored for %s",
+                       config.architecture)  # fmt: skip
+    return load_generic(model_dir, config, device, dtype, plan.native if plan else None)
 
 
 def _copy_out_of_checkpoint(model: torch.nn.Module) -> None:

@@ -9,6 +9,11 @@ norms a layer, scaled embeddings, query_pre_attn_scalar, local layers with a win
 shorter than the prompts between global ones; Gemma 2 tied, with both soft-caps low
 enough to bend its scores and logits; Gemma 3 with q/k norms, a local rope base of its
 own and linear rope scaling on its global layer).
+
+Two architectures lamina has no code for run through the generic backend (transformers'
+modules, lamina's paged attention): OLMo 2 (norms after each sublayer, q/k norms over
+whole projections) and Granite (its embedding, residual, attention and logit
+multipliers all set away from 1, so transformers' own head must run).
 """
 
 from __future__ import annotations
@@ -55,8 +60,21 @@ FAMILY_MODELS = {
         ),
     ),
 }
+GENERIC_MODELS = {
+    "olmo2": ("Olmo2Config", dict()),
+    "granite": (
+        "GraniteConfig",
+        dict(
+            embedding_multiplier=3.0,
+            residual_multiplier=0.5,
+            attention_multiplier=0.2,
+            logits_scaling=4.0,
+        ),
+    ),
+}
+FAMILY_MODELS.update(GENERIC_MODELS)
 # Families the fused native stack does not run (their layers run one op at a time).
-UNFUSED_FAMILIES = frozenset({"gemma2", "gemma3"})
+UNFUSED_FAMILIES = frozenset({"gemma2", "gemma3", *GENERIC_MODELS})
 # Mistral without a window runs exactly LLaMA's code (tests/unit and tests/engine):
 # the engine-level tests take the models whose code differs.
 ENGINE_FAMILIES = sorted(set(FAMILY_MODELS) - {"mistral"})
