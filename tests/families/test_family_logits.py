@@ -76,15 +76,6 @@ def test_yarn_rope_far_past_its_original_context(
     check_logits_parity(path, prompt_len=96, kernels=kernel_family)
 
 
-@pytest.mark.parametrize("family", sorted(UNFUSED_FAMILIES))
-@pytest.mark.parametrize("kernel_family", ["auto", "torch"])
-def test_gemma_far_past_its_local_window(family_model_paths, family, kernel_family, native):
-    """150 tokens: the local layers see their last 12 keys, the global ones all 150."""
-    check_logits_parity(
-        family_model_paths[family], prompt_len=150, kernels=kernel_family, fused=False
-    )
-
-
 def test_the_gemma_differences_are_read(family_model_paths, native, caplog):
     caplog.set_level("INFO", logger="app.model.loader")
     gemma2 = load_model(family_model_paths["gemma2"])
