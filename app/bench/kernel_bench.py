@@ -5,11 +5,11 @@ the head), with distinct weights per layer so they stream from memory as in the 
 through the native kernel, oneDNN with packed weights (torch's fastest fp32 kernel here)
 and F.linear, for several row counts. Attention: one decode step of S sequences with C
 cached tokens each, all layers, through the native kernel and through torch's path
-(gather the blocks, two batched matmuls, key buckets for invariance). bf16 weights: the
-same matmuls with bf16 panels against fp32 panels (of each library) and against oneDNN's
-bf16 matmul (activations cast to bf16, as torch's path runs them). Variants alternate
-within each repetition and the best repetition counts, so a noisy machine hurts both
-alike; the ratio is the figure to read.
+(gather the blocks, two batched matmuls, key buckets for invariance). bf16 and int8
+weights: the same matmuls with bf16 panels and int8 blocks against fp32 panels (of each
+library), and bf16 against oneDNN's bf16 matmul (activations cast to bf16, as torch's
+path runs them). Variants alternate within each repetition and the best repetition
+counts, so a noisy machine hurts both alike; the ratio is the figure to read.
 
 `--isa x86-64-v3,x86-64-v4,x86-64-v4-bf16,native` (and `--compiler gcc|clang`) runs the
 matmuls (fp32 and bf16) on each instruction-set build of the kernels, side by side, each
@@ -152,21 +152,26 @@ def bench_matmuls(libraries: list[Library], config: ModelConfig, args) -> None:
         print(f"{rows:5d} {cells}  {speedup:.2f}x over the fastest other; {shares}")
 
 
-def bench_bf16_matmuls(libraries: list[Library], config: ModelConfig, args) -> None:
-    """The forward's matmuls with bf16 weights: each library's bf16 panels (AVX512-BF16
-    dot products, or widened in the kernel) beside its fp32 panels, and oneDNN in bf16."""
+LOW_PRECISIONS = {"bf16": torch.bfloat16, "int8": torch.int8}  # beside fp32 panels
+
+
+def bench_low_precision_matmuls(libraries: list[Library], config: ModelConfig, args) -> None:
+    """The forward's matmuls with bf16 and int8 weights: each library's bf16 panels
+    (AVX512-BF16 dot products, or widened in the kernel) and int8 blocks (widened in
+    registers) beside its fp32 panels, and oneDNN in bf16."""
     shapes = linear_shapes(config)
     weights = [torch.randn(n, k) * 0.02 for k, n in shapes]  # [out, in], as checkpoints
     arena = HugePageArena()
     first = libraries[0].kernels  # every level packs the same layouts: one copy serves all
-    fp32 = [first.pack_weight(w, arena.empty) for w in weights]
-    bf16 = [first.pack_weight(w, arena.empty, dtype=torch.bfloat16) for w in weights]
+    packed_as = {"fp32": [first.pack_weight(w, arena.empty) for w in weights]}
+    for name, dtype in LOW_PRECISIONS.items():
+        packed_as[name] = [first.pack_weight(w, arena.empty, dtype=dtype) for w in weights]
     del weights
-    # Columns "fp32" and "bf16" for one library; "<level> fp32", "<level> bf16" for several.
+    # Columns "fp32", "bf16", "int8" for one library; "<level> fp32"... for several.
     prefix = (lambda library: f"{library.name} ") if len(libraries) > 1 else (lambda _: "")
     variants_for: dict[str, Callable[[dict[int, torch.Tensor]], None]] = {}
     for library in libraries:
-        for dtype, panels in (("fp32", fp32), ("bf16", bf16)):
+        for dtype, panels in packed_as.items():
             variants_for[prefix(library) + dtype] = lambda xs, k=library.kernels, p=panels: [
                 k.matmul(xs[i], w, None, n) for (i, n), w in zip(shapes, p)
             ]
@@ -181,30 +186,31 @@ def bench_bf16_matmuls(libraries: list[Library], config: ModelConfig, args) -> N
             for (k, _), p in zip(shapes, packed)
         ]
     hows = ", ".join(
-        f"{prefix(library)}"
+        f"{prefix(library)}bf16 "
         + ("AVX512-BF16 dot products" if library.kernels.bf16_dot_product else "widened to FMAs")
         for library in libraries
     )
-    print(f"\nmatmuls of one forward with bf16 weights ({hows}), best of {args.repeats}, ms")
+    print(
+        f"\nmatmuls of one forward with bf16 ({hows}) and int8 weights, best of {args.repeats}, ms"
+    )
     names = list(variants_for)
     width = max(11, *(len(n) for n in names))
-    print(f"{'rows':>5} " + " ".join(f"{n:>{width}}" for n in names) + "  bf16 speed-up")
+    print(f"{'rows':>5} " + " ".join(f"{n:>{width}}" for n in names) + "  speed-up over fp32")
     for rows in args.rows:
         xs = {k: torch.randn(rows, k) for k in {k for k, _ in shapes}}
         variants = {n: lambda f=f, xs=xs: f(xs) for n, f in variants_for.items()}
         timings = best_ms(variants, args.repeats)
         cells = " ".join(f"{timings[n]:{width}.1f}" for n in names)
-        flops = sum(2 * rows * k * n for k, n in shapes)
         against = []
         for library in libraries:
-            bf16_ms = timings[prefix(library) + "bf16"]
-            figures = [f"{timings[prefix(library) + 'fp32'] / bf16_ms:.2f}x over native fp32"]
+            fp32_ms = timings[prefix(library) + "fp32"]
+            figures = [
+                f"{name} {fp32_ms / timings[prefix(library) + name]:.2f}x"
+                for name in LOW_PRECISIONS
+            ]
             if "oneDNN bf16" in timings:
-                figures.append(f"{timings['oneDNN bf16'] / bf16_ms:.2f}x over oneDNN bf16")
-            rate = flops / (bf16_ms / 1e3)
-            figures.append(
-                f"{rate / 1e9:.0f} GFLOP/s, {rate / library.fma_peak:.0%} of the fp32 FMA peak"
-            )
+                bf16_ms = timings[prefix(library) + "bf16"]
+                figures.append(f"bf16 {timings['oneDNN bf16'] / bf16_ms:.2f}x over oneDNN bf16")
             against.append(prefix(library) + ", ".join(figures))
         print(f"{rows:5d} {cells}  " + "; ".join(against))
 
@@ -287,6 +293,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     with torch.inference_mode():
         bench_matmuls(libraries, config, args)
-        bench_bf16_matmuls(libraries, config, args)
+        bench_low_precision_matmuls(libraries, config, args)
         bench_attention(libraries[0].kernels, config, args)
     return 0

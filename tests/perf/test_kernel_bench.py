@@ -28,14 +28,14 @@ def test_bench_kernels_prints_every_table(native, capsys):
     matmul_rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in matmul_rows] == ["1", "3", "1", "3"]  # fp32, then bf16 weights
     assert all(float(value) > 0 for r in matmul_rows for value in r[1:4])
-    assert "matmuls of one forward with bf16 weights" in out
-    assert "over native fp32" in out and "of the fp32 FMA peak" in out
+    assert "matmuls of one forward with bf16 (" in out and "and int8 weights" in out
+    assert "bf16 " in out and "int8 " in out
     assert "decode 2 x 40 keys" in out and "prefill 30 tokens" in out
 
 
 def test_bench_kernels_compares_instruction_set_levels(capsys):
     """`--isa` runs each level's library side by side, each against its own FMA peak, with
-    fp32 and with bf16 weights."""
+    fp32, bf16 and int8 weights."""
     levels = runnable_levels()[::-1]  # e.g. x86-64-v3, x86-64-v4, native
     if find_compiler() is None:
         pytest.skip("no C compiler to build the levels with")
@@ -48,9 +48,9 @@ def test_bench_kernels_compares_instruction_set_levels(capsys):
     fp32_row, bf16_row = [line for line in out.splitlines() if line.strip().startswith("2 ")]
     assert fp32_row.count("of its FMA peak") == len(levels)
     assert f"{levels[0]} speed-up" in out
-    assert bf16_row.count("of the fp32 FMA peak") == len(levels)  # bf16: every level too
-    header = next(line for line in out.splitlines() if line.endswith("bf16 speed-up"))
-    assert all(f"{level} fp32" in header and f"{level} bf16" in header for level in levels)
+    assert bf16_row.count("int8 ") == len(levels)  # bf16 and int8: every level too
+    header = next(line for line in out.splitlines() if line.endswith("speed-up over fp32"))
+    assert all(f"{level} bf16" in header and f"{level} int8" in header for level in levels)
 
 
 def test_bench_kernels_names_a_level_it_cannot_build(capsys):
