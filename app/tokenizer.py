@@ -6,6 +6,7 @@ their own): Hugging Face fast tokenizers are not safe to share across threads.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence as SequenceOf
 from pathlib import Path
@@ -15,14 +16,36 @@ from app.chat_control import (
     ControlTokenPolicy,
     ForgedTurnError,
     check_names,
+    control_token_in,
     encode_content_as_text,
     forged_content_index,
 )
 from app.token_bytes import is_byte_level, vocabulary_bytes
+from app.tools.prompt import fallback_messages
 
 
 class ChatTemplateError(ValueError):
     """The messages could not be rendered with the model's chat template."""
+
+
+def template_uses_tools(template: str | dict[str, str] | None) -> bool:
+    """Whether a chat template reads the `tools` variable (transformers passes it).
+
+    A tokenizer may hold several named templates; transformers picks "tool_use" for a
+    request with tools when there is one.
+    """
+    if isinstance(template, dict):
+        template = template.get("tool_use") or template.get("default")
+    if not template:
+        return False
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        parsed = jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError:
+        return False
+    return "tools" in meta.find_undeclared_variables(parsed)
 
 
 class Tokenizer:
@@ -44,6 +67,8 @@ class Tokenizer:
         self.eos_token_ids = frozenset(self._collect_eos_ids())
         self._special_ids = frozenset(self._hf.all_special_ids)
         self.has_chat_template = bool(getattr(self._hf, "chat_template", None))
+        # Does the template render `tools` itself? If not, tools/prompt.py's fallback does.
+        self.template_renders_tools = template_uses_tools(getattr(self._hf, "chat_template", None))
         self._byte_level = is_byte_level(self._hf)
         self._added_ids = frozenset(self._hf.added_tokens_decoder)
         self._bytes_cache: dict[int, bytes] = {}
@@ -74,20 +99,33 @@ class Tokenizer:
         return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Render chat messages with the model's template and tokenize them.
 
-        Control-token strings inside message content never become control tokens: they
-        are encoded as plain text, or refused (ForgedTurnError) under the "reject" policy.
+        Messages and `tools` are in transformers' tool format (tools/prompt.py). A
+        template that renders tools gets them as they are; any other gets the fallback's
+        plain messages. Control-token strings inside message content never become
+        control tokens: they are encoded as plain text, or refused (ForgedTurnError)
+        under the "reject" policy; in tool definitions and calls a native template
+        renders, they are refused.
         """
         if not self.has_chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
         check_names(messages, self.control_tokens)
+        if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            if not self.template_renders_tools:
+                messages, tools = fallback_messages(messages, tools), None
+            else:
+                self._refuse_control_tokens_in_tools(messages, tools)
         forged = forged_content_index(messages, self.control_tokens)
+        render = functools.partial(self._render, tools=tools)
         if forged is None:
             # The template already wrote any BOS/role markers it wants.
-            return self.encode(self._render(messages, add_generation_prompt), False)
+            return self.encode(render(messages, add_generation_prompt), False)
         if self.control_token_policy == "reject":
             index, token = forged
             raise ForgedTurnError(
@@ -96,15 +134,34 @@ class Tokenizer:
             )
         return encode_content_as_text(
             messages,
-            render=lambda chat: self._render(chat, add_generation_prompt),
+            render=lambda chat: render(chat, add_generation_prompt),
             encode_template=lambda text: self.encode(text, add_special_tokens=False),
             encode_plain=self._encode_splitting_control_tokens,
         )
 
-    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    def _refuse_control_tokens_in_tools(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> None:
+        texts = [("tools", json.dumps(tools or [], ensure_ascii=False))]
+        texts += [
+            (f"messages[{i}].tool_calls", json.dumps(m.get("tool_calls"), ensure_ascii=False))
+            for i, m in enumerate(messages)
+            if m.get("tool_calls")
+        ]
+        for param, text in texts:
+            found = control_token_in(text, self.control_tokens)
+            if found is not None:
+                raise ForgedTurnError(f"`{param}` contains the control token '{found}'", param)
+
+    def _render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         try:
             return self._hf.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+                messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
             )
         except Exception as exc:  # jinja errors raised by the template itself
             raise ChatTemplateError(f"chat template failed: {exc}") from None

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 from app.api.constraints import request_constraint
 from app.api.driver import ChoiceResult, Dialect
+from app.api.errors import invalid_request
 from app.api.params import chat_inputs, check_model, completion_inputs
 from app.api.prompts import completion_prompts
 from app.api.request_record import Usage
@@ -39,6 +40,8 @@ from app.api.schemas import (
 )
 from app.api.sse import DONE, TextFrames, finite, sse_event
 from app.api.state import Serving
+from app.api.tool_calls import ToolCallStreams, answer_message
+from app.api.tool_request import ToolRequest, tool_request
 from app.core import FinishReason, SamplingParams, TokenDelta, TokenLogprob
 
 
@@ -236,11 +239,51 @@ class ChatDialect(OpenAIDialect):
     response_model = ChatCompletionResponse
     inputs = staticmethod(chat_inputs)
 
+    @classmethod
+    def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> ChatDialect:
+        dialect = super().parse(body, serving, request_id, stream)
+        assert isinstance(dialect, ChatDialect)
+        dialect.tools = tool_request(body)
+        calls_constraint = dialect.tools.constraint()
+        if calls_constraint is not None:
+            if dialect.constraint is not None:
+                raise invalid_request(
+                    f"`{dialect.constraint.param}` and tool calls each constrain the output; "
+                    'send one (or `tool_choice: "none"`)',
+                    param=dialect.constraint.param,
+                )
+            dialect.constraint = calls_constraint
+            dialect.calls = ToolCallStreams(dialect.num_choices)
+        return dialect
+
+    def __init__(self, *args: Any, body: Any, serving: Serving) -> None:
+        super().__init__(*args, body=body, serving=serving)
+        self.tools: ToolRequest | None = None
+        self.calls: ToolCallStreams | None = None  # with tools: each choice's parser
+
     def opening(self) -> Iterable[bytes]:
         # The first chunk of each choice carries the role, before any token is ready.
         for index in range(self.num_choices):
             delta = ChatDelta(role="assistant", content="")
             yield sse_event(self._chunk([ChatChunkChoice(index=index, delta=delta)]))
+
+    def render_delta(self, index: int, delta: TokenDelta) -> Iterable[bytes]:
+        if self.calls is None:
+            return super().render_delta(index, delta)
+        content, calls = self.calls.feed(index, delta.text, delta.finished)
+        logprobs = None
+        if self.want_logprobs and delta.logprobs:
+            logprobs = self.delta_logprobs(index, delta)
+        if not (content or calls or logprobs or delta.finished):
+            return ()  # held back: maybe the start of a call
+        choice = ChatChunkChoice(
+            index=index,
+            delta=ChatDelta(content=content or None, tool_calls=calls or None),
+            logprobs=logprobs,
+            finish_reason=self._finish(delta.finish_reason, self.calls.num_calls(index)),
+            stop_reason=delta.stop_reason if delta.finished else None,
+        )
+        return (sse_event(self._chunk([choice])),)
 
     def chunk_choice(
         self, index: int, text: str, logprobs: Any = None, delta: TokenDelta | None = None
@@ -256,13 +299,25 @@ class ChatDialect(OpenAIDialect):
     def delta_logprobs(self, index: int, delta: TokenDelta) -> ChatLogprobs:
         return chat_logprobs(delta.logprobs, self.token_bytes)
 
+    @staticmethod
+    def _finish(reason: FinishReason | None, num_calls: int) -> FinishReasonName | None:
+        """ "tool_calls" for an answer with calls that ended as its grammar or EOS allowed."""
+        if reason is FinishReason.STOP and num_calls:
+            return "tool_calls"
+        return finish_name(reason)
+
     def final_choice(self, result: ChoiceResult) -> ChatChoice:
+        message = ChatResponseMessage(content=result.text)
+        num_calls = 0
+        if self.calls is not None:
+            message = answer_message(result.text)
+            num_calls = len(message.tool_calls or ())
         return ChatChoice(
             index=result.index,
-            message=ChatResponseMessage(content=result.text),
+            message=message,
             logprobs=(
                 chat_logprobs(result.logprobs, self.token_bytes) if self.want_logprobs else None
             ),
-            finish_reason=finish_name(result.finish_reason),
+            finish_reason=self._finish(result.finish_reason, num_calls),
             stop_reason=result.stop_reason,
         )

@@ -16,6 +16,7 @@ from app.api.prompts import check_token_ids, completion_prompts, encode_chat, en
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from app.api.schemas_tgi import GenerateParameters, GenerateRequest
 from app.api.state import Limits
+from app.api.tool_request import tool_request
 from app.api.unimplemented import refuse_unimplemented
 from app.core import SamplingParams
 from app.tokenizer import Tokenizer
@@ -265,7 +266,8 @@ def chat_inputs(
         raise invalid_request("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
     logprobs = (top_logprobs or 0) if body.logprobs else None
     params = _openai_params(body, limits, max_tokens, max_tokens_param, logprobs)
-    prompt = encode_chat(body.messages, tokenizer, body.add_generation_prompt is not False)
+    tools = tool_request(body).prompt_tools
+    prompt = encode_chat(body.messages, tokenizer, body.add_generation_prompt is not False, tools)
     fitted = fit_to_context(
         len(prompt), max_tokens, limits, prompt_param="messages", max_tokens_param=max_tokens_param
     )

@@ -6,6 +6,7 @@ becomes a 400 naming the field, what was given and what is allowed.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence as SequenceOf
 from typing import Any
 
@@ -70,7 +71,8 @@ def message_text(message: ChatMessage, index: int) -> str:
 
 
 def chat_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the chat template expects them: role + plain-text content."""
+    """Messages as the chat template expects them: role + plain-text content, and the
+    tool calls and tool results in transformers' format (app/tools/prompt.py)."""
     rendered = []
     for index, message in enumerate(messages):
         # OpenAI renamed "system" to "developer"; chat templates know "system".
@@ -78,16 +80,50 @@ def chat_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"role": role, "content": message_text(message, index)}
         if message.name:
             entry["name"] = message.name
+        if message.tool_calls:
+            entry["tool_calls"] = template_tool_calls(message, index)
+        if role == "tool":
+            if not message.tool_call_id:
+                param = f"messages[{index}].tool_call_id"
+                raise invalid_request(
+                    f"`{param}` is required: a tool message answers one call, by its id", param
+                )
+            entry["tool_call_id"] = message.tool_call_id
         rendered.append(entry)
     return rendered
 
 
+def template_tool_calls(message: ChatMessage, index: int) -> list[dict[str, Any]]:
+    """An assistant message's calls, arguments parsed (templates write them as JSON)."""
+    if message.role != "assistant":
+        param = f"messages[{index}].tool_calls"
+        raise invalid_request(f"`{param}`: only assistant messages carry tool calls", param)
+    calls = []
+    for call_index, call in enumerate(message.tool_calls or ()):
+        try:
+            arguments = json.loads(call.function.arguments)
+        except json.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            param = f"messages[{index}].tool_calls[{call_index}].function.arguments"
+            raise invalid_request(f"`{param}` must be a JSON object, as text", param)
+        function = {"name": call.function.name, "arguments": arguments}
+        calls.append({"id": call.id, "type": "function", "function": function})
+    return calls
+
+
 def encode_chat(
-    messages: list[ChatMessage], tokenizer: Tokenizer, add_generation_prompt: bool = True
+    messages: list[ChatMessage],
+    tokenizer: Tokenizer,
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
+    """The prompt's token ids; `tools` (OpenAI definitions) shown to the model if given."""
     try:
         token_ids = tokenizer.apply_chat_template(
-            chat_template_messages(messages), add_generation_prompt=add_generation_prompt
+            chat_template_messages(messages),
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
         )
     except ChatTemplateError as exc:
         raise invalid_request(str(exc), param="messages", code="chat_template_error") from None

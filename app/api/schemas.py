@@ -218,7 +218,7 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-FinishReasonName = Literal["stop", "length"]
+FinishReasonName = Literal["stop", "length", "tool_calls"]
 
 
 class CompletionChoice(BaseModel):
@@ -248,12 +248,31 @@ class ContentPart(LaminaRequest):
     text: str | None = None
 
 
+class CalledFunction(LaminaRequest):
+    name: str = Field(description="The function the assistant called.")
+    arguments: str = Field(description="Its arguments: a JSON object, as text.")
+
+
+class MessageToolCall(LaminaRequest):
+    """A tool call the assistant made earlier in the conversation."""
+
+    id: str = Field(description="The call's id; the `tool` message answering it repeats it.")
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class ChatMessage(LaminaRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = Field(
         default=None, description="Text, or a list of text parts."
     )
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = Field(
+        default=None, description="An assistant message's tool calls."
+    )
+    tool_call_id: str | None = Field(
+        default=None, description="A `tool` message: the id of the call it answers."
+    )
 
     @field_validator("content", mode="before")
     @classmethod
@@ -263,6 +282,31 @@ class ChatMessage(LaminaRequest):
         if isinstance(value, list) and all(isinstance(part, dict) for part in value):
             return value
         raise ValueError('must be a string or a list of parts like {"type": "text", "text": ...}')
+
+
+class FunctionDefinition(LaminaRequest):
+    name: str = Field(description="Letters, digits, `_` and `-`, at most 64 characters.")
+    description: str | None = Field(default=None, description="What the function does.")
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="JSON Schema of its arguments (an object); none: no arguments."
+    )
+    strict: StrictBool | None = Field(
+        default=None, description="Accepted either way: the grammar always enforces the schema."
+    )
+
+
+class ToolDefinition(LaminaRequest):
+    type: Literal["function"] = Field(description='Only "function" tools exist.')
+    function: FunctionDefinition
+
+
+class NamedFunction(LaminaRequest):
+    name: str
+
+
+class NamedToolChoice(LaminaRequest):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -278,11 +322,34 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: StrictBool | None = Field(
         default=None, description="End the prompt with the assistant turn's header. Default true."
     )
+    tools: list[ToolDefinition] | None = Field(
+        default=None, description="Functions the model may call (README: Tool calling)."
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None,
+        description='"auto" (default with tools): text or calls; "required": calls only; '
+        '{"type": "function", "function": {"name": ...}}: a call to that function; "none".',
+    )
+    parallel_tool_calls: StrictBool | None = Field(
+        default=None, description="Allow several calls in one answer. Default true."
+    )
+
+
+class ResponseFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text, as the model wrote it.")
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunction
 
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ChatTopLogprob(BaseModel):
@@ -316,9 +383,24 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    arguments: str = ""
+
+
+class DeltaToolCall(BaseModel):
+    """A call's part in a chunk: its index, id, type and name first, then arguments."""
+
+    index: int
+    id: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    type: Literal["function"] | None = Field(default=None, exclude_if=lambda v: v is None)
+    function: DeltaFunction
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = Field(default=None, exclude_if=lambda v: v is None)
     content: str | None = Field(default=None, exclude_if=lambda v: v is None)
+    tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(BaseModel):

@@ -3,7 +3,9 @@
 A client that asks for a JSON schema or a tool call and gets free text fails far from
 the cause, so such a field is a 400 naming it, unless its value asks for what lamina
 does anyway (`tool_choice: "none"`). `response_format`, `guided_*`
-and `structured_outputs` are implemented (constraints.py).
+and `structured_outputs` are implemented (constraints.py); `tools`, `tool_choice` and
+`parallel_tool_calls` are fields of chat requests (tool_request.py), so they reach this
+list only on /v1/completions.
 Fields accepted and knowingly ignored are listed too; anything else unknown (a vendor
 extension) is ignored and logged at debug level (schemas.LaminaRequest).
 """
@@ -15,7 +17,8 @@ from typing import Any
 
 from app.api.errors import invalid_request
 
-_TOOLS = "tool calling is not available on this server yet"
+_TOOLS = "tool calling is available on /v1/chat/completions only"
+_FUNCTIONS = "the legacy function-calling fields are not supported; send `tools`"
 
 
 def _never(_value: Any) -> bool:
@@ -26,8 +29,8 @@ def _never(_value: Any) -> bool:
 NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tools": (lambda value: value == [], _TOOLS),
     "tool_choice": (lambda value: value == "none", _TOOLS),
-    "functions": (lambda value: value == [], _TOOLS),
-    "function_call": (lambda value: value == "none", _TOOLS),
+    "functions": (lambda value: value == [], _FUNCTIONS),
+    "function_call": (lambda value: value == "none", _FUNCTIONS),
     "audio": (_never, "audio output is not supported"),
     "modalities": (lambda value: value == ["text"], "only text output is supported"),
     "prediction": (_never, "predicted outputs are not supported"),
@@ -37,7 +40,7 @@ NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 # OpenAI fields accepted without effect: bookkeeping for OpenAI's own platform.
-ACCEPTED_AND_IGNORED = frozenset({"metadata", "store", "service_tier", "parallel_tool_calls"})
+ACCEPTED_AND_IGNORED = frozenset({"metadata", "store", "service_tier"})
 
 
 def refuse_unimplemented(extra_fields: Mapping[str, Any] | None) -> None:

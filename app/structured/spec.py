@@ -9,7 +9,7 @@ from typing import Any
 
 import llguidance
 
-CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", "lark")
 
 # JSON is written compactly with one space after ',' and ':' and no other whitespace.
 # A grammar that allows free whitespace lets a small model pad forever (newlines until
@@ -30,7 +30,8 @@ class ConstraintSpec:
 
     kind: one of CONSTRAINT_KINDS. value: the JSON schema (a dict, or JSON text) for
     json_schema; ignored (None) for json_object; the pattern for regex; a tuple of
-    strings for choice; the Lark (or GBNF, recognised by `::=`) text for grammar.
+    strings for choice; the Lark (or GBNF, recognised by `::=`) text for grammar; Lark
+    text taken as is for lark (grammars lamina writes itself, e.g. tool calls).
     """
 
     kind: str
@@ -67,6 +68,8 @@ class ConstraintSpec:
             return matcher.grammar_from_regex(self.value)
         if self.kind == "choice":
             return matcher.grammar_from_lark(choice_lark(self.value))
+        if self.kind == "lark":
+            return matcher.grammar_from_lark(self.value)
         return matcher.grammar_from_lark(grammar_lark(self.value))
 
 

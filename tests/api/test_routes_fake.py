@@ -149,8 +149,11 @@ UNIMPLEMENTED_REQUESTS = [
         {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
     ),
     ("/v1/completions", "response_format", {"type": "json_object"}),
+    # the fake engine cannot constrain output, so it cannot enforce tool calls
     ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("/v1/chat/completions", "tool_choice", "required"),
+    ("/v1/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("/v1/chat/completions", "functions", [{"name": "f"}]),
+    ("/v1/chat/completions", "function_call", "auto"),
     ("/v1/chat/completions", "guided_json", {"type": "object"}),
     ("/v1/completions", "guided_regex", "[a-z]+"),
     ("/v1/chat/completions", "structured_outputs", {"choice": ["a", "b"]}),

@@ -92,8 +92,8 @@ def test_an_unimplemented_field_is_refused_and_the_server_still_answers(
 ) -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    for extra in ({"tools": tools}, {"audio": {"voice": "alloy"}}):
+    functions = [{"name": "f", "parameters": {}}]  # the legacy form of `tools`
+    for extra in ({"functions": functions}, {"audio": {"voice": "alloy"}}):
         error = error_of(post(guarded_server, "/v1/chat/completions", json={**body, **extra}), 400)
         assert error["code"] == "unsupported_field" and error["param"] in extra
     # A constraint lamina implements is served, not refused.

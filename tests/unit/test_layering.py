@@ -25,6 +25,8 @@ FORBIDDEN = {
     "model": ("app.api", "app.engine.engine", "app.engine.scheduler", "fastapi"),
     # grammar constraints: compiled without torch (the API calls it), below the engine
     "structured": ("torch", "app.model", "app.engine", "app.api", "fastapi"),
+    # tool calls: the call format, its prompt fallback and parser, below the API
+    "tools": ("torch", "app.model", "app.engine", "app.api", "fastapi"),
     # compiled kernels below the model: they know tensors and pointers, nothing of lamina
     "native": ("app.model", "app.engine", "app.api", "fastapi"),
 }

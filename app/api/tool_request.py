@@ -1,0 +1,93 @@
+"""OpenAI `tools`, `tool_choice` and `parallel_tool_calls` -> what the request asks of calls.
+
+Checked here, before the engine sees anything: function names (OpenAI's rule), no name
+twice, a named choice that names an offered function, `required` or a named choice only
+with tools. A parameters schema the grammar engine cannot compile is a 400 too, when
+the dialect compiles the constraint (constraints.compile_constraint, param `tools`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from app.api.constraints import RequestedConstraint
+from app.api.errors import invalid_request
+from app.api.schemas import ChatCompletionRequest, NamedToolChoice
+from app.structured.tool_grammar import tool_call_spec
+
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class ToolRequest:
+    """The request's tools as the prompt and the grammar need them.
+
+    choice: "none" (tools not offered: plain text), "auto", "required", or "named"
+    (`named` is then the function).
+    """
+
+    tools: tuple[dict[str, Any], ...]  # OpenAI tool definitions, as sent
+    choice: str
+    named: str | None
+    parallel: bool
+
+    @property
+    def parses_calls(self) -> bool:
+        return self.choice != "none"
+
+    @property
+    def prompt_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the prompt shows the model: none with `tool_choice: "none"`."""
+        return list(self.tools) if self.parses_calls else None
+
+    def constraint(self) -> RequestedConstraint | None:
+        """The grammar that makes calls valid (None with "none")."""
+        if not self.parses_calls:
+            return None
+        functions = [(t["function"]["name"], t["function"].get("parameters")) for t in self.tools]
+        if self.named is not None:
+            functions = [f for f in functions if f[0] == self.named]
+        required = self.choice in ("required", "named")
+        param = "tool_choice" if self.named is not None else "tools"
+        return RequestedConstraint(tool_call_spec(functions, required, self.parallel), param)
+
+
+def tool_request(body: ChatCompletionRequest) -> ToolRequest:
+    """The request's tools, checked (a 400 naming the field on the first broken rule)."""
+    tools = tuple(tool.model_dump(exclude_none=True) for tool in body.tools or ())
+    names = [tool["function"]["name"] for tool in tools]
+    for index, name in enumerate(names):
+        param = f"tools[{index}].function.name"
+        if not FUNCTION_NAME.fullmatch(name):
+            raise invalid_request(
+                f"`{param}` is {name!r}: a name has 1 to 64 letters, digits, '_' or '-'", param
+            )
+        if name in names[:index]:
+            raise invalid_request(f"`{param}`: the function {name!r} is declared twice", param)
+    choice, named = _choice(body.tool_choice, tools, names)
+    parallel = body.parallel_tool_calls is not False
+    return ToolRequest(tools, choice, named, parallel)
+
+
+def _choice(
+    value: str | NamedToolChoice | None, tools: tuple[dict[str, Any], ...], names: list[str]
+) -> tuple[str, str | None]:
+    if value is None:
+        return ("auto" if tools else "none"), None
+    if isinstance(value, NamedToolChoice):
+        name = value.function.name
+        if name not in names:
+            offered = ", ".join(names) or "none"
+            raise invalid_request(
+                f"`tool_choice` names the function {name!r}, which `tools` does not offer "
+                f"(offered: {offered})",
+                "tool_choice",
+            )
+        return "named", name
+    if not tools:
+        if value == "required":
+            raise invalid_request('`tool_choice` "required" needs `tools`', "tool_choice")
+        return "none", None  # "auto" with nothing to call is plain text
+    return value, None

@@ -1,0 +1,102 @@
+"""The grammar that makes a model's tool calls valid: Lark text for llguidance.
+
+A call is written in the Hermes format the parser reads (app/tools/parser.py):
+
+    <tool_call>\\n{"name": "NAME", "arguments": ARGS}\\n</tool_call>
+
+ARGS is enforced by the function's JSON schema (inlined with `%json`, laid out like the
+other JSON constraints: one space after `,` and `:`), and NAME is one of the offered
+functions. `required` output is calls only; `auto` output is free text in which the
+opening tag, once written, switches the constraint on (llguidance's lazy lexeme: the
+text lexeme ends at the first `<tool_call>`), with text allowed again after a call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from app.structured.spec import JSON_LAYOUT, ConstraintSpec
+
+# Functions declared without parameters take none.
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+# Keywords whose value is a schema, a list of schemas, or a map of name -> schema.
+_SCHEMA_KEYWORDS = ("items", "additionalItems", "not", "if", "then", "else", "contains")
+_SCHEMA_LIST_KEYWORDS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_MAP_KEYWORDS = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def closed_objects(schema: Any) -> Any:
+    """A copy of `schema` where an object schema with `properties` and no word on
+    `additionalProperties` takes only its declared properties.
+
+    JSON Schema allows any extra property by default, and a small model given that
+    freedom adds keys until max_tokens; OpenAI's strict function schemas must say
+    `additionalProperties: false` anyway. A schema that says otherwise is kept.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    result = dict(schema)
+    for key in _SCHEMA_KEYWORDS:
+        if key in result:
+            result[key] = closed_objects(result[key])
+    for key in _SCHEMA_LIST_KEYWORDS:
+        if isinstance(result.get(key), list):
+            result[key] = [closed_objects(item) for item in result[key]]
+    for key in _SCHEMA_MAP_KEYWORDS:
+        if isinstance(result.get(key), dict):
+            result[key] = {name: closed_objects(item) for name, item in result[key].items()}
+    if isinstance(result.get("additionalProperties"), dict):
+        result["additionalProperties"] = closed_objects(result["additionalProperties"])
+    elif "properties" in result and "additionalProperties" not in result:
+        result["additionalProperties"] = False
+    return result
+
+
+def _function_rule(index: int, name: str, parameters: dict | None) -> str:
+    """fn_<index>: the JSON text of one call to `name` (its schema enforced)."""
+    schema = closed_objects(parameters if parameters is not None else NO_PARAMETERS)
+    schema.setdefault("x-guidance", JSON_LAYOUT)
+    head = json.dumps('{"name": ' + json.dumps(name) + ', "arguments": ')  # a Lark literal
+    return f'fn_{index}: {head} %json {json.dumps(schema)} "}}"'
+
+
+def tool_call_lark(
+    functions: Sequence[tuple[str, dict | None]], required: bool, parallel: bool
+) -> str:
+    """Lark for calls to `functions` ((name, parameters schema) each).
+
+    required: the output is one call (or several with `parallel`, one per line) and
+    nothing else. Otherwise text, in which an opening tag starts a call (then, with
+    `parallel`, text and calls may follow; without, the output ends with the call).
+    """
+    if not functions:
+        raise ValueError("a tool-call grammar needs at least one function")
+    lines = [
+        "body: " + " | ".join(f"fn_{i}" for i in range(len(functions))),
+        *(_function_rule(i, name, parameters) for i, (name, parameters) in enumerate(functions)),
+        'call_rest: "\\n" body "\\n</tool_call>"',
+    ]
+    if required:
+        lines += ['call: "<tool_call>" call_rest']
+        start = 'start: call ("\\n" call)*' if parallel else "start: call"
+    else:
+        lines += [
+            "TEXT: /(.|\\n)*/",
+            'call_head[lazy]: TEXT "<tool_call>"',
+        ]
+        start = (
+            "start: (call_head call_rest)* TEXT"
+            if parallel
+            else ("start: TEXT | call_head call_rest")
+        )
+    return "\n".join([start, *lines]) + "\n"
+
+
+def tool_call_spec(
+    functions: Sequence[tuple[str, dict | None]], required: bool, parallel: bool
+) -> ConstraintSpec:
+    return ConstraintSpec("lark", tool_call_lark(functions, required, parallel))
