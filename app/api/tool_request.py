@@ -51,7 +51,9 @@ class ToolRequest:
             functions = [f for f in functions if f[0] == self.named]
         required = self.choice in ("required", "named")
         param = "tool_choice" if self.named is not None else "tools"
-        return RequestedConstraint(tool_call_spec(functions, required, self.parallel), param)
+        # A named choice asks for that call: one, as OpenAI and vLLM give it.
+        parallel = self.parallel and self.named is None
+        return RequestedConstraint(tool_call_spec(functions, required, parallel), param)
 
 
 def tool_request(body: ChatCompletionRequest) -> ToolRequest:
