@@ -128,7 +128,9 @@ class ModelRunner:
             )
         self.decode_graphs: DecodeGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
-            if self.config.sliding_window is None and self.config.local_window is None:
+            if self.config.generic:  # transformers' modules were never checked under capture
+                logger.info("decode CUDA graphs off: the generic backend runs the model")
+            elif self.config.sliding_window is None and self.config.local_window is None:
                 self.enable_decode_graphs(max_num_seqs, use_cuda_graphs=True)
             else:  # their recorded masks have no window (cuda_graphs.py)
                 logger.info("decode CUDA graphs off: the model has a sliding window")
