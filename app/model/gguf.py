@@ -111,6 +111,7 @@ def gguf_config(reader, path: Path) -> dict[str, Any]:
     if isinstance(num_kv_heads, list):
         raise ModelLoadError(f"{path}: {arch}.attention.head_count_kv differs per layer")
     hidden_size = int(meta("embedding_length"))
+    head_dim = int(meta("attention.key_length", hidden_size // num_heads))
     names = {t.name: t for t in reader.tensors}
     embedding = names["token_embd.weight"]
     return {
@@ -122,11 +123,11 @@ def gguf_config(reader, path: Path) -> dict[str, Any]:
         "num_hidden_layers": int(meta("block_count")),
         "num_attention_heads": num_heads,
         "num_key_value_heads": int(num_kv_heads),
-        "head_dim": int(meta("attention.key_length", hidden_size // num_heads)),
+        "head_dim": head_dim,
         "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon")),
         "max_position_embeddings": int(meta("context_length")),
         "rope_theta": float(meta("rope.freq_base", 10000.0)),
-        "rope_scaling": _rope_scaling(reader, arch, path),
+        "rope_scaling": _rope_scaling(reader, arch, path, head_dim),
         # No output tensor: the head is the embedding (llama.cpp drops the copy).
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": _value(reader, "tokenizer.ggml.bos_token_id", path, None),
@@ -134,12 +135,11 @@ def gguf_config(reader, path: Path) -> dict[str, Any]:
     }
 
 
-def _rope_scaling(reader, arch: str, path: Path) -> dict[str, Any] | None:
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-        raise ModelLoadError(
-            f"{path}: tensor 'rope_freqs.weight' (Llama 3.1-style rope scaling stored as "
-            "frequencies) is not read from GGUF yet; serve the Hugging Face folder instead"
-        )
+def _rope_scaling(reader, arch: str, path: Path, head_dim: int) -> dict[str, Any] | None:
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        theta = float(_value(reader, f"{arch}.rope.freq_base", path, 10000.0))
+        return _llama3_rope_scaling(np.asarray(freqs.data, dtype=np.float64), theta, head_dim, path)
     kind = _value(reader, f"{arch}.rope.scaling.type", path, "none")
     if kind == "none":
         return None
@@ -153,6 +153,53 @@ def _rope_scaling(reader, arch: str, path: Path) -> dict[str, Any] | None:
         f"{path}: {arch}.rope.scaling.type {kind!r} is not supported (lamina reads none, "
         "linear and yarn from GGUF)"
     )
+
+
+# Llama 3.x's rope scaling, as every release sets it; llama.cpp stores only its result,
+# a divisor per rotary frequency (convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors).
+_LLAMA3_ROPE = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def llama3_rope_divisors(
+    theta: float,
+    head_dim: int,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: int,
+) -> np.ndarray:
+    """What llama.cpp writes as `rope_freqs.weight` for these llama3 parameters ([head_dim/2])."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    low_wavelen = original_max_position_embeddings / low_freq_factor
+    high_wavelen = original_max_position_embeddings / high_freq_factor
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
+    divisors = 1 / ((1 - smooth) / factor + smooth)
+    divisors = np.where(wavelen > low_wavelen, factor, divisors)
+    return np.where(wavelen < high_wavelen, 1.0, divisors)
+
+
+def _llama3_rope_scaling(
+    divisors: np.ndarray, theta: float, head_dim: int, path: Path
+) -> dict[str, Any] | None:
+    """The llama3 rope parameters that give `divisors`, checked by computing them again."""
+    if np.all(divisors == 1.0):
+        return None
+    params = {"factor": float(divisors.max()), **_LLAMA3_ROPE}
+    expected = llama3_rope_divisors(theta, head_dim, **params)
+    if divisors.shape != expected.shape or not np.allclose(divisors, expected, rtol=1e-5):
+        raise ModelLoadError(
+            f"{path}: tensor 'rope_freqs.weight' is not Llama 3's rope scaling (factor "
+            f"{params['factor']:g}, low/high frequency factors 1 and 4, original context "
+            "8192), the only one lamina reads from it; serve the Hugging Face folder instead"
+        )
+    return {"rope_type": "llama3", **params}
 
 
 def hf_tensor_name(gguf_name: str) -> str | None:
@@ -171,7 +218,7 @@ def check_tensors(reader, path: Path) -> None:
     readable = set(dequantizable_types())
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
-            continue  # refused, with its reason, by _rope_scaling
+            continue  # read into config.json's rope_scaling by _rope_scaling
         if tensor.tensor_type.name not in readable:
             raise ModelLoadError(
                 f"{path}: tensor {tensor.name!r} has quant type {tensor.tensor_type.name}, "
@@ -222,6 +269,8 @@ def iter_gguf_tensors(
     permuted = config["model_type"] in _PERMUTED_QK
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     for entry in table:
+        if entry["name"] == "rope_freqs.weight":
+            continue  # in config.json's rope_scaling; lamina computes the frequencies
         qtype = GGMLQuantizationType[entry["type"]]
         shape = tuple(reversed(entry["shape"]))  # ggml lists the fastest dimension first
         raw = data[entry["offset"] : entry["offset"] + entry["num_bytes"]]

@@ -8,6 +8,7 @@ lamina and compare with the folder."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +54,43 @@ def write_gguf(folder: Path, out: Path, arch: str = "llama", num_tokens: int | N
             heads = num_heads if "q_proj" in name else num_kv_heads
             weight = _llama_cpp_permute(weight, heads)
         writer.add_tensor(gguf_name, weight)
+    divisors = _llama3_rope_freqs(config)
+    if divisors is not None:
+        writer.add_tensor("rope_freqs.weight", divisors)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def _rope(config: dict) -> dict:
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
+def _llama3_rope_freqs(config: dict) -> np.ndarray | None:
+    """llama.cpp's `rope_freqs.weight` for llama3 rope scaling: per rotary frequency, the
+    divisor the scaling applies (LlamaModel.generate_extra_tensors, loop for loop)."""
+    rope = _rope(config)
+    if rope.get("rope_type") != "llama3":
+        return None
+    base = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context_len = rope["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    divisors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            divisors.append(1)
+        elif wavelen > low_freq_wavelen:
+            divisors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(divisors, dtype=np.float32)
 
 
 def _write_config(writer, config: dict) -> None:
@@ -72,7 +105,7 @@ def _write_config(writer, config: dict) -> None:
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    rope = config.get("rope_parameters") or {}
+    rope = _rope(config)
     writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 

@@ -6,23 +6,39 @@ test_model_sources.py."""
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from app.model import gguf_folder
+from app.model.config import ModelLoadError
+from app.model.gguf import _llama3_rope_scaling, llama3_rope_divisors
 from app.model.kv_cache import KVCache
 from app.model.loader import load_model
 from app.weights_source import resolve_model_folder
 from tests.model.gguf_writer import write_gguf
 from tests.model.helpers import Chunk, NaiveBlockAllocator, model_logits, save_random_model
 
-# architecture -> (transformers config class, the family's peculiarities switched on)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+# name -> (GGUF architecture, transformers config class, the peculiarities switched on)
 TINY_MODELS = {
-    "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
-    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),  # q/k/v biases, tied head
-    "qwen3": ("Qwen3Config", dict(head_dim=32)),  # per-head q/k norms, its own head_dim
+    "llama": ("llama", "LlamaConfig", dict(tie_word_embeddings=False)),
+    # Llama 3.1's rope scaling, which llama.cpp stores as a rope_freqs tensor.
+    "llama3_rope": (
+        "llama",
+        "LlamaConfig",
+        dict(rope_scaling=LLAMA3_ROPE, max_position_embeddings=16384),
+    ),
+    "qwen2": ("qwen2", "Qwen2Config", dict(tie_word_embeddings=True)),  # q/k/v biases, tied
+    "qwen3": ("qwen3", "Qwen3Config", dict(head_dim=32)),  # q/k norms, its own head_dim
 }
 NUM_TOKENS = 1024  # the tiny models' vocabulary: the default tokenizer's first tokens
 PROMPT = [1, 504, 345, 314, 649, 30, 216, 2, 17, 901, 12, 12, 1023]
@@ -39,23 +55,22 @@ def gguf_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory, default_model_path):
-    """architecture -> (Hugging Face folder, the same model as a .gguf file), with a small
+    """name -> (Hugging Face folder, the same model as a .gguf file), with a small
     vocabulary: what these tests compare is the weights."""
     models = {}
-    for arch, (config_class, fields) in TINY_MODELS.items():
+    for name, (arch, config_class, fields) in TINY_MODELS.items():
         folder = save_random_model(
-            tmp_path_factory.mktemp(f"tiny-{arch}"),
+            tmp_path_factory.mktemp(f"tiny-{name}"),
             config_class,
             seed=3,
             vocab_size=NUM_TOKENS,
             num_hidden_layers=2,
-            max_position_embeddings=512,
-            **fields,
+            **{"max_position_embeddings": 512, **fields},
         )
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            (folder / name).write_bytes((default_model_path / name).read_bytes())
-        out = folder.parent / f"tiny-{arch}.gguf"
-        models[arch] = (folder, write_gguf(folder, out, arch, num_tokens=NUM_TOKENS))
+        for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            (folder / file).write_bytes((default_model_path / file).read_bytes())
+        out = folder.parent / f"tiny-{name}.gguf"
+        models[name] = (folder, write_gguf(folder, out, arch, num_tokens=NUM_TOKENS))
     return models
 
 
@@ -68,21 +83,32 @@ def _logits(model, prompt: list[int]) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize("arch", sorted(TINY_MODELS))
-def test_a_tiny_gguf_loads_the_folders_weights_and_logits(tiny_models, arch):
-    folder, gguf_path = tiny_models[arch]
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_a_tiny_gguf_loads_the_folders_weights_and_logits(tiny_models, name):
+    folder, gguf_path = tiny_models[name]
     served = resolve_model_folder(gguf_path)
     from_gguf = load_model(served, kernels="reference")
     from_folder = load_model(folder, kernels="reference")
     gguf_state, folder_state = from_gguf.state_dict(), from_folder.state_dict()
     assert gguf_state.keys() == folder_state.keys()
-    for name, tensor in folder_state.items():
-        assert torch.equal(gguf_state[name], tensor), name
+    for key, tensor in folder_state.items():
+        assert torch.equal(gguf_state[key], tensor), key
     assert torch.equal(_logits(from_gguf, PROMPT), _logits(from_folder, PROMPT))
-    assert (
-        json.loads((served / "config.json").read_text())["architectures"]
-        == json.loads((folder / "config.json").read_text())["architectures"]
-    )
+    # GGUF stores the norm's epsilon as a float32, which is what the norm adds anyway.
+    assert np.float32(from_gguf.config.rms_norm_eps) == np.float32(from_folder.config.rms_norm_eps)
+    eps = from_folder.config.rms_norm_eps
+    assert replace(from_gguf.config, rms_norm_eps=eps) == from_folder.config  # rope too
+    if name == "llama3_rope":
+        assert from_gguf.config.rope_scaling.rope_type == "llama3"
+
+
+def test_rope_freqs_other_than_llama3s_are_refused(tmp_path):
+    divisors = llama3_rope_divisors(500000.0, 64, 8.0, 1.0, 4.0, 8192)
+    assert _llama3_rope_scaling(divisors, 500000.0, 64, tmp_path)["factor"] == 8.0
+    assert _llama3_rope_scaling(np.ones(32), 500000.0, 64, tmp_path) is None
+    divisors[20] *= 1.01
+    with pytest.raises(ModelLoadError, match="'rope_freqs.weight' is not Llama 3's"):
+        _llama3_rope_scaling(divisors, 500000.0, 64, tmp_path)
 
 
 def test_the_gguf_folder_is_built_once(tiny_models, gguf_cache):
