@@ -203,6 +203,19 @@ async def test_an_unreadable_quant_type_is_one_line(tmp_path, gguf_cache, log_li
     assert "Q8_1" in message and "Q4_K" in message
 
 
+async def test_an_unknown_quant_type_is_one_line(tmp_path, tiny_model_path, gguf_cache, log_lines):
+    path = write_gguf(tiny_model_path, tmp_path / "future.gguf", num_tokens=64)
+    data = bytearray(path.read_bytes())
+    name = b"output_norm.weight"
+    at = data.index(len(name).to_bytes(8, "little") + name) + 8 + len(name)
+    num_dims = int.from_bytes(data[at : at + 4], "little")
+    at += 4 + 8 * num_dims  # the tensor's type id follows its dimensions
+    data[at : at + 4] = (250).to_bytes(4, "little")  # a type no gguf package knows
+    path.write_bytes(bytes(data))
+    message = await refusal(path, log_lines)
+    assert str(path) in message and "250" in message and "Q4_K" in message
+
+
 def _rewrite_string(path, old: bytes, new: bytes) -> None:
     """Replace the first length-prefixed occurrence of metadata string `old`."""
     data = bytearray(path.read_bytes())
