@@ -51,6 +51,18 @@ def gguf_folder(gguf_path: Path, cache_dir: Path | None = None) -> Path:
     folder = cache_dir / f"{gguf_path.stem}-{digest}"
     if (folder / _DONE_MARKER).is_file():
         return folder
+    try:
+        _build(gguf_path, cache_dir, folder)
+    except OSError as exc:  # a read-only home, a full disk
+        raise ModelLoadError(
+            f"cannot write the folder for {gguf_path.name} into {cache_dir} ({exc}): point "
+            "XDG_CACHE_HOME at a writable folder"
+        ) from None
+    logger.info("GGUF metadata of %s written to %s", gguf_path.name, folder)
+    return folder
+
+
+def _build(gguf_path: Path, cache_dir: Path, folder: Path) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".tmp-gguf-") as tmp:
         staged = Path(tmp) / "folder"
@@ -62,8 +74,6 @@ def gguf_folder(gguf_path: Path, cache_dir: Path | None = None) -> Path:
             if not (folder / _DONE_MARKER).is_file():  # not another process's copy: retry
                 shutil.rmtree(folder, ignore_errors=True)
                 os.replace(staged, folder)
-    logger.info("GGUF metadata of %s written to %s", gguf_path.name, folder)
-    return folder
 
 
 def _write_folder(gguf_path: Path, out: Path) -> None:

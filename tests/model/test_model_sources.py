@@ -216,6 +216,16 @@ async def test_an_unknown_quant_type_is_one_line(tmp_path, tiny_model_path, gguf
     assert str(path) in message and "250" in message and "Q4_K" in message
 
 
+def test_an_unwritable_gguf_cache_says_what_to_set(tmp_path, default_gguf_path, monkeypatch):
+    from app.model.config import ModelLoadError
+
+    not_a_folder = tmp_path / "cache"  # a file where the cache should be: mkdir fails,
+    not_a_folder.write_text("")  # as in a read-only home, even for root
+    monkeypatch.setattr(gguf_folder, "gguf_cache_dir", lambda: not_a_folder / "gguf")
+    with pytest.raises(ModelLoadError, match="cannot write the folder for .*XDG_CACHE_HOME"):
+        gguf_folder.gguf_folder(default_gguf_path)
+
+
 def _rewrite_string(path, old: bytes, new: bytes) -> None:
     """Replace the first length-prefixed occurrence of metadata string `old`."""
     data = bytearray(path.read_bytes())
