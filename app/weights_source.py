@@ -15,6 +15,7 @@ failure is a ModelSourceError whose message is one line saying what would work.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,9 @@ from typing import Literal
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
 # What a hub snapshot needs: no pickle checkpoints, no GGUF copies of the same weights.
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+
+
+logger = logging.getLogger(__name__)
 
 
 class ModelSourceError(ValueError):
@@ -105,4 +109,5 @@ def hub_snapshot(spec: ModelSpec) -> Path:
             f"nor in the hub cache {constants.HF_HUB_CACHE} ({type(exc).__name__}: "
             f"{reason[:300]}); LAMINA_MODEL {spec.text!r} is not a local folder either"
         ) from None
+    logger.info("hub model %s at revision %s: %s", spec.repo_id, revision, folder)
     return Path(folder)
