@@ -24,12 +24,12 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 
-from app.bench.serve_client import RequestRecord, completion_body, stream_one
+from app.bench.serve_client import RequestRecord, Target, completion_body, stream_one
 from app.bench.serve_stats import LevelSummary, summarize
 from app.bench.spawn import spawned_server
 
@@ -88,16 +88,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 class ServerRun:
     name: str
     levels: list[LevelSummary]
-
-
-@dataclass(frozen=True)
-class Target:
-    """One series of the sweep: a server, and what its requests add to the plain body."""
-
-    name: str
-    url: str
-    body_extra: dict = field(default_factory=dict)
-    seed_offset: int = 0  # its own prompts, so no series reads another's prefix cache
 
 
 def seeded_prompts(num: int, length: int, seed: int, vocab_size: int = 49152) -> list[list[int]]:

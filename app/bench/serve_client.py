@@ -21,6 +21,16 @@ class RequestRecord:
     chunk_gaps_s: list[float] = field(default_factory=list)  # inter-token latencies
 
 
+@dataclass(frozen=True)
+class Target:
+    """One series of the sweep: a server, and what its requests add to the plain body."""
+
+    name: str
+    url: str
+    body_extra: dict = field(default_factory=dict)
+    seed_offset: int = 0  # its own prompts, so no series reads another's prefix cache
+
+
 def completion_body(model: str, prompt: list[int], output_len: int) -> dict:
     return {
         "model": model,

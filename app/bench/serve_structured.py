@@ -19,6 +19,7 @@ import uuid
 
 import httpx
 
+from app.bench.serve_client import Target
 from app.bench.structured_bench import load_schema
 
 CONSTRAINED_SEED_OFFSET = 500  # the constrained series' prompts differ from the free one's
@@ -39,10 +40,8 @@ def stream_schema(schema: dict, output_len: int) -> dict:
     return {"type": "array", "items": schema, "minItems": output_len}
 
 
-def structured_targets(name: str, url: str, args: argparse.Namespace) -> list:
-    """The free and the constrained series of one server (serve_bench.Target)."""
-    from app.bench.serve_bench import Target
-
+def structured_targets(name: str, url: str, args: argparse.Namespace) -> list[Target]:
+    """The free and the constrained series of one server."""
     schema = stream_schema(load_schema(args.structured), args.output_len)
     return [
         Target(f"{name} free", url),
