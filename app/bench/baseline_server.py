@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import uvicorn
@@ -74,7 +75,12 @@ class BaselineWorker:
         try:
             from transformers import AutoModelForCausalLM
 
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            from app.model.gguf_folder import transformers_kwargs
+
+            extra = transformers_kwargs(Path(model_dir))  # a .gguf's folder
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=torch.float32, **extra
+            )
             self.model.eval()
         finally:
             loaded.set()
@@ -145,7 +151,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--max-batch", type=int, default=32)
     args = parser.parse_args()
-    settings = load_settings()
+    settings = load_settings().with_model_folder()  # a .gguf file or hub id too
     worker = BaselineWorker(settings.model, args.max_batch)
     uvicorn.run(
         build_app(worker, settings.model_name),

@@ -287,9 +287,10 @@ def _peak(device: torch.device, runner) -> tuple[float, str, torch.dtype]:
 def _load_baseline(model_dir: Path, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    ggufs = sorted(Path(model_dir).glob("*.gguf"))  # a .gguf's folder: transformers reads it
-    gguf = {"gguf_file": ggufs[0].name} if ggufs else {}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **gguf).to(device)
+    from app.model.gguf_folder import transformers_kwargs
+
+    extra = transformers_kwargs(Path(model_dir))  # a .gguf's folder: transformers reads it
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **extra).to(device)
     return model.eval()
 
 

@@ -76,6 +76,14 @@ def _build(gguf_path: Path, cache_dir: Path, folder: Path) -> None:
                 os.replace(staged, folder)
 
 
+def transformers_kwargs(folder: Path) -> dict[str, str]:
+    """What transformers' from_pretrained needs to read `folder`'s weights: the GGUF's
+    name for a folder written here, nothing for a safetensors folder."""
+    if not (folder / TENSOR_TABLE).is_file():
+        return {}
+    return {"gguf_file": next(folder.glob("*.gguf")).name}
+
+
 def _write_folder(gguf_path: Path, out: Path) -> None:
     reader = open_gguf(gguf_path)
     raw = gguf_config(reader, gguf_path)  # every check, before any writing
