@@ -40,7 +40,7 @@ class Settings(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="model precision; `auto`: float32 on the CPU, bfloat16 on CUDA"
     )
-    weight_dtype: Literal["auto", "float32", "float16", "bfloat16", "int8"] = Field(
+    weight_dtype: Literal["auto", "float32", "float16", "bfloat16", "int8", "int4"] = Field(
         default="auto",
         description="CPU only: precision the linear weights are stored in; `auto`: the model "
         "dtype (see Weight precision)",

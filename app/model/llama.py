@@ -19,7 +19,14 @@ from torch import nn
 from app.model.attention import AttentionMetadata, paged_attention
 from app.model.config import Family, ModelConfig, rope_inverse_frequencies
 from app.model.kv_cache import KVCache
-from app.model.linear import KernelPlan, Linear, NativeLinearKernel, RowInvariance, RowKinds
+from app.model.linear import (
+    KernelPlan,
+    Linear,
+    NativeLinearKernel,
+    RowInvariance,
+    RowKinds,
+    head_plan,
+)
 from app.native import NativeKernels
 
 
@@ -228,7 +235,8 @@ class LlamaForCausalLM(nn.Module):
         invariance = RowInvariance()  # shapes repeat across layers: calibrate each once
         for module in self.modules():
             if isinstance(module, Linear):
-                module.prepare_for_inference(plan, invariance)
+                module_plan = head_plan(plan) if module is self.lm_head else plan
+                module.prepare_for_inference(module_plan, invariance)
         panels = _fp32_panels(self.lm_head) if self.config.tie_word_embeddings else None
         if panels is not None:  # one copy of the tied matrix, not two
             self.embed_tokens = PanelEmbedding(panels)

@@ -33,6 +33,7 @@ from app.model.llama import LlamaForCausalLM
 from app.model.loader import load_model
 from app.model.memory_report import MemoryReport, measure_memory
 from app.model.sampler import Sampler, SamplingRequest
+from app.native.panels import INT4
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-# Linear-weight storage: the model dtypes, and int8 blocks (a scale per 32 weights)
-_WEIGHT_DTYPES = {**_DTYPES, "int8": torch.int8}
+# Linear-weight storage: the model dtypes, int8 blocks (a scale per 32 weights) and 4-bit
+# blocks (a scale and a minimum per 32; their panels are bytes)
+_WEIGHT_DTYPES = {**_DTYPES, "int8": torch.int8, "int4": INT4}
 
 
 def resolve_weight_dtype(name: str, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:

@@ -49,12 +49,13 @@ static inline vec8 widen8_i8(const int8_t *p) {
 }
 #endif
 
-/* Prefetch the kk-th step's share of a block of the next panel (a tile after the first
- * of a panel fetches the next one meanwhile, as the fp32 tiles do): 32 steps, 36 lines. */
-static inline void prefetch_i8_block(const char *block, int kk) {
+/* Prefetch the kk-th step's share of a block of `lines` cache lines of the next panel (a
+ * tile after the first of a panel fetches the next one meanwhile, as the fp32 tiles do):
+ * 32 steps, a line each, and the lines past 32 (at most 32 more) on the first steps. */
+static inline void prefetch_block_step(const char *block, int kk, int lines) {
     if (!block) return;
-    __builtin_prefetch(block + kk * 64, 0, 2);
-    if (kk < I8_BLOCK_LINES - I8_BLOCK) __builtin_prefetch(block + (I8_BLOCK + kk) * 64, 0, 2);
+    if (kk < lines) __builtin_prefetch(block + kk * 64, 0, 2);
+    if (kk < lines - I8_BLOCK) __builtin_prefetch(block + (I8_BLOCK + kk) * 64, 0, 2);
 }
 
 /* An int8 tile: rows x 4 vectors of 16 columns (a whole panel, as bf16's tiles: the
@@ -76,7 +77,7 @@ static inline void prefetch_i8_block(const char *block, int kk) {
             vecf scale[4];                                                                 \
             for (int v = 0; v < 4; v++) scale[v] = load(scales + v * LANES);               \
             for (int kk = 0; kk < I8_BLOCK; kk++) {                                        \
-                prefetch_i8_block(next, kk);                                               \
+                prefetch_block_step(next, kk, I8_BLOCK_LINES);                             \
                 vecf wv[4];                                                                \
                 for (int v = 0; v < 4; v++)                                                \
                     wv[v] = widen_i8(block + kk * PANEL + v * LANES) * scale[v];           \
@@ -112,7 +113,7 @@ static inline void prefetch_i8_block(const char *block, int kk) {
                 vec8 scale[G];                                                             \
                 for (int g = 0; g < G; g++) scale[g] = *(const vec8 *)(scales + g * 8);    \
                 for (int kk = 0; kk < I8_BLOCK; kk++) {                                    \
-                    prefetch_i8_block(next, kk);                                           \
+                    prefetch_block_step(next, kk, I8_BLOCK_LINES);                         \
                     vec8 wv[G];                                                            \
                     for (int g = 0; g < G; g++)                                            \
                         wv[g] = widen8_i8(block + kk * PANEL + g * 8) * scale[g];          \

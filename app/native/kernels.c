@@ -1,6 +1,6 @@
 /*
  * lamina's native CPU kernels (fp32 activations): a matmul against panel-packed weights
- * (fp32, fp16, bf16 or block-quantized int8), paged attention that reads the KV blocks in place, and a whole
+ * (fp32, fp16, bf16, or block-quantized int8 and 4-bit), paged attention that reads the KV blocks in place, and a whole
  * stack of LLaMA decoder layers built from them (one call and one parallel region per
  * step).
  *
@@ -23,6 +23,7 @@
  *   vector.h        vector types, loads, fixed-order sums, exp
  *   bf16.h          bf16 rounding, K-pair tiles (AVX512-BF16 or widened), packing
  *   int8.h          int8 blocks with per-column scales: tiles, quantizing packer
+ *   int4.h          4-bit blocks with scales and minima (Q4_1's scheme): the same
  *   matmul.h        the panel matmul, weight packing, the FMA peak
  *   attention.h     paged attention, with the next item prefetched
  *   decoder_stack.h a step's decoder layers in one parallel region
@@ -32,6 +33,7 @@
 #include "vector.h"
 #include "bf16.h"
 #include "int8.h"
+#include "int4.h"
 #include "matmul.h"
 #include "attention.h"
 #include "decoder_stack.h"

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from app.native.build import Build
-from app.native.panels import WEIGHT_KINDS, panel_shape, panels_fit
+from app.native.panels import INT4, WEIGHT_KINDS, panel_shape, panels_fit
 from app.native.stack import StackDesc, StepDesc, work_floats
 
 _long, _float, _pointer = ctypes.c_long, ctypes.c_float, ctypes.c_void_p
@@ -38,6 +38,7 @@ class NativeKernels:
             torch.float16: _bind(library.lamina_pack_weight_f16, pack_args),
             torch.bfloat16: _bind(library.lamina_pack_weight_bf16, pack_args),
             torch.int8: _bind(library.lamina_pack_weight_i8, pack_args),
+            INT4: _bind(library.lamina_pack_weight_i4, pack_args),
         }
         # Whether bf16 matmuls run AVX512-BF16's dot product, or widen bf16 in the kernel
         # (the same bits but for denormals: bf16.h).
@@ -67,13 +68,15 @@ class NativeKernels:
         (float32, or float16 rounded to nearest), or bfloat16 panels in K-pairs
         [ceil(N / 64), ceil(K / 2), 64, 2] (rounded to nearest even, denormals to zero:
         bf16.h), or int8 blocks [ceil(N / 64), K / 32, 2304] (a scale per column and 32 k,
-        int8.h; K a multiple of 32); zeros past N (and K).
+        int8.h), or 4-bit blocks as bytes (dtype panels.INT4) [ceil(N / 64), K / 32,
+        1536] (a scale and a minimum per column and 32 k, int4.h; K a multiple of 32);
+        zeros past N (and K).
 
         allocate(shape, dtype=...) makes the uninitialised, contiguous panels tensor: the
         model passes a huge-page arena."""
         _check_fp32(weight)
         if dtype not in self._pack:
-            raise ValueError(f"panels are float32, float16, bfloat16 or int8, not {dtype}")
+            raise ValueError(f"panels are float32, float16, bfloat16, int8 or int4, not {dtype}")
         weight = weight.contiguous()
         out_features, in_features = weight.shape
         panels = allocate(panel_shape(out_features, in_features, dtype), dtype=dtype)

@@ -1,6 +1,7 @@
 /* Part of kernels.c's one translation unit (after vector.h). */
 #pragma once
 #include "bf16.h"
+#include "int4.h"
 #include "int8.h"
 #include "vector.h"
 
@@ -8,13 +9,14 @@
  * Matmul: y[M, N] = x[M, K] . W[K, N] (+ bias), W packed as panels [ceil(N/64)][K][64]
  * (zero columns past N), stored in fp32 or in fp16 (converted to fp32 as loaded), or in
  * bf16 as K-pairs [ceil(N/64)][ceil(K/2)][64][2] with the rows of x rounded to bf16
- * (bf16.h), or in int8 blocks of 32 k with a scale per column and block (int8.h). The
- * sums are fp32 in every case. Work is split into 16-column units; a tile
- * is up to 6 rows by up to 4 units of one panel.
+ * (bf16.h), or in int8 blocks of 32 k with a scale per column and block (int8.h), or in
+ * 4-bit blocks with a scale and a minimum (int4.h). The sums are fp32 in every case.
+ * Work is split into 16-column units; a tile is up to 6 rows by up to 4 units of one
+ * panel.
  */
 
 /* how panels are stored */
-enum { WEIGHTS_F32 = 0, WEIGHTS_F16 = 1, WEIGHTS_BF16 = 2, WEIGHTS_I8 = 3 };
+enum { WEIGHTS_F32 = 0, WEIGHTS_F16 = 1, WEIGHTS_BF16 = 2, WEIGHTS_I8 = 3, WEIGHTS_I4 = 4 };
 
 static inline vecf load_f32(const float *p) { return load(p); }
 
@@ -239,13 +241,16 @@ DEFINE_MATMUL_UNITS(bf16, bf16_act, uint16_t, 2, WHOLE_PANEL_TILE_ROW, 2 * PANEL
 /* int8 blocks of 32 k with their scales (int8.h): 1.125 bytes a weight, every row. */
 DEFINE_MATMUL_UNITS(i8, float, int8_t, I8_BLOCK, WHOLE_PANEL_TILE_ROW, I8_BLOCK_BYTES,
                     I8_BLOCK_LINES)
+/* 4-bit blocks with a scale and a minimum (int4.h): 0.75 bytes a weight, every row. */
+DEFINE_MATMUL_UNITS(i4, float, uint8_t, I8_BLOCK, WHOLE_PANEL_TILE_ROW, I4_BLOCK_BYTES,
+                    I4_BLOCK_LINES)
 
 /* A linear layer's packed weight as the kernels see it. Rows of a matmul may take two
  * weight copies: rows [0, split) the first (prompt tokens), the rest the second
  * (generated tokens, fp16 panels with LAMINA_WEIGHT_DTYPE=float16). */
 typedef struct {
     const void *panels[2];    /* [ceil(out/64)][in][64] fp32 or fp16; bf16: K-pairs; int8 */
-    int32_t kind[2];          /* WEIGHTS_F32, _F16, _BF16 or _I8: how panels[i] is stored */
+    int32_t kind[2];          /* WEIGHTS_F32, _F16, _BF16, _I8, _I4: how panels[i] is stored */
     const float *bias;        /* [out] or NULL */
     long in_features, out_features;
 } linear_desc;
@@ -291,6 +296,9 @@ static void linear_phase(const linear_desc *w, const float *x, long ldx, long M,
                 matmul_units_bf16((const bf16_act *)rounded + row * width, width, panels,
                                   w->bias, yr, end - row, K, N, first, last, accumulate,
                                   lookahead);
+            else if (w->kind[kind] == WEIGHTS_I4)
+                matmul_units_i4(xr, ldx, panels, w->bias, yr, end - row, K, N, first, last,
+                                 accumulate, lookahead);
             else if (w->kind[kind] == WEIGHTS_I8)
                 matmul_units_i8(xr, ldx, panels, w->bias, yr, end - row, K, N, first, last,
                                  accumulate, lookahead);
@@ -305,7 +313,7 @@ static void linear_phase(const linear_desc *w, const float *x, long ldx, long M,
 }
 
 /* y[M, N] = x[M, K] . W (+ bias), W packed as panels of `kind` (WEIGHTS_F32, _F16, _BF16,
- * _I8). */
+ * _I8, _I4). */
 void lamina_matmul(const float *x, long ldx, const void *panels, int32_t kind, const float *bias,
                    float *y, long M, long K, long N) {
     linear_desc w = {{panels, panels}, {kind, kind}, bias, K, N};

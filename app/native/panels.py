@@ -6,22 +6,34 @@ from __future__ import annotations
 import torch
 
 PANEL_COLUMNS = 64  # columns per packed weight panel (vector.h: PANEL)
-# How panels are stored, as the C side numbers it (matmul.h: WEIGHTS_F32, _F16, _BF16, _I8).
-WEIGHT_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3}
-INT8_BLOCK = 32  # k per int8 scale (int8.h: I8_BLOCK)
+# 4-bit blocks are bytes: panels of torch.uint8 hold 4-bit weights (int4.h)
+INT4 = torch.uint8
+# How panels are stored, as the C side numbers it (matmul.h: WEIGHTS_F32, _F16, _BF16, _I8,
+# _I4), by the panels tensor's dtype.
+WEIGHT_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.int8: 3, INT4: 4}
+INT8_BLOCK = 32  # k per int8 or 4-bit block (int8.h: I8_BLOCK)
 INT8_BLOCK_BYTES = INT8_BLOCK * PANEL_COLUMNS + PANEL_COLUMNS * 4  # weights, then fp32 scales
+# 4-bit: the nibbles, then fp32 scales and minima
+INT4_BLOCK_BYTES = INT8_BLOCK * PANEL_COLUMNS // 2 + 2 * PANEL_COLUMNS * 4
+BLOCK_BYTES = {torch.int8: INT8_BLOCK_BYTES, INT4: INT4_BLOCK_BYTES}
+
+
+def weight_kind_name(dtype: torch.dtype) -> str:
+    """How panels of `dtype` store weights, in the settings' words (int4 for bytes)."""
+    return "int4" if dtype == INT4 else str(dtype).removeprefix("torch.")
 
 
 def panel_shape(out_features: int, in_features: int, dtype: torch.dtype) -> tuple[int, ...]:
     """[ceil(N / 64), K, 64] (fp32, fp16), or [ceil(N / 64), ceil(K / 2), 64, 2] for bf16:
     a column's weights for k = 2j and 2j + 1 side by side (K-pairs), or for int8
     [ceil(N / 64), K / 32, 2304] bytes: per block of 32 k, 32 x 64 weights then 64 fp32
-    scales (K must be a multiple of 32: int8_fits)."""
+    scales, and for 4-bit (INT4) [ceil(N / 64), K / 32, 1536]: 32 x 32 bytes of nibble
+    pairs, 64 scales, 64 minima (K must be a multiple of 32: int8_fits)."""
     num_panels = -(-out_features // PANEL_COLUMNS)
-    if dtype == torch.int8:
+    if dtype in BLOCK_BYTES:
         if not int8_fits(in_features):
-            raise ValueError(f"int8 panels need in_features divisible by {INT8_BLOCK}")
-        return (num_panels, in_features // INT8_BLOCK, INT8_BLOCK_BYTES)
+            raise ValueError(f"int8 and int4 panels need in_features divisible by {INT8_BLOCK}")
+        return (num_panels, in_features // INT8_BLOCK, BLOCK_BYTES[dtype])
     if dtype == torch.bfloat16:
         return (num_panels, -(-in_features // 2), PANEL_COLUMNS, 2)
     return (num_panels, in_features, PANEL_COLUMNS)
@@ -34,7 +46,7 @@ def int8_fits(in_features: int) -> bool:
 
 def panels_fit(panels: torch.Tensor, in_features: int) -> bool:
     """Whether packed panels take inputs of in_features."""
-    if panels.dtype == torch.int8 and not int8_fits(in_features):
+    if panels.dtype in BLOCK_BYTES and not int8_fits(in_features):
         return False
     expected = panel_shape(panels.shape[0] * PANEL_COLUMNS, in_features, panels.dtype)
     return tuple(panels.shape[1:]) == expected[1:]
@@ -48,5 +60,19 @@ def dequantize_int8(panels: torch.Tensor, out_features: int) -> torch.Tensor:
     q = panels[:, :, :weights].reshape(num_panels, num_blocks, INT8_BLOCK, PANEL_COLUMNS)
     scales = panels[:, :, weights:].contiguous().view(torch.float32)  # [P, B, 64]
     dequantized = q.float() * scales.unsqueeze(2)  # [P, B, 32, 64]
+    columns = dequantized.permute(0, 3, 1, 2).reshape(num_panels * PANEL_COLUMNS, -1)
+    return columns[:out_features]  # [N, K]
+
+
+def dequantize_int4(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """4-bit panels -> the fp32 weight [N, K] the kernel multiplies by: q * scale +
+    minimum per column and block, with one rounding (the kernel's FMA; here in fp64)."""
+    num_panels, num_blocks, _ = panels.shape
+    nibble_bytes = INT8_BLOCK * PANEL_COLUMNS // 2
+    pairs = panels[:, :, :nibble_bytes].reshape(num_panels, num_blocks, INT8_BLOCK, -1)
+    q = torch.cat([pairs & 15, pairs >> 4], dim=-1).double()  # [P, B, 32, 64]
+    tail = panels[:, :, nibble_bytes:].contiguous().view(torch.float32).double()
+    scales, minima = tail[..., :PANEL_COLUMNS], tail[..., PANEL_COLUMNS:]  # [P, B, 64]
+    dequantized = (q * scales.unsqueeze(2) + minima.unsqueeze(2)).float()
     columns = dequantized.permute(0, 3, 1, 2).reshape(num_panels * PANEL_COLUMNS, -1)
     return columns[:out_features]  # [N, K]

@@ -6,8 +6,8 @@
  * flags) and checks, on small shapes that take the tails of every loop:
  *   - the matmul, fp32 and fp16 panels, against a scalar double reference; bf16 panels
  *     against doubles of the bf16-rounded inputs, within fp32's error for K additions;
- *     int8 blocks: each weight within half a step of its value, and the sum within
- *     fp32's error of the doubles of the dequantized weights;
+ *     int8 and 4-bit blocks: each weight within half a step of its value, and the sum
+ *     within fp32's error of the doubles of the dequantized weights;
  *   - each matmul row's bits against the same row computed alone (batch invariance);
  *   - paged attention (GQA, a reversed block table) against a double reference, and each
  *     token's bits against the token computed alone.
@@ -174,6 +174,45 @@ static void check_matmul_i8(long M, long K, long N) {
     free(x), free(weight), free(bias), free(panels), free(y), free(row);
 }
 
+/* 4-bit blocks (int4.h): per column and 32 k, each weight within half a step of
+ * q * scale + minimum; the sum within (K + 1) u of the absolute sum; rows alone. */
+static void check_matmul_i4(long M, long K, long N) {
+    float *x = random_floats(M * K), *weight = random_floats(N * K), *bias = random_floats(N);
+    long blocks = K / I8_BLOCK;
+    uint8_t *panels = malloc((N + PANEL - 1) / PANEL * blocks * I4_BLOCK_BYTES);
+    lamina_pack_weight_i4(weight, panels, N, K);
+    float *y = malloc(M * N * sizeof *y), *row = malloc(N * sizeof *row);
+    lamina_matmul(x, K, panels, WEIGHTS_I4, bias, y, M, K, N);
+    int close = 1, same_bits = 1;
+    for (long m = 0; m < M; m++) {
+        for (long n = 0; n < N; n++) {
+            double expected = bias[n], magnitude = fabs(bias[n]);
+            for (long k = 0; k < K; k++) {
+                const uint8_t *block = panels + (n / PANEL * blocks + k / I8_BLOCK) * I4_BLOCK_BYTES;
+                float scale, least;
+                memcpy(&scale, block + I8_BLOCK * PANEL / 2 + n % PANEL * 4, sizeof scale);
+                memcpy(&least, block + I8_BLOCK * PANEL / 2 + (PANEL + n % PANEL) * 4, sizeof least);
+                uint8_t pair = block[k % I8_BLOCK * PANEL / 2 + n % (PANEL / 2)];
+                int q = n % PANEL < PANEL / 2 ? pair & 15 : pair >> 4;
+                float w = (float)((double)q * scale + least);
+                if (!(fabs(w - weight[n * K + k]) <= 0.5 * scale * (1 + 1e-4) + 1e-6)) close = 0;
+                expected += (double)x[m * K + k] * w;
+                magnitude += fabs((double)x[m * K + k] * w);
+            }
+            double bound = (K + 1) * ldexp(magnitude, -24);
+            if (!(fabs(y[m * N + n] - expected) <= bound)) close = 0;
+        }
+        lamina_matmul(x + m * K, K, panels, WEIGHTS_I4, bias, row, 1, K, N);
+        if (memcmp(row, y + m * N, N * sizeof *row) != 0) same_bits = 0;
+    }
+    char what[160];
+    snprintf(what, sizeof what, "matmul int4 %ldx%ldx%ld: matches doubles", M, K, N);
+    report(close, what);
+    snprintf(what, sizeof what, "matmul int4 %ldx%ldx%ld: each row's bits alone", M, K, N);
+    report(same_bits, what);
+    free(x), free(weight), free(bias), free(panels), free(y), free(row);
+}
+
 /* One sequence of L tokens, all queried (a prompt), causal, keys in blocks of 8 stored in
  * reverse order; heads share kv heads in groups. */
 static void check_attention(long L, long heads, long kv_heads, long dim) {
@@ -238,6 +277,8 @@ int main(void) {
     check_matmul_bf16(50, 33, 64);  /* an odd K: a half-empty last pair */
     check_matmul_i8(13, 96, 150);   /* 3 blocks of k, 3 panels, the last partial */
     check_matmul_i8(50, 32, 64);    /* one block, past the 48-row block */
+    check_matmul_i4(13, 96, 150);   /* the same shapes, 4-bit */
+    check_matmul_i4(50, 32, 64);
     check_attention(37, 4, 2, 64); /* whole vectors */
     check_attention(21, 3, 1, 24); /* a tail of 8 lanes */
     printf("%s\n", failures ? "some checks FAILED" : "all checks passed");

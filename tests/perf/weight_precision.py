@@ -1,4 +1,5 @@
-"""How much half-precision weights (`Settings.weight_dtype`) change greedy outputs vs fp32.
+"""How much half-precision and quantized weights (`Settings.weight_dtype`) change greedy
+outputs vs fp32.
 
 Run: `.venv/bin/python -m tests.perf.weight_precision [--new-tokens 64]`
 
@@ -76,13 +77,14 @@ def matmul_kernels(runner) -> str:
     """The kernels every Linear of the model runs on, in words: "native bfloat16 panels
     (AVX512-BF16 dot products)", "native float32 panels", "OneDnnLinearKernel"..."""
     from app.model.linear import Linear, NativeLinearKernel
+    from app.native.panels import weight_kind_name
 
     kinds = set()
     for module in runner.model.modules():
         if isinstance(module, Linear):
             for kernel in (module.kernel, module.prompt_kernel):
                 if isinstance(kernel, NativeLinearKernel):
-                    kinds.add(f"native {str(kernel.panels.dtype).removeprefix('torch.')} panels")
+                    kinds.add(f"native {weight_kind_name(kernel.panels.dtype)} panels")
                 elif kernel is not None:
                     kinds.add(type(kernel).__name__)
     described = ", ".join(sorted(kinds))
@@ -170,7 +172,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--weight-dtypes", default="float16,bfloat16")
+    parser.add_argument("--weight-dtypes", default="float16,bfloat16,int8,int4")
     args = parser.parse_args()
     torch.manual_seed(0)
     for result in measure(default_model_dir(), args.weight_dtypes.split(","), args.new_tokens):

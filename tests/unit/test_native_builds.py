@@ -1,6 +1,6 @@
 """The kernels on an instruction set this machine's Python cannot load: aarch64, cross-
 compiled with Debian's gcc-aarch64-linux-gnu and run under qemu-aarch64, through a C
-driver (tests/native/kernel_driver.c: matmul (fp32, fp16, bf16 and int8 panels) and attention
+driver (tests/native/kernel_driver.c: matmul (fp32, fp16, bf16, int8 and 4-bit panels) and attention
 against double references, each row's bits alone). The same driver runs natively too, so
 its verdict is checked where the Python tests give theirs. `make test` installs the cross
 compiler and qemu-user when run as root on Debian; without them these tests skip and say
@@ -22,7 +22,7 @@ CROSS_COMPILER = "aarch64-linux-gnu-gcc"
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"  # Debian's libc6-arm64-cross
 ELF_MACHINE_AARCH64 = 183
 INSTALL_HINT = "(`make test` installs it when run as root on Debian)"
-DRIVER_CHECKS = 20  # "ok ..." lines: 8 matmul fp32/fp16, 4 bf16, 4 int8, 4 attention
+DRIVER_CHECKS = 24  # "ok ...": 8 matmul fp32/fp16, 4 bf16, 4 int8, 4 int4, 4 attention
 
 
 def run_driver(command: list[str]) -> None:

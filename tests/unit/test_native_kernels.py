@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from app.native import NativeKernels, native_kernels
 from app.native import build as native_build
-from app.native.panels import dequantize_int8
+from app.native.panels import INT4, dequantize_int4, dequantize_int8
 from app.native.self_check import check_library, dense_causal_attention
 
 
@@ -56,7 +56,7 @@ def test_matmul_reads_strided_rows_and_handles_no_rows(native):
         native.matmul(x.double(), panels, None, 80)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8, INT4])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_matmul_rows_have_the_same_bits_whatever_the_row_count(kernels, threads, dtype):
     """Batch invariance by construction: no row count, thread count or column split
@@ -75,7 +75,7 @@ def test_matmul_rows_have_the_same_bits_whatever_the_row_count(kernels, threads,
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8, INT4])
 def test_matmul_bits_do_not_depend_on_the_thread_count(kernels, dtype):
     x, weight = randn(9, 576), randn(960, 576, seed=1)
     panels = kernels.pack_weight(weight, dtype=dtype)
@@ -427,7 +427,7 @@ def test_fp16_panels_sum_in_fp32_with_the_same_bits_for_any_row_count(kernels):
     torch.testing.assert_close(out, expected, atol=1e-5 * math.sqrt(1536), rtol=1e-5)
     alone = torch.cat([kernels.matmul(x[i : i + 1], panels, None, 100) for i in range(9)])
     assert torch.equal(alone, out)
-    with pytest.raises(ValueError, match="float32, float16, bfloat16 or int8"):
+    with pytest.raises(ValueError, match="float32, float16, bfloat16, int8 or int4"):
         kernels.pack_weight(weight, dtype=torch.float64)
 
 
@@ -492,7 +492,7 @@ def bf16_matmul(kernels: NativeKernels, x: torch.Tensor, weight: torch.Tensor) -
     return kernels.matmul(x, panels, None, weight.shape[0])
 
 
-# --- int8 weights ----------------------------------------------------------------------------
+# --- int8 and 4-bit weights ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -521,18 +521,46 @@ def test_int8_matmul_is_the_fp32_sum_of_the_dequantized_weights(
     assert (error <= bound + 2.0**-24 * bias.abs().double()).all(), (error - bound).max()
 
 
-def test_int8_bits_are_the_same_on_every_build(kernels, native):
+@pytest.mark.parametrize(
+    "rows, in_features, out_features", [(1, 576, 960), (7, 1536, 576), (33, 64, 100), (50, 32, 7)]
+)
+def test_int4_matmul_is_the_fp32_sum_of_the_dequantized_weights(
+    kernels, rows, in_features, out_features
+):
+    """4-bit blocks: per column and 32 k, minimum = smallest w, scale = range / 15, q the
+    nearest step; the kernel sums x[k] * (q * scale + minimum) in fp32."""
+    x, weight = randn(rows, in_features), randn(out_features, in_features, seed=1)
+    weight[0, :32] = 0.25  # a constant block: scale 0, every weight its minimum exactly
+    bias = randn(out_features, seed=2)
+    panels = kernels.pack_weight(weight, dtype=INT4)
+    assert panels.dtype == INT4
+    assert panels.shape == (math.ceil(out_features / 64), in_features // 32, 1536)
+    dequantized = dequantize_int4(panels, out_features)
+    blocks = weight.reshape(out_features, -1, 32)
+    spread = blocks.amax(-1, keepdim=True) - blocks.amin(-1, keepdim=True)
+    step = (spread / 15).expand_as(blocks).reshape_as(weight)
+    assert ((dequantized - weight).abs() <= step / 2 * (1 + 1e-4) + 1e-6).all()
+    assert dequantized[0, :32].eq(0.25).all()
+    expected = x.double() @ dequantized.double().T + bias.double()
+    bound = (in_features + 1) * 2.0**-24 * (x.abs().double() @ dequantized.abs().double().T)
+    error = (kernels.matmul(x, panels, bias, out_features).double() - expected).abs()
+    assert (error <= bound + 2.0**-24 * bias.abs().double()).all(), (error - bound).max()
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, INT4], ids=["int8", "int4"])
+def test_quantized_bits_are_the_same_on_every_build(kernels, native, dtype):
     """AVX-512 builds widen 16 weights at a time, the others 8 in several walks: each
     element takes the same operations, so every build gives the native build's bits."""
     x, weight = randn(37, 1536), randn(300, 1536, seed=1)
-    panels = native.pack_weight(weight, dtype=torch.int8)
-    assert torch.equal(kernels.pack_weight(weight, dtype=torch.int8), panels)
+    panels = native.pack_weight(weight, dtype=dtype)
+    assert torch.equal(kernels.pack_weight(weight, dtype=dtype), panels)
     assert torch.equal(kernels.matmul(x, panels, None, 300), native.matmul(x, panels, None, 300))
 
 
-def test_int8_needs_whole_blocks_of_inputs(native):
+@pytest.mark.parametrize("dtype", [torch.int8, INT4], ids=["int8", "int4"])
+def test_quantized_panels_need_whole_blocks_of_inputs(native, dtype):
     with pytest.raises(ValueError, match="divisible by 32"):
-        native.pack_weight(randn(64, 48), dtype=torch.int8)
+        native.pack_weight(randn(64, 48), dtype=dtype)
 
 
 # --- sliding-window attention (Mistral, Phi-3) ---------------------------------------------
