@@ -117,8 +117,7 @@ class GenericCausalLM(nn.Module):
     """A transformers causal LM behind the interface the runner uses (lamina's own
     models' forward / compute_logits over a flat batch and the paged cache)."""
 
-    fused_stack_lacks = "transformers' own modules run the layers (the generic backend)"
-    fuse_layers = False
+    fuse_layers = False  # fused_layers.run_decoder: always this forward
 
     def __init__(
         self, hf_model: nn.Module, config: ModelConfig, native: NativeKernels | None
