@@ -35,7 +35,7 @@ from torch import nn
 from app.model.attention import AttentionMetadata, paged_attention
 from app.model.config import ModelConfig, ModelLoadError, RopeScaling
 from app.model.kv_cache import KVCache
-from app.model.linear import RowKinds
+from app.model.linear import KernelPlan, Linear, RowInvariance, RowKinds
 from app.native import NativeKernels
 
 logger = logging.getLogger(__name__)
@@ -260,14 +260,42 @@ def generic_config(model_dir: str | Path, raw: dict[str, Any]) -> ModelConfig:
     )
 
 
+class _FlatLinear(nn.Module):
+    """One of transformers' nn.Linear layers computed by lamina's Linear (its kernels:
+    native matmuls on the CPU, each row computed the same way whatever the row count)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = Linear(linear.in_features, linear.out_features, linear.bias is not None)
+        self.linear.weight = linear.weight
+        if linear.bias is not None:
+            self.linear.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        out = self.linear(x.reshape(-1, x.shape[-1]))  # [rows, out]
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _use_lamina_linears(hf_model: nn.Module, plan: KernelPlan) -> None:
+    """Swap every plain nn.Linear for lamina's, with the plan's kernels."""
+    invariance = RowInvariance()
+    for parent in list(hf_model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                flat = _FlatLinear(child)
+                flat.linear.prepare_for_inference(plan, invariance)
+                setattr(parent, name, flat)
+
+
 def load_generic(
     model_dir: str | Path,
     config: ModelConfig,
     device: torch.device,
     dtype: torch.dtype,
-    native: NativeKernels | None,
+    plan: KernelPlan | None,
 ) -> GenericCausalLM:
-    """transformers' model from the folder, its attention set to lamina's paged one."""
+    """transformers' model from the folder, its attention set to lamina's paged one and
+    its linear layers to lamina's kernels (`plan`; None keeps transformers' own)."""
     from transformers import AutoModelForCausalLM
 
     _register_attention()
@@ -279,10 +307,12 @@ def load_generic(
         use_safetensors=True,  # never pickles: they can run code
     )
     hf_model = hf_model.to(device).eval().requires_grad_(False)
+    if plan is not None:
+        _use_lamina_linears(hf_model, plan)
     logger.info(
         "backend: generic (transformers' %s modules, lamina's paged attention): lamina "
         "has no native implementation of %s",
         config.architecture,
         config.architecture,
     )
-    return GenericCausalLM(hf_model, config, native)
+    return GenericCausalLM(hf_model, config, plan.native if plan is not None else None)

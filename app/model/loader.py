@@ -225,13 +225,13 @@ def load_model(
 
 
 def _load_generic(model_dir, config, device, dtype, weight_dtype, batch_invariant, kernels):
-    """transformers' modules with lamina's paged attention (generic.py); of the kernel
-    plan only the native attention applies."""
+    """transformers' modules with lamina's paged attention and linear kernels (generic.py),
+    at the model dtype."""
     plan = kernel_plan(device, dtype, None, batch_invariant, kernels)
     if weight_dtype is not None:
         logger.warning("weight_dtype applies to the native families only: ignored for %s",
                        config.architecture)  # fmt: skip
-    return load_generic(model_dir, config, device, dtype, plan.native if plan else None)
+    return load_generic(model_dir, config, device, dtype, plan)
 
 
 def _copy_out_of_checkpoint(model: torch.nn.Module) -> None:

@@ -25,12 +25,13 @@ def _generic_runner(native_runner, settings):
     from app.model.config import read_config_json, read_eos_token_ids
     from app.model.generic import generic_config, load_generic
     from app.model.kv_cache import KVCache
+    from app.model.linear import kernel_plan
     from app.model.runner import ModelRunner
 
     config = generic_config(settings.model, read_config_json(settings.model))
-    model = load_generic(
-        settings.model, config, torch.device("cpu"), torch.float32, native_runner.model.native
-    )
+    cpu = torch.device("cpu")
+    plan = kernel_plan(cpu, torch.float32, None, settings.batch_invariant, "auto")
+    model = load_generic(settings.model, config, cpu, torch.float32, plan)
     cache = KVCache(
         config, native_runner.num_blocks, settings.block_size, torch.device("cpu"), torch.float32
     )
