@@ -9,7 +9,7 @@ grammar engine cannot compile is a 400 naming what is unsupported.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,9 @@ class RequestedConstraint:
 
     spec: ConstraintSpec
     param: str
+    # What a compile error means for this request (e.g. which tool's schema failed);
+    # None: the engine's message as it is.
+    explain: Callable[[str], str] | None = None
 
 
 def request_constraint(extra_fields: Mapping[str, Any] | None) -> RequestedConstraint | None:
@@ -164,6 +167,8 @@ async def compile_constraint(
     try:
         return await compiler.compile(requested.spec)
     except ConstraintError as exc:
+        if requested.explain is not None:
+            raise invalid_request(requested.explain(str(exc)), param=param) from None
         raise constraint_refused(exc, param) from None
 
 

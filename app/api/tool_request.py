@@ -15,9 +15,11 @@ from typing import Any
 from app.api.constraints import RequestedConstraint
 from app.api.errors import invalid_request
 from app.api.schemas import ChatCompletionRequest, NamedToolChoice
-from app.structured.tool_grammar import tool_call_spec
+from app.structured.tool_grammar import FIRST_FUNCTION_LINE, tool_call_spec
 
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# llguidance names the grammar line ("at 4(7): ...") where a compile error is.
+_GRAMMAR_LINE = re.compile(r"\bat (\d+)\(\d+\):")
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,22 @@ class ToolRequest:
         param = "tool_choice" if self.named is not None else "tools"
         # A named choice asks for that call: one, as OpenAI and vLLM give it.
         parallel = self.parallel and self.named is None
-        return RequestedConstraint(tool_call_spec(functions, required, parallel), param)
+        spec = tool_call_spec(functions, required, parallel)
+        names = [name for name, _ in functions]
+        return RequestedConstraint(spec, param, explain=lambda error: self._explain(error, names))
+
+    def _explain(self, error: str, names: list[str]) -> str:
+        """The grammar engine's error, said of the function whose schema it is about."""
+        where = _GRAMMAR_LINE.search(error)
+        index = int(where.group(1)) - FIRST_FUNCTION_LINE if where else -1
+        if not 0 <= index < len(names):
+            return f"`tools` cannot be enforced: {error}"
+        position = [t["function"]["name"] for t in self.tools].index(names[index])
+        detail = error[where.end() :].strip()
+        return (
+            f"`tools[{position}].function.parameters` ({names[index]!r}) cannot be "
+            f"enforced: {detail}"
+        )
 
 
 def tool_request(body: ChatCompletionRequest) -> ToolRequest:

@@ -96,6 +96,10 @@ def tool_call_lark(
     return "\n".join([start, *lines]) + "\n"
 
 
+# fn_<i> is line FIRST_FUNCTION_LINE + i of the grammar (1-based, as llguidance counts).
+FIRST_FUNCTION_LINE = 3
+
+
 def tool_call_spec(
     functions: Sequence[tuple[str, dict | None]], required: bool, parallel: bool
 ) -> ConstraintSpec:

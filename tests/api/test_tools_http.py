@@ -304,6 +304,11 @@ def _tool(name: str, parameters: object = None) -> dict:
 REFUSED = [
     ({"tools": [_tool("f", {"type": "array", "uniqueItems": True})]}, "tools", "uniqueItems"),
     (
+        {"tools": [_tool("f"), _tool("g", {"type": "object", "properties": []})]},
+        "tools",
+        "`tools[1].function.parameters` ('g') cannot be enforced",
+    ),
+    (
         {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
         "tool_choice",
         "'nope'",
