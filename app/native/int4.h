@@ -46,78 +46,11 @@ static inline vec8 widen8_nibbles(const uint8_t *k_bytes, int h) {
 }
 #endif
 
-/* An int4 tile: rows x 4 vectors of 16 columns (a whole panel, as int8's), over `blocks`
- * blocks of 32 k in order. Each element's step per k: acc += x[k] * (q * scale + min). */
-#if defined(__AVX512F__)
-#define DEFINE_TILE_I4(ROWS)                                                               \
-    static void tile_i4_##ROWS##_4(const float *x, long ldx, const uint8_t *w, long blocks, \
-                                   vecf out[MAX_ROWS][4], const char *ahead) {             \
-        vecf acc[ROWS][4];                                                                 \
-        for (int r = 0; r < ROWS; r++)                                                     \
-            for (int v = 0; v < 4; v++) acc[r][v] = broadcast(0.0f);                       \
-        for (long b = 0; b < blocks; b++) {                                                \
-            const uint8_t *block = w + b * I4_BLOCK_BYTES;                                 \
-            const float *scales = (const float *)(block + I8_BLOCK * PANEL / 2);           \
-            const char *next = ahead ? ahead + b * I4_BLOCK_BYTES : 0;                     \
-            const float *xb = x + b * I8_BLOCK;                                            \
-            vecf scale[4], least[4];                                                       \
-            for (int v = 0; v < 4; v++) {                                                  \
-                scale[v] = load(scales + v * LANES);                                       \
-                least[v] = load(scales + PANEL + v * LANES);                               \
-            }                                                                              \
-            for (int kk = 0; kk < I8_BLOCK; kk++) {                                        \
-                prefetch_block_step(next, kk, I4_BLOCK_LINES);                             \
-                vecf wv[4];                                                                \
-                for (int v = 0; v < 4; v++)                                                \
-                    wv[v] = widen_nibbles(block + kk * PANEL / 2, v) * scale[v] + least[v]; \
-                for (int r = 0; r < ROWS; r++) {                                           \
-                    vecf a = broadcast(xb[r * ldx + kk]);                                  \
-                    for (int v = 0; v < 4; v++) acc[r][v] = acc[r][v] + a * wv[v];         \
-                }                                                                          \
-            }                                                                              \
-        }                                                                                  \
-        for (int r = 0; r < ROWS; r++)                                                     \
-            for (int v = 0; v < 4; v++) out[r][v] = acc[r][v];                             \
-    }
-#else
-/* Without AVX-512: 8-column halves, I8_GROUP(ROWS) per walk over the blocks (int8.h). */
-#define DEFINE_TILE_I4(ROWS)                                                               \
-    static void tile_i4_##ROWS##_4(const float *x, long ldx, const uint8_t *w, long blocks, \
-                                   vecf out[MAX_ROWS][4], const char *ahead) {             \
-        enum { G = I8_GROUP(ROWS) };                                                       \
-        for (int first = 0; first < PANEL / 8; first += G) {                               \
-            vec8 acc[ROWS][G];                                                             \
-            for (int r = 0; r < ROWS; r++)                                                 \
-                for (int g = 0; g < G; g++) acc[r][g] = (vec8){};                          \
-            for (long b = 0; b < blocks; b++) {                                            \
-                const uint8_t *block = w + b * I4_BLOCK_BYTES;                             \
-                const float *scales = (const float *)(block + I8_BLOCK * PANEL / 2);       \
-                const char *next = ahead && first == 0 ? ahead + b * I4_BLOCK_BYTES : 0;   \
-                const float *xb = x + b * I8_BLOCK;                                        \
-                vec8 scale[G], least[G];                                                   \
-                for (int g = 0; g < G; g++) {                                              \
-                    scale[g] = *(const vec8 *)(scales + (first + g) * 8);                  \
-                    least[g] = *(const vec8 *)(scales + PANEL + (first + g) * 8);          \
-                }                                                                          \
-                for (int kk = 0; kk < I8_BLOCK; kk++) {                                    \
-                    prefetch_block_step(next, kk, I4_BLOCK_LINES);                         \
-                    vec8 wv[G];                                                            \
-                    for (int g = 0; g < G; g++)                                            \
-                        wv[g] = widen8_nibbles(block + kk * PANEL / 2, first + g) *        \
-                                    scale[g] + least[g];                                   \
-                    for (int r = 0; r < ROWS; r++) {                                       \
-                        vec8 a = (vec8){} + xb[r * ldx + kk]; /* as broadcast() makes it */ \
-                        for (int g = 0; g < G; g++) acc[r][g] = acc[r][g] + a * wv[g];     \
-                    }                                                                      \
-                }                                                                          \
-            }                                                                              \
-            for (int r = 0; r < ROWS; r++)                                                 \
-                memcpy((float *)out[r] + first * 8, acc[r], sizeof acc[r]);                \
-        }                                                                                  \
-    }
+#if !defined(__AVX512F__)
+#define widen_nibbles(k_row, v) broadcast(0.0f) /* unused without AVX-512 */
 #endif
-DEFINE_TILE_I4(1) DEFINE_TILE_I4(2) DEFINE_TILE_I4(3)
-DEFINE_TILE_I4(4) DEFINE_TILE_I4(5) DEFINE_TILE_I4(6)
+/* int4 tiles: int8.h's block tiles over nibble rows, with minima. */
+DEFINE_BLOCK_TILES(i4, uint8_t, I4_BLOCK_BYTES, PANEL / 2, 1, widen_nibbles, widen8_nibbles)
 
 /* Pack W [N, K] (row-major fp32; K a multiple of 32) into 4-bit blocks: per column and
  * block, minimum = smallest w, scale = (largest - smallest) / 15, q = (w - minimum) /

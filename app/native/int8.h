@@ -58,29 +58,38 @@ static inline void prefetch_block_step(const char *block, int kk, int lines) {
     if (kk < lines - I8_BLOCK) __builtin_prefetch(block + (I8_BLOCK + kk) * 64, 0, 2);
 }
 
-/* An int8 tile: rows x 4 vectors of 16 columns (a whole panel, as bf16's tiles: the
- * panels are zero past N and store_tile keeps the columns asked for), over `blocks`
- * blocks of 32 k in order; w the panel, x fp32 rows (row stride ldx). Each element's step
- * per k: acc += x[k] * (widen(q[k]) * scale). */
+/* A tile of blocks, for int8 and 4-bit panels alike: rows x 4 vectors of 16 columns (a
+ * whole panel, as bf16's tiles: the panels are zero past N and store_tile keeps the
+ * columns asked for), over `blocks` blocks of 32 k in order; w the panel, x fp32 rows
+ * (row stride ldx). A block is 32 rows of ROW_BYTES bytes (one k each), then 64 fp32
+ * scales, then (MINIMA) 64 fp32 minima. WIDEN(k_row, v) gives the 16 weights of unit v of
+ * a k's row as floats, WIDEN8(k_row, h) the 8 of half h. Each element's step per k:
+ * acc += x[k] * (q * scale (+ minimum)). */
 #if defined(__AVX512F__)
-#define DEFINE_TILE_I8(ROWS)                                                               \
-    static void tile_i8_##ROWS##_4(const float *x, long ldx, const int8_t *w, long blocks, \
-                                   vecf out[MAX_ROWS][4], const char *ahead) {             \
+#define DEFINE_BLOCK_TILE(NAME, WTYPE, ROWS, BLOCK_BYTES, ROW_BYTES, MINIMA, WIDEN, WIDEN8)  \
+    static void tile_##NAME##_##ROWS##_4(const float *x, long ldx, const WTYPE *w,        \
+                                         long blocks, vecf out[MAX_ROWS][4],              \
+                                         const char *ahead) {                             \
         vecf acc[ROWS][4];                                                                 \
         for (int r = 0; r < ROWS; r++)                                                     \
             for (int v = 0; v < 4; v++) acc[r][v] = broadcast(0.0f);                       \
         for (long b = 0; b < blocks; b++) {                                                \
-            const int8_t *block = w + b * I8_BLOCK_BYTES;                                  \
-            const float *scales = (const float *)(block + I8_BLOCK * PANEL);               \
-            const char *next = ahead ? ahead + b * I8_BLOCK_BYTES : 0;                     \
+            const WTYPE *block = w + b * (BLOCK_BYTES);                                    \
+            const float *scales = (const float *)(block + I8_BLOCK * (ROW_BYTES));         \
+            const char *next = ahead ? ahead + b * (BLOCK_BYTES) : 0;                      \
             const float *xb = x + b * I8_BLOCK;                                            \
-            vecf scale[4];                                                                 \
-            for (int v = 0; v < 4; v++) scale[v] = load(scales + v * LANES);               \
+            vecf scale[4], least[4];                                                       \
+            for (int v = 0; v < 4; v++) {                                                  \
+                scale[v] = load(scales + v * LANES);                                       \
+                least[v] = MINIMA ? load(scales + PANEL + v * LANES) : broadcast(0.0f);    \
+            }                                                                              \
             for (int kk = 0; kk < I8_BLOCK; kk++) {                                        \
-                prefetch_block_step(next, kk, I8_BLOCK_LINES);                             \
+                prefetch_block_step(next, kk, (BLOCK_BYTES) / 64);                         \
                 vecf wv[4];                                                                \
-                for (int v = 0; v < 4; v++)                                                \
-                    wv[v] = widen_i8(block + kk * PANEL + v * LANES) * scale[v];           \
+                for (int v = 0; v < 4; v++) {                                              \
+                    vecf q = WIDEN(block + kk * (ROW_BYTES), v);                           \
+                    wv[v] = MINIMA ? q * scale[v] + least[v] : q * scale[v];               \
+                }                                                                          \
                 for (int r = 0; r < ROWS; r++) {                                           \
                     vecf a = broadcast(xb[r * ldx + kk]);                                  \
                     for (int v = 0; v < 4; v++) acc[r][v] = acc[r][v] + a * wv[v];         \
@@ -93,30 +102,36 @@ static inline void prefetch_block_step(const char *block, int kk, int lines) {
 #else
 /* Without AVX-512, in 8-column halves, as many per walk over the blocks as the 16
  * registers hold beside their scales and widened weights: 4 for one row, 2 for up to
- * four, else 1 (see
- * matmul.h's TILE8_WALK for why). The same operations per element: the same bits. */
-#define I8_GROUP(ROWS) ((ROWS) == 1 ? 4 : (ROWS) <= 4 ? 2 : 1)
-#define DEFINE_TILE_I8(ROWS)                                                               \
-    static void tile_i8_##ROWS##_4(const float *x, long ldx, const int8_t *w, long blocks, \
-                                   vecf out[MAX_ROWS][4], const char *ahead) {             \
-        enum { G = I8_GROUP(ROWS) };                                                       \
+ * four, else 1 (see matmul.h's TILE8_WALK for why). The same operations per element:
+ * the same bits. */
+#define BLOCK_GROUP(ROWS) ((ROWS) == 1 ? 4 : (ROWS) <= 4 ? 2 : 1)
+#define DEFINE_BLOCK_TILE(NAME, WTYPE, ROWS, BLOCK_BYTES, ROW_BYTES, MINIMA, WIDEN, WIDEN8)  \
+    static void tile_##NAME##_##ROWS##_4(const float *x, long ldx, const WTYPE *w,        \
+                                         long blocks, vecf out[MAX_ROWS][4],              \
+                                         const char *ahead) {                             \
+        enum { G = BLOCK_GROUP(ROWS) };                                                    \
         for (int first = 0; first < PANEL / 8; first += G) {                               \
             vec8 acc[ROWS][G];                                                             \
             for (int r = 0; r < ROWS; r++)                                                 \
                 for (int g = 0; g < G; g++) acc[r][g] = (vec8){};                          \
             for (long b = 0; b < blocks; b++) {                                            \
-                const int8_t *block = w + b * I8_BLOCK_BYTES + first * 8;                  \
-                const float *scales =                                                      \
-                    (const float *)(w + b * I8_BLOCK_BYTES + I8_BLOCK * PANEL) + first * 8; \
-                const char *next = ahead && first == 0 ? ahead + b * I8_BLOCK_BYTES : 0;   \
+                const WTYPE *block = w + b * (BLOCK_BYTES);                                \
+                const float *scales = (const float *)(block + I8_BLOCK * (ROW_BYTES));     \
+                const char *next = ahead && first == 0 ? ahead + b * (BLOCK_BYTES) : 0;    \
                 const float *xb = x + b * I8_BLOCK;                                        \
-                vec8 scale[G];                                                             \
-                for (int g = 0; g < G; g++) scale[g] = *(const vec8 *)(scales + g * 8);    \
+                vec8 scale[G], least[G];                                                   \
+                for (int g = 0; g < G; g++) {                                              \
+                    scale[g] = *(const vec8 *)(scales + (first + g) * 8);                  \
+                    least[g] = MINIMA ? *(const vec8 *)(scales + PANEL + (first + g) * 8)  \
+                                      : (vec8){};                                          \
+                }                                                                          \
                 for (int kk = 0; kk < I8_BLOCK; kk++) {                                    \
-                    prefetch_block_step(next, kk, I8_BLOCK_LINES);                         \
+                    prefetch_block_step(next, kk, (BLOCK_BYTES) / 64);                     \
                     vec8 wv[G];                                                            \
-                    for (int g = 0; g < G; g++)                                            \
-                        wv[g] = widen8_i8(block + kk * PANEL + g * 8) * scale[g];          \
+                    for (int g = 0; g < G; g++) {                                          \
+                        vec8 q = WIDEN8(block + kk * (ROW_BYTES), first + g);              \
+                        wv[g] = MINIMA ? q * scale[g] + least[g] : q * scale[g];           \
+                    }                                                                      \
                     for (int r = 0; r < ROWS; r++) {                                       \
                         vec8 a = (vec8){} + xb[r * ldx + kk]; /* as broadcast() makes it */ \
                         for (int g = 0; g < G; g++) acc[r][g] = acc[r][g] + a * wv[g];     \
@@ -128,8 +143,22 @@ static inline void prefetch_block_step(const char *block, int kk, int lines) {
         }                                                                                  \
     }
 #endif
-DEFINE_TILE_I8(1) DEFINE_TILE_I8(2) DEFINE_TILE_I8(3)
-DEFINE_TILE_I8(4) DEFINE_TILE_I8(5) DEFINE_TILE_I8(6)
+#define DEFINE_BLOCK_TILES(NAME, WTYPE, BLOCK_BYTES, ROW_BYTES, MINIMA, WIDEN, WIDEN8)      \
+    DEFINE_BLOCK_TILE(NAME, WTYPE, 1, BLOCK_BYTES, ROW_BYTES, MINIMA, WIDEN, WIDEN8)        \
+    DEFINE_BLOCK_TILE(NAME, WTYPE, 2, BLOCK_BYTES, ROW_BYTES, MINIMA, WIDEN, WIDEN8)        \
+    DEFINE_BLOCK_TILE(NAME, WTYPE, 3, BLOCK_BYTES, ROW_BYTES, MINIMA, WIDEN, WIDEN8)        \
+    DEFINE_BLOCK_TILE(NAME, WTYPE, 4, BLOCK_BYTES, ROW_BYTES, MINIMA, WIDEN, WIDEN8)        \
+    DEFINE_BLOCK_TILE(NAME, WTYPE, 5, BLOCK_BYTES, ROW_BYTES, MINIMA, WIDEN, WIDEN8)        \
+    DEFINE_BLOCK_TILE(NAME, WTYPE, 6, BLOCK_BYTES, ROW_BYTES, MINIMA, WIDEN, WIDEN8)
+
+/* Unit v (16 weights) / half h (8) of one k's 64 int8 weights, as floats. */
+#if defined(__AVX512F__)
+static inline vecf widen_i8_unit(const int8_t *k_row, int v) { return widen_i8(k_row + v * LANES); }
+#else
+#define widen_i8_unit(k_row, v) broadcast(0.0f) /* unused without AVX-512 */
+#endif
+static inline vec8 widen8_i8_half(const int8_t *k_row, int h) { return widen8_i8(k_row + h * 8); }
+DEFINE_BLOCK_TILES(i8, int8_t, I8_BLOCK_BYTES, PANEL, 0, widen_i8_unit, widen8_i8_half)
 
 /* Pack W [N, K] (a Linear's weight, row-major fp32; K a multiple of 32) into int8 blocks
  * [ceil(N/64)][K/32][32 x 64 int8 | 64 fp32 scales]: per column and block, scale = its
