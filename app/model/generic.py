@@ -7,9 +7,9 @@ transformers calls every attention layer's kernel through a registry
 [1, heads, N, head_dim] for the step's flat batch (every sequence's new tokens in one
 row of N), the keys and values are written to lamina's paged cache and each query
 attends over its own sequence's cached keys, exactly as lamina's own models do. So
-continuous batching, prefix caching, chunked prefill and preemption work unchanged;
-only the layers' other ops are transformers' (slower: no native matmuls, no fused
-stack). transformers builds no mask for an implementation it does not know, and the
+continuous batching, prefix caching, chunked prefill and preemption work unchanged.
+Its nn.Linear layers are swapped for lamina's Linear (the kernel plan's matmuls, row
+invariant); the other ops are transformers', one at a time (slower: nothing fuses). transformers builds no mask for an implementation it does not know, and the
 rotary embedding (or absolute positions) reads the position ids lamina passes.
 
 The step's attention metadata reaches the registered function through a small context
