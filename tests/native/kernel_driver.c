@@ -137,78 +137,58 @@ static void check_matmul_bf16(long M, long K, long N) {
     free(x), free(weight), free(bias), free(panels), free(y), free(row);
 }
 
-/* int8 blocks (int8.h): per column and 32 k, scale = largest |w| / 127 and each weight
- * within half a step of q * scale; the kernel's sum within (K + 1) u of the absolute sum
- * of the products with the dequantized weights; then each row's bits alone. */
-static void check_matmul_i8(long M, long K, long N) {
-    float *x = random_floats(M * K), *weight = random_floats(N * K), *bias = random_floats(N);
-    long blocks = K / I8_BLOCK;
-    int8_t *panels = malloc((N + PANEL - 1) / PANEL * blocks * I8_BLOCK_BYTES);
-    lamina_pack_weight_i8(weight, panels, N, K);
-    float *y = malloc(M * N * sizeof *y), *row = malloc(N * sizeof *row);
-    lamina_matmul(x, K, panels, WEIGHTS_I8, bias, y, M, K, N);
-    int close = 1, same_bits = 1;
-    for (long m = 0; m < M; m++) {
-        for (long n = 0; n < N; n++) {
-            double expected = bias[n], magnitude = fabs(bias[n]);
-            for (long k = 0; k < K; k++) {
-                const int8_t *block = panels + (n / PANEL * blocks + k / I8_BLOCK) * I8_BLOCK_BYTES;
-                float scale;
-                memcpy(&scale, block + I8_BLOCK * PANEL + n % PANEL * 4, sizeof scale);
-                float w = (float)block[k % I8_BLOCK * PANEL + n % PANEL] * scale;
-                if (!(fabs(w - weight[n * K + k]) <= 0.5 * scale * (1 + 1e-6))) close = 0;
-                expected += (double)x[m * K + k] * w;
-                magnitude += fabs((double)x[m * K + k] * w);
-            }
-            double bound = (K + 1) * ldexp(magnitude, -24);
-            if (!(fabs(y[m * N + n] - expected) <= bound)) close = 0;
-        }
-        lamina_matmul(x + m * K, K, panels, WEIGHTS_I8, bias, row, 1, K, N);
-        if (memcmp(row, y + m * N, N * sizeof *row) != 0) same_bits = 0;
-    }
-    char what[160];
-    snprintf(what, sizeof what, "matmul int8 %ldx%ldx%ld: matches doubles", M, K, N);
-    report(close, what);
-    snprintf(what, sizeof what, "matmul int8 %ldx%ldx%ld: each row's bits alone", M, K, N);
-    report(same_bits, what);
-    free(x), free(weight), free(bias), free(panels), free(y), free(row);
+/* The weight of column n at k in int8 or 4-bit blocks (int8.h, int4.h), dequantized
+ * as the kernel does it (q * scale, or q * scale + minimum in one rounding); its scale
+ * (the quantization step) in *step. Written apart from the kernels' vector code. */
+static float block_weight(const uint8_t *panels, int kind, long n, long k, long K, float *step) {
+    long blocks = K / I8_BLOCK, row_bytes = kind == WEIGHTS_I8 ? PANEL : PANEL / 2;
+    long block_bytes = kind == WEIGHTS_I8 ? I8_BLOCK_BYTES : I4_BLOCK_BYTES;
+    const uint8_t *block = panels + (n / PANEL * blocks + k / I8_BLOCK) * block_bytes;
+    const uint8_t *tail = block + I8_BLOCK * row_bytes; /* the scales, then any minima */
+    float scale, least = 0.0f;
+    memcpy(&scale, tail + n % PANEL * 4, sizeof scale);
+    *step = scale;
+    uint8_t byte = block[k % I8_BLOCK * row_bytes + n % row_bytes];
+    if (kind == WEIGHTS_I8) return (float)(int8_t)byte * scale;
+    memcpy(&least, tail + (PANEL + n % PANEL) * 4, sizeof least);
+    int q = n % PANEL < PANEL / 2 ? byte & 15 : byte >> 4;
+    return (float)((double)q * scale + least);
 }
 
-/* 4-bit blocks (int4.h): per column and 32 k, each weight within half a step of
- * q * scale + minimum; the sum within (K + 1) u of the absolute sum; rows alone. */
-static void check_matmul_i4(long M, long K, long N) {
+/* int8 or 4-bit blocks: each weight within half a step of its value; the kernel's sum
+ * within (K + 1) u of the absolute sum of the products with the dequantized weights;
+ * then each row's bits alone. */
+static void check_matmul_blocks(long M, long K, long N, int kind) {
     float *x = random_floats(M * K), *weight = random_floats(N * K), *bias = random_floats(N);
-    long blocks = K / I8_BLOCK;
-    uint8_t *panels = malloc((N + PANEL - 1) / PANEL * blocks * I4_BLOCK_BYTES);
-    lamina_pack_weight_i4(weight, panels, N, K);
+    long block_bytes = kind == WEIGHTS_I8 ? I8_BLOCK_BYTES : I4_BLOCK_BYTES;
+    uint8_t *panels = malloc((N + PANEL - 1) / PANEL * (K / I8_BLOCK) * block_bytes);
+    if (kind == WEIGHTS_I8)
+        lamina_pack_weight_i8(weight, (int8_t *)panels, N, K);
+    else
+        lamina_pack_weight_i4(weight, panels, N, K);
     float *y = malloc(M * N * sizeof *y), *row = malloc(N * sizeof *row);
-    lamina_matmul(x, K, panels, WEIGHTS_I4, bias, y, M, K, N);
+    lamina_matmul(x, K, panels, kind, bias, y, M, K, N);
     int close = 1, same_bits = 1;
     for (long m = 0; m < M; m++) {
         for (long n = 0; n < N; n++) {
             double expected = bias[n], magnitude = fabs(bias[n]);
             for (long k = 0; k < K; k++) {
-                const uint8_t *block = panels + (n / PANEL * blocks + k / I8_BLOCK) * I4_BLOCK_BYTES;
-                float scale, least;
-                memcpy(&scale, block + I8_BLOCK * PANEL / 2 + n % PANEL * 4, sizeof scale);
-                memcpy(&least, block + I8_BLOCK * PANEL / 2 + (PANEL + n % PANEL) * 4, sizeof least);
-                uint8_t pair = block[k % I8_BLOCK * PANEL / 2 + n % (PANEL / 2)];
-                int q = n % PANEL < PANEL / 2 ? pair & 15 : pair >> 4;
-                float w = (float)((double)q * scale + least);
-                if (!(fabs(w - weight[n * K + k]) <= 0.5 * scale * (1 + 1e-4) + 1e-6)) close = 0;
+                float step, w = block_weight(panels, kind, n, k, K, &step);
+                if (!(fabs(w - weight[n * K + k]) <= 0.5 * step * (1 + 1e-4) + 1e-6)) close = 0;
                 expected += (double)x[m * K + k] * w;
                 magnitude += fabs((double)x[m * K + k] * w);
             }
             double bound = (K + 1) * ldexp(magnitude, -24);
             if (!(fabs(y[m * N + n] - expected) <= bound)) close = 0;
         }
-        lamina_matmul(x + m * K, K, panels, WEIGHTS_I4, bias, row, 1, K, N);
+        lamina_matmul(x + m * K, K, panels, kind, bias, row, 1, K, N);
         if (memcmp(row, y + m * N, N * sizeof *row) != 0) same_bits = 0;
     }
+    const char *name = kind == WEIGHTS_I8 ? "int8" : "int4";
     char what[160];
-    snprintf(what, sizeof what, "matmul int4 %ldx%ldx%ld: matches doubles", M, K, N);
+    snprintf(what, sizeof what, "matmul %s %ldx%ldx%ld: matches doubles", name, M, K, N);
     report(close, what);
-    snprintf(what, sizeof what, "matmul int4 %ldx%ldx%ld: each row's bits alone", M, K, N);
+    snprintf(what, sizeof what, "matmul %s %ldx%ldx%ld: each row's bits alone", name, M, K, N);
     report(same_bits, what);
     free(x), free(weight), free(bias), free(panels), free(y), free(row);
 }
@@ -275,10 +255,10 @@ int main(void) {
     }
     check_matmul_bf16(13, 70, 150); /* as above; an even K */
     check_matmul_bf16(50, 33, 64);  /* an odd K: a half-empty last pair */
-    check_matmul_i8(13, 96, 150);   /* 3 blocks of k, 3 panels, the last partial */
-    check_matmul_i8(50, 32, 64);    /* one block, past the 48-row block */
-    check_matmul_i4(13, 96, 150);   /* the same shapes, 4-bit */
-    check_matmul_i4(50, 32, 64);
+    for (int kind = WEIGHTS_I8; kind <= WEIGHTS_I4; kind++) {
+        check_matmul_blocks(13, 96, 150, kind); /* 3 blocks of k, 3 panels, the last partial */
+        check_matmul_blocks(50, 32, 64, kind);  /* one block, past the 48-row block */
+    }
     check_attention(37, 4, 2, 64); /* whole vectors */
     check_attention(21, 3, 1, 24); /* a tail of 8 lanes */
     printf("%s\n", failures ? "some checks FAILED" : "all checks passed");
