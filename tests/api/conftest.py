@@ -151,7 +151,10 @@ def api_server(default_model_path: Path) -> Iterator[LiveServer]:
     """A real `lamina serve` with the default model, started once for the session."""
     if not engine_available():
         pytest.skip("app/engine/engine.py or app/model/runner.py is not in the tree yet")
-    with ServerProcess(extra_env={"LAMINA_MODEL": str(default_model_path)}) as server:
+    # Crowds here test batching, not admission (tests/attack does): admission may
+    # overcommit the tests' small KV cache (0.25 GiB, ~5,800 tokens) as a deployment may.
+    env = {"LAMINA_MODEL": str(default_model_path), "LAMINA_MAX_ADMITTED_TOKENS": "65536"}
+    with ServerProcess(extra_env=env) as server:
         yield _describe_server(server.url)
 
 
