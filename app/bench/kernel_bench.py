@@ -40,6 +40,7 @@ from app.model.kv_cache import KVCache
 from app.model.linear import onednn_available
 from app.native import NativeKernels, native_kernels
 from app.native.build import NATIVE, NativeBuildError, build_level
+from app.native.panels import INT4
 from app.native.self_check import check_library
 
 
@@ -152,13 +153,13 @@ def bench_matmuls(libraries: list[Library], config: ModelConfig, args) -> None:
         print(f"{rows:5d} {cells}  {speedup:.2f}x over the fastest other; {shares}")
 
 
-LOW_PRECISIONS = {"bf16": torch.bfloat16, "int8": torch.int8}  # beside fp32 panels
+LOW_PRECISIONS = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": INT4}  # beside fp32
 
 
 def bench_low_precision_matmuls(libraries: list[Library], config: ModelConfig, args) -> None:
-    """The forward's matmuls with bf16 and int8 weights: each library's bf16 panels
-    (AVX512-BF16 dot products, or widened in the kernel) and int8 blocks (widened in
-    registers) beside its fp32 panels, and oneDNN in bf16."""
+    """The forward's matmuls with bf16, int8 and 4-bit weights: each library's bf16 panels
+    (AVX512-BF16 dot products, or widened in the kernel) and int8 and 4-bit blocks (widened
+    in registers) beside its fp32 panels, and oneDNN in bf16."""
     shapes = linear_shapes(config)
     weights = [torch.randn(n, k) * 0.02 for k, n in shapes]  # [out, in], as checkpoints
     arena = HugePageArena()
@@ -191,7 +192,8 @@ def bench_low_precision_matmuls(libraries: list[Library], config: ModelConfig, a
         for library in libraries
     )
     print(
-        f"\nmatmuls of one forward with bf16 ({hows}) and int8 weights, best of {args.repeats}, ms"
+        f"\nmatmuls of one forward with bf16 ({hows}), int8 and int4 weights, "
+        f"best of {args.repeats}, ms"
     )
     names = list(variants_for)
     width = max(11, *(len(n) for n in names))

@@ -28,14 +28,14 @@ def test_bench_kernels_prints_every_table(native, capsys):
     matmul_rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
     assert [r[0] for r in matmul_rows] == ["1", "3", "1", "3"]  # fp32, then bf16 weights
     assert all(float(value) > 0 for r in matmul_rows for value in r[1:4])
-    assert "matmuls of one forward with bf16 (" in out and "and int8 weights" in out
+    assert "matmuls of one forward with bf16 (" in out and "int8 and int4 weights" in out
     assert "bf16 " in out and "int8 " in out
     assert "decode 2 x 40 keys" in out and "prefill 30 tokens" in out
 
 
 def test_bench_kernels_compares_instruction_set_levels(capsys):
     """`--isa` runs each level's library side by side, each against its own FMA peak, with
-    fp32, bf16 and int8 weights."""
+    fp32, bf16, int8 and int4 weights."""
     levels = runnable_levels()[::-1]  # e.g. x86-64-v3, x86-64-v4, native
     if find_compiler() is None:
         pytest.skip("no C compiler to build the levels with")
