@@ -9,8 +9,9 @@ row of N), the keys and values are written to lamina's paged cache and each quer
 attends over its own sequence's cached keys, exactly as lamina's own models do. So
 continuous batching, prefix caching, chunked prefill and preemption work unchanged.
 Its nn.Linear layers are swapped for lamina's Linear (the kernel plan's matmuls, row
-invariant); the other ops are transformers', one at a time (slower: nothing fuses). transformers builds no mask for an implementation it does not know, and the
-rotary embedding (or absolute positions) reads the position ids lamina passes.
+invariant); the other ops are transformers', one at a time (slower: nothing fuses).
+transformers builds no mask for an implementation it does not know, and the rotary
+embedding (or absolute positions) reads the position ids lamina passes.
 
 The step's attention metadata reaches the registered function through a small context
 object put on every module of the model at load: some models (StableLM) do not pass
