@@ -11,8 +11,6 @@ and the refusals (a 400 naming the field; nothing reaches the engine).
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import jsonschema
 import openai
@@ -20,10 +18,8 @@ import pytest
 from openai import OpenAI
 from pydantic import BaseModel, Field
 
-from app.structured import ConstraintCompiler, grammar_tokenizer
 from app.tokenizer import Tokenizer
-from tests.api.conftest import FakeApp, LiveServer, fake_settings, running_fake_app
-from tests.api.fake_engine import FakeEngine
+from tests.api.conftest import FakeApp, LiveServer
 
 pytestmark = pytest.mark.anyio
 MODEL = "tgi"  # a placeholder name: the served model, whatever it is
@@ -185,24 +181,8 @@ class TestRealServer:
 
 
 # --- the fake engine with the real compiler: shapes and refusals ------------------------
-
-
-@pytest.fixture(scope="module")
-def grammar_tok(default_model_path: Path):
-    tokenizer = Tokenizer(default_model_path)
-    return grammar_tokenizer(default_model_path, tokenizer.vocab_size, min(tokenizer.eos_token_ids))
-
-
-@pytest.fixture
-async def compiling_app(
-    default_model_path: Path, http_tokenizer: Tokenizer, grammar_tok
-) -> AsyncIterator[FakeApp]:
-    """The fake engine (it replies `engine.reply`, whatever the grammar) behind a server
-    that compiles constraints."""
-    settings = fake_settings(default_model_path)
-    engine = FakeEngine(http_tokenizer)
-    async with running_fake_app(settings, engine, ConstraintCompiler(grammar_tok)) as app:
-        yield app
+# (`compiling_app`, tests/api/conftest.py: the fake engine replies `engine.reply`,
+# whatever the grammar)
 
 
 REPLY = (
