@@ -47,7 +47,7 @@ from torch import nn
 
 from app.model.host_memory import HugePageArena
 from app.native import NativeKernels, native_kernels
-from app.native.panels import BLOCK_BYTES, INT4, int8_fits, weight_kind_name
+from app.native.panels import BLOCK_BYTES, INT4, WEIGHT_KINDS, fits_blocks, weight_kind_name
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,7 @@ class KernelPlan:
     def uses_native_matmul(self) -> bool:
         """fp32, fp16, bf16, int8 or int4 weights (the native kernel sums their products in
         fp32)."""
-        native_weights = (torch.float32, torch.float16, torch.bfloat16, torch.int8, INT4)
-        return self.native is not None and self.weight_dtype in native_weights
+        return self.native is not None and self.weight_dtype in WEIGHT_KINDS
 
 
 def head_plan(plan: KernelPlan) -> KernelPlan:
@@ -414,7 +413,7 @@ class NativeLinearKernel(LinearKernel):
         self.native = plan.native
         self.out_features = weight.shape[0]
         dtype = plan.weight_dtype
-        if dtype in BLOCK_BYTES and not int8_fits(weight.shape[1]):
+        if dtype in BLOCK_BYTES and not fits_blocks(weight.shape[1]):
             dtype = torch.float32
         self.matmul_dtype = dtype
         # [N/64, K, 64], on huge pages: a single stream reads every panel for every token

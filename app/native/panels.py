@@ -28,10 +28,10 @@ def panel_shape(out_features: int, in_features: int, dtype: torch.dtype) -> tupl
     a column's weights for k = 2j and 2j + 1 side by side (K-pairs), or for int8
     [ceil(N / 64), K / 32, 2304] bytes: per block of 32 k, 32 x 64 weights then 64 fp32
     scales, and for 4-bit (INT4) [ceil(N / 64), K / 32, 1536]: 32 x 32 bytes of nibble
-    pairs, 64 scales, 64 minima (K must be a multiple of 32: int8_fits)."""
+    pairs, 64 scales, 64 minima (K must be a multiple of 32: fits_blocks)."""
     num_panels = -(-out_features // PANEL_COLUMNS)
     if dtype in BLOCK_BYTES:
-        if not int8_fits(in_features):
+        if not fits_blocks(in_features):
             raise ValueError(f"int8 and int4 panels need in_features divisible by {INT8_BLOCK}")
         return (num_panels, in_features // INT8_BLOCK, BLOCK_BYTES[dtype])
     if dtype == torch.bfloat16:
@@ -39,14 +39,15 @@ def panel_shape(out_features: int, in_features: int, dtype: torch.dtype) -> tupl
     return (num_panels, in_features, PANEL_COLUMNS)
 
 
-def int8_fits(in_features: int) -> bool:
-    """Whether a layer of in_features inputs can have int8 panels (whole blocks of k)."""
+def fits_blocks(in_features: int) -> bool:
+    """Whether a layer of in_features inputs can have int8 or 4-bit panels (whole blocks
+    of k)."""
     return in_features % INT8_BLOCK == 0
 
 
 def panels_fit(panels: torch.Tensor, in_features: int) -> bool:
     """Whether packed panels take inputs of in_features."""
-    if panels.dtype in BLOCK_BYTES and not int8_fits(in_features):
+    if panels.dtype in BLOCK_BYTES and not fits_blocks(in_features):
         return False
     expected = panel_shape(panels.shape[0] * PANEL_COLUMNS, in_features, panels.dtype)
     return tuple(panels.shape[1:]) == expected[1:]
@@ -59,9 +60,7 @@ def dequantize_int8(panels: torch.Tensor, out_features: int) -> torch.Tensor:
     weights = INT8_BLOCK * PANEL_COLUMNS
     q = panels[:, :, :weights].reshape(num_panels, num_blocks, INT8_BLOCK, PANEL_COLUMNS)
     scales = panels[:, :, weights:].contiguous().view(torch.float32)  # [P, B, 64]
-    dequantized = q.float() * scales.unsqueeze(2)  # [P, B, 32, 64]
-    columns = dequantized.permute(0, 3, 1, 2).reshape(num_panels * PANEL_COLUMNS, -1)
-    return columns[:out_features]  # [N, K]
+    return _block_columns(q.float() * scales.unsqueeze(2), out_features)
 
 
 def dequantize_int4(panels: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -73,6 +72,11 @@ def dequantize_int4(panels: torch.Tensor, out_features: int) -> torch.Tensor:
     q = torch.cat([pairs & 15, pairs >> 4], dim=-1).double()  # [P, B, 32, 64]
     tail = panels[:, :, nibble_bytes:].contiguous().view(torch.float32).double()
     scales, minima = tail[..., :PANEL_COLUMNS], tail[..., PANEL_COLUMNS:]  # [P, B, 64]
-    dequantized = (q * scales.unsqueeze(2) + minima.unsqueeze(2)).float()
+    return _block_columns((q * scales.unsqueeze(2) + minima.unsqueeze(2)).float(), out_features)
+
+
+def _block_columns(dequantized: torch.Tensor, out_features: int) -> torch.Tensor:
+    """[P, B, 32, 64] weights by panel, block, k and column -> the weight [N, K]."""
+    num_panels = dequantized.shape[0]
     columns = dequantized.permute(0, 3, 1, 2).reshape(num_panels * PANEL_COLUMNS, -1)
-    return columns[:out_features]  # [N, K]
+    return columns[:out_features]
