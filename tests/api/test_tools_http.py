@@ -20,17 +20,10 @@ from pydantic import BaseModel, Field
 
 from app.tokenizer import Tokenizer
 from tests.api.conftest import FakeApp, LiveServer
+from tests.tool_schemas import WEATHER
 
 pytestmark = pytest.mark.anyio
 MODEL = "tgi"  # a placeholder name: the served model, whatever it is
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 20},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-}
 TIME = {
     "type": "object",
     "properties": {"timezone": {"type": "string", "maxLength": 20}},

@@ -20,15 +20,8 @@ from app.structured import ConstraintCompiler, ConstraintSpec, grammar_tokenizer
 from app.structured.tool_grammar import tool_call_spec
 from app.tokenizer import Tokenizer
 from app.weights import default_model_dir
+from tests.tool_schemas import WEATHER
 
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 20},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-}
 TIME = {"type": "object", "properties": {"timezone": {"type": "string"}}}
 FUNCTIONS = [("get_weather", WEATHER), ("get_time", TIME)]
 ARGUMENTS = {"city": "Paris", "unit": "celsius"}

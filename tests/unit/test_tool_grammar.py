@@ -16,17 +16,10 @@ import pytest
 from app.structured import ConstraintCompiler, ConstraintError, grammar_tokenizer
 from app.structured.tool_grammar import closed_objects, tool_call_spec
 from app.tools import parse_output
+from tests.tool_schemas import WEATHER
 
 EOS = 2
 VOCAB = 49152
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 20},
-        "unit": {"enum": ["celsius", "fahrenheit"]},
-    },
-    "required": ["city", "unit"],
-}
 # A schema as pydantic writes it for a nested model: a reference into $defs.
 NESTED = {
     "$defs": {"Point": {"type": "object", "properties": {"x": {"type": "integer"}}}},
