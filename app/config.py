@@ -203,6 +203,11 @@ class Settings(BaseModel):
         description="a control token (`<|im_start|>`...) in a chat message's text: "
         "`text` encodes it as plain text, `reject` answers 400",
     )
+    tool_call_format: Literal["auto", "hermes", "llama3_json"] = Field(
+        default="auto",
+        description="how the model writes tool calls: `auto` reads it from the chat "
+        "template (Llama 3 templates: `llama3_json`; others: `hermes`), or name one",
+    )
     max_n: int = Field(default=8, ge=1, description="choices per request (`n`)")
     max_stop_sequences: int = Field(default=8, ge=0, description="`stop` strings per request")
     max_stop_length: int = Field(default=256, ge=1, description="characters in one `stop` string")

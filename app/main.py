@@ -83,7 +83,9 @@ def load_engine(settings: Settings) -> LoadedEngine:
 
     settings = settings.with_model_folder()  # a .gguf or hub id becomes a local folder
     read_model_config(settings.model)  # a model lamina cannot run is refused before anything
-    http_tokenizer = Tokenizer(settings.model, settings.chat_control_tokens)
+    http_tokenizer = Tokenizer(
+        settings.model, settings.chat_control_tokens, settings.tool_call_format
+    )
     runner = ModelRunner.from_settings(settings)
     if settings.warmup:
         runner.warmup()

@@ -21,6 +21,7 @@ from app.chat_control import (
     forged_content_index,
 )
 from app.token_bytes import is_byte_level, vocabulary_bytes
+from app.tools import FormatSetting, choose_format
 from app.tools.prompt import fallback_messages
 
 
@@ -28,14 +29,19 @@ class ChatTemplateError(ValueError):
     """The messages could not be rendered with the model's chat template."""
 
 
-def template_uses_tools(template: str | dict[str, str] | None) -> bool:
-    """Whether a chat template reads the `tools` variable (transformers passes it).
+def tool_use_template(template: str | dict[str, str] | None) -> str | None:
+    """The template a request with tools is rendered with.
 
     A tokenizer may hold several named templates; transformers picks "tool_use" for a
     request with tools when there is one.
     """
     if isinstance(template, dict):
-        template = template.get("tool_use") or template.get("default")
+        return template.get("tool_use") or template.get("default")
+    return template
+
+
+def template_uses_tools(template: str | None) -> bool:
+    """Whether a chat template reads the `tools` variable (transformers passes it)."""
     if not template:
         return False
     import jinja2
@@ -51,7 +57,12 @@ def template_uses_tools(template: str | dict[str, str] | None) -> bool:
 class Tokenizer:
     """Everything lamina needs from a Hugging Face tokenizer folder."""
 
-    def __init__(self, model_dir: str | Path, control_tokens: ControlTokenPolicy = "text") -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        control_tokens: ControlTokenPolicy = "text",
+        tool_call_format: FormatSetting = "auto",
+    ) -> None:
         from transformers import AutoTokenizer  # lazy: keeps `import app` light
 
         self.model_dir = Path(model_dir)
@@ -67,8 +78,12 @@ class Tokenizer:
         self.eos_token_ids = frozenset(self._collect_eos_ids())
         self._special_ids = frozenset(self._hf.all_special_ids)
         self.has_chat_template = bool(getattr(self._hf, "chat_template", None))
-        # Does the template render `tools` itself? If not, tools/prompt.py's fallback does.
-        self.template_renders_tools = template_uses_tools(getattr(self._hf, "chat_template", None))
+        # The format calls are asked for and parsed in, and whether the template renders
+        # `tools` itself (if not, tools/prompt.py's fallback does): tools/formats.py.
+        template = tool_use_template(getattr(self._hf, "chat_template", None))
+        self.tool_call_format, self.template_renders_tools = choose_format(
+            template, template_uses_tools(template), tool_call_format
+        )
         self._byte_level = is_byte_level(self._hf)
         self._added_ids = frozenset(self._hf.added_tokens_decoder)
         self._bytes_cache: dict[int, bytes] = {}
@@ -118,7 +133,8 @@ class Tokenizer:
         check_names(messages, self.control_tokens)
         if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
             if not self.template_renders_tools:
-                messages, tools = fallback_messages(messages, tools), None
+                messages = fallback_messages(messages, tools, self.tool_call_format)
+                tools = None
             else:
                 self._refuse_control_tokens_in_tools(messages, tools)
         forged = forged_content_index(messages, self.control_tokens)

@@ -243,7 +243,7 @@ class ChatDialect(OpenAIDialect):
     def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> ChatDialect:
         dialect = super().parse(body, serving, request_id, stream)
         assert isinstance(dialect, ChatDialect)
-        dialect.tools = tool_request(body)
+        dialect.tools = tool_request(body, serving.tokenizer.tool_call_format)
         calls_constraint = dialect.tools.constraint()
         if calls_constraint is not None:
             if dialect.constraint is not None:
@@ -253,7 +253,7 @@ class ChatDialect(OpenAIDialect):
                     param=dialect.constraint.param,
                 )
             dialect.constraint = calls_constraint
-            dialect.calls = ToolCallStreams(dialect.num_choices)
+            dialect.calls = ToolCallStreams(dialect.num_choices, dialect.tools.call_format)
         return dialect
 
     def __init__(self, *args: Any, body: Any, serving: Serving) -> None:
@@ -309,8 +309,8 @@ class ChatDialect(OpenAIDialect):
     def final_choice(self, result: ChoiceResult) -> ChatChoice:
         message = ChatResponseMessage(content=result.text)
         num_calls = 0
-        if self.calls is not None:
-            message = answer_message(result.text)
+        if self.calls is not None and self.tools is not None:
+            message = answer_message(result.text, self.tools.call_format)
             num_calls = len(message.tool_calls or ())
         return ChatChoice(
             index=result.index,

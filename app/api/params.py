@@ -266,7 +266,7 @@ def chat_inputs(
         raise invalid_request("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
     logprobs = (top_logprobs or 0) if body.logprobs else None
     params = _openai_params(body, limits, max_tokens, max_tokens_param, logprobs)
-    tools = tool_request(body).prompt_tools
+    tools = tool_request(body, tokenizer.tool_call_format).prompt_tools
     prompt = encode_chat(body.messages, tokenizer, body.add_generation_prompt is not False, tools)
     fitted = fit_to_context(
         len(prompt), max_tokens, limits, prompt_param="messages", max_tokens_param=max_tokens_param

@@ -1,6 +1,7 @@
 """Tool calls in OpenAI's answer shapes, from the one parser (app/tools/parser.py).
 
-Streaming: each choice has its own parser, fed every delta's text; its events become a
+The parser is the served model's call format's (app/tools/formats.py). Streaming:
+each choice has its own parser, fed every delta's text; its events become a
 chunk's `delta.content` and `delta.tool_calls` (a call's index, id, type and name in its
 first fragment, then argument text). Not streaming: the same parser reads the whole
 text (`parse_output`) into `message.content` and `message.tool_calls`.
@@ -17,7 +18,7 @@ from app.api.schemas import (
     ResponseFunction,
     ResponseToolCall,
 )
-from app.tools import ArgumentsText, CallOpened, ContentText, HermesToolParser, parse_output
+from app.tools import ArgumentsText, CallOpened, ContentText, ToolCallFormat, parse_output
 
 
 def new_call_id() -> str:
@@ -27,8 +28,8 @@ def new_call_id() -> str:
 class ToolCallStreams:
     """The parser of each choice of a streamed answer, and the ids of its calls."""
 
-    def __init__(self, num_choices: int) -> None:
-        self._parsers = [HermesToolParser() for _ in range(num_choices)]
+    def __init__(self, num_choices: int, call_format: ToolCallFormat) -> None:
+        self._parsers = [call_format.new_parser() for _ in range(num_choices)]
 
     def num_calls(self, index: int) -> int:
         return self._parsers[index].num_calls
@@ -64,9 +65,9 @@ class ToolCallStreams:
         return "".join(content), calls
 
 
-def answer_message(text: str) -> ChatResponseMessage:
+def answer_message(text: str, call_format: ToolCallFormat) -> ChatResponseMessage:
     """A whole answer's message: its content (null when there are only calls) and calls."""
-    parsed = parse_output(text)
+    parsed = parse_output(text, call_format.new_parser())
     if not parsed.calls:
         return ChatResponseMessage(content=parsed.content or "")
     calls = [

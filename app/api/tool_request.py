@@ -16,6 +16,7 @@ from app.api.constraints import RequestedConstraint
 from app.api.errors import invalid_request
 from app.api.schemas import ChatCompletionRequest, NamedToolChoice
 from app.structured.tool_grammar import FIRST_FUNCTION_LINE, tool_call_spec
+from app.tools import ToolCallFormat
 
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # llguidance names the grammar line ("at 4(7): ...") where a compile error is.
@@ -27,13 +28,14 @@ class ToolRequest:
     """The request's tools as the prompt and the grammar need them.
 
     choice: "none" (tools not offered: plain text), "auto", "required", or "named"
-    (`named` is then the function).
+    (`named` is then the function). call_format: how the served model writes calls.
     """
 
     tools: tuple[dict[str, Any], ...]  # OpenAI tool definitions, as sent
     choice: str
     named: str | None
     parallel: bool
+    call_format: ToolCallFormat
 
     @property
     def parses_calls(self) -> bool:
@@ -55,7 +57,7 @@ class ToolRequest:
         param = "tool_choice" if self.named is not None else "tools"
         # A named choice asks for that call: one, as OpenAI and vLLM give it.
         parallel = self.parallel and self.named is None
-        spec = tool_call_spec(functions, required, parallel)
+        spec = tool_call_spec(functions, required, parallel, self.call_format)
         names = [name for name, _ in functions]
         return RequestedConstraint(spec, param, explain=lambda error: self._explain(error, names))
 
@@ -73,8 +75,9 @@ class ToolRequest:
         )
 
 
-def tool_request(body: ChatCompletionRequest) -> ToolRequest:
-    """The request's tools, checked (a 400 naming the field on the first broken rule)."""
+def tool_request(body: ChatCompletionRequest, call_format: ToolCallFormat) -> ToolRequest:
+    """The request's tools, checked (a 400 naming the field on the first broken rule),
+    for a model that writes calls in `call_format`."""
     tools = tuple(tool.model_dump(exclude_none=True) for tool in body.tools or ())
     names = [tool["function"]["name"] for tool in tools]
     for index, name in enumerate(names):
@@ -87,7 +90,7 @@ def tool_request(body: ChatCompletionRequest) -> ToolRequest:
             raise invalid_request(f"`{param}`: the function {name!r} is declared twice", param)
     choice, named = _choice(body.tool_choice, tools, names)
     parallel = body.parallel_tool_calls is not False
-    return ToolRequest(tools, choice, named, parallel)
+    return ToolRequest(tools, choice, named, parallel, call_format)
 
 
 def _choice(

@@ -1,14 +1,16 @@
 """The grammar that makes a model's tool calls valid: Lark text for llguidance.
 
-A call is written in the Hermes format the parser reads (app/tools/parser.py):
+A call is written in the model's call format (app/tools/formats.py), Hermes:
 
     <tool_call>\\n{"name": "NAME", "arguments": ARGS}\\n</tool_call>
 
+or Llama 3 JSON: `{"name": "NAME", "parameters": ARGS}`, several joined by `; `.
 ARGS is enforced by the function's JSON schema (inlined with `%json`, laid out like the
 other JSON constraints: one space after `,` and `:`), and NAME is one of the offered
-functions. `required` output is calls only; `auto` output is free text in which the
-opening tag, once written, switches the constraint on (llguidance's lazy lexeme: the
-text lexeme ends at the first `<tool_call>`), with text allowed again after a call.
+functions. `required` output is calls only. `auto` output, Hermes: free text in which
+the opening tag, once written, switches the constraint on (llguidance's lazy lexeme:
+the text lexeme ends at the first `<tool_call>`), with text allowed again after a call;
+Llama 3: calls, or text that does not start with `{` (the format has no tag).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from app.structured.spec import JSON_LAYOUT, ConstraintSpec
+from app.tools.formats import HERMES, LLAMA3_JSON, ToolCallFormat
 
 # Functions declared without parameters take none.
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -56,28 +59,43 @@ def closed_objects(schema: Any) -> Any:
     return result
 
 
-def _function_rule(index: int, name: str, parameters: dict | None) -> str:
+def _function_rule(index: int, name: str, parameters: dict | None, arguments_key: str) -> str:
     """fn_<index>: the JSON text of one call to `name` (its schema enforced)."""
     schema = closed_objects(parameters if parameters is not None else NO_PARAMETERS)
     schema.setdefault("x-guidance", JSON_LAYOUT)
-    head = json.dumps('{"name": ' + json.dumps(name) + ', "arguments": ')  # a Lark literal
+    head = '{"name": ' + json.dumps(name) + ", " + json.dumps(arguments_key) + ": "
+    head = json.dumps(head)  # a Lark literal
     return f'fn_{index}: {head} %json {json.dumps(schema)} "}}"'
 
 
-def tool_call_lark(
-    functions: Sequence[tuple[str, dict | None]], required: bool, parallel: bool
-) -> str:
-    """Lark for calls to `functions` ((name, parameters schema) each).
-
-    required: the output is one call (or several with `parallel`, one per line) and
-    nothing else. Otherwise text, in which an opening tag starts a call (then, with
-    `parallel`, text and calls may follow; without, the output ends with the call).
-    """
+def _body_lines(functions: Sequence[tuple[str, dict | None]], arguments_key: str) -> list[str]:
+    """`body`: one call's JSON object, to any of `functions`; then each `fn_<i>`."""
     if not functions:
         raise ValueError("a tool-call grammar needs at least one function")
-    lines = [
+    return [
         "body: " + " | ".join(f"fn_{i}" for i in range(len(functions))),
-        *(_function_rule(i, name, parameters) for i, (name, parameters) in enumerate(functions)),
+        *(
+            _function_rule(i, name, parameters, arguments_key)
+            for i, (name, parameters) in enumerate(functions)
+        ),
+    ]
+
+
+def tool_call_lark(
+    functions: Sequence[tuple[str, dict | None]],
+    required: bool,
+    parallel: bool,
+    call_format: ToolCallFormat = HERMES,
+) -> str:
+    """Lark for calls to `functions` ((name, parameters schema) each), in `call_format`.
+
+    required: the output is one call (or several with `parallel`) and nothing else.
+    Otherwise a call or text, as the format allows (the module's docstring).
+    """
+    if call_format is LLAMA3_JSON:
+        return _llama3_lark(functions, required, parallel)
+    lines = [
+        *_body_lines(functions, HERMES.arguments_key),
         'call_rest: "\\n" body "\\n</tool_call>"',
     ]
     if required:
@@ -96,11 +114,26 @@ def tool_call_lark(
     return "\n".join([start, *lines]) + "\n"
 
 
+def _llama3_lark(
+    functions: Sequence[tuple[str, dict | None]], required: bool, parallel: bool
+) -> str:
+    calls = 'body ("; " body)*' if parallel else "body"
+    # Text is anything whose first character that is not blank is not `{`.
+    start = f"start: {calls}" if required else f"start: {calls} | TEXT"
+    lines = [start, *_body_lines(functions, LLAMA3_JSON.arguments_key)]
+    if not required:
+        lines.append("TEXT: /\\s*[^{\\s](.|\\n)*/")
+    return "\n".join(lines) + "\n"
+
+
 # fn_<i> is line FIRST_FUNCTION_LINE + i of the grammar (1-based, as llguidance counts).
 FIRST_FUNCTION_LINE = 3
 
 
 def tool_call_spec(
-    functions: Sequence[tuple[str, dict | None]], required: bool, parallel: bool
+    functions: Sequence[tuple[str, dict | None]],
+    required: bool,
+    parallel: bool,
+    call_format: ToolCallFormat = HERMES,
 ) -> ConstraintSpec:
-    return ConstraintSpec("lark", tool_call_lark(functions, required, parallel))
+    return ConstraintSpec("lark", tool_call_lark(functions, required, parallel, call_format))

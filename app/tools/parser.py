@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from typing import Protocol
 
 OPEN_TAG, CLOSE_TAG = "<tool_call>", "</tool_call>"
 # A call body's start up to the first character of its arguments. Its match on a prefix
@@ -62,6 +63,16 @@ class ArgumentsText:
 
 
 ToolEvent = ContentText | CallOpened | ArgumentsText
+
+
+class ToolParser(Protocol):
+    """What every call format's parser does (this one, llama_parser.py's)."""
+
+    num_calls: int  # calls opened so far
+
+    def feed(self, text: str) -> list[ToolEvent]: ...
+
+    def finish(self) -> list[ToolEvent]: ...
 
 
 def held_prefix_length(text: str, tag: str) -> int:
@@ -279,9 +290,10 @@ class ParsedOutput:
                 self.calls[event.index].arguments += event.text
 
 
-def parse_output(text: str) -> ParsedOutput:
-    """The whole text at once: the streaming parser fed one chunk."""
-    parser = HermesToolParser()
+def parse_output(text: str, parser: ToolParser | None = None) -> ParsedOutput:
+    """The whole text at once: a new streaming parser (Hermes unless given) fed one
+    chunk."""
+    parser = parser or HermesToolParser()
     parsed = ParsedOutput()
     parsed.add(parser.feed(text))
     parsed.add(parser.finish())

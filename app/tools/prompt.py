@@ -7,8 +7,8 @@ assistant message may carry `tool_calls` ([{"id", "type", "function": {"name",
 
 - the tool definitions, and how to call them, at the end of the system message (one
   is added first if the conversation has none);
-- each assistant tool call as the text the model is asked to write (parser.py's
-  format), after the message's own content;
+- each assistant tool call as the text the model is asked to write (in the model's
+  call format, formats.py), after the message's own content;
 - each run of `tool` messages as one `user` message of `<tool_response>` blocks
   (templates that insist on alternating user/assistant turns still render it).
 """
@@ -18,30 +18,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from app.tools.parser import CLOSE_TAG, OPEN_TAG
+from app.tools.formats import ToolCallFormat
 
-TOOLS_INSTRUCTIONS = (
+TOOLS_LISTING = (
     "You can call functions to help with the user's request. The functions are listed "
     "as JSON between <tools></tools> tags:\n<tools>\n@TOOLS@\n</tools>\n\n"
-    "To call a function, write a JSON object with its name and arguments between "
-    "<tool_call></tool_call> tags, like this:\n"
-    f'{OPEN_TAG}\n{{"name": "function name", "arguments": {{"argument": "value"}}}}\n{CLOSE_TAG}'
 )
 
 
-def tools_system_text(tools: list[dict[str, Any]]) -> str:
-    """The system prompt's tools section: one JSON definition per line."""
+def tools_system_text(tools: list[dict[str, Any]], call_format: ToolCallFormat) -> str:
+    """The system prompt's tools section: one JSON definition per line, then how to call."""
     listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
-    return TOOLS_INSTRUCTIONS.replace("@TOOLS@", listing)
-
-
-def call_text(function: dict[str, Any]) -> str:
-    """One call as the model writes it (arguments: a dict, or JSON text)."""
-    arguments = function.get("arguments") or {}
-    if isinstance(arguments, str):
-        arguments = json.loads(arguments)
-    body = json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False)
-    return f"{OPEN_TAG}\n{body}\n{CLOSE_TAG}"
+    return TOOLS_LISTING.replace("@TOOLS@", listing) + call_format.how_to_call
 
 
 def response_text(content: str) -> str:
@@ -49,9 +37,12 @@ def response_text(content: str) -> str:
 
 
 def fallback_messages(
-    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    call_format: ToolCallFormat,
 ) -> list[dict[str, Any]]:
-    """Plain role + content messages that say what `messages` and `tools` say."""
+    """Plain role + content messages that say what `messages` and `tools` say, calls
+    written in `call_format`."""
     rendered: list[dict[str, Any]] = []
     for message in messages:
         role = message["role"]
@@ -65,13 +56,14 @@ def fallback_messages(
         entry = {k: v for k, v in message.items() if k not in ("tool_calls", "tool_call_id")}
         calls = message.get("tool_calls") or []
         if calls:
-            parts = [str(entry.get("content") or "")] + [call_text(c["function"]) for c in calls]
+            written = [call_format.call_text(call["function"]) for call in calls]
+            parts = (str(entry.get("content") or ""), call_format.separator.join(written))
             entry["content"] = "\n".join(part for part in parts if part)
         rendered.append(entry)
     for entry in rendered:
         entry.pop("from_tools", None)
     if tools:
-        section = tools_system_text(tools)
+        section = tools_system_text(tools, call_format)
         if rendered and rendered[0]["role"] == "system":
             own = str(rendered[0].get("content") or "")
             rendered[0]["content"] = f"{own}\n\n{section}" if own else section

@@ -15,7 +15,7 @@ import pytest
 
 from app.structured import ConstraintCompiler, ConstraintError, grammar_tokenizer
 from app.structured.tool_grammar import closed_objects, tool_call_spec
-from app.tools import parse_output
+from app.tools import LLAMA3_JSON, Llama3JsonToolParser, parse_output
 from tests.tool_schemas import WEATHER
 
 EOS = 2
@@ -145,3 +145,40 @@ def test_closed_objects_close_only_what_says_nothing():
     assert closed["anyOf"][0]["additionalProperties"] is False
     assert "additionalProperties" not in schema  # the request's schema is left alone
     jsonschema.Draft202012Validator.check_schema(closed)
+
+
+# --- the Llama 3 JSON format ------------------------------------------------------------
+
+
+def llama_call(name: str, arguments: dict) -> str:
+    return json.dumps({"name": name, "parameters": arguments})
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_llama3_calls_are_enforced_and_read_back(compiler, tokenizer, required):
+    spec = tool_call_spec(FUNCTIONS, required, parallel=True, call_format=LLAMA3_JSON)
+    weather = llama_call("get_weather", {"city": "Paris", "unit": "celsius"})
+    for text in [weather, llama_call("get_time", {}), weather + "; " + llama_call("get_time", {})]:
+        assert accepts(compiler, tokenizer, spec, text), text
+        parsed = parse_output(text, Llama3JsonToolParser())
+        assert parsed.content is None and parsed.calls
+    for text in [
+        llama_call("get_wether", {"city": "Paris", "unit": "celsius"}),
+        llama_call("get_weather", {"city": "Paris", "unit": "kelvin"}),
+        '{"answer": 42}',
+    ]:
+        assert not accepts(compiler, tokenizer, spec, text), text
+    # Text: refused with `required`; with `auto`, any text that does not open an object
+    # (a Hermes call is text to this format).
+    for text in ["Hello there.", "  It is {sunny}", WEATHER_CALL]:
+        assert accepts(compiler, tokenizer, spec, text) != required, text
+    single = tool_call_spec(FUNCTIONS, required, parallel=False, call_format=LLAMA3_JSON)
+    assert not accepts(compiler, tokenizer, single, weather + "; " + llama_call("get_time", {}))
+
+
+def test_llama3_auto_enforces_a_call_once_an_object_opens(compiler, tokenizer):
+    spec = tool_call_spec(FUNCTIONS, False, parallel=True, call_format=LLAMA3_JSON)
+    matcher = compiler.compile_sync(spec).new_matcher()
+    assert matcher.advance(tokenizer.encode("{", add_special_tokens=False)[0])
+    allowed = {tokenizer.token_text(t) for t in matcher.allowed_token_ids()}
+    assert allowed and all('"name": "'.startswith(text) for text in allowed), allowed

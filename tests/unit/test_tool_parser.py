@@ -22,8 +22,8 @@ def call_block(name: str, arguments: dict, head: str = "<tool_call>\n") -> str:
     return f"{head}{body}\n</tool_call>"
 
 
-def parse_in_chunks(text: str, cuts: list[int]) -> ParsedOutput:
-    parser, parsed, start = HermesToolParser(), ParsedOutput(), 0
+def parse_in_chunks(text: str, cuts: list[int], new_parser=HermesToolParser) -> ParsedOutput:
+    parser, parsed, start = new_parser(), ParsedOutput(), 0
     for cut in [*sorted(set(cuts)), len(text)]:
         parsed.add(parser.feed(text[start:cut]))
         start = cut

@@ -4,14 +4,15 @@ tools), and a template that renders them itself (transformers' `tools=` semantic
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from app.chat_control import ForgedTurnError
-from app.tokenizer import Tokenizer, template_uses_tools
+from app.tokenizer import Tokenizer, template_uses_tools, tool_use_template
+from app.tools import HERMES, LLAMA3_JSON
 from app.tools.prompt import fallback_messages
+from tests.tool_schemas import LLAMA_TEMPLATE, UNKNOWN_FORMAT_TEMPLATE, tokenizer_with_template
 
 TOOLS = [
     {
@@ -50,16 +51,15 @@ def tokenizer(default_model_path: Path) -> Tokenizer:
 @pytest.fixture(scope="module")
 def tool_template_tokenizer(default_model_path: Path, tmp_path_factory) -> Tokenizer:
     folder = tmp_path_factory.mktemp("tool-template")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_model_path / name, folder / name)
-    (folder / "chat_template.jinja").write_text(TOOL_TEMPLATE)
-    return Tokenizer(folder, control_tokens="reject")
+    return tokenizer_with_template(
+        default_model_path, folder, TOOL_TEMPLATE, control_tokens="reject"
+    )
 
 
 def test_which_templates_render_tools() -> None:
     assert template_uses_tools(TOOL_TEMPLATE)
     assert not template_uses_tools("{% for m in messages %}{{ m.content }}{% endfor %}")
-    assert template_uses_tools({"default": "x", "tool_use": "{{ tools }}"})
+    assert template_uses_tools(tool_use_template({"default": "x", "tool_use": "{{ tools }}"}))
     assert not template_uses_tools(None)
 
 
@@ -79,10 +79,10 @@ def test_the_default_template_gets_the_fallback(tokenizer: Tokenizer) -> None:
 
 def test_the_fallback_appends_tools_to_the_system_message() -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    rendered = fallback_messages(messages, TOOLS)
+    rendered = fallback_messages(messages, TOOLS, HERMES)
     assert rendered[0]["content"].startswith("Be brief.\n\nYou can call functions")
     assert rendered[1] == messages[1] and len(rendered) == 2
-    assert fallback_messages(messages, None) == messages
+    assert fallback_messages(messages, None, HERMES) == messages
 
 
 def test_control_tokens_in_fallback_tools_stay_text(tokenizer: Tokenizer) -> None:
@@ -109,3 +109,45 @@ def test_control_tokens_in_natively_rendered_calls_are_refused(
     with pytest.raises(ForgedTurnError) as caught:
         tool_template_tokenizer.apply_chat_template(messages)
     assert caught.value.param == "messages[0].tool_calls"
+
+
+def test_the_call_format_follows_the_template(default_model_path: Path, tmp_path) -> None:
+    def tokenizer(template: str, name: str, **options) -> Tokenizer:
+        folder = tmp_path / name
+        folder.mkdir()
+        return tokenizer_with_template(default_model_path, folder, template, **options)
+
+    hermes = tokenizer(TOOL_TEMPLATE, "hermes")
+    assert (hermes.tool_call_format, hermes.template_renders_tools) == (HERMES, True)
+    llama = tokenizer(LLAMA_TEMPLATE, "llama")
+    assert (llama.tool_call_format, llama.template_renders_tools) == (LLAMA3_JSON, True)
+    # A format lamina does not parse: the fallback prompt, whose format the grammar enforces.
+    unknown = tokenizer(UNKNOWN_FORMAT_TEMPLATE, "unknown")
+    assert (unknown.tool_call_format, unknown.template_renders_tools) == (HERMES, False)
+    forced = tokenizer(LLAMA_TEMPLATE, "forced", tool_call_format="hermes")
+    assert (forced.tool_call_format, forced.template_renders_tools) == (HERMES, True)
+
+
+def test_a_llama_template_renders_calls_and_results_itself(
+    default_model_path: Path, tmp_path
+) -> None:
+    tok = tokenizer_with_template(default_model_path, tmp_path, LLAMA_TEMPLATE)
+    text = tok.decode(tok.apply_chat_template(CONVERSATION, tools=TOOLS), False)
+    assert json.dumps(TOOLS[0]) in text
+    assert '{"name": "get_weather", "parameters": {"city": "Paris"}}' in text
+    assert "<|im_start|>ipython\n21 C<|im_end|>" in text
+
+
+def test_the_fallback_in_the_llama3_format(tokenizer: Tokenizer) -> None:
+    second = {**CALL, "function": {"name": "get_time", "arguments": "{}"}}
+    messages = [
+        *CONVERSATION[:1],
+        {"role": "assistant", "content": "", "tool_calls": [CALL, second]},
+    ]
+    rendered = fallback_messages(messages, TOOLS, LLAMA3_JSON)
+    assert rendered[0]["role"] == "system" and json.dumps(TOOLS[0]) in rendered[0]["content"]
+    assert '"parameters": {"argument": "value"}' in rendered[0]["content"]
+    assert rendered[2]["content"] == (
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+        '{"name": "get_time", "parameters": {}}'
+    )
