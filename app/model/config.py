@@ -18,12 +18,11 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 # Why the others are refused: each changes the numbers in a way lamina does not compute.
 _REFUSED_ROPE_TYPES = {
     "dynamic": "its frequencies change with the longest sequence of each batch, so a "
     "token's result would depend on its neighbours",
-    "longrope": "not implemented yet",
 }
 
 
@@ -57,6 +56,10 @@ class RopeScaling:
     beta_slow: float = 1.0
     truncate: bool = True
     attention_factor: float = 1.0
+    # longrope: a divisor per frequency, for contexts up to the original length (short)
+    # and beyond it (long); [head_dim / 2] each.
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,7 @@ def parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
         params = raw.get("rope_scaling") or {}
         theta = raw.get("rope_theta", 10000.0)
     rope_type = params.get("rope_type") or params.get("type") or "default"
+    rope_type = {"su": "longrope"}.get(rope_type, rope_type)  # early Phi-3 configs' name
     partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         raise ModelLoadError(
@@ -197,6 +201,8 @@ def parse_rope(raw: dict[str, Any]) -> tuple[float, RopeScaling]:
         return float(theta), RopeScaling(rope_type="linear", factor=float(params["factor"]))
     if rope_type == "yarn":
         return float(theta), _parse_yarn(raw, params)
+    if rope_type == "longrope":
+        return float(theta), _parse_longrope(raw, params)
     missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
     if missing:
         raise ModelLoadError(f"rope type 'llama3' needs {', '.join(missing)} in its parameters")
@@ -237,6 +243,61 @@ def _parse_yarn(raw: dict[str, Any], params: dict[str, Any]) -> RopeScaling:
     )
 
 
+def _parse_longrope(raw: dict[str, Any], params: dict[str, Any]) -> RopeScaling:
+    """LongRoPE's (Phi-3 128k, Phi-3.5, Phi-4-mini) factors and temperature, with
+    transformers' defaults: the temperature comes from how far max_position_embeddings
+    reaches past the original context."""
+    original = params.get("original_max_position_embeddings") or raw.get(
+        "original_max_position_embeddings"
+    )
+    missing = [k for k in ("short_factor", "long_factor") if not params.get(k)]
+    if original is None:
+        missing.append("original_max_position_embeddings")
+    if missing:
+        raise ModelLoadError(f"rope type 'longrope' needs {', '.join(missing)}")
+    head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+    for key in ("short_factor", "long_factor"):
+        if len(params[key]) != head_dim // 2:
+            raise ModelLoadError(
+                f"rope type 'longrope': {key} has {len(params[key])} values, the heads need "
+                f"{head_dim // 2} (head_dim / 2)"
+            )
+    factor = params.get("factor") or int(raw["max_position_embeddings"]) / int(original)
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        attention_factor = (
+            1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(int(original)))
+        )
+    return RopeScaling(
+        rope_type="longrope",
+        factor=float(factor),
+        original_max_position_embeddings=int(original),
+        attention_factor=float(attention_factor),
+        short_factor=tuple(float(v) for v in params["short_factor"]),
+        long_factor=tuple(float(v) for v in params["long_factor"]),
+    )
+
+
+def _longrope_inverse_frequencies(
+    config: ModelConfig, exponents: torch.Tensor, max_positions: int | None
+) -> torch.Tensor:
+    """LongRoPE: each frequency slowed by its own factor, the long ones when the served
+    context reaches past the original one, the short ones otherwise.
+
+    transformers picks per forward pass by the batch's longest sequence, which would
+    make a token's result depend on its neighbours (and rotate a sequence's keys with
+    two sets of factors as it grows); lamina picks once, by the context it serves
+    (LAMINA_MAX_MODEL_LEN, else max_position_embeddings), as llama.cpp does by its
+    context size. Sequences within the original context served with a context no
+    longer than it match transformers exactly, and so do sequences past it.
+    """
+    scaling = config.rope_scaling
+    served = max_positions or config.max_position_embeddings
+    long = served > (scaling.original_max_position_embeddings or 0)
+    factors = torch.tensor(scaling.long_factor if long else scaling.short_factor)
+    return 1.0 / (factors * config.rope_theta**exponents)  # transformers' order: same bits
+
+
 def _yarn_inverse_frequencies(config: ModelConfig, exponents: torch.Tensor) -> torch.Tensor:
     """YaRN: dimensions that turn fewer than beta_slow times over the original context are
     interpolated (slowed by `factor`), those that turn more than beta_fast times are left
@@ -260,8 +321,10 @@ def _yarn_inverse_frequencies(config: ModelConfig, exponents: torch.Tensor) -> t
     return interpolated * (1 - extrapolated) + 1.0 / wavelengths * extrapolated
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    """Per-pair rotation speeds, [head_dim // 2] fp32, with the configured scaling.
+def rope_inverse_frequencies(config: ModelConfig, max_positions: int | None = None) -> torch.Tensor:
+    """Per-pair rotation speeds, [head_dim // 2] fp32, with the configured scaling, for a
+    model served with a context of `max_positions` (longrope's choice; default
+    max_position_embeddings).
 
     linear slows every frequency by `factor` (positions interpolated). llama3 leaves high
     frequencies (short wavelengths) alone, slows low frequencies by `factor`, and blends
@@ -277,6 +340,8 @@ def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
         return inv_freq / scaling.factor
     if scaling.rope_type == "yarn":
         return _yarn_inverse_frequencies(config, exponents)
+    if scaling.rope_type == "longrope":
+        return _longrope_inverse_frequencies(config, exponents, max_positions)
     original_len = scaling.original_max_position_embeddings
     low_freq_wavelen = original_len / scaling.low_freq_factor
     high_freq_wavelen = original_len / scaling.high_freq_factor

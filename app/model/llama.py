@@ -61,12 +61,12 @@ class RotaryEmbedding(nn.Module):
         self.signed_sin: torch.Tensor | None = None  # [max_positions, head_dim]
 
     def build_cache(self, max_positions: int, device: torch.device, dtype: torch.dtype) -> None:
-        inv_freq = rope_inverse_frequencies(self.config).to(device)  # [head_dim / 2]
+        inv_freq = rope_inverse_frequencies(self.config, max_positions).to(device)  # [head_dim/2]
         positions = torch.arange(max_positions, device=device, dtype=torch.float32)
         angles = positions[:, None] * inv_freq[None, :]  # [max_positions, head_dim / 2]
         angles = torch.cat((angles, angles), dim=-1)  # [max_positions, head_dim]
         cos, sin = angles.cos(), angles.sin()
-        scale = self.config.rope_scaling.attention_factor  # yarn's temperature; else 1
+        scale = self.config.rope_scaling.attention_factor  # yarn's, longrope's; else 1
         if scale != 1.0:
             cos, sin = cos * scale, sin * scale
         self.cos = cos.to(dtype)

@@ -76,6 +76,25 @@ def test_yarn_rope_far_past_its_original_context(
     check_logits_parity(path, prompt_len=96, kernels=kernel_family)
 
 
+@pytest.mark.parametrize(("served", "prompt_len"), [(1024, 96), (32, 32)], ids=["long", "short"])
+@pytest.mark.parametrize("kernel_family", ["auto", "torch"])
+def test_longrope_within_and_past_its_original_context(
+    tmp_path, default_model_path, kernel_family, served, prompt_len, native
+):
+    """Phi-3's long-context rope (the 128k models, Phi-3.5): served past the original
+    32 positions, the long factors on a 96-token prompt (transformers takes them for a
+    sequence past 32); served within it, the short ones on a 32-token prompt."""
+    longrope = {"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 32}
+    longrope["short_factor"] = [1.0, 1.2, 1.0, 1.9, 2.5, 1.4, 3.0, 1.1]  # head_dim 16
+    longrope["long_factor"] = [1.3, 2.0, 3.5, 6.0, 9.0, 14.0, 22.0, 30.0]
+    path = save_family_model(
+        tmp_path, "phi3", default_model_path, rope_parameters=longrope,
+        original_max_position_embeddings=32, sliding_window=None,
+    )  # fmt: skip
+    assert load_model(path).config.rope_scaling.attention_factor > 1.1
+    check_logits_parity(path, prompt_len=prompt_len, kernels=kernel_family, max_positions=served)
+
+
 def test_the_gemma_differences_are_read(family_model_paths, native, caplog):
     caplog.set_level("INFO", logger="app.model.loader")
     gemma2 = load_model(family_model_paths["gemma2"])

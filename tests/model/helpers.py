@@ -200,16 +200,22 @@ def save_random_model(
 
 
 def check_logits_parity(
-    model_dir, prompt_len: int = 37, seed: int = 0, kernels: str = "auto", fused: bool = True
+    model_dir,
+    prompt_len: int = 37,
+    seed: int = 0,
+    kernels: str = "auto",
+    fused: bool = True,
+    max_positions: int | None = None,
 ) -> None:
     """Full prefill, chunked prefill, decode steps and a mixed batch, all vs transformers
     (fp32 logits within 1e-4). kernels "auto" runs lamina's native kernels (the fused
-    decoder stack, or one op at a time with fused=False); "torch" torch's ops."""
+    decoder stack, or one op at a time with fused=False); "torch" torch's ops.
+    max_positions: the context lamina serves (default max_position_embeddings)."""
     from transformers import AutoModelForCausalLM
 
     from app.model.loader import load_model
 
-    ours = load_model(model_dir, kernels=kernels)
+    ours = load_model(model_dir, kernels=kernels, max_positions=max_positions)
     if fused and kernels == "auto" and ours.native is not None:
         assert ours.fuse_layers, "every Linear is native: the layers must fuse"
     ours.fuse_layers = fused and ours.fuse_layers

@@ -60,7 +60,7 @@ def test_both_rope_layouts_read_the_same(rope_fields):
     assert config.rope_scaling.original_max_position_embeddings == 64
 
 
-@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+@pytest.mark.parametrize("rope_type", ["dynamic", "xpos"])
 def test_unsupported_rope_type_is_a_clear_error(rope_type):
     raw = {**BASE, "rope_scaling": {"rope_type": rope_type, "factor": 2.0}}
     with pytest.raises(ModelLoadError, match=f"unsupported rope type '{rope_type}'.*llama3"):
@@ -209,3 +209,38 @@ def test_default_model_config(default_model_path):
     )
     assert config.rope_theta == 100000.0
     assert config.tie_word_embeddings
+
+
+# head_dim 16: 8 factors each, uneven so that every frequency is moved differently.
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 1e4,
+    "short_factor": [1.0, 1.1, 1.3, 1.0, 2.0, 1.7, 3.0, 1.05],
+    "long_factor": [1.5, 2.0, 4.0, 6.5, 9.0, 13.0, 20.0, 31.0],
+    "original_max_position_embeddings": 32,
+}
+
+
+@pytest.mark.parametrize("served", [32, 128])
+def test_longrope_frequencies_and_temperature_match_transformers(served):
+    """Short factors for a served context within the original one, long ones past it;
+    the temperature from max_position_embeddings / original (Phi-3's rule)."""
+    fields = {k: v for k, v in BASE.items() if k != "architectures"}
+    hf_config = LlamaConfig(**fields, rope_parameters=LONGROPE)
+    hf_config.original_max_position_embeddings = 32
+    seq_len = None if served <= 32 else served
+    expected, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](hf_config, "cpu", seq_len=seq_len)
+    ours = config_from_dict({**json.loads(hf_config.to_json_string()), **BASE})
+    assert ours.rope_scaling.rope_type == "longrope"
+    torch.testing.assert_close(rope_inverse_frequencies(ours, served), expected, rtol=0, atol=0)
+    assert ours.rope_scaling.attention_factor == attention_factor > 1
+
+
+def test_longrope_without_its_factors_is_refused():
+    broken = {**LONGROPE, "long_factor": [1.0, 2.0]}
+    with pytest.raises(ModelLoadError, match="long_factor has 2 values, the heads need 8"):
+        config_from_dict({**BASE, "rope_parameters": broken})
+    with pytest.raises(ModelLoadError, match="needs short_factor"):
+        config_from_dict({**BASE, "rope_parameters": {**LONGROPE, "short_factor": None}})
+    su = {**LONGROPE, "rope_type": None, "type": "su"}  # early Phi-3 configs' name
+    assert config_from_dict({**BASE, "rope_scaling": su}).rope_scaling.rope_type == "longrope"
