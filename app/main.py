@@ -36,6 +36,7 @@ from app.api.openapi import install_openapi
 from app.api.routes import openai_router, tgi_router
 from app.api.routes_misc import health_router
 from app.api.routes_misc import router as misc_router
+from app.api.routes_worker import router as worker_router
 from app.api.state import Limits, ModelInfo, ServerState, Serving
 from app.config import Settings
 from app.logging_setup import configure_logging
@@ -66,6 +67,9 @@ class LoadedEngine:
     max_tokens_in_cache: int | None = None
     # Compiles `response_format` grammars; None: the engine cannot apply them (a 400).
     constraints: ConstraintCompiler | None = None
+    # config.json's model_type and architectures, for /model_info (routers read them).
+    model_type: str | None = None
+    architectures: tuple[str, ...] = ()
 
 
 EngineLoader = Callable[[Settings], LoadedEngine]  # blocking: runs in a worker thread
@@ -78,11 +82,13 @@ def _describe(value: Any) -> str | None:
 def load_engine(settings: Settings) -> LoadedEngine:
     """Load weights, size the KV cache, warm up, build the engine (blocking, seconds)."""
     from app.engine.engine import Engine
+    from app.model.config import read_config_json
     from app.model.families import read_model_config
     from app.model.runner import ModelRunner
 
     settings = settings.with_model_folder()  # a .gguf or hub id becomes a local folder
     read_model_config(settings.model)  # a model lamina cannot run is refused before anything
+    raw_config = read_config_json(settings.model)
     http_tokenizer = Tokenizer(
         settings.model, settings.chat_control_tokens, settings.tool_call_format
     )
@@ -101,6 +107,8 @@ def load_engine(settings: Settings) -> LoadedEngine:
         dtype=_describe(getattr(runner, "dtype", None)),
         max_tokens_in_cache=runner.num_blocks * runner.block_size,
         constraints=compiler,
+        model_type=raw_config.get("model_type"),
+        architectures=tuple(raw_config.get("architectures") or ()),
     )
 
 
@@ -200,6 +208,8 @@ async def _bring_up(
             device=loaded.device,
             dtype=loaded.dtype,
             created=int(time.time()),
+            model_type=loaded.model_type,
+            architectures=loaded.architectures,
         ),
         limits=Limits(settings, max_model_len, loaded.tokenizer.vocab_size),
         keepalive_interval_s=settings.keepalive_interval_s,
@@ -264,7 +274,7 @@ def create_app(
     )
     app.state.server = state
     install_error_handlers(app)
-    for router in (health_router, openai_router, tgi_router, misc_router):
+    for router in (health_router, openai_router, tgi_router, misc_router, worker_router):
         app.include_router(router)
     install_test_hooks(app, settings)
     install_openapi(app)

@@ -75,6 +75,8 @@ class ModelInfo:
     device: str | None = None  # e.g. "cpu", "cuda:0"; None when the runner does not say
     dtype: str | None = None  # e.g. "float32"
     created: int = 0  # unix time the server loaded it
+    model_type: str | None = None  # config.json's model_type, e.g. "llama"
+    architectures: tuple[str, ...] = ()  # config.json's architectures
 
 
 @dataclass(frozen=True)

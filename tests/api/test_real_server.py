@@ -29,6 +29,13 @@ def test_chat_answers_paris(api_server: LiveServer) -> None:
     assert text == response.choices[0].message.content
 
 
+def test_model_info_reads_the_models_config(api_server: LiveServer) -> None:
+    model = httpx.get(api_server.url + "/model_info", timeout=10).json()
+    assert model["model_type"] == "llama" and model["architectures"] == ["LlamaForCausalLM"]
+    info = httpx.get(api_server.url + "/server_info", timeout=10).json()
+    assert info["served_model_name"] == model["served_model_name"] == api_server.model
+
+
 def test_a_prompt_filling_the_context_is_a_400_not_a_500(api_server: LiveServer) -> None:
     prompt = [28] * api_server.max_model_len
     response = httpx.post(

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from app import __version__
 from app.core import SamplingParams
 from tests.api.conftest import FakeApp, fake_settings, running_fake_app
 from tests.api.fake_engine import DEFAULT_REPLY, FakeEngine
@@ -379,6 +380,29 @@ async def test_models_tokenize_detokenize(fake_app: FakeApp) -> None:
     assert chat.json()["tokens"] == expected
     info = (await fake_app.client.get("/info")).json()
     assert info["model_id"] == fake_app.model and info["max_total_tokens"] == 8192
+
+
+async def test_server_info_and_model_info_for_routers(fake_app: FakeApp) -> None:
+    """What SGLang's model gateway registers a replica with (docs/router-comparison.md)."""
+    settings = fake_app.app.state.server.settings
+    info = (await fake_app.client.get("/server_info")).json()
+    assert info == {
+        "served_model_name": fake_app.model,
+        "version": __version__,
+        "max_model_len": 8192,
+        "max_running_requests": settings.max_num_seqs,
+        "max_prefill_tokens": settings.max_num_batched_tokens,
+        "lamina_enable_prefix_caching": settings.enable_prefix_caching,
+    }
+    assert "model_path" not in info  # the router would load a tokenizer from it
+    model = (await fake_app.client.get("/model_info")).json()
+    # The fake loader reads no config.json: no type, no architectures.
+    assert model == {
+        "served_model_name": fake_app.model,
+        "is_generation": True,
+        "model_type": None,
+        "architectures": [],
+    }
 
 
 async def test_unknown_fields_are_logged_at_debug_level(fake_app: FakeApp, caplog) -> None:
