@@ -63,12 +63,17 @@ class ServerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, ready_timeout_s: float = 300.0) -> ServerProcess:
+        self.spawn()
+        self.wait_ready(ready_timeout_s)
+        return self
+
+    def spawn(self) -> ServerProcess:
+        """Start the process without waiting (several servers then load side by side)."""
         log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             self.command, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
         log.close()
-        self.wait_ready(ready_timeout_s)
         return self
 
     def wait_ready(self, timeout_s: float) -> None:
