@@ -23,7 +23,7 @@ import httpx
 
 from tests.server_process import REPO_ROOT, ServerProcess, free_port
 
-# The same flags as deploy/docker-compose.fleet.yml and deploy/k8s/router (one health
+# The flags docs/router-comparison.md explains and deploy/ uses (one health
 # check a second, one failure takes a replica out; retries back off 0.4, 0.8, 1.6, 3.2 s).
 ROUTER_FLAGS = [
     "--policy", "cache_aware",
