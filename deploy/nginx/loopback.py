@@ -8,6 +8,8 @@ folder. The load-balancer system test uses it, and so can a developer:
         --replica 127.0.0.1:8002 --workdir /tmp/lb > /tmp/lb/nginx.conf
     nginx -p /tmp/lb -c /tmp/lb/nginx.conf -e /tmp/lb/error.log
 
+`--source deploy/nginx/nginx-session.conf` renders the session-affinity variant.
+
 Only what must differ is rewritten (upstream servers, listen address, file paths);
 each rewrite insists on matching exactly once, so a change to nginx.conf that this
 script would silently miss fails loudly instead.
@@ -103,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", type=int, required=True, help="loopback port for nginx")
     parser.add_argument("--replica", action="append", required=True, help="host:port")
     parser.add_argument("--workdir", type=Path, required=True, help="pid, logs, temp files")
+    parser.add_argument(
+        "--source", type=Path, default=DEPLOY_CONFIG, help="the config to render (nginx.conf)"
+    )
     args = parser.parse_args(argv)
     sys.stdout.write(
         render_loopback_config(
-            DEPLOY_CONFIG.read_text(), args.listen, args.replica, args.workdir.resolve()
+            args.source.read_text(), args.listen, args.replica, args.workdir.resolve()
         )
     )
     return 0

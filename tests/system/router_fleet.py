@@ -142,6 +142,7 @@ class Conversation:
     url: str
     model: str
     salt: str
+    headers: dict[str, str] = field(default_factory=dict)
     messages: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -152,7 +153,10 @@ class Conversation:
         """One turn: the reply is appended to the history when it is a 200."""
         self.messages.append({"role": "user", "content": text})
         response = httpx.post(
-            self.url + "/v1/chat/completions", json=self.body(max_tokens), timeout=120
+            self.url + "/v1/chat/completions",
+            json=self.body(max_tokens),
+            headers=self.headers,
+            timeout=120,
         )
         if response.status_code == 200:
             reply = response.json()["choices"][0]["message"]["content"]

@@ -65,3 +65,41 @@ def test_nginx_loopback_render_refuses_a_config_it_does_not_understand(tmp_path)
     source = (DEPLOY / "nginx/nginx.conf").read_text().replace("listen 80;", "listen 81;")
     with pytest.raises(ValueError, match="listen 80"):
         loopback.render_loopback_config(source, 18080, ["127.0.0.1:1"], tmp_path)
+
+
+def _without_leading_comments(text: str) -> str:
+    lines = text.splitlines()
+    while lines and (lines[0].startswith("#") or not lines[0].strip()):
+        lines.pop(0)
+    return "\n".join(lines)
+
+
+def test_nginx_session_variant_differs_only_in_balancing():
+    # The session-affinity config is nginx.conf with the upstream hashed on a session key.
+    plain = (DEPLOY / "nginx/nginx.conf").read_text()
+    session = (DEPLOY / "nginx/nginx-session.conf").read_text()
+    session_map = re.search(
+        r"\n *# The session key:[^\n]*\n"
+        r" *map \$http_x_session_id \$lamina_session_key \{([^}]*)\}\n\n",
+        session,
+    )
+    assert session_map, "the map from X-Session-Id to the hash key is missing"
+    entries = [
+        line.strip().rstrip(";").split() for line in session_map.group(1).strip().splitlines()
+    ]
+    assert dict(entries) == {"default": "$http_x_session_id", '""': "$lamina_request_id"}
+    assert re.search(r"upstream lamina \{[^}]*hash \$lamina_session_key consistent;", session)
+    rebuilt = session.replace(session_map.group(0), "\n").replace(
+        "hash $lamina_session_key consistent;", "least_conn;"
+    )
+    assert _without_leading_comments(rebuilt) == _without_leading_comments(plain)
+
+
+def test_nginx_session_loopback_config_passes_nginx_t(tmp_path):
+    nginx = tool("nginx")
+    loopback = _loopback_module()
+    config = loopback.write_loopback_config(
+        tmp_path, 18080, ["127.0.0.1:18001", "127.0.0.1:18002"], DEPLOY / "nginx/nginx-session.conf"
+    )
+    assert "hash $lamina_session_key consistent;" in config.read_text()
+    run([nginx, "-t", "-p", str(tmp_path), "-c", str(config), "-e", str(tmp_path / "error.log")])
