@@ -147,6 +147,17 @@ class Settings(BaseModel):
         gt=0,
         description="seconds without a token before a stream gets a `: keep-alive` comment",
     )
+    responses_store_max_entries: int = Field(
+        default=1000,
+        ge=0,
+        description="responses of `/v1/responses` kept in memory (`store`), least recently "
+        "used evicted first; 0: none kept",
+    )
+    responses_store_ttl_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="seconds a stored response is kept after its last change",
+    )
     warmup: bool = Field(
         default=True,
         description="run a prefill and a decode step before turning ready, so the first request "

@@ -33,9 +33,11 @@ from app.api.errors import install_error_handlers
 from app.api.middleware import BodyGuard
 from app.api.observability import install_observability, log_ready
 from app.api.openapi import install_openapi
+from app.api.response_store import ResponseStore
 from app.api.routes import openai_router, tgi_router
 from app.api.routes_misc import health_router
 from app.api.routes_misc import router as misc_router
+from app.api.routes_responses import responses_router
 from app.api.routes_worker import router as worker_router
 from app.api.state import Limits, ModelInfo, ServerState, Serving
 from app.config import Settings
@@ -214,6 +216,9 @@ async def _bring_up(
         limits=Limits(settings, max_model_len, loaded.tokenizer.vocab_size),
         keepalive_interval_s=settings.keepalive_interval_s,
         constraints=loaded.constraints,
+        responses=ResponseStore(
+            settings.responses_store_max_entries, settings.responses_store_ttl_s
+        ),
     )
     if freeze_heap:
         _freeze_heap()
@@ -274,7 +279,14 @@ def create_app(
     )
     app.state.server = state
     install_error_handlers(app)
-    for router in (health_router, openai_router, tgi_router, misc_router, worker_router):
+    for router in (
+        health_router,
+        openai_router,
+        responses_router,
+        tgi_router,
+        misc_router,
+        worker_router,
+    ):
         app.include_router(router)
     install_test_hooks(app, settings)
     install_openapi(app)

@@ -155,6 +155,22 @@ class Dialect:
         """The whole answer (not streaming)."""
         raise NotImplementedError
 
+    def on_start(self, run: Run) -> None:
+        """The run exists (engine requests queued); a dialect that can stop it later (a
+        cancel) keeps it."""
+
+    def stream_failure(self, error: APIError, tgi: bool) -> bytes:
+        """The frames that end a stream cut short by `error` (its 200 is already sent)."""
+        return sse_error(error, tgi) + DONE
+
+    def failed_answer(self, error: APIError) -> Any:
+        """The answer to a request (not streaming) that `error` ended: the error itself,
+        unless the dialect answers such an end in its own shape (a cancelled response)."""
+        raise error
+
+    def on_end(self) -> None:
+        """The run ended, however it did (called once per close, maybe twice)."""
+
 
 def is_failure(delta: TokenDelta) -> bool:
     return delta.finish_reason in (FinishReason.ERROR, FinishReason.ABORT)
@@ -181,12 +197,15 @@ async def drive(call: Call, dialect_type: type[Dialect], body: Any, stream: bool
     call.ticket.weigh(dialect.num_choices, estimated_tokens(dialect, serving.limits.max_model_len))
     await dialect.compile_constraints(serving)
     run = Run(serving.engine, dialect, record, call.ticket, call.deadline, serving.runs)
+    dialect.on_start(run)
     if dialect.stream:
         tgi_errors = facts_for(call.request.url.path).tgi_errors
         frames = run.frames(serving.keepalive_interval_s, tgi_errors)
         return EventStreamResponse(frames, on_close=run.aclose)
     try:
         results = await unless_disconnected(call.request, run.collect())
+    except APIError as error:
+        return dialect.failed_answer(error)
     finally:
         await run.aclose()
     return dialect.render_final(results, run.usage)
@@ -242,6 +261,11 @@ class Run:
     def finished(self) -> bool:
         """Every choice has delivered its final delta (or the run was closed)."""
         return all(stream.finished for stream in self.streams)
+
+    @property
+    def delivered(self) -> bool:
+        """Every choice's final delta was read (not cut short by a close)."""
+        return all(stream.delivered for stream in self.streams)
 
     @property
     def usage(self) -> Usage:
@@ -341,7 +365,7 @@ class Run:
                 frames = []
                 for choice_index, delta in batch:
                     if is_failure(delta):
-                        yield b"".join([*frames, sse_error(self.failure(delta), tgi), DONE])
+                        yield b"".join([*frames, dialect.stream_failure(self.failure(delta), tgi)])
                         return
                     frames.extend(dialect.render_delta(choice_index, delta))
                 if self.finished:
@@ -352,8 +376,7 @@ class Run:
         except Exception:
             logger.exception("stream %s failed", dialect.response_id)
             self.record.fail("error")
-            yield sse_error(server_error("internal server error while streaming"), tgi)
-            yield DONE
+            yield dialect.stream_failure(server_error("internal server error while streaming"), tgi)
         finally:
             await self.aclose()
 
@@ -361,6 +384,7 @@ class Run:
         """Abort what is unfinished and stop reading (shielded: it also runs while the
         surrounding task is being cancelled). Closing twice changes nothing."""
         self.record.close_generation()
+        self.dialect.on_end()
         self._runs.discard(self)
         if self._timer is not None:
             self._timer.cancel()

@@ -76,6 +76,10 @@ def model_not_found(requested: str, served: str) -> APIError:
     return APIError(404, message, type="not_found_error", param="model", code="model_not_found")
 
 
+def not_found(message: str, param: str | None = None, code: str = "not_found") -> APIError:
+    return APIError(404, message, type="not_found_error", param=param, code=code)
+
+
 def service_unavailable(message: str, code: str = "not_ready") -> APIError:
     return APIError(503, message, type="service_unavailable_error", code=code)
 

@@ -19,6 +19,7 @@ from app.api.admission import AdmissionController
 from app.api.engine_client import EngineClient
 from app.api.errors import APIError, service_unavailable
 from app.api.request_record import RequestRecord
+from app.api.response_store import ResponseStore
 from app.config import Settings
 from app.structured import ConstraintCompiler
 from app.tokenizer import Tokenizer
@@ -113,6 +114,8 @@ class Serving:
     # Compiles `response_format` grammars for the model's tokenizer (thread-safe, cached);
     # None when the engine cannot apply constraints: such requests are then a 400.
     constraints: ConstraintCompiler | None = None
+    # Stored responses of /v1/responses (`store`); None: nothing is stored.
+    responses: ResponseStore | None = None
 
 
 @dataclass

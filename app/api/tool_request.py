@@ -14,7 +14,7 @@ from typing import Any
 
 from app.api.constraints import RequestedConstraint
 from app.api.errors import invalid_request
-from app.api.schemas import ChatCompletionRequest, NamedToolChoice
+from app.api.schemas import ChatCompletionRequest, NamedToolChoice, ToolDefinition
 from app.structured.tool_grammar import FIRST_FUNCTION_LINE, tool_call_spec
 from app.tools import ToolCallFormat
 
@@ -78,7 +78,18 @@ class ToolRequest:
 def tool_request(body: ChatCompletionRequest, call_format: ToolCallFormat) -> ToolRequest:
     """The request's tools, checked (a 400 naming the field on the first broken rule),
     for a model that writes calls in `call_format`."""
-    tools = tuple(tool.model_dump(exclude_none=True) for tool in body.tools or ())
+    tools, choice, parallel = body.tools or [], body.tool_choice, body.parallel_tool_calls
+    return checked_tools(tools, choice, parallel, call_format)
+
+
+def checked_tools(
+    definitions: list[ToolDefinition],
+    tool_choice: str | NamedToolChoice | None,
+    parallel_tool_calls: bool | None,
+    call_format: ToolCallFormat,
+) -> ToolRequest:
+    """Tools in chat completions' shape, checked (the Responses API converts to it)."""
+    tools = tuple(tool.model_dump(exclude_none=True) for tool in definitions)
     names = [tool["function"]["name"] for tool in tools]
     for index, name in enumerate(names):
         param = f"tools[{index}].function.name"
@@ -88,8 +99,8 @@ def tool_request(body: ChatCompletionRequest, call_format: ToolCallFormat) -> To
             )
         if name in names[:index]:
             raise invalid_request(f"`{param}`: the function {name!r} is declared twice", param)
-    choice, named = _choice(body.tool_choice, tools, names)
-    parallel = body.parallel_tool_calls is not False
+    choice, named = _choice(tool_choice, tools, names)
+    parallel = parallel_tool_calls is not False
     return ToolRequest(tools, choice, named, parallel, call_format)
 
 

@@ -39,14 +39,34 @@ NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "best_of": (lambda value: value in (None, 1), "best-of is not supported (must be 1)"),
 }
 
+# POST /v1/responses: the request fields of OpenAI's Responses API that lamina does not
+# run. Input items and parts (images, files, audio, reasoning) and built-in tools are
+# refused by responses_input.py, which names the item.
+RESPONSES_NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "reasoning": (lambda value: value == {}, "this server runs no reasoning model"),
+    "include": (lambda value: value == [], "no extra output (`include`) is available"),
+    "background": (lambda value: value is False, "background responses are not supported"),
+    "conversation": (_never, "conversations are not stored; send `previous_response_id`"),
+    "prompt": (_never, "stored prompt templates are not supported"),
+    "top_logprobs": (lambda value: value == 0, "log-probabilities are not returned here"),
+    "truncation": (lambda value: value == "disabled", 'only "disabled" is supported'),
+    "max_tool_calls": (_never, "a limit on tool calls is not supported"),
+    "prompt_cache_retention": (_never, "the prefix cache has no retention setting"),
+}
+
 # OpenAI fields accepted without effect: bookkeeping for OpenAI's own platform.
-ACCEPTED_AND_IGNORED = frozenset({"metadata", "store", "service_tier"})
+ACCEPTED_AND_IGNORED = frozenset(
+    {"metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "stream_options"}
+)
 
 
-def refuse_unimplemented(extra_fields: Mapping[str, Any] | None) -> None:
-    """400 for the first field of NOT_IMPLEMENTED whose value asks for something new."""
+def refuse_unimplemented(
+    extra_fields: Mapping[str, Any] | None,
+    rules: Mapping[str, tuple[Callable[[Any], bool], str]] = NOT_IMPLEMENTED,
+) -> None:
+    """400 for the first field of `rules` whose value asks for something new."""
     for name, value in (extra_fields or {}).items():
-        rule = NOT_IMPLEMENTED.get(name)
+        rule = rules.get(name)
         if rule is not None and value is not None and not rule[0](value):
             raise invalid_request(
                 f"`{name}` is not supported: {rule[1]}", param=name, code="unsupported_field"

@@ -47,6 +47,11 @@ class RequestStream:
         """Every choice's final delta has been taken (or the reader closed the stream)."""
         return self._num_unfinished == 0 or self._closed
 
+    @property
+    def delivered(self) -> bool:
+        """Every choice's final delta has been taken: the reader saw the whole answer."""
+        return self._num_unfinished == 0
+
     def push(self, delta: TokenDelta) -> bool:
         """Called on the event loop by the engine. True once every choice has ended."""
         if delta.finished:

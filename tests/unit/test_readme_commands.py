@@ -20,7 +20,8 @@ from app.config import load_settings
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```([^`\n]*)\n(.*?)^```", re.DOTALL | re.MULTILINE)
-INLINE = re.compile(r"`((?:\.venv/bin/)?(?:lamina|make|python)\s[^`]+)`")
+# Inline code only: a fence's opening (```python) is not a `python ...` command.
+INLINE = re.compile(r"(?<!`)`((?:\.venv/bin/)?(?:lamina|make|python)\s[^`]+)`")
 PROGRAMS = ("lamina", "make", "python")
 BENCH_PARSERS = {
     "engine": engine_bench.parse_args,
