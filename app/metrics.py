@@ -8,6 +8,8 @@ Who updates what:
   end-to-end, queue, prefill and decode times), `observe_failure` once per failed HTTP
   request (its one reason);
 - the HTTP middleware: requests by route and status, requests in flight;
+- `live` (app/live_stats.py): the last minute's rolling windows for GET /status, fed by
+  the same calls;
 - at scrape time, from the engine's own counters (`EngineStatsCollector`): running and
   waiting sequences, KV-cache usage, preemptions and prefix-cache queries/hits. Reading
   them at scrape time keeps the gauges exact even when the engine is idle.
@@ -35,6 +37,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from app.core import FinishReason, RequestTimings
+from app.live_stats import LiveStats
 
 if TYPE_CHECKING:  # the engine's types only: metrics must not pull the engine in
     from app.engine.engine_core import EngineStats, StepStats
@@ -148,6 +151,7 @@ class Metrics:
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
         self.model_name = model_name
         self.registry = registry or CollectorRegistry()
+        self.live = LiveStats()  # the last minute, for GET /status
         self._engine_reader: Callable[[], EngineCounters | None] = lambda: None
         self.registry.register(EngineStatsCollector(model_name, lambda: self._engine_reader()))
         self._define_request_metrics()
@@ -231,6 +235,7 @@ class Metrics:
 
     def _on_step(self, step: StepStats) -> None:
         self.observe_step(step.num_batched_tokens, step.duration_s, step.inter_token_gaps_s)
+        self.live.on_step(step.num_seqs, step.num_sampled, step.inter_token_gaps_s)
 
     def observe_step(self, num_batched_tokens: int, duration_s: float,
                      inter_token_gaps_s: Iterable[float]) -> None:  # fmt: skip
@@ -275,6 +280,7 @@ class Metrics:
             self.queue_time.labels(m).observe(max(0.0, t.first_scheduled - t.arrival))
         if t.first_token is not None:
             self.ttft.labels(m).observe(max(0.0, t.first_token - t.arrival))
+            self.live.on_ttft(max(0.0, t.first_token - t.arrival))
             self.decode_time.labels(m).observe(max(0.0, t.finished - t.first_token))
             if t.first_scheduled is not None:
                 self.prefill_time.labels(m).observe(max(0.0, t.first_token - t.first_scheduled))
@@ -287,6 +293,7 @@ class Metrics:
         if reason not in FAILURE_REASONS:
             raise ValueError(f"unknown failure reason {reason!r}; one of {FAILURE_REASONS}")
         self.request_failure.labels(self.model_name, reason).inc()
+        self.live.on_failure(reason)
 
     def observe_http(self, route: str, method: str, status: int) -> None:
         self.http_requests.labels(self.model_name, route, method, str(status)).inc()

@@ -10,6 +10,7 @@ routes pass their own gate, routes.admit, which also admits them.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 from typing import Annotated, Protocol
 
@@ -78,6 +79,7 @@ class ModelInfo:
     created: int = 0  # unix time the server loaded it
     model_type: str | None = None  # config.json's model_type, e.g. "llama"
     architectures: tuple[str, ...] = ()  # config.json's architectures
+    kernels: dict[str, str] | None = None  # which kernels compute it, in words (GET /status)
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ class ServerState:
     readiness: Readiness = field(default_factory=Readiness)
     serving: Serving | None = None
     admission: AdmissionController = field(init=False)  # generation requests in flight
+    started_monotonic: float = field(default_factory=time.monotonic)  # for GET /status uptime
 
     def __post_init__(self) -> None:
         self.admission = AdmissionController.from_settings(self.settings)

@@ -212,6 +212,21 @@ class ModelRunner:
             max_num_seqs=settings.max_num_seqs,
         )
 
+    def kernel_summary(self) -> dict[str, str]:
+        """Which kernels compute this model, in words (GET /status, the dashboard)."""
+        native = self.model.native
+        summary = {
+            "attention": self.attention_backend,
+            "matmul": str(self.matmul_dtype).removeprefix("torch."),
+            "native_library": native.build.describe() if native is not None else "none",
+        }
+        if self.device.type == "cpu":
+            fused = getattr(self.model, "fuse_layers", False)
+            summary["decoder_layers"] = "fused native stack" if fused else "one op at a time"
+        if self.decode_graphs is not None:
+            summary["decode_graphs"] = "cuda graphs" if self.device.type == "cuda" else "eager"
+        return summary
+
     def log_memory(self) -> MemoryReport:
         """Hand the heap's free memory back (what loading and warm-up freed), then log
         where the memory goes: weights, packed copies, KV cache, process RSS."""

@@ -29,6 +29,10 @@ FORBIDDEN = {
     "tools": ("torch", "app.model", "app.engine", "app.api", "fastapi"),
     # compiled kernels below the model: they know tensors and pointers, nothing of lamina
     "native": ("app.model", "app.engine", "app.api", "fastapi"),
+    # the last minute's windows behind GET /status: fed per step, so plain Python only
+    "live_stats.py": ("torch", "app.model", "app.engine", "app.api", "fastapi"),
+    # the playground and dashboard pages: static files and the middleware serving them
+    "ui": ("torch", "app.model", "app.engine", "app.api"),
 }
 
 
