@@ -323,6 +323,8 @@ async function sendCompletion() {
 
 // ---------------------------------------------------------------- tokenizer
 
+const MAX_TOKENS_SHOWN = 512;
+
 async function tokenize() {
   const text = $("tokenize-text").value;
   const request = $("tokenize-as-chat").checked
@@ -332,14 +334,16 @@ async function tokenize() {
     headers: { "Content-Type": "application/json" }, body: JSON.stringify(request) });
   if (!response.ok) return showError(await errorText(response));
   const { tokens, count, max_model_len: limit } = await response.json();
-  $("token-count").textContent = count + " tokens (context window " + limit + ")";
-  const pieces = await Promise.all(tokens.map(async (id) => {
+  const shown = tokens.slice(0, MAX_TOKENS_SHOWN); // one /detokenize call per chip
+  $("token-count").textContent = count + " tokens (context window " + limit + ")" +
+    (shown.length < count ? "; the first " + shown.length + " shown" : "");
+  const pieces = await Promise.all(shown.map(async (id) => {
     const piece = await apiFetch("detokenize", { method: "POST",
       headers: { "Content-Type": "application/json" }, body: JSON.stringify({ tokens: [id] }) });
     return piece.ok ? (await piece.json()).prompt : "?";
   }));
   $("tokens").replaceChildren(...pieces.map((piece, i) =>
-    element("span", { class: "token", title: "id " + tokens[i] }, piece.replace(/\n/g, "⏎"))));
+    element("span", { class: "token", title: "id " + shown[i] }, piece.replace(/\n/g, "⏎"))));
 }
 
 // ---------------------------------------------------------------- page
