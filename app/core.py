@@ -6,6 +6,8 @@ Shapes of the engine's world:
   engine thread. Only the engine thread mutates it.
 - `ScheduledBatch`: the scheduler's decision for one step, handed to the runner.
 - `SampleOutput`: the runner's answer for one sequence that sampled.
+- `PromptResult`: what the runner computed over a whole prompt when a sequence asked for
+  it (prompt log-probabilities, a pooled hidden state), handed over once.
 - `TokenDelta`: what flows back to the caller of `Engine.add_request`.
 """
 
@@ -14,7 +16,9 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
+
+Pooling = Literal["last", "mean"]
 
 
 class ConstraintMatcherLike(Protocol):
@@ -54,7 +58,9 @@ class SequenceStatus(enum.Enum):
 class SamplingParams:
     """Validated sampling settings. Defaults mean "off"; temperature 0 means greedy."""
 
-    max_tokens: int | None = 16  # None: until the context window is full
+    # None: until the context window is full; 0: compute the prompt only (its prompt
+    # outputs, the prefix cache) and sample nothing
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: disabled
@@ -74,11 +80,17 @@ class SamplingParams:
     # Structured output: only tokens this grammar allows are sampled, EOS only where it
     # accepts (compiled by app/structured before the request reaches the engine).
     constraint: CompiledConstraintLike | None = None
+    # Prompt outputs, computed while the prompt is (PromptResult, with the first delta):
+    # None: off; k >= 0: every prompt token's log-probability (but the first's) + top k
+    prompt_logprobs: int | None = None
+    # An embedding: the prompt's final hidden states (after the final norm) pooled by
+    # "last" token or "mean" over the prompt; None: off
+    pooling: Pooling | None = None
 
     def __post_init__(self) -> None:
         # The API validates with user-facing messages; these guard internal callers.
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -93,10 +105,18 @@ class SamplingParams:
             raise ValueError("min_tokens must be >= 0")
         if self.logprobs is not None and self.logprobs < 0:
             raise ValueError("logprobs must be >= 0")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError("prompt_logprobs must be >= 0")
+        if self.pooling not in (None, "last", "mean"):
+            raise ValueError("pooling must be 'last' or 'mean'")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def wants_prompt_result(self) -> bool:
+        return self.prompt_logprobs is not None or self.pooling is not None
 
     @property
     def needs_penalties(self) -> bool:
@@ -159,6 +179,20 @@ class Sequence:
         return min(max(self.num_prompt_tokens - start, 0), length)
 
     @property
+    def needs_prompt_result(self) -> bool:
+        """It asked for prompt outputs that are not delivered yet: they go out with its
+        first delta (a first token, or the end of a prompt-only sequence)."""
+        return self.params.wants_prompt_result and not self.output_token_ids
+
+    @property
+    def needs_every_prompt_row(self) -> bool:
+        """Its prompt outputs need every prompt position computed in this run: a prefix
+        served by the prefix cache has K/V but no hidden states or logits."""
+        params = self.params
+        needs_rows = params.prompt_logprobs is not None or params.pooling == "mean"
+        return needs_rows and self.needs_prompt_result
+
+    @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
@@ -205,12 +239,45 @@ class SampleOutput:
 
 
 @dataclass(frozen=True)
+class PromptLogprob:
+    """One prompt token's log-probability given the tokens before it, as the runner
+    computed it (fp32 log-softmax of the model's logits)."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 + how many tokens the model found more likely
+    top_logprobs: tuple[TopLogprob, ...] = ()  # most likely first
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """The runner's prompt outputs for one sequence, complete (every prompt position)."""
+
+    # One per prompt token, None for the first (nothing predicts it); empty: not asked
+    logprobs: tuple[PromptLogprob | None, ...] = ()
+    # The pooled final hidden state, not normalised: [hidden]; None: not asked
+    pooled: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
 class TokenLogprob:
     """A generated token with its log-probability and top alternatives, as the API shows it."""
 
     token_id: int
     text: str
     logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token id, text, logprob)
+
+
+@dataclass(frozen=True)
+class PromptTokenLogprob:
+    """A prompt token with its log-probability, rank and top alternatives, as the API
+    shows it."""
+
+    token_id: int
+    text: str
+    logprob: float
+    rank: int
     top: tuple[tuple[int, str, float], ...] = ()  # (token id, text, logprob)
 
 
@@ -254,6 +321,9 @@ class TokenDelta:
     usage: Usage | None = None
     error: str | None = None  # set with FinishReason.ERROR / ABORT for the caller
     timings: RequestTimings | None = None  # on the last delta of a sequence
+    # With params.wants_prompt_result, on the sequence's first delta only
+    prompt_logprobs: tuple[PromptTokenLogprob | None, ...] = ()  # one per prompt token
+    embedding: tuple[float, ...] | None = None  # PromptResult.pooled
 
     @property
     def finished(self) -> bool:

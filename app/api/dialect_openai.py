@@ -15,6 +15,7 @@ from app.api.constraints import request_constraint
 from app.api.driver import ChoiceResult, Dialect
 from app.api.errors import invalid_request
 from app.api.params import chat_inputs, check_model, completion_inputs
+from app.api.prompt_logprobs import echo_logprobs, joined, vllm_prompt_logprobs
 from app.api.prompts import completion_prompts
 from app.api.request_record import Usage
 from app.api.schemas import (
@@ -176,7 +177,12 @@ class OpenAIDialect(Dialect):
             model=self.model,
             choices=[self.final_choice(result) for result in results],
             usage=usage_info(usage),
+            **self.response_fields(results),
         )
+
+    def response_fields(self, results: list[ChoiceResult]) -> dict[str, Any]:
+        """Fields of the whole answer beyond id, created, model, choices and usage."""
+        return {}
 
 
 class CompletionDialect(OpenAIDialect):
@@ -194,15 +200,42 @@ class CompletionDialect(OpenAIDialect):
                 sent if isinstance(sent, str) else decode(ids, skip_special_tokens=False)
                 for (_, sent), ids in zip(completion_prompts(body.prompt), self.prompts)
             ]
+        # `echo` with `logprobs`: the prompt's tokens lead the logprobs (their top-N too)
+        self.echo_logprobs = bool(body.echo) and body.logprobs is not None
+        self.num_top = body.logprobs or 0
+        self.vllm_prompt_top = body.prompt_logprobs  # vLLM's `prompt_logprobs`, or None
+        self.token_text = serving.tokenizer.token_text
         self.offsets = [0] * self.num_choices  # text offset of each choice (logprobs)
 
     def opening(self) -> Iterable[bytes]:
-        if not self.echo:
+        if not self.echo or self.echo_logprobs:  # then: with the prompt's logprobs
             return
         for index in range(self.num_choices):
             text = self.echo[index // self.n]
             self.offsets[index] = len(text)
             yield sse_event(self._chunk([CompletionChunkChoice(index=index, text=text)]))
+
+    def render_delta(self, index: int, delta: TokenDelta) -> Iterable[bytes]:
+        if not delta.prompt_logprobs:
+            return super().render_delta(index, delta)
+        prompt = CompletionChunkChoice(index=index, text="", **self._prompt_fields(index, delta))
+        if self.echo_logprobs:
+            prompt.text = self.echo[index // self.n]
+            self.offsets[index] = len(prompt.text)
+        return (sse_event(self._chunk([prompt])), *super().render_delta(index, delta))
+
+    def _prompt_fields(self, index: int, result: TokenDelta | ChoiceResult) -> dict[str, Any]:
+        """The choice's `logprobs` for its prompt (with `echo`) and `prompt_logprobs`."""
+        fields: dict[str, Any] = {}
+        entries = result.prompt_logprobs
+        if self.echo_logprobs:
+            prompt_ids = self.prompts[index // self.n]
+            fields["logprobs"], _ = echo_logprobs(
+                prompt_ids, entries, self.num_top, self.token_text
+            )
+        if self.vllm_prompt_top is not None:
+            fields["prompt_logprobs"] = vllm_prompt_logprobs(entries, self.vllm_prompt_top)
+        return fields
 
     def chunk_choice(
         self, index: int, text: str, logprobs: Any = None, delta: TokenDelta | None = None
@@ -221,13 +254,17 @@ class CompletionDialect(OpenAIDialect):
 
     def final_choice(self, result: ChoiceResult) -> CompletionChoice:
         prefix = self.echo[result.index // self.n] if self.echo else ""
+        prompt_fields = self._prompt_fields(result.index, result)
         logprobs = None
         if self.want_logprobs:
             logprobs, _ = completion_logprobs(result.logprobs, len(prefix))
+            if self.echo_logprobs:
+                logprobs = joined(prompt_fields["logprobs"], logprobs)
         return CompletionChoice(
             index=result.index,
             text=prefix + result.text,
             logprobs=logprobs,
+            prompt_logprobs=prompt_fields.get("prompt_logprobs"),
             finish_reason=finish_name(result.finish_reason),
             stop_reason=result.stop_reason,
         )
@@ -260,6 +297,14 @@ class ChatDialect(OpenAIDialect):
         super().__init__(*args, body=body, serving=serving)
         self.tools: ToolRequest | None = None
         self.calls: ToolCallStreams | None = None  # with tools: each choice's parser
+        self.prompt_top = body.prompt_logprobs  # vLLM's `prompt_logprobs` (not streamed)
+
+    def response_fields(self, results: list[ChoiceResult]) -> dict[str, Any]:
+        if self.prompt_top is None or not results:
+            return {}
+        # One prompt: every choice computed the same values; vLLM shows them once.
+        entries = results[0].prompt_logprobs
+        return {"prompt_logprobs": vllm_prompt_logprobs(entries, self.prompt_top)}
 
     def opening(self) -> Iterable[bytes]:
         # The first chunk of each choice carries the role, before any token is ready.

@@ -39,7 +39,7 @@ from app.api.request_record import RequestRecord, Usage
 from app.api.route_facts import facts_for
 from app.api.sse import DONE, KEEPALIVE, EventStreamResponse, sse_error
 from app.api.state import Serving
-from app.core import FinishReason, SamplingParams, TokenDelta, TokenLogprob
+from app.core import FinishReason, PromptTokenLogprob, SamplingParams, TokenDelta, TokenLogprob
 from app.engine.request_stream import RequestStream, wait_for_delivery
 
 logger = logging.getLogger("lamina.api")
@@ -60,6 +60,9 @@ class ChoiceResult:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     num_tokens: int = 0  # as the engine counted them (its final delta's usage)
+    # Prompt outputs (first delta), when the request asked: per prompt token, pooled
+    prompt_logprobs: tuple[PromptTokenLogprob | None, ...] = ()
+    embedding: tuple[float, ...] | None = None
 
     @property
     def text(self) -> str:
@@ -69,6 +72,10 @@ class ChoiceResult:
         self.text_parts.append(delta.text)
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs:
+            self.prompt_logprobs = delta.prompt_logprobs
+        if delta.embedding is not None:
+            self.embedding = delta.embedding
         if delta.finished:
             self.finish_reason = delta.finish_reason
             self.stop_reason = delta.stop_reason

@@ -197,6 +197,19 @@ def _openai_params(
     )
 
 
+def with_prompt_logprobs(
+    params: SamplingParams, body: SamplingFields, limits: Limits, echoed: int | None
+) -> SamplingParams:
+    """Ask the engine for prompt log-probabilities when the request wants them: vLLM's
+    `prompt_logprobs`, or `echoed` (completions' `logprobs` with `echo`); the engine
+    computes the larger top-N, each answer shows its own."""
+    asked = at_most(body.prompt_logprobs, limits.settings.max_top_logprobs, "prompt_logprobs")
+    wanted = [k for k in (asked, echoed) if k is not None]
+    if not wanted:
+        return params
+    return dataclasses.replace(params, prompt_logprobs=max(wanted))
+
+
 def with_max_tokens(params: SamplingParams, max_tokens: int | None) -> SamplingParams:
     if params.max_tokens == max_tokens:
         return params
@@ -230,13 +243,10 @@ def completion_inputs(
     max_tokens, max_tokens_param = requested_max_tokens(body)
     at_most(max_tokens, settings.max_tokens_limit, max_tokens_param)
     logprobs = at_most(body.logprobs, settings.max_top_logprobs, "logprobs")
-    if body.echo and logprobs is not None:
-        raise invalid_request(
-            "`echo` together with `logprobs` is not supported: lamina does not compute "
-            "log-probabilities of prompt tokens",
-            param="echo",
-        )
     params = _openai_params(body, limits, max_tokens, max_tokens_param, logprobs)
+    # `echo` with `logprobs`: the prompt's tokens get theirs too, with the same top-N.
+    echoed = logprobs if body.echo else None
+    params = with_prompt_logprobs(params, body, limits, echoed)
     prompts = [encode_prompt(prompt, param, tokenizer) for param, prompt in parts]
     per_prompt = [
         with_max_tokens(
@@ -266,6 +276,12 @@ def chat_inputs(
         raise invalid_request("`top_logprobs` requires `logprobs` to be true", param="top_logprobs")
     logprobs = (top_logprobs or 0) if body.logprobs else None
     params = _openai_params(body, limits, max_tokens, max_tokens_param, logprobs)
+    if body.prompt_logprobs is not None and body.stream:
+        raise invalid_request(
+            "`prompt_logprobs` is not available when `stream` is true (as in vLLM)",
+            param="prompt_logprobs",
+        )
+    params = with_prompt_logprobs(params, body, limits, None)
     tools = tool_request(body, tokenizer.tool_call_format).prompt_tools
     prompt = encode_chat(body.messages, tokenizer, body.add_generation_prompt is not False, tools)
     fitted = fit_to_context(

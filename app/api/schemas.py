@@ -169,6 +169,12 @@ class SamplingFields(LaminaRequest):
     skip_special_tokens: StrictBool | None = Field(
         default=None, description="Leave special tokens out of the text. Default true."
     )
+    prompt_logprobs: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        description="vLLM's extra: the log-probability and rank of every prompt token "
+        "(but the first) and of its `prompt_logprobs` most likely alternatives.",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -186,12 +192,21 @@ class CompletionRequest(SamplingFields):
         description="A string, a list of strings (one completion each), a list of token ids, "
         "or a list of token id lists."
     )
+    max_tokens: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        description="Most tokens to generate; 0: none (with `echo` and `logprobs`: the "
+        "prompt's log-probabilities only). Unset: until the context window is full.",
+    )
+    max_completion_tokens: StrictInt | None = Field(
+        default=None, ge=0, description="Alias of max_tokens (wins when both are set)."
+    )
     echo: StrictBool | None = Field(default=None, description="Prepend the prompt to the text.")
     logprobs: StrictInt | None = Field(
         default=None,
         ge=0,
         description="Return the log-probability of each token and of the `logprobs` most "
-        "likely alternatives.",
+        "likely alternatives; with `echo`, of the prompt's tokens too (the first: null).",
     )
 
     @field_validator("prompt", mode="before")
@@ -221,10 +236,25 @@ class CompletionLogprobs(BaseModel):
 FinishReasonName = Literal["stop", "length", "tool_calls"]
 
 
+class PromptTokenLogprob(BaseModel):
+    """vLLM's entry for one token at one prompt position."""
+
+    logprob: float
+    rank: int = Field(description="1 + how many tokens the model found more likely")
+    decoded_token: str
+
+
+# One per prompt token (null for the first): token id (as a string) -> its entry
+PromptLogprobs = list[dict[str, PromptTokenLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(
+        default=None, exclude_if=lambda value: value is None
+    )
     finish_reason: FinishReasonName | None = None
     stop_reason: int | str | None = Field(
         default=None, description="The stop string or token id that ended the text, if any."
@@ -381,6 +411,9 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = Field(
+        default=None, exclude_if=lambda value: value is None
+    )
 
 
 class DeltaFunction(BaseModel):

@@ -26,7 +26,7 @@ from app.core import (
 )
 from app.engine.block_manager import BlockManager
 from app.engine.constraints import advance_matchers, start_matcher
-from app.engine.outputs import FinishInfo, SequenceOutput
+from app.engine.outputs import FinishInfo, PromptPart, SequenceOutput
 from app.engine.protocol import Runner, TokenizerLike
 from app.engine.scheduler import Scheduler, SeqUpdate
 
@@ -311,11 +311,13 @@ class EngineCore:
         output = self._outputs.get(seq.seq_id)
         if output is None:  # ended during this step (its request failed)
             return []
+        sample = update.output  # None: a prompt-only sequence whose prompt is done
         try:
             if seq.request_id in self._faulty_requests:
                 raise InjectedFault("injected fault (test hook)")
-            text, stop_string = output.on_token(update.output)
-            logprob = output.token_logprob(update.output)
+            text, stop_string = output.on_token(sample) if sample is not None else ("", None)
+            logprob = output.token_logprob(sample) if sample is not None else None
+            prompt_part = self._prompt_part(seq, output)
         except Exception as exc:  # noqa: BLE001 - one request's fault stays its own
             logger.exception(
                 "postprocessing failed for request %s",
@@ -323,24 +325,40 @@ class EngineCore:
                 extra=self._log_fields(seq.request_id),
             )
             return self.fail_request(seq.request_id, f"internal error: {exc}")
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        elif seq.last_token_time is not None:
-            self._step_gaps.append(now - seq.last_token_time)
-        seq.last_token_time = now
+        if sample is not None:
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            elif seq.last_token_time is not None:
+                self._step_gaps.append(now - seq.last_token_time)
+            seq.last_token_time = now
         finish = self._finish_info(seq, update, stop_string)
         if finish is not None and stop_string is None:
             text += output.detokenizer.flush()
         delta = output.delta(
             text,
-            (update.output.token_id,),
+            (sample.token_id,) if sample is not None else (),
             (logprob,) if logprob is not None else (),
             finish,
             self._timings(seq, now) if finish else None,
         )
+        if prompt_part is not None:
+            delta = dataclasses.replace(
+                delta, prompt_logprobs=prompt_part[0], embedding=prompt_part[1]
+            )
         if finish is not None:
             self._seq_done(seq)
         return [delta]
+
+    def _prompt_part(self, seq: Sequence, output: SequenceOutput) -> PromptPart | None:
+        """The prompt outputs seq asked for, on its first delta (None on any other)."""
+        if not seq.params.wants_prompt_result or output.prompt_result_sent:
+            return None
+        take = getattr(self.runner, "take_prompt_result", None)
+        if take is None:
+            raise RuntimeError("this runner does not compute prompt outputs")
+        result = take(seq.seq_id)
+        output.prompt_result_sent = True
+        return output.prompt_logprobs(result), result.pooled
 
     def _finish_info(
         self, seq: Sequence, update: SeqUpdate, stop_string: str | None

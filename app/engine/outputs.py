@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from app.core import (
     FinishReason,
+    PromptResult,
+    PromptTokenLogprob,
     RequestTimings,
     SampleOutput,
     Sequence,
@@ -15,6 +17,10 @@ from app.core import (
 )
 from app.engine.detokenizer import IncrementalDetokenizer
 from app.engine.protocol import TokenizerLike
+
+# A first delta's prompt outputs: per prompt token logprobs (None for the first), the
+# pooled hidden state (None: not asked)
+PromptPart = tuple[tuple[PromptTokenLogprob | None, ...], tuple[float, ...] | None]
 
 
 @dataclass
@@ -31,6 +37,7 @@ class SequenceOutput:
         self.seq = seq
         self._tokenizer = tokenizer
         self.detokenizer = IncrementalDetokenizer(tokenizer, seq.prompt_token_ids, seq.params)
+        self.prompt_result_sent = False  # its PromptResult went out with its first delta
 
     def on_token(self, sample: SampleOutput) -> tuple[str, str | None]:
         """Feed the new token to the detokenizer: (text to emit now, matched stop string)."""
@@ -42,6 +49,22 @@ class SequenceOutput:
         text_of = self._tokenizer_text
         top = tuple((t.token_id, text_of(t.token_id), t.logprob) for t in sample.top_logprobs)
         return TokenLogprob(sample.token_id, text_of(sample.token_id), sample.logprob, top)
+
+    def prompt_logprobs(self, result: PromptResult) -> tuple[PromptTokenLogprob | None, ...]:
+        """The runner's prompt log-probabilities with each token's text."""
+        text_of = self._tokenizer_text
+        return tuple(
+            None
+            if entry is None
+            else PromptTokenLogprob(
+                entry.token_id,
+                text_of(entry.token_id),
+                entry.logprob,
+                entry.rank,
+                tuple((t.token_id, text_of(t.token_id), t.logprob) for t in entry.top_logprobs),
+            )
+            for entry in result.logprobs
+        )
 
     def _tokenizer_text(self, token_id: int) -> str:
         token_text = getattr(self._tokenizer, "token_text", None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence as SequenceOf
 from typing import Protocol
 
-from app.core import SampleOutput, ScheduledBatch
+from app.core import PromptResult, SampleOutput, ScheduledBatch
 
 
 class Runner(Protocol):
@@ -33,7 +33,15 @@ class Runner(Protocol):
         ...
 
     def release(self, seq_ids: SequenceOf[int]) -> None:
-        """Forget per-sequence state (seeded generators, penalty counts) of finished sequences."""
+        """Forget per-sequence state (seeded generators, penalty counts, prompt outputs
+        being collected) of finished sequences."""
+        ...
+
+    # Optional (absent: requests that ask for prompt outputs fail with an error).
+    def take_prompt_result(self, seq_id: int) -> PromptResult:
+        """The prompt outputs a sequence asked for (params.prompt_logprobs, .pooling),
+        collected over the steps that computed its prompt while `seq.needs_prompt_result`;
+        called once, after the step that completed its prompt. Forgets them."""
         ...
 
 

@@ -60,10 +60,11 @@ from app.engine.stopping import check_stop, default_criteria
 
 @dataclass
 class SeqUpdate:
-    """What one step did to one sequence that sampled a token."""
+    """What one step did to one sequence that sampled a token (or ended its prompt-only
+    run: max_tokens 0)."""
 
     seq: Sequence
-    output: SampleOutput  # the token sampled this step
+    output: SampleOutput | None  # the token sampled this step; None: prompt-only, done
     finish_reason: FinishReason | None  # token-level stop: EOS, stop token id, length
     stop_reason: int | None  # the stop_token_ids entry that matched, if any
 
@@ -272,7 +273,8 @@ class Scheduler:
                 self.waiting.remove(seq)
                 self._fail(seq)
                 continue
-            cached_block_ids = manager.match_prefix(seq)
+            # Prompt outputs over every position need every position computed here.
+            cached_block_ids = [] if seq.needs_every_prompt_row else manager.match_prefix(seq)
             num_cached = len(cached_block_ids) * manager.block_size
             # The last in line may take what is left; others leave room for the rest.
             max_chunk = budget.prefill if position == len(queue) - 1 else budget.max_chunk
@@ -303,7 +305,9 @@ class Scheduler:
     @staticmethod
     def _scheduled(seq: Sequence, num_new: int) -> ScheduledSeq:
         reaches_end = seq.num_computed_tokens + num_new == seq.num_tokens
-        return ScheduledSeq(seq=seq, num_new_tokens=num_new, sample=reaches_end)
+        # A prompt-only sequence (max_tokens 0) computes its prompt and samples nothing.
+        samples = reaches_end and seq.max_tokens > 0
+        return ScheduledSeq(seq=seq, num_new_tokens=num_new, sample=samples)
 
     def _never_fits(self, num_tokens: int) -> bool:
         return self.block_manager.num_blocks_for(num_tokens) > self.block_manager.num_blocks
@@ -326,7 +330,8 @@ class Scheduler:
     def update(self, batch: ScheduledBatch, outputs: list[SampleOutput | None]) -> list[SeqUpdate]:
         """Apply a step's results: advance computed tokens, append samples, check stops.
 
-        Returns one SeqUpdate per sequence that sampled. Sequences that hit a token-level
+        Returns one SeqUpdate per sequence that sampled or finished a prompt-only run
+        (max_tokens 0). Sequences that hit a token-level
         stop are FINISHED, their blocks freed (their full blocks stay in the prefix cache).
         """
         if len(outputs) != len(batch.seqs):
@@ -338,6 +343,10 @@ class Scheduler:
                 continue
             seq.num_computed_tokens += scheduled.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
+            if seq.max_tokens == 0 and seq.num_computed_tokens == seq.num_tokens:
+                self.finish(seq, FinishReason.LENGTH)  # its prompt is done: nothing to sample
+                updates.append(SeqUpdate(seq, None, FinishReason.LENGTH, None))
+                continue
             if not scheduled.sample:
                 continue
             if output is None:

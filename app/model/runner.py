@@ -8,6 +8,7 @@ scheduler's order. The runner reads sequences and never mutates them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -17,7 +18,14 @@ from dataclasses import dataclass
 import torch
 
 from app.config import Settings
-from app.core import SampleOutput, SamplingParams, ScheduledBatch, ScheduledSeq, Sequence
+from app.core import (
+    PromptResult,
+    SampleOutput,
+    SamplingParams,
+    ScheduledBatch,
+    ScheduledSeq,
+    Sequence,
+)
 from app.model.attention import build_attention_metadata, calibrate_min_query_rows, key_bucket
 from app.model.cache_sizing import num_cache_blocks
 from app.model.config import ModelConfig, read_eos_token_ids
@@ -32,6 +40,7 @@ from app.model.linear import RowKinds
 from app.model.llama import LlamaForCausalLM
 from app.model.loader import load_model
 from app.model.memory_report import MemoryReport, measure_memory
+from app.model.prompt_outputs import PromptOutputs
 from app.model.sampler import Sampler, SamplingRequest
 from app.native.panels import INT4
 
@@ -81,6 +90,8 @@ class _FlatBatch:
     context_lens: list[int]  # [B] tokens already cached
     block_tables: list[list[int]]  # [B] each sequence's table
     prompt_rows: list[int]  # [B] leading rows of each chunk that are prompt tokens
+    # [B] whether each sequence's prompt rows feed its prompt outputs (logprobs, pooling)
+    collects: list[bool] = dataclasses.field(default_factory=list)
 
 
 class ModelRunner:
@@ -111,6 +122,7 @@ class ModelRunner:
         argmax = model.native.argmax_rows if model.native is not None else None
         self.sampler = Sampler(eos_token_ids, self.device, seed, argmax)
         self.constraint_masks = ConstraintMasks(self.config.vocab_size, max_num_seqs)
+        self.prompt_outputs = PromptOutputs(self._prompt_logits)
         kernel = getattr(model.lm_head, "kernel", None)
         self.matmul_dtype = kernel.matmul_dtype if kernel is not None else self.dtype
         # fp16 weights on the CPU: prompt tokens' rows take a second kernel, chosen per row.
@@ -280,7 +292,29 @@ class ModelRunner:
             kinds = self._row_kinds(flat) if self.splits_rows else None  # of the N rows
             # [N, hidden], through the fused native stack or one op at a time
             hidden = run_decoder(self.model, input_ids, positions, metadata, self.kv_cache, kinds)
+            self._collect_prompt_outputs(batch, flat, hidden)
             return self._sample(batch, flat, hidden, False, masks)
+
+    def _collect_prompt_outputs(
+        self, batch: ScheduledBatch, flat: _FlatBatch, hidden: torch.Tensor
+    ) -> None:
+        """Hand the prompt rows of the sequences that want prompt outputs to
+        PromptOutputs; hidden: [N, hidden] of every row, in model order."""
+        row = 0
+        for position, index in enumerate(flat.order):
+            num_prompt_rows = flat.prompt_rows[position]
+            if flat.collects[position] and num_prompt_rows:
+                rows = hidden[row : row + num_prompt_rows]  # [P, hidden]
+                seq = batch.seqs[index].seq
+                self.prompt_outputs.collect(seq, flat.context_lens[position], rows)
+            row += flat.query_lens[position]
+
+    def _prompt_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[R, hidden] prompt rows -> [R, vocab]: the head, with the prompt rows' kernels."""
+        kinds = None
+        if self.splits_rows:
+            kinds = RowKinds.from_flags([True] * hidden.shape[0], self.device)
+        return self.model.compute_logits(hidden, kinds)
 
     def _start_masks(self, batch: ScheduledBatch, flat: _FlatBatch) -> PendingMasks | None:
         """Start the grammar masks of the constrained sequences that sample this step;
@@ -347,12 +381,20 @@ class ModelRunner:
     def _fits_decode_graph(self, flat: _FlatBatch) -> bool:
         if self.decode_graphs is None or any(n != 1 for n in flat.query_lens):
             return False
+        if any(flat.collects):  # graphs give logits, prompt outputs need hidden states
+            return False
         if self.splits_rows:  # graphs record one kernel per Linear; these rows need two
             return False
         return self.decode_graphs.supports(len(flat.query_lens), max(flat.context_lens) + 1)
 
     def release(self, seq_ids: SequenceOf[int]) -> None:
-        """Nothing to forget: seeded sampling derives its noise from the output position."""
+        """Forget prompt outputs still being collected (seeded sampling keeps no state:
+        it derives its noise from the output position)."""
+        self.prompt_outputs.release(seq_ids)
+
+    def take_prompt_result(self, seq_id: int) -> PromptResult:
+        """The Runner protocol's prompt outputs of a sequence (prompt_outputs.py)."""
+        return self.prompt_outputs.take(seq_id)
 
     def warmup(self) -> None:
         """A tiny prefill and decode step (greedy and random, with logprobs), off the books.
@@ -405,6 +447,7 @@ class ModelRunner:
             flat.context_lens.append(start)
             flat.block_tables.append(seq.block_table)
             flat.prompt_rows.append(seq.num_prompt_tokens_in(start, item.num_new_tokens))
+            flat.collects.append(seq.needs_prompt_result)
         return flat
 
     def _row_kinds(self, flat: _FlatBatch) -> RowKinds:

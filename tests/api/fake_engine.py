@@ -1,8 +1,10 @@
 """A fake engine with the real Engine's contract, for HTTP-layer tests without a model.
 
 It "generates" a fixed reply (tokenized with the real tokenizer) followed by EOS,
-honouring max_tokens, stop strings, stop token ids, ignore_eos, min_tokens, n and
-logprobs, so the routes' formatting can be checked exactly. It records every request
+honouring max_tokens (0: the prompt only), stop strings, stop token ids, ignore_eos,
+min_tokens, n and logprobs, and gives made-up prompt outputs (prompt_logprobs, a pooled
+vector: `fake_embedding`) on each choice's first delta, so the routes' formatting can be
+checked exactly. It records every request
 and every abort, can be slowed down (keep-alive, disconnects), can fail or abort a
 request whose prompt contains a marker, and can play dead.
 """
@@ -10,9 +12,17 @@ request whose prompt contains a marker, and can play dead.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
 
-from app.core import FinishReason, SamplingParams, TokenDelta, TokenLogprob, Usage
+from app.core import (
+    FinishReason,
+    PromptTokenLogprob,
+    SamplingParams,
+    TokenDelta,
+    TokenLogprob,
+    Usage,
+)
 from app.engine.engine import EngineDeadError
 from app.engine.request_stream import RequestStream
 from app.tokenizer import Tokenizer
@@ -159,6 +169,37 @@ def _step(engine: FakeEngine, request: FakeRequest, choice: _Choice, token_id: i
     )
 
 
+FAKE_HIDDEN_SIZE = 8
+
+
+def fake_embedding(prompt_token_ids: list[int]) -> tuple[float, ...]:
+    """The fake engine's pooled vector of a prompt: made up, but a function of the ids."""
+    return tuple(
+        float(sum((i + 1) * t for i, t in enumerate(prompt_token_ids)) % (97 + k) - 40)
+        for k in range(FAKE_HIDDEN_SIZE)
+    )
+
+
+def _with_prompt_outputs(engine: FakeEngine, request: FakeRequest, delta: TokenDelta) -> TokenDelta:
+    """A choice's first delta, with the prompt outputs its params ask for."""
+    params, text_of = request.params, engine.tokenizer.token_text
+    prompt_logprobs: tuple[PromptTokenLogprob | None, ...] = ()
+    if params.prompt_logprobs is not None:
+        prompt_logprobs = (None,) + tuple(
+            PromptTokenLogprob(
+                t, text_of(t), FAKE_LOGPROB, 1, _logprob(engine, t, params.prompt_logprobs).top
+            )
+            for t in request.prompt_token_ids[1:]
+        )
+    embedding = fake_embedding(request.prompt_token_ids) if params.pooling else None
+    return dataclasses.replace(delta, prompt_logprobs=prompt_logprobs, embedding=embedding)
+
+
+def _prompt_only(request: FakeRequest, index: int) -> TokenDelta:
+    usage = Usage(len(request.prompt_token_ids), 0)
+    return TokenDelta(request.request_id, index, "", (), (), FinishReason.LENGTH, usage=usage)
+
+
 def _injected_failure(engine: FakeEngine, prompt_text: str) -> tuple[FinishReason, str] | None:
     if engine.fail_marker and engine.fail_marker in prompt_text:
         return FinishReason.ERROR, "injected failure"
@@ -187,5 +228,10 @@ async def _produce(engine: FakeEngine, request: FakeRequest):
                     request.request_id, choice.index, "", (), (), reason, error=message
                 )
                 continue
-            yield _step(engine, request, choice, reply[step % len(reply)])
+            if request.params.max_tokens == 0:
+                choice.done = True
+                delta = _prompt_only(request, choice.index)
+            else:
+                delta = _step(engine, request, choice, reply[step % len(reply)])
+            yield _with_prompt_outputs(engine, request, delta) if step == 0 else delta
         step += 1

@@ -129,7 +129,8 @@ class FakeRunner:
             end = seq.num_computed_tokens + scheduled.num_new_tokens
             assert scheduled.num_new_tokens > 0
             assert end <= seq.num_tokens <= self.max_model_len
-            assert scheduled.sample == (end == seq.num_tokens)
+            # a prompt-only sequence (max_tokens 0) never samples
+            assert scheduled.sample == (end == seq.num_tokens and seq.max_tokens > 0)
             assert len(seq.block_table) * self.block_size >= end, "block table too short"
             assert len(set(seq.block_table)) == len(seq.block_table), "block repeated in a table"
             assert all(0 <= b < self.num_blocks for b in seq.block_table)
