@@ -211,7 +211,7 @@ def test_dashboard_counters_move_under_load(page, lamina: Lamina) -> None:
         }).observe(document.getElementById('running'), {childList: true, subtree: true,
                                                           characterData: true});
     }""")
-    statuses = _load(lamina, num_streams=3, max_tokens=24)
+    statuses = _load(lamina, num_streams=3, max_tokens=80)  # seconds: several polls
     assert statuses == [200, 200, 200]
     until(page, f"Number({text_of('steps')}) > {steps_before}")
     until(page, text_of("running") + " === '0'")
