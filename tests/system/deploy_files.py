@@ -71,6 +71,14 @@ DOCUMENTED_METRICS: dict[str, str] = {
 }
 # Series Prometheus makes itself for every target.
 PROMETHEUS_SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
+# The router's (sglang-router 0.3.2) series that the dashboard uses: test_router_fleet.py
+# checks that a real router exposes each of them once it has routed requests.
+ROUTER_SERIES = {
+    "smg_worker_requests_active",
+    "smg_worker_cb_outcomes_total",
+    "smg_worker_health",
+    "smg_http_responses_total",
+}
 
 _PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan", "by", "without"}
 _STRING = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|`[^`]*`")

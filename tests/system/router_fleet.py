@@ -73,6 +73,7 @@ def start_replicas(count: int, model_path: Path, drain_timeout_s: int = 60) -> l
 class Router:
     process: subprocess.Popen
     url: str
+    metrics_url: str  # its Prometheus exporter (a port of its own)
     log_path: Path
 
     def log_tail(self, num_chars: int = 4000) -> str:
@@ -107,7 +108,9 @@ def start_router(worker_urls: list[str], model_name: str, timeout_s: float = 60.
     ]  # fmt: skip
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    router = Router(process, f"http://127.0.0.1:{port}", log_path)
+    router = Router(
+        process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", log_path
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -10,7 +10,8 @@ In file order, against one fleet:
    another replica with no failed request (the router's readiness checks and retries);
 4. a second replica is killed (SIGKILL) with streams in flight: those streams end
    with an error, never with `data: [DONE]`, and every new request succeeds on the
-   replica left.
+   replica left;
+5. the router's metrics hold every series the Grafana dashboard reads from it.
 
 The replicas serve a tiny random LLaMA (the `tiny_model_path` fixture) with
 `ignore_eos`, one thread each, so the three fit the test machines' two cores.
@@ -18,6 +19,7 @@ The replicas serve a tiny random LLaMA (the `tiny_model_path` fixture) with
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 import uuid
@@ -29,6 +31,7 @@ import httpx
 import pytest
 
 from tests.server_process import ServerProcess, engine_available
+from tests.system.deploy_files import ROUTER_SERIES, load_dashboard, metric_names_in_dashboard
 from tests.system.router_fleet import (
     BackgroundStream,
     Conversation,
@@ -164,3 +167,11 @@ def test_killed_replica_fails_its_streams_and_gets_no_new_requests(fleet: Fleet)
             break
         time.sleep(0.2)
     assert health.get(victim.url) is False, health
+
+
+def test_router_exposes_the_series_the_dashboard_uses(fleet: Fleet) -> None:
+    # After the requests above (the dashboard's router panels read these).
+    text = httpx.get(fleet.router.metrics_url, timeout=5).text
+    exposed = set(re.findall(r"^([A-Za-z_:][\w:]*)[{ ]", text, re.MULTILINE))
+    assert exposed >= ROUTER_SERIES, sorted(exposed)
+    assert metric_names_in_dashboard(load_dashboard()) >= ROUTER_SERIES
