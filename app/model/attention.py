@@ -350,20 +350,20 @@ def paged_attention(
     """Write this step's K/V into the cache, then attend. Returns [N, num_heads * head_dim].
 
     softcap (Gemma 2): scores become softcap * tanh(scores / softcap) before the mask;
-    only the "bmm" backend computes it (the model picks that backend when it needs it).
+    the "bmm" and "native" backends compute it (on CUDA the model picks "bmm").
 
     query [N, num_heads, head_dim] (rotated; any strides); new_kv [N, 2 * num_kv_heads,
     head_dim]: the new keys, then the new values; layer_cache [2, num_kv_heads,
     num_blocks, block_size, head_dim]: this layer's keys and values.
     """
     write_kv(layer_cache, new_kv, metadata.slot_mapping)
-    if softcap is not None and metadata.backend != "bmm":
-        raise ValueError(f"the {metadata.backend!r} attention backend has no logit soft-capping")
+    if softcap is not None and metadata.backend == "sdpa":
+        raise ValueError("the 'sdpa' attention backend has no logit soft-capping")
     if metadata.native is not None:
         inputs = metadata.native
         return inputs.kernels.paged_attention(
             query, layer_cache[0], layer_cache[1], inputs.block_tables, inputs.token_seq,
-            inputs.num_keys, scale, metadata.sliding_window,
+            inputs.num_keys, scale, metadata.sliding_window, softcap,
         )  # fmt: skip
     num_tokens, num_heads, head_dim = query.shape
     if metadata.backend == "sdpa":

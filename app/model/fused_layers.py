@@ -26,6 +26,7 @@ from app.model.kv_cache import KVCache
 from app.model.linear import GENERATED, PROMPT, Linear, NativeLinearKernel, RowKinds
 from app.native import NativeKernels
 from app.native.stack import (
+    ACTIVATIONS,
     DecoderLayerWeights,
     PackedLinear,
     StackDesc,
@@ -40,17 +41,25 @@ class RotaryTables(Protocol):
 
 
 class FusableModel(Protocol):
-    """What the fused path reads of a model (llama.LlamaForCausalLM has it). Named here
-    by shape, not by class, so the model may choose this path without a circle."""
+    """What the fused path reads of a model (llama.LlamaForCausalLM and gemma's have it).
+    Named here by shape, not by class, so the model may choose this path without a
+    circle."""
 
     config: ModelConfig
     native: NativeKernels | None
     rotary: RotaryTables
+    local_rotary: RotaryTables | None  # Gemma 3's local layers' own tables, else None
     fuse_layers: bool  # the path chosen at load (loader.py, from why_not_fused)
-    embed_tokens: nn.Module  # [N] ids -> [N, hidden]
     norm: nn.Module  # the final norm
     layers: nn.ModuleList  # each: input_norm, attn.qkv_proj / o_proj (and q_norm / k_norm,
-    # None or [head_dim]), post_attention_norm, mlp.gate_up_proj / down_proj
+    # None or [head_dim]), post_attention_norm, mlp.gate_up_proj / down_proj; Gemma's
+    # also pre_feedforward_norm and post_feedforward_norm
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...  # [N] -> [N, hidden]
+
+    def layer_window(self, index: int) -> int | None: ...  # keys layer `index` sees
+
+    def layer_rotates_locally(self, index: int) -> bool: ...  # with local_rotary
 
 
 def why_not_fused(model: FusableModel) -> str | None:
@@ -59,11 +68,8 @@ def why_not_fused(model: FusableModel) -> str | None:
     a time (the start-up log says it)."""
     if model.native is None:
         return "lamina's native CPU kernels are not in use (a GPU, kernels=torch, or no compiler)"
-    family_reason = getattr(model, "fused_stack_lacks", None)  # a family it cannot run
-    if family_reason is not None:
-        return family_reason
-    if model.config.hidden_act != "silu":
-        return f"the fused stack's MLP is SwiGLU, not {model.config.hidden_act}"
+    if model.config.hidden_act not in ACTIVATIONS:
+        return f"the fused stack's MLP is SwiGLU or GeGLU, not {model.config.hidden_act}"
     linears = [m for layer in model.layers for m in layer.modules() if isinstance(m, Linear)]
     kernels = [k for m in linears for k in (m.kernel, m.prompt_kernel) if k is not None]
     if not linears or not all(isinstance(k, NativeLinearKernel) for k in kernels):
@@ -85,7 +91,7 @@ def run_decoder(
     here, once per step, for the runner and the tests alike."""
     if not (model.fuse_layers and metadata.native is not None):
         return model(input_ids, positions, metadata, kv_cache, kinds)
-    x = model.embed_tokens(input_ids)
+    x = model.embed(input_ids)
     return model.norm(bound_layers(model, kv_cache)(x, positions, metadata, kinds))
 
 
@@ -109,8 +115,15 @@ class FusedLayers:
         self.kv_cache = kv_cache
         self.native = model.native
         self.rotary = model.rotary
+        self.local_rotary = model.local_rotary
         self.layers = [
-            _layer_weights(layer, kv_cache.layer(index)) for index, layer in enumerate(model.layers)
+            _layer_weights(
+                layer,
+                kv_cache.layer(index),
+                model.layer_window(index),
+                model.layer_rotates_locally(index),
+            )
+            for index, layer in enumerate(model.layers)
         ]  # kept alive: the description points into them
         shape = StackShape(
             config.num_heads,
@@ -118,7 +131,9 @@ class FusedLayers:
             config.head_dim,
             config.intermediate_size,
             config.rms_norm_eps,
-            config.sliding_window,
+            config.query_scale or config.head_dim**-0.5,
+            config.hidden_act,
+            config.attn_logit_softcap,
         )
         self.stack: StackDesc = describe_stack(self.layers, shape)
 
@@ -131,6 +146,9 @@ class FusedLayers:
     ) -> torch.Tensor:  # [N, hidden]: after the last layer, before the final norm
         inputs = metadata.native
         cos, signed_sin = self.rotary.cos[positions], self.rotary.signed_sin[positions]
+        local = None
+        if self.local_rotary is not None:  # [N, head_dim] each
+            local = self.local_rotary.cos[positions], self.local_rotary.signed_sin[positions]
         slots, token_seq, num_keys = metadata.slot_mapping, inputs.token_seq, inputs.num_keys
         num_tokens = x.shape[0]
         if kinds is None or kinds.uniform == PROMPT:
@@ -142,15 +160,28 @@ class FusedLayers:
             order = torch.cat((kinds.prompt_rows, kinds.generated_rows))  # [N]: kind order
             x, cos, signed_sin = x[order], cos[order], signed_sin[order]
             slots, token_seq, num_keys = slots[order], token_seq[order], num_keys[order]
+            if local is not None:
+                local = local[0][order], local[1][order]
         self.native.decoder_stack(
-            self.stack, x, split, cos, signed_sin, slots, inputs.block_tables, token_seq, num_keys
+            self.stack,
+            x,
+            split,
+            cos,
+            signed_sin,
+            slots,
+            inputs.block_tables,
+            token_seq,
+            num_keys,
+            local,
         )
         if order is None:
             return x
         return torch.empty_like(x).index_copy_(0, order, x)  # back in row order
 
 
-def _layer_weights(layer: nn.Module, cache: torch.Tensor) -> DecoderLayerWeights:
+def _layer_weights(
+    layer: nn.Module, cache: torch.Tensor, window: int | None, local_rope: bool
+) -> DecoderLayerWeights:
     """cache: the layer's [2, kv_heads, num_blocks, block_size, head_dim]."""
     return DecoderLayerWeights(
         input_norm=layer.input_norm.weight.detach().contiguous(),
@@ -163,6 +194,10 @@ def _layer_weights(layer: nn.Module, cache: torch.Tensor) -> DecoderLayerWeights
         values=cache[1],
         q_norm=_norm_weight(layer.attn.q_norm),
         k_norm=_norm_weight(layer.attn.k_norm),
+        pre_feedforward_norm=_norm_weight(getattr(layer, "pre_feedforward_norm", None)),
+        post_feedforward_norm=_norm_weight(getattr(layer, "post_feedforward_norm", None)),
+        window=window,
+        local_rope=local_rope,
     )
 
 

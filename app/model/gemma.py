@@ -8,15 +8,16 @@ attention and gated MLP with these differences, each named where it is computed:
 - the embeddings are multiplied by sqrt(hidden_size) (the tied head's matrix is not);
 - scores are scaled by query_pre_attn_scalar ** -0.5, not head_dim ** -0.5;
 - Gemma 2 soft-caps the attention scores (cap * tanh(scores / cap), before the mask;
-  only the "bmm" attention backend computes it, so the model asks for that one) and the
-  final logits; Gemma 3 normalizes each q and k head (like Qwen3) and caps nothing;
+  the "bmm" and native attention compute it, so on CUDA the model asks for "bmm") and
+  the final logits; Gemma 3 normalizes each q and k head (like Qwen3) and caps nothing;
 - local and global layers interleave (`layer_types`, or every second layer for Gemma 2,
   five of every six for Gemma 3): local layers see their last `sliding_window` keys only
   (the runner builds the batch's attention metadata twice, `metadata.local`) and, in
   Gemma 3, rotate with a rope base of their own (`rope_local_base_freq`, 10 000).
 
-The fused native stack runs none of this: the layers run one op at a time, with
-lamina's native matmuls and attention kernel where the CPU has them.
+The fused native stack runs all of it (decoder_stack.h: the sandwich norms, GeGLU,
+per-layer windows and rope tables, the scores' soft-cap); the embedding scale and the
+final soft-cap stay in torch, around it.
 """
 
 from __future__ import annotations
@@ -63,16 +64,11 @@ class GemmaDecoderLayer(nn.Module):
 class GemmaForCausalLM(LlamaForCausalLM):
     """Gemma 2 and Gemma 3 text. Build on the meta device; loader.load_model fills it."""
 
-    fused_stack_lacks = (
-        "the fused native stack has no Gemma layers (four (1 + weight) norms a layer, "
-        "GeGLU, embedding scaling, local/global windows, soft-capping)"
-    )
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.layers = nn.ModuleList(GemmaDecoderLayer(config) for _ in range(config.num_layers))
         self.local_layers = frozenset(config.local_layers)
-        self.local_rotary = None  # Gemma 3's local layers rotate with a base of their own
+        # Gemma 3's local layers rotate with a base of their own (self.local_rotary).
         if config.local_rope_theta is not None:
             local = replace(config, rope_theta=config.local_rope_theta, rope_scaling=RopeScaling())
             self.local_rotary = RotaryEmbedding(local)
@@ -94,10 +90,23 @@ class GemmaForCausalLM(LlamaForCausalLM):
 
     @property
     def attention_backend(self) -> str:
-        """LLaMA's, except that soft-capped scores (Gemma 2) need the "bmm" backend."""
-        if self.config.attn_logit_softcap is not None:
+        """LLaMA's, except that soft-capped scores (Gemma 2) on CUDA need the "bmm"
+        backend (torch's sdpa has no soft-cap)."""
+        backend = super().attention_backend
+        if self.config.attn_logit_softcap is not None and backend == "sdpa":
             return "bmm"
-        return super().attention_backend
+        return backend
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [N] int64 -> [N, hidden]
+        """The embeddings times sqrt(hidden_size), rounded to the model dtype."""
+        return self.embed_tokens(input_ids) * self.embed_scale
+
+    def layer_window(self, index: int) -> int | None:
+        """Local layers see their last `local_window` keys; global ones every key."""
+        return self.config.local_window if index in self.local_layers else None
+
+    def layer_rotates_locally(self, index: int) -> bool:
+        return self.local_rotary is not None and index in self.local_layers
 
     def forward(
         self,
@@ -107,11 +116,12 @@ class GemmaForCausalLM(LlamaForCausalLM):
         kv_cache: KVCache,
         kinds: RowKinds | None = None,
     ) -> torch.Tensor:  # [N, hidden], after the final norm
-        """One op at a time (the fused stack has no Gemma layers). `metadata.local` must
-        be set when the model has local layers (build_attention_metadata's local_window)."""
+        """One op at a time (fused_layers.run_decoder picks between this and the fused
+        native stack). `metadata.local` must be set when the model has local layers
+        (build_attention_metadata's local_window)."""
         if self.local_layers and metadata.local is None:
             raise ValueError("Gemma's local layers need metadata.local (pass local_window)")
-        x = self.embed_tokens(input_ids) * self.embed_scale  # [N, hidden]
+        x = self.embed(input_ids)  # [N, hidden]
         global_rope = self.rotary.lookup(positions)
         local_rope = global_rope
         if self.local_rotary is not None:

@@ -214,6 +214,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
+        self.local_rotary: RotaryEmbedding | None = None  # a family's local layers' own
         self.native: NativeKernels | None = None  # lamina's CPU kernels, when the plan uses them
         # The path chosen for the decoder layers at load: True runs them as one native
         # call per step (fused_layers.run_decoder; the loader sets it where every Linear is
@@ -264,11 +265,23 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [N, hidden], after the final norm
         """The per-op path: torch calls each layer's ops (fused_layers.run_decoder picks
         between this and the fused native stack)."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         rope = self.rotary.lookup(positions)  # shared by every layer
         for index, layer in enumerate(self.layers):
             x = layer(x, rope, metadata, kv_cache.layer(index), kinds)
         return self.norm(x)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [N] int64 -> [N, hidden]
+        """The first layer's input (both paths embed through here)."""
+        return self.embed_tokens(input_ids)
+
+    def layer_window(self, index: int) -> int | None:
+        """The keys layer `index`'s tokens see: their last `sliding_window`, or all."""
+        return self.config.sliding_window
+
+    def layer_rotates_locally(self, index: int) -> bool:
+        """Whether layer `index` rotates with `local_rotary` (none of LLaMA's do)."""
+        return False
 
     @property
     def attention_backend(self) -> str:

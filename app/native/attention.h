@@ -49,6 +49,7 @@ typedef struct {
     long num_heads, num_kv_heads, head_dim;
     float scale;
     long window;              /* > 0: a token sees only its last `window` keys (Mistral) */
+    float softcap;            /* > 0: scores become softcap * tanh(scores / softcap) (Gemma 2) */
 } attention_args;
 
 /* The first key a token with `num_keys` visible keys attends to: 0, or the window's start.
@@ -198,8 +199,12 @@ static inline __attribute__((always_inline)) void weigh_tile(
 #endif
 }
 
-/* scores[0:first] = -inf: keys outside the sliding window weigh exactly 0. */
-static inline void hide_keys_before(float *scores, long first) {
+/* Gemma 2's soft-capping of scores[first:L], before the window hides the others; a
+ * scalar tanh per score, the same for a row whichever rows share its tile. Then
+ * scores[0:first] = -inf: keys outside the sliding window weigh exactly 0. */
+static inline void cap_and_hide(const attention_args *a, float *scores, long first, long L) {
+    if (a->softcap > 0)
+        for (long j = first; j < L; j++) scores[j] = a->softcap * tanhf(scores[j] / a->softcap);
     for (long j = 0; j < first; j++) scores[j] = -INFINITY;
 }
 
@@ -227,7 +232,7 @@ static inline __attribute__((always_inline)) void attend_tile_d(
         score_tile(queries, group, L0, 0, k_head, table, a->block_size, D, scratch, stride,
                    ahead, first_block);
         for (long g = 0; g < group; g++) {
-            hide_keys_before(scratch + g * stride, first_key(a, L0));
+            cap_and_hide(a, scratch + g * stride, first_key(a, L0), L0);
             softmax(scratch + g * stride, L0);
         }
         float *out = a->out + (first * a->num_heads + head * group) * D;
@@ -244,7 +249,7 @@ static inline __attribute__((always_inline)) void attend_tile_d(
         score_tile(queries, count, L0, 1, k_head, table, a->block_size, D, scratch, stride,
                    ahead, first_block);
         for (long r = 0; r < count; r++) {
-            hide_keys_before(scratch + r * stride, first_key(a, L0 + r));
+            cap_and_hide(a, scratch + r * stride, first_key(a, L0 + r), L0 + r);
             softmax(scratch + r * stride, L0 + r);
         }
         float *out = a->out + (first * a->num_heads + q_head) * D;
@@ -349,17 +354,18 @@ static long score_stride(const int32_t *num_keys, long num_tokens) {
     return (max_keys + LANES - 1) / LANES * LANES;
 }
 
-/* window > 0: each token attends to its last `window` keys only (sliding window). */
+/* window > 0: each token attends to its last `window` keys only (sliding window);
+ * softcap > 0: its scores are soft-capped first (Gemma 2). */
 void lamina_paged_attention_windowed(const float *query, long q_stride, const float *keys,
                                      const float *values, long num_blocks, long block_size,
                                      const int32_t *tables, long table_stride,
                                      const int32_t *token_seq, const int32_t *num_keys,
                                      float *out, long num_tokens, long num_heads,
                                      long num_kv_heads, long head_dim, float scale,
-                                     long window) {
+                                     long window, float softcap) {
     attention_args a = {query,   q_stride,  keys,         values,   num_blocks,
                         block_size, tables, table_stride, token_seq, num_keys,
-                        out,     num_heads, num_kv_heads, head_dim, scale, window};
+                        out,     num_heads, num_kv_heads, head_dim, scale, window, softcap};
     long stride = score_stride(num_keys, num_tokens);
     long *starts = malloc(sizeof(long) * (num_tokens + 1));
     long tiles = make_tiles(token_seq, num_keys, num_tokens, starts), claimed = 0;
@@ -379,5 +385,5 @@ void lamina_paged_attention(const float *query, long q_stride, const float *keys
                             long num_heads, long num_kv_heads, long head_dim, float scale) {
     lamina_paged_attention_windowed(query, q_stride, keys, values, num_blocks, block_size,
                                     tables, table_stride, token_seq, num_keys, out, num_tokens,
-                                    num_heads, num_kv_heads, head_dim, scale, 0);
+                                    num_heads, num_kv_heads, head_dim, scale, 0, 0.0f);
 }

@@ -45,7 +45,8 @@ class NativeKernels:
         self.bf16_dot_product = bool(library.lamina_bf16_dot_product())
         attention_args = (_pointer, _long, _pointer, _pointer, _long, _long, _pointer, _long)
         attention_args += (_pointer, _pointer, _pointer, _long, _long, _long, _long, _float)
-        self._attention = _bind(library.lamina_paged_attention_windowed, (*attention_args, _long))
+        attention_args += (_long, _float)  # window, softcap
+        self._attention = _bind(library.lamina_paged_attention_windowed, attention_args)
         stack_args = (ctypes.POINTER(StackDesc), ctypes.POINTER(StepDesc))
         self._decoder_stack = _bind(library.lamina_decoder_stack, stack_args)
         argmax_args = (_pointer, _long, _long, _long, _pointer)
@@ -116,9 +117,10 @@ class NativeKernels:
         num_keys: torch.Tensor,  # [N] int32: keys each token attends over (position + 1)
         scale: float,
         sliding_window: int | None = None,  # then only the last sliding_window of those
+        softcap: float | None = None,  # scores become softcap * tanh(scores / softcap)
     ) -> torch.Tensor:  # [N, num_heads * head_dim]
         """Each token's query heads over its first num_keys cached keys (GQA), or over the
-        last `sliding_window` of them."""
+        last `sliding_window` of them; scores soft-capped first with `softcap` (Gemma 2)."""
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads, num_blocks, block_size, _ = keys.shape
         if query.stride(2) != 1 or query.stride(1) != head_dim:
@@ -137,6 +139,7 @@ class NativeKernels:
                 num_blocks, block_size, block_tables.data_ptr(), block_tables.stride(0),
                 token_seq.data_ptr(), num_keys.data_ptr(), out.data_ptr(),
                 num_tokens, num_heads, num_kv_heads, head_dim, scale, sliding_window or 0,
+                softcap or 0.0,
             )  # fmt: skip
         return out
 
@@ -151,6 +154,8 @@ class NativeKernels:
         block_tables: torch.Tensor,  # [S, max_blocks] int32
         token_seq: torch.Tensor,  # [N] int32
         num_keys: torch.Tensor,  # [N] int32: keys each token attends over (position + 1)
+        local: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, signed sin [N,
+        # head_dim] of the local_rope layers (needed when the stack has some)
     ) -> None:
         """Every layer of the stack over a step's tokens (stack.py). Slots outside the
         cache are refused here; block ids must lie inside it too, which the caller checks
@@ -159,10 +164,15 @@ class NativeKernels:
         _check_step(stack, x, cos, signed_sin, slots, block_tables, token_seq, num_keys)
         if not 0 <= split <= num_tokens:
             raise ValueError(f"split {split} is outside 0..{num_tokens}")
+        if getattr(stack, "local_rope", False) and local is None:
+            raise ValueError("the stack has local_rope layers: pass their tables")
+        local_cos, local_sin = local if local is not None else (cos, signed_sin)
+        _check_rotary_tables(stack, x.shape[0], local_cos, local_sin)
         work = torch.empty(work_floats(stack, num_tokens))
         step = StepDesc(
             x.data_ptr(), num_tokens, split, cos.data_ptr(), signed_sin.data_ptr(),
-            slots.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
+            local_cos.data_ptr(), local_sin.data_ptr(), slots.data_ptr(),
+            block_tables.data_ptr(), block_tables.stride(0),
             token_seq.data_ptr(), num_keys.data_ptr(), work.data_ptr(),
         )  # fmt: skip
         self._follow_torch_threads()
@@ -219,9 +229,7 @@ def _check_step(stack: StackDesc, x: torch.Tensor, *tensors: torch.Tensor) -> No
     num_tokens = x.shape[0]
     if x.dtype != torch.float32 or x.shape != (num_tokens, stack.hidden):
         raise ValueError(f"x must be fp32 [N, {stack.hidden}], got {x.dtype} {tuple(x.shape)}")
-    for table in (cos, signed_sin):
-        if table.dtype != torch.float32 or table.shape != (num_tokens, stack.head_dim):
-            raise ValueError(f"rotary tables must be fp32 [N, {stack.head_dim}]")
+    _check_rotary_tables(stack, num_tokens, cos, signed_sin)
     if slots.dtype != torch.int64 or slots.shape != (num_tokens,):
         raise ValueError("slots must be int64 [N]")
     num_slots = stack.num_blocks * stack.block_size
@@ -234,6 +242,14 @@ def _check_step(stack: StackDesc, x: torch.Tensor, *tensors: torch.Tensor) -> No
         raise ValueError("token_seq and num_keys must have one entry per token")
     if not all(t.is_contiguous() for t in (x, *tensors)):
         raise ValueError("decoder stack inputs must be contiguous")
+
+
+def _check_rotary_tables(stack: StackDesc, num_tokens: int, *tables: torch.Tensor) -> None:
+    for table in tables:
+        if table.dtype != torch.float32 or table.shape != (num_tokens, stack.head_dim):
+            raise ValueError(f"rotary tables must be fp32 [N, {stack.head_dim}]")
+        if not table.is_contiguous():
+            raise ValueError("decoder stack inputs must be contiguous")
 
 
 def _bind(function, argtypes: tuple) -> Callable[..., None]:

@@ -97,7 +97,7 @@ def _check_decoder_stack(kernels: NativeKernels, generator: torch.Generator) -> 
         for panels in [kernels.pack_weight(w)]
     }
     layer = DecoderLayerWeights(*norms, **packed, keys=cache[0], values=cache[1])
-    stack = describe_stack([layer], StackShape(heads, kv_heads, dim, inter, 1e-5))
+    stack = describe_stack([layer], StackShape(heads, kv_heads, dim, inter, 1e-5, dim**-0.5))
     x, cos, sin = randn(tokens, hidden), randn(tokens, dim), randn(tokens, dim)
     slots = torch.tensor([4, 5, 6, 7, 0])  # positions 0-3 in block 1, position 4 in block 0
     table = torch.tensor([[1, 0]], dtype=torch.int32)

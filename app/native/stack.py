@@ -1,5 +1,5 @@
-"""A stack of LLaMA decoder layers run by one native call per step (decoder_stack.h:
-`lamina_decoder_stack`).
+"""A stack of decoder layers (LLaMA's, or Gemma's with its sandwich norms) run by one
+native call per step (decoder_stack.h: `lamina_decoder_stack`).
 
 The per-op path calls the C matmul and attention from torch, ~150 kernels a step with
 torch's own ops between them; at a few rows those ops' dispatch and the threads' wake-up
@@ -50,6 +50,15 @@ class DecoderLayerWeights:
     values: torch.Tensor  # same layout as keys
     q_norm: torch.Tensor | None = None  # [head_dim] fp32: per-head RMSNorm of q (Qwen3)
     k_norm: torch.Tensor | None = None  # [head_dim] fp32: the same for k
+    # Gemma: the MLP input's norm (post_attention_norm then normalizes the attention's
+    # output) and the MLP output's norm, both [hidden] fp32; None for LLaMA layers.
+    pre_feedforward_norm: torch.Tensor | None = None
+    post_feedforward_norm: torch.Tensor | None = None
+    window: int | None = None  # this layer's tokens see their last `window` keys only
+    local_rope: bool = False  # rotated with the step's local tables (Gemma 3's local layers)
+
+
+ACTIVATIONS = {"silu": 0, "gelu_pytorch_tanh": 1}  # decoder_stack.h: ACT_SILU, ACT_GELU_TANH
 
 
 @dataclass(frozen=True)
@@ -59,7 +68,9 @@ class StackShape:
     head_dim: int
     intermediate: int
     eps: float
-    sliding_window: int | None = None  # a token sees its last `sliding_window` keys only
+    scale: float  # of the scores: head_dim ** -0.5, or the family's own
+    activation: str = "silu"  # the gated MLP's: SwiGLU, or GeGLU with gelu_pytorch_tanh
+    softcap: float | None = None  # attention scores soft-capped (Gemma 2)
 
 
 class _LinearDesc(ctypes.Structure):
@@ -84,6 +95,10 @@ class _LayerDesc(ctypes.Structure):
         ("values", _pointer),
         ("q_norm", _pointer),
         ("k_norm", _pointer),
+        ("pre_feedforward_norm", _pointer),
+        ("post_feedforward_norm", _pointer),
+        ("window", _long),
+        ("local_rope", ctypes.c_int),
     ]
 
 
@@ -100,7 +115,8 @@ class StackDesc(ctypes.Structure):
         ("eps", _float),
         ("scale", _float),
         ("layers", ctypes.POINTER(_LayerDesc)),
-        ("window", _long),
+        ("activation", ctypes.c_int),
+        ("softcap", _float),
     ]
 
 
@@ -111,6 +127,8 @@ class StepDesc(ctypes.Structure):
         ("split", _long),
         ("cos", _pointer),
         ("sin", _pointer),
+        ("local_cos", _pointer),
+        ("local_sin", _pointer),
         ("slots", _pointer),
         ("tables", _pointer),
         ("table_stride", _long),
@@ -126,11 +144,14 @@ def describe_stack(layers: list[DecoderLayerWeights], shape: StackShape) -> Stac
     _check_shapes(layers, shape)
     descs = (_LayerDesc * len(layers))(*(_describe_layer(layer) for layer in layers))
     num_kv_heads, num_blocks, block_size, head_dim = layers[0].keys.shape
+    if shape.activation not in ACTIVATIONS:
+        raise ValueError(f"the stack's gated MLP has no {shape.activation!r} activation")
     stack = StackDesc(
         len(layers), layers[0].input_norm.numel(), shape.num_heads, num_kv_heads, head_dim,
-        shape.intermediate, num_blocks, block_size, shape.eps, head_dim**-0.5, descs,
-        shape.sliding_window or 0,
+        shape.intermediate, num_blocks, block_size, shape.eps, shape.scale, descs,
+        ACTIVATIONS[shape.activation], shape.softcap or 0.0,
     )  # fmt: skip
+    stack.local_rope = any(layer.local_rope for layer in layers)
     stack._layers = descs  # ctypes keeps no reference through a POINTER field
     return stack
 
@@ -149,6 +170,8 @@ def _describe_layer(layer: DecoderLayerWeights) -> _LayerDesc:
         _describe_linear(layer.gate_up), _describe_linear(layer.down),
         layer.keys.data_ptr(), layer.values.data_ptr(),
         _pointer_or_null(layer.q_norm), _pointer_or_null(layer.k_norm),
+        _pointer_or_null(layer.pre_feedforward_norm), _pointer_or_null(layer.post_feedforward_norm),
+        layer.window or 0, int(layer.local_rope),
     )  # fmt: skip
 
 
@@ -174,7 +197,11 @@ def _check_layers(layers: list[DecoderLayerWeights]) -> None:
         fp32 = [layer.input_norm, layer.post_attention_norm, layer.keys, layer.values]
         if (layer.q_norm is None) != (layer.k_norm is None):
             raise ValueError("q and k norms come together")
-        fp32 += [norm for norm in (layer.q_norm, layer.k_norm) if norm is not None]
+        feedforward = (layer.pre_feedforward_norm, layer.post_feedforward_norm)
+        if (feedforward[0] is None) != (feedforward[1] is None):
+            raise ValueError("the feed-forward norms come together")
+        norms = (layer.q_norm, layer.k_norm, *feedforward)
+        fp32 += [norm for norm in norms if norm is not None]
         linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
         fp32 += [linear.bias for linear in linears if linear.bias is not None]
         panels = [p for linear in linears for p in (linear.prompt_panels, linear.generated_panels)]

@@ -74,7 +74,7 @@ GENERIC_MODELS = {
 }
 FAMILY_MODELS.update(GENERIC_MODELS)
 # Families the fused native stack does not run (their layers run one op at a time).
-UNFUSED_FAMILIES = frozenset({"gemma2", "gemma3", *GENERIC_MODELS})
+UNFUSED_FAMILIES = frozenset(GENERIC_MODELS)
 # Mistral without a window runs exactly LLaMA's code (tests/unit and tests/engine):
 # the engine-level tests take the models whose code differs.
 ENGINE_FAMILIES = sorted(set(FAMILY_MODELS) - {"mistral"})

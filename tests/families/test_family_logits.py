@@ -106,10 +106,10 @@ def test_the_gemma_differences_are_read(family_model_paths, native, caplog):
     )
     assert (config.attn_logit_softcap, config.final_logit_softcap) == (0.5, 1.0)
     assert config.query_scale == 24**-0.5 and config.local_rope_theta is None
-    assert gemma2.attention_backend == "bmm"  # soft-capped scores
+    assert gemma2.attention_backend == "native"  # soft-capped scores: the kernel caps them
     gemma3 = load_model(family_model_paths["gemma3"]).config
     assert gemma3.qk_norm and gemma3.local_layers == (0, 1) and gemma3.local_rope_theta == 100
     assert (gemma3.rope_theta, gemma3.rope_scaling.rope_type) == (1e4, "linear")
     assert gemma3.attn_logit_softcap is None and gemma3.final_logit_softcap is None
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("decoder")]
-    assert lines[0].startswith("decoder layers: one op at a time: the fused native stack has no")
+    assert lines == ["decoder layers: lamina's fused native stack, one call per step"] * 2

@@ -145,7 +145,9 @@ def test_torch_kernels_keep_the_per_op_path(tiny_model_path):
 def layer_weights(model, cache: KVCache):
     from app.model.fused_layers import _layer_weights
 
-    return [_layer_weights(layer, cache.layer(i)) for i, layer in enumerate(model.layers)]
+    return [
+        _layer_weights(layer, cache.layer(i), None, False) for i, layer in enumerate(model.layers)
+    ]
 
 
 def test_a_stack_with_mismatched_tensors_is_refused(native, tiny_model_path):
@@ -153,7 +155,12 @@ def test_a_stack_with_mismatched_tensors_is_refused(native, tiny_model_path):
     layers = layer_weights(model, fresh_cache(model))
     config = model.config
     good = StackShape(
-        config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size, 1e-5
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+        config.intermediate_size,
+        1e-5,
+        config.head_dim**-0.5,
     )
     assert describe_stack(layers, good).num_layers == 2
     with pytest.raises(ValueError, match="fp32"):
