@@ -17,6 +17,7 @@ import time
 import httpx
 import pytest
 
+from tests.tool_schemas import WEATHER
 from tests.ui.conftest import API_KEY, Lamina
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -159,6 +160,50 @@ def test_seed_makes_answers_reproducible_and_regenerate_repeats(page, lamina: La
     assert page.locator("#messages .message").count() == 0
     set_params(page, seed=4322)
     assert chat(page, prompt) != first  # the seed is what made them equal
+
+
+def _sent_body(page, prompt: str) -> tuple[dict, str]:
+    """Chat `prompt`; the request body the page sent and the answer's text."""
+    with page.expect_request(lambda r: r.url.endswith("/v1/chat/completions")) as sent:
+        text = chat(page, prompt)
+    return json.loads(sent.value.post_data), text
+
+
+def test_json_schema_and_tools_boxes(page, lamina: Lamina) -> None:
+    open_playground(page, lamina.url)
+    set_params(page, temperature=0, max_tokens=40)
+    page.fill("#response-format", "{not json")
+    page.fill("#user-input", "Which city is the capital of France?")
+    page.click("#send")
+    assert "response_format is not valid JSON" in page.inner_text("#error")
+    assert page.locator("#messages .message").count() == 0  # nothing was sent
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    page.fill("#response-format", json.dumps(schema))
+    body, text = _sent_body(page, "Which city is the capital of France?")
+    assert body["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "answer", "schema": schema},
+    }  # fmt: skip
+    assert list(json.loads(text)) == ["city"]  # the answer follows the schema
+    page.click("#clear")
+    page.fill("#response-format", "")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}]
+    page.fill("#tools", json.dumps(tools))
+    page.select_option("#tool-choice", "required")
+    set_params(page, max_tokens=200)  # the calls' markup counts too
+    body, _ = _sent_body(page, "What is the weather in Paris?")
+    assert (body["tools"], body["tool_choice"]) == (tools, "required")
+    calls = page.inner_text(f"{ANSWER} .tool-calls").splitlines()  # one line a call
+    assert calls
+    for call in calls:
+        assert call.startswith("get_weather(") and call.endswith(")"), call
+        assert set(json.loads(call.removeprefix("get_weather(")[:-1])) == {"city", "unit"}
+    assert "finish: tool_calls" in page.inner_text(f"{ANSWER} .stats")
+    assert page.problems == []
 
 
 def test_stop_aborts_the_request_in_the_engine(page, lamina: Lamina) -> None:

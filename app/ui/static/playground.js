@@ -47,7 +47,10 @@ function chatBody(messages) {
   const schema = jsonOf("response-format", "response_format");
   if (schema) body.response_format = { type: "json_schema", json_schema: { name: "answer", schema } };
   const tools = jsonOf("tools", "tools");
-  if (tools) body.tools = tools;
+  if (tools) {
+    body.tools = tools;
+    body.tool_choice = $("tool-choice").value;
+  }
   if ($("logprobs").checked) body.logprobs = true;
   body.stream = true;
   body.stream_options = { include_usage: true };
@@ -95,7 +98,7 @@ function pythonLiteral(value, indent = "") {
 
 // Fields the openai client has no argument for go in extra_body.
 const OPENAI_ARGUMENTS = new Set(["model", "messages", "prompt", "temperature", "top_p",
-  "max_tokens", "seed", "stop", "response_format", "tools", "logprobs", "stream",
+  "max_tokens", "seed", "stop", "response_format", "tools", "tool_choice", "logprobs", "stream",
   "stream_options"]);
 
 function renderCode() {
@@ -178,14 +181,17 @@ async function streamAnswer(path, body, target, textOf) {
       }
       for (const choice of event.choices || []) {
         const piece = textOf(choice);
-        if (piece) {
+        const calls = choice.delta && choice.delta.tool_calls;
+        if (piece || calls) { // a token arrived: text or a piece of a tool call
           const now = performance.now();
           if (stats.first === null) stats.first = now;
           stats.last = now;
+        }
+        if (piece) {
           stats.text += piece;
           appendToken(target, piece, choice.logprobs);
         }
-        if (choice.delta && choice.delta.tool_calls) appendToolCalls(target, choice.delta.tool_calls);
+        if (calls) appendToolCalls(target, calls);
         if (choice.finish_reason) stats.finish = choice.finish_reason;
       }
     });
@@ -222,16 +228,22 @@ function appendToken(target, piece, logprobs) {
   target.querySelector(".content").appendChild(span);
 }
 
+// Tool calls stream as pieces of a name and of JSON arguments, per call index.
 function appendToolCalls(target, calls) {
+  target.toolCalls = target.toolCalls || [];
+  for (const call of calls) {
+    const index = call.index || 0;
+    const slot = target.toolCalls[index] || (target.toolCalls[index] = { name: "", args: "" });
+    if (call.function && call.function.name) slot.name += call.function.name;
+    if (call.function && call.function.arguments) slot.args += call.function.arguments;
+  }
   let block = target.querySelector(".tool-calls");
   if (!block) {
     block = element("pre", { class: "tool-calls", "aria-label": "Tool calls" });
     target.appendChild(block);
   }
-  for (const call of calls) {
-    if (call.function && call.function.name) block.textContent += "\n" + call.function.name + "(";
-    if (call.function && call.function.arguments) block.textContent += call.function.arguments;
-  }
+  block.textContent = target.toolCalls.filter(Boolean)
+    .map((call) => call.name + "(" + call.args + ")").join("\n");
 }
 
 // Times are performance.now() milliseconds: sent at `started`, first and last token.
