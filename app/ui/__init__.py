@@ -90,6 +90,7 @@ class UiPages:
             if name is not None and name not in self.files:
                 return None  # the app's own 404, in its error envelope
             scope.update(child)
+            scope["route"] = route  # what the HTTP metrics label the request with
             return route
         return None
 

@@ -47,6 +47,9 @@ async def test_dashboard_and_assets(fake_app: FakeApp):
         asset = await fake_app.client.get("/ui/" + name)
         assert asset.status_code == 200 and asset.headers["content-type"].startswith(media_type)
         assert asset.content == (STATIC_DIR / name).read_bytes()
+    metrics = (await fake_app.client.get("/metrics")).text
+    for route in ("/dashboard", "/ui/{name}"):
+        assert f'method="GET",model_name="{fake_app.model}",route="{route}",status="200"' in metrics
     missing = await fake_app.client.get("/ui/nothing.js")
     assert missing.status_code == 404 and "error" in missing.json()
     assert (await fake_app.client.get("/ui/../config.py")).status_code == 404
