@@ -76,6 +76,41 @@ def _build(gguf_path: Path, cache_dir: Path, folder: Path) -> None:
                 os.replace(staged, folder)
 
 
+# The projections' GGML type -> the weight storage that keeps their values: Q8_0 and
+# Q4_1 blocks are lamina's int8 and int4 blocks (32 weights; scale = largest / 127, or
+# range / 15 with the minimum), so they come back bit for bit; any other quantized type
+# is held in int8 blocks, within 1/32 of a 4-bit step of the file's values (int4's
+# blocks are not theirs: requantizing Q4_0 into them adds ~6 % RMS error, measured in
+# docs/gguf-and-hub-models.md).
+_WEIGHT_DTYPE_OF_TYPE = {"F32": None, "F16": "float16", "BF16": "bfloat16", "Q8_0": "int8"}
+_WEIGHT_DTYPE_OF_TYPE["Q4_1"] = "int4"
+_PROJECTIONS = (
+    "attn_q.",
+    "attn_k.",
+    "attn_v.",
+    "attn_output.",
+    "ffn_gate.",
+    "ffn_up.",
+    "ffn_down.",
+)
+
+
+def file_weight_dtype(folder: Path) -> str | None:
+    """LAMINA_WEIGHT_DTYPE's `auto` for a folder written from a GGUF file: the storage
+    that keeps its projections' precision (None: the model dtype, for F32 files and
+    safetensors folders)."""
+    path = folder / TENSOR_TABLE
+    if not path.is_file():
+        return None
+    table = json.loads(path.read_text())
+    types = {t["type"] for t in table if any(p in t["name"] for p in _PROJECTIONS)}
+    if len(types) == 1 and next(iter(types)) in _WEIGHT_DTYPE_OF_TYPE:
+        return _WEIGHT_DTYPE_OF_TYPE[next(iter(types))]
+    if types <= {"F32", "F16", "BF16"}:
+        return None  # mixed float types: the model dtype holds them all
+    return "int8"
+
+
 def transformers_kwargs(folder: Path) -> dict[str, str]:
     """What transformers' from_pretrained needs to read `folder`'s weights: the GGUF's
     name for a folder written here, nothing for a safetensors folder."""

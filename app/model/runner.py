@@ -34,6 +34,7 @@ from app.model.cpu_threads import default_num_threads
 from app.model.cuda_graphs import DecodeGraphs
 from app.model.families import read_model_config
 from app.model.fused_layers import run_decoder
+from app.model.gguf_folder import file_weight_dtype
 from app.model.host_memory import keep_freed_memory_in_heap, release_freed_heap
 from app.model.kv_cache import GIB, KVCache
 from app.model.linear import RowKinds
@@ -68,6 +69,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 # Linear-weight storage: the model dtypes, int8 blocks (a scale per 32 weights) and 4-bit
 # blocks (a scale and a minimum per 32; their panels are bytes)
 _WEIGHT_DTYPES = {**_DTYPES, "int8": torch.int8, "int4": INT4}
+
+
+def weight_storage(settings: Settings) -> str:
+    """LAMINA_WEIGHT_DTYPE, with `auto` for a GGUF file's folder: the storage that keeps
+    the file's quantized weights (gguf_folder.file_weight_dtype), said in the log."""
+    if settings.weight_dtype != "auto":
+        return settings.weight_dtype
+    from_file = file_weight_dtype(settings.model)
+    if from_file is None:
+        return "auto"
+    logger.info("weights: %s, as the GGUF file stores them (LAMINA_WEIGHT_DTYPE=auto)", from_file)
+    return from_file
 
 
 def resolve_weight_dtype(name: str, device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
@@ -179,7 +192,7 @@ class ModelRunner:
             num_threads = settings.num_threads or default_num_threads()
             torch.set_num_threads(num_threads)  # before loading: packing runs threaded too
             logger.info("torch uses %d CPU threads", num_threads)
-        weight_dtype = resolve_weight_dtype(settings.weight_dtype, device, dtype)
+        weight_dtype = resolve_weight_dtype(weight_storage(settings), device, dtype)
         config = read_model_config(settings.model)
         max_model_len = settings.max_model_len or config.max_position_embeddings
         if max_model_len > config.max_position_embeddings:

@@ -26,12 +26,20 @@ def _llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
-def write_gguf(folder: Path, out: Path, arch: str = "llama", num_tokens: int | None = None) -> Path:
+def write_gguf(
+    folder: Path,
+    out: Path,
+    arch: str = "llama",
+    num_tokens: int | None = None,
+    quant: str | None = None,
+) -> Path:
     """`folder`'s model as the GGUF file `out` (architecture `arch`); returns `out`.
 
     num_tokens: keep only the tokenizer's first tokens (and the merges among them), for a
     model with a vocabulary that small: reading a GGUF's metadata takes seconds per
-    100k tokens."""
+    100k tokens. quant: a GGML quant type (`Q8_0`, `Q4_1`, ...) for the layers'
+    projections, quantized by the `gguf` package as llama.cpp's quantizer does; the
+    rest stays F32."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -53,7 +61,12 @@ def write_gguf(folder: Path, out: Path, arch: str = "llama", num_tokens: int | N
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = num_heads if "q_proj" in name else num_kv_heads
             weight = _llama_cpp_permute(weight, heads)
-        writer.add_tensor(gguf_name, weight)
+        if quant is not None and name.endswith("_proj.weight"):
+            qtype = gguf.GGMLQuantizationType[quant]
+            raw = gguf.quants.quantize(weight, qtype)
+            writer.add_tensor(gguf_name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+        else:
+            writer.add_tensor(gguf_name, weight)
     divisors = _llama3_rope_freqs(config)
     if divisors is not None:
         writer.add_tensor("rope_freqs.weight", divisors)

@@ -16,7 +16,9 @@ from app.model import gguf_folder
 from app.model.config import ModelLoadError
 from app.model.gguf import _llama3_rope_scaling, llama3_rope_divisors
 from app.model.kv_cache import KVCache
+from app.model.linear import Linear
 from app.model.loader import load_model
+from app.native.panels import INT4, dequantize_int4, dequantize_int8
 from app.weights_source import resolve_model_folder
 from tests.model.gguf_writer import write_gguf
 from tests.model.helpers import Chunk, NaiveBlockAllocator, model_logits, save_random_model
@@ -118,3 +120,60 @@ def test_the_gguf_folder_is_built_once(tiny_models, gguf_cache):
     assert resolve_model_folder(gguf_path) == first
     assert (first / "config.json").stat().st_mtime_ns == stamp
     assert not [p.name for p in gguf_cache.iterdir() if p.name.startswith(".")]  # no staging
+
+
+# GGUF quant type -> lamina's weight dtype with the same blocks, and its dequantizer.
+SAME_BLOCKS = {
+    "Q8_0": (torch.int8, dequantize_int8),  # 32 weights, scale = largest / 127
+    "Q4_1": (INT4, dequantize_int4),  # 32 weights, scale = range / 15, and the minimum
+}
+
+
+@pytest.mark.parametrize("quant", sorted(SAME_BLOCKS))
+def test_quantized_projections_keep_their_values_in_the_same_blocks(
+    tiny_models, tmp_path, quant, native
+):
+    """A Q8_0 (Q4_1) file served with LAMINA_WEIGHT_DTYPE=int8 (int4): lamina dequantizes
+    each projection at load and quantizes it again into blocks of its own, which are the
+    file's: every weight the kernel multiplies by is the file's dequantized value."""
+    folder, _ = tiny_models["llama"]
+    served = resolve_model_folder(
+        write_gguf(folder, tmp_path / "q.gguf", num_tokens=NUM_TOKENS, quant=quant)
+    )
+    weight_dtype, dequantize = SAME_BLOCKS[quant]
+    file_values = load_model(served, kernels="reference")
+    quantized = load_model(served, weight_dtype=weight_dtype)
+    original = load_model(folder, kernels="reference").layers[0].mlp.down_proj.weight
+    assert not torch.equal(file_values.layers[0].mlp.down_proj.weight, original)  # quantized
+    pairs = [
+        (name, module, dict(quantized.named_modules())[name])
+        for name, module in file_values.layers.named_modules(prefix="layers")
+        if isinstance(module, Linear)
+    ]
+    assert len(pairs) == 4 * 2  # qkv, o, gate_up, down in each of 2 layers
+    for name, reference, packed in pairs:
+        assert packed.kernel.panels.dtype == weight_dtype, name
+        weight = reference.weight  # [out, in]: the file's values, dequantized by gguf
+        assert torch.equal(dequantize(packed.kernel.panels, weight.shape[0]), weight), name
+
+
+def test_auto_weight_storage_follows_the_files_quant_type(tiny_models, tmp_path, caplog):
+    """LAMINA_WEIGHT_DTYPE=auto keeps a quantized file's precision: its own blocks for
+    Q8_0 and Q4_1, int8 for other quantized types; the model dtype for F32 files."""
+    from app.config import Settings
+    from app.model.runner import weight_storage
+
+    caplog.set_level("INFO", logger="app.model.runner")
+    folder, f32_file = tiny_models["llama"]
+    expected = {"Q8_0": "int8", "Q4_1": "int4", "Q4_0": "int8", None: "auto"}
+    for quant, storage in expected.items():
+        path = f32_file
+        if quant is not None:
+            path = write_gguf(
+                folder, tmp_path / f"{quant}.gguf", num_tokens=NUM_TOKENS, quant=quant
+            )
+        settings = Settings(model=resolve_model_folder(path))
+        assert weight_storage(settings) == storage, quant
+        assert weight_storage(settings.model_copy(update={"weight_dtype": "float32"})) == "float32"
+    assert weight_storage(Settings(model=folder)) == "auto"  # a safetensors folder
+    assert "weights: int8, as the GGUF file stores them" in caplog.text
