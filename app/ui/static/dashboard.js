@@ -115,6 +115,11 @@ function show(status) {
 async function poll() {
   try {
     const response = await apiFetch("status");
+    if (response.status === 401) { // the key prompt was dismissed: stop asking every second
+      $("phase").textContent = "needs an API key";
+      $("error").textContent = "status: " + (await errorText(response)) + " Reload to enter a key.";
+      return;
+    }
     if (!response.ok) throw new Error(await errorText(response));
     show(await response.json());
     $("error").textContent = "";
