@@ -102,6 +102,12 @@ class Settings(BaseModel):
         "(free with the native kernels; torch's need padding)",
     )
     cuda_graphs: bool = Field(default=True, description="CUDA: replay decode steps as CUDA graphs")
+    embedding_pooling: Literal["auto", "last", "mean"] = Field(
+        default="auto",
+        description="how `/v1/embeddings` pools the final hidden states: the `last` token's or "
+        "the `mean` over the prompt; `auto`: the model folder's sentence-transformers pooling "
+        "config when it has one (last token or mean), else `last`",
+    )
 
     # --- serving ---------------------------------------------------------------
     host: str = Field(default="0.0.0.0", description="address to listen on")
@@ -227,7 +233,9 @@ class Settings(BaseModel):
         default=20, ge=0, description="`logprobs`, `top_logprobs`, `top_n_tokens`"
     )
     max_prompts_per_request: int = Field(
-        default=32, ge=1, description="prompts in one `/v1/completions` request"
+        default=32,
+        ge=1,
+        description="prompts in one `/v1/completions` request, inputs in one `/v1/embeddings`",
     )
 
     # --- security --------------------------------------------------------------

@@ -35,6 +35,7 @@ from app.api.observability import install_observability, log_ready
 from app.api.openapi import install_openapi
 from app.api.response_store import ResponseStore
 from app.api.routes import openai_router, tgi_router
+from app.api.routes_embeddings import embeddings_router
 from app.api.routes_misc import health_router
 from app.api.routes_misc import router as misc_router
 from app.api.routes_responses import responses_router
@@ -290,6 +291,7 @@ def create_app(
         status_router,
         openai_router,
         responses_router,
+        embeddings_router,
         tgi_router,
         misc_router,
         worker_router,

@@ -452,10 +452,10 @@ def bad_requests(context: int) -> list[BadRequest]:
         ),
         BadRequest(
             "unknown-route",
-            "/v1/embeddings",
+            "/v1/audio/speech",
             {"input": "x"},
             status=404,
-            words=("no route", "/v1/embeddings"),
+            words=("no route", "/v1/audio/speech"),
         ),
         BadRequest("wrong-method", CHAT, method="GET", status=405, words=("GET", "POST")),
         BadRequest(

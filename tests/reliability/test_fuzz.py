@@ -29,8 +29,16 @@ from app.config import Settings
 from app.main import create_app
 from tests.api.conftest import ThreadedServer
 
-GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/generate", "/generate_stream", "/")
-EXAMPLES_PER_OPERATION = 60  # x 5 routes x 2 modes
+GENERATION_PATHS = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/generate",
+    "/generate_stream",
+    "/",
+    "/v1/embeddings",
+    "/embed",
+)
+EXAMPLES_PER_OPERATION = 60  # x 7 routes x 2 modes
 MIN_CASES = 500
 
 
