@@ -209,6 +209,12 @@ def test_json_schema_and_tools_boxes(page, lamina: Lamina) -> None:
         assert call.startswith("get_weather(") and call.endswith(")"), call
         assert set(json.loads(call.removeprefix("get_weather(")[:-1])) == {"city", "unit"}
     assert "finish: tool_calls" in page.inner_text(f"{ANSWER} .stats")
+    page.select_option("#tool-choice", "none")
+    set_params(page, max_tokens=4)
+    body, _ = _sent_body(page, "Thanks!")  # the calls stay in the conversation
+    sent_calls = body["messages"][1]["tool_calls"]
+    shown = [f"{c['function']['name']}({c['function']['arguments']})" for c in sent_calls]
+    assert shown == calls and page.inner_text("#error") == ""
     assert page.problems == []
 
 

@@ -234,6 +234,7 @@ function appendToolCalls(target, calls) {
   for (const call of calls) {
     const index = call.index || 0;
     const slot = target.toolCalls[index] || (target.toolCalls[index] = { name: "", args: "" });
+    if (call.id) slot.id = call.id;
     if (call.function && call.function.name) slot.name += call.function.name;
     if (call.function && call.function.arguments) slot.args += call.function.arguments;
   }
@@ -296,9 +297,21 @@ async function sendChat() {
     target.remove(); // the user's turn stays: Send with an empty box asks again
     return;
   }
-  state.messages.push({ role: "assistant", content: stats.text });
+  state.messages.push(assistantTurn(stats.text, target.toolCalls));
   setBusy(false); // regenerate can now redo this answer
   renderCode();
+}
+
+// The answer as the conversation's next assistant message, its tool calls included, so
+// that a follow-up question sends the conversation as it happened.
+function assistantTurn(text, toolCalls) {
+  const turn = { role: "assistant", content: text };
+  const calls = (toolCalls || []).filter(Boolean);
+  if (calls.length) {
+    turn.tool_calls = calls.map((call, i) => ({ id: call.id || "call_" + i, type: "function",
+      function: { name: call.name, arguments: call.args } }));
+  }
+  return turn;
 }
 
 function regenerate() {
