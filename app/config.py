@@ -153,6 +153,12 @@ class Settings(BaseModel):
         gt=0,
         description="seconds without a token before a stream gets a `: keep-alive` comment",
     )
+    priority_ageing_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="a waiting request's `priority` improves by 1 per this many seconds waited "
+        "(bounds the wait of low priorities); 0: no ageing",
+    )
     responses_store_max_entries: int = Field(
         default=1000,
         ge=0,
@@ -242,7 +248,8 @@ class Settings(BaseModel):
     api_keys: tuple[str, ...] = Field(
         default=(),
         description="bearer keys every route requires, except `LAMINA_OPEN_ROUTES`; empty: "
-        "no authentication",
+        "no authentication. `key:N` gives the key's requests the priority N (their default, "
+        "and the lowest they may ask for)",
     )
     open_routes: tuple[str, ...] = Field(
         default=("/health", "/ready", "/metrics"),

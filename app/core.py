@@ -161,6 +161,12 @@ class Sequence:
     # Whose work this is (admission's client: API key digest or address); the scheduler
     # starts waiting sequences round-robin over clients. "": unknown, one client.
     client: str = ""
+    # vLLM's request priority: lower is served first (app/engine/priority.py). The
+    # scheduler sets `waiting_since` (engine clock) whenever the sequence enters the
+    # queue, and `running_priority` (its effective priority then) when it starts.
+    priority: int = 0
+    waiting_since: float = 0.0
+    running_priority: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None

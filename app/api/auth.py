@@ -5,6 +5,11 @@ request to any route not listed in LAMINA_OPEN_ROUTES (default /health, /ready,
 /metrics; an entry ending in `*` is a prefix) needs one of the keys, else it gets a 401
 in the error envelope with `WWW-Authenticate: Bearer`, before its body is read.
 
+An entry `key:N` (N an integer) also gives the key's requests the scheduling priority N
+(`key_priorities`): their default, and the most urgent they may ask for (routes.admit,
+driver.resolve_priority). A colon is not a bearer-token character (RFC 6750), so the
+suffix cannot be part of a key.
+
 Keys are compared in constant time: the presented token and every key are hashed to
 the same length and all keys are compared (hmac.compare_digest), so neither the
 position of a matching key nor a shared prefix shows in the response time.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable
 
 from starlette.datastructures import Headers
@@ -25,6 +31,31 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.api.errors import APIError, error_response
 
 BEARER = "bearer"
+_PRIORITY_SUFFIX = re.compile(r"(.+):(-?\d+)")
+
+
+def split_key_entry(entry: str) -> tuple[str, int | None]:
+    """A LAMINA_API_KEYS entry -> (the key, its priority or None)."""
+    match = _PRIORITY_SUFFIX.fullmatch(entry)
+    if match is None:
+        return entry, None
+    return match.group(1), int(match.group(2))
+
+
+def key_client(token: str) -> str:
+    """Who a keyed request is, for admission's fair share and the scheduler: a digest
+    of its key (raw keys are not kept)."""
+    return "key:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def key_priorities(entries: Iterable[str]) -> dict[str, int]:
+    """key_client(key) -> priority, for the entries that give one."""
+    priorities = {}
+    for entry in entries:
+        key, priority = split_key_entry(entry)
+        if priority is not None:
+            priorities[key_client(key)] = priority
+    return priorities
 
 
 def unauthorized(message: str, code: str) -> APIError:
@@ -45,7 +76,8 @@ class KeyRing:
     """The configured keys, kept only as digests."""
 
     def __init__(self, api_keys: Iterable[str]) -> None:
-        self._digests = [_digest(key) for key in api_keys if key]
+        keys = (split_key_entry(entry)[0] for entry in api_keys)
+        self._digests = [_digest(key) for key in keys if key]
 
     def __bool__(self) -> bool:
         return bool(self._digests)

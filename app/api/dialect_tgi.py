@@ -59,6 +59,11 @@ def tgi_token_frame(
 
 class TGIDialect(Dialect):
     id_prefix = "gen"
+    priority_param = "parameters.priority"
+
+    @staticmethod
+    def requested_priority(body: GenerateRequest) -> int | None:
+        return body.parameters.priority
 
     @classmethod
     def parse(

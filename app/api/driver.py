@@ -34,7 +34,13 @@ from app.api.admission import Ticket
 from app.api.constraints import RequestedConstraint, compile_constraint
 from app.api.deadline import Deadline, deadline_exceeded
 from app.api.engine_client import EngineClient, EngineDeadError
-from app.api.errors import APIError, ClientDisconnected, server_error, service_unavailable
+from app.api.errors import (
+    APIError,
+    ClientDisconnected,
+    invalid_request,
+    server_error,
+    service_unavailable,
+)
 from app.api.request_record import RequestRecord, Usage
 from app.api.route_facts import facts_for
 from app.api.sse import DONE, KEEPALIVE, EventStreamResponse, sse_error
@@ -92,6 +98,8 @@ class Call:
     record: RequestRecord
     ticket: Ticket
     deadline: Deadline | None  # from admission on
+    # The priority its API key gives it (LAMINA_API_KEYS `key:N`); None: none given.
+    key_priority: int | None = None
 
 
 class Dialect:
@@ -104,6 +112,7 @@ class Dialect:
     """
 
     id_prefix: ClassVar[str]  # of the response id, e.g. "chatcmpl"
+    priority_param: ClassVar[str] = "priority"  # the body's field, for errors
 
     def __init__(
         self,
@@ -122,6 +131,7 @@ class Dialect:
         self.stream = stream
         self.created = int(time.time())
         self.constraint: RequestedConstraint | None = None  # what the body asks the output to match
+        self.priority = 0  # the engine's scheduling priority: lower is served first
 
     @classmethod
     def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> Dialect:
@@ -132,6 +142,11 @@ class Dialect:
     def user(body: Any) -> str | None:
         """The end-user id the body names, for the access line (OpenAI's `user`)."""
         return None
+
+    @staticmethod
+    def requested_priority(body: Any) -> int | None:
+        """The `priority` the body asks for (None: not sent)."""
+        return getattr(body, "priority", None)
 
     async def compile_constraints(self, serving: Serving) -> None:
         """The async part of parsing: compile what the request asks the output to match
@@ -200,6 +215,9 @@ async def drive(call: Call, dialect_type: type[Dialect], body: Any, stream: bool
     record, serving = call.record, call.serving
     record.note_user(dialect_type.user(body))  # first: a request refused below still logs it
     dialect = dialect_type.parse(body, serving, record.request_id, stream)
+    dialect.priority = resolve_priority(
+        dialect_type.requested_priority(body), call.key_priority, dialect.priority_param
+    )
     # The weigh step of admission, before a grammar compiles or the engine sees anything.
     call.ticket.weigh(dialect.num_choices, estimated_tokens(dialect, serving.limits.max_model_len))
     await dialect.compile_constraints(serving)
@@ -216,6 +234,21 @@ async def drive(call: Call, dialect_type: type[Dialect], body: Any, stream: bool
     finally:
         await run.aclose()
     return dialect.render_final(results, run.usage)
+
+
+def resolve_priority(requested: int | None, key_priority: int | None, param: str) -> int:
+    """The request's scheduling priority: as asked, else its key's, else 0. A key's
+    priority is also the most urgent its requests may ask for (a 400 otherwise), so a
+    batch key cannot jump ahead of interactive ones by asking."""
+    if requested is None:
+        return 0 if key_priority is None else key_priority
+    if key_priority is not None and requested < key_priority:
+        raise invalid_request(
+            f"`{param}` is {requested}; this API key's requests may ask for {key_priority} "
+            "or more (lower is more urgent)",
+            param=param,
+        )
+    return requested
 
 
 class Run:
@@ -250,8 +283,14 @@ class Run:
                 engine_id = f"{base_id}-{index}" if several else base_id
                 self.streams.append(
                     engine.add_request(
-                        engine_id, prompt, params, dialect.n, record.request_id, client
-                    )
+                        engine_id,
+                        prompt,
+                        params,
+                        dialect.n,
+                        record.request_id,
+                        client,
+                        dialect.priority,
+                    )  # fmt: skip
                 )
         except EngineDeadError as exc:
             for stream in self.streams:  # prompts already queued must not run alone

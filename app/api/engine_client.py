@@ -28,9 +28,11 @@ class EngineClient(Protocol):
         n: int = 1,
         log_request_id: str | None = None,
         client: str = "",
+        priority: int = 0,
     ) -> RequestStream:
-        """Queue a request; `client` is whose work it is (admission's client). Raises
-        EngineDeadError when the engine thread is not alive."""
+        """Queue a request; `client` is whose work it is (admission's client), `priority`
+        how urgent (lower first). Raises EngineDeadError when the engine thread is not
+        alive."""
         ...
 
     def abort(self, request_id: str, reason: str = "request aborted") -> None:

@@ -8,14 +8,13 @@ driver weighs the parsed request on the same ticket (sequences, estimated tokens
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
 from app import __version__
-from app.api.auth import bearer_token
+from app.api.auth import bearer_token, key_client
 from app.api.deadline import TIMEOUT_HEADER, Deadline, effective_timeout_s, parse_timeout_header
 from app.api.dialect_openai import ChatDialect, CompletionDialect
 from app.api.dialect_tgi import TGIDialect
@@ -46,10 +45,11 @@ async def admit(request: Request) -> AsyncIterator[Call]:
     header_s = parse_timeout_header(request.headers.get(TIMEOUT_HEADER))
     serving = serving_or_503(state, record)
     admission = state.admission
-    ticket = admission.admit(client_of(request, bool(state.settings.api_keys)))
+    client = client_of(request, bool(state.settings.api_keys))
+    ticket = admission.admit(client)
     deadline = Deadline.after(effective_timeout_s(header_s, admission.server_timeout_s))
     try:
-        yield Call(request, serving, record, ticket, deadline)
+        yield Call(request, serving, record, ticket, deadline, state.key_priorities.get(client))
     finally:
         admission.release(ticket)
 
@@ -61,8 +61,7 @@ def client_of(request: Request, keyed: bool) -> str:
     """Who a request's work counts against for admission's fair share: its API key (a
     digest: raw keys are not kept) when keys are configured, else its address."""
     if keyed:
-        token = bearer_token(request.headers) or ""  # checked by ApiKeyAuth already
-        return "key:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        return key_client(bearer_token(request.headers) or "")  # checked by ApiKeyAuth
     return "addr:" + (request.client.host if request.client else "unknown")
 
 

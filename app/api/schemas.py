@@ -25,6 +25,10 @@ from pydantic import (
 logger = logging.getLogger("lamina.api")
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+PRIORITY_DESCRIPTION = (
+    "Scheduling priority (vLLM's): lower is served first. Default: the API key's priority "
+    "(LAMINA_API_KEYS), else 0; a request may not ask for less than its key's."
+)
 
 
 class LaminaRequest(BaseModel):
@@ -174,6 +178,12 @@ class SamplingFields(LaminaRequest):
         ge=0,
         description="vLLM's extra: the log-probability and rank of every prompt token "
         "(but the first) and of its `prompt_logprobs` most likely alternatives.",
+    )
+    priority: StrictInt | None = Field(
+        default=None,
+        ge=INT64_MIN,
+        le=INT64_MAX,
+        description=PRIORITY_DESCRIPTION,
     )
 
     @field_validator("stop", mode="before")

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictFloat, StrictInt
 
-from app.api.schemas import LaminaRequest
+from app.api.schemas import INT64_MAX, INT64_MIN, PRIORITY_DESCRIPTION, LaminaRequest
 
 ResponseStatus = Literal["completed", "failed", "in_progress", "cancelled", "incomplete"]
 
@@ -70,6 +70,9 @@ class ResponsesRequest(LaminaRequest):
     )
     parallel_tool_calls: StrictBool | None = Field(
         default=None, description="Allow several calls in one answer. Default true."
+    )
+    priority: StrictInt | None = Field(
+        default=None, ge=INT64_MIN, le=INT64_MAX, description=PRIORITY_DESCRIPTION
     )
 
 

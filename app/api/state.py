@@ -17,6 +17,7 @@ from typing import Annotated, Protocol
 from fastapi import Depends, Request
 
 from app.api.admission import AdmissionController
+from app.api.auth import key_priorities
 from app.api.engine_client import EngineClient
 from app.api.errors import APIError, service_unavailable
 from app.api.request_record import RequestRecord
@@ -129,9 +130,12 @@ class ServerState:
     serving: Serving | None = None
     admission: AdmissionController = field(init=False)  # generation requests in flight
     started_monotonic: float = field(default_factory=time.monotonic)  # for GET /status uptime
+    # routes.client_of's id of a key -> the priority LAMINA_API_KEYS gives it (`key:N`)
+    key_priorities: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.admission = AdmissionController.from_settings(self.settings)
+        self.key_priorities = key_priorities(self.settings.api_keys)
 
 
 def serving_or_503(state: ServerState, record: RequestRecord) -> Serving:

@@ -40,6 +40,7 @@ class _Add:
     arrival_time: float
     log_request_id: str | None = None  # the HTTP request id, for engine log lines
     client: str = ""  # whose work it is, for the scheduler's round-robin over clients
+    priority: int = 0  # lower is served first
 
 
 @dataclass
@@ -97,21 +98,24 @@ class Engine:
         n: int = 1,
         log_request_id: str | None = None,
         client: str = "",
+        priority: int = 0,
     ) -> RequestStream:
         """Submit a request of `n` choices; returns the RequestStream of its deltas.
 
         Read the stream until it ends (every choice has delivered a final delta);
         closing it early aborts the request. Call on the event loop. `log_request_id`
         (the HTTP request's id) goes on the engine thread's log lines about this request;
-        `client` says whose work it is (the scheduler takes turns between clients).
+        `client` says whose work it is (the scheduler takes turns between clients);
+        `priority`: lower is served first.
         Raises EngineDeadError if the engine thread is not running.
         """
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = RequestStream(request_id, n, self.abort)
         add = _Add(
-            request_id, list(prompt_token_ids), params, n, time.monotonic(), log_request_id, client
-        )
+            request_id, list(prompt_token_ids), params, n, time.monotonic(), log_request_id,
+            client, priority,
+        )  # fmt: skip
         with self._lock:
             if not self._alive:
                 raise EngineDeadError(self._dead_message())
@@ -202,6 +206,7 @@ class Engine:
                 message.arrival_time,
                 log_request_id=message.log_request_id,
                 client=message.client,
+                priority=message.priority,
             )
         if isinstance(message, _Abort):
             return self.core.abort_request(message.request_id, message.reason)

@@ -103,6 +103,7 @@ class EngineCore:
             max_model_len=self.max_model_len,
             eos_token_ids=tokenizer.eos_token_ids,
             max_prefill_tokens_while_decoding=settings.max_prefill_tokens_while_decoding or None,
+            priority_ageing_s=settings.priority_ageing_s or None,
         )
         self._requests: dict[str, _Request] = {}
         self._outputs: dict[int, SequenceOutput] = {}  # by seq_id, unfinished sequences
@@ -122,12 +123,14 @@ class EngineCore:
         *,
         log_request_id: str | None = None,
         client: str = "",
+        priority: int = 0,
     ) -> list[TokenDelta]:
         """Queue a request of n choices. Returns error deltas if it cannot be accepted.
 
         `log_request_id` (the HTTP request id) becomes the `request_id` field of log
         lines about this request; without it the field is `request_id` itself. `client`
-        is whose work it is: the scheduler takes turns between clients.
+        is whose work it is: the scheduler takes turns between clients. `priority`:
+        lower is served first (app/engine/priority.py).
         """
         arrival = self.clock() if arrival_time is None else arrival_time
         problem = self._reject_reason(request_id, prompt_token_ids, n)
@@ -148,6 +151,7 @@ class EngineCore:
                 wait_for_seq=seqs[0] if seqs else None,
                 arrival_time=arrival,
                 client=client,
+                priority=priority,
             )
             seqs.append(seq)
         self._requests[request_id] = _Request(request_id, seqs, len(seqs), log_request_id)
@@ -237,7 +241,7 @@ class EngineCore:
     def step(self) -> list[TokenDelta]:
         """One engine iteration: schedule, run one batched forward pass, postprocess."""
         started = self.clock()
-        batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule(started)
         deltas = self._collect_scheduler_failures()
         if batch.is_empty:
             return deltas

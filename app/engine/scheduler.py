@@ -32,15 +32,24 @@ fewer streams decoding). A prefill chunk of a sequence listed before decoding on
 never takes the budget those decodes need. With nobody decoding (start-up, bursts),
 prefill gets the whole budget, first come first served.
 
+Priorities (app/engine/priority.py): waiting sequences start by effective priority
+(their priority improved by ageing), then in client turns within a level. The running
+list is kept in (running priority, admission) order, so the step serves the most urgent
+first and the victims of memory pressure come from its end: the least urgent, most
+recently started. A waiting sequence that cannot start (no free slot or blocks) may
+preempt running ones of strictly worse priority, when that makes room for it. With
+every sequence at one priority, all of this is the plain arrival order above.
+
 A sequence that cannot fit even in the whole cache is failed instead of blocking
 everyone: it is finished with FinishReason.ERROR, its blocks freed, and returned once by
 `pop_failed()` so the engine can tell its caller.
 
-Pure Python; never reads a clock (timing is the engine's job).
+Pure Python; never reads a clock: the engine passes its time to `schedule(now)`.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import Counter, deque
 from collections.abc import Iterable
@@ -55,6 +64,7 @@ from app.core import (
     SequenceStatus,
 )
 from app.engine.block_manager import BlockManager
+from app.engine.priority import effective_priority, preemption_victims, priority_levels
 from app.engine.stopping import check_stop, default_criteria
 
 
@@ -136,6 +146,7 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: frozenset[int],
         max_prefill_tokens_while_decoding: int | None = None,
+        priority_ageing_s: float | None = None,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
@@ -148,11 +159,15 @@ class Scheduler:
         # None: prefill may take whatever the decodes leave of the step's token budget.
         self.max_prefill_tokens_while_decoding = cap
         self.max_model_len = max_model_len
+        # A waiting sequence's priority improves by 1 per this many seconds (None: never).
+        self.priority_ageing_s = priority_ageing_s
+        self._now: float | None = None  # the engine's time at this step (ageing)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.stop_criteria = default_criteria(self.eos_token_ids, max_model_len)
         # Arrival order (preempted ones re-enter at the front); started in fair_order.
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # admission order: the last is preempted first
+        # (running priority, admission) order: the last is preempted first
+        self.running: list[Sequence] = []
         self._failed: list[Sequence] = []  # finished with ERROR, not yet reported
         self.num_preemptions = 0
 
@@ -172,6 +187,7 @@ class Scheduler:
         """Enqueue a WAITING sequence at the back of the queue."""
         if seq.status is not SequenceStatus.WAITING:
             raise ValueError(f"sequence {seq.seq_id} is {seq.status.value}, not waiting")
+        seq.waiting_since = seq.arrival_time
         self.waiting.append(seq)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
@@ -202,8 +218,12 @@ class Scheduler:
         return failed
 
     # ----------------------------------------------------------------- schedule
-    def schedule(self) -> ScheduledBatch:
-        """Plan one step under the token and sequence budgets; may preempt and fail seqs."""
+    def schedule(self, now: float | None = None) -> ScheduledBatch:
+        """Plan one step under the token and sequence budgets; may preempt and fail seqs.
+        `now` is the engine's time (seconds), for ageing; None: no ageing this step."""
+        self._now = now
+        preempted = self._preempt_for_priority()
+        num_preempted_for_priority = len(preempted)
         budget = _StepBudget(self.max_num_batched_tokens, self.running)
         cap = self.max_prefill_tokens_while_decoding
         if cap is not None and budget.num_decodes_left > 0:
@@ -213,12 +233,13 @@ class Scheduler:
                 # so a short prompt behind it starts now instead of after all its chunks.
                 budget.max_chunk = max(1, budget.prefill // 2)
         scheduled: list[ScheduledSeq] = []
-        preempted: list[Sequence] = []
         self._schedule_running(budget, scheduled, preempted)
         # Admitting right after preempting would hand the freed blocks to a newcomer and
-        # preempt again next step; let the running ones grow first.
-        if not preempted:
-            self._schedule_waiting(budget, scheduled)
+        # preempt again next step; let the running ones grow first (unless the blocks
+        # were freed for the newcomer: a preemption for priority).
+        if len(preempted) == num_preempted_for_priority:
+            # Those preempted for priority sit out this step: room was made for another.
+            self._schedule_waiting(budget, scheduled, held_back=preempted)
         num_tokens = sum(s.num_new_tokens for s in scheduled)
         return ScheduledBatch(seqs=scheduled, num_batched_tokens=num_tokens, preempted=preempted)
 
@@ -261,13 +282,15 @@ class Scheduler:
                 return False
         return True
 
-    def _schedule_waiting(self, budget: _StepBudget, scheduled: list[ScheduledSeq]) -> None:
+    def _schedule_waiting(
+        self, budget: _StepBudget, scheduled: list[ScheduledSeq], held_back: list[Sequence]
+    ) -> None:
         manager = self.block_manager
-        queue = fair_order(self.waiting, self.running)
+        queue = self._start_order()
         for position, seq in enumerate(queue):
             if budget.prefill <= 0 or len(self.running) >= self.max_num_seqs:
                 return
-            if not self._dependency_ready(seq):
+            if seq in held_back or not self._dependency_ready(seq):
                 continue  # its prompt's blocks are still being computed by a sibling
             if self._never_fits(seq.num_tokens):
                 self.waiting.remove(seq)
@@ -286,6 +309,62 @@ class Scheduler:
             scheduled.append(self._scheduled(seq, num_new))
             budget.spend(num_new, decoding=False)
 
+    def _start_order(self) -> list[Sequence]:
+        """Waiting sequences in the order they may start: by effective priority, then
+        in turns between clients (`fair_order`) within a level."""
+        levels = priority_levels(self.waiting, self._now, self.priority_ageing_s)
+        return [seq for level in levels for seq in fair_order(level, self.running)]
+
+    def _preempt_for_priority(self) -> list[Sequence]:
+        """Preempt running sequences of worse priority when the next waiting sequence
+        cannot start without their slot or blocks, and can with them. Returns them."""
+        if not self.running or not self.waiting:
+            return []
+        # Only a more urgent (own) priority preempts: the common case ends here.
+        if min(seq.priority for seq in self.waiting) >= self.running[-1].running_priority:
+            return []
+        head = next((s for s in self._start_order() if self._dependency_ready(s)), None)
+        if head is None or self._never_fits(head.num_tokens):
+            return []
+        victims = preemption_victims(self.running, head.priority)
+        if not victims or not self._blocked(head) or not self._room_with(head, victims):
+            return []
+        preempted = []
+        for victim in victims:
+            self._preempt(victim)
+            preempted.append(victim)
+            if not self._blocked(head):
+                break
+        return preempted
+
+    def _first_chunk(self, seq: Sequence) -> tuple[list[int], int]:
+        """seq's cached prefix blocks and the tokens its first step would hold at most."""
+        cached_block_ids = self.block_manager.match_prefix(seq)
+        num_cached = len(cached_block_ids) * self.block_manager.block_size
+        chunk = self.max_prefill_tokens_while_decoding or self.max_num_batched_tokens
+        return cached_block_ids, num_cached + min(seq.num_tokens - num_cached, chunk)
+
+    def _blocked(self, seq: Sequence) -> bool:
+        """seq could not start now: no free slot, or no blocks for its first chunk."""
+        if len(self.running) >= self.max_num_seqs:
+            return True
+        cached_block_ids, num_tokens = self._first_chunk(seq)
+        return not self.block_manager.can_allocate(seq, num_tokens, cached_block_ids)
+
+    def _room_with(self, seq: Sequence, victims: list[Sequence]) -> bool:
+        """Whether preempting every one of `victims` would let seq start (blocks held by
+        a victim alone come back; shared ones are not counted)."""
+        manager = self.block_manager
+        if len(self.running) - len(victims) >= self.max_num_seqs:
+            return False
+        cached_block_ids, num_tokens = self._first_chunk(seq)
+        needed = manager.num_blocks_for(num_tokens) - len(cached_block_ids)
+        needed += sum(1 for b in cached_block_ids if manager.ref_count(b) == 0)
+        freed = sum(
+            1 for victim in victims for b in victim.block_table if manager.ref_count(b) == 1
+        )
+        return needed <= manager.num_free_blocks + freed
+
     def _dependency_ready(self, seq: Sequence) -> bool:
         """n > 1: wait until the sibling computed the shared prompt (or finished)."""
         parent = seq.wait_for_seq
@@ -300,7 +379,12 @@ class Scheduler:
         seq.num_computed_tokens = num_cached
         seq.wait_for_seq = None  # shared once; a later preemption need not wait again
         seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        seq.running_priority = effective_priority(seq, self._now, self.priority_ageing_s)
+        # After every running sequence of the same or a more urgent priority.
+        position = bisect.bisect_right(
+            self.running, seq.running_priority, key=lambda s: s.running_priority
+        )
+        self.running.insert(position, seq)
 
     @staticmethod
     def _scheduled(seq: Sequence, num_new: int) -> ScheduledSeq:
@@ -320,6 +404,8 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        if self._now is not None:  # ageing starts again: it waits anew
+            seq.waiting_since = self._now
         self.waiting.appendleft(seq)
 
     def _fail(self, seq: Sequence) -> None:

@@ -38,6 +38,7 @@ class FakeRequest:
     params: SamplingParams
     n: int
     client: str = ""  # admission's client: whose work it is
+    priority: int = 0
     finished: bool = False
 
 
@@ -84,11 +85,12 @@ class FakeEngine:
         n: int = 1,
         log_request_id: str | None = None,
         client: str = "",
+        priority: int = 0,
     ) -> RequestStream:
         """As Engine.add_request: the same RequestStream, fed by a task instead of a thread."""
         if not self.is_alive:
             raise EngineDeadError("fake engine is stopped")
-        request = FakeRequest(request_id, list(prompt_token_ids), params, n, client)
+        request = FakeRequest(request_id, list(prompt_token_ids), params, n, client, priority)
         self.requests.append(request)
         stream = RequestStream(request_id, n, self.abort)
         self._streams[request_id] = stream
