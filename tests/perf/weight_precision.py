@@ -8,12 +8,15 @@ of 5 to 300 tokens), fp32 weights as the reference:
 - teacher-forced top-1 agreement: feed the fp32 greedy continuation to both models and
   count positions where the argmax agrees (no divergence cascade: the cleanest number);
 - exact greedy match: prompts whose whole greedy continuation is identical;
-- mean tokens before the first greedy divergence.
+- mean tokens before the first greedy divergence;
+and the perplexity of a fixed text (tests/engine/corpus.py's passage, teacher-forced,
+its rows through the weights' generation kernels), fp32's alongside.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -57,6 +60,8 @@ class Agreement:
     num_prompts: int
     num_new_tokens: int
     matmuls: str  # which kernels ran the Linears (matmul_kernels)
+    perplexity: float  # of the passage, with these weights
+    fp32_perplexity: float  # of the passage, fp32 weights
 
 
 def runner_for(model_dir, weight_dtype: str):
@@ -110,7 +115,12 @@ def greedy(runner, settings, tokenizer, prompts: list[list[int]], num_new: int) 
 
 
 def argmax_along(runner, token_ids: list[int], first: int) -> list[int]:
-    """Greedy choice at every position >= first - 1 of token_ids (one prefill, no cache reuse).
+    """Greedy choice at every position >= first - 1 of token_ids (one prefill, no cache reuse)."""
+    return logits_along(runner, token_ids, first).argmax(-1).tolist()
+
+
+def logits_along(runner, token_ids: list[int], first: int) -> torch.Tensor:
+    """The logits predicting token_ids[first:], [len - first, vocab] (one prefill).
 
     token_ids[:first] is the prompt: with fp16 weights its rows take the prompt kernel and
     the continuation's rows the fp16 one, as when serving.
@@ -127,14 +137,27 @@ def argmax_along(runner, token_ids: list[int], first: int) -> list[int]:
         kinds = RowKinds.from_flags(is_prompt, runner.device)
     chunk = Chunk(token_ids, 0, table)
     (logits,) = model_logits(runner.model, runner.kv_cache, [chunk], kinds)
-    return logits[first - 1 : -1].argmax(-1).tolist()
+    return logits[first - 1 : -1]
+
+
+def perplexity(runner, token_ids: list[int]) -> float:
+    """exp(mean negative log-likelihood) of token_ids[1:], each given the ones before it
+    (one prefill; the first token is the prompt, the others take the generation rows'
+    kernels, as argmax_along's continuation does)."""
+    logits = logits_along(runner, token_ids, 1)  # [len - 1, vocab]: predicts tokens 1..
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    targets = torch.tensor(token_ids[1:])
+    nll = -log_probs[torch.arange(len(targets)), targets].mean()
+    return math.exp(float(nll))
 
 
 def measure(model_dir, weight_dtypes: list[str], num_new: int) -> list[Agreement]:
     tokenizer = Tokenizer(model_dir)
     prompts = prompt_set(tokenizer)
+    passage = tokenizer.encode(PASSAGE)
     reference_runner, settings = runner_for(model_dir, "float32")
     reference = greedy(reference_runner, settings, tokenizer, prompts, num_new)
+    fp32_perplexity = perplexity(reference_runner, passage)
     del reference_runner
     results = []
     for weight_dtype in weight_dtypes:
@@ -155,6 +178,8 @@ def measure(model_dir, weight_dtypes: list[str], num_new: int) -> list[Agreement
                 num_prompts=len(prompts),
                 num_new_tokens=num_new,
                 matmuls=matmul_kernels(runner),
+                perplexity=perplexity(runner, passage),
+                fp32_perplexity=fp32_perplexity,
             )
         )
     return results
@@ -181,7 +206,8 @@ def main() -> None:
             f"{result.teacher_forced_top1:.1%}, exact greedy match "
             f"{result.exact_greedy_match:.0%} of {result.num_prompts} prompts, "
             f"{result.mean_tokens_before_divergence:.1f} of {result.num_new_tokens} tokens "
-            f"before the first divergence; matmuls: {result.matmuls}"
+            f"before the first divergence; perplexity of the passage {result.perplexity:.3f} "
+            f"(fp32 {result.fp32_perplexity:.3f}); matmuls: {result.matmuls}"
         )
 
 
