@@ -1,6 +1,7 @@
-# syntax=docker/dockerfile:1
+# lamina's container image (no `# syntax=` line: BuildKit would fetch that frontend from
+# Docker Hub, which mirrored and air-gapped sites cannot reach; the built-in one does).
 #
-# lamina's container image. Two build arguments choose what goes in:
+# Two build arguments choose what goes in:
 #   VARIANT=cpu   slim Python + PyTorch's CPU wheel (default)
 #   VARIANT=cuda  slim Python + PyTorch's default PyPI wheel, which bundles the CUDA
 #                 runtime; the host's NVIDIA driver comes in through the container toolkit
@@ -10,6 +11,15 @@
 #
 #   docker build -t lamina:cpu .
 #   docker build --build-arg VARIANT=cuda --build-arg WEIGHTS=baked -t lamina:cuda .
+#
+# Where the wheels come from (mirrored and air-gapped sites):
+#   TORCH_INDEX_URL   the index of PyTorch's wheel (default: PyTorch's CPU index for cpu,
+#                     PyPI for cuda); a mirror's URL works the same
+#   wheels/           a folder in the build context: pip looks there first, for torch
+#                     and every dependency (`pip download -d wheels torch==2.13.0 ...`)
+#   PIP_INDEX_URL     pip's own index for the other dependencies (default PyPI)
+#   PIP_NO_INDEX=1    no index at all: everything from wheels/
+#   make container-check builds it that way (deploy/container_check.py).
 #
 # The project lives at /app exactly as in a checkout (installed editable), so the
 # default model folder is /app/model_weights/smollm2-135m-instruct, as on a laptop.
@@ -29,19 +39,32 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python -m venv /opt/venv
 
 # --- PyTorch, one stage per variant (BuildKit builds only the one VARIANT names) -------
+# wheels/ is copied into these stages only, never into the runtime image; pyproject.toml
+# comes along so that the COPY has a source when the context has no wheels/ folder.
 FROM python-base AS torch-cpu
 ARG TORCH_VERSION=2.13.0
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" \
-        --index-url https://download.pytorch.org/whl/cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG PIP_INDEX_URL
+ARG PIP_NO_INDEX
+ENV PIP_FIND_LINKS=/tmp/wheels
+COPY pyproject.toml wheel[s] /tmp/wheels/
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 FROM python-base AS torch-cuda
 ARG TORCH_VERSION=2.13.0
-RUN pip install --no-cache-dir "torch==${TORCH_VERSION}"
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+ARG PIP_INDEX_URL
+ARG PIP_NO_INDEX
+ENV PIP_FIND_LINKS=/tmp/wheels
+COPY pyproject.toml wheel[s] /tmp/wheels/
+RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 # --- the project's dependencies, then its code ---------------------------------------
 # torch-${VARIANT} is a stage of this file, not an image to tag (hence DL3006 off).
 # hadolint ignore=DL3006
 FROM torch-${VARIANT} AS build
+ARG PIP_INDEX_URL
+ARG PIP_NO_INDEX
 WORKDIR /app
 COPY pyproject.toml README.md ./
 # Dependencies are installed against an empty package first, so a code change does not

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: run test install weights lint format bench-engine bench-serve bench-kernels gpu-check system-deps clean
+.PHONY: run test install weights lint format bench-engine bench-serve bench-kernels gpu-check container-check system-deps clean
 
 run: weights
 	$(VENV)/bin/lamina serve
@@ -76,6 +76,11 @@ bench-kernels: weights
 gpu-check: weights
 	LAMINA_TEST_DEVICE=cuda $(PY) -m pytest -x -q tests/model
 	$(VENV)/bin/lamina bench engine --device cuda --quick
+
+# Builds the CPU image for real and checks the container (health, a chat, non-root,
+# drain on SIGTERM): minutes, so not part of `make test` (deploy/container_check.py).
+container-check: weights
+	$(PY) deploy/container_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
