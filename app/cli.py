@@ -1,4 +1,4 @@
-"""The `lamina` command: `weights`, `serve`, `bench engine`, `bench serve`, `bench kernels`."""
+"""The `lamina` command: `weights`, `serve`, `bench engine|serve|kernels|fleet`."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from app.bench.kernel_bench import main as bench_kernels
 
         return bench_kernels(args.rest)
+    if args.bench_target == "fleet":
+        from app.bench.fleet_bench import main as bench_fleet
+
+        return bench_fleet(args.rest)
     from app.bench.serve_bench import main as bench_serve
 
     return bench_serve(args.rest)
@@ -60,9 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_cmd_serve)
 
     bench = sub.add_parser(
-        "bench", help="benchmarks: `engine` (offline), `serve` (HTTP), `kernels` (CPU kernels)"
+        "bench",
+        help="benchmarks: `engine` (offline), `serve` (HTTP), `kernels` (CPU kernels), "
+        "`fleet` (replicas behind nginx and a cache-aware router)",
     )
-    bench.add_argument("bench_target", choices=["engine", "serve", "kernels"])
+    bench.add_argument("bench_target", choices=["engine", "serve", "kernels", "fleet"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=_cmd_bench)
     return parser

@@ -10,7 +10,6 @@ health check to take it out instead of failing (docs/router-comparison.md).
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,20 +20,8 @@ from pathlib import Path
 
 import httpx
 
+from app.bench.fleet import ROUTER_FLAGS
 from tests.server_process import REPO_ROOT, ServerProcess, free_port
-
-# The flags docs/router-comparison.md explains and deploy/ uses (one health
-# check a second, one failure takes a replica out; retries back off 0.4, 0.8, 1.6, 3.2 s).
-ROUTER_FLAGS = [
-    "--policy", "cache_aware",
-    "--health-check-endpoint", "/ready",
-    "--health-check-interval-secs", "1",
-    "--health-failure-threshold", "1",
-    "--worker-startup-check-interval", "1",
-    "--retry-max-retries", "5",
-    "--retry-initial-backoff-ms", "400",
-    "--retry-backoff-multiplier", "2",
-]  # fmt: skip
 
 
 def router_installed() -> bool:
@@ -125,17 +112,6 @@ def start_router(worker_urls: list[str], model_name: str, timeout_s: float = 60.
         time.sleep(0.25)
     router.stop()
     raise TimeoutError(f"the router did not list every worker healthy:\n{router.log_tail()}")
-
-
-def prefix_cache_counts(url: str) -> tuple[float, float]:
-    """(prompt tokens looked up, prompt tokens found) in a replica's prefix cache."""
-    text = httpx.get(url + "/metrics", timeout=5.0).text
-
-    def total(name: str) -> float:
-        found = re.findall(rf"^lamina:{name}_total(?:{{[^}}]*}})? (\S+)$", text, re.M)
-        return sum(float(value) for value in found)
-
-    return total("prefix_cache_queries"), total("prefix_cache_hits")
 
 
 @dataclass

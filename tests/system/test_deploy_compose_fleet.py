@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+from app.bench.fleet import ROUTER_FLAGS
 from tests.system.deploy_files import (
     DEPLOY,
     EXIT_AFTER_DRAIN_S,
@@ -16,7 +17,6 @@ from tests.system.deploy_files import (
     run,
     tool,
 )
-from tests.system.router_fleet import ROUTER_FLAGS
 
 
 def _fleet() -> dict:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from app.bench.fleet import ROUTER_FLAGS
 from tests.system.deploy_files import DOCUMENTED_METRICS, K8S, by_kind, render
-from tests.system.router_fleet import ROUTER_FLAGS
 
 # Core kinds are validated by kubernetes_validate; these belong to CRDs it does not know.
 CRD_KINDS = {"InferencePool", "HTTPRoute"}

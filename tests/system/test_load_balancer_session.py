@@ -23,9 +23,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.bench.fleet import prefix_cache_counts
 from tests.server_process import ServerProcess, engine_available, free_port
 from tests.system.deploy_files import DEPLOY, tool
-from tests.system.router_fleet import Conversation, prefix_cache_counts, start_replicas
+from tests.system.router_fleet import Conversation, start_replicas
 from tests.system.test_load_balancer import _stop, _wait_until, loopback
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]

@@ -30,13 +30,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.bench.fleet import prefix_cache_counts
 from tests.server_process import ServerProcess, engine_available
 from tests.system.deploy_files import ROUTER_SERIES, load_dashboard, metric_names_in_dashboard
 from tests.system.router_fleet import (
     BackgroundStream,
     Conversation,
     Router,
-    prefix_cache_counts,
     router_installed,
     start_replicas,
     start_router,

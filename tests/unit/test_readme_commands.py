@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from app import cli
-from app.bench import engine_bench, kernel_bench, serve_bench
+from app.bench import engine_bench, fleet_bench, kernel_bench, serve_bench
 from app.config import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +25,7 @@ INLINE = re.compile(r"(?<!`)`((?:\.venv/bin/)?(?:lamina|make|python)\s[^`]+)`")
 PROGRAMS = ("lamina", "make", "python")
 BENCH_PARSERS = {
     "engine": engine_bench.parse_args,
+    "fleet": fleet_bench.parse_args,
     "kernels": kernel_bench.parse_args,
     "serve": serve_bench.parse_args,
 }
