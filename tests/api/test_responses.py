@@ -1,6 +1,7 @@
 """POST /v1/responses through the official `openai` client, which parses every answer
-and typed stream event itself. Each test runs on the fake engine and on the real server
-(`live_server`); assertions hold for any model."""
+and typed stream event itself. The tests of what a model may change run on the fake
+engine and on the real server (`live_server`; assertions hold for any model); those of
+shapes and the store on the fake engine only."""
 
 from __future__ import annotations
 
@@ -24,9 +25,20 @@ MESSAGE_EVENTS = [
 ]
 
 
+def client_of(server: LiveServer) -> OpenAI:
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
 @pytest.fixture
 def client(live_server: LiveServer) -> OpenAI:
-    return OpenAI(base_url=live_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    """On the fake engine, then on the real server: for what a real model may change."""
+    return client_of(live_server)
+
+
+@pytest.fixture
+def fake_client(threaded_fake_server: LiveServer) -> OpenAI:
+    """The fake engine only: for shapes and bookkeeping no model changes."""
+    return client_of(threaded_fake_server)
 
 
 def collapsed(types: list[str]) -> list[str]:
@@ -73,22 +85,22 @@ def test_streamed_events_in_order_and_text_equals_plain(client: OpenAI) -> None:
     )
 
 
-def test_max_output_tokens_makes_it_incomplete(client: OpenAI) -> None:
-    response = client.responses.create(input="Tell me a long story.", max_output_tokens=3)
+def test_max_output_tokens_makes_it_incomplete(fake_client: OpenAI) -> None:
+    response = fake_client.responses.create(input="Tell me a long story.", max_output_tokens=3)
     assert response.status == "incomplete"
     assert response.incomplete_details.reason == "max_output_tokens"
     assert response.output[0].status == "incomplete"
     assert response.usage.output_tokens == 3
 
 
-def test_input_items_and_instructions(client: OpenAI) -> None:
+def test_input_items_and_instructions(fake_client: OpenAI) -> None:
     items = [
         {"role": "user", "content": "Say hello."},
         {"type": "message", "role": "assistant",
          "content": [{"type": "output_text", "text": "Hello!"}]},
         {"role": "user", "content": [{"type": "input_text", "text": QUESTION}]},
     ]  # fmt: skip
-    response = client.responses.create(
+    response = fake_client.responses.create(
         input=items, instructions="Answer in one short sentence.", max_output_tokens=8
     )
     assert response.instructions == "Answer in one short sentence."
@@ -112,46 +124,47 @@ def test_previous_response_id_continues_the_conversation(
         assert first.output_text.strip() in live_server.engine.tokenizer.decode(prompt)
 
 
-def test_previous_response_id_of_a_streamed_response(client: OpenAI) -> None:
-    events = list(client.responses.create(input=QUESTION, max_output_tokens=8, stream=True))
+def test_previous_response_id_of_a_streamed_response(fake_client: OpenAI) -> None:
+    events = list(fake_client.responses.create(input=QUESTION, max_output_tokens=8, stream=True))
     first = events[-1].response
-    second = client.responses.create(
+    second = fake_client.responses.create(
         input="Thanks.", previous_response_id=first.id, max_output_tokens=4
     )
     assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens
 
 
-def test_retrieve_and_delete(client: OpenAI) -> None:
-    created = client.responses.create(input=QUESTION, max_output_tokens=8)
-    retrieved = client.responses.retrieve(created.id)
+def test_retrieve_and_delete(fake_client: OpenAI) -> None:
+    created = fake_client.responses.create(input=QUESTION, max_output_tokens=8)
+    retrieved = fake_client.responses.retrieve(created.id)
     assert retrieved.id == created.id and retrieved.status == created.status
     assert retrieved.output_text == created.output_text
     assert retrieved.usage.output_tokens == created.usage.output_tokens
-    client.responses.delete(created.id)
+    fake_client.responses.delete(created.id)
     with pytest.raises(openai.NotFoundError) as caught:
-        client.responses.retrieve(created.id)
+        fake_client.responses.retrieve(created.id)
     assert caught.value.body["code"] == "response_not_found"
     with pytest.raises(openai.NotFoundError):
-        client.responses.delete(created.id)
+        fake_client.responses.delete(created.id)
     with pytest.raises(openai.NotFoundError):
-        client.responses.create(input="Hi", previous_response_id=created.id)
+        fake_client.responses.create(input="Hi", previous_response_id=created.id)
 
 
-def test_store_false_keeps_nothing(client: OpenAI) -> None:
-    created = client.responses.create(input=QUESTION, max_output_tokens=4, store=False)
+def test_store_false_keeps_nothing(fake_client: OpenAI) -> None:
+    created = fake_client.responses.create(input=QUESTION, max_output_tokens=4, store=False)
     with pytest.raises(openai.NotFoundError):
-        client.responses.retrieve(created.id)
+        fake_client.responses.retrieve(created.id)
 
 
-def test_unknown_ids_are_404s(client: OpenAI) -> None:
-    for call in (client.responses.retrieve, client.responses.cancel, client.responses.delete):
+def test_unknown_ids_are_404s(fake_client: OpenAI) -> None:
+    responses = fake_client.responses
+    for call in (responses.retrieve, responses.cancel, responses.delete):
         with pytest.raises(openai.NotFoundError) as caught:
             call("resp_unknown")
         assert caught.value.body["type"] == "not_found_error"
 
 
-def test_cancelling_a_finished_response_is_a_400(client: OpenAI) -> None:
-    created = client.responses.create(input=QUESTION, max_output_tokens=4)
+def test_cancelling_a_finished_response_is_a_400(fake_client: OpenAI) -> None:
+    created = fake_client.responses.create(input=QUESTION, max_output_tokens=4)
     with pytest.raises(openai.BadRequestError) as caught:
-        client.responses.cancel(created.id)
+        fake_client.responses.cancel(created.id)
     assert caught.value.body["code"] == "response_not_cancellable"
