@@ -6,13 +6,17 @@ Waiting sequences start by *effective* priority, then by the per-client turns of
 equals; with one level this is the queue as it was).
 
 Ageing bounds starvation: while a sequence waits, its effective priority improves by 1
-for every `ageing_s` seconds since it last entered the queue:
+for every `ageing_s` seconds since it last entered the queue, up to the most urgent
+priority waiting (`best`):
 
-    effective = priority - floor(seconds waiting / ageing_s)
+    effective = max(best, priority - floor(seconds waiting / ageing_s))
 
 so a request at priority p waits at most about (p - q) x ageing_s behind a steady
-stream of priority-q work before it is served as one of them. `ageing_s` None: no
-ageing (a low priority may wait as long as higher work keeps coming).
+stream of priority-q work before it is served as one of them, in turn. The cap keeps
+requests of one priority at one level however long they wait, so the turns between
+clients hold among them (without it, a flood that waited long would outrank a newcomer
+of another client). `ageing_s` None: no ageing (a low priority may wait as long as
+higher work keeps coming).
 
 When the KV cache is full or every running slot is taken, the next waiting sequence
 may preempt running ones whose running priority is strictly worse than its own
@@ -29,27 +33,33 @@ Pure Python; times are the engine's clock (seconds), passed in.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 from app.core import Sequence
 
 
-def effective_priority(seq: Sequence, now: float | None, ageing_s: float | None) -> int:
-    """seq's priority improved by its time waiting (no ageing without `now`)."""
+def effective_priority(
+    seq: Sequence, now: float | None, ageing_s: float | None, best: int | None = None
+) -> int:
+    """seq's priority improved by its time waiting, up to `best` (no ageing without
+    `now`; None: no cap)."""
     if now is None or ageing_s is None:
         return seq.priority
     waited_s = max(0.0, now - seq.waiting_since)
-    return seq.priority - math.floor(waited_s / ageing_s)
+    aged = seq.priority - math.floor(waited_s / ageing_s)
+    return aged if best is None else max(best, min(aged, seq.priority))
 
 
 def priority_levels(
-    waiting: Iterable[Sequence], now: float | None, ageing_s: float | None
+    waiting: list[Sequence], now: float | None, ageing_s: float | None
 ) -> list[list[Sequence]]:
-    """Waiting sequences grouped by effective priority, most urgent level first; each
-    level in the order of `waiting`."""
+    """Waiting sequences grouped by effective priority (aged up to the most urgent one
+    waiting), most urgent level first; each level in the order of `waiting`."""
+    if not waiting:
+        return []
+    best = min(seq.priority for seq in waiting)
     levels: dict[int, list[Sequence]] = {}
     for seq in waiting:
-        levels.setdefault(effective_priority(seq, now, ageing_s), []).append(seq)
+        levels.setdefault(effective_priority(seq, now, ageing_s, best), []).append(seq)
     return [levels[level] for level in sorted(levels)]
 
 

@@ -312,7 +312,7 @@ class Scheduler:
     def _start_order(self) -> list[Sequence]:
         """Waiting sequences in the order they may start: by effective priority, then
         in turns between clients (`fair_order`) within a level."""
-        levels = priority_levels(self.waiting, self._now, self.priority_ageing_s)
+        levels = priority_levels(list(self.waiting), self._now, self.priority_ageing_s)
         return [seq for level in levels for seq in fair_order(level, self.running)]
 
     def _preempt_for_priority(self) -> list[Sequence]:
@@ -379,7 +379,11 @@ class Scheduler:
         seq.num_computed_tokens = num_cached
         seq.wait_for_seq = None  # shared once; a later preemption need not wait again
         seq.status = SequenceStatus.RUNNING
-        seq.running_priority = effective_priority(seq, self._now, self.priority_ageing_s)
+        # Aged no further than the most urgent priority waiting (with seq, which leaves).
+        best = min((s.priority for s in self.waiting), default=seq.priority)
+        seq.running_priority = effective_priority(
+            seq, self._now, self.priority_ageing_s, min(best, seq.priority)
+        )
         # After every running sequence of the same or a more urgent priority.
         position = bisect.bisect_right(
             self.running, seq.running_priority, key=lambda s: s.running_priority

@@ -151,6 +151,7 @@ def test_a_running_slot_is_freed_for_a_higher_priority() -> None:
 def test_ageing_improves_a_waiting_priority_by_one_per_period() -> None:
     seq = seq_of("s", 3, waiting_since=10.0)
     assert [effective_priority(seq, now, 2.0) for now in (10.0, 11.9, 12.0, 14.5)] == [3, 3, 2, 1]
+    assert effective_priority(seq, 100.0, 2.0, best=2) == 2  # aged up to the best waiting
     assert effective_priority(seq, 100.0, None) == 3  # no ageing
     assert effective_priority(seq, None, 2.0) == 3  # no clock given
 
@@ -177,6 +178,25 @@ def test_ageing_bounds_how_long_a_low_priority_waits_behind_a_stream_of_high() -
     assert low.running_priority == 0
     run_all(scheduler, runner, now=20.0)
     assert low.finish_reason is FinishReason.LENGTH
+
+
+def test_ageing_keeps_one_priority_at_one_level_so_clients_still_take_turns() -> None:
+    """A's flood waited 100 s, B's request just came: at one priority, B gets the next
+    free slot (A already runs one), as without ageing."""
+    scheduler, runner = build(max_num_seqs=2)
+    scheduler.priority_ageing_s = 1.0
+    scheduler.add(seq_of("a0", 0, max_tokens=30, client="a"))
+    scheduler.add(seq_of("a1", 0, max_tokens=3, client="a"))
+    step_at(scheduler, runner, 0.0)
+    for name in ("a2", "a3"):
+        scheduler.add(seq_of(name, 0, client="a"))
+    scheduler.add(seq_of("b0", 0, client="b", arrival_time=100.0))
+    order: list[str] = []
+    while scheduler.has_unfinished():
+        for name in step_at(scheduler, runner, now=100.0):
+            if name not in order:
+                order.append(name)
+    assert order == ["a0", "a1", "b0", "a2", "a3"]
 
 
 def test_ageing_never_preempts() -> None:
