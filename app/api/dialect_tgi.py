@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from app.api.constraints import tgi_grammar_constraint
 from app.api.driver import ChoiceResult, Dialect
+from app.api.errors import invalid_request
 from app.api.params import tgi_inputs
 from app.api.request_record import Usage
 from app.api.schemas_tgi import (
@@ -71,6 +72,11 @@ class TGIDialect(Dialect):
     ) -> TGIDialect:
         prompt, params = tgi_inputs(body, serving.limits, serving.tokenizer)
         parameters = body.parameters
+        if parameters.decoder_input_details and stream:
+            raise invalid_request(  # as TGI
+                "`parameters.decoder_input_details` is not supported when streaming tokens",
+                param="parameters.decoder_input_details",
+            )
         dialect = cls(
             request_id,
             prompt,
@@ -176,6 +182,17 @@ class TGIDialect(Dialect):
         details = self._details(result) if self.want_details else None
         return GenerateResponse(generated_text=self.text_prefix + result.text, details=details)
 
+    def _prefill(self, result: ChoiceResult) -> list[TGIToken]:
+        """`decoder_input_details`: each input token and its logprob (the first: null)."""
+        if not result.prompt_logprobs:
+            return []
+        return [
+            self._token(token_id, self.tokenizer.token_text(token_id), None)
+            if entry is None
+            else self._token(token_id, entry.text, entry.logprob)
+            for token_id, entry in zip(self.prompts[0], result.prompt_logprobs)
+        ]
+
     def _details(self, result: ChoiceResult) -> GenerateDetails:
         tokens, top_tokens = [], []
         for position, token_id in enumerate(result.token_ids):
@@ -187,6 +204,7 @@ class TGIDialect(Dialect):
             finish_reason=tgi_finish_reason(result.finish_reason, result.stop_reason),
             generated_tokens=result.num_tokens,
             seed=self.seed,
+            prefill=self._prefill(result),
             tokens=tokens,
             top_tokens=top_tokens if self.num_top_tokens else None,
         )

@@ -305,8 +305,6 @@ def _reject_unsupported(parameters: GenerateParameters) -> None:
         reject("typical_p", f"is not supported (got {parameters.typical_p})")
     if parameters.adapter_id:
         reject("adapter_id", "is not supported: this server has no adapters")
-    if parameters.decoder_input_details:
-        reject("decoder_input_details", "must be false: prompt token details are not computed")
 
 
 def tgi_inputs(
@@ -343,5 +341,7 @@ def tgi_inputs(
         seed=parameters.seed,
         stop=stop,
         logprobs=top_n or 0,
+        # decoder_input_details: the prompt's tokens with their logprobs in details.prefill
+        prompt_logprobs=0 if parameters.decoder_input_details else None,
     )
     return prompt, params

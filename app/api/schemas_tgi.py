@@ -44,7 +44,9 @@ class GenerateParameters(LaminaRequest):
     stop: list[str] | None = Field(default=None, description="Stop sequences")
     details: StrictBool | None = Field(default=None, description="Return token details")
     decoder_input_details: StrictBool | None = Field(
-        default=None, description="Prompt token details (not supported: must be false)"
+        default=None,
+        description="With `details`: the input's tokens and their logprobs in "
+        "`details.prefill` (not when streaming)",
     )
     return_full_text: StrictBool | None = Field(default=None, description="Prepend the input")
     top_n_tokens: StrictInt | None = Field(

@@ -92,3 +92,17 @@ def test_vllm_prompt_logprobs_on_completions_and_chat(api_server: LiveServer) ->
     prompt_entries = answer["prompt_logprobs"]
     assert len(prompt_entries) == answer["usage"]["prompt_tokens"]
     assert prompt_entries[0] is None and all(len(e) == 1 for e in prompt_entries[1:])
+
+
+def test_tgi_decoder_input_details(api_server: LiveServer) -> None:
+    parameters = {"max_new_tokens": 1, "details": True, "decoder_input_details": True}
+    body = {"inputs": PROMPT, "parameters": parameters}
+    details = httpx.post(api_server.url + "/generate", json=body, timeout=60).json()["details"]
+    scored = {"prompt": PROMPT, "echo": True, "logprobs": 0, "max_tokens": 0}
+    choice = httpx.post(api_server.url + "/v1/completions", json=scored, timeout=60).json()
+    echoed = choice["choices"][0]["logprobs"]
+    assert [t["text"] for t in details["prefill"]] == echoed["tokens"]
+    assert [t["logprob"] for t in details["prefill"]] == echoed["token_logprobs"]
+    streamed = httpx.post(api_server.url + "/generate_stream", json=body, timeout=60)
+    assert streamed.status_code == 400
+    assert "decoder_input_details" in streamed.json()["error"]["message"]
