@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt, field_validator
 
-from app.api.schemas import LaminaRequest, _check_prompt
+from app.api.schemas import INT64_MAX, INT64_MIN, PRIORITY_DESCRIPTION, LaminaRequest, _check_prompt
 
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
@@ -32,6 +32,9 @@ class EmbeddingRequest(LaminaRequest):
         "model's hidden size).",
     )
     user: str | None = Field(default=None, description="End-user id, for logs.")
+    priority: StrictInt | None = Field(
+        default=None, ge=INT64_MIN, le=INT64_MAX, description=PRIORITY_DESCRIPTION
+    )
 
     @field_validator("input", mode="before")
     @classmethod

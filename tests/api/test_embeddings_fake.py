@@ -85,6 +85,12 @@ async def test_bad_requests_name_the_field(fake_app: FakeApp, body, param, words
         assert word in error["message"], error["message"]
 
 
+async def test_priority_reaches_the_engine(fake_app: FakeApp) -> None:
+    response = await embed(fake_app, input="Hi", priority=-3)
+    assert response.status_code == 200
+    assert fake_app.engine.requests[-1].priority == -3
+
+
 async def test_an_unknown_model_is_a_404(fake_app: FakeApp) -> None:
     response = await embed(fake_app, input="Hi", model="not-this-one")
     assert response.status_code == 404
