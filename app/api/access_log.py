@@ -3,10 +3,11 @@
 ObservabilityMiddleware (observability.py) calls `log_access` after the last byte of
 the response (streams included). The line carries method, route, path, status and
 duration, the OpenAI `user` field when sent, and for inference requests token counts,
-time to first token, finish reasons and the failure reason; prompt and output text
-only with Settings.log_prompts. Its level says whether an operator should look:
-warning for a 5xx (except 503 while loading or draining), info otherwise, debug for
-probes (/health, /ready, /metrics), which are polled every few seconds.
+time to first token, finish reasons, the failure reason and a priority other than 0;
+prompt and output text only with Settings.log_prompts. Its level says whether an
+operator should look: warning for a 5xx (except 503 while loading or draining), info
+otherwise, debug for probes (/health, /ready, /metrics), which are polled every few
+seconds.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def log_access(
         if record.first_token_s is not None:
             fields["ttft_s"] = round(record.first_token_s - record.started_s, 6)
         fields["finish_reasons"] = record.finish_reasons
+        if record.priority:
+            fields["priority"] = record.priority
         if record.failure is not None:
             fields["failure"] = record.failure
     if record.log_prompts and record.num_generations:

@@ -218,6 +218,7 @@ async def drive(call: Call, dialect_type: type[Dialect], body: Any, stream: bool
     dialect.priority = resolve_priority(
         dialect_type.requested_priority(body), call.key_priority, dialect.priority_param
     )
+    record.priority = dialect.priority
     # The weigh step of admission, before a grammar compiles or the engine sees anything.
     call.ticket.weigh(dialect.num_choices, estimated_tokens(dialect, serving.limits.max_model_len))
     await dialect.compile_constraints(serving)

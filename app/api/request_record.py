@@ -66,6 +66,7 @@ class RequestRecord:
     outputs: dict[int, list[str]] = field(default_factory=dict)  # only when log_prompts
     num_generations: int = 0
     user: str | None = None  # the OpenAI `user` field, as loggable_user() leaves it
+    priority: int = 0  # the scheduling priority it ran at (lower is served first)
     num_cached_tokens: int = 0
     # Per choice of the generation (index = prompt index * n + choice): tokens so far,
     # and whether its end was counted.

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from app.api.auth import KeyRing, key_client, key_priorities, split_key_entry
 from tests.api.conftest import FakeApp, fake_settings, running_fake_app
 from tests.api.fake_engine import FakeEngine
+from tests.api.test_user_field_log import access_line
 
 pytestmark = pytest.mark.anyio
 
@@ -82,3 +84,13 @@ def test_key_entries() -> None:
     assert key_priorities(["sk-a:5", "sk-b"]) == {key_client("sk-a"): 5}
     ring = KeyRing(["sk-a:5", "sk-b"])
     assert ring.accepts("sk-a") and ring.accepts("sk-b") and not ring.accepts("sk-a:5")
+
+
+async def test_the_access_line_says_a_priority_other_than_0(
+    fake_app: FakeApp, log_lines: io.StringIO
+) -> None:
+    body = {"prompt": "Hi", "max_tokens": 2}
+    urgent = await fake_app.client.post("/v1/completions", json={**body, "priority": -2})
+    plain = await fake_app.client.post("/v1/completions", json=body)
+    assert access_line(log_lines, urgent.headers["x-request-id"])["priority"] == -2
+    assert "priority" not in access_line(log_lines, plain.headers["x-request-id"])
