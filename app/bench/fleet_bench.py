@@ -48,10 +48,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="LAMINA_NUM_THREADS per replica")
     parser.add_argument("--conversations", type=int, default=12)
-    parser.add_argument("--system-prompts", type=int, default=2)
+    parser.add_argument("--system-prompts", type=int, default=4)
     parser.add_argument("--system-words", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=16, help="tokens per reply")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per reply")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--drain", action="store_true", help="add the drain run")
     parser.add_argument("--setups", default="nginx,router", help="which fronts, in order")
@@ -70,7 +70,8 @@ class SetupResult:
     ttft_p99_s: float | None
     prefix_hit_rate: float | None  # tokens found / tokens looked up, all replicas
     prompt_tokens_looked_up: float
-    per_replica_hits: list[float]
+    prompt_tokens_recomputed: float  # looked up and not found: prefill work
+    per_replica_hits: list[float | None]  # None: the drained replica (its counters went with it)
     errors: list[str] = field(default_factory=list)
     drained_replica: str | None = None
 
@@ -132,9 +133,11 @@ async def stream_chat(client: httpx.AsyncClient, url: str, body: dict) -> tuple[
                 if payload.get("usage"):
                     record.output_tokens = payload["usage"].get("completion_tokens", 0)
                 for choice in payload.get("choices", []):
-                    if record.ttft_s is None:
+                    text = choice.get("delta", {}).get("content") or ""
+                    # The first chunk carries only the role: TTFT is the first text.
+                    if text and record.ttft_s is None:
                         record.ttft_s = time.perf_counter() - start
-                    pieces.append(choice.get("delta", {}).get("content") or "")
+                    pieces.append(text)
         record.ok = record.error is None
     except httpx.HTTPError as exc:
         record.error = f"{type(exc).__name__}: {exc}"
@@ -190,9 +193,7 @@ def measure(name: str, members: list[fleet.Replica], front, model: str, args, dr
     alive = [(m, b) for m, b in zip(members, before) if m.process.poll() is None]
     after = {m.url: fleet.prefix_cache_counts(m.url) for m, _ in alive}
     looked_up = sum(after[m.url][0] - b[0] for m, b in alive)
-    found = [
-        after[m.url][1] - b[1] if m.url in after else float("nan") for m, b in zip(members, before)
-    ]
+    found = [after[m.url][1] - b[1] if m.url in after else None for m, b in zip(members, before)]
     ttft = [r.ttft_s for r in records if r.ok and r.ttft_s is not None]
     errors = [r.error or "" for r in records if not r.ok]
     return SetupResult(
@@ -204,8 +205,9 @@ def measure(name: str, members: list[fleet.Replica], front, model: str, args, dr
         ttft_p50_s=percentile(ttft, 50),
         ttft_p99_s=percentile(ttft, 99),
         # With a drained replica its counters are gone: the rate is over the others.
-        prefix_hit_rate=(sum(f for f in found if f == f) / looked_up) if looked_up else None,
+        prefix_hit_rate=(sum(f for f in found if f is not None) / looked_up) if looked_up else None,
         prompt_tokens_looked_up=looked_up,
+        prompt_tokens_recomputed=looked_up - sum(f for f in found if f is not None),
         per_replica_hits=found,
         errors=errors[:5],
         drained_replica=drained[0] if drained else None,
@@ -267,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         a, b = by_name["nginx"], by_name["router"]
         if a.prefix_hit_rate and b.prefix_hit_rate is not None:
             ratios["hit_rate_router_over_nginx"] = round(b.prefix_hit_rate / a.prefix_hit_rate, 2)
+        if b.prompt_tokens_recomputed:
+            ratios["recomputed_tokens_nginx_over_router"] = round(
+                a.prompt_tokens_recomputed / b.prompt_tokens_recomputed, 2
+            )
         if a.ttft_p50_s and b.ttft_p50_s:
             ratios["ttft_p50_router_over_nginx"] = round(b.ttft_p50_s / a.ttft_p50_s, 2)
     report = {
