@@ -55,8 +55,9 @@ class ToolRequest:
             functions = [f for f in functions if f[0] == self.named]
         required = self.choice in ("required", "named")
         param = "tool_choice" if self.named is not None else "tools"
-        # A named choice asks for that call: one, as OpenAI and vLLM give it.
-        parallel = self.parallel and self.named is None
+        # A named choice asks for that call: one, as OpenAI and vLLM give it; so does a
+        # format whose templates take one call a turn.
+        parallel = self.parallel and self.named is None and self.call_format.parallel_calls
         spec = tool_call_spec(functions, required, parallel, self.call_format)
         names = [name for name, _ in functions]
         return RequestedConstraint(spec, param, explain=lambda error: self._explain(error, names))

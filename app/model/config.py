@@ -247,7 +247,8 @@ def _parse_longrope(raw: dict[str, Any], params: dict[str, Any]) -> RopeScaling:
     """LongRoPE's (Phi-3 128k, Phi-3.5, Phi-4-mini) factors and temperature, with
     transformers' defaults: the temperature comes from how far max_position_embeddings
     reaches past the original context."""
-    original = params.get("original_max_position_embeddings") or raw.get(
+    # transformers gives the config's own value the precedence (Phi-3 keeps it there).
+    original = raw.get("original_max_position_embeddings") or params.get(
         "original_max_position_embeddings"
     )
     missing = [k for k in ("short_factor", "long_factor") if not params.get(k)]

@@ -76,23 +76,16 @@ def _build(gguf_path: Path, cache_dir: Path, folder: Path) -> None:
                 os.replace(staged, folder)
 
 
-# The projections' GGML type -> the weight storage that keeps their values: Q8_0 and
-# Q4_1 blocks are lamina's int8 and int4 blocks (32 weights; scale = largest / 127, or
-# range / 15 with the minimum), so they come back bit for bit; any other quantized type
-# is held in int8 blocks, within 1/32 of a 4-bit step of the file's values (int4's
-# blocks are not theirs: requantizing Q4_0 into them adds ~6 % RMS error, measured in
-# docs/gguf-and-hub-models.md).
+# The projections' GGML type -> the weight storage that keeps their values. Q8_0 blocks
+# are lamina's int8 blocks (32 weights, scale = largest / 127: llama.cpp's quantizer
+# gives the largest q = +-127), so they come back bit for bit. Every other quantized type
+# is held in int8 blocks too, within 1/32 of a 4-bit step of the file's values: int8 is
+# also the faster kernel (README, Weight precision), and int4's blocks are the file's only
+# for Q4_1 quantized without an importance matrix (an imatrix search moves the scale
+# and minimum); requantizing Q4_0 into them adds ~6 % RMS error
+# (docs/gguf-and-hub-models.md).
 _WEIGHT_DTYPE_OF_TYPE = {"F32": None, "F16": "float16", "BF16": "bfloat16", "Q8_0": "int8"}
-_WEIGHT_DTYPE_OF_TYPE["Q4_1"] = "int4"
-_PROJECTIONS = (
-    "attn_q.",
-    "attn_k.",
-    "attn_v.",
-    "attn_output.",
-    "ffn_gate.",
-    "ffn_up.",
-    "ffn_down.",
-)
+_PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def file_weight_dtype(folder: Path) -> str | None:
@@ -103,7 +96,9 @@ def file_weight_dtype(folder: Path) -> str | None:
     if not path.is_file():
         return None
     table = json.loads(path.read_text())
-    types = {t["type"] for t in table if any(p in t["name"] for p in _PROJECTIONS)}
+    types = {  # the projections' weights (their biases are always F32)
+        t["type"] for t in table if any(t["name"].endswith(f".{p}.weight") for p in _PROJECTIONS)
+    }
     if len(types) == 1 and next(iter(types)) in _WEIGHT_DTYPE_OF_TYPE:
         return _WEIGHT_DTYPE_OF_TYPE[next(iter(types))]
     if types <= {"F32", "F16", "BF16"}:

@@ -43,6 +43,7 @@ from app.model.loader import load_model
 from app.model.memory_report import MemoryReport, measure_memory
 from app.model.prompt_outputs import PromptOutputs
 from app.model.sampler import Sampler, SamplingRequest
+from app.native import native_kernels
 from app.native.panels import INT4
 
 logger = logging.getLogger(__name__)
@@ -71,13 +72,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 _WEIGHT_DTYPES = {**_DTYPES, "int8": torch.int8, "int4": INT4}
 
 
-def weight_storage(settings: Settings) -> str:
+def weight_storage(settings: Settings, device: torch.device, dtype: torch.dtype) -> str:
     """LAMINA_WEIGHT_DTYPE, with `auto` for a GGUF file's folder: the storage that keeps
-    the file's quantized weights (gguf_folder.file_weight_dtype), said in the log."""
+    the file's quantized weights (gguf_folder.file_weight_dtype), said in the log, where
+    lamina's native kernels can hold it (the CPU, fp32 activations); elsewhere the
+    model dtype, as for any folder."""
     if settings.weight_dtype != "auto":
         return settings.weight_dtype
     from_file = file_weight_dtype(settings.model)
     if from_file is None:
+        return "auto"
+    on_native_kernels = device.type == "cpu" and dtype == torch.float32
+    on_native_kernels = on_native_kernels and settings.native_kernels
+    if not (on_native_kernels and native_kernels() is not None):
+        logger.info(
+            "weights: the model dtype; the GGUF file's %s storage needs lamina's native CPU "
+            "kernels with fp32 activations, which this start does not run",
+            from_file,
+        )
         return "auto"
     logger.info("weights: %s, as the GGUF file stores them (LAMINA_WEIGHT_DTYPE=auto)", from_file)
     return from_file
@@ -192,7 +204,7 @@ class ModelRunner:
             num_threads = settings.num_threads or default_num_threads()
             torch.set_num_threads(num_threads)  # before loading: packing runs threaded too
             logger.info("torch uses %d CPU threads", num_threads)
-        weight_dtype = resolve_weight_dtype(weight_storage(settings), device, dtype)
+        weight_dtype = resolve_weight_dtype(weight_storage(settings, device, dtype), device, dtype)
         config = read_model_config(settings.model)
         max_model_len = settings.max_model_len or config.max_position_embeddings
         if max_model_len > config.max_position_embeddings:

@@ -7,8 +7,9 @@ instructions. Supported:
 - `hermes`: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks
   anywhere in the answer (Hermes, Qwen 2.5 / 3, and lamina's fallback for templates
   that do not render tools).
-- `llama3_json`: the answer is `{"name": ..., "parameters": {...}}` calls separated by
-  `; `, or text (Llama 3.1 / 3.2 / 3.3).
+- `llama3_json`: the answer is a `{"name": ..., "parameters": {...}}` call, or text
+  (Llama 3.1 / 3.2 / 3.3; one call an answer, as their templates take it back; the
+  parser also reads calls joined by `; `).
 
 The chat template decides (`LAMINA_TOOL_CALL_FORMAT=auto`): a template that renders
 tools and writes `<tool_call>` is Hermes, one that knows `<|python_tag|>` or the
@@ -43,6 +44,10 @@ class ToolCallFormat:
     closing: str
     separator: str
     how_to_call: str  # the fallback prompt's instructions, after the tool list
+    # Several calls in one answer: Llama 3.x templates refuse an assistant turn with more
+    # than one call, so a parallel answer sent back as history would fail every later
+    # request; its grammar asks for one call.
+    parallel_calls: bool = True
 
     def call_text(self, function: dict[str, Any]) -> str:
         """One call as the model writes it (arguments: a dict, or JSON text)."""
@@ -76,9 +81,9 @@ LLAMA3_JSON = ToolCallFormat(
     separator="; ",
     how_to_call=(
         "To call a function, answer with only a JSON object with its name and parameters, "
-        'like this:\n{"name": "function name", "parameters": {"argument": "value"}}\n'
-        'Separate several calls with "; ".'
+        'like this:\n{"name": "function name", "parameters": {"argument": "value"}}'
     ),
+    parallel_calls=False,
 )
 FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON)}
 

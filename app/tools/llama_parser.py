@@ -12,9 +12,9 @@ Same contract as the Hermes parser (parser.py): `feed` text chunks, `finish` at 
 events out, the same result under every split into chunks. Rules:
 - The answer's leading whitespace (and a leading `<|python_tag|>`) is not content when
   a call follows; an answer that is not a call keeps its text as is.
-- A call whose text starts `{"name": "...", "parameters": ` (or `"arguments": `) streams:
-  the name first, then the arguments' JSON as it comes; the arguments end where their
-  JSON value closes (brackets and strings followed, so a `}` inside a string is text).
+- A call whose text starts `{"name": "...", "parameters": {` (or `"arguments": {`)
+  streams: the name first, then the arguments' JSON object as it comes; it ends where
+  it closes (brackets and strings followed, so a `}` inside a string is text).
 - Any other `{...}` answer is held to the end and read whole: a JSON object with a
   string `name` and `parameters` (or `arguments`) is a call, anything else content.
 - After a call: `;` and whitespace separate calls; other text is content.
@@ -164,8 +164,9 @@ class Llama3JsonToolParser:
     def _step_head(self, events: list[ToolEvent]) -> bool:
         head = _CALL_HEAD.match(self._buffer)
         name = _json_string(head.group(1)) if head else None
-        if name is None:
-            return False  # wait for more, or read it whole at the end
+        if name is None or self._buffer[head.end()] != "{":
+            return False  # wait for more, or read it whole at the end (arguments that
+            # are not an object are a call only if the whole text says so)
         events.append(CallOpened(self.num_calls, name))
         self.num_calls += 1
         self._buffer = self._buffer[head.end() :]

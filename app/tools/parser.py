@@ -23,8 +23,9 @@ Rules, the same under every split:
 - Text that ends inside a call (max_tokens) ends it where the text stops: the arguments
   are then incomplete, as OpenAI's are when a call is cut short (a `}` that closes the
   body, not the arguments, is left out). A call cut before its
-  arguments began (`<tool_call>\n{"na`) is dropped, and so is the start of an
-  opening tag the text ends with after a call (`</tool_call>\n<tool_`).
+  arguments began (`<tool_call>\n{"na`, or `<tool_call>` and blanks) is dropped, and so
+  is the start of an opening tag the text ends with right after a call
+  (`</tool_call>\n<tool_`).
 """
 
 from __future__ import annotations
@@ -112,10 +113,11 @@ class HermesToolParser:
             if len(arguments) > self._sent_arguments:
                 events.append(ArgumentsText(self.num_calls - 1, arguments[self._sent_arguments :]))
         elif self._state == "head":
-            if not rest.lstrip().startswith("{"):  # a call cut before its name is dropped
+            # A call cut before its name (its body blank, or begun) is dropped.
+            if rest.strip() and not rest.lstrip().startswith("{"):
                 events += self._not_a_call(OPEN_TAG + rest)
-        elif not (self.num_calls and rest and OPEN_TAG.startswith(rest)):
-            # (after a call, a cut start of the next call's tag is dropped)
+        elif not (self._after_call and rest and OPEN_TAG.startswith(rest)):
+            # (right after a call, a cut start of the next call's tag is dropped)
             events += self._content(rest)
         if self.num_calls == 0 and self._held_space:
             events.append(ContentText(self._held_space))

@@ -122,11 +122,13 @@ def test_the_gguf_folder_is_built_once(tiny_models, gguf_cache):
     assert not [p.name for p in gguf_cache.iterdir() if p.name.startswith(".")]  # no staging
 
 
-# GGUF quant type -> lamina's weight dtype with the same blocks, and its dequantizer.
+# GGUF quant type -> lamina's weight dtype with the same blocks, and its dequantizer
+# (Q4_1 as llama.cpp quantizes it without an importance matrix, as the gguf package does).
 SAME_BLOCKS = {
     "Q8_0": (torch.int8, dequantize_int8),  # 32 weights, scale = largest / 127
     "Q4_1": (INT4, dequantize_int4),  # 32 weights, scale = range / 15, and the minimum
 }
+GGUF_ARCH_OF = {name: arch for name, (arch, _, _) in TINY_MODELS.items()}
 
 
 @pytest.mark.parametrize("quant", sorted(SAME_BLOCKS))
@@ -158,22 +160,36 @@ def test_quantized_projections_keep_their_values_in_the_same_blocks(
 
 
 def test_auto_weight_storage_follows_the_files_quant_type(tiny_models, tmp_path, caplog):
-    """LAMINA_WEIGHT_DTYPE=auto keeps a quantized file's precision: its own blocks for
-    Q8_0 and Q4_1, int8 for other quantized types; the model dtype for F32 files."""
+    """LAMINA_WEIGHT_DTYPE=auto keeps a quantized file's precision on the native CPU
+    kernels: int8 for Q8_0 (its own blocks) and for the other quantized types, F16 kept;
+    the model dtype for F32 files, and wherever the native kernels do not run."""
     from app.config import Settings
     from app.model.runner import weight_storage
 
     caplog.set_level("INFO", logger="app.model.runner")
-    folder, f32_file = tiny_models["llama"]
-    expected = {"Q8_0": "int8", "Q4_1": "int4", "Q4_0": "int8", None: "auto"}
-    for quant, storage in expected.items():
-        path = f32_file
+    cpu, fp32 = torch.device("cpu"), torch.float32
+    expected = {
+        ("llama", "Q8_0"): "int8",
+        ("llama", "Q4_1"): "int8",
+        ("llama", "Q4_0"): "int8",
+        ("llama", "F16"): "float16",
+        ("qwen2", "Q8_0"): "int8",  # its q/k/v biases stay F32 in the file
+        ("qwen2", "F16"): "float16",
+        ("llama", None): "auto",
+    }
+    for (name, quant), storage in expected.items():
+        folder, path = tiny_models[name]
         if quant is not None:
-            path = write_gguf(
-                folder, tmp_path / f"{quant}.gguf", num_tokens=NUM_TOKENS, quant=quant
-            )
+            out = tmp_path / f"{name}-{quant}.gguf"
+            path = write_gguf(folder, out, GGUF_ARCH_OF[name], num_tokens=NUM_TOKENS, quant=quant)
         settings = Settings(model=resolve_model_folder(path))
-        assert weight_storage(settings) == storage, quant
-        assert weight_storage(settings.model_copy(update={"weight_dtype": "float32"})) == "float32"
-    assert weight_storage(Settings(model=folder)) == "auto"  # a safetensors folder
+        assert weight_storage(settings, cpu, fp32) == storage, (name, quant)
+        chosen = settings.model_copy(update={"weight_dtype": "float32"})
+        assert weight_storage(chosen, cpu, fp32) == "float32"
+        if quant is not None:  # where the native kernels do not run: the model dtype
+            assert weight_storage(settings, cpu, torch.bfloat16) == "auto"
+            assert weight_storage(settings, torch.device("cuda"), fp32) == "auto"
+            torch_kernels = settings.model_copy(update={"native_kernels": False})
+            assert weight_storage(torch_kernels, cpu, fp32) == "auto"
+    assert weight_storage(Settings(model=tiny_models["llama"][0]), cpu, fp32) == "auto"
     assert "weights: int8, as the GGUF file stores them" in caplog.text

@@ -89,9 +89,10 @@ def test_text_cut_after_the_arguments_leaves_out_the_body_brace() -> None:
 def test_text_cut_before_the_arguments_drops_the_call() -> None:
     text = call_block("a", {}) + '\n<tool_call>\n{"name": "b",'
     assert summary(parse_output(text)) == (None, [("a", "{}")])
-    for cut in ("\n<", "\n<tool_", " <tool_call"):  # even before the tag is whole
+    for cut in ("\n<", "\n<tool_", " <tool_call", "\n<tool_call>", "<tool_call>\n "):
         assert summary(parse_output(call_block("a", {}) + cut)) == (None, [("a", "{}")])
     assert parse_output("x <").content == "x <"  # before any call: text
+    assert parse_output(call_block("a", {}) + " Note: x <").content == "Note: x <"
 
 
 def test_streaming_sends_the_name_first_then_argument_fragments() -> None:
