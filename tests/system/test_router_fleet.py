@@ -154,8 +154,8 @@ def test_killed_replica_fails_its_streams_and_gets_no_new_requests(fleet: Fleet)
         assert response.status_code == 200, f"turn {turn}: {response.text}"
     for stream in streams:
         stream.join(60)
-        # The router cuts the client's response: an incomplete chunked body.
-        assert isinstance(stream.error, httpx.RemoteProtocolError), stream.error
+        # The router cuts the client's response (seen: an incomplete chunked body).
+        assert isinstance(stream.error, httpx.RemoteProtocolError | httpx.ReadError), stream.error
         assert not stream.done and stream.finish_reason is None, stream.events[-3:]
     after = fleet.counts()
     assert [r.url for r in survivors] == list(after)
