@@ -57,7 +57,8 @@ def test_exposition_parsing_matches_the_documented_series():
 def test_dashboard_and_alerts_use_only_exposed_metrics():
     used = metric_names_in_dashboard(load_dashboard())
     used |= metric_names_in_alert_rules(load_alert_rules())
-    assert undefined_metric_names(used, DOCUMENTED_METRICS) == ROUTER_SERIES & used
+    assert undefined_metric_names(used, DOCUMENTED_METRICS) == set()
+    assert used >= ROUTER_SERIES  # the dashboard's router panels
     adapter = load_yaml(K8S / "monitoring/prometheus-adapter-values.yaml")
     for rule in adapter["rules"]["custom"]:
         assert undefined_metric_names(metric_names_in_promql(rule["seriesQuery"]), {}) <= set(
