@@ -80,6 +80,14 @@ gpu-check: weights
 # Builds the CPU image for real and checks the container (health, a chat, non-root,
 # drain on SIGTERM): minutes, so not part of `make test` (deploy/container_check.py).
 container-check: weights
+	@missing=""; \
+	command -v dockerd >/dev/null 2>&1 || missing="$$missing docker.io"; \
+	command -v mmdebstrap >/dev/null 2>&1 || missing="$$missing mmdebstrap"; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing$$missing (Debian packages)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $$missing >/dev/null; \
+	fi
 	$(PY) deploy/container_check.py
 
 clean:
