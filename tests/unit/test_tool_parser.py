@@ -134,14 +134,36 @@ PIECES = [
     "text",
     "é",
 ]
-texts = st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=4)), max_size=14).map("".join)
+
+
+def texts_of(pieces: list[str]) -> st.SearchStrategy[str]:
+    """Texts built from `pieces` and short random strings."""
+    return st.lists(st.one_of(st.sampled_from(pieces), st.text(max_size=4)), max_size=14).map(
+        "".join
+    )
+
+
+def assert_any_split_agrees(data: st.DataObject, text: str, new_parser=HermesToolParser) -> None:
+    """`text` fed in chunks cut at drawn places parses as it does in one piece."""
+    cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=12))
+    whole = summary(parse_output(text, new_parser()))
+    assert summary(parse_in_chunks(text, cuts, new_parser)) == whole
+
+
+def assert_single_and_double_splits_agree(text: str, new_parser, step: int) -> tuple:
+    """Every cut, and every pair of cuts (the second every `step` characters), parses
+    as the whole text does; returns that parse's summary."""
+    expected = summary(parse_output(text, new_parser()))
+    for first in range(len(text) + 1):
+        for second in range(first, len(text) + 1, step):
+            assert summary(parse_in_chunks(text, [first, second], new_parser)) == expected
+    return expected
 
 
 @settings(max_examples=600, deadline=None)
-@given(data=st.data(), text=texts)
+@given(data=st.data(), text=texts_of(PIECES))
 def test_every_split_gives_the_same_content_and_calls(data: st.DataObject, text: str) -> None:
-    cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=12))
-    assert summary(parse_in_chunks(text, cuts)) == summary(parse_output(text))
+    assert_any_split_agrees(data, text)
 
 
 def test_every_single_and_double_split_of_a_realistic_answer() -> None:
@@ -152,8 +174,5 @@ def test_every_single_and_double_split_of_a_realistic_answer() -> None:
         + call_block("get_time", {"tz": "CET"})
         + "\n"
     )
-    expected = summary(parse_output(text))
+    expected = assert_single_and_double_splits_agree(text, HermesToolParser, 7)
     assert expected[0] == "I'll look both up." and len(expected[1]) == 2
-    for first in range(len(text) + 1):
-        for second in range(first, len(text) + 1, 7):
-            assert summary(parse_in_chunks(text, [first, second])) == expected

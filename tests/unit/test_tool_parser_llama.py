@@ -16,7 +16,12 @@ from hypothesis import strategies as st
 from app.tools import Llama3JsonToolParser, parse_output
 from app.tools.llama_parser import JsonValueEnd
 from app.tools.parser import ArgumentsText, CallOpened
-from tests.unit.test_tool_parser import parse_in_chunks, summary
+from tests.unit.test_tool_parser import (
+    assert_any_split_agrees,
+    assert_single_and_double_splits_agree,
+    summary,
+    texts_of,
+)
 
 
 def parse(text: str):
@@ -105,22 +110,16 @@ PIECES = [
     "text",
     "é",
 ]
-texts = st.lists(st.one_of(st.sampled_from(PIECES), st.text(max_size=4)), max_size=14).map("".join)
 
 
 @settings(max_examples=600, deadline=None)
-@given(data=st.data(), text=texts)
+@given(data=st.data(), text=texts_of(PIECES))
 def test_every_split_gives_the_same_content_and_calls(data: st.DataObject, text: str) -> None:
-    cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=12))
-    chunked = parse_in_chunks(text, cuts, Llama3JsonToolParser)
-    assert summary(chunked) == parse(text)
+    assert_any_split_agrees(data, text, Llama3JsonToolParser)
 
 
 def test_every_single_and_double_split_of_a_realistic_answer() -> None:
     weather = llama_call("get_weather", {"city": "Paris", "note": 'a } and ; and \\"'})
     text = " " + weather + "; " + llama_call("get_time", {"tz": "CET"}) + "\n"
-    expected = parse(text)
+    expected = assert_single_and_double_splits_agree(text, Llama3JsonToolParser, 5)
     assert expected[0] is None and len(expected[1]) == 2
-    for first in range(len(text) + 1):
-        for second in range(first, len(text) + 1, 5):
-            assert summary(parse_in_chunks(text, [first, second], Llama3JsonToolParser)) == expected
