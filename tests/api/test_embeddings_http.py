@@ -114,3 +114,29 @@ def test_tgi_embed(api_server: LiveServer) -> None:
         model=api_server.model, input=text, encoding_format="float"
     )
     assert tgi == [openai_vector.data[0].embedding]
+
+
+def test_langchain_embeddings_with_lamina_s_own_tokens(api_server: LiveServer) -> None:
+    """LangChain's OpenAIEmbeddings as the README configures it: texts sent as text (by
+    default it sends OpenAI's tiktoken ids, which lamina would read as its own), in
+    chunks of at most LAMINA_MAX_PROMPTS_PER_REQUEST. Its vectors are the openai
+    client's."""
+    from langchain_openai import OpenAIEmbeddings
+
+    embeddings = OpenAIEmbeddings(
+        model=api_server.model,
+        base_url=api_server.url + "/v1",
+        api_key="unused",
+        check_embedding_ctx_length=False,
+        chunk_size=32,
+        max_retries=0,
+    )
+    texts = [
+        f"Sentence number {i} is about {topic}." for i, topic in enumerate(["cats", "tea"] * 20)
+    ]
+    vectors = embeddings.embed_documents(texts)  # 40 texts: two requests
+    assert len(vectors) == 40 and all(len(v) == HIDDEN_SIZE for v in vectors)
+    # The client's default transport, as LangChain's: base64 float32.
+    direct = client_for(api_server).embeddings.create(model=api_server.model, input=texts[33:35])
+    assert [item.embedding for item in direct.data] == vectors[33:35]
+    assert embeddings.embed_query(texts[5]) == vectors[5]
