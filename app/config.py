@@ -43,7 +43,8 @@ class Settings(BaseModel):
     weight_dtype: Literal["auto", "float32", "float16", "bfloat16", "int8", "int4"] = Field(
         default="auto",
         description="CPU only: precision the linear weights are stored in; `auto`: the model "
-        "dtype (see Weight precision)",
+        "dtype, or for a GGUF file the precision that keeps its weights (see Models, Weight "
+        "precision)",
     )
     max_model_len: int | None = Field(
         default=None,
