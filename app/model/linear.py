@@ -142,6 +142,14 @@ def onednn_available(weight_dtype: torch.dtype) -> bool:
     return True
 
 
+def cpu_native_kernels(activation_dtype: torch.dtype, allow_native: bool) -> NativeKernels | None:
+    """lamina's native CPU kernels when they run a model: fp32 activations, allowed, and
+    built (or shipped) for this CPU; else None."""
+    if allow_native and activation_dtype == torch.float32:
+        return native_kernels()
+    return None
+
+
 def cpu_kernel_plan(
     activation_dtype: torch.dtype,
     weight_dtype: torch.dtype | None,
@@ -150,9 +158,7 @@ def cpu_kernel_plan(
 ) -> KernelPlan:
     """The fastest measured kernel family for the CPU (see the module docstring)."""
     weight_dtype = weight_dtype or activation_dtype
-    native = None
-    if allow_native and activation_dtype == torch.float32:
-        native = native_kernels()
+    native = cpu_native_kernels(activation_dtype, allow_native)
     if weight_dtype in BLOCK_BYTES and native is None:
         raise ValueError(
             f"{weight_kind_name(weight_dtype)} weights run on lamina's native kernels only, "

@@ -37,13 +37,12 @@ from app.model.fused_layers import run_decoder
 from app.model.gguf_folder import file_weight_dtype
 from app.model.host_memory import keep_freed_memory_in_heap, release_freed_heap
 from app.model.kv_cache import GIB, KVCache
-from app.model.linear import RowKinds
+from app.model.linear import RowKinds, cpu_native_kernels
 from app.model.llama import LlamaForCausalLM
 from app.model.loader import load_model
 from app.model.memory_report import MemoryReport, measure_memory
 from app.model.prompt_outputs import PromptOutputs
 from app.model.sampler import Sampler, SamplingRequest
-from app.native import native_kernels
 from app.native.panels import INT4
 
 logger = logging.getLogger(__name__)
@@ -82,9 +81,8 @@ def weight_storage(settings: Settings, device: torch.device, dtype: torch.dtype)
     from_file = file_weight_dtype(settings.model)
     if from_file is None:
         return "auto"
-    on_native_kernels = device.type == "cpu" and dtype == torch.float32
-    on_native_kernels = on_native_kernels and settings.native_kernels
-    if not (on_native_kernels and native_kernels() is not None):
+    on_cpu = device.type == "cpu"
+    if not (on_cpu and cpu_native_kernels(dtype, settings.native_kernels) is not None):
         logger.info(
             "weights: the model dtype; the GGUF file's %s storage needs lamina's native CPU "
             "kernels with fp32 activations, which this start does not run",
