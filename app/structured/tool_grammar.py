@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from app.structured.spec import JSON_LAYOUT, ConstraintSpec
-from app.tools.formats import HERMES, LLAMA3_JSON, ToolCallFormat
+from app.tools.formats import HERMES, ToolCallFormat
 
 # Functions declared without parameters take none.
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -63,8 +63,7 @@ def _function_rule(index: int, name: str, parameters: dict | None, arguments_key
     """fn_<index>: the JSON text of one call to `name` (its schema enforced)."""
     schema = closed_objects(parameters if parameters is not None else NO_PARAMETERS)
     schema.setdefault("x-guidance", JSON_LAYOUT)
-    head = '{"name": ' + json.dumps(name) + ", " + json.dumps(arguments_key) + ": "
-    head = json.dumps(head)  # a Lark literal
+    head = _literal('{"name": ' + json.dumps(name) + ", " + json.dumps(arguments_key) + ": ")
     return f'fn_{index}: {head} %json {json.dumps(schema)} "}}"'
 
 
@@ -87,43 +86,42 @@ def tool_call_lark(
     parallel: bool,
     call_format: ToolCallFormat = HERMES,
 ) -> str:
-    """Lark for calls to `functions` ((name, parameters schema) each), in `call_format`.
+    """Lark for calls to `functions` ((name, parameters schema) each), laid out as
+    `call_format` writes them (its opening, arguments key, closing and separator).
 
     required: the output is one call (or several with `parallel`) and nothing else.
-    Otherwise a call or text, as the format allows (the module's docstring).
+    Otherwise (`auto`) text or calls: in a format with a tag, free text in which the tag,
+    once written, starts a call (with `parallel`, text and calls may follow; without,
+    the output ends with the call); in a tagless one, calls, or text that does not
+    begin as a call does (with the body's `{`).
     """
-    if call_format is LLAMA3_JSON:
-        return _llama3_lark(functions, required, parallel)
+    tag, separator = call_format.tag, _literal(call_format.separator)
+    rest = [call_format.opening[len(tag) :], "body", call_format.closing]
     lines = [
-        *_body_lines(functions, HERMES.arguments_key),
-        'call_rest: "\\n" body "\\n</tool_call>"',
+        *_body_lines(functions, call_format.arguments_key),
+        "call_rest: " + " ".join(p if p == "body" else _literal(p) for p in rest if p),
     ]
+    calls = f"call ({separator} call)*" if parallel else "call"
+    if required or not tag:
+        lines.append(f"call: {_literal(tag)} call_rest" if tag else "call: call_rest")
     if required:
-        lines += ['call: "<tool_call>" call_rest']
-        start = 'start: call ("\\n" call)*' if parallel else "start: call"
-    else:
-        lines += [
-            "TEXT: /(.|\\n)*/",
-            'call_head[lazy]: TEXT "<tool_call>"',
-        ]
+        start = f"start: {calls}"
+    elif tag:
+        lines += ["TEXT: /(.|\\n)*/", f"call_head[lazy]: TEXT {_literal(tag)}"]
         start = (
             "start: (call_head call_rest)* TEXT"
             if parallel
-            else ("start: TEXT | call_head call_rest")
+            else "start: TEXT | call_head call_rest"
         )
+    else:
+        lines.append("TEXT: /\\s*[^{\\s](.|\\n)*/")  # its first non-blank is not `{`
+        start = f"start: {calls} | TEXT"
     return "\n".join([start, *lines]) + "\n"
 
 
-def _llama3_lark(
-    functions: Sequence[tuple[str, dict | None]], required: bool, parallel: bool
-) -> str:
-    calls = 'body ("; " body)*' if parallel else "body"
-    # Text is anything whose first character that is not blank is not `{`.
-    start = f"start: {calls}" if required else f"start: {calls} | TEXT"
-    lines = [start, *_body_lines(functions, LLAMA3_JSON.arguments_key)]
-    if not required:
-        lines.append("TEXT: /\\s*[^{\\s](.|\\n)*/")
-    return "\n".join(lines) + "\n"
+def _literal(text: str) -> str:
+    """`text` as a Lark string literal."""
+    return json.dumps(text)
 
 
 # fn_<i> is line FIRST_FUNCTION_LINE + i of the grammar (1-based, as llguidance counts).

@@ -44,6 +44,9 @@ class ToolCallFormat:
     closing: str
     separator: str
     how_to_call: str  # the fallback prompt's instructions, after the tool list
+    # The start of `opening` that announces a call in free text ("" for a format whose
+    # calls are the whole answer): under `auto` the grammar enforces calls from there.
+    tag: str
     # Several calls in one answer: Llama 3.x templates refuse an assistant turn with more
     # than one call, so a parallel answer sent back as history would fail every later
     # request; its grammar asks for one call.
@@ -64,6 +67,7 @@ HERMES = ToolCallFormat(
     arguments_key="arguments",
     opening=OPEN_TAG + "\n",
     closing="\n" + CLOSE_TAG,
+    tag=OPEN_TAG,
     separator="\n",
     how_to_call=(
         "To call a function, write a JSON object with its name and arguments between "
@@ -78,6 +82,7 @@ LLAMA3_JSON = ToolCallFormat(
     arguments_key="parameters",
     opening="",
     closing="",
+    tag="",
     separator="; ",
     how_to_call=(
         "To call a function, answer with only a JSON object with its name and parameters, "
