@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from app.bench.spawn import free_port, wait_until_serving
+from app.bench.spawn import free_port, wait_until_answering, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,18 +81,6 @@ def replicas(count: int, env: dict[str, str]) -> Iterator[list[Replica]]:
             _stop(replica.process)
 
 
-def _wait_for(url: str, process: subprocess.Popen, what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        time.sleep(0.25)
-    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
-
-
 def nginx_binary() -> str | None:
     found = shutil.which("nginx")
     return found or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -114,7 +102,7 @@ def nginx(members: list[Replica]) -> Iterator[str]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(url + "/nginx-health", process, "nginx")
+        wait_until_answering(url + "/nginx-health", process, "nginx")
         yield url
     finally:
         _stop(process, signal.SIGQUIT, 30)

@@ -25,6 +25,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_answering(
+    url: str, process: subprocess.Popen, what: str, timeout_s: float = 60.0
+) -> None:
+    """Poll GET `url` until it answers 200 (a replica's /ready, nginx's health page),
+    failing at once if `process` (what serves it) exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode} before it was ready")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        time.sleep(0.25)
+    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s ({url})")
+
+
 def wait_until_serving(url: str, process: subprocess.Popen, timeout_s: float = 300.0) -> None:
     """Poll GET /v1/models until it answers 200 (lamina answers only once ready)."""
     deadline = time.monotonic() + timeout_s

@@ -35,6 +35,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.bench.spawn import wait_until_answering
 from tests.system import deploy_files
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,20 +130,6 @@ def _start_replica(name: str, model_path: Path, workdir: Path) -> Replica:
     return Replica(name, port, process, log_path)
 
 
-def _wait_until(url: str, process: subprocess.Popen, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode} before it was ready")
-        try:
-            if httpx.get(url, timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s ({url})")
-
-
 def _stop(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     if process.poll() is None:
         process.send_signal(sig)
@@ -162,7 +149,8 @@ def topology(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
     try:
         for replica in replicas:
             try:
-                _wait_until(f"{replica.url}/ready", replica.process, READY_TIMEOUT_S, replica.name)
+                ready = f"{replica.url}/ready"
+                wait_until_answering(ready, replica.process, replica.name, READY_TIMEOUT_S)
             except (RuntimeError, TimeoutError) as exc:
                 pytest.fail(f"replica {replica.name}: {exc}\n{replica.log_tail()}")
         listen_port = _free_port()
@@ -173,7 +161,7 @@ def topology(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
             stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{listen_port}"
-        _wait_until(f"{url}/nginx-health", nginx, 20.0, "nginx")
+        wait_until_answering(f"{url}/nginx-health", nginx, "nginx", 20.0)
         yield Topology(replicas, nginx, url, workdir)
     finally:
         if nginx is not None:

@@ -24,10 +24,11 @@ import httpx
 import pytest
 
 from app.bench.fleet import prefix_cache_counts
+from app.bench.spawn import wait_until_answering
 from tests.server_process import ServerProcess, engine_available, free_port
 from tests.system.deploy_files import DEPLOY, tool
 from tests.system.router_fleet import Conversation, start_replicas
-from tests.system.test_load_balancer import _stop, _wait_until, loopback
+from tests.system.test_load_balancer import _stop, loopback
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -71,7 +72,7 @@ def topology(
             stderr=subprocess.STDOUT,
         )
         url = f"http://127.0.0.1:{listen_port}"
-        _wait_until(f"{url}/nginx-health", nginx, 20.0, "nginx")
+        wait_until_answering(f"{url}/nginx-health", nginx, "nginx", 20.0)
         model = httpx.get(url + "/v1/models", timeout=5).json()["data"][0]["id"]
         yield SessionTopology(replicas, url, workdir, model)
     finally:

@@ -15,7 +15,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.bench.spawn import wait_until_answering
 from tests.server_process import REPO_ROOT, ServerProcess, engine_available, free_port
 
 API_KEY = "ui-test-key"
@@ -80,7 +80,7 @@ def lamina(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -
         )
         try:
             prefixed = f"http://127.0.0.1:{port}/lamina"
-            wait_for(prefixed + "/ready", proxy)
+            wait_until_answering(prefixed + "/ready", proxy, "nginx", 20.0)
             yield Lamina(server.url, prefixed)
         finally:
             proxy.send_signal(signal.SIGQUIT)
@@ -112,18 +112,6 @@ def write_prefix_config(workdir: Path, listen_port: int, upstream_port: int) -> 
     path = workdir / "nginx.conf"
     path.write_text(text)
     return path
-
-
-def wait_for(url: str, process: subprocess.Popen, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"nginx exited with {process.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer")
 
 
 @pytest.fixture(scope="module")
