@@ -3,7 +3,7 @@
 `configure_logging` gives the root logger one handler; lamina's loggers and uvicorn's
 ("uvicorn", "uvicorn.error") propagate into it, so every line has the same shape.
 uvicorn's own access log is silenced: lamina writes one access line per request itself
-(app/api/access_log.py), with the request id, token counts and timings.
+(app/api/request_record.py), with the request id, token counts and timings.
 
 The request id lives in a context variable (`request_id_var`) that the HTTP middleware
 sets for the life of a request. Tasks the request starts copy the context, so a line
@@ -11,7 +11,7 @@ logged anywhere while serving it (routes, streaming, error handlers) carries the
 `RequestContextFilter`, on the handler, copies it onto every record.
 
 Fields passed with `extra={...}` become JSON keys (text: `key=value`). Prompt and output
-text are never logged unless Settings.log_prompts is on (access_log.py decides).
+text are never logged unless Settings.log_prompts is on (request_record.log_access decides).
 """
 
 from __future__ import annotations

@@ -24,22 +24,20 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
-from app.api.admission_metrics import AdmissionCollector
+from app.api.admission import AdmissionCollector
 from app.api.auth import ApiKeyAuth
 from app.api.debug_hooks import install_test_hooks
 from app.api.drain import DrainingServer
 from app.api.engine_client import EngineClient
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyGuard
-from app.api.observability import install_observability, log_ready
+from app.api.observability import install_observability
 from app.api.openapi import install_openapi
 from app.api.response_store import ResponseStore
-from app.api.routes import openai_router, tgi_router
-from app.api.routes_embeddings import embeddings_router
-from app.api.routes_misc import health_router
+from app.api.routes import embeddings_router, openai_router, tgi_router
+from app.api.routes_misc import health_router, worker_router
 from app.api.routes_misc import router as misc_router
 from app.api.routes_responses import responses_router
-from app.api.routes_worker import router as worker_router
 from app.api.state import Limits, ModelInfo, ServerState, Serving
 from app.api.status import router as status_router
 from app.config import Settings
@@ -231,6 +229,40 @@ async def _bring_up(
         _freeze_heap()
     state.readiness.set_ready()
     log_ready(state.serving, settings, loaded.max_tokens_in_cache, time.monotonic() - started)
+
+
+def log_ready(serving: Serving, settings: Settings, kv_cache_tokens: int | None, startup_s: float):
+    """The start-up line: which model, device, dtype, KV cache and limits were chosen."""
+    model, limits = serving.model, serving.limits
+    num_blocks = None if kv_cache_tokens is None else kv_cache_tokens // settings.block_size
+    logger.info(
+        "ready: %s on %s (%s), context %d tokens, KV cache %s blocks of %d tokens, after %.1f s",
+        model.name,
+        model.device,
+        model.dtype,
+        model.max_model_len,
+        num_blocks,
+        settings.block_size,
+        startup_s,
+        extra={
+            "model": model.name,
+            "model_path": model.path,
+            "device": model.device,
+            "dtype": model.dtype,
+            "max_model_len": model.max_model_len,
+            "num_kv_blocks": num_blocks,
+            "block_size": settings.block_size,
+            "kv_cache_tokens": kv_cache_tokens,
+            "max_num_seqs": settings.max_num_seqs,
+            "max_num_batched_tokens": settings.max_num_batched_tokens,
+            "max_queued": settings.max_queued,
+            "max_prompt_tokens": limits.max_prompt_tokens,
+            "max_tokens_limit": settings.max_tokens_limit,
+            "max_n": settings.max_n,
+            "prefix_caching": settings.enable_prefix_caching,
+            "startup_s": round(startup_s, 3),
+        },
+    )
 
 
 def _make_lifespan(

@@ -41,12 +41,16 @@ import asyncio
 import contextlib
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from app.api.errors import APIError
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from app.api.errors import APIError, request_too_large
 from app.config import Settings
+from app.metrics import PREFIX
 
 RETRY_AFTER_S = 1  # a hint: the queue moves every engine step
 # How long a refused client counts as waiting for its turn: clients retry after
@@ -76,12 +80,9 @@ def overloaded(detail: str) -> APIError:
 
 
 def too_large(what: str, needed: int, bound: int, setting: str) -> APIError:
-    return APIError(
-        413,
+    return request_too_large(
         f"this request needs {needed} {what}, more than the server ever admits at once "
-        f"({bound}: {setting}); split it into smaller requests",
-        type="invalid_request_error",
-        code="request_too_large",
+        f"({bound}: {setting}); split it into smaller requests"
     )
 
 
@@ -313,3 +314,34 @@ class AdmissionController:
         stats = getattr(engine, "stats", None)
         if callable(stats):
             self._engine_backlog = lambda: stats().num_waiting > 0
+
+
+class AdmissionCollector(Collector):
+    """Admission control at scrape time: `lamina:admission_rejected_total{reason}` and the
+    work admitted now (`lamina:admitted_sequences`, `lamina:admitted_tokens`), read from
+    the controller's own counts, like the connection metrics (app/server/connections.py)."""
+
+    def __init__(self, model_name: str, controller: AdmissionController) -> None:
+        self._model_name = model_name
+        self._controller = controller
+
+    def collect(self) -> Iterable[Metric]:
+        m, controller = self._model_name, self._controller
+        rejected = CounterMetricFamily(
+            PREFIX + "admission_rejected",
+            "Generation requests refused by admission control, by the bound hit: requests, "
+            "sequences, tokens, client_share (429) or too_large (413).",
+            labels=["model_name", "reason"],
+        )
+        for reason in REJECT_REASONS:
+            rejected.add_metric([m, reason], controller.rejected[reason])
+        yield rejected
+        for name, doc, value in (
+            ("admitted_sequences", "Sequences of admitted generation requests.",
+             controller.num_seqs),
+            ("admitted_tokens", "Estimated tokens (prompt + max_tokens per sequence) of "
+             "admitted generation requests.", controller.num_tokens),
+        ):  # fmt: skip
+            gauge = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            gauge.add_metric([m], value)
+            yield gauge

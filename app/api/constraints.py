@@ -19,32 +19,37 @@ from app.structured import CompiledConstraint, ConstraintCompiler, ConstraintErr
 PARAM = "response_format"
 
 
-def response_format_spec(extra_fields: Mapping[str, Any] | None) -> ConstraintSpec | None:
-    """The constraint `response_format` asks for; None for none or `{"type": "text"}`.
+def output_format_spec(value: Any, param: str, nested: bool) -> ConstraintSpec | None:
+    """An OpenAI output format: `{"type": "text"}` (None), "json_object", or "json_schema"
+    with its schema: at `json_schema.schema` (`nested`: chat's `response_format`) or at
+    `schema` (the Responses API's `text.format`).
 
     json_schema's `strict` is accepted either way: the grammar always enforces the schema.
     """
-    value = (extra_fields or {}).get(PARAM)
-    if value is None:
-        return None
     kind = value.get("type") if isinstance(value, dict) else None
     if kind == "text":
         return None
     if kind == "json_object":
         return ConstraintSpec("json_object")
     if kind == "json_schema":
-        wrapper = value.get("json_schema")
-        if not isinstance(wrapper, dict) or not isinstance(wrapper.get("schema"), dict | bool):
-            raise invalid_request(
-                '`response_format` of type "json_schema" needs `json_schema.schema`, a JSON '
-                "schema object",
-                param=PARAM,
-            )
-        return ConstraintSpec("json_schema", wrapper["schema"])
+        holder, path = (
+            (value.get("json_schema"), "json_schema.schema") if nested else (value, "schema")
+        )
+        return ConstraintSpec("json_schema", schema_in(holder, param, path))
     raise invalid_request(
-        f'`response_format.type` must be "text", "json_object" or "json_schema" (got {kind!r})',
-        param=PARAM,
+        f'`{param}.type` must be "text", "json_object" or "json_schema" (got {kind!r})',
+        param=param,
     )
+
+
+def schema_in(holder: Any, param: str, path: str) -> dict[str, Any] | bool:
+    """The JSON schema `holder["schema"]` of a "json_schema" format, or the 400 saying
+    where `param` should hold it (`path`)."""
+    if not isinstance(holder, dict) or not isinstance(holder.get("schema"), dict | bool):
+        raise invalid_request(
+            f'`{param}` of type "json_schema" needs `{path}`, a JSON schema object', param=param
+        )
+    return holder["schema"]
 
 
 # vLLM's older field names, and the kind each one asks for
@@ -78,7 +83,7 @@ def request_constraint(extra_fields: Mapping[str, Any] | None) -> RequestedConst
     """The request's constraint from whichever field asks for one; a 400 if several do."""
     extra = extra_fields or {}
     found: list[RequestedConstraint] = []
-    spec = response_format_spec(extra)
+    spec = None if extra.get(PARAM) is None else output_format_spec(extra[PARAM], PARAM, True)
     if spec is not None:
         found.append(RequestedConstraint(spec, PARAM))
     for name, kind in GUIDED_FIELDS.items():
@@ -134,13 +139,7 @@ def tgi_grammar_constraint(grammar: Any) -> RequestedConstraint | None:
             )
         return RequestedConstraint(ConstraintSpec("regex", value), TGI_GRAMMAR_PARAM)
     if kind == "json_schema":
-        if not isinstance(value, dict) or not isinstance(value.get("schema"), dict | bool):
-            raise invalid_request(
-                '`parameters.grammar` of type "json_schema" needs `value.schema`, a JSON '
-                "schema object",
-                param=TGI_GRAMMAR_PARAM,
-            )
-        value = value["schema"]
+        value = schema_in(value, TGI_GRAMMAR_PARAM, "value.schema")
     spec = _spec("json_schema", value, TGI_GRAMMAR_PARAM)
     return RequestedConstraint(spec, TGI_GRAMMAR_PARAM)
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from app.api.driver import ChoiceResult, Dialect
 from app.api.errors import invalid_request, server_error
-from app.api.params import check_model, fit_to_context
-from app.api.prompts import encode_prompt
+from app.api.params import fit_to_context
+from app.api.prompts import encode_prompt, named_prompts
 from app.api.request_record import Usage
 from app.api.schemas_embeddings import Embedding, EmbeddingResponse, EmbeddingUsage, EmbedRequest
 from app.api.state import Serving
@@ -38,14 +38,6 @@ def unit_vector(vector: Sequence[float], dimensions: int | None) -> list[float]:
 def base64_float32(vector: Sequence[float]) -> str:
     """OpenAI's `encoding_format: "base64"`: little-endian float32s, base64-encoded."""
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
-
-
-def named_inputs(inputs: str | list[Any], param: str) -> list[tuple[str, str | list[int]]]:
-    """Each input with the name its errors give it: a string or a list of token ids is
-    one input; a list of either holds several."""
-    if isinstance(inputs, str) or all(isinstance(item, int) for item in inputs):
-        return [(param, inputs)]  # type: ignore[list-item]
-    return [(f"{param}[{i}]", item) for i, item in enumerate(inputs)]
 
 
 def check_dimensions(dimensions: int | None, serving: Serving, param: str) -> None:
@@ -67,16 +59,10 @@ class EmbeddingDialect(Dialect):
 
     @classmethod
     def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> Dialect:
-        check_model(getattr(body, "model", None), serving.model.name)
         check_dimensions(body.dimensions, serving, "dimensions")
         limits = serving.limits
-        parts = named_inputs(getattr(body, cls.input_param), cls.input_param)
-        if len(parts) > limits.settings.max_prompts_per_request:
-            raise invalid_request(
-                f"`{cls.input_param}` holds {len(parts)} inputs; at most "
-                f"{limits.settings.max_prompts_per_request} are allowed in one request",
-                param=cls.input_param,
-            )
+        max_inputs = limits.settings.max_prompts_per_request
+        parts = named_prompts(getattr(body, cls.input_param), cls.input_param, max_inputs, "inputs")
         prompts = []
         for param, text_or_ids in parts:
             if text_or_ids == "":
@@ -95,10 +81,6 @@ class EmbeddingDialect(Dialect):
     def fit(prompt: list[int], body: Any, serving: Serving) -> list[int]:
         """The prompt as it is embedded (TGI's `truncate` cuts it)."""
         return prompt
-
-    @staticmethod
-    def user(body: Any) -> str | None:
-        return getattr(body, "user", None)
 
     def vectors(self, results: list[ChoiceResult], normalize: bool = True) -> list[list[float]]:
         dimensions = self.body.dimensions

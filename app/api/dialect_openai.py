@@ -13,16 +13,14 @@ from typing import Any, ClassVar
 
 from app.api.constraints import request_constraint
 from app.api.driver import ChoiceResult, Dialect
-from app.api.errors import invalid_request
-from app.api.params import chat_inputs, check_model, completion_inputs
-from app.api.prompt_logprobs import echo_logprobs, joined, vllm_prompt_logprobs
-from app.api.prompts import completion_prompts
+from app.api.params import chat_inputs, completion_inputs
+from app.api.prompt_logprobs import completion_logprobs, joined, vllm_prompt_logprobs
+from app.api.prompts import named_prompts
 from app.api.request_record import Usage
 from app.api.schemas import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
@@ -35,14 +33,14 @@ from app.api.schemas import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DeltaToolCall,
     FinishReasonName,
     PromptTokensDetails,
     UsageInfo,
 )
 from app.api.sse import DONE, TextFrames, finite, sse_event
 from app.api.state import Serving
-from app.api.tool_calls import ToolCallStreams, answer_message
-from app.api.tool_request import ToolRequest, tool_request
+from app.api.tool_calls import ToolCallStreams, ToolRequest, answer_message, tool_request
 from app.core import FinishReason, SamplingParams, TokenDelta, TokenLogprob
 
 
@@ -62,23 +60,6 @@ def usage_info(usage: Usage) -> UsageInfo:
         total_tokens=usage.prompt_tokens + usage.completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=usage.cached_tokens),
     )
-
-
-def completion_logprobs(
-    logprobs: Sequence[TokenLogprob], text_offset: int
-) -> tuple[CompletionLogprobs, int]:
-    """The legacy completions logprobs object, and the text offset after these tokens."""
-    result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-    for entry in logprobs:
-        result.tokens.append(entry.text)
-        result.token_logprobs.append(finite(entry.logprob))
-        top = {entry.text: finite(entry.logprob)}
-        for _token_id, text, logprob in entry.top:
-            top.setdefault(text, finite(logprob))
-        result.top_logprobs.append(top)
-        result.text_offset.append(text_offset)
-        text_offset += len(entry.text)
-    return result, text_offset
 
 
 def chat_logprobs(
@@ -114,7 +95,6 @@ class OpenAIDialect(Dialect):
 
     @classmethod
     def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> OpenAIDialect:
-        check_model(body.model, serving.model.name)
         prompts, params, n = cls.inputs(body, serving.limits, serving.tokenizer)
         dialect = cls(request_id, prompts, params, n, stream, body=body, serving=serving)
         dialect.constraint = request_constraint(body.model_extra)
@@ -130,15 +110,21 @@ class OpenAIDialect(Dialect):
             lambda index, text: self._chunk([self.chunk_choice(index, text)])
         )
 
-    @staticmethod
-    def user(body: CompletionRequest | ChatCompletionRequest) -> str | None:
-        return body.user
-
     def chunk_choice(
-        self, index: int, text: str, logprobs: Any = None, delta: TokenDelta | None = None
+        self,
+        index: int,
+        text: str,
+        logprobs: Any = None,
+        delta: TokenDelta | None = None,
+        calls: list[DeltaToolCall] | None = None,
     ) -> Any:
-        """The choice of a chunk; `delta` gives the finish reason when it is the last one."""
+        """The choice of a chunk; `delta` gives the finish reason when it is the last one;
+        `calls`: tool-call fragments (chat with tools)."""
         raise NotImplementedError
+
+    def delta_parts(self, index: int, delta: TokenDelta) -> tuple[str, list[DeltaToolCall]]:
+        """What a delta adds to choice `index` now: text, and tool-call fragments."""
+        return delta.text, []
 
     def delta_logprobs(self, index: int, delta: TokenDelta) -> Any:
         raise NotImplementedError
@@ -156,14 +142,16 @@ class OpenAIDialect(Dialect):
         )
 
     def render_delta(self, index: int, delta: TokenDelta) -> Iterable[bytes]:
+        text, calls = self.delta_parts(index, delta)
         logprobs = None
         if self.want_logprobs and delta.logprobs:
             logprobs = self.delta_logprobs(index, delta)
-        if not (delta.text or logprobs or delta.finished):
-            return ()  # text held back (half a character, a possible stop string)
-        if logprobs is None and not delta.finished:  # the common case: a template
-            return (self.text_frames.frame(index, delta.text),)
-        return (sse_event(self._chunk([self.chunk_choice(index, delta.text, logprobs, delta)])),)
+        if not (text or calls or logprobs or delta.finished):
+            return ()  # held back (half a character, a possible stop string or call)
+        if logprobs is None and not calls and not delta.finished:  # the common case
+            return (self.text_frames.frame(index, text),)
+        choice = self.chunk_choice(index, text, logprobs, delta, calls)
+        return (sse_event(self._chunk([choice])),)
 
     def closing(self, usage: Usage) -> Iterable[bytes]:
         if self.include_usage:
@@ -198,7 +186,7 @@ class CompletionDialect(OpenAIDialect):
             decode = serving.tokenizer.decode
             self.echo = [
                 sent if isinstance(sent, str) else decode(ids, skip_special_tokens=False)
-                for (_, sent), ids in zip(completion_prompts(body.prompt), self.prompts)
+                for (_, sent), ids in zip(named_prompts(body.prompt, "prompt"), self.prompts)
             ]
         # `echo` with `logprobs`: the prompt's tokens lead the logprobs (their top-N too)
         self.echo_logprobs = bool(body.echo) and body.logprobs is not None
@@ -229,16 +217,19 @@ class CompletionDialect(OpenAIDialect):
         fields: dict[str, Any] = {}
         entries = result.prompt_logprobs
         if self.echo_logprobs:
-            prompt_ids = self.prompts[index // self.n]
-            fields["logprobs"], _ = echo_logprobs(
-                prompt_ids, entries, self.num_top, self.token_text
-            )
+            first_text = self.token_text(self.prompts[index // self.n][0])
+            fields["logprobs"], _ = completion_logprobs(entries, 0, self.num_top, first_text)
         if self.vllm_prompt_top is not None:
             fields["prompt_logprobs"] = vllm_prompt_logprobs(entries, self.vllm_prompt_top)
         return fields
 
     def chunk_choice(
-        self, index: int, text: str, logprobs: Any = None, delta: TokenDelta | None = None
+        self,
+        index: int,
+        text: str,
+        logprobs: Any = None,
+        delta: TokenDelta | None = None,
+        calls: list[DeltaToolCall] | None = None,
     ) -> CompletionChunkChoice:
         return CompletionChunkChoice(
             index=index,
@@ -281,15 +272,8 @@ class ChatDialect(OpenAIDialect):
         dialect = super().parse(body, serving, request_id, stream)
         assert isinstance(dialect, ChatDialect)
         dialect.tools = tool_request(body, serving.tokenizer.tool_call_format)
-        calls_constraint = dialect.tools.constraint()
-        if calls_constraint is not None:
-            if dialect.constraint is not None:
-                raise invalid_request(
-                    f"`{dialect.constraint.param}` and tool calls each constrain the output; "
-                    'send one (or `tool_choice: "none"`)',
-                    param=dialect.constraint.param,
-                )
-            dialect.constraint = calls_constraint
+        dialect.constraint = dialect.tools.joined_with(dialect.constraint)
+        if dialect.tools.parses_calls:
             dialect.calls = ToolCallStreams(dialect.num_choices, dialect.tools.call_format)
         return dialect
 
@@ -312,32 +296,25 @@ class ChatDialect(OpenAIDialect):
             delta = ChatDelta(role="assistant", content="")
             yield sse_event(self._chunk([ChatChunkChoice(index=index, delta=delta)]))
 
-    def render_delta(self, index: int, delta: TokenDelta) -> Iterable[bytes]:
+    def delta_parts(self, index: int, delta: TokenDelta) -> tuple[str, list[DeltaToolCall]]:
         if self.calls is None:
-            return super().render_delta(index, delta)
-        content, calls = self.calls.feed(index, delta.text, delta.finished)
-        logprobs = None
-        if self.want_logprobs and delta.logprobs:
-            logprobs = self.delta_logprobs(index, delta)
-        if not (content or calls or logprobs or delta.finished):
-            return ()  # held back: maybe the start of a call
-        choice = ChatChunkChoice(
-            index=index,
-            delta=ChatDelta(content=content or None, tool_calls=calls or None),
-            logprobs=logprobs,
-            finish_reason=self._finish(delta.finish_reason, self.calls.num_calls(index)),
-            stop_reason=delta.stop_reason if delta.finished else None,
-        )
-        return (sse_event(self._chunk([choice])),)
+            return delta.text, []
+        return self.calls.feed(index, delta.text, delta.finished)
 
     def chunk_choice(
-        self, index: int, text: str, logprobs: Any = None, delta: TokenDelta | None = None
+        self,
+        index: int,
+        text: str,
+        logprobs: Any = None,
+        delta: TokenDelta | None = None,
+        calls: list[DeltaToolCall] | None = None,
     ) -> ChatChunkChoice:
+        num_calls = self.calls.num_calls(index) if self.calls is not None else 0
         return ChatChunkChoice(
             index=index,
-            delta=ChatDelta(content=text or None),
+            delta=ChatDelta(content=text or None, tool_calls=calls or None),
             logprobs=logprobs,
-            finish_reason=finish_name(delta.finish_reason) if delta else None,
+            finish_reason=self._finish(delta.finish_reason, num_calls) if delta else None,
             stop_reason=delta.stop_reason if delta else None,
         )
 

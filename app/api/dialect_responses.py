@@ -24,7 +24,7 @@ from typing import Any
 
 from app.api.driver import ChoiceResult, Dialect, Run
 from app.api.errors import APIError, invalid_request, not_found
-from app.api.params import at_most, check_model, fit_to_context, nucleus_top_p, sampling_temperature
+from app.api.params import at_most, fit_to_context, nucleus_top_p, sampling_temperature
 from app.api.prompts import encode_chat
 from app.api.request_record import Usage
 from app.api.response_output import EventWriter, OutputItems
@@ -89,7 +89,6 @@ class ResponsesDialect(Dialect):
     @classmethod
     def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> Dialect:
         assert isinstance(body, ResponsesRequest)
-        check_model(body.model, serving.model.name)
         refuse_unimplemented(body.model_extra, RESPONSES_NOT_IMPLEMENTED)
         limits, settings = serving.limits, serving.limits.settings
         metadata = check_metadata(body.metadata)
@@ -110,7 +109,7 @@ class ResponsesDialect(Dialect):
         )  # fmt: skip
         params = SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else sampling_temperature(body.temperature),
+            temperature=sampling_temperature(body.temperature),
             top_p=nucleus_top_p(body.top_p),
         )
         dialect = cls(request_id, [prompt], [params], 1, stream, body=body, serving=serving)
@@ -118,16 +117,7 @@ class ResponsesDialect(Dialect):
         dialect.metadata = metadata
         dialect.tool_choice = tools.choice
         dialect.tools_shown = [tool["function"] for tool in tools.tools]
-        dialect.constraint = text_format_constraint(body.text)
-        calls = tools.constraint()
-        if calls is not None:
-            if dialect.constraint is not None:
-                raise invalid_request(
-                    "`text.format` and tool calls each constrain the output; send one (or "
-                    '`tool_choice: "none"`)',
-                    "text.format",
-                )
-            dialect.constraint = calls
+        dialect.constraint = tools.joined_with(text_format_constraint(body.text))
         if tools.parses_calls:
             dialect.items = OutputItems(dialect.writer, tools.call_format.new_parser())
         return dialect
@@ -148,10 +138,6 @@ class ResponsesDialect(Dialect):
         self.stored: StoredResponse | None = None
         self.status = "in_progress"
         self.end_status = "completed"  # or "incomplete", once the last delta says so
-
-    @staticmethod
-    def user(body: ResponsesRequest) -> str | None:
-        return body.user
 
     # --- the response object and the store ----------------------------------------------
 
@@ -240,11 +226,18 @@ class ResponsesDialect(Dialect):
         self.items.feed(result.text, finished=True, status=status)
         return self._finish(status, usage)
 
-    def failed_answer(self, error: APIError) -> Any:
+    def _failed(self, error: APIError) -> ResponseObject:
+        """The response's end by `error`: "cancelled" after a cancel, else "failed"."""
+        usage = self.run.usage if self.run else None
         if isinstance(error, ResponseCancelled):
-            return self._finish("cancelled", self.run.usage if self.run else None)
-        self._finish("failed", self.run.usage if self.run else None, error.message)
-        raise error
+            return self._finish("cancelled", usage)
+        return self._finish("failed", usage, error.message)
+
+    def failed_answer(self, error: APIError) -> Any:
+        response = self._failed(error)
+        if response.status != "cancelled":
+            raise error
+        return response
 
     # --- streaming ---------------------------------------------------------------------------
 
@@ -270,10 +263,5 @@ class ResponsesDialect(Dialect):
         return self.writer.take()
 
     def stream_failure(self, error: APIError, tgi: bool) -> bytes:
-        usage = self.run.usage if self.run else None
-        if isinstance(error, ResponseCancelled):
-            response = self._finish("cancelled", usage)
-        else:
-            response = self._finish("failed", usage, error.message)
-        self.writer.emit(ResponseLifecycleEvent, "response.failed", response=response)
+        self.writer.emit(ResponseLifecycleEvent, "response.failed", response=self._failed(error))
         return b"".join(self.writer.take())

@@ -41,6 +41,7 @@ from app.api.errors import (
     server_error,
     service_unavailable,
 )
+from app.api.params import check_model
 from app.api.request_record import RequestRecord, Usage
 from app.api.route_facts import facts_for
 from app.api.sse import DONE, KEEPALIVE, EventStreamResponse, sse_error
@@ -139,11 +140,6 @@ class Dialect:
         raise NotImplementedError
 
     @staticmethod
-    def user(body: Any) -> str | None:
-        """The end-user id the body names, for the access line (OpenAI's `user`)."""
-        return None
-
-    @staticmethod
     def requested_priority(body: Any) -> int | None:
         """The `priority` the body asks for (None: not sent)."""
         return getattr(body, "priority", None)
@@ -213,7 +209,9 @@ async def drive(call: Call, dialect_type: type[Dialect], body: Any, stream: bool
     """Parse `body` in the route's dialect, run it and answer: an event stream, or the
     dialect's answer."""
     record, serving = call.record, call.serving
-    record.note_user(dialect_type.user(body))  # first: a request refused below still logs it
+    # First: a request refused below still logs its end-user id (OpenAI's `user`).
+    record.note_user(getattr(body, "user", None))
+    check_model(getattr(body, "model", None), serving.model.name)  # TGI's bodies name none
     dialect = dialect_type.parse(body, serving, record.request_id, stream)
     dialect.priority = resolve_priority(
         dialect_type.requested_priority(body), call.key_priority, dialect.priority_param

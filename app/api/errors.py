@@ -80,6 +80,10 @@ def not_found(message: str, param: str | None = None, code: str = "not_found") -
     return APIError(404, message, type="not_found_error", param=param, code=code)
 
 
+def request_too_large(message: str) -> APIError:
+    return APIError(413, message, type="invalid_request_error", code="request_too_large")
+
+
 def service_unavailable(message: str, code: str = "not_ready") -> APIError:
     return APIError(503, message, type="service_unavailable_error", code=code)
 
@@ -215,9 +219,7 @@ async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     method, path = request.method, request.url.path
     headers = dict(exc.headers or {})
     if exc.status_code == 404:
-        error = APIError(
-            404, f"no route for {method} {path}", type="not_found_error", code="route_not_found"
-        )
+        error = not_found(f"no route for {method} {path}", code="route_not_found")
     elif exc.status_code == 405:
         allowed = headers.get("allow") or headers.get("Allow") or "?"
         error = APIError(

@@ -19,7 +19,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.errors import APIError, error_response, invalid_request
+from app.api.errors import APIError, error_response, invalid_request, request_too_large
 from app.api.unicode_guard import lone_surrogate_offset
 
 BODY_METHODS = ("POST", "PUT", "PATCH")  # bodies the routes parse as JSON
@@ -81,12 +81,7 @@ def _body_refusal(body: bytes) -> APIError | None:
 
 
 def _too_large(limit_bytes: int, got: str) -> APIError:
-    return APIError(
-        413,
-        f"request body is {got}; at most {limit_bytes} bytes are allowed",
-        type="invalid_request_error",
-        code="request_too_large",
-    )
+    return request_too_large(f"request body is {got}; at most {limit_bytes} bytes are allowed")
 
 
 def _lone_surrogate(offset: int) -> APIError:

@@ -9,10 +9,9 @@
   the last streamed byte).
 - GET /metrics: the Prometheus exposition of the app's registry (app/metrics.py).
 - `install_observability`: serves /metrics and adds the middleware, outermost.
-- `log_ready`: the start-up line.
 
 What the layers report about a request (its failure, the `user` field, the driver's
-deltas) lives in request_record.py; the access line in access_log.py.
+deltas) and the access line live in request_record.py.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import logging
 import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
@@ -30,16 +29,12 @@ from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.access_log import log_access
 from app.api.errors import _on_unexpected
-from app.api.request_record import SCOPE_KEY, RequestRecord, failure_for_status
+from app.api.request_record import SCOPE_KEY, RequestRecord, failure_for_status, log_access
 from app.api.route_facts import PROBE, declare
 from app.config import Settings
 from app.logging_setup import request_id_var
 from app.metrics import Metrics
-
-if TYPE_CHECKING:
-    from app.api.state import Serving
 
 logger = logging.getLogger("lamina.api")
 
@@ -202,38 +197,4 @@ def install_observability(app: FastAPI, settings: Settings, metrics: Metrics) ->
         metrics=metrics,
         log_prompts=settings.log_prompts,
         tokenizer_of=tokenizer_of,
-    )
-
-
-def log_ready(serving: Serving, settings: Settings, kv_cache_tokens: int | None, startup_s: float):
-    """The start-up line: which model, device, dtype, KV cache and limits were chosen."""
-    model, limits = serving.model, serving.limits
-    num_blocks = None if kv_cache_tokens is None else kv_cache_tokens // settings.block_size
-    logger.info(
-        "ready: %s on %s (%s), context %d tokens, KV cache %s blocks of %d tokens, after %.1f s",
-        model.name,
-        model.device,
-        model.dtype,
-        model.max_model_len,
-        num_blocks,
-        settings.block_size,
-        startup_s,
-        extra={
-            "model": model.name,
-            "model_path": model.path,
-            "device": model.device,
-            "dtype": model.dtype,
-            "max_model_len": model.max_model_len,
-            "num_kv_blocks": num_blocks,
-            "block_size": settings.block_size,
-            "kv_cache_tokens": kv_cache_tokens,
-            "max_num_seqs": settings.max_num_seqs,
-            "max_num_batched_tokens": settings.max_num_batched_tokens,
-            "max_queued": settings.max_queued,
-            "max_prompt_tokens": limits.max_prompt_tokens,
-            "max_tokens_limit": settings.max_tokens_limit,
-            "max_n": settings.max_n,
-            "prefix_caching": settings.enable_prefix_caching,
-            "startup_s": round(startup_s, 3),
-        },
     )

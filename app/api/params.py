@@ -12,11 +12,11 @@ from __future__ import annotations
 import dataclasses
 
 from app.api.errors import invalid_request, model_not_found
-from app.api.prompts import check_token_ids, completion_prompts, encode_chat, encode_prompt
+from app.api.prompts import check_token_ids, encode_chat, encode_prompt, named_prompts
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from app.api.schemas_tgi import GenerateParameters, GenerateRequest
 from app.api.state import Limits
-from app.api.tool_request import tool_request
+from app.api.tool_calls import tool_request
 from app.api.unimplemented import refuse_unimplemented
 from app.core import SamplingParams
 from app.tokenizer import Tokenizer
@@ -43,7 +43,9 @@ def check_model(requested: str | None, served: str) -> None:
         raise model_not_found(requested, served)
 
 
-def sampling_temperature(value: float) -> float:
+def sampling_temperature(value: float | None) -> float:
+    if value is None:
+        return 1.0
     return 0.0 if value < MIN_SAMPLING_TEMPERATURE else value
 
 
@@ -178,7 +180,7 @@ def _openai_params(
         )
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if body.temperature is None else sampling_temperature(body.temperature),
+        temperature=sampling_temperature(body.temperature),
         top_p=nucleus_top_p(body.top_p),
         top_k=body.top_k if body.top_k is not None and body.top_k > 0 else 0,
         min_p=body.min_p or 0.0,
@@ -232,13 +234,7 @@ def completion_inputs(
     settings = limits.settings
     n = body.n or 1
     at_most(n, settings.max_n, "n")
-    parts = completion_prompts(body.prompt)
-    if len(parts) > settings.max_prompts_per_request:  # each one is an engine request
-        raise invalid_request(
-            f"`prompt` holds {len(parts)} prompts; at most "
-            f"{settings.max_prompts_per_request} are allowed in one request",
-            param="prompt",
-        )
+    parts = named_prompts(body.prompt, "prompt", settings.max_prompts_per_request)
     refuse_unimplemented(body.model_extra)
     max_tokens, max_tokens_param = requested_max_tokens(body)
     at_most(max_tokens, settings.max_tokens_limit, max_tokens_param)
@@ -322,7 +318,7 @@ def tgi_inputs(
     sampling = bool(parameters.do_sample) or any(
         value is not None for value in (parameters.temperature, parameters.top_k, parameters.top_p)
     )
-    temperature = sampling_temperature(parameters.temperature or 1.0) if sampling else 0.0
+    temperature = sampling_temperature(parameters.temperature) if sampling else 0.0
     stop = check_stop(parameters.stop, limits, "parameters.stop")
     prompt = encode_prompt(body.inputs, "inputs", tokenizer)
     if parameters.truncate is not None:

@@ -1,4 +1,5 @@
-"""Prompt log-probabilities in the OpenAI dialects' shapes.
+"""Log-probabilities in the OpenAI dialects' shapes: the legacy completions `logprobs`
+object (generated tokens, and with `echo` the prompt's) and vLLM's `prompt_logprobs`.
 
 The engine hands each choice's prompt log-probabilities over once, with its first
 delta: one entry per prompt token, None for the first (nothing predicts it). Two shapes
@@ -9,40 +10,41 @@ tokens first, as evaluation harnesses such as lm-eval read it) and vLLM's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from app.api.schemas import CompletionLogprobs, PromptLogprobs, PromptTokenLogprob
 from app.api.sse import finite
 from app.core import PromptTokenLogprob as EngineEntry
+from app.core import TokenLogprob
 
 
-def echo_logprobs(
-    prompt_ids: Sequence[int],
-    entries: Sequence[EngineEntry | None],
-    num_top: int,
-    token_text: Callable[[int], str],
+def completion_logprobs(
+    entries: Sequence[TokenLogprob | EngineEntry | None],
+    text_offset: int,
+    num_top: int | None = None,
+    unpredicted_text: str = "",
 ) -> tuple[CompletionLogprobs, int]:
-    """The prompt's part of an echoed completion's `logprobs`: each prompt token's text,
-    log-probability (null for the first) and top `num_top` alternatives (with the token
-    itself, as for generated tokens); and the text offset after the prompt's tokens."""
+    """The legacy completions `logprobs` object of these tokens, generated or (with
+    `echo`) the prompt's: each token's text, log-probability and top alternatives (the
+    token itself among them; at most `num_top` others), and the text offset after them.
+    A None entry is the prompt's first token, which nothing predicts: its text is
+    `unpredicted_text`, its log-probability and alternatives null."""
     result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
-    offset = 0
-    for token_id, entry in zip(prompt_ids, entries):
+    for entry in entries:
+        top: dict[str, float] | None = None
         if entry is None:
-            text = token_text(token_id)
-            result.token_logprobs.append(None)
-            result.top_logprobs.append(None)
+            text, logprob = unpredicted_text, None
         else:
-            text = entry.text
-            result.token_logprobs.append(finite(entry.logprob))
-            top = {text: finite(entry.logprob)}
-            for _id, alternative, logprob in entry.top[:num_top]:
-                top.setdefault(alternative, finite(logprob))
-            result.top_logprobs.append(top)
+            text, logprob = entry.text, finite(entry.logprob)
+            top = {text: logprob}
+            for _token_id, alternative, alternative_logprob in entry.top[:num_top]:
+                top.setdefault(alternative, finite(alternative_logprob))
         result.tokens.append(text)
-        result.text_offset.append(offset)
-        offset += len(text)
-    return result, offset
+        result.token_logprobs.append(logprob)
+        result.top_logprobs.append(top)
+        result.text_offset.append(text_offset)
+        text_offset += len(text)
+    return result, text_offset
 
 
 def joined(first: CompletionLogprobs, then: CompletionLogprobs) -> CompletionLogprobs:

@@ -26,14 +26,24 @@ def check_token_ids(token_ids: SequenceOf[int], param: str, vocab_size: int) -> 
             )
 
 
-def completion_prompts(
-    prompt: str | list[str] | list[int] | list[list[int]],
+def named_prompts(
+    value: str | list[str] | list[int] | list[list[int]],
+    param: str,
+    max_prompts: int | None = None,
+    noun: str = "prompts",
 ) -> list[tuple[str, str | list[int]]]:
-    """The prompts of /v1/completions' `prompt`, each with the name errors give it: a
-    string or a list of token ids is one prompt; a list of either holds several."""
-    if isinstance(prompt, str) or all(isinstance(item, int) for item in prompt):
-        return [("prompt", prompt)]  # type: ignore[list-item]
-    return [(f"prompt[{i}]", item) for i, item in enumerate(prompt)]  # type: ignore[misc]
+    """The prompts of a field such as /v1/completions' `prompt`, each with the name errors
+    give it: a string or a list of token ids is one prompt; a list of either holds
+    several, at most `max_prompts` (each one is an engine request); `noun` names them."""
+    if isinstance(value, str) or all(isinstance(item, int) for item in value):
+        return [(param, value)]  # type: ignore[list-item]
+    if max_prompts is not None and len(value) > max_prompts:
+        raise invalid_request(
+            f"`{param}` holds {len(value)} {noun}; at most {max_prompts} are allowed in one "
+            "request",
+            param=param,
+        )
+    return [(f"{param}[{i}]", item) for i, item in enumerate(value)]  # type: ignore[misc]
 
 
 def encode_prompt(prompt: str | list[int], param: str, tokenizer: Tokenizer) -> list[int]:

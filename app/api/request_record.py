@@ -6,7 +6,7 @@ explicitly: the generation routes' gate hands it to the route driver with the ca
 
 - The route driver (driver.py) feeds it the prompts (`start_generation`), every delta
   once (`on_delta`) and the end (`close_generation`): the record is the one count of
-  tokens behind the response's usage, the metrics and the access line (access_log.py).
+  tokens behind the response's usage, the metrics and the access line.
 - `fail(reason)`: THE hook for a failed request (request_failure{reason}). The first
   report of a request wins, so it is counted once; when nobody reported one, the
   middleware derives it from the status (`failure_for_status`: 429 overloaded, 408/504
@@ -18,13 +18,23 @@ explicitly: the generation routes' gate hands it to the route driver with the ca
   MAX_LOGGED_USER_LENGTH of them (`loggable_user`). It is a log field only, never a
   metric label (one label value per end user would grow the registry without bound).
 - `engine_request_id()`: the engine's id for one of the request's generations.
+
+The access line (`log_access`): one `lamina.access` log record per HTTP request, written
+by ObservabilityMiddleware after the last byte of the response (streams included). It
+carries method, route, path, status and duration, the OpenAI `user` field when sent,
+and for inference requests token counts, time to first token, finish reasons, the
+failure reason and a priority other than 0; prompt and output text only with
+Settings.log_prompts. Its level says whether an operator should look: warning for a 5xx
+(except 503 while loading or draining), info otherwise, debug for probes (/health,
+/ready, /metrics), which are polled every few seconds.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +45,8 @@ from app.metrics import FAILURE_REASONS, Metrics
 # The OpenAI `user` field is free text of any length: the access line keeps this much.
 MAX_LOGGED_USER_LENGTH = 128
 SCOPE_KEY = "lamina.record"  # where the middleware puts the record in the ASGI scope
+
+access_logger = logging.getLogger("lamina.access")
 
 
 @dataclass
@@ -197,3 +209,58 @@ def loggable_user(user: str) -> str:
     client cannot forge or garble a text-format log line with it."""
     kept = user[:MAX_LOGGED_USER_LENGTH]
     return "".join(ch if ch.isprintable() else "\ufffd" for ch in kept)
+
+
+# --- the access line ---------------------------------------------------------------------
+
+
+def log_access(
+    record: RequestRecord, route: str, status: int, tokenizer_of: Callable[[], Any]
+) -> None:
+    """Write the access line of `record`, answered with `status` on `route` (its template).
+    `tokenizer_of` gives the tokenizer that decodes logged prompts (None: token ids)."""
+    duration_s = time.monotonic() - record.started_s
+    fields: dict[str, Any] = {
+        "method": record.method,
+        "route": route,
+        "path": record.path,
+        "status": status,
+        "duration_s": round(duration_s, 6),
+    }
+    if record.user is not None:
+        fields["user"] = record.user
+    if record.is_inference:
+        fields["prompt_tokens"] = record.num_prompt_tokens
+        fields["completion_tokens"] = record.num_completion_tokens
+        if record.first_token_s is not None:
+            fields["ttft_s"] = round(record.first_token_s - record.started_s, 6)
+        fields["finish_reasons"] = record.finish_reasons
+        if record.priority:
+            fields["priority"] = record.priority
+        if record.failure is not None:
+            fields["failure"] = record.failure
+    if record.log_prompts and record.num_generations:
+        fields.update(_texts(record, tokenizer_of))
+    # 5xx is news for an operator, except a 503 while loading or draining (expected;
+    # clients polling a starting replica would otherwise fill the log with warnings).
+    is_breakage = status >= 500 and record.failure != "unavailable"
+    level = logging.WARNING if is_breakage else logging.INFO
+    if facts_for(record.path).probe:  # /ready says 503 all through loading: not news
+        level = logging.DEBUG
+    access_logger.log(
+        level, "%s %s %d %.3fs", record.method, record.path, status, duration_s, extra=fields
+    )
+
+
+def _texts(record: RequestRecord, tokenizer_of: Callable[[], Any]) -> dict[str, Any]:
+    """Prompt and output text, for Settings.log_prompts only (the prompt as the model
+    saw it: chat template applied)."""
+    tokenizer = tokenizer_of()
+    prompts = [
+        tokenizer.decode(ids, skip_special_tokens=False) if tokenizer else ids
+        for ids in record.prompts
+    ]
+    outputs = [
+        "".join(record.outputs.get(i, [])) for i in range(max(record.outputs, default=-1) + 1)
+    ]
+    return {"prompt": prompts, "output": outputs}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.api.constraints import RequestedConstraint
+from app.api.constraints import RequestedConstraint, output_format_spec
 from app.api.errors import APIError, invalid_request
 from app.api.schemas import (
     CalledFunction,
@@ -24,8 +24,7 @@ from app.api.schemas import (
     ToolDefinition,
 )
 from app.api.schemas_responses import FunctionCallItem, OutputItem, OutputMessage
-from app.api.tool_request import FUNCTION_NAME, ToolRequest, checked_tools
-from app.structured import ConstraintSpec
+from app.api.tool_calls import ToolRequest, checked_tools
 from app.tools import ToolCallFormat
 
 MESSAGE_ROLES = ("user", "system", "developer", "assistant")
@@ -144,24 +143,14 @@ def response_tools(
     call_format: ToolCallFormat,
 ) -> ToolRequest:
     """Function tools (flat: `{"type": "function", "name", "parameters"}`) as chat tools,
-    checked; built-in tools are a 400 naming them."""
+    checked as those are; built-in tools are a 400 naming them."""
     definitions = []
-    names: list[str] = []
     for index, tool in enumerate(tools or ()):
         param = f"tools[{index}]"
         kind = tool.get("type")
         if kind != "function":
             raise unsupported(f"{param}.type", f"{kind!r} (only function tools run here)")
         name = _required_str(tool, "name", param)
-        if not FUNCTION_NAME.fullmatch(name):
-            raise invalid_request(
-                f"`{param}.name` is {name!r}: a name has 1 to 64 letters, digits, '_' or '-'",
-                f"{param}.name",
-            )
-        if name in names:
-            message = f"`{param}.name`: the function {name!r} is declared twice"
-            raise invalid_request(message, f"{param}.name")
-        names.append(name)
         parameters = tool.get("parameters")
         if parameters is not None and not isinstance(parameters, dict):
             message = f"`{param}.parameters` must be a JSON schema object"
@@ -171,7 +160,7 @@ def response_tools(
         )
         definitions.append(ToolDefinition(type="function", function=function))
     choice = _tool_choice(tool_choice)
-    return checked_tools(definitions, choice, parallel_tool_calls, call_format)
+    return checked_tools(definitions, choice, parallel_tool_calls, call_format, "name")
 
 
 def _tool_choice(value: str | dict[str, Any] | None) -> str | NamedToolChoice | None:
@@ -195,25 +184,9 @@ def _tool_choice(value: str | dict[str, Any] | None) -> str | NamedToolChoice | 
 
 def text_format_constraint(text: dict[str, Any] | None) -> RequestedConstraint | None:
     """`text.format`: "text" (none), "json_object", or "json_schema" with `schema`."""
-    param = "text.format"
     fmt = (text or {}).get("format")
-    if fmt is None:
-        return None
-    kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return RequestedConstraint(ConstraintSpec("json_object"), param)
-    if kind == "json_schema":
-        schema = fmt.get("schema")
-        if not isinstance(schema, dict | bool):
-            raise invalid_request(
-                '`text.format` of type "json_schema" needs `schema`, a JSON schema object', param
-            )
-        return RequestedConstraint(ConstraintSpec("json_schema", schema), param)
-    raise invalid_request(
-        f'`text.format.type` must be "text", "json_object" or "json_schema" (got {kind!r})', param
-    )
+    spec = None if fmt is None else output_format_spec(fmt, "text.format", nested=False)
+    return None if spec is None else RequestedConstraint(spec, "text.format")
 
 
 def check_metadata(metadata: dict[str, str] | None) -> dict[str, str]:

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Request
 from app import __version__
 from app.api.auth import bearer_token, key_client
 from app.api.deadline import TIMEOUT_HEADER, Deadline, effective_timeout_s, parse_timeout_header
+from app.api.dialect_embeddings import EmbedDialect, EmbeddingDialect
 from app.api.dialect_openai import ChatDialect, CompletionDialect
 from app.api.dialect_tgi import TGIDialect
 from app.api.driver import Call, drive
@@ -30,11 +31,14 @@ from app.api.schemas import (
     CompletionRequest,
     CompletionResponse,
 )
+from app.api.schemas_embeddings import EmbeddingRequest, EmbeddingResponse, EmbedRequest
 from app.api.schemas_tgi import GenerateRequest, GenerateResponse, Info, StreamResponse
 from app.api.state import ServerState, ServingDep, StateDep, serving_or_503
 
 openai_router = APIRouter(tags=["OpenAI"])
 tgi_router = APIRouter(tags=["TGI"])
+# Embeddings run through the same driver (admission, deadline, engine, usage, record).
+embeddings_router = APIRouter()
 
 
 async def admit(request: Request) -> AsyncIterator[Call]:
@@ -135,3 +139,29 @@ async def info(serving: ServingDep, state: StateDep) -> Info:
         max_total_tokens=serving.limits.max_model_len,
         version=__version__,
     )
+
+
+EMBEDDINGS = RouteFacts(generates=True)
+TGI_EMBED = RouteFacts(generates=True, tgi_errors=True)
+
+
+@embeddings_router.post(
+    declare("/v1/embeddings", EMBEDDINGS),
+    response_model=EmbeddingResponse,
+    responses=ERROR_RESPONSES,
+    tags=["OpenAI"],
+    summary="Embed texts or token ids: the model's final hidden states, pooled, unit length",
+)
+async def create_embeddings(body: EmbeddingRequest, call: CallDep):
+    return await drive(call, EmbeddingDialect, body, stream=False)
+
+
+@embeddings_router.post(
+    declare("/embed", TGI_EMBED),
+    response_model=list[list[float]],
+    responses=ERROR_RESPONSES,
+    tags=["TGI"],
+    summary="Embed texts (text-embeddings-inference): one vector per input",
+)
+async def embed(body: EmbedRequest, call: CallDep):
+    return await drive(call, EmbedDialect, body, stream=False)

@@ -1,10 +1,12 @@
-"""Liveness, readiness, model listing and tokenizer routes."""
+"""Liveness, readiness, model listing and tokenizer routes, and what a router in front
+of lamina reads from each replica (GET /server_info, /model_info)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from app import __version__
 from app.api.errors import ERROR_RESPONSES, ErrorResponse, invalid_request, service_unavailable
 from app.api.params import check_model
 from app.api.prompts import check_token_ids, encode_chat
@@ -13,7 +15,9 @@ from app.api.schemas_misc import (
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,
+    ModelInfoResponse,
     ModelList,
+    ServerInfo,
     StatusResponse,
     TokenizeRequest,
     TokenizeResponse,
@@ -22,6 +26,7 @@ from app.api.state import Phase, Serving, ServingDep, StateDep
 
 health_router = APIRouter(tags=["Health"])
 router = APIRouter(tags=["Models and tokenizer"])
+worker_router = APIRouter(tags=["Routers in front of lamina"])
 
 UNAVAILABLE = {503: {"model": ErrorResponse, "description": "Not alive / not ready"}}
 
@@ -104,4 +109,47 @@ async def detokenize(body: DetokenizeRequest, serving: ServingDep) -> Detokenize
     check_token_ids(body.tokens, "tokens", serving.limits.vocab_size)
     return DetokenizeResponse(
         prompt=serving.tokenizer.decode(body.tokens, skip_special_tokens=False)
+    )
+
+
+# --- for a router in front of lamina replicas ---------------------------------------------
+# What a cache-aware router in front of lamina replicas reads from each of them.
+#
+# SGLang's model gateway (`sglang-router` on PyPI) registers a replica by reading
+# GET /server_info and GET /model_info; without them it lists the model as "unknown" and
+# sends `"model": "unknown"` for a client that named none, which lamina refuses. Neither
+# route reports a `model_path`: the gateway would load a tokenizer from it, from the model
+# hub when the path is not a folder on the router's own machine (docs/router-comparison.md).
+# Both answer 503 until the model is loaded, like /v1/models.
+
+
+@worker_router.get(
+    "/server_info",
+    response_model=ServerInfo,
+    responses=ERROR_RESPONSES,
+    summary="Served model and engine limits, for a router registering this replica",
+)
+async def server_info(serving: ServingDep, state: StateDep) -> ServerInfo:
+    settings = state.settings
+    return ServerInfo(
+        served_model_name=serving.model.name,
+        version=__version__,
+        max_model_len=serving.limits.max_model_len,
+        max_running_requests=settings.max_num_seqs,
+        max_prefill_tokens=settings.max_num_batched_tokens,
+        lamina_enable_prefix_caching=settings.enable_prefix_caching,
+    )
+
+
+@worker_router.get(
+    "/model_info",
+    response_model=ModelInfoResponse,
+    responses=ERROR_RESPONSES,
+    summary="The served model's type and architectures, for a router",
+)
+async def model_info(serving: ServingDep) -> ModelInfoResponse:
+    return ModelInfoResponse(
+        served_model_name=serving.model.name,
+        model_type=serving.model.model_type,
+        architectures=list(serving.model.architectures),
     )

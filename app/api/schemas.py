@@ -9,7 +9,7 @@ and prompts.py. Every optional field accepts `null` as "use the default".
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -29,6 +29,22 @@ PRIORITY_DESCRIPTION = (
     "Scheduling priority (vLLM's): lower is served first. Default: the API key's priority "
     "(LAMINA_API_KEYS), else 0; a request may not ask for less than its key's."
 )
+
+# Fields several request bodies share (OpenAI's, the Responses API's, embeddings'), with
+# their /docs descriptions, written once.
+ModelName = Annotated[
+    str | None, Field(description="The served model's id (GET /v1/models); may be omitted.")
+]
+Priority = Annotated[
+    StrictInt | None, Field(ge=INT64_MIN, le=INT64_MAX, description=PRIORITY_DESCRIPTION)
+]
+Temperature = Annotated[
+    StrictFloat | None,
+    Field(ge=0, le=2, description="Sampling temperature; 0 is greedy. Default 1."),
+]
+ParallelToolCalls = Annotated[
+    StrictBool | None, Field(description="Allow several calls in one answer. Default true.")
+]
 
 
 class LaminaRequest(BaseModel):
@@ -92,9 +108,7 @@ class SamplingFields(LaminaRequest):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = Field(
-        default=None, description="The served model's id (GET /v1/models); may be omitted."
-    )
+    model: ModelName = None
     max_tokens: StrictInt | None = Field(
         default=None,
         ge=1,
@@ -103,9 +117,7 @@ class SamplingFields(LaminaRequest):
     max_completion_tokens: StrictInt | None = Field(
         default=None, ge=1, description="Alias of max_tokens (wins when both are set)."
     )
-    temperature: StrictFloat | None = Field(
-        default=None, ge=0, le=2, description="Sampling temperature; 0 is greedy. Default 1."
-    )
+    temperature: Temperature = None
     top_p: StrictFloat | None = Field(
         default=None,
         gt=0,
@@ -179,12 +191,7 @@ class SamplingFields(LaminaRequest):
         description="vLLM's extra: the log-probability and rank of every prompt token "
         "(but the first) and of its `prompt_logprobs` most likely alternatives.",
     )
-    priority: StrictInt | None = Field(
-        default=None,
-        ge=INT64_MIN,
-        le=INT64_MAX,
-        description=PRIORITY_DESCRIPTION,
-    )
+    priority: Priority = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -370,9 +377,7 @@ class ChatCompletionRequest(SamplingFields):
         description='"auto" (default with tools): text or calls; "required": calls only; '
         '{"type": "function", "function": {"name": ...}}: a call to that function; "none".',
     )
-    parallel_tool_calls: StrictBool | None = Field(
-        default=None, description="Allow several calls in one answer. Default true."
-    )
+    parallel_tool_calls: ParallelToolCalls = None
 
 
 class ResponseFunction(BaseModel):

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt, field_validator
 
-from app.api.schemas import INT64_MAX, INT64_MIN, PRIORITY_DESCRIPTION, LaminaRequest, _check_prompt
+from app.api.schemas import LaminaRequest, ModelName, Priority, _check_prompt
 
 EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
@@ -14,9 +14,7 @@ EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 class EmbeddingRequest(LaminaRequest):
     """POST /v1/embeddings."""
 
-    model: str | None = Field(
-        default=None, description="The served model's id (GET /v1/models); may be omitted."
-    )
+    model: ModelName = None
     input: EmbeddingInput = Field(
         description="A string, a list of strings (one embedding each), a list of token ids, "
         "or a list of token id lists."
@@ -32,9 +30,7 @@ class EmbeddingRequest(LaminaRequest):
         "model's hidden size).",
     )
     user: str | None = Field(default=None, description="End-user id, for logs.")
-    priority: StrictInt | None = Field(
-        default=None, ge=INT64_MIN, le=INT64_MAX, description=PRIORITY_DESCRIPTION
-    )
+    priority: Priority = None
 
     @field_validator("input", mode="before")
     @classmethod

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictFloat, StrictInt
 
-from app.api.schemas import INT64_MAX, INT64_MIN, PRIORITY_DESCRIPTION, LaminaRequest
+from app.api.schemas import LaminaRequest, ModelName, ParallelToolCalls, Priority, Temperature
 
 ResponseStatus = Literal["completed", "failed", "in_progress", "cancelled", "incomplete"]
 
@@ -24,9 +24,7 @@ class ResponsesRequest(LaminaRequest):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = Field(
-        default=None, description="The served model's id (GET /v1/models); may be omitted."
-    )
+    model: ModelName = None
     input: str | list[dict[str, Any]] | None = Field(
         default=None,
         description="A string (one user message) or a list of input items: messages "
@@ -39,9 +37,7 @@ class ResponsesRequest(LaminaRequest):
     max_output_tokens: StrictInt | None = Field(
         default=None, ge=1, description="Most tokens to generate."
     )
-    temperature: StrictFloat | None = Field(
-        default=None, ge=0, le=2, description="Sampling temperature; 0 is greedy. Default 1."
-    )
+    temperature: Temperature = None
     top_p: StrictFloat | None = Field(default=None, gt=0, le=1, description="Nucleus sampling.")
     stream: StrictBool | None = Field(
         default=None, description="Stream typed server-sent events (`event:` + `data:`)."
@@ -68,12 +64,8 @@ class ResponsesRequest(LaminaRequest):
     tool_choice: str | dict[str, Any] | None = Field(
         default=None, description='"none", "auto", "required" or {"type": "function", "name"}.'
     )
-    parallel_tool_calls: StrictBool | None = Field(
-        default=None, description="Allow several calls in one answer. Default true."
-    )
-    priority: StrictInt | None = Field(
-        default=None, ge=INT64_MIN, le=INT64_MAX, description=PRIORITY_DESCRIPTION
-    )
+    parallel_tool_calls: ParallelToolCalls = None
+    priority: Priority = None
 
 
 # --- the response object ----------------------------------------------------------------
@@ -183,48 +175,45 @@ class OutputItemEvent(StreamEvent):
     item: OutputItem
 
 
-class ContentPartEvent(StreamEvent):
-    """response.content_part.added / done."""
+class ItemEvent(StreamEvent):
+    """An event about one output item's content."""
 
     item_id: str
     output_index: int
+
+
+class ContentPartEvent(ItemEvent):
+    """response.content_part.added / done."""
+
     content_index: int
     part: OutputText
 
 
-class TextDeltaEvent(StreamEvent):
+class TextDeltaEvent(ItemEvent):
     """response.output_text.delta."""
 
-    item_id: str
-    output_index: int
     content_index: int
     delta: str
     logprobs: list[Any] = Field(default_factory=list)
 
 
-class TextDoneEvent(StreamEvent):
+class TextDoneEvent(ItemEvent):
     """response.output_text.done."""
 
-    item_id: str
-    output_index: int
     content_index: int
     text: str
     logprobs: list[Any] = Field(default_factory=list)
 
 
-class ArgumentsDeltaEvent(StreamEvent):
+class ArgumentsDeltaEvent(ItemEvent):
     """response.function_call_arguments.delta."""
 
-    item_id: str
-    output_index: int
     delta: str
 
 
-class ArgumentsDoneEvent(StreamEvent):
+class ArgumentsDoneEvent(ItemEvent):
     """response.function_call_arguments.done."""
 
-    item_id: str
-    output_index: int
     arguments: str
 
 

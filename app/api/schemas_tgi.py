@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
-from app.api.schemas import INT64_MAX, INT64_MIN, PRIORITY_DESCRIPTION, LaminaRequest
+from app.api.schemas import INT64_MAX, PRIORITY_DESCRIPTION, LaminaRequest, Priority
 
 TGIFinishReason = Literal["length", "eos_token", "stop_sequence"]
 
@@ -62,11 +62,8 @@ class GenerateParameters(LaminaRequest):
         default=None, description="Constrain the output to a JSON schema or a regex"
     )
     adapter_id: str | None = Field(default=None, description="Not supported")
-    priority: StrictInt | None = Field(
-        default=None,
-        ge=INT64_MIN,
-        le=INT64_MAX,
-        description="lamina's extension: " + PRIORITY_DESCRIPTION,
+    priority: Priority = Field(
+        default=None, description="lamina's extension: " + PRIORITY_DESCRIPTION
     )
 
     @field_validator("stop", mode="before")

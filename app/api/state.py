@@ -141,7 +141,7 @@ class ServerState:
 def serving_or_503(state: ServerState, record: RequestRecord) -> Serving:
     """The loaded model and engine, or a 503 saying why there are none right now."""
     if not state.readiness.is_ready or state.serving is None:
-        # Loading or draining: the server doing its job, not an error (see access_log.py).
+        # Loading or draining: the server doing its job, not an error (log_access: no warning).
         record.fail("unavailable")
         raise service_unavailable(
             state.readiness.describe(), code=f"server_{state.readiness.phase.value}"

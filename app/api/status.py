@@ -128,15 +128,8 @@ async def status(request: Request, state: StateDep) -> StatusReport:
     live = request.app.state.metrics.live.snapshot()
     serving = state.serving
     model = None
-    if serving is not None:
-        info = serving.model
-        model = ServedModel(
-            name=info.name,
-            max_model_len=info.max_model_len,
-            device=info.device,
-            dtype=info.dtype,
-            kernels=info.kernels,
-        )
+    if serving is not None:  # its ModelInfo, the fields ServedModel names
+        model = ServedModel.model_validate(serving.model, from_attributes=True)
     return StatusReport(
         version=__version__,
         phase=state.readiness.phase.value,

@@ -4,7 +4,7 @@ A client that asks for a JSON schema or a tool call and gets free text fails far
 the cause, so such a field is a 400 naming it, unless its value asks for what lamina
 does anyway (`tool_choice: "none"`). `response_format`, `guided_*`
 and `structured_outputs` are implemented (constraints.py); `tools`, `tool_choice` and
-`parallel_tool_calls` are fields of chat requests (tool_request.py), so they reach this
+`parallel_tool_calls` are fields of chat requests (tool_calls.py), so they reach this
 list only on /v1/completions.
 Fields accepted and knowingly ignored are listed too; anything else unknown (a vendor
 extension) is ignored and logged at debug level (schemas.LaminaRequest).

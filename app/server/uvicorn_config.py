@@ -48,7 +48,7 @@ def uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # app.logging_setup: one handler, one line format
-        access_log=False,  # the access line is lamina's own (app/api/access_log.py)
+        access_log=False,  # the access line is lamina's own (app/api/request_record.py)
         lifespan="on",
         # Connection cap, header/body read deadlines, half-close (app/server/protocol.py).
         http=guarded_protocol_class(book),

@@ -1,6 +1,6 @@
 """Tool calling: the call formats models write, their prompt fallback, and the parsers.
 
-No torch, no HTTP: the API (app/api/tool_request.py, dialect_openai.py) validates the
+No torch, no HTTP: the API (app/api/tool_calls.py, dialect_openai.py) validates the
 request and renders the answer; app/structured builds the grammar that enforces calls.
 """
 
