@@ -27,7 +27,6 @@ from app import __version__
 from app.api.admission import AdmissionCollector
 from app.api.auth import ApiKeyAuth
 from app.api.debug_hooks import install_test_hooks
-from app.api.drain import DrainingServer
 from app.api.engine_client import EngineClient
 from app.api.errors import install_error_handlers
 from app.api.middleware import BodyGuard
@@ -352,6 +351,7 @@ def serve(settings: Settings) -> int:
     """Run the server until SIGINT/SIGTERM. Returns the process exit status."""
     import uvicorn
 
+    from app.server.draining import DrainingServer
     from app.server.uvicorn_config import uvicorn_config
 
     configure_logging(settings.log_format, settings.log_level)

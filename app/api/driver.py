@@ -41,7 +41,6 @@ from app.api.errors import (
     server_error,
     service_unavailable,
 )
-from app.api.params import check_model
 from app.api.request_record import RequestRecord, Usage
 from app.api.route_facts import facts_for
 from app.api.sse import DONE, KEEPALIVE, EventStreamResponse, sse_error
@@ -211,7 +210,7 @@ async def drive(call: Call, dialect_type: type[Dialect], body: Any, stream: bool
     record, serving = call.record, call.serving
     # First: a request refused below still logs its end-user id (OpenAI's `user`).
     record.note_user(getattr(body, "user", None))
-    check_model(getattr(body, "model", None), serving.model.name)  # TGI's bodies name none
+    serving.model.check_named(getattr(body, "model", None))  # TGI's bodies name none
     dialect = dialect_type.parse(body, serving, record.request_id, stream)
     dialect.priority = resolve_priority(
         dialect_type.requested_priority(body), call.key_priority, dialect.priority_param

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from app.api.errors import invalid_request, model_not_found
+from app.api.errors import invalid_request
 from app.api.prompts import check_token_ids, encode_chat, encode_prompt, named_prompts
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from app.api.schemas_tgi import GenerateParameters, GenerateRequest
@@ -30,17 +30,6 @@ MIN_SAMPLING_TEMPERATURE = 1e-5
 MIN_REPETITION_PENALTY = 1e-6
 # A top_p that rounds to 0 in float32 would keep no token at all; this keeps the best one.
 MIN_TOP_P = 1e-6
-
-
-# Names clients send when they address a server by URL rather than by model:
-# huggingface_hub's InferenceClient(base_url=...) sends "dummy"; TGI's docs use "tgi".
-PLACEHOLDER_MODEL_NAMES = frozenset({"dummy", "tgi"})
-
-
-def check_model(requested: str | None, served: str) -> None:
-    """An absent (or placeholder) model means the served one; any other name is a 404."""
-    if requested is not None and requested not in PLACEHOLDER_MODEL_NAMES and requested != served:
-        raise model_not_found(requested, served)
 
 
 def sampling_temperature(value: float | None) -> float:

@@ -8,7 +8,6 @@ from fastapi.responses import JSONResponse
 
 from app import __version__
 from app.api.errors import ERROR_RESPONSES, ErrorResponse, invalid_request, service_unavailable
-from app.api.params import check_model
 from app.api.prompts import check_token_ids, encode_chat
 from app.api.route_facts import PROBE, declare
 from app.api.schemas_misc import (
@@ -82,14 +81,14 @@ async def list_models(serving: ServingDep) -> ModelList:
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
 async def get_model(model_id: str, serving: ServingDep) -> ModelCard:
-    check_model(model_id, serving.model.name)
+    serving.model.check_named(model_id)
     return _model_card(serving)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
 async def tokenize(body: TokenizeRequest, serving: ServingDep) -> TokenizeResponse:
     """Token ids of a prompt, or of chat messages rendered with the chat template."""
-    check_model(body.model, serving.model.name)
+    serving.model.check_named(body.model)
     if (body.prompt is None) == (body.messages is None):
         raise invalid_request("give exactly one of `prompt` or `messages`", param="prompt")
     if body.messages is not None:
@@ -105,7 +104,7 @@ async def tokenize(body: TokenizeRequest, serving: ServingDep) -> TokenizeRespon
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
 async def detokenize(body: DetokenizeRequest, serving: ServingDep) -> DetokenizeResponse:
-    check_model(body.model, serving.model.name)
+    serving.model.check_named(body.model)
     check_token_ids(body.tokens, "tokens", serving.limits.vocab_size)
     return DetokenizeResponse(
         prompt=serving.tokenizer.decode(body.tokens, skip_special_tokens=False)

@@ -19,7 +19,7 @@ from fastapi import Depends, Request
 from app.api.admission import AdmissionController
 from app.api.auth import key_priorities
 from app.api.engine_client import EngineClient
-from app.api.errors import APIError, service_unavailable
+from app.api.errors import APIError, model_not_found, service_unavailable
 from app.api.request_record import RequestRecord
 from app.api.response_store import ResponseStore
 from app.config import Settings
@@ -68,6 +68,11 @@ class Readiness:
         return "ready"
 
 
+# Names clients send when they address a server by URL rather than by model:
+# huggingface_hub's InferenceClient(base_url=...) sends "dummy"; TGI's docs use "tgi".
+PLACEHOLDER_MODEL_NAMES = frozenset({"dummy", "tgi"})
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What /v1/models and /info report about the served model."""
@@ -81,6 +86,12 @@ class ModelInfo:
     model_type: str | None = None  # config.json's model_type, e.g. "llama"
     architectures: tuple[str, ...] = ()  # config.json's architectures
     kernels: dict[str, str] | None = None  # which kernels compute it, in words (GET /status)
+
+    def check_named(self, requested: str | None) -> None:
+        """An absent (or placeholder) model means this one; any other name is a 404."""
+        named = requested is not None and requested not in PLACEHOLDER_MODEL_NAMES
+        if named and requested != self.name:
+            raise model_not_found(requested, self.name)
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 
 import uvicorn
 
-from app.api.drain import SHUTDOWN_GRACE_S
 from app.config import Settings
 from app.server.connections import ConnectionBook, ConnectionCollector, ConnectionLimits
+from app.server.draining import SHUTDOWN_GRACE_S
 from app.server.fd_limit import connection_cap, raise_fd_soft_limit
 from app.server.protocol import guarded_protocol_class
 

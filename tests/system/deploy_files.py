@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.api.drain import SHUTDOWN_GRACE_S, STOP_GRACE_S
+from app.api.drain import STOP_GRACE_S
 from app.config import SettingsError, load_settings
+from app.server.draining import SHUTDOWN_GRACE_S
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
