@@ -106,6 +106,7 @@ class OpenAIDialect(Dialect):
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.want_logprobs = self.params[0].logprobs is not None
         self.token_bytes = serving.tokenizer.token_bytes
+        self.calls: ToolCallStreams | None = None  # chat with tools: each choice's parser
         self.text_frames = TextFrames(
             lambda index, text: self._chunk([self.chunk_choice(index, text)])
         )
@@ -121,10 +122,6 @@ class OpenAIDialect(Dialect):
         """The choice of a chunk; `delta` gives the finish reason when it is the last one;
         `calls`: tool-call fragments (chat with tools)."""
         raise NotImplementedError
-
-    def delta_parts(self, index: int, delta: TokenDelta) -> tuple[str, list[DeltaToolCall]]:
-        """What a delta adds to choice `index` now: text, and tool-call fragments."""
-        return delta.text, []
 
     def delta_logprobs(self, index: int, delta: TokenDelta) -> Any:
         raise NotImplementedError
@@ -142,7 +139,9 @@ class OpenAIDialect(Dialect):
         )
 
     def render_delta(self, index: int, delta: TokenDelta) -> Iterable[bytes]:
-        text, calls = self.delta_parts(index, delta)
+        text, calls = delta.text, []
+        if self.calls is not None:  # chat with tools: the parser splits text from calls
+            text, calls = self.calls.feed(index, delta.text, delta.finished)
         logprobs = None
         if self.want_logprobs and delta.logprobs:
             logprobs = self.delta_logprobs(index, delta)
@@ -280,7 +279,6 @@ class ChatDialect(OpenAIDialect):
     def __init__(self, *args: Any, body: Any, serving: Serving) -> None:
         super().__init__(*args, body=body, serving=serving)
         self.tools: ToolRequest | None = None
-        self.calls: ToolCallStreams | None = None  # with tools: each choice's parser
         self.prompt_top = body.prompt_logprobs  # vLLM's `prompt_logprobs` (not streamed)
 
     def response_fields(self, results: list[ChoiceResult]) -> dict[str, Any]:
@@ -295,11 +293,6 @@ class ChatDialect(OpenAIDialect):
         for index in range(self.num_choices):
             delta = ChatDelta(role="assistant", content="")
             yield sse_event(self._chunk([ChatChunkChoice(index=index, delta=delta)]))
-
-    def delta_parts(self, index: int, delta: TokenDelta) -> tuple[str, list[DeltaToolCall]]:
-        if self.calls is None:
-            return delta.text, []
-        return self.calls.feed(index, delta.text, delta.finished)
 
     def chunk_choice(
         self,

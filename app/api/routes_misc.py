@@ -4,7 +4,6 @@ of lamina reads from each replica (GET /server_info, /model_info)."""
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 
 from app import __version__
 from app.api.errors import ERROR_RESPONSES, ErrorResponse, invalid_request, service_unavailable
@@ -40,11 +39,9 @@ async def health(state: StateDep):
     """200 while the process runs and the engine thread (once started) is alive."""
     serving = state.serving
     if state.readiness.phase is Phase.FAILED:
-        error = service_unavailable(state.readiness.describe(), code="load_failed")
-        return JSONResponse(error.body(), status_code=503)
+        raise service_unavailable(state.readiness.describe(), code="load_failed")
     if serving is not None and not serving.engine.is_alive:
-        error = service_unavailable("the engine thread is not running", code="engine_dead")
-        return JSONResponse(error.body(), status_code=503)
+        raise service_unavailable("the engine thread is not running", code="engine_dead")
     return StatusResponse(status="ok")
 
 
@@ -62,8 +59,7 @@ async def ready(state: StateDep):
     reason = state.readiness.describe()
     if state.readiness.is_ready:
         reason = "the engine thread is not running"
-    error = service_unavailable(reason, code=f"server_{state.readiness.phase.value}")
-    return JSONResponse(error.body(), status_code=503)
+    raise service_unavailable(reason, code=f"server_{state.readiness.phase.value}")
 
 
 def _model_card(serving: Serving) -> ModelCard:
