@@ -10,7 +10,14 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from app.weights import default_model_dir
 from app.weights_source import parse_model_spec, resolve_model_folder
@@ -96,6 +103,27 @@ class Settings(BaseModel):
     )
     enable_prefix_caching: bool = Field(
         default=True, description="reuse the KV cache of prompt prefixes seen before"
+    )
+    speculative: Literal["off", "ngram"] = Field(
+        default="off",
+        description="speculative decoding: `ngram` drafts tokens by looking the last tokens up "
+        "in the prompt and output so far (prompt lookup) and verifies them in the same step; "
+        "the output stays token for token what it is with `off`",
+    )
+    speculative_tokens: int = Field(
+        default=4, ge=1, le=32, description="speculative decoding: most tokens drafted per step"
+    )
+    speculative_ngram_min: int = Field(
+        default=2, ge=1, description="speculative decoding: shortest n-gram looked up"
+    )
+    speculative_ngram_max: int = Field(
+        default=4, ge=1, description="speculative decoding: longest n-gram looked up (tried first)"
+    )
+    speculative_max_batch: int = Field(
+        default=8,
+        ge=0,
+        description="speculative decoding: no step drafts while more sequences than this "
+        "decode (the step is compute bound there, draft tokens cost like any)",
     )
     batch_invariant: bool = Field(
         default=True,
@@ -286,6 +314,12 @@ class Settings(BaseModel):
         description="tests only: a request whose prompt contains this text fails inside the "
         "engine step",
     )
+
+    @model_validator(mode="after")
+    def _check_ngram_range(self) -> Settings:
+        if self.speculative_ngram_min > self.speculative_ngram_max:
+            raise ValueError("speculative_ngram_min must not exceed speculative_ngram_max")
+        return self
 
     @field_validator("api_keys", "open_routes", "cors_origins", mode="before")
     @classmethod

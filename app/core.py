@@ -154,6 +154,10 @@ class Sequence:
     # they share its blocks through the prefix cache instead of recomputing them.
     wait_for_seq: Sequence | None = None
     num_preemptions: int = 0
+    # Speculative decoding: draft tokens verified for this sequence, and how many of them
+    # the model's own samples confirmed (each confirmed one is an output token)
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
     # Where the output stands in params.constraint's grammar; advanced with each token
     # by the engine, kept across preemption (the output tokens are kept too).
     constraint_matcher: ConstraintMatcherLike | None = None
@@ -214,6 +218,9 @@ class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int  # tokens to compute this step, from seq.num_computed_tokens on
     sample: bool  # this chunk reaches the last known token, so the step samples one
+    # Speculative decoding: tokens proposed to follow the sequence's last known token,
+    # computed after it in this step (counted in num_new_tokens) to verify them.
+    draft_token_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -242,6 +249,11 @@ class SampleOutput:
     token_id: int
     logprob: float | None = None  # when params.logprobs is not None
     top_logprobs: tuple[TopLogprob, ...] = ()
+    # Speculative decoding (ScheduledSeq.draft_token_ids): [j] is the token sampled at
+    # the position after draft j, as if drafts 0..j had been sampled. The engine keeps
+    # this token, then [0] while this token equals draft 0, [1] while [0] equals draft
+    # 1, and so on: the rest were computed on a wrong guess and are dropped.
+    after_drafts: tuple[SampleOutput, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -254,6 +254,19 @@ class BlockManager:
         seq.block_table.extend(self._take_free() for _ in range(num_missing))
 
     # ----------------------------------------------------------------- release
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Free seq's blocks past those holding positions [0, num_tokens): speculative
+        decoding's rejected draft tokens. Those blocks were never registered in the
+        prefix cache (only computed, confirmed blocks are), so they hold nothing."""
+        num_kept = self.num_blocks_for(num_tokens)
+        for block_id in reversed(seq.block_table[num_kept:]):
+            block = self._blocks[block_id]
+            if block.ref_count != 1 or block.block_hash is not None:
+                raise RuntimeError(f"block {block_id} past a draft's rollback is shared")
+            block.ref_count = 0
+            heapq.heappush(self._free_uncached, block_id)
+        del seq.block_table[num_kept:]
+
     def free(self, seq: Sequence) -> None:
         """Release seq's blocks and clear its table. Idempotent.
 

@@ -29,6 +29,7 @@ from app.engine.constraints import advance_matchers, start_matcher
 from app.engine.outputs import FinishInfo, PromptPart, SequenceOutput
 from app.engine.protocol import Runner, TokenizerLike
 from app.engine.scheduler import Scheduler, SeqUpdate
+from app.engine.speculative import NgramSpeculator, SpeculationStats
 
 logger = logging.getLogger("lamina.engine")
 
@@ -51,6 +52,8 @@ class EngineStats:
     prefix_cache_queries: int = 0  # tokens looked up
     prefix_cache_hits: int = 0  # tokens found
     num_steps: int = 0
+    # Speculative decoding totals (None: off)
+    speculation: SpeculationStats | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,18 @@ class _Request:
     seqs: list[Sequence]
     num_unfinished: int
     log_request_id: str | None = None  # the HTTP request's id, when one submitted it
+
+
+def speculator_from(settings: Settings) -> NgramSpeculator | None:
+    """The speculative decoder the settings ask for (None: off)."""
+    if settings.speculative == "off":
+        return None
+    return NgramSpeculator(
+        settings.speculative_tokens,
+        settings.speculative_ngram_min,
+        settings.speculative_ngram_max,
+        settings.speculative_max_batch,
+    )
 
 
 class EngineCore:
@@ -104,6 +119,7 @@ class EngineCore:
             eos_token_ids=tokenizer.eos_token_ids,
             max_prefill_tokens_while_decoding=settings.max_prefill_tokens_while_decoding or None,
             priority_ageing_s=settings.priority_ageing_s or None,
+            speculator=speculator_from(settings),
         )
         self._requests: dict[str, _Request] = {}
         self._outputs: dict[int, SequenceOutput] = {}  # by seq_id, unfinished sequences
@@ -369,6 +385,9 @@ class EngineCore:
     ) -> FinishInfo | None:
         if stop_string is not None:
             self.scheduler.finish(seq, FinishReason.STOP)  # idempotent
+            # A verify step may have appended confirmed tokens after this one: the output
+            # ends here, as it would have without speculation.
+            del seq.output_token_ids[update.num_output_tokens :]
             return FinishInfo(FinishReason.STOP, stop_string)
         if update.finish_reason is not None:
             return FinishInfo(update.finish_reason, update.stop_reason)
@@ -409,6 +428,7 @@ class EngineCore:
     # --------------------------------------------------------------------- stats
     def stats(self, num_pending_requests: int = 0) -> EngineStats:
         bm = self.block_manager
+        speculator = self.scheduler.speculator
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
@@ -420,6 +440,7 @@ class EngineCore:
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,
             num_steps=self.num_steps,
+            speculation=dataclasses.replace(speculator.stats) if speculator else None,
         )
 
     def _notify_observers(self, batch: ScheduledBatch, num_sampled: int, duration_s: float) -> None:

@@ -40,6 +40,14 @@ recently started. A waiting sequence that cannot start (no free slot or blocks) 
 preempt running ones of strictly worse priority, when that makes room for it. With
 every sequence at one priority, all of this is the plain arrival order above.
 
+Speculative decoding (app/engine/speculative.py): a decoding sequence may compute a
+draft of guessed tokens after its last one, to verify them in this step. Draft tokens
+are budgeted like prompt tokens (they come out of the prefill budget, after the decode
+tokens' reservation), never make a sequence preempt another (a draft shrinks to the
+blocks that are free), and are rolled back when rejected: `update` counts only the
+confirmed tokens as computed and frees the blocks past them, which were never
+registered in the prefix cache (only computed, confirmed blocks are).
+
 A sequence that cannot fit even in the whole cache is failed instead of blocking
 everyone: it is finished with FinishReason.ERROR, its blocks freed, and returned once by
 `pop_failed()` so the engine can tell its caller.
@@ -65,6 +73,7 @@ from app.core import (
 )
 from app.engine.block_manager import BlockManager
 from app.engine.priority import effective_priority, preemption_victims, priority_levels
+from app.engine.speculative import NgramSpeculator, accepted_prefix
 from app.engine.stopping import check_stop, default_criteria
 
 
@@ -77,6 +86,9 @@ class SeqUpdate:
     output: SampleOutput | None  # the token sampled this step; None: prompt-only, done
     finish_reason: FinishReason | None  # token-level stop: EOS, stop token id, length
     stop_reason: int | None  # the stop_token_ids entry that matched, if any
+    # len(seq.output_token_ids) right after this token was appended (a verify step
+    # appends several; a stop string in one ends the output there)
+    num_output_tokens: int = 0
 
 
 def is_decoding(seq: Sequence) -> bool:
@@ -127,11 +139,18 @@ class _StepBudget:
         available = min(self.prefill, self.max_chunk, self.total - self.num_decodes_left)
         return min(num_left, available)
 
-    def spend(self, num_tokens: int, decoding: bool) -> None:
+    def draft_allowance(self) -> int:
+        """Draft tokens a decoding sequence may add now: prefill budget, beyond every
+        decode token still reserved (its own included)."""
+        return max(0, min(self.prefill, self.total - self.num_decodes_left))
+
+    def spend(self, num_tokens: int, decoding: bool, num_drafts: int = 0) -> None:
+        """num_tokens: all the sequence computes, its num_drafts draft tokens included."""
         self.total -= num_tokens
         if decoding:
             self.num_decodes_left -= 1
-        self.prefill = min(self.prefill if decoding else self.prefill - num_tokens, self.total)
+        prompt_like = num_drafts if decoding else num_tokens
+        self.prefill = min(self.prefill - prompt_like, self.total)
 
 
 class Scheduler:
@@ -147,6 +166,7 @@ class Scheduler:
         eos_token_ids: frozenset[int],
         max_prefill_tokens_while_decoding: int | None = None,
         priority_ageing_s: float | None = None,
+        speculator: NgramSpeculator | None = None,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
@@ -162,6 +182,7 @@ class Scheduler:
         # A waiting sequence's priority improves by 1 per this many seconds (None: never).
         self.priority_ageing_s = priority_ageing_s
         self._now: float | None = None  # the engine's time at this step (ageing)
+        self.speculator = speculator  # None: no speculative decoding
         self.eos_token_ids = frozenset(eos_token_ids)
         self.stop_criteria = default_criteria(self.eos_token_ids, max_model_len)
         # Arrival order (preempted ones re-enter at the front); started in fair_order.
@@ -201,6 +222,8 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        if self.speculator is not None:
+            self.speculator.release(seq.seq_id)
 
     def abort_request(self, request_id: str) -> list[Sequence]:
         """Finish every unfinished sequence of a request with ABORT; returns them."""
@@ -233,7 +256,9 @@ class Scheduler:
                 # so a short prompt behind it starts now instead of after all its chunks.
                 budget.max_chunk = max(1, budget.prefill // 2)
         scheduled: list[ScheduledSeq] = []
-        self._schedule_running(budget, scheduled, preempted)
+        speculator = self.speculator
+        speculates = speculator is not None and speculator.step_allows(budget.num_decodes_left)
+        self._schedule_running(budget, scheduled, preempted, speculates)
         # Admitting right after preempting would hand the freed blocks to a newcomer and
         # preempt again next step; let the running ones grow first (unless the blocks
         # were freed for the newcomer: a preemption for priority).
@@ -244,7 +269,11 @@ class Scheduler:
         return ScheduledBatch(seqs=scheduled, num_batched_tokens=num_tokens, preempted=preempted)
 
     def _schedule_running(
-        self, budget: _StepBudget, scheduled: list[ScheduledSeq], preempted: list[Sequence]
+        self,
+        budget: _StepBudget,
+        scheduled: list[ScheduledSeq],
+        preempted: list[Sequence],
+        speculates: bool = False,
     ) -> None:
         index = 0
         while index < len(self.running) and budget.total > 0:
@@ -259,10 +288,21 @@ class Scheduler:
                 break  # seq itself left the running list, and it was the last one
             if len(preempted) > num_preempted:  # victims may have been decoding
                 budget.num_decodes_left = sum(1 for s in self.running[index:] if is_decoding(s))
+            drafts = self._draft(seq, budget) if decoding and speculates else ()
+            num_new += len(drafts)
             self.block_manager.append_slots(seq, num_new)
-            scheduled.append(self._scheduled(seq, num_new))
-            budget.spend(num_new, decoding)
+            scheduled.append(self._scheduled(seq, num_new, drafts))
+            budget.spend(num_new, decoding, len(drafts))
             index += 1
+
+    def _draft(self, seq: Sequence, budget: _StepBudget) -> tuple[int, ...]:
+        """A draft for decoding seq within the step's budget, its max_tokens (the token
+        after the draft is sampled too) and the free blocks (never preempting for it)."""
+        max_drafts = min(budget.draft_allowance(), seq.max_tokens - len(seq.output_token_ids) - 1)
+        drafts = self.speculator.propose(seq, max_drafts)
+        while drafts and not self.block_manager.can_append_slots(seq, 1 + len(drafts)):
+            drafts = drafts[:-1]
+        return drafts
 
     def _make_room(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
         """Preempt the most recently admitted sequences until seq can grow by num_new.
@@ -391,11 +431,11 @@ class Scheduler:
         self.running.insert(position, seq)
 
     @staticmethod
-    def _scheduled(seq: Sequence, num_new: int) -> ScheduledSeq:
-        reaches_end = seq.num_computed_tokens + num_new == seq.num_tokens
+    def _scheduled(seq: Sequence, num_new: int, drafts: tuple[int, ...] = ()) -> ScheduledSeq:
+        reaches_end = seq.num_computed_tokens + num_new == seq.num_tokens + len(drafts)
         # A prompt-only sequence (max_tokens 0) computes its prompt and samples nothing.
         samples = reaches_end and seq.max_tokens > 0
-        return ScheduledSeq(seq=seq, num_new_tokens=num_new, sample=samples)
+        return ScheduledSeq(seq, num_new, samples, drafts)
 
     def _never_fits(self, num_tokens: int) -> bool:
         return self.block_manager.num_blocks_for(num_tokens) > self.block_manager.num_blocks
@@ -431,6 +471,9 @@ class Scheduler:
             seq = scheduled.seq
             if seq.is_finished:  # ended between schedule and update (abort, error)
                 continue
+            if scheduled.draft_token_ids:
+                updates.extend(self._verify(scheduled, output))
+                continue
             seq.num_computed_tokens += scheduled.num_new_tokens
             self.block_manager.cache_full_blocks(seq)
             if seq.max_tokens == 0 and seq.num_computed_tokens == seq.num_tokens:
@@ -443,9 +486,41 @@ class Scheduler:
                 raise ValueError(f"no sample for sequence {seq.seq_id} that should sample")
             seq.output_token_ids.append(output.token_id)
             decision = check_stop(seq, self.stop_criteria)
+            num_output = len(seq.output_token_ids)
             if decision is None:
-                updates.append(SeqUpdate(seq, output, None, None))
+                updates.append(SeqUpdate(seq, output, None, None, num_output))
                 continue
             self.finish(seq, decision.reason)
-            updates.append(SeqUpdate(seq, output, decision.reason, decision.stop_token_id))
+            updates.append(
+                SeqUpdate(seq, output, decision.reason, decision.stop_token_id, num_output)
+            )
+        return updates
+
+    def _verify(self, scheduled: ScheduledSeq, output: SampleOutput | None) -> list[SeqUpdate]:
+        """Apply a verify step: append the confirmed samples one by one, each checked for
+        a stop exactly as without speculation; count as computed only the positions
+        whose tokens are now confirmed; free the blocks past them."""
+        seq, drafts = scheduled.seq, scheduled.draft_token_ids
+        if output is None:
+            raise ValueError(f"no sample for sequence {seq.seq_id} that verified a draft")
+        kept = accepted_prefix(drafts, output)
+        self.speculator.record(seq, len(drafts), len(kept) - 1)
+        updates: list[SeqUpdate] = []
+        decision = None
+        for sample in kept:
+            seq.output_token_ids.append(sample.token_id)
+            decision = check_stop(seq, self.stop_criteria)
+            num_output = len(seq.output_token_ids)
+            if decision is not None:
+                reason, stop_id = decision.reason, decision.stop_token_id
+                updates.append(SeqUpdate(seq, sample, reason, stop_id, num_output))
+                break
+            updates.append(SeqUpdate(seq, sample, None, None, num_output))
+        # The last known token and the drafts now confirmed by the tokens after them
+        seq.num_computed_tokens = seq.num_tokens - 1
+        self.block_manager.cache_full_blocks(seq)
+        if decision is not None:
+            self.finish(seq, decision.reason)
+        else:
+            self.block_manager.truncate(seq, seq.num_computed_tokens)
         return updates

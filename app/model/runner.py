@@ -4,6 +4,11 @@ One step: flatten the scheduled tokens (decode sequences first, so attention can
 them), build positions and attention metadata, run the model, compute logits only at
 the last token of the sequences that sample, sample, and map results back to the
 scheduler's order. The runner reads sequences and never mutates them.
+
+A sequence with a speculative draft (ScheduledSeq.draft_token_ids) computes its last
+known token and the draft after it, and samples at each of those rows, each row as if
+the draft tokens before it had been sampled (its seeded draw, penalties and min_tokens
+see that output): SampleOutput.after_drafts. The scheduler keeps what the draft got right.
 """
 
 from __future__ import annotations
@@ -342,12 +347,14 @@ class ModelRunner:
     def _start_masks(self, batch: ScheduledBatch, flat: _FlatBatch) -> PendingMasks | None:
         """Start the grammar masks of the constrained sequences that sample this step;
         sampler rows follow model order, as in _sample."""
-        sampling = [index for index in flat.order if batch.seqs[index].sample]
-        constrained = [
-            (row, batch.seqs[index].seq.constraint_matcher)
-            for row, index in enumerate(sampling)
-            if batch.seqs[index].seq.constraint_matcher is not None
-        ]
+        constrained, row = [], 0
+        for index in flat.order:
+            scheduled = batch.seqs[index]
+            if not scheduled.sample:
+                continue
+            if scheduled.seq.constraint_matcher is not None:  # never drafts
+                constrained.append((row, scheduled.seq.constraint_matcher))
+            row += 1 + len(scheduled.draft_token_ids)
         return self.constraint_masks.start(constrained)
 
     def _sample(
@@ -363,16 +370,27 @@ class ModelRunner:
         rows: hidden states [N, hidden] of every token, or (decode graphs) logits
         [B, vocab] of every sequence.
         """
-        picked, sampling = [], []  # row of each sampling sequence, its index in the batch
-        picked_is_prompt = []  # whether each picked row is a prompt token (its last one)
+        picked, sampling = [], []  # rows that sample, each sampling sequence's batch index
+        picked_is_prompt = []  # whether each picked row is a prompt token
+        requests: list[SamplingRequest] = []  # one per picked row
         row_end = 0
         for position, index in enumerate(flat.order):
-            row_end += flat.query_lens[position]
-            if batch.seqs[index].sample:
-                picked.append(position if rows_are_sequences else row_end - 1)
-                sampling.append(index)
-                # The chunk's last row, a prompt token only if every row of it is.
-                picked_is_prompt.append(flat.prompt_rows[position] == flat.query_lens[position])
+            num_rows = flat.query_lens[position]
+            row_end += num_rows
+            scheduled = batch.seqs[index]
+            if not scheduled.sample:
+                continue
+            sampling.append(index)
+            if rows_are_sequences:
+                picked.append(position)
+            else:  # the last known token's row, then the draft's
+                num_picked = 1 + len(scheduled.draft_token_ids)
+                picked.extend(range(row_end - num_picked, row_end))
+            # A picked row is a prompt token only if every row of the chunk is.
+            num_picked = len(picked) - len(requests)
+            is_prompt = flat.prompt_rows[position] == num_rows
+            picked_is_prompt.extend([is_prompt] * num_picked)
+            requests.extend(_sampling_requests(scheduled))
         results: list[SampleOutput | None] = [None] * len(batch.seqs)
         token_bitmask = masks.wait() if masks is not None else None
         if not sampling:
@@ -388,10 +406,13 @@ class ModelRunner:
                 if self.splits_rows:
                     kinds = RowKinds.from_flags(picked_is_prompt, self.device)  # of the S rows
                 logits = self.model.compute_logits(selected, kinds)  # [S, vocab]
-        requests = [_sampling_request(batch.seqs[i].seq) for i in sampling]
         outputs = self.sampler(logits, requests, token_bitmask)  # from [S, vocab]
-        for index, output in zip(sampling, outputs):
-            results[index] = output
+        row = 0
+        for index in sampling:
+            num_drafts = len(batch.seqs[index].draft_token_ids)
+            first, following = outputs[row], tuple(outputs[row + 1 : row + 1 + num_drafts])
+            results[index] = dataclasses.replace(first, after_drafts=following)
+            row += 1 + num_drafts
         return results
 
     def _forward_logits(
@@ -465,7 +486,9 @@ class ModelRunner:
             start = seq.num_computed_tokens
             end = start + item.num_new_tokens
             self._check(item, start, end)
-            flat.input_ids.extend(_token_slice(seq, start, end))
+            num_known = end - len(item.draft_token_ids)
+            flat.input_ids.extend(_token_slice(seq, start, num_known))
+            flat.input_ids.extend(item.draft_token_ids)
             flat.query_lens.append(item.num_new_tokens)
             flat.context_lens.append(start)
             flat.block_tables.append(seq.block_table)
@@ -492,11 +515,14 @@ class ModelRunner:
         seq = item.seq
         if item.num_new_tokens < 1:
             raise ValueError(f"seq {seq.seq_id}: num_new_tokens must be >= 1")
-        if end > seq.num_tokens:
-            raise ValueError(f"seq {seq.seq_id}: scheduled up to {end} of {seq.num_tokens} tokens")
+        num_tokens = seq.num_tokens + len(item.draft_token_ids)
+        if end > num_tokens:
+            raise ValueError(f"seq {seq.seq_id}: scheduled up to {end} of {num_tokens} tokens")
+        if item.draft_token_ids and not (item.sample and seq.output_token_ids):
+            raise ValueError(f"seq {seq.seq_id}: a draft only follows a decoding sequence")
         if end > self.max_model_len:
             raise ValueError(f"seq {seq.seq_id}: {end} tokens exceed max_model_len")
-        if item.sample and end != seq.num_tokens:
+        if item.sample and end != num_tokens:
             raise ValueError(f"seq {seq.seq_id}: samples before its last known token")
         needed = -(-end // self.block_size)
         if len(seq.block_table) < needed:
@@ -518,5 +544,11 @@ def _token_slice(seq: Sequence, start: int, end: int) -> list[int]:
     return seq.prompt_token_ids[start:] + seq.output_token_ids[: end - num_prompt]
 
 
-def _sampling_request(seq: Sequence) -> SamplingRequest:
-    return SamplingRequest(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.index)
+def _sampling_requests(scheduled: ScheduledSeq) -> list[SamplingRequest]:
+    """One per row that samples: the last known token's, then one per draft token, each
+    seeing the draft tokens before it as output (its seeded draw's position, penalties,
+    min_tokens), exactly as if they had been sampled."""
+    seq, drafts = scheduled.seq, scheduled.draft_token_ids
+    outputs = [seq.output_token_ids]
+    outputs += [seq.output_token_ids + list(drafts[: j + 1]) for j in range(len(drafts))]
+    return [SamplingRequest(seq.params, seq.prompt_token_ids, out, seq.index) for out in outputs]

@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
 
-from app.core import SampleOutput, ScheduledBatch, Sequence
+from app.core import SampleOutput, ScheduledBatch, ScheduledSeq, Sequence
 
 NextTokenFn = Callable[[list[int], Sequence], int]
 
@@ -109,12 +109,13 @@ class FakeRunner:
         for scheduled in batch.seqs:
             seq = scheduled.seq
             start = seq.num_computed_tokens
-            tokens = seq.all_token_ids[start : start + scheduled.num_new_tokens]
+            known = seq.all_token_ids + list(scheduled.draft_token_ids)
+            tokens = known[start : start + scheduled.num_new_tokens]
             for position, token_id in enumerate(tokens, start):
                 self._write(seq, position, token_id)
         self.num_steps += 1
         self.batch_sizes.append((len(batch.seqs), batch.num_batched_tokens))
-        return [self._sample(s.seq) if s.sample else None for s in batch.seqs]
+        return [self._sample_scheduled(s) if s.sample else None for s in batch.seqs]
 
     def release(self, seq_ids: SequenceOf[int]) -> None:
         self.released.extend(seq_ids)
@@ -127,10 +128,11 @@ class FakeRunner:
             assert seq.seq_id not in seen, "sequence scheduled twice in one step"
             seen.add(seq.seq_id)
             end = seq.num_computed_tokens + scheduled.num_new_tokens
+            num_known = seq.num_tokens + len(scheduled.draft_token_ids)
             assert scheduled.num_new_tokens > 0
-            assert end <= seq.num_tokens <= self.max_model_len
+            assert end <= num_known <= self.max_model_len
             # a prompt-only sequence (max_tokens 0) never samples
-            assert scheduled.sample == (end == seq.num_tokens and seq.max_tokens > 0)
+            assert scheduled.sample == (end == num_known and seq.max_tokens > 0)
             assert len(seq.block_table) * self.block_size >= end, "block table too short"
             assert len(set(seq.block_table)) == len(seq.block_table), "block repeated in a table"
             assert all(0 <= b < self.num_blocks for b in seq.block_table)
@@ -139,17 +141,26 @@ class FakeRunner:
         block_id = seq.block_table[position // self.block_size]
         self.kv_cache[block_id][position % self.block_size] = token_id
 
-    def _read_context(self, seq: Sequence) -> list[int | None]:
+    def _read_context(self, seq: Sequence, num_tokens: int) -> list[int | None]:
         size = self.block_size
         return [
-            self.kv_cache[seq.block_table[pos // size]][pos % size] for pos in range(seq.num_tokens)
+            self.kv_cache[seq.block_table[pos // size]][pos % size] for pos in range(num_tokens)
         ]
 
-    def _sample(self, seq: Sequence) -> SampleOutput:
-        context = self._read_context(seq)
-        if context != seq.all_token_ids:
+    def _sample_scheduled(self, scheduled: ScheduledSeq) -> SampleOutput:
+        """The sample after the last known token, and after each draft token (as if the
+        draft tokens before it had been sampled)."""
+        seq, drafts = scheduled.seq, list(scheduled.draft_token_ids)
+        first = self._sample(seq, seq.all_token_ids)
+        following = tuple(
+            self._sample(seq, seq.all_token_ids + drafts[: j + 1]) for j in range(len(drafts))
+        )
+        return SampleOutput(first.token_id, after_drafts=following)
+
+    def _sample(self, seq: Sequence, tokens: list[int]) -> SampleOutput:
+        context = self._read_context(seq, len(tokens))
+        if context != tokens:
             raise AssertionError(f"KV cache of sequence {seq.seq_id} does not hold its tokens")
-        tokens: list[int] = seq.all_token_ids
         if self.eos_one_in and zlib.crc32(repr(tokens).encode()) % self.eos_one_in == 0:
             return SampleOutput(token_id=self.eos_token_id)
         return SampleOutput(token_id=self.next_token(tokens, seq))
