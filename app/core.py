@@ -319,6 +319,9 @@ class RequestTimings:
     first_token: float | None  # first output token sampled
     finished: float
     num_preemptions: int = 0
+    # Speculative decoding: draft tokens verified for the sequence, and accepted
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from app.live_stats import LiveStats
 
 if TYPE_CHECKING:  # the engine's types only: metrics must not pull the engine in
     from app.engine.engine_core import EngineStats, StepStats
+    from app.engine.speculative import SpeculationStats
 
 PREFIX = "lamina:"
 
@@ -87,6 +88,7 @@ class EngineCounters:
     prefix_cache_queries: int
     prefix_cache_hits: int
     alive: bool
+    speculation: SpeculationStats | None = None  # None: speculative decoding is off
 
 
 def read_engine_counters(engine: object) -> EngineCounters:
@@ -105,6 +107,7 @@ def read_engine_counters(engine: object) -> EngineCounters:
         prefix_cache_queries=stats.prefix_cache_queries,
         prefix_cache_hits=stats.prefix_cache_hits,
         alive=alive,
+        speculation=stats.speculation,
     )
 
 
@@ -143,6 +146,28 @@ class EngineStatsCollector(Collector):
         )  # fmt: skip
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                       s.prefix_cache_hits)  # fmt: skip
+        if s.speculation is not None:
+            yield from self._speculation_metrics(s.speculation, counter)
+
+    def _speculation_metrics(
+        self, spec: SpeculationStats, counter: Callable[[str, str, float], CounterMetricFamily]
+    ) -> Iterable[Metric]:
+        """vLLM's spec_decode counters (only while speculative decoding is on)."""
+        yield counter("spec_decode_num_drafts", "Verify steps: drafts computed.", spec.num_drafts)
+        yield counter(
+            "spec_decode_num_draft_tokens", "Draft tokens computed.", spec.num_draft_tokens
+        )
+        yield counter(
+            "spec_decode_num_accepted_tokens", "Draft tokens accepted.", spec.num_accepted_tokens
+        )
+        family = CounterMetricFamily(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted at each position of their draft (0: the first).",
+            labels=["model_name", "position"],
+        )
+        for position, count in enumerate(spec.accepted_per_position):
+            family.add_metric([self._model_name, str(position)], count)
+        yield family
 
 
 class Metrics:

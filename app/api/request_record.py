@@ -23,7 +23,8 @@ The access line (`log_access`): one `lamina.access` log record per HTTP request,
 by ObservabilityMiddleware after the last byte of the response (streams included). It
 carries method, route, path, status and duration, the OpenAI `user` field when sent,
 and for inference requests token counts, time to first token, finish reasons, the
-failure reason and a priority other than 0; prompt and output text only with
+failure reason, a priority other than 0 and the draft tokens speculative decoding
+verified and accepted when it drafted any; prompt and output text only with
 Settings.log_prompts. Its level says whether an operator should look: warning for a 5xx
 (except 503 while loading or draining), info otherwise, debug for probes (/health,
 /ready, /metrics), which are polled every few seconds.
@@ -80,6 +81,9 @@ class RequestRecord:
     user: str | None = None  # the OpenAI `user` field, as loggable_user() leaves it
     priority: int = 0  # the scheduling priority it ran at (lower is served first)
     num_cached_tokens: int = 0
+    # Speculative decoding, over every choice: draft tokens verified, and accepted
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
     # Per choice of the generation (index = prompt index * n + choice): tokens so far,
     # and whether its end was counted.
     choice_tokens: list[int] = field(default_factory=list)
@@ -156,6 +160,9 @@ class RequestRecord:
                 generated = max(generated, delta.usage.completion_tokens)
                 if delta.index == 0:  # the prompt's cache hits, once for its n choices
                     self.num_cached_tokens += delta.usage.cached_tokens
+            if delta.timings is not None:
+                self.num_draft_tokens += delta.timings.num_draft_tokens
+                self.num_accepted_draft_tokens += delta.timings.num_accepted_draft_tokens
             self._end_choice(choice_index, delta.finish_reason, generated, delta)
 
     def close_generation(self) -> None:
@@ -237,6 +244,9 @@ def log_access(
         fields["finish_reasons"] = record.finish_reasons
         if record.priority:
             fields["priority"] = record.priority
+        if record.num_draft_tokens:
+            fields["spec_draft_tokens"] = record.num_draft_tokens
+            fields["spec_accepted_tokens"] = record.num_accepted_draft_tokens
         if record.failure is not None:
             fields["failure"] = record.failure
     if record.log_prompts and record.num_generations:

@@ -8,10 +8,16 @@ from app.core import SamplingParams
 
 
 def closed_loop(
-    core, prompts: list[list[int]], params: SamplingParams, concurrency: int, tag: str
+    core,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    concurrency: int,
+    tag: str,
+    outputs: dict[int, list[int]] | None = None,
 ) -> tuple[int, float]:
     """Keep `concurrency` requests in flight until every prompt is done, stepping `core`
-    on this thread: (output tokens, seconds). Request ids are `{tag}-{concurrency}-{i}`."""
+    on this thread: (output tokens, seconds). Request ids are `{tag}-{concurrency}-{i}`.
+    `outputs`, when given, receives each prompt's output token ids by prompt index."""
     queue = list(enumerate(prompts))
     in_flight, num_tokens = 0, 0
     start = time.perf_counter()
@@ -24,6 +30,9 @@ def closed_loop(
             if delta.error:
                 raise RuntimeError(delta.error)
             num_tokens += len(delta.token_ids)
+            if outputs is not None:
+                index = int(delta.request_id.rsplit("-", 1)[1])
+                outputs.setdefault(index, []).extend(delta.token_ids)
             if delta.finished:
                 in_flight -= 1
     return num_tokens, time.perf_counter() - start

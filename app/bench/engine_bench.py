@@ -98,6 +98,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="constrained (JSON schema) against unconstrained decoding, plus compile times "
         "(app/bench/structured_bench.py); without a file, a built-in schema",
     )
+    parser.add_argument(
+        "--workload",
+        choices=["random", "repetitive"],
+        default="random",
+        help="random token prompts, or chat requests to rewrite a passage fixing its typos "
+        "(app/bench/repetitive.py), where prompt lookup helps",
+    )
+    parser.add_argument(
+        "--speculative",
+        help="comma-separated LAMINA_SPECULATIVE modes (e.g. off,ngram): each runs at every "
+        "level, alternating, outputs compared (app/bench/speculative_bench.py)",
+    )
+    parser.add_argument(
+        "--speculative-max-batch",
+        type=int,
+        help="LAMINA_SPECULATIVE_MAX_BATCH for the runs (default: the setting's)",
+    )
     parser.add_argument("--json", type=Path, help="write results here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -166,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         from app.bench.structured_bench import main as bench_structured
 
         return bench_structured(args, engines[0], tokenizer)
+    if args.speculative or args.workload == "repetitive":
+        from app.bench.speculative_bench import main as bench_speculative
+
+        return bench_speculative(args, engines[0], tokenizer)
     prompts = make_prompts(tokenizer.vocab_size, args.num_prompts, args.prompt_len, args.seed)
     counts = FlopCounts.from_model_dir(settings.model)
     workload_flops = sum(counts.request(len(p), args.output_len) for p in prompts)

@@ -400,6 +400,8 @@ class EngineCore:
             first_token=seq.first_token_time,
             finished=self.clock() if now is None else now,
             num_preemptions=seq.num_preemptions,
+            num_draft_tokens=seq.num_draft_tokens,
+            num_accepted_draft_tokens=seq.num_accepted_draft_tokens,
         )
 
     def _seq_done(self, seq: Sequence) -> None:

@@ -25,7 +25,8 @@ class Runner(Protocol):
     def execute(self, batch: ScheduledBatch) -> list[SampleOutput | None]:
         """Compute `batch` and return one entry per `batch.seqs`, in order.
 
-        The entry is a SampleOutput where `ScheduledSeq.sample` is True, None otherwise.
+        The entry is a SampleOutput where `ScheduledSeq.sample` is True, None otherwise;
+        with `draft_token_ids`, its `after_drafts` holds the samples at the draft's rows.
         Reads each sequence's tokens, positions and block table; writes K/V into the
         cache slots of the new tokens. Never mutates the sequences.
         Raises on failure; the engine fails the affected requests.

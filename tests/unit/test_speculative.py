@@ -229,3 +229,36 @@ def test_engine_stop_strings_and_usage_are_the_same_with_speculation():
         got = _engine_tokens("ngram", params)
         assert got == want
         assert want["finish"][0] is FinishReason.STOP and want["finish"][1] == stop
+
+
+def test_engine_stats_carry_the_counters_to_prometheus():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from app.metrics import EngineStatsCollector, read_engine_counters
+
+    tokenizer = FakeTokenizer()
+    runner = FakeRunner(block_size=4, num_blocks=64, max_model_len=256, next_token=copy_with_edits)
+    settings = load_settings(environ={}, speculative="ngram", speculative_ngram_min=1)
+    core = EngineCore(runner, tokenizer, settings)
+    core.add_request("r", tokenizer.encode("abcdefgabcdefgabcdefg"), SamplingParams(temperature=0))
+    deltas = []
+    while core.has_unfinished():
+        deltas += core.step()
+    spec = core.stats().speculation
+    assert 0 < spec.num_accepted_tokens <= spec.num_draft_tokens
+    timings = deltas[-1].timings  # the per-request figures, for the access line
+    assert (timings.num_draft_tokens, timings.num_accepted_draft_tokens) == (
+        spec.num_draft_tokens,
+        spec.num_accepted_tokens,
+    )
+    registry = CollectorRegistry()
+    engine = type("Engine", (), {"stats": core.stats, "is_alive": True})()
+    registry.register(EngineStatsCollector("m", lambda: read_engine_counters(engine)))
+    text = generate_latest(registry).decode()
+    series = 'lamina:spec_decode_num_accepted_tokens_total{model_name="m"}'
+    assert f"{series} {spec.num_accepted_tokens:.1f}" in text
+    assert (
+        'lamina:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="0"}' in text
+    )
+    assert "lamina:spec_decode_num_drafts_total" in text
+    assert "lamina:spec_decode_num_draft_tokens_total" in text
