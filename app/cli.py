@@ -1,4 +1,4 @@
-"""The `lamina` command: `weights`, `serve`, `bench engine|serve|kernels|fleet`."""
+"""The `lamina` command: `weights`, `serve`, `bench engine|serve|kernels|fleet|peers`."""
 
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from app.bench.fleet_bench import main as bench_fleet
 
         return bench_fleet(args.rest)
+    if args.bench_target == "peers":
+        from app.bench.peers import main as bench_peers
+
+        return bench_peers(args.rest)
     from app.bench.serve_bench import main as bench_serve
 
     return bench_serve(args.rest)
@@ -66,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="benchmarks: `engine` (offline), `serve` (HTTP), `kernels` (CPU kernels), "
-        "`fleet` (replicas behind nginx and a cache-aware router)",
+        "`fleet` (replicas behind nginx and a cache-aware router), "
+        "`peers` (against llama.cpp's server, precision by precision)",
     )
-    bench.add_argument("bench_target", choices=["engine", "serve", "kernels", "fleet"])
+    bench.add_argument("bench_target", choices=["engine", "serve", "kernels", "fleet", "peers"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=_cmd_bench)
     return parser

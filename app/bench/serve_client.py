@@ -19,6 +19,7 @@ class RequestRecord:
     e2e_s: float = 0.0
     output_tokens: int = 0
     chunk_gaps_s: list[float] = field(default_factory=list)  # inter-token latencies
+    text: str = ""  # the completion's text, as streamed
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> Request
                     record.output_tokens = usage.get("completion_tokens", 0)
                 if not payload.get("choices"):
                     continue
+                record.text += payload["choices"][0].get("text") or ""
                 now = time.perf_counter()
                 if last is None:
                     record.ttft_s = now - start

@@ -1,0 +1,97 @@
+"""The servers `lamina bench peers` compares, each in one precision, started one at a time.
+
+A precision pairs lamina's LAMINA_WEIGHT_DTYPE with the GGUF type llama.cpp serves in
+it. Both servers get the same threads; llama-server gets one slot per stream
+(`-np`), continuous batching, and a context of `CONTEXT_PER_SLOT` tokens per slot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.bench.spawn import free_port, wait_until_answering
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # the --precisions name
+    lamina_weight_dtype: str  # LAMINA_WEIGHT_DTYPE
+    gguf_type: str  # the llama.cpp file type it is compared with
+
+
+PRECISIONS = {
+    p.name: p
+    for p in (
+        Precision("fp32", "float32", "F32"),
+        Precision("fp16", "float16", "F16"),
+        Precision("bf16", "bfloat16", "BF16"),
+        Precision("int8", "int8", "Q8_0"),
+        Precision("int4", "int4", "Q4_0"),
+    )
+}
+
+# 64-word prompts are about 80-100 tokens; 64 new tokens; room to spare.
+CONTEXT_PER_SLOT = 512
+
+# Series names: lamina on the model folder, llama.cpp, and lamina on llama.cpp's file.
+LAMINA, LLAMA_CPP, LAMINA_GGUF = "lamina", "llama.cpp", "lamina-gguf"
+
+
+def parse_precisions(text: str) -> list[Precision]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PRECISIONS]
+    if unknown or not names:
+        raise ValueError(
+            f"--precisions: unknown {unknown or text!r}; choose from {list(PRECISIONS)}"
+        )
+    return [PRECISIONS[n] for n in names]
+
+
+def lamina_env(precision: Precision, threads: int, model: Path, extra: dict | None = None) -> dict:
+    """LAMINA_* settings of the lamina series in `precision` (model: folder or .gguf)."""
+    weight_dtype = "auto" if model.suffix == ".gguf" else precision.lamina_weight_dtype
+    return {
+        "LAMINA_MODEL": str(model),
+        "LAMINA_WEIGHT_DTYPE": weight_dtype,  # auto on a GGUF file keeps its precision
+        "LAMINA_NUM_THREADS": str(threads),
+        **(extra or {}),
+    }
+
+
+def llama_server_command(
+    server: Path, gguf: Path, port: int, streams: int, threads: int
+) -> list[str]:
+    """llama-server with one slot per stream and the same threads as lamina."""
+    return [
+        str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+        "-np", str(streams), "-c", str(streams * CONTEXT_PER_SLOT),
+        "-t", str(threads), "-tb", str(threads), "--cont-batching",
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def llama_server(
+    server: Path, gguf: Path, streams: int, threads: int, log_path: Path
+) -> Iterator[str]:
+    """A llama-server on a free loopback port until the block ends; its log to `log_path`."""
+    port = free_port()
+    command = llama_server_command(server, gguf, port, streams, threads)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_answering(f"{url}/health", process, "llama-server", timeout_s=180)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
