@@ -81,6 +81,8 @@ def ensure_gguf(llama: LlamaCpp, folder: Path, gguf_type: str, into: Path, log=p
     else:
         raise ValueError(f"no way to make a {gguf_type} GGUF file")
     log(f"[peers] converting {folder.name} to GGUF {gguf_type} ...")
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
     partial.replace(target)  # atomic: a half-written file is never taken as cached
     return target
