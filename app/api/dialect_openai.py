@@ -40,8 +40,8 @@ from app.api.schemas import (
 )
 from app.api.sse import DONE, TextFrames, finite, sse_event
 from app.api.state import Serving
-from app.api.tool_calls import ToolCallStreams, ToolRequest, answer_message, tool_request
-from app.core import FinishReason, SamplingParams, TokenDelta, TokenLogprob
+from app.api.tool_calls import ToolCallStreams, ToolRequest, answer_message
+from app.core import FinishReason, TokenDelta, TokenLogprob
 
 
 def finish_name(reason: FinishReason | None) -> FinishReasonName | None:
@@ -90,15 +90,6 @@ class OpenAIDialect(Dialect):
 
     chunk_model: ClassVar[type[CompletionChunk] | type[ChatCompletionChunk]]
     response_model: ClassVar[type[CompletionResponse] | type[ChatCompletionResponse]]
-    # (body, limits, tokenizer) -> (prompts, SamplingParams per prompt, n), in params.py
-    inputs: ClassVar[Callable[..., tuple[list[list[int]], list[SamplingParams], int]]]
-
-    @classmethod
-    def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> OpenAIDialect:
-        prompts, params, n = cls.inputs(body, serving.limits, serving.tokenizer)
-        dialect = cls(request_id, prompts, params, n, stream, body=body, serving=serving)
-        dialect.constraint = request_constraint(body.model_extra)
-        return dialect
 
     def __init__(self, *args: Any, body: Any, serving: Serving) -> None:
         super().__init__(*args)
@@ -176,7 +167,13 @@ class CompletionDialect(OpenAIDialect):
     id_prefix = "cmpl"
     chunk_model = CompletionChunk
     response_model = CompletionResponse
-    inputs = staticmethod(completion_inputs)
+
+    @classmethod
+    def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> Dialect:
+        prompts, params, n = completion_inputs(body, serving.limits, serving.tokenizer)
+        dialect = cls(request_id, prompts, params, n, stream, body=body, serving=serving)
+        dialect.constraint = request_constraint(body.model_extra)
+        return dialect
 
     def __init__(self, *args: Any, body: CompletionRequest, serving: Serving) -> None:
         super().__init__(*args, body=body, serving=serving)
@@ -264,16 +261,15 @@ class ChatDialect(OpenAIDialect):
     id_prefix = "chatcmpl"
     chunk_model = ChatCompletionChunk
     response_model = ChatCompletionResponse
-    inputs = staticmethod(chat_inputs)
 
     @classmethod
-    def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> ChatDialect:
-        dialect = super().parse(body, serving, request_id, stream)
-        assert isinstance(dialect, ChatDialect)
-        dialect.tools = tool_request(body, serving.tokenizer.tool_call_format)
-        dialect.constraint = dialect.tools.joined_with(dialect.constraint)
-        if dialect.tools.parses_calls:
-            dialect.calls = ToolCallStreams(dialect.num_choices, dialect.tools.call_format)
+    def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> Dialect:
+        prompts, params, n, tools = chat_inputs(body, serving.limits, serving.tokenizer)
+        dialect = cls(request_id, prompts, params, n, stream, body=body, serving=serving)
+        dialect.tools = tools
+        dialect.constraint = tools.joined_with(request_constraint(body.model_extra))
+        if tools.parses_calls:
+            dialect.calls = ToolCallStreams(dialect.num_choices, tools.call_format)
         return dialect
 
     def __init__(self, *args: Any, body: Any, serving: Serving) -> None:

@@ -16,7 +16,7 @@ from app.api.prompts import check_token_ids, encode_chat, encode_prompt, named_p
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from app.api.schemas_tgi import GenerateParameters, GenerateRequest
 from app.api.state import Limits
-from app.api.tool_calls import tool_request
+from app.api.tool_calls import ToolRequest, tool_request
 from app.api.unimplemented import refuse_unimplemented
 from app.core import SamplingParams
 from app.tokenizer import Tokenizer
@@ -247,9 +247,9 @@ def completion_inputs(
 
 def chat_inputs(
     body: ChatCompletionRequest, limits: Limits, tokenizer: Tokenizer
-) -> tuple[list[list[int]], list[SamplingParams], int]:
+) -> tuple[list[list[int]], list[SamplingParams], int, ToolRequest]:
     """/v1/chat/completions: the chat template's prompt, its SamplingParams (one each),
-    and n."""
+    n, and the tools (checked; the prompt shows them)."""
     settings = limits.settings
     n = body.n or 1
     at_most(n, settings.max_n, "n")
@@ -267,12 +267,14 @@ def chat_inputs(
             param="prompt_logprobs",
         )
     params = with_prompt_logprobs(params, body, limits, None)
-    tools = tool_request(body, tokenizer.tool_call_format).prompt_tools
-    prompt = encode_chat(body.messages, tokenizer, body.add_generation_prompt is not False, tools)
+    tools = tool_request(body, tokenizer.tool_call_format)
+    prompt = encode_chat(
+        body.messages, tokenizer, body.add_generation_prompt is not False, tools.prompt_tools
+    )
     fitted = fit_to_context(
         len(prompt), max_tokens, limits, prompt_param="messages", max_tokens_param=max_tokens_param
     )
-    return [prompt], [with_max_tokens(params, fitted)], n
+    return [prompt], [with_max_tokens(params, fitted)], n, tools
 
 
 # --- TGI ---------------------------------------------------------------------------------
