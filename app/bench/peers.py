@@ -31,7 +31,9 @@ from app.bench.peers_gguf import ensure_gguf, gguf_dir, model_content_hash
 from app.bench.peers_servers import (
     LAMINA,
     LAMINA_GGUF,
+    LAMINA_SPEC,
     LLAMA_CPP,
+    SPECULATION_ON,
     Precision,
     lamina_env,
     llama_server,
@@ -39,7 +41,9 @@ from app.bench.peers_servers import (
 )
 from app.bench.peers_workload import (
     MAX_TOKENS,
+    chat_body,
     completion_body,
+    repetitive_chats,
     run_level,
     served_model,
     word_prompts,
@@ -48,6 +52,7 @@ from app.bench.spawn import spawned_server
 
 QUICK = {"rounds": 1, "streams": "1,8", "requests_per_stream": 1}
 DEFAULTS = {"rounds": 2, "streams": "1,8,32", "requests_per_stream": 2}
+REPETITIVE_MAX_TOKENS = 256  # most of a corrected passage: long enough for lookup to pay
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -62,7 +67,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"requests each client sends per level (default {DEFAULTS['requests_per_stream']}; "
         "a level sends at least 4)",
     )
-    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    parser.add_argument(
+        "--max-tokens", type=int, help=f"default {MAX_TOKENS}, {REPETITIVE_MAX_TOKENS} repetitive"
+    )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--workload", choices=["random", "repetitive"], default="random")
     parser.add_argument("--lamina-gguf", action="store_true", help="add lamina on the GGUF file")
@@ -74,6 +81,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name, default in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if args.max_tokens is None:
+        args.max_tokens = REPETITIVE_MAX_TOKENS if args.workload == "repetitive" else MAX_TOKENS
     args.precision_list = parse_precisions(args.precisions)
     args.stream_levels = [int(n) for n in args.streams.split(",") if n.strip()]
     if not args.stream_levels or min(args.stream_levels) < 1 or args.rounds < 1:
@@ -95,23 +104,20 @@ def series_order(series: list[str], round_index: int) -> list[str]:
     return list(series) if round_index % 2 == 0 else list(reversed(series))
 
 
-def level_prompts(args, round_index: int, streams: int) -> list[str]:
-    """The same prompts for every server of a round at this level."""
+def level_bodies(args, model: str, round_index: int, streams: int) -> list[dict]:
+    """The same requests for every server of a round at this level."""
     count = max(4, streams * args.requests_per_stream)
     seed = 1000 * round_index + streams
     if args.workload == "repetitive":
-        from app.bench.repetitive import repetitive_prompts
-
-        return repetitive_prompts(count, seed)
-    return word_prompts(count, seed)
+        return [chat_body(model, chat, args.max_tokens) for chat in repetitive_chats(count, seed)]
+    return [completion_body(model, p, args.max_tokens) for p in word_prompts(count, seed)]
 
 
-def measure_cell(url, model, series, precision, round_index, streams, args, extra=None):
-    """One level on one running server: a Sample (and the texts, in prompt order)."""
-    prompts = level_prompts(args, round_index, streams)
-    bodies = [completion_body(model, p, args.max_tokens, extra) for p in prompts]
+def measure_cell(url, model, series, precision, round_index, streams, args):
+    """One level on one running server: a Sample, and the texts in request order."""
+    bodies = level_bodies(args, model, round_index, streams)
     load_before = [round(x, 2) for x in os.getloadavg()]
-    summary, records = asyncio.run(run_level(url, model, streams, bodies))
+    summary, records = asyncio.run(run_level(url, streams, bodies))
     sample = report.Sample(
         round=round_index,
         series=series,
@@ -136,18 +142,21 @@ def measure_cell(url, model, series, precision, round_index, streams, args, extr
 def warm_up(url: str, model: str) -> None:
     """One short request, so no level pays for a cold start."""
     body = completion_body(model, " ".join(word_prompts(1, seed=-1)), 4)
-    asyncio.run(run_level(url, model, 1, [body]))
+    asyncio.run(run_level(url, 1, [body]))
 
 
-def run_lamina(series, precision, round_index, args, env) -> list[report.Sample]:
+def run_lamina(series, precision, round_index, args, env, texts: dict) -> list[report.Sample]:
+    """One lamina server through every level; its outputs go into `texts`."""
     samples = []
     with spawned_server("lamina", env) as url:
         model = served_model(url)
         warm_up(url, model)
         for streams in args.stream_levels:
-            samples.append(
-                measure_cell(url, model, series, precision, round_index, streams, args)[0]
+            sample, outputs = measure_cell(
+                url, model, series, precision, round_index, streams, args
             )
+            samples.append(sample)
+            texts[(series, round_index, precision.name, streams)] = outputs
     return samples
 
 
@@ -169,10 +178,12 @@ def lamina_series(args) -> list[str]:
     series = [LAMINA]
     if args.lamina_gguf:
         series.append(LAMINA_GGUF)
+    if args.workload == "repetitive":
+        series.append(LAMINA_SPEC)
     return series
 
 
-def run_round(round_index: int, precision: Precision, args, llama, ggufs, folder) -> list:
+def run_round(round_index, precision: Precision, args, llama, ggufs, folder, texts) -> list:
     """Every series once in `precision`, in this round's order."""
     samples = []
     series = [*lamina_series(args), LLAMA_CPP]
@@ -181,9 +192,25 @@ def run_round(round_index: int, precision: Precision, args, llama, ggufs, folder
             samples += run_llama_cpp(precision, round_index, args, llama, ggufs[precision.name])
             continue
         model = ggufs[precision.name] if name == LAMINA_GGUF else folder
-        env = lamina_env(precision, args.threads, model)
-        samples += run_lamina(name, precision, round_index, args, env)
+        extra = SPECULATION_ON if name == LAMINA_SPEC else None
+        env = lamina_env(precision, args.threads, model, extra)
+        samples += run_lamina(name, precision, round_index, args, env, texts)
     return samples
+
+
+def speculation_identical(texts: dict) -> dict | None:
+    """Greedy outputs with speculation on against off, request by request: how many
+    were identical (None when the run had no speculative series)."""
+    pairs = [
+        (outputs, texts.get((LAMINA, *cell)))
+        for (series, *cell), outputs in texts.items()
+        if series == LAMINA_SPEC
+    ]
+    pairs = [(on, off) for on, off in pairs if off is not None]
+    if not pairs:
+        return None
+    same = sum(a == b for on, off in pairs for a, b in zip(on, off, strict=True))
+    return {"requests": sum(len(on) for on, _ in pairs), "identical": same}
 
 
 def prepare(args, folder: Path):
@@ -207,10 +234,14 @@ def _commit() -> str:
     return result.stdout.strip() or "unknown"
 
 
-def write_outputs(args, samples, series, llama, ggufs, started: str) -> None:
+def write_outputs(args, samples, series, llama, ggufs, started: str, texts: dict, final=True):
+    """JSON, markdown and PNG of the samples so far (rewritten after every precision of
+    every round, so a run cut short keeps what it measured); the table once, at the end."""
     med = report.medians(samples)
     lamina_ratios = report.ratios(med)
-    goals = report.goal_lines(lamina_ratios)
+    identical = speculation_identical(texts)
+    goals = report.goal_lines(lamina_ratios) if args.workload == "random" else []
+    goals += report.speculation_lines(report.ratios(med, LAMINA_SPEC, LAMINA), identical)
     table = report.markdown_table(samples, series)
     payload = {
         "benchmark": "lamina bench peers",
@@ -233,12 +264,16 @@ def write_outputs(args, samples, series, llama, ggufs, started: str) -> None:
             {"precision": p, "streams": n, "ratio": round(r, 3)}
             for (p, n), r in lamina_ratios.items()
         ],
+        "complete": final,
+        "speculation_outputs": identical,
         "goals": goals,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     args.out.with_suffix(".md").write_text(table)
     report.write_png(samples, series, args.out.with_suffix(".png"))
+    if not final:
+        return
     print("\n" + table + "\n" + "\n".join(goals))
     print(f"wrote {args.out}, {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')}")
 
@@ -249,9 +284,13 @@ def main(argv: list[str] | None = None) -> int:
     llama, ggufs = prepare(args, folder)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     samples: list[report.Sample] = []
+    texts: dict = {}  # (series, round, precision, streams) -> outputs in request order
+    series = [*lamina_series(args), LLAMA_CPP]
     for round_index in range(args.rounds):
         for precision in args.precision_list:
-            samples += run_round(round_index, precision, args, llama, ggufs, folder)
-    series = [*lamina_series(args), LLAMA_CPP]
-    write_outputs(args, samples, series, llama, ggufs, started)
-    return 1 if any(s.num_errors or s.num_short for s in samples) else 0
+            samples += run_round(round_index, precision, args, llama, ggufs, folder, texts)
+            write_outputs(args, samples, series, llama, ggufs, started, texts, final=False)
+    write_outputs(args, samples, series, llama, ggufs, started, texts)
+    identical = speculation_identical(texts)
+    differs = identical is not None and identical["identical"] < identical["requests"]
+    return 1 if differs or any(s.num_errors or s.num_short for s in samples) else 0

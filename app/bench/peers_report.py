@@ -85,6 +85,29 @@ def goal_lines(lamina_over_llama: dict[tuple[str, int], float]) -> list[str]:
     return lines
 
 
+# The issue's goal for speculation: one stream, repetitive workload, on over off.
+SPECULATION_GOAL = 1.8
+
+
+def speculation_lines(spec_over_plain: dict[tuple[str, int], float], identical) -> list[str]:
+    """Speculation on over off, per (precision, streams), and whether outputs matched."""
+    lines = []
+    for (precision, streams), ratio in sorted(
+        spec_over_plain.items(), key=lambda item: _order(item[0])
+    ):
+        line = f"{precision}, {streams} stream(s): speculation on/off {ratio:.2f}x"
+        if streams == 1:
+            verdict = "met" if ratio >= SPECULATION_GOAL else "NOT met"
+            line += f" (goal >= {SPECULATION_GOAL}x): {verdict}"
+        lines.append(line)
+    if identical is not None:
+        lines.append(
+            f"outputs with speculation on = off: {identical['identical']} of "
+            f"{identical['requests']} requests identical"
+        )
+    return lines
+
+
 def _cell(rng: tuple[float, float] | None, med: float | None) -> str:
     if med is None or rng is None:
         return "-"

@@ -39,8 +39,10 @@ PRECISIONS = {
 # 64-word prompts are about 80-100 tokens; 64 new tokens; room to spare.
 CONTEXT_PER_SLOT = 512
 
-# Series names: lamina on the model folder, llama.cpp, and lamina on llama.cpp's file.
-LAMINA, LLAMA_CPP, LAMINA_GGUF = "lamina", "llama.cpp", "lamina-gguf"
+# Series names: lamina on the model folder, llama.cpp, lamina on llama.cpp's file, and
+# lamina with prompt-lookup speculative decoding (the repetitive workload).
+LAMINA, LLAMA_CPP, LAMINA_GGUF, LAMINA_SPEC = "lamina", "llama.cpp", "lamina-gguf", "lamina-spec"
+SPECULATION_ON = {"LAMINA_SPECULATIVE": "ngram"}
 
 
 def parse_precisions(text: str) -> list[Precision]:

@@ -1,11 +1,13 @@
-"""The closed-loop workload of `lamina bench peers`, the same for every server.
+"""The closed-loop workloads of `lamina bench peers`, the same for every server.
 
-`streams` clients each send their share of streaming completions in turn (a client
-sends its next request when the previous one ends): text prompts of `PROMPT_WORDS`
-seeded random words, `max_tokens` new tokens, greedy, ignore_eos. Throughput is output
-tokens over the level's wall time. Prompts depend on (round, streams) only, so both
-servers of a round do the same work; their first words differ, so no request finds
-another's prefix in a cache.
+`streams` clients each send their share of streaming requests in turn (a client sends
+its next request when the previous one ends), `max_tokens` new tokens, greedy,
+ignore_eos. Throughput is output tokens over the level's wall time.
+- random: completions of `PROMPT_WORDS` seeded random words.
+- repetitive: chats asking to rewrite a passage with its typos corrected
+  (app/bench/repetitive.py), where most of the answer copies the prompt.
+Prompts depend on (round, streams) only, so every server of a round does the same work;
+their first words differ, so no request finds another's prefix in a cache.
 """
 
 from __future__ import annotations
@@ -40,6 +42,30 @@ def word_prompts(count: int, seed: int, num_words: int = PROMPT_WORDS) -> list[s
     return [" ".join(rng.choice(WORDS) for _ in range(num_words)) for _ in range(count)]
 
 
+def repetitive_chats(count: int, seed: int) -> list[list[dict]]:
+    """The repetitive workload's chats, each opened by its own reference, so that no
+    request of a level finds another's passage in a prefix cache."""
+    from app.bench.repetitive import repetitive_messages
+
+    chats = repetitive_messages(count)
+    return [
+        [{"role": "user", "content": f"(ref {seed}-{i}) {chat[0]['content']}"}]
+        for i, chat in enumerate(chats)
+    ]
+
+
+def chat_body(model: str, messages: list[dict], max_tokens: int) -> dict:
+    return {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
 def completion_body(model: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
     return {
         "model": model,
@@ -61,14 +87,15 @@ async def _client(
 
 
 async def run_level(
-    base_url: str, model: str, streams: int, bodies: list[dict], timeout_s: float = 900.0
+    base_url: str, streams: int, bodies: list[dict], timeout_s: float = 900.0
 ) -> tuple[LevelSummary, list[RequestRecord]]:
     """`streams` clients share `bodies` (client i sends bodies[i::streams] in turn);
     the records come back in the order of `bodies`."""
     records: list = [None] * len(bodies)
     limits = httpx.Limits(max_connections=streams + 2)
     timeout = httpx.Timeout(timeout_s, connect=30.0)
-    url = f"{base_url}/v1/completions"
+    route = "chat/completions" if "messages" in bodies[0] else "completions"
+    url = f"{base_url}/v1/{route}"
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         start = time.perf_counter()
         shares = [range(i, len(bodies), streams) for i in range(streams)]

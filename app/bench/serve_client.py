@@ -67,7 +67,10 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> Request
                     record.output_tokens = usage.get("completion_tokens", 0)
                 if not payload.get("choices"):
                     continue
-                record.text += payload["choices"][0].get("text") or ""
+                choice = payload["choices"][0]  # a completion's text or a chat's delta
+                record.text += (
+                    choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                )
                 now = time.perf_counter()
                 if last is None:
                     record.ttft_s = now - start

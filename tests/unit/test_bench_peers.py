@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.bench import peers, peers_build, peers_gguf, peers_report, peers_servers, peers_workload
+from app.bench import peers, peers_build, peers_gguf, peers_report, peers_servers
 from app.bench.peers_report import Sample
 
 AVX512_CPU = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 ht\n"
@@ -167,13 +167,50 @@ def test_server_order_alternates_from_round_to_round():
 
 def test_prompts_are_64_words_reproducible_and_the_same_for_both_servers():
     args = peers.parse_args([])
-    prompts = peers.level_prompts(args, round_index=1, streams=8)
+    bodies = peers.level_bodies(args, "m", round_index=1, streams=8)
+    prompts = [body["prompt"] for body in bodies]
     assert len(prompts) == 16 and all(len(p.split()) == 64 for p in prompts)
-    assert prompts == peers.level_prompts(args, round_index=1, streams=8)
-    assert prompts != peers.level_prompts(args, round_index=0, streams=8)
-    assert len(peers.level_prompts(args, 0, 1)) == 4  # a level sends at least 4 requests
-    body = peers_workload.completion_body("m", prompts[0], 64)
+    assert bodies == peers.level_bodies(args, "m", round_index=1, streams=8)
+    assert bodies != peers.level_bodies(args, "m", round_index=0, streams=8)
+    assert len(peers.level_bodies(args, "m", 0, 1)) == 4  # a level sends at least 4 requests
+    body = bodies[0]
     assert body["ignore_eos"] is True and body["stream"] is True and body["temperature"] == 0
+    assert body["max_tokens"] == 64 and body["model"] == "m"
+
+
+def test_the_repetitive_workload_asks_each_request_to_rewrite_its_own_passage():
+    args = peers.parse_args(["--workload", "repetitive"])
+    assert args.max_tokens == peers.REPETITIVE_MAX_TOKENS
+    bodies = peers.level_bodies(args, "m", round_index=0, streams=1)
+    texts = [body["messages"][0]["content"] for body in bodies]
+    assert len(texts) == 4 and len(set(texts)) == 4
+    assert all(body["ignore_eos"] and body["temperature"] == 0 for body in bodies)
+    # Each opens with its own reference: no request's passage is another's cached prefix.
+    assert len({text.split(")")[0] for text in texts}) == 4
+    assert all(
+        "lighthouse" in t or "Bread" in t or "glacier" in t or "libraries" in t for t in texts
+    )
+
+
+def test_repetitive_series_add_lamina_with_speculation():
+    args = peers.parse_args(["--workload", "repetitive", "--lamina-gguf"])
+    assert peers.lamina_series(args) == ["lamina", "lamina-gguf", "lamina-spec"]
+    assert peers.lamina_series(peers.parse_args([])) == ["lamina"]
+
+
+def test_speculation_outputs_are_compared_request_by_request():
+    texts = {
+        ("lamina", 0, "fp32", 1): ["a", "b"],
+        ("lamina-spec", 0, "fp32", 1): ["a", "c"],
+        ("llama.cpp", 0, "fp32", 1): ["x", "y"],
+    }
+    assert peers.speculation_identical(texts) == {"requests": 2, "identical": 1}
+    assert peers.speculation_identical({("lamina", 0, "fp32", 1): ["a"]}) is None
+    lines = peers_report.speculation_lines({("fp32", 1): 2.0, ("fp32", 8): 1.2}, None)
+    assert lines == [
+        "fp32, 1 stream(s): speculation on/off 2.00x (goal >= 1.8x): met",
+        "fp32, 8 stream(s): speculation on/off 1.20x",
+    ]
 
 
 def test_medians_ratios_and_goals():
