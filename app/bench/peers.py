@@ -20,7 +20,9 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -280,6 +282,8 @@ def write_outputs(args, samples, series, llama, ggufs, started: str, texts: dict
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
+    # A SIGTERM ends the run like Ctrl-C: the servers' `finally` blocks stop them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     folder = model_folder(args)
     llama, ggufs = prepare(args, folder)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
