@@ -143,7 +143,8 @@ def measure_cell(url, model, series, precision, round_index, streams, args):
 
 def warm_up(url: str, model: str) -> None:
     """One short request, so no level pays for a cold start."""
-    body = completion_body(model, " ".join(word_prompts(1, seed=-1)), 4)
+    # A seed no level uses (random.Random(-n) is Random(n)): no level finds it cached.
+    body = completion_body(model, " ".join(word_prompts(1, seed="warm-up")), 4)
     asyncio.run(run_level(url, 1, [body]))
 
 

@@ -36,7 +36,7 @@ WORDS = (
 )  # fmt: skip
 
 
-def word_prompts(count: int, seed: int, num_words: int = PROMPT_WORDS) -> list[str]:
+def word_prompts(count: int, seed: int | str, num_words: int = PROMPT_WORDS) -> list[str]:
     """`count` prompts of `num_words` words, reproducible from `seed`."""
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(num_words)) for _ in range(count)]
@@ -92,7 +92,9 @@ async def run_level(
     """`streams` clients share `bodies` (client i sends bodies[i::streams] in turn);
     the records come back in the order of `bodies`."""
     records: list = [None] * len(bodies)
-    limits = httpx.Limits(max_connections=streams + 2)
+    # A fresh connection per request: llama-server may close a kept-alive connection
+    # just as the client reuses it ("Server disconnected without sending a response").
+    limits = httpx.Limits(max_connections=streams + 2, max_keepalive_connections=0)
     timeout = httpx.Timeout(timeout_s, connect=30.0)
     route = "chat/completions" if "messages" in bodies[0] else "completions"
     url = f"{base_url}/v1/{route}"

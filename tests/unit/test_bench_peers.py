@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.bench import peers, peers_build, peers_gguf, peers_report, peers_servers
+from app.bench import peers, peers_build, peers_gguf, peers_report, peers_servers, peers_workload
 from app.bench.peers_report import Sample
 
 AVX512_CPU = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 ht\n"
@@ -253,3 +253,14 @@ def test_the_machine_is_described():
     machine = peers_report.machine()
     assert machine["cores_usable"] >= 1 and machine["cpu"]
     assert set(machine["flags"]) <= set(peers_build.NATIVE_FLAGS)
+
+
+def test_the_warm_up_prompt_is_no_levels_prompt():
+    # random.Random(-1) is random.Random(1): a negative seed would repeat level 1's
+    # first prompt and hand both servers a cached prefix.
+    warm_up = peers_workload.word_prompts(1, seed="warm-up")[0]
+    args = peers.parse_args([])
+    for round_index in range(3):
+        for streams in (1, 8, 32):
+            bodies = peers.level_bodies(args, "m", round_index, streams)
+            assert warm_up not in {body["prompt"] for body in bodies}
