@@ -1,5 +1,6 @@
 """`lamina bench engine --workload repetitive --speculative off,ngram`: speculative
-decoding against none, on a workload where prompt lookup helps.
+decoding against none, on a workload where prompt lookup helps (`--workload random`:
+random token prompts, where it has little to find, for what it costs there).
 
 Every mode runs on the same loaded model in this one process, alternating at each
 level `--repeats` times, so their ratios come from the same minutes of a shared
@@ -18,6 +19,7 @@ import statistics
 from dataclasses import asdict, dataclass
 
 from app.bench.closed_loop import closed_loop
+from app.bench.engine_bench import make_prompts
 from app.bench.repetitive import repetitive_messages
 from app.core import SamplingParams
 
@@ -38,8 +40,12 @@ class ModeResult:
 
 def main(args, engine, tokenizer) -> int:
     modes = (args.speculative or "off,ngram").split(",")
-    conversations = repetitive_messages(max(args.num_prompts, max(args.levels)))
-    prompts = [tokenizer.apply_chat_template(messages) for messages in conversations]
+    num_prompts = max(args.num_prompts, max(args.levels))
+    if args.workload == "repetitive":
+        conversations = repetitive_messages(num_prompts)
+        prompts = [tokenizer.apply_chat_template(messages) for messages in conversations]
+    else:  # where prompt lookup has little to find: what speculation costs
+        prompts = make_prompts(tokenizer.vocab_size, num_prompts, args.prompt_len, args.seed)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0)
     print(_header(engine, args, prompts, modes), flush=True)
     results: list[ModeResult] = []
@@ -104,9 +110,10 @@ def _run_level(args, engine, tokenizer, prompts, params, level) -> list[ModeResu
 
 def _header(engine, args, prompts, modes) -> str:
     lengths = sorted(len(p) for p in prompts)
+    workload = "rewrite a passage fixing typos" if args.workload == "repetitive" else "random"
     return (
-        f"# speculative decoding: {', '.join(modes)}; repetitive workload "
-        f"(rewrite a passage fixing typos), prompts {lengths[0]}-{lengths[-1]} tokens, "
+        f"# speculative decoding: {', '.join(modes)}; {workload} prompts, "
+        f"{lengths[0]}-{lengths[-1]} tokens, "
         f"at most {args.output_len} new tokens, greedy; {args.repeats} repeats alternating; "
         f"weights {engine.weight_dtype}, {engine.runner.kernel_summary()['matmul']}\n"
         "| streams | mode | requests | tokens | tok/s (median) | ratio | accepted | "

@@ -24,10 +24,12 @@ def repeating_prompt(corpus_ids) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def cases(parity_prompts, repeating_prompt, hf_model):
-    """(request id, prompt, transformers' greedy tokens) for 4 requests."""
+def cases(parity_prompts, hf_references, repeating_prompt, hf_model):
+    """(request id, prompt, transformers' greedy tokens) for 4 requests (the session's
+    parity references, computed once for test_greedy_parity too)."""
     prompts = [*parity_prompts[:3], repeating_prompt]
-    return [(f"r{i}", p, hf_greedy(hf_model, p)) for i, p in enumerate(prompts)]
+    expected = [*hf_references[:3], hf_greedy(hf_model, repeating_prompt)]
+    return [(f"r{i}", p, want) for i, (p, want) in enumerate(zip(prompts, expected))]
 
 
 def _check(core, got, cases) -> None:
