@@ -1,7 +1,9 @@
-"""The closed loop both engine benchmarks drive: a fixed number of requests in flight."""
+"""The closed loop the engine benchmarks drive (a fixed number of requests in flight),
+and their random prompts."""
 
 from __future__ import annotations
 
+import random
 import time
 
 from app.core import SamplingParams
@@ -36,3 +38,14 @@ def closed_loop(
             if delta.finished:
                 in_flight -= 1
     return num_tokens, time.perf_counter() - start
+
+
+def make_prompts(vocab_size: int, num: int, mean_len: int, seed: int) -> list[list[int]]:
+    """Seeded random token ids, lengths within +-6% of the mean (so padding is real)."""
+    rng = random.Random(seed)
+    spread = max(1, mean_len // 16)
+    # Skip the low ids, where the special tokens of most vocabularies live.
+    return [
+        [rng.randrange(100, vocab_size) for _ in range(mean_len + rng.randint(-spread, spread))]
+        for _ in range(num)
+    ]

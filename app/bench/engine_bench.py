@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from app.bench.closed_loop import closed_loop
+from app.bench.closed_loop import closed_loop, make_prompts
 from app.bench.flops import FlopCounts, measure_matmul_peak
 from app.config import load_settings
 from app.core import SamplingParams
@@ -124,17 +123,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.num_prompts = min(args.num_prompts, max(args.levels))
         args.output_len = min(args.output_len, 32)
     return args
-
-
-def make_prompts(vocab_size: int, num: int, mean_len: int, seed: int) -> list[list[int]]:
-    """Seeded random token ids, lengths within +-6% of the mean (so padding is real)."""
-    rng = random.Random(seed)
-    spread = max(1, mean_len // 16)
-    # Skip the low ids, where the special tokens of most vocabularies live.
-    return [
-        [rng.randrange(100, vocab_size) for _ in range(mean_len + rng.randint(-spread, spread))]
-        for _ in range(num)
-    ]
 
 
 def run_lamina(

@@ -18,8 +18,7 @@ import os
 import statistics
 from dataclasses import asdict, dataclass
 
-from app.bench.closed_loop import closed_loop
-from app.bench.engine_bench import make_prompts
+from app.bench.closed_loop import closed_loop, make_prompts
 from app.bench.repetitive import repetitive_messages
 from app.core import SamplingParams
 
