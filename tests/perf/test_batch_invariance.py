@@ -6,6 +6,11 @@ at other places, prefix caching serves the shared chat-template prefix from bloc
 another request computed, and every decode step batches up to 20 sequences with
 different context lengths. `Settings.batch_invariant` (default on) must make all of
 that invisible in the output.
+
+The model is the default one cut to its first layers (`shallow_default_model_path`):
+the same kernels, shapes, vocabulary and real weights, a fifth of the time. Invariance
+holds layer by layer, so depth adds no coverage; the full model's outputs are checked
+through HTTP by tests/api/test_batch_invariance_http.py.
 """
 
 from __future__ import annotations
@@ -76,31 +81,35 @@ def run(core: EngineCore, batch) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.fixture(scope="module")
-def runner(default_model_path):
+def runner(shallow_default_model_path):
     from app.model.runner import ModelRunner
 
-    return ModelRunner.from_settings(default_settings(default_model_path))
+    return ModelRunner.from_settings(default_settings(shallow_default_model_path))
 
 
-def test_alone_and_together_give_identical_tokens(runner, perf_tokenizer, default_model_path):
-    settings = default_settings(default_model_path)
+def test_alone_and_together_give_identical_tokens(
+    runner, perf_tokenizer, shallow_default_model_path
+):
+    settings = default_settings(shallow_default_model_path)
     assert settings.batch_invariant  # the default
     check_alone_and_together(runner, perf_tokenizer, settings)
 
 
-def test_fp16_weights_alone_and_together_give_identical_tokens(perf_tokenizer, default_model_path):
+def test_fp16_weights_alone_and_together_give_identical_tokens(
+    perf_tokenizer, shallow_default_model_path
+):
     """fp16 weights: prompt tokens through fp32 kernels, generated ones through fp16, chosen
     per token; prefix-cache hits on the shared chat prefix must not change that."""
     from app.model.runner import ModelRunner
 
-    settings = default_settings(default_model_path, weight_dtype="float16")
+    settings = default_settings(shallow_default_model_path, weight_dtype="float16")
     fp16_runner = ModelRunner.from_settings(settings)
     assert fp16_runner.splits_rows
     check_alone_and_together(fp16_runner, perf_tokenizer, settings)
 
 
 def test_bf16_weights_alone_and_together_give_identical_tokens(
-    native, perf_tokenizer, default_model_path
+    native, perf_tokenizer, shallow_default_model_path
 ):
     """bf16 weights: one bf16 copy for every row, in lamina's native kernels (the fused
     decoder stack and the head), whose rows never depend on the row count, unlike
@@ -108,7 +117,7 @@ def test_bf16_weights_alone_and_together_give_identical_tokens(
     from app.model.linear import NativeLinearKernel
     from app.model.runner import ModelRunner
 
-    settings = default_settings(default_model_path, weight_dtype="bfloat16")
+    settings = default_settings(shallow_default_model_path, weight_dtype="bfloat16")
     bf16_runner = ModelRunner.from_settings(settings)
     model = bf16_runner.model
     assert model.native is native and model.fuse_layers and not bf16_runner.splits_rows
