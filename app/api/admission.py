@@ -10,7 +10,10 @@ step, so concurrent arrivals cannot overshoot):
        num_waiting < max_queued + free running slots
 
    (free slots: LAMINA_MAX_NUM_SEQS minus the started requests; none while the engine
-   reports sequences it could not schedule, e.g. a full KV cache).
+   reports sequences it could not schedule with running slots free, e.g. a full KV
+   cache. Sequences waiting only for a slot are what the slots already count: a burst
+   whose first requests run before their first token reaches HTTP still gets
+   LAMINA_MAX_NUM_SEQS + LAMINA_MAX_QUEUED places).
 2. **The weigh step** (`weigh`, from the route driver once the prompts are tokenized
    and `n` and `max_tokens` are known, before anything reaches the engine): the
    request's sequences (prompts x n) and its estimated tokens (prompt + max_tokens per
@@ -309,11 +312,16 @@ class AdmissionController:
         return self.num_in_flight == 0
 
     def watch_backlog(self, engine: Any) -> None:
-        """Read the engine's backlog (sequences it could not schedule) from its stats()
-        when it has one."""
+        """Read the engine's backlog from its stats() when it has one: sequences it
+        could not schedule although running slots were free."""
         stats = getattr(engine, "stats", None)
         if callable(stats):
-            self._engine_backlog = lambda: stats().num_waiting > 0
+
+            def backlog() -> bool:
+                now = stats()
+                return now.num_waiting > 0 and now.num_running < self.max_running
+
+            self._engine_backlog = backlog
 
 
 class AdmissionCollector(Collector):

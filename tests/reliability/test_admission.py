@@ -57,12 +57,14 @@ async def test_an_engine_backlog_leaves_only_the_queue() -> None:
     @dataclass
     class Stats:
         num_waiting: int
+        num_running: int
 
     class BusyEngine:
         backlog = 0
+        running = 0
 
         def stats(self) -> Stats:
-            return Stats(self.backlog)
+            return Stats(self.backlog, self.running)
 
     controller = AdmissionController(max_queued=1, max_running=8, server_timeout_s=None)
     engine = BusyEngine()
@@ -75,6 +77,29 @@ async def test_an_engine_backlog_leaves_only_the_queue() -> None:
     second = controller.admit()
     controller.release(first)
     controller.release(second)
+
+
+async def test_sequences_waiting_only_for_a_slot_are_not_a_backlog() -> None:
+    """A burst: the engine runs its first two requests (every slot) and holds the third
+    before any first token reaches HTTP. The slots already count that wait, so the
+    burst still gets max_running + max_queued places, however the timing falls."""
+
+    @dataclass
+    class Stats:
+        num_waiting: int
+        num_running: int
+
+    class FullEngine:
+        def stats(self) -> Stats:
+            return Stats(num_waiting=1, num_running=2)
+
+    controller = AdmissionController(max_queued=2, max_running=2, server_timeout_s=None)
+    controller.watch_backlog(FullEngine())
+    tickets = [controller.admit() for _ in range(4)]
+    with pytest.raises(APIError):
+        controller.admit()
+    for ticket in tickets:
+        controller.release(ticket)
 
 
 async def test_wait_idle_returns_when_the_last_request_ends() -> None:
