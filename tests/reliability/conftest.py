@@ -88,13 +88,17 @@ def failure_counts(url: str) -> dict[str, float]:
 
 
 def wait_until_idle(url: str, timeout_s: float = 15.0) -> dict[str, float]:
-    """Poll /metrics until nothing runs or waits and no KV block is in use."""
+    """Poll /metrics until no HTTP request is in flight, nothing runs or waits and no KV
+    block is in use. The engine can be idle (an aborted request's blocks freed) a moment
+    before the HTTP layer has finished that request and counted its failure: waiting for
+    the in-flight gauge too makes the failure counts read next complete."""
     deadline = time.monotonic() + timeout_s
     while True:
         sample = metrics_of(url)
         busy = {
             name: sample.get(name)
             for name in (
+                "lamina:http_requests_in_flight",
                 "lamina:num_requests_running",
                 "lamina:num_requests_waiting",
                 "lamina:kv_cache_usage_perc",
