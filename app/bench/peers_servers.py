@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.bench.spawn import free_port, wait_until_answering
+from app.bench.spawn import free_port, stop_process, wait_until_answering
 
 
 @dataclass(frozen=True)
@@ -92,8 +91,4 @@ def llama_server(
         wait_until_answering(f"{url}/health", process, "llama-server", timeout_s=180)
         yield url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, timeout_s=30)

@@ -66,8 +66,14 @@ def spawned_server(kind: str, extra_env: dict[str, str] | None = None) -> Iterat
         wait_until_serving(url, process)
         yield url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, timeout_s=60)
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM (a server drains and exits), then SIGKILL if it is still there after
+    `timeout_s`."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
