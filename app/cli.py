@@ -1,4 +1,4 @@
-"""The `lamina` command: `weights`, `serve`, `bench engine|serve|kernels|fleet|peers`."""
+"""The `lamina` command: `weights`, `serve`, `bench engine|serve|kernels|fleet|peers|perplexity`."""
 
 from __future__ import annotations
 
@@ -47,6 +47,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from app.bench.peers import main as bench_peers
 
         return bench_peers(args.rest)
+    if args.bench_target == "perplexity":
+        from app.bench.perplexity import main as bench_perplexity
+
+        return bench_perplexity(args.rest)
     from app.bench.serve_bench import main as bench_serve
 
     return bench_serve(args.rest)
@@ -71,9 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmarks: `engine` (offline), `serve` (HTTP), `kernels` (CPU kernels), "
         "`fleet` (replicas behind nginx and a cache-aware router), "
-        "`peers` (against llama.cpp's server, precision by precision)",
+        "`peers` (against llama.cpp's server, precision by precision), "
+        "`perplexity` (quality beside llama.cpp's, precision by precision)",
     )
-    bench.add_argument("bench_target", choices=["engine", "serve", "kernels", "fleet", "peers"])
+    bench.add_argument(
+        "bench_target", choices=["engine", "serve", "kernels", "fleet", "peers", "perplexity"]
+    )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark")
     bench.set_defaults(func=_cmd_bench)
     return parser

@@ -1,4 +1,5 @@
-"""llama.cpp for `lamina bench peers`: its `llama-server` and `llama-quantize`, built once.
+"""llama.cpp for `lamina bench peers`: its `llama-server` and `llama-quantize` (and
+`llama-perplexity` for `lamina bench perplexity`), each built once.
 
 The sources come from the `llama-cpp-python` source distribution on PyPI, which vendors
 llama.cpp under vendor/llama.cpp (pip is the only client this needs). It is built for
@@ -22,6 +23,7 @@ from pathlib import Path
 # The llama-cpp-python release whose vendored llama.cpp is built; `--llama-cpp-version`.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 TARGETS = ("llama-server", "llama-quantize")
+PERPLEXITY = "llama-perplexity"  # built only when `lamina bench perplexity` asks for it
 
 # Options beyond the defaults; each keeps the build offline and CPU-only.
 CMAKE_OPTIONS = (
@@ -85,24 +87,30 @@ def build_key(version: str, flags: set[str]) -> str:
     return f"{version}-{digest}"
 
 
-def cmake_commands(source: Path, build: Path, jobs: int) -> list[list[str]]:
+def cmake_commands(
+    source: Path, build: Path, jobs: int, targets: tuple[str, ...] = TARGETS
+) -> list[list[str]]:
     """The configure and build command lines (only the targets the benchmark needs)."""
     cmake = shutil.which("cmake") or "cmake"
     return [
         [cmake, "-S", str(source), "-B", str(build), *CMAKE_OPTIONS],
-        [cmake, "--build", str(build), "-j", str(jobs), "--target", *TARGETS],
+        [cmake, "--build", str(build), "-j", str(jobs), "--target", *targets],
     ]
 
 
-def find_or_build(version: str = LLAMA_CPP_PYTHON_VERSION, log=print) -> LlamaCpp:
-    """The cached build of `version` for this CPU, building it first when absent."""
+def find_or_build(
+    version: str = LLAMA_CPP_PYTHON_VERSION, log=print, extra: tuple[str, ...] = ()
+) -> LlamaCpp:
+    """The cached build of `version` for this CPU, building first whichever of TARGETS
+    and `extra` (e.g. PERPLEXITY) is absent."""
     home = cache_root() / build_key(version, cpu_flags())
     source = home / "src" / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
     bin_dir = home / "bin"
-    if not all((bin_dir / t).is_file() for t in TARGETS):
+    missing = tuple(t for t in TARGETS + extra if not (bin_dir / t).is_file())
+    if missing:
         if not source.is_dir():
             _unpack_sdist(version, home / "src", log)
-        _build(source, home / "build", bin_dir, log)
+        _build(source, home / "build", bin_dir, missing, log)
     return LlamaCpp(version, source, bin_dir / "llama-server", bin_dir / "llama-quantize")
 
 
@@ -133,13 +141,13 @@ def _unpack_sdist(version: str, into: Path, log) -> None:
             tar.extractall(into, filter="data")
 
 
-def _build(source: Path, build: Path, bin_dir: Path, log) -> None:
+def _build(source: Path, build: Path, bin_dir: Path, targets: tuple[str, ...], log) -> None:
     jobs = os.cpu_count() or 1
-    log(f"[peers] building llama.cpp {' '.join(TARGETS)} with {jobs} jobs (once; slow) ...")
-    for command in cmake_commands(source, build, jobs):
+    log(f"[peers] building llama.cpp {' '.join(targets)} with {jobs} jobs (once; slow) ...")
+    for command in cmake_commands(source, build, jobs, targets):
         subprocess.run(command, check=True)
     bin_dir.mkdir(parents=True, exist_ok=True)
-    for target in TARGETS:
+    for target in targets:
         built = build / "bin" / target
         staged = bin_dir / f".{target}.tmp"
         shutil.copy2(built, staged)

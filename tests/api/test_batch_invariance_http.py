@@ -11,7 +11,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.engine.corpus import PASSAGE
+from app.bench.corpus import PASSAGE
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 

@@ -15,7 +15,7 @@ from app.core import SamplingParams, TokenDelta
 from app.engine.engine import Engine
 from app.engine.engine_core import EngineCore
 from app.tokenizer import Tokenizer
-from tests.engine.corpus import PASSAGE
+from app.bench.corpus import PASSAGE
 
 NUM_NEW_TOKENS = 32
 GREEDY = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0.0)

@@ -26,7 +26,7 @@ from app.engine.engine_core import EngineCore
 from app.model.runner import ModelRunner
 from app.tokenizer import Tokenizer
 from app.weights import default_model_dir
-from tests.engine.corpus import PASSAGE
+from app.bench.corpus import PASSAGE
 
 VARIANTS = {
     "prefill": SamplingParams(max_tokens=1, temperature=0.0),

@@ -21,7 +21,7 @@ import torch
 from app.core import SamplingParams
 from app.engine.engine_core import EngineCore
 from tests.engine.conftest import assert_ok
-from tests.engine.corpus import PASSAGE
+from app.bench.corpus import PASSAGE
 from tests.perf.conftest import default_settings
 
 pytestmark = pytest.mark.slow

@@ -26,7 +26,7 @@ from app.config import load_settings
 from app.core import SamplingParams
 from app.engine.engine_core import EngineCore
 from app.tokenizer import Tokenizer
-from tests.engine.corpus import PASSAGE
+from app.bench.corpus import PASSAGE
 
 QUESTIONS = [
     "What is the capital of France?",

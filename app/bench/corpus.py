@@ -1,4 +1,5 @@
-"""Fixed, original English text for parity prompts (no data is downloaded in tests)."""
+"""Fixed, original English text: parity prompts in the tests, `lamina bench perplexity`'s
+default text (nothing is downloaded)."""
 
 PASSAGE = """\
 The old stone bridge at the edge of the town had stood for nearly four hundred years.
