@@ -1,7 +1,7 @@
-"""The served model as GGUF files for llama.cpp: F32, F16, BF16, Q8_0 and Q4_0.
+"""The served model as GGUF files for llama.cpp: F32, F16, BF16, Q8_0, Q4_0 and Q4_1.
 
 F32, F16, BF16 and Q8_0 come from llama.cpp's own converter (`convert_hf_to_gguf.py
---outtype`, run with the `gguf-py` of the same sources); Q4_0 from `llama-quantize` on
+--outtype`, run with the `gguf-py` of the same sources); Q4_0 and Q4_1 from `llama-quantize` on
 the F32 file (with its default choice of types for the token embedding and output,
 what a user of llama.cpp gets). The files are cached under
 `~/.cache/lamina/llama.cpp/models/<folder>-<content hash>/`, so a changed model folder
@@ -18,9 +18,9 @@ from pathlib import Path
 
 from app.bench.peers_build import LlamaCpp, cache_root
 
-# GGUF type -> the converter's --outtype; Q4_0 is not one: llama-quantize makes it.
+# GGUF type -> the converter's --outtype; Q4_0 and Q4_1 are not: llama-quantize makes them.
 CONVERTER_OUTTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
-QUANTIZED_FROM_F32 = ("Q4_0",)
+QUANTIZED_FROM_F32 = ("Q4_0", "Q4_1")
 
 
 def model_content_hash(folder: Path) -> str:

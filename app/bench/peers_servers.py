@@ -32,6 +32,9 @@ PRECISIONS = {
         Precision("bf16", "bfloat16", "BF16"),
         Precision("int8", "int8", "Q8_0"),
         Precision("int4", "int4", "Q4_0"),
+        # int4 keeps a minimum per block like Q4_1 (Q4_0 is symmetric): the like-for-like
+        # 4-bit pair, beside the Q4_0 that llama.cpp's users mostly run.
+        Precision("int4-q4_1", "int4", "Q4_1"),
     )
 }
 

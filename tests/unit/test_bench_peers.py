@@ -49,6 +49,7 @@ def test_each_precision_pairs_a_lamina_weight_dtype_with_a_gguf_type():
         "bf16": ("bfloat16", "BF16"),
         "int8": ("int8", "Q8_0"),
         "int4": ("int4", "Q4_0"),
+        "int4-q4_1": ("int4", "Q4_1"),
     }
     # Every GGUF type is one the converter writes or llama-quantize makes from F32.
     makers = set(peers_gguf.CONVERTER_OUTTYPES) | set(peers_gguf.QUANTIZED_FROM_F32)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from app import cli
-from app.bench import engine_bench, fleet_bench, kernel_bench, peers, serve_bench
+from app.bench import engine_bench, fleet_bench, kernel_bench, peers, perplexity, serve_bench
 from app.config import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,6 +28,7 @@ BENCH_PARSERS = {
     "fleet": fleet_bench.parse_args,
     "kernels": kernel_bench.parse_args,
     "peers": peers.parse_args,
+    "perplexity": perplexity.parse_args,
     "serve": serve_bench.parse_args,
 }
 MAKE_TARGETS = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.MULTILINE))
