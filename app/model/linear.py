@@ -409,7 +409,9 @@ class OneDnnLinearKernel(LinearKernel):
 class NativeLinearKernel(LinearKernel):
     """lamina's matmul (app/native) against a weight packed into 64-column panels, stored
     in fp32, fp16, bf16, or int8 or 4-bit blocks (the plan's weight dtype); activations and
-    sums stay fp32 (with bf16 panels each input row is rounded to bf16 inside the kernel).
+    sums stay fp32 (with bf16 panels each input row is rounded to bf16 inside the kernel;
+    with int8 and 4-bit blocks each row is quantized to int8 per block of 32 inside the
+    kernel, each block's dot product summed exactly in int32: app/native/int8.h).
     A layer whose inputs are not whole blocks (a multiple of 32) keeps fp32 panels."""
 
     rows_invariant = True  # each element sums its K products in order: same bits for any M

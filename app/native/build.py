@@ -51,16 +51,17 @@ NATIVE = "native"  # -march=native: every instruction this CPU has
 _AVX512 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 PORTABLE_LEVELS = {
     "x86_64": (
-        # AVX-512 with bf16 dot products (Zen 4, Sapphire Rapids, Cooper Lake): without it
-        # a prebuilt x86-64-v4 library widens bf16 weights into FMAs on those CPUs too.
-        ("x86-64-v4-bf16", _AVX512 | {"avx512_bf16"}),
+        # AVX-512 with bf16 and int8 dot products (Zen 4, Sapphire Rapids, Cooper Lake: each
+        # has AVX512-VNNI beside AVX512-BF16): without it a prebuilt x86-64-v4 library
+        # widens bf16 weights into FMAs and multiplies int8 with vpmaddubsw on those CPUs.
+        ("x86-64-v4-bf16", _AVX512 | {"avx512_bf16", "avx512_vnni"}),
         ("x86-64-v4", _AVX512),
         ("x86-64-v3", {"avx2", "fma", "bmi2", "f16c", "movbe"}),
     ),
     "aarch64": (("armv8-a", set()),),
 }
 # The compiler's target flags of a level that is not a -march name of its own.
-LEVEL_TARGET = {"x86-64-v4-bf16": ("-march=x86-64-v4", "-mavx512bf16")}
+LEVEL_TARGET = {"x86-64-v4-bf16": ("-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni")}
 
 
 class NativeBuildError(RuntimeError):

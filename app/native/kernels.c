@@ -8,8 +8,9 @@
  * same sequence of floating-point operations whatever the number of rows, the other
  * rows, the thread count or how work is split. In the matmul each element accumulates
  * its K products one after another, starting from zero (no split of K, no tree; with
- * bf16 weights, K-pairs in order: bf16.h), and only columns and blocks of rows are
- * shared between threads; in attention each query is computed on its own over exactly
+ * bf16 weights, K-pairs in order: bf16.h; with int8 and 4-bit weights, exact integer
+ * sums per block of 32, the blocks in order: int8.h), and only columns and blocks of
+ * rows are shared between threads; in attention each query is computed on its own over exactly
  * its visible keys, in key order. So a token gets the
  * same bits alone or among 31 other requests, in a prefill chunk or a decode step,
  * with no padding.
@@ -22,7 +23,8 @@
  * One translation unit in parts, so the compiler still inlines across them:
  *   vector.h        vector types, loads, fixed-order sums, exp
  *   bf16.h          bf16 rounding, K-pair tiles (AVX512-BF16 or widened), packing
- *   int8.h          int8 blocks with per-column scales: tiles, quantizing packer
+ *   int8.h          int8 blocks with per-column scales, rows quantized per block: int8
+ *                   dot products (AVX512-VNNI, vpmaddubsw, plain C), quantizing packer
  *   int4.h          4-bit blocks with scales and minima (Q4_1's scheme): the same
  *   matmul.h        the panel matmul, weight packing, the FMA peak
  *   attention.h     paged attention, with the next item prefetched

@@ -90,7 +90,8 @@ class NativeKernels:
     ) -> torch.Tensor:  # x [M, K] (rows may be strided) -> [M, out_features]
         """x @ W.T + bias, with W packed by pack_weight (fp32, fp16 or bf16 panels; the
         products are summed in fp32 in every case; with bf16 panels x is rounded to bf16
-        first)."""
+        first; with int8 or 4-bit blocks each row of x is quantized to int8 per block of
+        32 and each block's dot product is an exact int32 sum: int8.h)."""
         _check_fp32(x)
         if x.stride(-1) != 1:
             x = x.contiguous()

@@ -10,7 +10,9 @@
  * (zero columns past N), stored in fp32 or in fp16 (converted to fp32 as loaded), or in
  * bf16 as K-pairs [ceil(N/64)][ceil(K/2)][64][2] with the rows of x rounded to bf16
  * (bf16.h), or in int8 blocks of 32 k with a scale per column and block (int8.h), or in
- * 4-bit blocks with a scale and a minimum (int4.h). The sums are fp32 in every case.
+ * 4-bit blocks with a scale and a minimum (int4.h), the rows of x then quantized to int8
+ * per block of 32 and each block's dot product an exact int32 sum. The sums over K are
+ * fp32 in every case.
  * Work is split into 16-column units; a tile is up to 6 rows by up to 4 units of one
  * panel.
  */
@@ -200,7 +202,8 @@ DEFINE_TILES(f16, half_bits, 4) DEFINE_TILES(f16, half_bits, 5) DEFINE_TILES(f16
  * TILE_ROW, or WHOLE_PANEL_TILE_ROW), and the loop over a run of 16-column units for all
  * M rows. A tile's loop takes STEP values of k per step (1, 2 for bf16's K-pairs, 32 for
  * int8's blocks), a step of a panel is STEP_SIZE WTYPEs and STEP_LINES cache lines, x
- * is XTYPE (fp32, or bf16.h's rounded rows). */
+ * is XTYPE (fp32, bf16.h's rounded rows, or int8.h's quantized blocks, ldx then counted
+ * in blocks). */
 #define DEFINE_MATMUL_UNITS(WT, XTYPE, WTYPE, STEP, ROW, STEP_SIZE, STEP_LINES)             \
     typedef void (*tile_##WT##_fn)(const XTYPE *, long, const WTYPE *, long,               \
                                    vecf[MAX_ROWS][4], const char *);                       \
@@ -239,10 +242,10 @@ DEFINE_MATMUL_UNITS(f16, float, half_bits, 1, TILE_ROW, PANEL, 1)
 /* bf16 panels in K-pairs against rows rounded to bf16 (bf16.h): one copy for every row. */
 DEFINE_MATMUL_UNITS(bf16, bf16_act, uint16_t, 2, WHOLE_PANEL_TILE_ROW, 2 * PANEL, 1)
 /* int8 blocks of 32 k with their scales (int8.h): 1.125 bytes a weight, every row. */
-DEFINE_MATMUL_UNITS(i8, float, int8_t, I8_BLOCK, WHOLE_PANEL_TILE_ROW, I8_BLOCK_BYTES,
+DEFINE_MATMUL_UNITS(i8, i8_act, uint8_t, I8_BLOCK, WHOLE_PANEL_TILE_ROW, I8_BLOCK_BYTES,
                     I8_BLOCK_LINES)
 /* 4-bit blocks with a scale and a minimum (int4.h): 0.75 bytes a weight, every row. */
-DEFINE_MATMUL_UNITS(i4, float, uint8_t, I8_BLOCK, WHOLE_PANEL_TILE_ROW, I4_BLOCK_BYTES,
+DEFINE_MATMUL_UNITS(i4, i8_act, uint8_t, I8_BLOCK, WHOLE_PANEL_TILE_ROW, I4_BLOCK_BYTES,
                     I4_BLOCK_LINES)
 
 /* A linear layer's packed weight as the kernels see it. Rows of a matmul may take two
@@ -256,8 +259,12 @@ typedef struct {
 } linear_desc;
 
 /* Floats of scratch (bf16_act values fit in them) linear_phase needs for M rows of
- * K features: the rows rounded to bf16, when a weight is. */
+ * K features: the rows rounded to bf16, when a weight is, or quantized to int8 blocks
+ * (int8.h: 40 bytes per 32 features, less than 32 floats). */
 static inline long rounded_rows_floats(long M, long K) { return M * ((K + 1) / 2 * 2); }
+
+/* Whether weights of this kind multiply rows quantized to int8 blocks (int8.h). */
+static inline int quantizes_rows(int32_t kind) { return kind == WEIGHTS_I8 || kind == WEIGHTS_I4; }
 
 /* y[M, out] (=, or += with `accumulate`) x[M, in] . W + bias, shared among the threads of
  * the enclosing parallel region (an orphaned `omp for`; alone outside one). A work item is
@@ -269,15 +276,19 @@ static inline long rounded_rows_floats(long M, long K) { return M * ((K + 1) / 2
  * split), then single items, so a thread the OS delays (the HTTP event loop, a client on
  * the same cores) leaves its last items to the others instead of making them wait. Only
  * a panel's last row block prefetches the next panel. With bf16 weights the rows of x
- * are first rounded into `rounded` (rounded_rows_floats(M, in) floats, shared), one
+ * are first rounded into `rounded` (rounded_rows_floats(M, in) floats, shared), with
+ * int8 or 4-bit weights quantized into it (int8.h), one
  * barrier more. Ends with the loop's barrier: y is complete for every thread. */
 static void linear_phase(const linear_desc *w, const float *x, long ldx, long M, long split,
                          float *y, int accumulate, void *rounded) {
     long K = w->in_features, N = w->out_features, width = (K + 1) / 2 * 2;
+    long blocks = K / I8_BLOCK; /* quantized blocks per row (int8 and 4-bit weights) */
     long units = (N + LANES - 1) / LANES, chunks = (units + 3) / 4; /* one panel each */
     long row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
     if (w->kind[0] == WEIGHTS_BF16 || w->kind[1] == WEIGHTS_BF16)
         round_rows_bf16(x, ldx, M, K, rounded);
+    else if (quantizes_rows(w->kind[0]) || quantizes_rows(w->kind[1]))
+        quantize_rows_i8(x, ldx, M, K, rounded);
 #pragma omp for schedule(guided)
     for (long item = 0; item < chunks * row_blocks; item++) {
         long chunk = item / row_blocks, block = item % row_blocks;
@@ -297,11 +308,11 @@ static void linear_phase(const linear_desc *w, const float *x, long ldx, long M,
                                   w->bias, yr, end - row, K, N, first, last, accumulate,
                                   lookahead);
             else if (w->kind[kind] == WEIGHTS_I4)
-                matmul_units_i4(xr, ldx, panels, w->bias, yr, end - row, K, N, first, last,
-                                 accumulate, lookahead);
+                matmul_units_i4((const i8_act *)rounded + row * blocks, blocks, panels, w->bias,
+                                yr, end - row, K, N, first, last, accumulate, lookahead);
             else if (w->kind[kind] == WEIGHTS_I8)
-                matmul_units_i8(xr, ldx, panels, w->bias, yr, end - row, K, N, first, last,
-                                 accumulate, lookahead);
+                matmul_units_i8((const i8_act *)rounded + row * blocks, blocks, panels, w->bias,
+                                yr, end - row, K, N, first, last, accumulate, lookahead);
             else if (w->kind[kind] == WEIGHTS_F16)
                 matmul_units_f16(xr, ldx, panels, w->bias, yr, end - row, K, N, first, last,
                                  accumulate, lookahead);
@@ -317,7 +328,8 @@ static void linear_phase(const linear_desc *w, const float *x, long ldx, long M,
 void lamina_matmul(const float *x, long ldx, const void *panels, int32_t kind, const float *bias,
                    float *y, long M, long K, long N) {
     linear_desc w = {{panels, panels}, {kind, kind}, bias, K, N};
-    void *rounded = kind == WEIGHTS_BF16 ? malloc(sizeof(float) * rounded_rows_floats(M, K)) : 0;
+    int scratch = kind == WEIGHTS_BF16 || quantizes_rows(kind);
+    void *rounded = scratch ? malloc(sizeof(float) * rounded_rows_floats(M, K)) : 0;
     int parallel = M * K * N >= (1L << 18);
 #pragma omp parallel if (parallel)
     linear_phase(&w, x, ldx, M, M, y, 0, rounded);

@@ -27,8 +27,9 @@ def panel_shape(out_features: int, in_features: int, dtype: torch.dtype) -> tupl
     """[ceil(N / 64), K, 64] (fp32, fp16), or [ceil(N / 64), ceil(K / 2), 64, 2] for bf16:
     a column's weights for k = 2j and 2j + 1 side by side (K-pairs), or for int8
     [ceil(N / 64), K / 32, 2304] bytes: per block of 32 k, 32 x 64 weights then 64 fp32
-    scales, and for 4-bit (INT4) [ceil(N / 64), K / 32, 1536]: 32 x 32 bytes of nibble
-    pairs, 64 scales, 64 minima (K must be a multiple of 32: fits_blocks)."""
+    scales (int8.h's quad layout), and for 4-bit (INT4) [ceil(N / 64), K / 32, 1536]:
+    1,024 bytes of nibble pairs, 64 scales, 64 minima (int4.h) (K must be a multiple of
+    32: fits_blocks)."""
     num_panels = -(-out_features // PANEL_COLUMNS)
     if dtype in BLOCK_BYTES:
         if not fits_blocks(in_features):
@@ -58,9 +59,11 @@ def dequantize_int8(panels: torch.Tensor, out_features: int) -> torch.Tensor:
     times its column's block scale, rounded to fp32 as the kernel rounds it."""
     num_panels, num_blocks, _ = panels.shape
     weights = INT8_BLOCK * PANEL_COLUMNS
-    q = panels[:, :, :weights].reshape(num_panels, num_blocks, INT8_BLOCK, PANEL_COLUMNS)
+    stored = panels[:, :, :weights].contiguous().view(torch.uint8)  # q + 128
+    quads = stored.reshape(num_panels, num_blocks, INT8_BLOCK // 4, PANEL_COLUMNS, 4)
+    q = quads.transpose(3, 4).reshape(num_panels, num_blocks, INT8_BLOCK, PANEL_COLUMNS)
     scales = panels[:, :, weights:].contiguous().view(torch.float32)  # [P, B, 64]
-    return _block_columns(q.float() * scales.unsqueeze(2), out_features)
+    return _block_columns((q.float() - 128) * scales.unsqueeze(2), out_features)
 
 
 def dequantize_int4(panels: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -68,11 +71,24 @@ def dequantize_int4(panels: torch.Tensor, out_features: int) -> torch.Tensor:
     minimum per column and block, with one rounding (the kernel's FMA; here in fp64)."""
     num_panels, num_blocks, _ = panels.shape
     nibble_bytes = INT8_BLOCK * PANEL_COLUMNS // 2
-    pairs = panels[:, :, :nibble_bytes].reshape(num_panels, num_blocks, INT8_BLOCK, -1)
-    q = torch.cat([pairs & 15, pairs >> 4], dim=-1).double()  # [P, B, 32, 64]
+    quad_pairs = INT8_BLOCK // 8  # byte (p, c, i): k = 8p + i low, 8p + 4 + i high
+    pairs = panels[:, :, :nibble_bytes].reshape(num_panels, num_blocks, quad_pairs, -1, 4)
+    halves = [(pairs & 15).transpose(3, 4), (pairs >> 4).transpose(3, 4)]  # [P, B, 4, 4, 64]
+    q = torch.stack(halves, dim=3).reshape(num_panels, num_blocks, INT8_BLOCK, -1).double()
     tail = panels[:, :, nibble_bytes:].contiguous().view(torch.float32).double()
     scales, minima = tail[..., :PANEL_COLUMNS], tail[..., PANEL_COLUMNS:]  # [P, B, 64]
     return _block_columns((q * scales.unsqueeze(2) + minima.unsqueeze(2)).float(), out_features)
+
+
+def quantized_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32 (K a multiple of 32) -> [M, K] fp64: the rows as the int8 and 4-bit
+    matmuls multiply them (int8.h): per row and block of 32, scale = largest |x| / 127,
+    each value round(x * (1 / scale)) (to nearest even, in [-127, 127]) times scale."""
+    blocks = x.reshape(x.shape[0], -1, INT8_BLOCK)  # [M, K / 32, 32]
+    scale = blocks.abs().amax(-1, keepdim=True) / 127  # fp32, as the kernel divides
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    q = torch.round(blocks * inverse).clamp(-127, 127)
+    return (q.double() * scale.double()).reshape(x.shape)
 
 
 def _block_columns(dequantized: torch.Tensor, out_features: int) -> torch.Tensor:

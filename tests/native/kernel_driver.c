@@ -7,7 +7,8 @@
  *   - the matmul, fp32 and fp16 panels, against a scalar double reference; bf16 panels
  *     against doubles of the bf16-rounded inputs, within fp32's error for K additions;
  *     int8 and 4-bit blocks: each weight within half a step of its value, and the sum
- *     within fp32's error of the doubles of the dequantized weights;
+ *     within fp32's error of the doubles of the dequantized weights and of the rows
+ *     quantized to int8 per block of 32 (int8.h);
  *   - each matmul row's bits against the same row computed alone (batch invariance);
  *   - paged attention (GQA, a reversed block table) against a double reference, and each
  *     token's bits against the token computed alone.
@@ -148,11 +149,28 @@ static float block_weight(const uint8_t *panels, int kind, long n, long k, long 
     float scale, least = 0.0f;
     memcpy(&scale, tail + n % PANEL * 4, sizeof scale);
     *step = scale;
-    uint8_t byte = block[k % I8_BLOCK * row_bytes + n % row_bytes];
-    if (kind == WEIGHTS_I8) return (float)(int8_t)byte * scale;
-    memcpy(&least, tail + (PANEL + n % PANEL) * 4, sizeof least);
-    int q = n % PANEL < PANEL / 2 ? byte & 15 : byte >> 4;
+    long kk = k % I8_BLOCK, c = n % PANEL;
+    if (kind == WEIGHTS_I8) /* byte (k / 4, column, k % 4) holds q + 128 */
+        return (float)(block[kk / 4 * 4 * PANEL + c * 4 + kk % 4] - 128) * scale;
+    memcpy(&least, tail + (PANEL + c) * 4, sizeof least);
+    uint8_t byte = block[kk / 8 * 4 * PANEL + c * 4 + kk % 4]; /* low nibble: k % 8 < 4 */
+    int q = kk % 8 < 4 ? byte & 15 : byte >> 4;
     return (float)((double)q * scale + least);
+}
+
+/* x [M, K] as the int8 and 4-bit matmuls see it: per row and block of 32, scale = the
+ * largest |x| / 127, each value round(x * (1 / scale)) * scale (in doubles). */
+static double *quantized_rows(const float *x, long M, long K) {
+    double *out = malloc(M * K * sizeof *out);
+    for (long start = 0; start < M * K; start += I8_BLOCK) {
+        float largest = 0.0f;
+        for (long i = start; i < start + I8_BLOCK; i++)
+            largest = fabsf(x[i]) > largest ? fabsf(x[i]) : largest;
+        float scale = largest / 127.0f, inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+        for (long i = start; i < start + I8_BLOCK; i++)
+            out[i] = (double)nearbyintf(x[i] * inverse) * scale;
+    }
+    return out;
 }
 
 /* int8 or 4-bit blocks: each weight within half a step of its value; the kernel's sum
@@ -163,10 +181,11 @@ static void check_matmul_blocks(long M, long K, long N, int kind) {
     long block_bytes = kind == WEIGHTS_I8 ? I8_BLOCK_BYTES : I4_BLOCK_BYTES;
     uint8_t *panels = malloc((N + PANEL - 1) / PANEL * (K / I8_BLOCK) * block_bytes);
     if (kind == WEIGHTS_I8)
-        lamina_pack_weight_i8(weight, (int8_t *)panels, N, K);
+        lamina_pack_weight_i8(weight, panels, N, K);
     else
         lamina_pack_weight_i4(weight, panels, N, K);
     float *y = malloc(M * N * sizeof *y), *row = malloc(N * sizeof *row);
+    double *xq = quantized_rows(x, M, K);
     lamina_matmul(x, K, panels, kind, bias, y, M, K, N);
     int close = 1, same_bits = 1;
     for (long m = 0; m < M; m++) {
@@ -175,8 +194,8 @@ static void check_matmul_blocks(long M, long K, long N, int kind) {
             for (long k = 0; k < K; k++) {
                 float step, w = block_weight(panels, kind, n, k, K, &step);
                 if (!(fabs(w - weight[n * K + k]) <= 0.5 * step * (1 + 1e-4) + 1e-6)) close = 0;
-                expected += (double)x[m * K + k] * w;
-                magnitude += fabs((double)x[m * K + k] * w);
+                expected += xq[m * K + k] * w;
+                magnitude += fabs(xq[m * K + k] * w);
             }
             double bound = (K + 1) * ldexp(magnitude, -24);
             if (!(fabs(y[m * N + n] - expected) <= bound)) close = 0;
@@ -190,7 +209,7 @@ static void check_matmul_blocks(long M, long K, long N, int kind) {
     report(close, what);
     snprintf(what, sizeof what, "matmul %s %ldx%ldx%ld: each row's bits alone", name, M, K, N);
     report(same_bits, what);
-    free(x), free(weight), free(bias), free(panels), free(y), free(row);
+    free(x), free(weight), free(bias), free(panels), free(y), free(row), free(xq);
 }
 
 /* One sequence of L tokens, all queried (a prompt), causal, keys in blocks of 8 stored in

@@ -13,6 +13,7 @@ from app.model.fused_layers import bound_layers
 from app.model.kv_cache import KVCache
 from app.model.linear import ALL_GENERATED, ALL_PROMPT, RowKinds
 from app.model.loader import load_model
+from app.native.panels import INT4
 from app.native.stack import StackShape, describe_stack
 from tests.model.helpers import Chunk, model_logits, save_random_llama
 
@@ -78,14 +79,15 @@ def assert_fused_matches_per_op(model) -> None:
     torch.testing.assert_close(fused_cache._storage, per_op_cache._storage, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("weight_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("weight_dtype", [None, torch.bfloat16, torch.int8, INT4])
 def test_fused_layers_match_the_per_op_path(native, tiny_model_path, weight_dtype):
-    """fp32 weights, and bf16 ones: one bf16 panel copy for every row, in both paths."""
+    """fp32 weights, and bf16, int8 or 4-bit ones: one panel copy for every row, in both
+    paths (int8 and 4-bit: each matmul's rows quantized per block of 32 on the way in)."""
     model = load_model(tiny_model_path, max_positions=256, weight_dtype=weight_dtype)
     assert_fused_matches_per_op(model)
 
 
-@pytest.mark.parametrize("weight_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("weight_dtype", [None, torch.bfloat16, torch.int8, INT4])
 def test_fused_layers_match_the_per_op_path_on_every_build(
     model_kernels, odd_llama_path, weight_dtype
 ):
@@ -94,15 +96,15 @@ def test_fused_layers_match_the_per_op_path_on_every_build(
     assert_fused_matches_per_op(model)
 
 
-@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.bfloat16, torch.int8, INT4])
 def test_fused_rows_of_mixed_kinds_equal_rows_computed_one_by_one(
     native, tiny_model_path, weight_dtype
 ):
     """fp16 weights: prompt rows take the fp32 panels and generated ones the fp16 panels,
     in one call with the rows put in kind order and back; each row's bits are those of
     a step that computes that token alone, with its kind. 60 rows: the matmuls split
-    them in blocks of 48, across the boundary between the kinds. bf16 weights: one copy
-    for both kinds, so the same bits whatever the split."""
+    them in blocks of 48, across the boundary between the kinds. bf16, int8 and 4-bit
+    weights: one copy for both kinds, so the same bits whatever the split."""
     model = load_model(tiny_model_path, max_positions=256, weight_dtype=weight_dtype)
     assert model.fuse_layers
     ids = token_ids(60, 4, model.config.vocab_size)
@@ -122,7 +124,7 @@ def test_fused_rows_of_mixed_kinds_equal_rows_computed_one_by_one(
     torch.testing.assert_close(mixed, per_op, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("weight_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("weight_dtype", [None, torch.bfloat16, torch.int8, INT4])
 def test_fused_bits_do_not_depend_on_the_thread_count(model_kernels, tiny_model_path, weight_dtype):
     model = load_model(tiny_model_path, max_positions=256, weight_dtype=weight_dtype)
     assert model.native is model_kernels

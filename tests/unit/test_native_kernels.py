@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from app.native import NativeKernels, native_kernels
 from app.native import build as native_build
-from app.native.panels import INT4, dequantize_int4, dequantize_int8
+from app.native.panels import INT4, dequantize_int4, dequantize_int8, quantized_rows
 from app.native.self_check import check_library, dense_causal_attention
 
 
@@ -502,8 +502,9 @@ def test_int8_matmul_is_the_fp32_sum_of_the_dequantized_weights(
     kernels, rows, in_features, out_features
 ):
     """int8 blocks: a scale per column and 32 k (largest |w| / 127), weights rounded to the
-    nearest step; the kernel sums x[k] * (q * scale) in fp32, so against fp64 of the
-    dequantized weights its error is fp32's in the K + 1 additions (bias included)."""
+    nearest step; the rows are quantized per block of 32 too, each block's dot product is
+    an exact integer, then one fp32 step per block: against fp64 of the dequantized
+    weights and rows its error stays within fp32's for K + 1 additions (bias included)."""
     x, weight = randn(rows, in_features), randn(out_features, in_features, seed=1)
     weight[0, :32] = 0.0  # an all-zero block: scale 0
     bias = randn(out_features, seed=2)
@@ -515,8 +516,9 @@ def test_int8_matmul_is_the_fp32_sum_of_the_dequantized_weights(
     step = (blocks.abs().amax(-1, keepdim=True) / 127).expand_as(blocks).reshape_as(weight)
     assert ((dequantized - weight).abs() <= step / 2 * (1 + 1e-5) + 1e-30).all()
     assert dequantized[0, :32].eq(0).all()
-    expected = x.double() @ dequantized.double().T + bias.double()
-    bound = (in_features + 1) * 2.0**-24 * (x.abs().double() @ dequantized.abs().double().T)
+    quantized = quantized_rows(x)
+    expected = quantized @ dequantized.double().T + bias.double()
+    bound = (in_features + 1) * 2.0**-24 * (quantized.abs() @ dequantized.abs().double().T)
     error = (kernels.matmul(x, panels, bias, out_features).double() - expected).abs()
     assert (error <= bound + 2.0**-24 * bias.abs().double()).all(), (error - bound).max()
 
@@ -528,7 +530,8 @@ def test_int4_matmul_is_the_fp32_sum_of_the_dequantized_weights(
     kernels, rows, in_features, out_features
 ):
     """4-bit blocks: per column and 32 k, minimum = smallest w, scale = range / 15, q the
-    nearest step; the kernel sums x[k] * (q * scale + minimum) in fp32."""
+    nearest step; with the rows quantized per block of 32, the kernel's sum of x[k] *
+    (q * scale + minimum) is the fp64 one within fp32's error."""
     x, weight = randn(rows, in_features), randn(out_features, in_features, seed=1)
     weight[0, :32] = 0.25  # a constant block: scale 0, every weight its minimum exactly
     bias = randn(out_features, seed=2)
@@ -541,8 +544,9 @@ def test_int4_matmul_is_the_fp32_sum_of_the_dequantized_weights(
     step = (spread / 15).expand_as(blocks).reshape_as(weight)
     assert ((dequantized - weight).abs() <= step / 2 * (1 + 1e-4) + 1e-6).all()
     assert dequantized[0, :32].eq(0.25).all()
-    expected = x.double() @ dequantized.double().T + bias.double()
-    bound = (in_features + 1) * 2.0**-24 * (x.abs().double() @ dequantized.abs().double().T)
+    quantized = quantized_rows(x)
+    expected = quantized @ dequantized.double().T + bias.double()
+    bound = (in_features + 1) * 2.0**-24 * (quantized.abs() @ dequantized.abs().double().T)
     error = (kernels.matmul(x, panels, bias, out_features).double() - expected).abs()
     assert (error <= bound + 2.0**-24 * bias.abs().double()).all(), (error - bound).max()
 

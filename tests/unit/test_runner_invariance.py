@@ -51,7 +51,14 @@ PARAMS = [
 
 # (weight_dtype, native_kernels): lamina's compiled kernels by default, torch's (what a
 # machine without a C compiler runs: padded rows and key buckets) as the fallback.
-KERNEL_SETUPS = [("auto", True), ("auto", False), ("float16", True), ("bfloat16", True)]
+KERNEL_SETUPS = [
+    ("auto", True),
+    ("auto", False),
+    ("float16", True),
+    ("bfloat16", True),
+    ("int8", True),  # rows quantized per block of 32 in every matmul: still per row
+    ("int4", True),
+]
 
 
 @pytest.mark.parametrize("weight_dtype, native_kernels", KERNEL_SETUPS)
