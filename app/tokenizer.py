@@ -54,6 +54,37 @@ def template_uses_tools(template: str | None) -> bool:
     return "tools" in meta.find_undeclared_variables(parsed)
 
 
+def tokenizer_choice_config(model_dir: Path) -> Any | None:
+    """The model's config.json as a plain transformers `PretrainedConfig`, for
+    AutoTokenizer to choose the tokenizer class from; None lets AutoTokenizer load it.
+
+    Why: AutoTokenizer reads only the config's model_type, name and tokenizer_class, but
+    loading it through AutoConfig imports the model's own config class, and with it (in
+    transformers 5) torch.distributed.tensor and sympy: about 1.1 s of CPU in every
+    process that loads a tokenizer, every server start-up included. The plain config
+    carries the same fields (`_name_or_path` as AutoConfig sets it), so the same class is
+    chosen. Where the config's class takes part in the choice, AutoTokenizer's own path
+    is kept: a tokenizer_config.json naming no tokenizer_class, or one with code of its
+    own (`auto_map`).
+    """
+    from transformers import PretrainedConfig
+
+    try:
+        config_dict = json.loads((model_dir / "config.json").read_text())
+        tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config_dict, dict) or not isinstance(config_dict.get("model_type"), str):
+        return None
+    if not isinstance(tokenizer_config, dict) or "auto_map" in tokenizer_config:
+        return None
+    if not isinstance(tokenizer_config.get("tokenizer_class"), str):
+        return None  # then the config's class names the tokenizer (TOKENIZER_MAPPING)
+    config = PretrainedConfig.from_dict(config_dict)
+    config._name_or_path = str(model_dir)
+    return config
+
+
 class Tokenizer:
     """Everything lamina needs from a Hugging Face tokenizer folder."""
 
@@ -73,7 +104,11 @@ class Tokenizer:
                 f"model folder {self.model_dir} does not exist: run `lamina weights` to prepare "
                 "the default model, or set LAMINA_MODEL to a local Hugging Face model folder"
             )
-        self._hf = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
+        self._hf = AutoTokenizer.from_pretrained(
+            str(self.model_dir),
+            local_files_only=True,
+            config=tokenizer_choice_config(self.model_dir),
+        )
         self.vocab_size = len(self._hf)
         self.eos_token_ids = frozenset(self._collect_eos_ids())
         self._special_ids = frozenset(self._hf.all_special_ids)

@@ -9,6 +9,10 @@ of 5 to 300 tokens), fp32 weights as the reference:
   count positions where the argmax agrees (no divergence cascade: the cleanest number);
 - exact greedy match: prompts whose whole greedy continuation is identical;
 - mean tokens before the first greedy divergence;
+the last two read off the teacher-forced pass: every row's logits are the same bits
+whatever rows are computed with it (batch invariance, tests/perf/test_batch_invariance.py),
+so a dtype's own greedy run follows fp32's continuation exactly up to the first position
+whose teacher-forced argmax differs, and parts from it there (`first_divergence`);
 and the perplexity of a fixed text (tests/engine/corpus.py's passage, teacher-forced,
 its rows through the weights' generation kernels), fp32's alongside.
 """
@@ -162,13 +166,13 @@ def measure(model_dir, weight_dtypes: list[str], num_new: int) -> list[Agreement
     results = []
     for weight_dtype in weight_dtypes:
         runner, settings = runner_for(model_dir, weight_dtype)
-        ours = greedy(runner, settings, tokenizer, prompts, num_new)
         agree = total = 0
+        prefixes = []  # per prompt: tokens this dtype's greedy run shares with fp32's
         for prompt, continuation in zip(prompts, reference):
             choices = argmax_along(runner, prompt + continuation, len(prompt))
             agree += sum(a == b for a, b in zip(choices, continuation))
             total += len(continuation)
-        prefixes = [_common_prefix(a, b) for a, b in zip(reference, ours)]
+            prefixes.append(first_divergence(choices, continuation))
         results.append(
             Agreement(
                 weight_dtype=weight_dtype,
@@ -185,11 +189,13 @@ def measure(model_dir, weight_dtypes: list[str], num_new: int) -> list[Agreement
     return results
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+def first_divergence(choices: list[int], continuation: list[int]) -> int:
+    """How many tokens a greedy run shares with `continuation`, from the teacher-forced
+    argmax `choices` along it: up to the first position where they differ (the greedy
+    run saw the same prefix there, so it chose the same token), all of them otherwise."""
+    return next(
+        (i for i, (a, b) in enumerate(zip(choices, continuation)) if a != b), len(continuation)
+    )
 
 
 def main() -> None:
