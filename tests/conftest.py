@@ -13,6 +13,29 @@ import pytest
 from app import weights
 from app.logging_setup import make_handler
 from app.weights import default_model_dir, is_complete
+from tests.server_process import SERVER_POOL, planner_of
+
+
+@pytest.fixture(scope="session", autouse=True)
+def planned_servers(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Starts in the background, in the tests' order, the servers that the session's
+    `@takes_servers` fixtures will take (tests/server_process.py, ServerPool); stops
+    those no test took."""
+    planned: set[int] = set()
+    envs: list[dict[str, str]] = []
+    for item in request.session.items:
+        info = getattr(item, "_fixtureinfo", None)
+        for name in info.names_closure if info is not None else ():
+            fixturedefs = info.name2fixturedefs.get(name)
+            if not fixturedefs or id(fixturedefs[-1]) in planned:
+                continue
+            planned.add(id(fixturedefs[-1]))
+            planner = planner_of(fixturedefs[-1].func)
+            if planner is not None:
+                envs.extend(planner(request))
+    SERVER_POOL.plan(envs)
+    yield
+    SERVER_POOL.close()
 
 
 @pytest.fixture(scope="session")

@@ -7,21 +7,29 @@ The process gets a free port, a small KV cache and no inherited LAMINA_* variabl
 (so a developer's shell cannot change test results); `extra_env` adds or overrides.
 `start()` waits for GET /ready to answer 200 and fails with the log's tail if the
 process dies first. `stop()` sends SIGTERM (then SIGKILL) and returns the exit code.
+
+`SERVER_POOL.start(env)` gives the same server, started ahead of time when the fixture
+that asks for it is marked `@takes_servers(...)` (tests/conftest.py plans them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 
+F = TypeVar("F", bound=Callable[..., Any])
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEST_ENV = {
     "LAMINA_HOST": "127.0.0.1",
@@ -106,7 +114,102 @@ class ServerProcess:
             return self.process.wait(10)
 
     def __enter__(self) -> ServerProcess:
-        return self.start()
+        """Starts the server, unless it was started already (SERVER_POOL.start)."""
+        return self.start() if self.process is None else self
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+EnvBuilder = Callable[[Any], list[dict[str, str]]]
+# (module, fixture name) -> what servers that fixture will take from the pool, in order.
+_PLANNERS: dict[tuple[str, str], EnvBuilder] = {}
+
+
+def takes_servers(env_builder: EnvBuilder) -> Callable[[F], F]:
+    """Marks a server fixture (under its @pytest.fixture) whose servers the session starts
+    ahead of time: `env_builder(request)` returns the `extra_env` of each server it will
+    take with `SERVER_POOL.start(env)`, or [] where the fixture would skip."""
+
+    def mark(fixture_function: F) -> F:
+        _PLANNERS[(fixture_function.__module__, fixture_function.__name__)] = env_builder
+        return fixture_function
+
+    return mark
+
+
+def planner_of(fixture_function: Callable[..., Any]) -> EnvBuilder | None:
+    key = (getattr(fixture_function, "__module__", ""), getattr(fixture_function, "__name__", ""))
+    return _PLANNERS.get(key)
+
+
+class ServerPool:
+    """Servers the session will need, started ahead of the tests that take them.
+
+    Why: a server's start-up (imports, weights, warm-up) is seconds of one core, and a
+    test waiting for it leaves the other core idle; `make test` waits for dozens. The
+    pool starts the planned servers in the tests' order, one at a time, in a background
+    thread, so each loads while earlier tests run. A server taken from the pool is
+    exactly the one the fixture would have started (same environment, never used
+    before); one that was not planned, or not yet spawned, is started on the spot.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: list[dict[str, str]] = []
+        self._spawned: dict[tuple[tuple[str, str], ...], list[ServerProcess]] = {}
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    @staticmethod
+    def _key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted(env.items()))
+
+    def plan(self, envs: list[dict[str, str]]) -> None:
+        """Start these servers in the background, in this order."""
+        with self._lock:
+            self._queue.extend(envs)
+            if self._queue and self._thread is None:
+                self._thread = threading.Thread(target=self._spawn_planned, daemon=True)
+                self._thread.start()
+
+    def _next_planned(self) -> ServerProcess | None:
+        with self._lock:
+            if self._closed or not self._queue:
+                self._thread = None
+                return None
+            env = self._queue.pop(0)
+            server = ServerProcess(extra_env=env).spawn()
+            self._spawned.setdefault(self._key(env), []).append(server)
+            return server
+
+    def _spawn_planned(self) -> None:
+        while (server := self._next_planned()) is not None:
+            with contextlib.suppress(Exception):  # its taker sees the failure
+                server.wait_ready(300.0)
+
+    def start(self, env: dict[str, str], ready_timeout_s: float = 300.0) -> ServerProcess:
+        """A ready server with `extra_env=env`: a planned one, or one started now."""
+        key = self._key(env)
+        with self._lock:
+            spawned = self._spawned.get(key)
+            server = spawned.pop(0) if spawned else None
+            if server is None:
+                if env in self._queue:
+                    self._queue.remove(env)  # not spawned yet: no use waiting for it
+                server = ServerProcess(extra_env=env).spawn()
+        server.wait_ready(ready_timeout_s)
+        return server
+
+    def close(self) -> None:
+        """Stop every planned server no test took, and plan no more."""
+        with self._lock:
+            self._closed = True
+            self._queue.clear()
+            left = [server for servers in self._spawned.values() for server in servers]
+            self._spawned.clear()
+        for server in left:
+            server.stop()
+
+
+SERVER_POOL = ServerPool()

@@ -26,7 +26,7 @@ from app.main import LoadedEngine, create_app
 from app.structured import ConstraintCompiler, grammar_tokenizer
 from app.tokenizer import Tokenizer
 from tests.api.fake_engine import FakeEngine
-from tests.server_process import ServerProcess, engine_available, free_port
+from tests.server_process import SERVER_POOL, engine_available, free_port, takes_servers
 
 
 @pytest.fixture
@@ -146,16 +146,29 @@ def threaded_fake_server(
         yield _describe_server(server.url, engine)
 
 
+def api_server_env(default_model_path: Path) -> dict[str, str]:
+    # Crowds here test batching, not admission (tests/attack does): admission may
+    # overcommit the tests' small KV cache (0.25 GiB, ~5,800 tokens) as a deployment may.
+    return {"LAMINA_MODEL": str(default_model_path), "LAMINA_MAX_ADMITTED_TOKENS": "65536"}
+
+
+def _planned_api_server(request: pytest.FixtureRequest) -> list[dict[str, str]]:
+    if not engine_available():
+        return []
+    return [api_server_env(request.getfixturevalue("default_model_path"))]
+
+
 @pytest.fixture(scope="session")
+@takes_servers(_planned_api_server)
 def api_server(default_model_path: Path) -> Iterator[LiveServer]:
     """A real `lamina serve` with the default model, started once for the session."""
     if not engine_available():
         pytest.skip("app/engine/engine.py or app/model/runner.py is not in the tree yet")
-    # Crowds here test batching, not admission (tests/attack does): admission may
-    # overcommit the tests' small KV cache (0.25 GiB, ~5,800 tokens) as a deployment may.
-    env = {"LAMINA_MODEL": str(default_model_path), "LAMINA_MAX_ADMITTED_TOKENS": "65536"}
-    with ServerProcess(extra_env=env) as server:
+    server = SERVER_POOL.start(api_server_env(default_model_path))
+    try:
         yield _describe_server(server.url)
+    finally:
+        server.stop()
 
 
 @pytest.fixture(params=["fake", pytest.param("real", marks=[pytest.mark.system, pytest.mark.slow])])

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_process import ServerProcess, engine_available
+from tests.server_process import SERVER_POOL, ServerProcess, engine_available, takes_servers
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -35,11 +35,18 @@ SATURATED_ENV = {
 }
 
 
+def _planned_saturated_server(request: pytest.FixtureRequest) -> list[dict[str, str]]:
+    if not engine_available():
+        return []
+    return [{**SATURATED_ENV, "LAMINA_MODEL": str(request.getfixturevalue("tiny_model_path"))}]
+
+
 @pytest.fixture(scope="module")
+@takes_servers(_planned_saturated_server)
 def saturated_server(tiny_model_path: Path) -> Iterator[ServerProcess]:
     if not engine_available():
         pytest.skip("the engine is not in the tree")
-    with ServerProcess(extra_env={**SATURATED_ENV, "LAMINA_MODEL": str(tiny_model_path)}) as s:
+    with SERVER_POOL.start({**SATURATED_ENV, "LAMINA_MODEL": str(tiny_model_path)}) as s:
         yield s
 
 

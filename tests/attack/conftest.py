@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server_process import ServerProcess, engine_available
+from tests.server_process import SERVER_POOL, ServerProcess, engine_available, takes_servers
 
 # One torch thread: the other core stays free for the attacking clients.
 TINY_ENV = {"LAMINA_DEVICE": "cpu", "LAMINA_NUM_THREADS": "1", "LAMINA_KV_CACHE_GB": "0.02"}
@@ -46,25 +46,39 @@ ADMISSION_LIMITS = {
 }
 
 
+def attack_envs(tiny_model_path: Path) -> dict[str, dict[str, str]]:
+    base = {**TINY_ENV, "LAMINA_MODEL": str(tiny_model_path)}
+    return {
+        "guarded": {**base, **LIMITS},
+        "capped": {**base, **CAP_LIMITS},
+        "admission": {**base, **ADMISSION_LIMITS},
+    }
+
+
+def _planned_attack_servers(request: pytest.FixtureRequest) -> list[dict[str, str]]:
+    if not engine_available():
+        return []
+    return list(attack_envs(request.getfixturevalue("tiny_model_path")).values())
+
+
 @pytest.fixture(scope="session")
+@takes_servers(_planned_attack_servers)
 def attack_servers(tiny_model_path: Path) -> Iterator[dict[str, ServerProcess]]:
-    """Both servers, started side by side (their start-up is most of the suite's time)."""
+    """The three servers, started side by side (or ahead of time by the server pool)."""
     if not engine_available():
         pytest.skip("the engine is not in the tree")
-    base = {**TINY_ENV, "LAMINA_MODEL": str(tiny_model_path)}
-    servers = {
-        "guarded": ServerProcess(extra_env={**base, **LIMITS}),
-        "capped": ServerProcess(extra_env={**base, **CAP_LIMITS}),
-        "admission": ServerProcess(extra_env={**base, **ADMISSION_LIMITS}),
-    }
+    envs = attack_envs(tiny_model_path)
+    servers: dict[str, ServerProcess] = {}
     try:
-        with ThreadPoolExecutor(len(servers)) as pool:
-            for started in [pool.submit(s.start, 180) for s in servers.values()]:
-                started.result()
+        with ThreadPoolExecutor(len(envs)) as pool:
+            started = {name: pool.submit(SERVER_POOL.start, env, 180) for name, env in envs.items()}
+            for name, future in started.items():
+                servers[name] = future.result()
         yield servers
     finally:
-        for server in servers.values():
-            server.stop()
+        for future in started.values():  # every one that started, even if another failed
+            if future.exception() is None:
+                future.result().stop()
 
 
 @pytest.fixture(scope="session")

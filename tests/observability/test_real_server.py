@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.observability.exposition import Scrape, diff, parse
-from tests.server_process import ServerProcess, engine_available
+from tests.server_process import SERVER_POOL, ServerProcess, engine_available, takes_servers
 from tests.system import deploy_files as deploy
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -51,12 +51,19 @@ def eventually(check: Callable[[], T], timeout_s: float = 10.0) -> T:
             time.sleep(0.05)
 
 
+def _planned_server(request: pytest.FixtureRequest) -> list[dict[str, str]]:
+    if not engine_available():
+        return []
+    return [{**TINY_ENV, "LAMINA_MODEL": str(request.getfixturevalue("tiny_model_path"))}]
+
+
 @pytest.fixture(scope="module")
+@takes_servers(_planned_server)
 def server(tiny_model_path: Path) -> Iterator[ServerProcess]:
     if not engine_available():
         pytest.skip("the engine is not in the tree")
     env = {**TINY_ENV, "LAMINA_MODEL": str(tiny_model_path)}
-    with ServerProcess(extra_env=env) as process:
+    with SERVER_POOL.start(env) as process:
         yield process
 
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import fake_app, http_tokenizer  # noqa: F401 - shared fixtures
-from tests.server_process import ServerProcess, engine_available
+from tests.server_process import SERVER_POOL, ServerProcess, engine_available, takes_servers
 
 FAULT_MARKER = "INJECT-FAULT-7319"
 # One torch thread: the other core stays free for the test's own clients.
@@ -49,12 +49,20 @@ def start_server(tiny_model_path: Path) -> Iterator[Callable[..., ServerProcess]
         server.stop()
 
 
+def _planned_shared_server(request: pytest.FixtureRequest) -> list[dict[str, str]]:
+    if not engine_available():
+        return []
+    tiny_model_path = request.getfixturevalue("tiny_model_path")
+    return [tiny_env(tiny_model_path, LAMINA_FAULT_INJECTION_MARKER=FAULT_MARKER)]
+
+
 @pytest.fixture(scope="session")
+@takes_servers(_planned_shared_server)
 def shared_server(tiny_model_path: Path) -> Iterator[ServerProcess]:
     if not engine_available():
         pytest.skip("the engine is not in the tree")
     env = tiny_env(tiny_model_path, LAMINA_FAULT_INJECTION_MARKER=FAULT_MARKER)
-    server = ServerProcess(extra_env=env).start(120)
+    server = SERVER_POOL.start(env, 120)
     try:
         yield server
     finally:

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from app.bench.spawn import wait_until_answering
-from tests.server_process import REPO_ROOT, ServerProcess, engine_available, free_port
+from tests.server_process import REPO_ROOT, SERVER_POOL, engine_available, free_port, takes_servers
 
 API_KEY = "ui-test-key"
 # Screenshots land here (git-ignored) for a person to look at after a run.
@@ -61,15 +61,31 @@ def browser():
         launched.close()
 
 
+def find_nginx() -> str | None:
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+
+
+def _planned_lamina(request: pytest.FixtureRequest) -> list[dict[str, str]]:
+    if not engine_available() or find_nginx() is None:
+        return []
+    return [
+        {
+            "LAMINA_MODEL": str(request.getfixturevalue("default_model_path")),
+            "LAMINA_API_KEYS": API_KEY,
+        }
+    ]
+
+
 @pytest.fixture(scope="module")
+@takes_servers(_planned_lamina)
 def lamina(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lamina]:
     if not engine_available():
         pytest.skip("the engine is not in the tree")
-    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    nginx = find_nginx()
     if nginx is None:
         pytest.skip("nginx is not installed: `make system-deps` (apt-get install nginx-light)")
     env = {"LAMINA_MODEL": str(default_model_path), "LAMINA_API_KEYS": API_KEY}
-    with ServerProcess(extra_env=env) as server:
+    with SERVER_POOL.start(env) as server:
         workdir = tmp_path_factory.mktemp("nginx-prefix")
         port = free_port()
         config = write_prefix_config(workdir, port, server.port)
