@@ -190,16 +190,31 @@ class ServerPool:
 
     def start(self, env: dict[str, str], ready_timeout_s: float = 300.0) -> ServerProcess:
         """A ready server with `extra_env=env`: a planned one, or one started now."""
-        key = self._key(env)
-        with self._lock:
-            spawned = self._spawned.get(key)
-            server = spawned.pop(0) if spawned else None
-            if server is None:
-                if env in self._queue:
-                    self._queue.remove(env)  # not spawned yet: no use waiting for it
-                server = ServerProcess(extra_env=env).spawn()
-        server.wait_ready(ready_timeout_s)
+        (server,) = self.start_many([env], ready_timeout_s)
         return server
+
+    def start_many(
+        self, envs: list[dict[str, str]], ready_timeout_s: float = 300.0
+    ) -> list[ServerProcess]:
+        """Ready servers, one per environment: those not planned load side by side."""
+        servers = [self._take(env) for env in envs]
+        try:
+            for server in servers:
+                server.wait_ready(ready_timeout_s)
+        except BaseException:
+            for server in servers:
+                server.stop()
+            raise
+        return servers
+
+    def _take(self, env: dict[str, str]) -> ServerProcess:
+        with self._lock:
+            spawned = self._spawned.get(self._key(env))
+            if spawned:
+                return spawned.pop(0)
+            if env in self._queue:
+                self._queue.remove(env)  # not spawned yet: no use waiting for it
+        return ServerProcess(extra_env=env).spawn()
 
     def close(self) -> None:
         """Stop every planned server no test took, and plan no more."""

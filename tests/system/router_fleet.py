@@ -15,13 +15,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from app.bench.fleet import ROUTER_FLAGS
-from tests.server_process import REPO_ROOT, ServerProcess, free_port
+from tests.server_process import REPO_ROOT, SERVER_POOL, ServerProcess, engine_available, free_port
 
 
 def router_installed() -> bool:
@@ -46,14 +47,22 @@ def replica_env(model_path: Path, drain_timeout_s: int) -> dict[str, str]:
 
 
 def start_replicas(count: int, model_path: Path, drain_timeout_s: int = 60) -> list[ServerProcess]:
-    """`count` lamina processes, loading side by side; returns once all are ready."""
-    replicas = [
-        ServerProcess(extra_env=replica_env(model_path, drain_timeout_s)).spawn()
-        for _ in range(count)
-    ]
-    for replica in replicas:
-        replica.wait_ready(240.0)
-    return replicas
+    """`count` lamina processes, loading side by side (or started ahead of time by the
+    server pool, for a fixture marked with `planned_replicas`); returns once all are ready."""
+    return SERVER_POOL.start_many([replica_env(model_path, drain_timeout_s)] * count, 240.0)
+
+
+def planned_replicas(count: int, drain_timeout_s: int = 60, runs: Callable[[], bool] = bool):
+    """A `takes_servers` planner for a fixture that calls start_replicas(count, ...);
+    `runs()` says whether the fixture will run (it skips when a tool is missing)."""
+
+    def plan(request) -> list[dict[str, str]]:
+        if not engine_available() or not runs():
+            return []
+        model_path = request.getfixturevalue("tiny_model_path")
+        return [replica_env(model_path, drain_timeout_s)] * count
+
+    return plan
 
 
 @dataclass

@@ -12,6 +12,7 @@ In file order, against one topology:
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import uuid
@@ -25,9 +26,9 @@ import pytest
 
 from app.bench.fleet import prefix_cache_counts
 from app.bench.spawn import wait_until_answering
-from tests.server_process import ServerProcess, engine_available, free_port
+from tests.server_process import ServerProcess, engine_available, free_port, takes_servers
 from tests.system.deploy_files import DEPLOY, tool
-from tests.system.router_fleet import Conversation, start_replicas
+from tests.system.router_fleet import Conversation, planned_replicas, start_replicas
 from tests.system.test_load_balancer import _stop, loopback
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -50,7 +51,12 @@ class SessionTopology:
         return {r.url: prefix_cache_counts(r.url) for r in alive}
 
 
+def _nginx_found() -> bool:
+    return shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
+
+
 @pytest.fixture(scope="module")
+@takes_servers(planned_replicas(2, runs=_nginx_found))
 def topology(
     tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SessionTopology]:

@@ -31,12 +31,13 @@ import httpx
 import pytest
 
 from app.bench.fleet import prefix_cache_counts
-from tests.server_process import ServerProcess, engine_available
+from tests.server_process import ServerProcess, engine_available, takes_servers
 from tests.system.deploy_files import ROUTER_SERIES, load_dashboard, metric_names_in_dashboard
 from tests.system.router_fleet import (
     BackgroundStream,
     Conversation,
     Router,
+    planned_replicas,
     router_installed,
     start_replicas,
     start_router,
@@ -79,6 +80,7 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
+@takes_servers(planned_replicas(NUM_REPLICAS, DRAIN_TIMEOUT_S, router_installed))
 def fleet(tiny_model_path: Path) -> Iterator[Fleet]:
     if not engine_available():
         pytest.skip("the engine is not in the tree")
