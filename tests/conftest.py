@@ -21,7 +21,7 @@ def planned_servers(request: pytest.FixtureRequest) -> Iterator[None]:
     """Starts in the background, in the tests' order, the servers that the session's
     `@takes_servers` fixtures will take (tests/server_process.py, ServerPool); stops
     those no test took."""
-    planned: set[int] = set()
+    planned: set[int] = set()  # fixtures wider than a test: planned once
     envs: list[dict[str, str]] = []
     for item in request.session.items:
         info = getattr(item, "_fixtureinfo", None)
@@ -29,10 +29,11 @@ def planned_servers(request: pytest.FixtureRequest) -> Iterator[None]:
             fixturedefs = info.name2fixturedefs.get(name)
             if not fixturedefs or id(fixturedefs[-1]) in planned:
                 continue
-            planned.add(id(fixturedefs[-1]))
+            if fixturedefs[-1].scope != "function":
+                planned.add(id(fixturedefs[-1]))
             planner = planner_of(fixturedefs[-1].func)
             if planner is not None:
-                envs.extend(planner(request))
+                envs.extend(planner(request, item))
     SERVER_POOL.plan(envs)
     yield
     SERVER_POOL.close()

@@ -121,15 +121,16 @@ class ServerProcess:
         self.stop()
 
 
-EnvBuilder = Callable[[Any], list[dict[str, str]]]
+EnvBuilder = Callable[[Any, Any], list[dict[str, str]]]
 # (module, fixture name) -> what servers that fixture will take from the pool, in order.
 _PLANNERS: dict[tuple[str, str], EnvBuilder] = {}
 
 
 def takes_servers(env_builder: EnvBuilder) -> Callable[[F], F]:
     """Marks a server fixture (under its @pytest.fixture) whose servers the session starts
-    ahead of time: `env_builder(request)` returns the `extra_env` of each server it will
-    take with `SERVER_POOL.start(env)`, or [] where the fixture would skip."""
+    ahead of time: `env_builder(request, item)` (the session's request, a test using the
+    fixture: once per test for a function-scoped one) returns the `extra_env` of each
+    server it will take with `SERVER_POOL.start(env)`, or [] where it would skip."""
 
     def mark(fixture_function: F) -> F:
         _PLANNERS[(fixture_function.__module__, fixture_function.__name__)] = env_builder

@@ -152,7 +152,7 @@ def api_server_env(default_model_path: Path) -> dict[str, str]:
     return {"LAMINA_MODEL": str(default_model_path), "LAMINA_MAX_ADMITTED_TOKENS": "65536"}
 
 
-def _planned_api_server(request: pytest.FixtureRequest) -> list[dict[str, str]]:
+def _planned_api_server(request: pytest.FixtureRequest, item: pytest.Item) -> list[dict[str, str]]:
     if not engine_available():
         return []
     return [api_server_env(request.getfixturevalue("default_model_path"))]

@@ -35,7 +35,9 @@ SATURATED_ENV = {
 }
 
 
-def _planned_saturated_server(request: pytest.FixtureRequest) -> list[dict[str, str]]:
+def _planned_saturated_server(
+    request: pytest.FixtureRequest, item: pytest.Item
+) -> list[dict[str, str]]:
     if not engine_available():
         return []
     return [{**SATURATED_ENV, "LAMINA_MODEL": str(request.getfixturevalue("tiny_model_path"))}]

@@ -55,7 +55,9 @@ def attack_envs(tiny_model_path: Path) -> dict[str, dict[str, str]]:
     }
 
 
-def _planned_attack_servers(request: pytest.FixtureRequest) -> list[dict[str, str]]:
+def _planned_attack_servers(
+    request: pytest.FixtureRequest, item: pytest.Item
+) -> list[dict[str, str]]:
     if not engine_available():
         return []
     return list(attack_envs(request.getfixturevalue("tiny_model_path")).values())

@@ -51,7 +51,7 @@ def eventually(check: Callable[[], T], timeout_s: float = 10.0) -> T:
             time.sleep(0.05)
 
 
-def _planned_server(request: pytest.FixtureRequest) -> list[dict[str, str]]:
+def _planned_server(request: pytest.FixtureRequest, item: pytest.Item) -> list[dict[str, str]]:
     if not engine_available():
         return []
     return [{**TINY_ENV, "LAMINA_MODEL": str(request.getfixturevalue("tiny_model_path"))}]

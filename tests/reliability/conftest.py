@@ -1,7 +1,9 @@
 """Fixtures of the reliability tests.
 
 - `start_server(env)`: a real `lamina serve` process on the tiny random LLaMA (the
-  `tiny_model_path` fixture), stopped at the end of the test unless the test stopped it.
+  `tiny_model_path` fixture), stopped at the end of the test unless the test stopped it;
+  `start_server()` takes the environment of the test's `server_env` marker, and the
+  session starts that server ahead of time (tests/server_process.py, ServerPool).
 - `shared_server`: one such process for the whole session (soak and fault tests), with
   the fault-injection marker set.
 - `metrics_of(url)`: every sample of GET /metrics, summed per name.
@@ -33,14 +35,29 @@ def tiny_env(model_path: Path, **extra: str) -> dict[str, str]:
     return {**TINY_ENV, "LAMINA_MODEL": str(model_path), **extra}
 
 
+def _planned_start_server(
+    request: pytest.FixtureRequest, item: pytest.Item
+) -> list[dict[str, str]]:
+    marker = item.get_closest_marker("server_env")
+    if not engine_available() or marker is None:
+        return []
+    return [tiny_env(request.getfixturevalue("tiny_model_path"), **marker.kwargs)]
+
+
 @pytest.fixture
-def start_server(tiny_model_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+@takes_servers(_planned_start_server)
+def start_server(
+    tiny_model_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., ServerProcess]]:
     if not engine_available():
         pytest.skip("the engine is not in the tree")
     started: list[ServerProcess] = []
+    marker = request.node.get_closest_marker("server_env")
 
     def start(**env: str) -> ServerProcess:
-        server = ServerProcess(extra_env=tiny_env(tiny_model_path, **env)).start(120)
+        if not env and marker is not None:
+            env = marker.kwargs
+        server = SERVER_POOL.start(tiny_env(tiny_model_path, **env), 120)
         started.append(server)
         return server
 
@@ -49,7 +66,9 @@ def start_server(tiny_model_path: Path) -> Iterator[Callable[..., ServerProcess]
         server.stop()
 
 
-def _planned_shared_server(request: pytest.FixtureRequest) -> list[dict[str, str]]:
+def _planned_shared_server(
+    request: pytest.FixtureRequest, item: pytest.Item
+) -> list[dict[str, str]]:
     if not engine_available():
         return []
     tiny_model_path = request.getfixturevalue("tiny_model_path")

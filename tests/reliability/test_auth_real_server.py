@@ -21,9 +21,10 @@ def _bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+# /metrics is left out of the open routes here: the setting, not a default, decides.
+@pytest.mark.server_env(LAMINA_API_KEYS=KEYS, LAMINA_OPEN_ROUTES="/health,/ready")
 def test_keys_guard_generation_and_open_routes_follow_the_setting(start_server) -> None:
-    # /metrics is left out of the open routes here: the setting, not a default, decides.
-    server = start_server(LAMINA_API_KEYS=KEYS, LAMINA_OPEN_ROUTES="/health,/ready")
+    server = start_server()
     with httpx.Client(base_url=server.url, timeout=30.0) as client:
         for path, body in GENERATION_ROUTES:
             for headers in ({}, _bearer("wrong-key"), _bearer("key-alpha-12")):

@@ -47,8 +47,9 @@ def exit_code(process: subprocess.Popen, timeout_s: float) -> int:
         pytest.fail(f"the server did not exit within {timeout_s} s")
 
 
+@pytest.mark.server_env(LAMINA_DRAIN_TIMEOUT_S="60")
 def test_sigterm_lets_every_stream_finish_then_exits_zero(start_server):
-    server = start_server(LAMINA_DRAIN_TIMEOUT_S="60")
+    server = start_server()
     max_tokens = 600  # about two seconds of decoding for 16 streams on one thread
 
     async def scenario() -> tuple[list[Outcome], dict[str, object]]:
@@ -76,8 +77,9 @@ def test_sigterm_lets_every_stream_finish_then_exits_zero(start_server):
     assert "drained: no request in flight" in server.log_tail(200)
 
 
+@pytest.mark.server_env(LAMINA_DRAIN_TIMEOUT_S="0.5")
 def test_drain_timeout_stops_what_is_left_with_a_clear_error(start_server):
-    server = start_server(LAMINA_DRAIN_TIMEOUT_S="0.5")
+    server = start_server()
     long_tokens = 900  # seconds of decoding: cannot finish within the drain timeout
 
     async def scenario() -> tuple[list[Outcome], httpx.Response, float]:
@@ -106,8 +108,9 @@ def test_drain_timeout_stops_what_is_left_with_a_clear_error(start_server):
     assert exit_code(server.process, 30) == 0, server.log_tail()
 
 
+@pytest.mark.server_env(LAMINA_DRAIN_TIMEOUT_S="60")
 def test_a_second_sigterm_stops_at_once(start_server):
-    server = start_server(LAMINA_DRAIN_TIMEOUT_S="60")
+    server = start_server()
 
     async def scenario() -> tuple[list[Outcome], int, float]:
         async with httpx.AsyncClient(timeout=60.0) as client:

@@ -23,8 +23,9 @@ BURST = 30
 MAX_TOKENS = 48
 
 
+@pytest.mark.server_env(LAMINA_MAX_NUM_SEQS="2", LAMINA_MAX_QUEUED="2")
 def test_a_burst_beyond_the_queue_gets_429s_and_loses_nothing(start_server):
-    server = start_server(LAMINA_MAX_NUM_SEQS="2", LAMINA_MAX_QUEUED="2")
+    server = start_server()
 
     async def burst() -> list[Outcome]:
         limits = httpx.Limits(max_connections=BURST)

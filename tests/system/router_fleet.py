@@ -56,7 +56,7 @@ def planned_replicas(count: int, drain_timeout_s: int = 60, runs: Callable[[], b
     """A `takes_servers` planner for a fixture that calls start_replicas(count, ...);
     `runs()` says whether the fixture will run (it skips when a tool is missing)."""
 
-    def plan(request) -> list[dict[str, str]]:
+    def plan(request, item) -> list[dict[str, str]]:
         if not engine_available() or not runs():
             return []
         model_path = request.getfixturevalue("tiny_model_path")

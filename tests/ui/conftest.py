@@ -65,7 +65,7 @@ def find_nginx() -> str | None:
     return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
 
 
-def _planned_lamina(request: pytest.FixtureRequest) -> list[dict[str, str]]:
+def _planned_lamina(request: pytest.FixtureRequest, item: pytest.Item) -> list[dict[str, str]]:
     if not engine_available() or find_nginx() is None:
         return []
     return [
