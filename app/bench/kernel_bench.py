@@ -158,8 +158,9 @@ LOW_PRECISIONS = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": INT4}  # b
 
 def bench_low_precision_matmuls(libraries: list[Library], config: ModelConfig, args) -> None:
     """The forward's matmuls with bf16, int8 and 4-bit weights: each library's bf16 panels
-    (AVX512-BF16 dot products, or widened in the kernel) and int8 and 4-bit blocks (widened
-    in registers) beside its fp32 panels, and oneDNN in bf16."""
+    (AVX512-BF16 dot products, or widened in the kernel) and int8 and 4-bit blocks (integer
+    dot products with the rows quantized per block: int8.h) beside its fp32 panels, and
+    oneDNN in bf16."""
     shapes = linear_shapes(config)
     weights = [torch.randn(n, k) * 0.02 for k, n in shapes]  # [out, in], as checkpoints
     arena = HugePageArena()
