@@ -104,11 +104,25 @@ class Settings(BaseModel):
     enable_prefix_caching: bool = Field(
         default=True, description="reuse the KV cache of prompt prefixes seen before"
     )
-    speculative: Literal["off", "ngram"] = Field(
+    speculative: Literal["off", "ngram", "draft"] = Field(
         default="off",
         description="speculative decoding: `ngram` drafts tokens by looking the last tokens up "
-        "in the prompt and output so far (prompt lookup) and verifies them in the same step; "
+        "in the prompt and output so far (prompt lookup), `draft` has a small model "
+        "(`LAMINA_SPECULATIVE_MODEL`) propose them; either is verified in the same step and "
         "the output stays token for token what it is with `off`",
+    )
+    speculative_model: Path | None = Field(
+        default=None,
+        description="speculative decoding `draft`: a local model folder sharing the served "
+        "model's tokenizer (checked at start-up): a smaller model of the same family, or the "
+        "served model itself with `LAMINA_SPECULATIVE_WEIGHT_DTYPE=int4`",
+    )
+    speculative_weight_dtype: Literal["auto", "float32", "float16", "bfloat16", "int8", "int4"] = (
+        Field(
+            default="auto",
+            description="speculative decoding `draft`, CPU only: precision the draft model's "
+            "linear weights are stored in; `auto`: as the served model's",
+        )
     )
     speculative_tokens: int = Field(
         default=4, ge=1, le=32, description="speculative decoding: most tokens drafted per step"
@@ -319,6 +333,14 @@ class Settings(BaseModel):
     def _check_ngram_range(self) -> Settings:
         if self.speculative_ngram_min > self.speculative_ngram_max:
             raise ValueError("speculative_ngram_min must not exceed speculative_ngram_max")
+        return self
+
+    @model_validator(mode="after")
+    def _check_draft_model(self) -> Settings:
+        if self.speculative == "draft" and self.speculative_model is None:
+            raise ValueError(
+                "speculative=draft needs LAMINA_SPECULATIVE_MODEL, the draft model's folder"
+            )
         return self
 
     @field_validator("api_keys", "open_routes", "cors_origins", mode="before")

@@ -99,15 +99,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--workload",
-        choices=["random", "repetitive"],
+        choices=["random", "repetitive", "chat"],
         default="random",
-        help="random token prompts, or chat requests to rewrite a passage fixing its typos "
-        "(app/bench/repetitive.py), where prompt lookup helps",
+        help="random token prompts, chat requests to rewrite a passage fixing its typos "
+        "(app/bench/repetitive.py), where prompt lookup helps, or ordinary chat questions "
+        "(app/bench/chat_questions.py)",
     )
     parser.add_argument(
         "--speculative",
-        help="comma-separated LAMINA_SPECULATIVE modes (e.g. off,ngram): each runs at every "
-        "level, alternating, outputs compared (app/bench/speculative_bench.py)",
+        help="comma-separated LAMINA_SPECULATIVE modes (e.g. off,ngram,draft): each runs at "
+        "every level, alternating, outputs compared (app/bench/speculative_bench.py)",
+    )
+    parser.add_argument(
+        "--speculative-model",
+        type=Path,
+        help="LAMINA_SPECULATIVE_MODEL: the draft model folder of the `draft` mode",
+    )
+    parser.add_argument(
+        "--speculative-weight-dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16", "int8", "int4"],
+        help="LAMINA_SPECULATIVE_WEIGHT_DTYPE: the draft model's weight storage",
     )
     parser.add_argument(
         "--speculative-max-batch",
@@ -171,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         from app.bench.structured_bench import main as bench_structured
 
         return bench_structured(args, engines[0], tokenizer)
-    if args.speculative or args.workload == "repetitive":
+    if args.speculative or args.workload in ("repetitive", "chat"):
         from app.bench.speculative_bench import main as bench_speculative
 
         return bench_speculative(args, engines[0], tokenizer)

@@ -1,6 +1,8 @@
-"""`lamina bench engine --workload repetitive --speculative off,ngram`: speculative
-decoding against none, on a workload where prompt lookup helps (`--workload random`:
-random token prompts, where it has little to find, for what it costs there).
+"""`lamina bench engine --workload repetitive --speculative off,ngram,draft`: speculative
+decoding against none, on a workload where prompt lookup helps (`--workload chat`:
+ordinary questions, where it has little to find; `--workload random`: random token
+prompts). `draft` loads `--speculative-model` (weights stored as
+`--speculative-weight-dtype`) beside the served model.
 
 Every mode runs on the same loaded model in this one process, alternating at each
 level `--repeats` times, so their ratios come from the same minutes of a shared
@@ -18,6 +20,7 @@ import os
 import statistics
 from dataclasses import asdict, dataclass
 
+from app.bench.chat_questions import chat_messages
 from app.bench.closed_loop import closed_loop, make_prompts
 from app.bench.repetitive import repetitive_messages
 from app.core import SamplingParams
@@ -40,12 +43,14 @@ class ModeResult:
 def main(args, engine, tokenizer) -> int:
     modes = (args.speculative or "off,ngram").split(",")
     num_prompts = max(args.num_prompts, max(args.levels))
-    if args.workload == "repetitive":
-        conversations = repetitive_messages(num_prompts)
-        prompts = [tokenizer.apply_chat_template(messages) for messages in conversations]
+    if args.workload in ("repetitive", "chat"):
+        make = repetitive_messages if args.workload == "repetitive" else chat_messages
+        prompts = [tokenizer.apply_chat_template(messages) for messages in make(num_prompts)]
     else:  # where prompt lookup has little to find: what speculation costs
         prompts = make_prompts(tokenizer.vocab_size, num_prompts, args.prompt_len, args.seed)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0)
+    if "draft" in modes:
+        _load_draft(args, engine)
     print(_header(engine, args, prompts, modes), flush=True)
     results: list[ModeResult] = []
     for level in args.levels:
@@ -54,6 +59,21 @@ def main(args, engine, tokenizer) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     return 0
+
+
+def _draft_settings(args, settings):
+    """The engine's settings with the draft model of the command line."""
+    update = {"speculative_model": args.speculative_model}
+    update["speculative_weight_dtype"] = args.speculative_weight_dtype
+    return settings.model_copy(update=update)
+
+
+def _load_draft(args, engine) -> None:
+    if args.speculative_model is None:
+        raise SystemExit("--speculative draft needs --speculative-model")
+    runner = engine.runner
+    runner.draft_runner = runner.build_draft_runner(_draft_settings(args, engine.settings))
+    runner.draft_runner.warmup()
 
 
 def _run_level(args, engine, tokenizer, prompts, params, level) -> list[ModeResult]:
@@ -67,6 +87,8 @@ def _run_level(args, engine, tokenizer, prompts, params, level) -> list[ModeResu
         if args.speculative_max_batch is not None:
             update["speculative_max_batch"] = args.speculative_max_batch
         settings = engine.settings.model_copy(update=update)
+        if mode == "draft":
+            settings = _draft_settings(args, settings)
         cores[mode] = EngineCore(engine.runner, tokenizer, settings)
         warm = SamplingParams(max_tokens=4, temperature=0.0)
         closed_loop(cores[mode], prompts[:level], warm, level, "warm")  # this shape
@@ -109,7 +131,14 @@ def _run_level(args, engine, tokenizer, prompts, params, level) -> list[ModeResu
 
 def _header(engine, args, prompts, modes) -> str:
     lengths = sorted(len(p) for p in prompts)
-    workload = "rewrite a passage fixing typos" if args.workload == "repetitive" else "random"
+    workload = {
+        "repetitive": "rewrite a passage fixing typos",
+        "chat": "ordinary chat questions",
+    }.get(args.workload, "random")
+    if "draft" in modes:
+        workload += (
+            f"; draft model {args.speculative_model} ({args.speculative_weight_dtype} weights)"
+        )
     return (
         f"# speculative decoding: {', '.join(modes)}; {workload} prompts, "
         f"{lengths[0]}-{lengths[-1]} tokens, "

@@ -29,7 +29,8 @@ from app.engine.constraints import advance_matchers, start_matcher
 from app.engine.outputs import FinishInfo, PromptPart, SequenceOutput
 from app.engine.protocol import Runner, TokenizerLike
 from app.engine.scheduler import Scheduler, SeqUpdate
-from app.engine.speculative import NgramSpeculator, SpeculationStats
+from app.engine.speculative import NgramSpeculator, SpeculationStats, Speculator
+from app.engine.speculative_draft import DraftModelSpeculator
 
 logger = logging.getLogger("lamina.engine")
 
@@ -78,10 +79,18 @@ class _Request:
     log_request_id: str | None = None  # the HTTP request's id, when one submitted it
 
 
-def speculator_from(settings: Settings) -> NgramSpeculator | None:
-    """The speculative decoder the settings ask for (None: off)."""
+def speculator_from(settings: Settings, runner: Runner) -> Speculator | None:
+    """The speculative decoder the settings ask for (None: off). `draft` runs the draft
+    model the runner loaded (its `draft_runner`, a Runner too)."""
     if settings.speculative == "off":
         return None
+    if settings.speculative == "draft":
+        draft_runner = getattr(runner, "draft_runner", None)
+        if draft_runner is None:
+            raise ValueError("speculative=draft, but the runner loaded no draft model")
+        return DraftModelSpeculator(
+            draft_runner, settings.speculative_tokens, settings.speculative_max_batch
+        )
     return NgramSpeculator(
         settings.speculative_tokens,
         settings.speculative_ngram_min,
@@ -119,7 +128,7 @@ class EngineCore:
             eos_token_ids=tokenizer.eos_token_ids,
             max_prefill_tokens_while_decoding=settings.max_prefill_tokens_while_decoding or None,
             priority_ageing_s=settings.priority_ageing_s or None,
-            speculator=speculator_from(settings),
+            speculator=speculator_from(settings, runner),
         )
         self._requests: dict[str, _Request] = {}
         self._outputs: dict[int, SequenceOutput] = {}  # by seq_id, unfinished sequences

@@ -73,7 +73,7 @@ from app.core import (
 )
 from app.engine.block_manager import BlockManager
 from app.engine.priority import effective_priority, preemption_victims, priority_levels
-from app.engine.speculative import NgramSpeculator, accepted_prefix
+from app.engine.speculative import Speculator, accepted_prefix
 from app.engine.stopping import check_stop, default_criteria
 
 
@@ -166,7 +166,7 @@ class Scheduler:
         eos_token_ids: frozenset[int],
         max_prefill_tokens_while_decoding: int | None = None,
         priority_ageing_s: float | None = None,
-        speculator: NgramSpeculator | None = None,
+        speculator: Speculator | None = None,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
@@ -276,6 +276,7 @@ class Scheduler:
         speculates: bool = False,
     ) -> None:
         index = 0
+        planned: list[tuple[ScheduledSeq, int]] = []  # (its share, tokens it drafts)
         while index < len(self.running) and budget.total > 0:
             seq = self.running[index]
             decoding = is_decoding(seq)
@@ -288,21 +289,35 @@ class Scheduler:
                 break  # seq itself left the running list, and it was the last one
             if len(preempted) > num_preempted:  # victims may have been decoding
                 budget.num_decodes_left = sum(1 for s in self.running[index:] if is_decoding(s))
-            drafts = self._draft(seq, budget) if decoding and speculates else ()
-            num_new += len(drafts)
+            num_drafts = self._plan_draft(seq, budget) if decoding and speculates else 0
+            num_new += num_drafts
             self.block_manager.append_slots(seq, num_new)
-            scheduled.append(self._scheduled(seq, num_new, drafts))
-            budget.spend(num_new, decoding, len(drafts))
+            scheduled.append(self._scheduled(seq, num_new, num_drafts))
+            if num_drafts:
+                planned.append((scheduled[-1], num_drafts))
+            budget.spend(num_new, decoding, num_drafts)
             index += 1
+        if speculates:
+            self._fill_drafts(planned)
 
-    def _draft(self, seq: Sequence, budget: _StepBudget) -> tuple[int, ...]:
-        """A draft for decoding seq within the step's budget, its max_tokens (the token
-        after the draft is sampled too) and the free blocks (never preempting for it)."""
+    def _plan_draft(self, seq: Sequence, budget: _StepBudget) -> int:
+        """How many tokens decoding seq drafts, within the step's budget, its max_tokens
+        (the token after the draft is sampled too) and the free blocks (never preempting
+        for it)."""
         max_drafts = min(budget.draft_allowance(), seq.max_tokens - len(seq.output_token_ids) - 1)
-        drafts = self.speculator.propose(seq, max_drafts)
-        while drafts and not self.block_manager.can_append_slots(seq, 1 + len(drafts)):
-            drafts = drafts[:-1]
-        return drafts
+        num_drafts = self.speculator.plan(seq, max_drafts)
+        while num_drafts and not self.block_manager.can_append_slots(seq, 1 + num_drafts):
+            num_drafts -= 1
+        return num_drafts
+
+    def _fill_drafts(self, planned: list[tuple[ScheduledSeq, int]]) -> None:
+        """The planned drafts' tokens, proposed for the whole step at once (every step
+        that speculates, even with none planned: it ends the speculator's planning)."""
+        tokens = self.speculator.drafts([(item.seq, num) for item, num in planned])
+        for (item, num), draft in zip(planned, tokens, strict=True):
+            if len(draft) != num:
+                raise RuntimeError(f"the speculator drafted {len(draft)} tokens, not {num}")
+            item.draft_token_ids = draft
 
     def _make_room(self, seq: Sequence, num_new: int, preempted: list[Sequence]) -> bool:
         """Preempt the most recently admitted sequences until seq can grow by num_new.
@@ -431,11 +446,12 @@ class Scheduler:
         self.running.insert(position, seq)
 
     @staticmethod
-    def _scheduled(seq: Sequence, num_new: int, drafts: tuple[int, ...] = ()) -> ScheduledSeq:
-        reaches_end = seq.num_computed_tokens + num_new == seq.num_tokens + len(drafts)
+    def _scheduled(seq: Sequence, num_new: int, num_drafts: int = 0) -> ScheduledSeq:
+        """seq's share; its draft's tokens (num_drafts of them) come with _fill_drafts."""
+        reaches_end = seq.num_computed_tokens + num_new == seq.num_tokens + num_drafts
         # A prompt-only sequence (max_tokens 0) computes its prompt and samples nothing.
         samples = reaches_end and seq.max_tokens > 0
-        return ScheduledSeq(seq, num_new, samples, drafts)
+        return ScheduledSeq(seq, num_new, samples)
 
     def _never_fits(self, num_tokens: int) -> bool:
         return self.block_manager.num_blocks_for(num_tokens) > self.block_manager.num_blocks
@@ -448,6 +464,8 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
+        if self.speculator is not None:
+            self.speculator.preempted(seq)
         if self._now is not None:  # ageing starts again: it waits anew
             seq.waiting_since = self._now
         self.waiting.appendleft(seq)

@@ -1,4 +1,5 @@
-"""Speculative decoding by prompt lookup: draft tokens from the sequence's own history.
+"""Speculative decoding: who drafts, and prompt lookup (draft tokens from the sequence's
+own history). The draft model's speculator is app/engine/speculative_draft.py.
 
 A decoding sequence whose last few tokens (an n-gram, longest n first) occurred earlier
 in its prompt or output is guessed to continue as it did there: the tokens that
@@ -15,6 +16,12 @@ Speculation switches itself off for a sequence whose drafts are mostly rejected 
 exponential moving average of its acceptance rate below `min_acceptance`), trying again
 every `reprobe_interval` of its steps, and for a whole step where more sequences decode
 than `max_batch` (the step is then compute bound: draft rows cost as much as any).
+Both rules live in `Speculator`, whatever proposes the drafts.
+
+The scheduler drafts in two calls: `plan(seq, max_tokens)` while it walks the running
+sequences (how many tokens seq will draft, so their slots and budget are taken; it may
+lower the number), then `drafts(planned)` once for the whole step (the tokens: a draft
+model proposes for every planned sequence in one batched forward pass per position).
 
 Pure Python, no torch: owned by the scheduler, on the engine thread.
 """
@@ -88,7 +95,6 @@ def _continuation(tokens: SequenceOf[int], start: int, length: int) -> list[int]
 
 @dataclass
 class _SeqState:
-    index: NgramIndex
     acceptance: float = 0.0  # moving average of accepted / drafted per verify step
     num_verifies: int = 0
     steps_to_skip: int = 0  # speculation paused for this many more of its steps
@@ -105,14 +111,13 @@ class SpeculationStats:
     accepted_per_position: list[int] = field(default_factory=list)
 
 
-class NgramSpeculator:
-    """Proposes prompt-lookup drafts and decides who speculates. Engine thread only."""
+class Speculator:
+    """Decides who speculates and keeps the totals; subclasses propose the tokens.
+    Engine thread only."""
 
     def __init__(
         self,
         num_tokens: int,
-        min_n: int,
-        max_n: int,
         max_batch: int,
         *,
         min_acceptance: float = 0.25,
@@ -120,11 +125,9 @@ class NgramSpeculator:
         reprobe_interval: int = 16,
         smoothing: float = 0.3,
     ) -> None:
-        if num_tokens < 1 or not 1 <= min_n <= max_n:
-            raise ValueError("need num_tokens >= 1 and 1 <= min_n <= max_n")
+        if num_tokens < 1:
+            raise ValueError("need num_tokens >= 1")
         self.num_tokens = num_tokens  # k: most tokens drafted for one sequence per step
-        self.min_n = min_n
-        self.max_n = max_n
         self.max_batch = max_batch  # more decoding sequences than this: nobody speculates
         self.min_acceptance = min_acceptance
         self.min_verifies = min_verifies
@@ -137,22 +140,33 @@ class NgramSpeculator:
         """Whether a step with this many decoding sequences speculates at all."""
         return num_decoding <= self.max_batch
 
-    def propose(self, seq: Sequence, max_tokens: int) -> tuple[int, ...]:
-        """A draft of at most max_tokens tokens to follow seq's last token; () when seq
-        does not speculate now (grammar-constrained, paused, nothing matched)."""
+    def plan(self, seq: Sequence, max_tokens: int) -> int:
+        """How many tokens (at most max_tokens) seq drafts this step; 0 when it does not
+        speculate now (grammar-constrained, paused, nothing to propose). The scheduler
+        may lower it (free blocks) before `drafts`."""
         max_tokens = min(max_tokens, self.num_tokens)
         if max_tokens < 1 or seq.constraint_matcher is not None:
-            return ()
+            return 0
         state = self._states.get(seq.seq_id)
         if state is None:
-            state = self._states[seq.seq_id] = _SeqState(NgramIndex(self.min_n, self.max_n))
+            state = self._states[seq.seq_id] = _SeqState()
         if state.steps_to_skip > 0:
             state.steps_to_skip -= 1
-            return ()
-        return tuple(state.index.propose(seq.all_token_ids, max_tokens))
+            return 0
+        return self._plan(seq, max_tokens)
+
+    def _plan(self, seq: Sequence, max_tokens: int) -> int:
+        raise NotImplementedError
+
+    def drafts(self, planned: SequenceOf[tuple[Sequence, int]]) -> list[tuple[int, ...]]:
+        """The draft tokens of this step's planned sequences, exactly the planned number
+        each (1 or more), in order. Called once at the end of every step that speculates
+        (planned may be empty): what `plan` set aside for the step ends here."""
+        raise NotImplementedError
 
     def record(self, seq: Sequence, num_drafted: int, num_accepted: int) -> None:
-        """A verify step's outcome for seq: update its acceptance and the totals."""
+        """A verify step's outcome for seq (before its kept tokens are appended): update
+        its acceptance and the totals."""
         stats = self.stats
         stats.num_drafts += 1
         stats.num_draft_tokens += num_drafted
@@ -173,6 +187,44 @@ class NgramSpeculator:
             state.steps_to_skip = self.reprobe_interval  # then one probe, judged alone
             state.num_verifies = self.min_verifies - 1
 
+    def preempted(self, seq: Sequence) -> None:
+        """seq gave its KV blocks back (it is recomputed later); its acceptance stays."""
+
     def release(self, seq_id: int) -> None:
         """Forget a finished sequence."""
         self._states.pop(seq_id, None)
+
+
+class NgramSpeculator(Speculator):
+    """Proposes prompt-lookup drafts. Engine thread only."""
+
+    def __init__(self, num_tokens: int, min_n: int, max_n: int, max_batch: int, **rules) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError("need 1 <= min_n <= max_n")
+        super().__init__(num_tokens, max_batch, **rules)
+        self.min_n = min_n
+        self.max_n = max_n
+        self._indexes: dict[int, NgramIndex] = {}
+        self._proposals: dict[int, list[int]] = {}  # by seq_id: this step's lookups
+
+    def _plan(self, seq: Sequence, max_tokens: int) -> int:
+        index = self._indexes.get(seq.seq_id)
+        if index is None:
+            index = self._indexes[seq.seq_id] = NgramIndex(self.min_n, self.max_n)
+        proposal = index.propose(seq.all_token_ids, max_tokens)
+        self._proposals[seq.seq_id] = proposal
+        return len(proposal)
+
+    def drafts(self, planned: SequenceOf[tuple[Sequence, int]]) -> list[tuple[int, ...]]:
+        found = [tuple(self._proposals[seq.seq_id][:num]) for seq, num in planned]
+        self._proposals.clear()
+        return found
+
+    def propose(self, seq: Sequence, max_tokens: int) -> tuple[int, ...]:
+        """plan then drafts for one sequence: its draft, () when it does not speculate."""
+        num = self.plan(seq, max_tokens)
+        return self.drafts([(seq, num)])[0] if num else ()
+
+    def release(self, seq_id: int) -> None:
+        super().release(seq_id)
+        self._indexes.pop(seq_id, None)

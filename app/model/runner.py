@@ -37,6 +37,7 @@ from app.model.config import ModelConfig, read_eos_token_ids
 from app.model.constraint_masks import ConstraintMasks, PendingMasks
 from app.model.cpu_threads import default_num_threads
 from app.model.cuda_graphs import DecodeGraphs
+from app.model.draft import load_draft
 from app.model.families import read_model_config
 from app.model.fused_layers import run_decoder
 from app.model.gguf_folder import file_weight_dtype
@@ -140,6 +141,8 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.config: ModelConfig = model.config
+        # Speculative decoding's draft model (app/model/draft.py), when one is configured
+        self.draft_runner: ModelRunner | None = None
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.num_blocks = kv_cache.num_blocks
@@ -240,7 +243,7 @@ class ModelRunner:
             kv_cache.num_bytes / GIB,
             device,
         )
-        return cls(
+        runner = cls(
             model,
             kv_cache,
             max_model_len=max_model_len,
@@ -248,6 +251,32 @@ class ModelRunner:
             seed=settings.seed,
             batch_invariant=settings.batch_invariant,
             num_threads=num_threads,
+            cuda_graphs=settings.cuda_graphs,
+            max_num_seqs=settings.max_num_seqs,
+        )
+        if settings.speculative == "draft":
+            runner.draft_runner = runner.build_draft_runner(settings)
+        return runner
+
+    def build_draft_runner(self, settings: Settings) -> ModelRunner:
+        """A runner of its own for the draft model `settings.speculative_model`
+        (app/model/draft.py; raises DraftModelError for a draft with another vocabulary),
+        with this one's device, dtype, context window and threads, its weights stored as
+        `settings.speculative_weight_dtype` (auto: as this one's). It runs past EOS: the
+        served model decides where the output stops."""
+        storage = settings.speculative_weight_dtype
+        if storage == "auto":
+            storage = weight_storage(settings, self.device, self.dtype)
+        weight_dtype = resolve_weight_dtype(storage, self.device, self.dtype)
+        model, kv_cache = load_draft(settings, self, weight_dtype)
+        return ModelRunner(
+            model,
+            kv_cache,
+            max_model_len=self.max_model_len,
+            eos_token_ids=frozenset(),
+            seed=settings.seed,
+            batch_invariant=settings.batch_invariant,
+            num_threads=self.num_threads,
             cuda_graphs=settings.cuda_graphs,
             max_num_seqs=settings.max_num_seqs,
         )
@@ -441,10 +470,13 @@ class ModelRunner:
         return self.prompt_outputs.take(seq_id)
 
     def warmup(self) -> None:
-        """A tiny prefill and decode step (greedy and random, with logprobs), off the books.
+        """A tiny prefill and decode step (greedy and random, with logprobs), off the books,
+        and the draft model's (if any).
 
         Writes junk into the first cache blocks: call it before serving, not during.
         """
+        if self.draft_runner is not None:
+            self.draft_runner.warmup()
         num_prompt = max(1, min(16, self.max_model_len - 2, self.num_blocks * self.block_size - 2))
         blocks = list(range(math.ceil((num_prompt + 1) / self.block_size)))
         seqs = [

@@ -85,6 +85,23 @@ def hf_references(hf_model, parity_prompts) -> list[list[int]]:
 
 
 @pytest.fixture(scope="session")
+def repeating_prompt(corpus_ids) -> list[int]:
+    """A 120-token passage twice, then its first 10 tokens: the model goes on copying."""
+    passage = corpus_ids[200:320]
+    return passage + passage + passage[:10]
+
+
+@pytest.fixture(scope="session")
+def cases(parity_prompts, hf_references, repeating_prompt, hf_model):
+    """Speculative decoding's parity cases: (request id, prompt, transformers' greedy
+    tokens) for 4 requests (3 of the parity references, computed once for
+    test_greedy_parity too, and the repeating prompt, where drafts are mostly right)."""
+    prompts = [*parity_prompts[:3], repeating_prompt]
+    expected = [*hf_references[:3], hf_greedy(hf_model, repeating_prompt)]
+    return [(f"r{i}", p, want) for i, (p, want) in enumerate(zip(prompts, expected))]
+
+
+@pytest.fixture(scope="session")
 def engine_settings(default_model_path):
     return load_settings(
         environ={}, model=default_model_path, kv_cache_gb=0.5, device="cpu", dtype="float32"
@@ -135,6 +152,11 @@ def no_kv_block_left_referenced(monkeypatch):
         assert not core.has_unfinished(), "a request is still held by the engine"
         core.block_manager.check_invariants()
         assert core.block_manager.num_used_blocks == 0, "a KV block is still referenced"
+        # A draft model's own cache (LAMINA_SPECULATIVE=draft) must be empty too.
+        draft_blocks = getattr(core.scheduler.speculator, "block_manager", None)
+        if draft_blocks is not None:
+            draft_blocks.check_invariants()
+            assert draft_blocks.num_used_blocks == 0, "a draft model's KV block is still held"
 
 
 @pytest.fixture

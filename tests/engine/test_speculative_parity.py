@@ -8,28 +8,10 @@ one prompt repeats a passage, so the model copies it and most drafts are accepte
 
 from __future__ import annotations
 
-import pytest
-
 from app.core import SamplingParams
-from tests.engine.conftest import drive, hf_greedy
+from tests.engine.conftest import drive
 
 SPECULATIVE = dict(speculative="ngram", speculative_max_batch=64, speculative_ngram_min=1)
-
-
-@pytest.fixture(scope="module")
-def repeating_prompt(corpus_ids) -> list[int]:
-    """A 120-token passage twice, then its first 10 tokens: the model goes on copying."""
-    passage = corpus_ids[200:320]
-    return passage + passage + passage[:10]
-
-
-@pytest.fixture(scope="module")
-def cases(parity_prompts, hf_references, repeating_prompt, hf_model):
-    """(request id, prompt, transformers' greedy tokens) for 4 requests (the session's
-    parity references, computed once for test_greedy_parity too)."""
-    prompts = [*parity_prompts[:3], repeating_prompt]
-    expected = [*hf_references[:3], hf_greedy(hf_model, repeating_prompt)]
-    return [(f"r{i}", p, want) for i, (p, want) in enumerate(zip(prompts, expected))]
 
 
 def _check(core, got, cases) -> None:

@@ -1,0 +1,145 @@
+"""Speculative decoding with a draft model: a small model that shares the served model's
+tokenizer proposes each draft, greedily (the argmax of its own logits).
+
+The draft model is a second Runner (app/model/runner.py loads it, app/model/draft.py
+checks its vocabulary) with its own small paged KV cache, in the same engine thread.
+Each speculating sequence has a shadow `Sequence` here: the same prompt, its output
+followed by the draft tokens being proposed, and its own block table in the draft's
+cache (a BlockManager of its own, without prefix caching). A step's drafts are
+proposed for every planned sequence at once: one batched forward pass catches each
+shadow up to its sequence's last known token and samples draft token 0 there, then
+one pass per further draft position computes the previous draft token and samples the
+next (sequences with shorter drafts drop out).
+
+K/V state and rollback. After a verify step that accepted a of the n draft tokens, the
+draft's cache holds valid K/V for the sequence's confirmed tokens up to position
+T + min(a, n - 1) (T: the sequence's length before the step; the draft computed its
+tokens 0..n-2 at T..T+n-2, and the accepted ones are the confirmed tokens there). The
+shadow is cut back to that (`BlockManager.truncate` frees the blocks past it); the next
+draft catches up the one or two confirmed tokens after it. A sequence preempted,
+finished or aborted drops its shadow and its draft blocks; a sequence that did not
+draft for a while (paused, step too large) catches up the tokens it missed in one chunk.
+
+Lossless like prompt lookup: the target verifies every draft with the same accept rule
+(app/engine/speculative.py: `accepted_prefix`), so what the draft proposes only decides
+how many tokens a step confirms, never which.
+
+Pure Python, no torch: the draft model sits behind the Runner protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceOf
+
+from app.core import SamplingParams, ScheduledBatch, ScheduledSeq, Sequence
+from app.engine.block_manager import BlockManager
+from app.engine.protocol import Runner
+from app.engine.speculative import Speculator
+
+_GREEDY = SamplingParams(max_tokens=None, temperature=0.0)
+
+
+class DraftModelSpeculator(Speculator):
+    """Proposes drafts with a draft model's greedy tokens. Engine thread only."""
+
+    def __init__(self, draft_runner: Runner, num_tokens: int, max_batch: int, **rules) -> None:
+        super().__init__(num_tokens, max_batch, **rules)
+        self.runner = draft_runner
+        self.block_manager = BlockManager(
+            draft_runner.num_blocks, draft_runner.block_size, enable_prefix_caching=False
+        )
+        self._shadows: dict[int, Sequence] = {}  # by the target sequence's seq_id
+        self._num_promised_blocks = 0  # free draft blocks planned this step, not yet taken
+        self.num_forward_passes = 0  # the draft model's
+
+    def _plan(self, seq: Sequence, max_tokens: int) -> int:
+        """Up to max_tokens, as many as the draft cache's free blocks allow (never
+        another sequence's blocks), counting those promised to sequences planned before
+        it this step; `drafts` takes them."""
+        shadow = self._shadow(seq)
+        manager = self.block_manager
+        num_drafts = max_tokens
+        while num_drafts:
+            missing = manager.num_missing_blocks(shadow, _num_new(shadow, seq, num_drafts))
+            if missing <= manager.num_free_blocks - self._num_promised_blocks:
+                self._num_promised_blocks += missing
+                return num_drafts
+            num_drafts -= 1
+        return 0
+
+    def drafts(self, planned: SequenceOf[tuple[Sequence, int]]) -> list[tuple[int, ...]]:
+        """Every planned sequence's draft: one batched pass per draft position. Ends the
+        step's planning (the scheduler calls it every step that speculates)."""
+        self._num_promised_blocks = 0
+        shadows = []
+        for seq, num_drafts in planned:
+            shadow = self._shadows[seq.seq_id]
+            self.block_manager.append_slots(shadow, _num_new(shadow, seq, num_drafts))
+            shadow.output_token_ids = list(seq.output_token_ids)
+            shadows.append(shadow)
+        tokens: list[list[int]] = [[] for _ in planned]
+        active = list(range(len(planned)))
+        while active:
+            items = [_catch_up(shadows[i]) for i in active]
+            num_batched = sum(item.num_new_tokens for item in items)
+            outputs = self.runner.execute(ScheduledBatch(items, num_batched))
+            self.num_forward_passes += 1
+            for item, output in zip(items, outputs, strict=True):
+                item.seq.num_computed_tokens += item.num_new_tokens
+                item.seq.output_token_ids.append(output.token_id)
+            for i, output in zip(active, outputs):
+                tokens[i].append(output.token_id)
+            active = [i for i in active if len(tokens[i]) < planned[i][1]]
+        return [tuple(draft) for draft in tokens]
+
+    def record(self, seq: Sequence, num_drafted: int, num_accepted: int) -> None:
+        """Also cut seq's shadow back to the draft K/V that verification confirmed."""
+        super().record(seq, num_drafted, num_accepted)
+        shadow = self._shadows.get(seq.seq_id)
+        if shadow is None:
+            return
+        # Draft token j (j < num_drafted - 1) was computed at position T + j; it holds a
+        # confirmed token's K/V when the target accepted it. seq has not grown yet: T.
+        num_valid = min(seq.num_tokens + min(num_accepted, num_drafted - 1), shadow.num_tokens)
+        shadow.num_computed_tokens = min(shadow.num_computed_tokens, num_valid)
+        del shadow.output_token_ids[num_valid - shadow.num_prompt_tokens :]
+        self.block_manager.truncate(shadow, shadow.num_computed_tokens)
+
+    def preempted(self, seq: Sequence) -> None:
+        """Its draft K/V go too: the draft cache is memory like the target's."""
+        self._drop_shadow(seq.seq_id)
+
+    def release(self, seq_id: int) -> None:
+        super().release(seq_id)
+        self._drop_shadow(seq_id)
+
+    def _drop_shadow(self, seq_id: int) -> None:
+        shadow = self._shadows.pop(seq_id, None)
+        if shadow is not None:
+            self.block_manager.free(shadow)
+            self.runner.release([shadow.seq_id])
+
+    def _shadow(self, seq: Sequence) -> Sequence:
+        """seq's shadow, created with nothing computed the first time."""
+        shadow = self._shadows.get(seq.seq_id)
+        if shadow is None:
+            shadow = Sequence(
+                request_id=f"draft-{seq.seq_id}",
+                prompt_token_ids=seq.prompt_token_ids,  # never mutated by anyone
+                params=_GREEDY,
+                max_tokens=seq.max_tokens,
+            )
+            self._shadows[seq.seq_id] = shadow
+        return shadow
+
+
+def _num_new(shadow: Sequence, seq: Sequence, num_drafts: int) -> int:
+    """Positions the shadow computes to draft num_drafts tokens after seq's last known
+    token: up to it, then draft tokens 0..num_drafts-2 (the last is never computed)."""
+    return seq.num_tokens + num_drafts - 1 - shadow.num_computed_tokens
+
+
+def _catch_up(shadow: Sequence) -> ScheduledSeq:
+    """The shadow's uncomputed tokens (the sequence's new confirmed tokens, or the last
+    draft token), sampling the next draft token after them."""
+    return ScheduledSeq(shadow, shadow.num_tokens - shadow.num_computed_tokens, sample=True)

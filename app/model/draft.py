@@ -1,0 +1,99 @@
+"""The draft model of speculative decoding (`LAMINA_SPECULATIVE=draft`): a second, small
+model loaded beside the served one, with a KV cache of its own, run by a ModelRunner
+of its own on the engine thread (app/engine/speculative_draft.py drives it).
+
+It must share the served model's tokenizer: its token ids are fed to the served model
+as draft tokens, so they must mean the same text. Start-up refuses a draft whose
+vocabulary (every token string and its id) differs, or whose logits are wider than the
+served model's (it could propose an id the served model has no embedding for).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from app.model.config import ModelConfig
+from app.model.families import read_model_config
+from app.model.kv_cache import GIB, KVCache
+
+logger = logging.getLogger(__name__)
+
+
+class DraftModelError(ValueError):
+    """The configured draft model cannot draft for the served one."""
+
+
+def check_draft_vocabulary(
+    target_dir: Path, draft_dir: Path, target: ModelConfig, draft: ModelConfig
+) -> None:
+    """Raise DraftModelError unless the two folders' tokenizers have the same vocabulary
+    and the draft's logits are no wider than the target's."""
+    from transformers import AutoTokenizer  # lazy: keeps `import app` light
+
+    def vocabulary(folder: Path) -> dict[str, int]:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True).get_vocab()
+
+    target_vocab, draft_vocab = vocabulary(target_dir), vocabulary(draft_dir)
+    if target_vocab != draft_vocab:
+        differing = sorted(
+            set(target_vocab.items()) ^ set(draft_vocab.items()), key=lambda item: item[1]
+        )
+        examples = ", ".join(f"{token!r}={token_id}" for token, token_id in differing[:3])
+        raise DraftModelError(
+            f"the draft model {draft_dir} does not share the served model's tokenizer: "
+            f"{len(target_vocab)} and {len(draft_vocab)} tokens, {len(differing)} (token, id) "
+            f"pairs in one only (e.g. {examples}); LAMINA_SPECULATIVE_MODEL must name a model "
+            "with the same vocabulary"
+        )
+    if draft.vocab_size > target.vocab_size:
+        raise DraftModelError(
+            f"the draft model {draft_dir} has {draft.vocab_size} logits, more than the served "
+            f"model's {target.vocab_size}: it could propose ids the served model lacks"
+        )
+
+
+def load_draft(
+    settings,  # noqa: ANN001 - app.config.Settings
+    target,  # noqa: ANN001 - the served model's ModelRunner
+    weight_dtype: torch.dtype | None,
+) -> tuple[torch.nn.Module, KVCache]:
+    """The draft model and its KV cache, on the target runner's device and dtypes
+    (weight_dtype: the target's linear-weight storage, None for the model dtype), with as
+    many KV blocks (of the same size) as the target's cache: a draft shadows at most the
+    target's running sequences. The target builds the draft's runner from these."""
+    from app.model.loader import load_model
+
+    draft_dir = Path(settings.speculative_model)
+    draft_config = read_model_config(draft_dir)
+    check_draft_vocabulary(Path(settings.model), draft_dir, target.config, draft_config)
+    if draft_config.max_position_embeddings < target.max_model_len:
+        logger.warning(
+            "the draft model's max_position_embeddings %d is below max_model_len %d: its "
+            "drafts for longer contexts may be poor (never wrong: they are verified)",
+            draft_config.max_position_embeddings,
+            target.max_model_len,
+        )
+    model = load_model(
+        draft_dir,
+        target.device,
+        target.dtype,
+        max_positions=target.max_model_len,
+        weight_dtype=weight_dtype,
+        batch_invariant=settings.batch_invariant,
+        kernels="auto" if settings.native_kernels else "torch",
+    )
+    kv_cache = KVCache(
+        draft_config, target.num_blocks, target.block_size, target.device, target.dtype
+    )
+    logger.info(
+        "draft model %s: %d layers; its KV cache %d blocks of %d tokens (%.2f GiB)",
+        draft_dir,
+        draft_config.num_layers,
+        kv_cache.num_blocks,
+        kv_cache.block_size,
+        kv_cache.num_bytes / GIB,
+    )
+    return model, kv_cache

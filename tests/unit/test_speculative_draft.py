@@ -1,0 +1,159 @@
+"""Speculative decoding with a draft model, the draft being a FakeRunner of its own.
+
+Both FakeRunners sample from the context they read back through the block table, so
+a draft shadow whose K/V was not rolled back to the confirmed tokens, or whose block
+table is short, fails loudly in the draft's runner; outputs depend only on each
+sequence's tokens, so speculation on and off must give the same tokens.
+"""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.core import SamplingParams, Sequence
+from app.engine.block_manager import BlockManager
+from app.engine.scheduler import Scheduler
+from app.engine.speculative_draft import DraftModelSpeculator
+from tests.unit.fakes import FakeRunner, FakeTokenizer
+from tests.unit.test_speculative import PERIOD, _prompts, copy_with_edits
+
+EOS = FakeTokenizer.EOS
+BLOCK_SIZE = 4
+
+
+def copy_without_edits(context: list[int], seq: Sequence) -> int:
+    """The draft: the target's rule without its edits, so it is right about 4 in 5."""
+    return context[-PERIOD] if len(context) >= PERIOD else context[0]
+
+
+def _run(
+    prompts: list[list[int]],
+    speculative: bool,
+    *,
+    num_blocks: int = 64,
+    num_draft_blocks: int = 64,
+    max_num_batched_tokens: int = 32,
+    prefix_caching: bool = True,
+    max_tokens: int = 24,
+    eos_one_in: int = 0,
+    num_spec_tokens: int = 4,
+) -> tuple[dict[str, list[int]], Scheduler]:
+    manager = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching)
+    draft_runner = FakeRunner(
+        block_size=BLOCK_SIZE, num_blocks=num_draft_blocks, next_token=copy_without_edits
+    )
+    speculator = DraftModelSpeculator(draft_runner, num_spec_tokens, 64) if speculative else None
+    scheduler = Scheduler(
+        manager,
+        max_num_seqs=8,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=256,
+        eos_token_ids=frozenset({EOS}),
+        speculator=speculator,
+    )
+    runner = FakeRunner(
+        block_size=BLOCK_SIZE,
+        num_blocks=num_blocks,
+        next_token=copy_with_edits,
+        eos_one_in=eos_one_in,
+    )
+    seqs = [
+        Sequence(f"r{i}", prompt, SamplingParams(temperature=0), max_tokens)
+        for i, prompt in enumerate(prompts)
+    ]
+    for seq in seqs:
+        scheduler.add(seq)
+    for _ in range(5000):
+        if not scheduler.has_unfinished():
+            break
+        batch = scheduler.schedule()
+        outputs = runner.execute(batch) if batch.seqs else []
+        scheduler.update(batch, outputs)
+        manager.check_invariants()
+        if speculator is not None:
+            _check_shadows(speculator, scheduler)
+    assert not scheduler.has_unfinished()
+    assert manager.num_used_blocks == 0
+    if speculator is not None:
+        assert speculator.block_manager.num_used_blocks == 0, "a draft block leaked"
+        assert not speculator._shadows, "a draft shadow outlived its sequence"
+    return {seq.request_id: seq.output_token_ids for seq in seqs}, scheduler
+
+
+def _check_shadows(speculator: DraftModelSpeculator, scheduler: Scheduler) -> None:
+    """After a step: the draft's books balance, every shadow belongs to a running
+    sequence, holds only confirmed tokens and no block past its computed ones."""
+    draft_manager = speculator.block_manager
+    draft_manager.check_invariants()
+    running = {seq.seq_id: seq for seq in scheduler.running}
+    for seq_id, shadow in speculator._shadows.items():
+        assert seq_id in running, "a shadow of a sequence that is not running"
+        seq = running[seq_id]
+        assert shadow.num_computed_tokens < seq.num_tokens
+        assert (
+            shadow.all_token_ids[: shadow.num_computed_tokens]
+            == (seq.all_token_ids[: shadow.num_computed_tokens])
+        )
+        assert len(shadow.block_table) <= draft_manager.num_blocks_for(shadow.num_tokens)
+
+
+def test_draft_model_gives_the_same_tokens_in_fewer_steps():
+    prompts = _prompts([12, 30, 5, 21])
+    plain, plain_scheduler = _run(prompts, speculative=False)
+    fast, scheduler = _run(prompts, speculative=True)
+    assert fast == plain
+    stats = scheduler.speculator.stats
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens  # some right, some wrong
+    assert stats.accepted_per_position[0] >= stats.accepted_per_position[-1] > 0
+
+
+def test_a_step_drafts_for_every_sequence_in_one_pass_per_position():
+    prompts = _prompts([12, 13, 14])
+    _, scheduler = _run(prompts, speculative=True, num_spec_tokens=3, max_tokens=8)
+    speculator = scheduler.speculator
+    batch_sizes = speculator.runner.batch_sizes  # (sequences, tokens) per draft pass
+    # Each draft token is sampled at one row of one pass; the 3 sequences share passes.
+    assert sum(num_seqs for num_seqs, _ in batch_sizes) == speculator.stats.num_draft_tokens
+    assert max(num_seqs for num_seqs, _ in batch_sizes) == 3
+    assert speculator.num_forward_passes == len(batch_sizes) < speculator.stats.num_draft_tokens
+
+
+def test_a_short_draft_cache_drafts_less_never_wrong():
+    # 6 blocks of 4 tokens: one 20-token sequence's shadow at most, never three
+    prompts = _prompts([18, 19, 20])
+    plain, _ = _run(prompts, speculative=False)
+    fast, scheduler = _run(prompts, speculative=True, num_draft_blocks=6)
+    assert fast == plain
+    assert scheduler.speculator.stats.num_drafts > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    num_blocks=st.integers(14, 64),
+    num_draft_blocks=st.integers(1, 64),
+    budget=st.integers(16, 48),
+    prefix_caching=st.booleans(),
+    eos_one_in=st.sampled_from([0, 9]),
+    num_spec_tokens=st.integers(1, 6),
+)
+def test_identity_under_preemption_chunking_caching_and_stops(
+    lengths, num_blocks, num_draft_blocks, budget, prefix_caching, eos_one_in, num_spec_tokens
+):
+    prompts = _prompts(lengths)
+    kwargs = dict(
+        num_blocks=num_blocks,
+        max_num_batched_tokens=budget,
+        prefix_caching=prefix_caching,
+        eos_one_in=eos_one_in,
+    )
+    plain, _ = _run(prompts, speculative=False, **kwargs)
+    fast, _ = _run(
+        prompts,
+        speculative=True,
+        num_spec_tokens=num_spec_tokens,
+        num_draft_blocks=num_draft_blocks,
+        **kwargs,
+    )
+    assert fast == plain
