@@ -135,15 +135,14 @@ def _header(engine, args, prompts, modes) -> str:
         "repetitive": "rewrite a passage fixing typos",
         "chat": "ordinary chat questions",
     }.get(args.workload, "random")
+    draft = ""
     if "draft" in modes:
-        workload += (
-            f"; draft model {args.speculative_model} ({args.speculative_weight_dtype} weights)"
-        )
+        draft = f"; draft {args.speculative_model}, {args.speculative_weight_dtype} weights"
     return (
         f"# speculative decoding: {', '.join(modes)}; {workload} prompts, "
         f"{lengths[0]}-{lengths[-1]} tokens, "
         f"at most {args.output_len} new tokens, greedy; {args.repeats} repeats alternating; "
-        f"weights {engine.weight_dtype}, {engine.runner.kernel_summary()['matmul']}\n"
+        f"weights {engine.weight_dtype}, {engine.runner.kernel_summary()['matmul']}{draft}\n"
         "| streams | mode | requests | tokens | tok/s (median) | ratio | accepted | "
         "tokens/verify | identical | load 1m |\n"
         "|---:|---|---:|---:|---:|---:|---:|---:|---|---|"

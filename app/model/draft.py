@@ -31,6 +31,26 @@ def check_draft_vocabulary(
 ) -> None:
     """Raise DraftModelError unless the two folders' tokenizers have the same vocabulary
     and the draft's logits are no wider than the target's."""
+    if not _same_tokenizer_files(target_dir, draft_dir):
+        _check_same_vocabulary(target_dir, draft_dir)
+    if draft.vocab_size > target.vocab_size:
+        raise DraftModelError(
+            f"the draft model {draft_dir} has {draft.vocab_size} logits, more than the served "
+            f"model's {target.vocab_size}: it could propose ids the served model lacks"
+        )
+
+
+def _same_tokenizer_files(target_dir: Path, draft_dir: Path) -> bool:
+    """Both folders hold the same tokenizer.json, byte for byte (a model drafting for
+    itself in another precision, a cut of it): nothing to compare token by token."""
+    target_file, draft_file = target_dir / "tokenizer.json", draft_dir / "tokenizer.json"
+    if not (target_file.is_file() and draft_file.is_file()):
+        return False
+    return target_file.read_bytes() == draft_file.read_bytes()
+
+
+def _check_same_vocabulary(target_dir: Path, draft_dir: Path) -> None:
+    """Every (token string, id) pair of one tokenizer is the other's."""
     from transformers import AutoTokenizer  # lazy: keeps `import app` light
 
     def vocabulary(folder: Path) -> dict[str, int]:
@@ -47,11 +67,6 @@ def check_draft_vocabulary(
             f"{len(target_vocab)} and {len(draft_vocab)} tokens, {len(differing)} (token, id) "
             f"pairs in one only (e.g. {examples}); LAMINA_SPECULATIVE_MODEL must name a model "
             "with the same vocabulary"
-        )
-    if draft.vocab_size > target.vocab_size:
-        raise DraftModelError(
-            f"the draft model {draft_dir} has {draft.vocab_size} logits, more than the served "
-            f"model's {target.vocab_size}: it could propose ids the served model lacks"
         )
 
 

@@ -8,11 +8,14 @@ sequence's tokens, so speculation on and off must give the same tokens.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from app.config import SettingsError, load_settings
 from app.core import SamplingParams, Sequence
 from app.engine.block_manager import BlockManager
+from app.engine.engine_core import speculator_from
 from app.engine.scheduler import Scheduler
 from app.engine.speculative_draft import DraftModelSpeculator
 from tests.unit.fakes import FakeRunner, FakeTokenizer
@@ -157,3 +160,13 @@ def test_identity_under_preemption_chunking_caching_and_stops(
         **kwargs,
     )
     assert fast == plain
+
+
+def test_draft_speculation_needs_a_draft_model():
+    with pytest.raises(SettingsError, match="LAMINA_SPECULATIVE_MODEL"):
+        load_settings(environ={"LAMINA_SPECULATIVE": "draft"})
+    settings = load_settings(
+        environ={"LAMINA_SPECULATIVE": "draft", "LAMINA_SPECULATIVE_MODEL": "/models/small"}
+    )
+    with pytest.raises(ValueError, match="loaded no draft model"):
+        speculator_from(settings, FakeRunner())  # the runner was built without one
