@@ -116,13 +116,14 @@ def test_seeded_sampling_gives_the_same_tokens(make_core, make_drafting_core, ca
 
 
 def test_a_poor_draft_pauses_and_catches_up(make_drafting_core, shallow_draft_runner, cases):
+    ordinary = cases[:3]  # not the repeating prompt, which even the cut model may copy
     core = make_drafting_core(draft=shallow_draft_runner)
-    got = drive(core, {0: [(rid, prompt) for rid, prompt, _ in cases]})
-    for request_id, _, expected in cases:
+    got = drive(core, {0: [(rid, prompt) for rid, prompt, _ in ordinary]})
+    for request_id, _, expected in ordinary:
         assert got[request_id] == expected, request_id
     stats = core.scheduler.speculator.stats
-    # 4 sequences x 31 decode steps; paused after 3 poor verifies, for 16 steps at a time
-    assert 0 < stats.num_drafts < 4 * 31 / 2
+    # 3 sequences x 31 decode steps; each pauses after 3 poor verifies, for 16 steps
+    assert 0 < stats.num_drafts <= 3 * 6
     assert stats.num_accepted_tokens < stats.num_draft_tokens / 4
 
 
