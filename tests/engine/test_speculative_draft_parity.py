@@ -6,9 +6,11 @@ with another vocabulary is refused at start-up. The autouse fixture of conftest.
 checks that neither the served model's nor the draft's cache keeps a block.
 
 The main draft is the default model itself with 4-bit weights (an int8 head): its
-greedy tokens are mostly the fp32 model's, not always. The default model cut to its
-first 6 of 30 layers agrees with it on a few tokens in a hundred: with it sequences
-pause their speculation, probe again and catch the draft up over the tokens it missed.
+greedy tokens are the fp32 model's greedy ones here (every draft accepted), and
+seeded sampling rejects some (a sample is not always the argmax). The default model
+cut to its first 6 of 30 layers agrees with it on a few tokens in a hundred: with it
+drafts are rejected, sequences pause their speculation, probe again and catch the
+draft up over the tokens it missed.
 """
 
 from __future__ import annotations
@@ -22,9 +24,15 @@ import pytest
 from app.core import SamplingParams
 from app.model.draft import DraftModelError
 from tests.engine.conftest import drive
-from tests.engine.test_speculative_parity import _check
 
 SPECULATIVE = dict(speculative="draft", speculative_max_batch=64)
+
+
+def _check(core, got, cases) -> None:
+    for request_id, _, expected in cases:
+        assert got[request_id] == expected, request_id
+    stats = core.scheduler.speculator.stats
+    assert stats.num_accepted_tokens > 0, "no draft token was accepted: nothing was tested"
 
 
 @dataclass
@@ -112,7 +120,8 @@ def test_seeded_sampling_gives_the_same_tokens(make_core, make_drafting_core, ca
     plain = drive(make_core(), arrivals, params)
     core = make_drafting_core()
     assert drive(core, arrivals, params) == plain
-    assert core.scheduler.speculator.stats.num_accepted_tokens > 0
+    stats = core.scheduler.speculator.stats
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
 
 
 def test_a_poor_draft_pauses_and_catches_up(make_drafting_core, shallow_draft_runner, cases):
