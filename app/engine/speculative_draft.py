@@ -29,12 +29,15 @@ Pure Python, no torch: the draft model sits behind the Runner protocol.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence as SequenceOf
 
 from app.core import SamplingParams, ScheduledBatch, ScheduledSeq, Sequence
 from app.engine.block_manager import BlockManager
 from app.engine.protocol import Runner
 from app.engine.speculative import Speculator
+
+logger = logging.getLogger("lamina.engine")
 
 _GREEDY = SamplingParams(max_tokens=None, temperature=0.0)
 
@@ -69,8 +72,23 @@ class DraftModelSpeculator(Speculator):
 
     def drafts(self, planned: SequenceOf[tuple[Sequence, int]]) -> list[tuple[int, ...]]:
         """Every planned sequence's draft: one batched pass per draft position. Ends the
-        step's planning (the scheduler calls it every step that speculates)."""
+        step's planning (the scheduler calls it every step that speculates).
+
+        If the draft model fails, speculation is off from then on (logged with the
+        error) and this step's drafts repeat each sequence's last token: they are
+        verified like any, so the output stays the output without speculation.
+        """
         self._num_promised_blocks = 0
+        try:
+            return self._propose(planned)
+        except Exception:  # noqa: BLE001 - the served model can go on without a draft
+            logger.exception("the draft model failed: speculative decoding is off from now on")
+            self.max_batch = -1  # no step speculates any more
+            for seq_id in list(self._shadows):
+                self._drop_shadow(seq_id)
+            return [(seq.output_token_ids[-1],) * num_drafts for seq, num_drafts in planned]
+
+    def _propose(self, planned: SequenceOf[tuple[Sequence, int]]) -> list[tuple[int, ...]]:
         shadows = []
         for seq, num_drafts in planned:
             shadow = self._shadows[seq.seq_id]

@@ -41,10 +41,14 @@ def _run(
     max_tokens: int = 24,
     eos_one_in: int = 0,
     num_spec_tokens: int = 4,
+    draft_fails_on: int | None = None,
 ) -> tuple[dict[str, list[int]], Scheduler]:
     manager = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching)
     draft_runner = FakeRunner(
-        block_size=BLOCK_SIZE, num_blocks=num_draft_blocks, next_token=copy_without_edits
+        block_size=BLOCK_SIZE,
+        num_blocks=num_draft_blocks,
+        next_token=copy_without_edits,
+        fail_token_id=draft_fails_on,
     )
     speculator = DraftModelSpeculator(draft_runner, num_spec_tokens, 64) if speculative else None
     scheduler = Scheduler(
@@ -170,3 +174,14 @@ def test_draft_speculation_needs_a_draft_model():
     )
     with pytest.raises(ValueError, match="loaded no draft model"):
         speculator_from(settings, FakeRunner())  # the runner was built without one
+
+
+def test_a_failing_draft_model_turns_speculation_off_and_changes_nothing(caplog):
+    prompts = _prompts([12, 30, 5, 21])
+    plain, _ = _run(prompts, speculative=False)
+    # The draft raises at its first pass: every prompt holds that token
+    fast, scheduler = _run(prompts, speculative=True, draft_fails_on=prompts[1][-1])
+    assert fast == plain
+    speculator = scheduler.speculator
+    assert not speculator.step_allows(1)
+    assert "the draft model failed" in caplog.text
