@@ -152,11 +152,14 @@ class ServerPool:
     pool starts the planned servers in the tests' order, one at a time, in a background
     thread, so each loads while earlier tests run. A server taken from the pool is
     exactly the one the fixture would have started (same environment, never used
-    before); one that was not planned, or not yet spawned, is started on the spot.
+    before); one that was not planned, or not yet spawned, is started on the spot. At
+    most `max_ahead` wait to be taken (an idle server holds 0.3 to 1 GB).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_ahead: int = 3) -> None:
         self._lock = threading.Lock()
+        self._taken = threading.Condition(self._lock)
+        self._max_ahead = max_ahead  # servers spawned and not yet taken, at most
         self._queue: list[dict[str, str]] = []
         self._spawned: dict[tuple[tuple[str, str], ...], list[ServerProcess]] = {}
         self._thread: threading.Thread | None = None
@@ -176,6 +179,8 @@ class ServerPool:
 
     def _next_planned(self) -> ServerProcess | None:
         with self._lock:
+            while not self._closed and self._num_untaken() >= self._max_ahead:
+                self._taken.wait()
             if self._closed or not self._queue:
                 self._thread = None
                 return None
@@ -208,10 +213,14 @@ class ServerPool:
             raise
         return servers
 
+    def _num_untaken(self) -> int:
+        return sum(len(servers) for servers in self._spawned.values())
+
     def _take(self, env: dict[str, str]) -> ServerProcess:
         with self._lock:
             spawned = self._spawned.get(self._key(env))
             if spawned:
+                self._taken.notify_all()
                 return spawned.pop(0)
             if env in self._queue:
                 self._queue.remove(env)  # not spawned yet: no use waiting for it
@@ -221,6 +230,7 @@ class ServerPool:
         """Stop every planned server no test took, and plan no more."""
         with self._lock:
             self._closed = True
+            self._taken.notify_all()
             self._queue.clear()
             left = [server for servers in self._spawned.values() for server in servers]
             self._spawned.clear()
