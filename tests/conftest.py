@@ -13,7 +13,13 @@ import pytest
 from app import weights
 from app.logging_setup import make_handler
 from app.weights import default_model_dir, is_complete
-from tests.server_process import SERVER_POOL, planner_of
+from tests.server_process import (
+    SERVER_POOL,
+    ServerProcess,
+    engine_available,
+    planner_of,
+    takes_servers,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -37,6 +43,41 @@ def planned_servers(request: pytest.FixtureRequest) -> Iterator[None]:
     SERVER_POOL.plan(envs)
     yield
     SERVER_POOL.close()
+
+
+def lamina_server_env(request: pytest.FixtureRequest, marker: pytest.Mark) -> dict[str, str]:
+    """The `lamina_server` marker's environment, its `model` (a fixture's name) given as
+    LAMINA_MODEL."""
+    env = dict(marker.kwargs)
+    model = env.pop("model", None)
+    if model is not None:
+        env["LAMINA_MODEL"] = str(request.getfixturevalue(model))
+    return env
+
+
+def _planned_lamina_server(request: pytest.FixtureRequest, item: pytest.Item) -> list[dict]:
+    marker = item.get_closest_marker("lamina_server")
+    if marker is None or not engine_available():
+        return []
+    return [lamina_server_env(request, marker)]
+
+
+@pytest.fixture
+@takes_servers(_planned_lamina_server)
+def lamina_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """The test's own `lamina serve`, with the environment of its `lamina_server` marker
+    (`model=` names the fixture that gives LAMINA_MODEL), started ahead of time by the
+    server pool. It may still be loading: the test calls wait_ready(). Stopped after it."""
+    marker = request.node.get_closest_marker("lamina_server")
+    if marker is None:
+        pytest.fail("the lamina_server fixture needs a @pytest.mark.lamina_server(...) marker")
+    if not engine_available():
+        pytest.skip("the engine is not in the tree")
+    server = SERVER_POOL.take(lamina_server_env(request, marker))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -58,11 +58,13 @@ class ServerProcess:
         extra_env: dict[str, str] | None = None,
         command: list[str] | None = None,
         port: int | None = None,
+        base_env: dict[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = command or [sys.executable, "-m", "app", "serve"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LAMINA_")}
+        base = os.environ if base_env is None else base_env  # the pool's: the session's own
+        env = {k: v for k, v in base.items() if not k.startswith("LAMINA_")}
         env.update(DEFAULT_TEST_ENV)
         env["LAMINA_PORT"] = str(self.port)
         env.update(extra_env or {})
@@ -114,8 +116,11 @@ class ServerProcess:
             return self.process.wait(10)
 
     def __enter__(self) -> ServerProcess:
-        """Starts the server, unless it was started already (SERVER_POOL.start)."""
-        return self.start() if self.process is None else self
+        """Starts the server, or waits for one spawned already (SERVER_POOL) to be ready."""
+        if self.process is None:
+            return self.start()
+        self.wait_ready(300.0)
+        return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
@@ -164,6 +169,9 @@ class ServerPool:
         self._spawned: dict[tuple[tuple[str, str], ...], list[ServerProcess]] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
+        # The environment at planning, before any test: a server spawned in the background
+        # while a test has monkeypatched os.environ must not inherit the test's variables.
+        self._base_env: dict[str, str] | None = None
 
     @staticmethod
     def _key(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
@@ -172,6 +180,8 @@ class ServerPool:
     def plan(self, envs: list[dict[str, str]]) -> None:
         """Start these servers in the background, in this order."""
         with self._lock:
+            if self._base_env is None:
+                self._base_env = dict(os.environ)
             self._queue.extend(envs)
             if self._queue and self._thread is None:
                 self._thread = threading.Thread(target=self._spawn_planned, daemon=True)
@@ -185,7 +195,7 @@ class ServerPool:
                 self._thread = None
                 return None
             env = self._queue.pop(0)
-            server = ServerProcess(extra_env=env).spawn()
+            server = ServerProcess(extra_env=env, base_env=self._base_env).spawn()
             self._spawned.setdefault(self._key(env), []).append(server)
             return server
 
@@ -203,7 +213,7 @@ class ServerPool:
         self, envs: list[dict[str, str]], ready_timeout_s: float = 300.0
     ) -> list[ServerProcess]:
         """Ready servers, one per environment: those not planned load side by side."""
-        servers = [self._take(env) for env in envs]
+        servers = [self.take(env) for env in envs]
         try:
             for server in servers:
                 server.wait_ready(ready_timeout_s)
@@ -216,7 +226,8 @@ class ServerPool:
     def _num_untaken(self) -> int:
         return sum(len(servers) for servers in self._spawned.values())
 
-    def _take(self, env: dict[str, str]) -> ServerProcess:
+    def take(self, env: dict[str, str]) -> ServerProcess:
+        """A spawned server with `extra_env=env`, maybe still loading (wait_ready)."""
         with self._lock:
             spawned = self._spawned.get(self._key(env))
             if spawned:

@@ -16,8 +16,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server_process import ServerProcess
-
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 TASK = "lamina_tiny_mc"
@@ -79,13 +77,19 @@ def evaluate(model: str, model_args: str, task_folder: Path) -> tuple[dict[int, 
     return loglikelihoods, results["results"][TASK]["acc,none"]
 
 
-def test_lm_eval_scores_lamina_like_its_own_hf_backend(default_model_path, tmp_path, monkeypatch):
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+# The server's environment is the test's own (nothing from a hub, no tokenizer threads).
+@pytest.mark.lamina_server(model="default_model_path", TOKENIZERS_PARALLELISM="false", **OFFLINE)
+def test_lm_eval_scores_lamina_like_its_own_hf_backend(
+    default_model_path, tmp_path, monkeypatch, lamina_server
+):
+    for name, value in {**OFFLINE, "TOKENIZERS_PARALLELISM": "false"}.items():
+        monkeypatch.setenv(name, value)
     write_task(tmp_path)
     model_dir = str(default_model_path)
-    server = ServerProcess(extra_env={"LAMINA_MODEL": model_dir}).spawn()
+    server = lamina_server  # started ahead of time, maybe still loading
     try:
         # transformers' side while the server loads
         reference, reference_acc = evaluate(

@@ -287,9 +287,9 @@ def test_logs_are_json_lines_with_ids_and_without_prompt_text(server: ServerProc
     assert ready["max_num_seqs"] >= 1 and ready["max_prompt_tokens"] < ready["max_model_len"]
 
 
-def test_log_prompts_setting_logs_the_prompt(tiny_model_path: Path) -> None:
-    env = {**TINY_ENV, "LAMINA_MODEL": str(tiny_model_path), "LAMINA_LOG_PROMPTS": "true"}
-    with ServerProcess(extra_env=env) as process:
+@pytest.mark.lamina_server(model="tiny_model_path", **TINY_ENV, LAMINA_LOG_PROMPTS="true")
+def test_log_prompts_setting_logs_the_prompt(lamina_server: ServerProcess) -> None:
+    with lamina_server as process:
         response = httpx.post(
             process.url + "/v1/completions",
             json={"prompt": f"{SECRET} tells a story", "max_tokens": 3},
