@@ -80,7 +80,13 @@ def tokenizer_choice_config(model_dir: Path) -> Any | None:
         return None
     if not isinstance(tokenizer_config.get("tokenizer_class"), str):
         return None  # then the config's class names the tokenizer (TOKENIZER_MAPPING)
-    config = PretrainedConfig.from_dict(config_dict)
+    # Only those fields: the rest could only make transformers warn (`rope_scaling`...).
+    read = {
+        k: config_dict[k]
+        for k in ("model_type", "model_name", "tokenizer_class")
+        if k in config_dict
+    }
+    config = PretrainedConfig.from_dict(read)
     config._name_or_path = str(model_dir)
     return config
 
