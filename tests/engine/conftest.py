@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from app.bench.corpus import PASSAGE
 from app.config import load_settings
 from app.core import SamplingParams, TokenDelta
 from app.engine.engine import Engine
 from app.engine.engine_core import EngineCore
 from app.tokenizer import Tokenizer
-from app.bench.corpus import PASSAGE
 
 NUM_NEW_TOKENS = 32
 GREEDY = SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0.0)

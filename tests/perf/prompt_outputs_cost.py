@@ -20,13 +20,13 @@ import argparse
 import statistics
 import time
 
+from app.bench.corpus import PASSAGE
 from app.config import load_settings
 from app.core import SamplingParams
 from app.engine.engine_core import EngineCore
 from app.model.runner import ModelRunner
 from app.tokenizer import Tokenizer
 from app.weights import default_model_dir
-from app.bench.corpus import PASSAGE
 
 VARIANTS = {
     "prefill": SamplingParams(max_tokens=1, temperature=0.0),

@@ -18,10 +18,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from app.bench.corpus import PASSAGE
 from app.core import SamplingParams
 from app.engine.engine_core import EngineCore
 from tests.engine.conftest import assert_ok
-from app.bench.corpus import PASSAGE
 from tests.perf.conftest import default_settings
 
 pytestmark = pytest.mark.slow

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from app.bench.corpus import PASSAGE
 from app.config import load_settings
 from app.core import SamplingParams
 from app.engine.engine_core import EngineCore
 from app.tokenizer import Tokenizer
-from app.bench.corpus import PASSAGE
 
 QUESTIONS = [
     "What is the capital of France?",
