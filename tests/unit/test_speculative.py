@@ -87,9 +87,30 @@ def _run(
     eos_one_in: int = 0,
     num_spec_tokens: int = 4,
 ) -> tuple[dict[str, list[int]], Scheduler]:
-    block_size = 4
-    manager = BlockManager(num_blocks, block_size, prefix_caching)
+    manager = BlockManager(num_blocks, 4, prefix_caching)
     speculator = NgramSpeculator(num_spec_tokens, 1, 3, 64) if speculative else None
+
+    def rolled_back(scheduler: Scheduler) -> None:  # no block past the confirmed tokens
+        for seq in scheduler.running:
+            assert len(seq.block_table) == manager.num_blocks_for(seq.num_computed_tokens)
+
+    return run_scheduler(
+        manager, speculator, prompts, max_num_batched_tokens, max_tokens, eos_one_in, rolled_back
+    )
+
+
+def run_scheduler(
+    manager: BlockManager,
+    speculator,
+    prompts: list[list[int]],
+    max_num_batched_tokens: int,
+    max_tokens: int,
+    eos_one_in: int,
+    after_step,
+) -> tuple[dict[str, list[int]], Scheduler]:
+    """Greedy requests through a Scheduler and a FakeRunner (the target) to the end, the
+    books checked after every step (then `after_step(scheduler)`); each request's
+    output tokens and the scheduler. Shared by the prompt-lookup and draft-model tests."""
     scheduler = Scheduler(
         manager,
         max_num_seqs=8,
@@ -99,8 +120,8 @@ def _run(
         speculator=speculator,
     )
     runner = FakeRunner(
-        block_size=block_size,
-        num_blocks=num_blocks,
+        block_size=manager.block_size,
+        num_blocks=manager.num_blocks,
         next_token=copy_with_edits,
         eos_one_in=eos_one_in,
     )
@@ -118,8 +139,7 @@ def _run(
         outputs = runner.execute(batch) if batch.seqs else []
         scheduler.update(batch, outputs)
         manager.check_invariants()
-        for seq in scheduler.running:  # rolled back: no block past the confirmed tokens
-            assert len(seq.block_table) == manager.num_blocks_for(seq.num_computed_tokens)
+        after_step(scheduler)
     assert not scheduler.has_unfinished()
     assert manager.num_used_blocks == 0
     return {seq.request_id: seq.output_token_ids for seq in seqs}, scheduler

@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.config import SettingsError, load_settings
-from app.core import SamplingParams, Sequence
+from app.core import Sequence
 from app.engine.block_manager import BlockManager
 from app.engine.engine_core import speculator_from
 from app.engine.scheduler import Scheduler
 from app.engine.speculative_draft import DraftModelSpeculator
 from tests.unit.fakes import FakeRunner, FakeTokenizer
-from tests.unit.test_speculative import PERIOD, _prompts, copy_with_edits
+from tests.unit.test_speculative import PERIOD, _prompts, run_scheduler
 
 EOS = FakeTokenizer.EOS
 BLOCK_SIZE = 4
@@ -51,41 +51,19 @@ def _run(
         fail_token_id=draft_fails_on,
     )
     speculator = DraftModelSpeculator(draft_runner, num_spec_tokens, 64) if speculative else None
-    scheduler = Scheduler(
-        manager,
-        max_num_seqs=8,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_model_len=256,
-        eos_token_ids=frozenset({EOS}),
-        speculator=speculator,
-    )
-    runner = FakeRunner(
-        block_size=BLOCK_SIZE,
-        num_blocks=num_blocks,
-        next_token=copy_with_edits,
-        eos_one_in=eos_one_in,
-    )
-    seqs = [
-        Sequence(f"r{i}", prompt, SamplingParams(temperature=0), max_tokens)
-        for i, prompt in enumerate(prompts)
-    ]
-    for seq in seqs:
-        scheduler.add(seq)
-    for _ in range(5000):
-        if not scheduler.has_unfinished():
-            break
-        batch = scheduler.schedule()
-        outputs = runner.execute(batch) if batch.seqs else []
-        scheduler.update(batch, outputs)
-        manager.check_invariants()
+
+    def shadows_checked(scheduler: Scheduler) -> None:
         if speculator is not None:
             _check_shadows(speculator, scheduler)
-    assert not scheduler.has_unfinished()
-    assert manager.num_used_blocks == 0
+
+    outputs, scheduler = run_scheduler(
+        manager, speculator, prompts, max_num_batched_tokens, max_tokens, eos_one_in,
+        shadows_checked,
+    )  # fmt: skip
     if speculator is not None:
         assert speculator.block_manager.num_used_blocks == 0, "a draft block leaked"
         assert not speculator._shadows, "a draft shadow outlived its sequence"
-    return {seq.request_id: seq.output_token_ids for seq in seqs}, scheduler
+    return outputs, scheduler
 
 
 def _check_shadows(speculator: DraftModelSpeculator, scheduler: Scheduler) -> None:
