@@ -24,7 +24,7 @@ import pytest
 
 from app.core import SamplingParams
 from app.model.draft import DraftModelError
-from tests.engine.conftest import drive
+from tests.engine.conftest import SizedRunner, drive
 
 SPECULATIVE = dict(speculative="draft", speculative_max_batch=64)
 
@@ -37,22 +37,11 @@ def _check(core, got, cases) -> None:
 
 
 @dataclass
-class DraftingRunner:
+class DraftingRunner(SizedRunner):
     """The shared runner with a draft runner beside it (what ModelRunner.from_settings
-    builds for LAMINA_SPECULATIVE=draft), reporting num_blocks KV blocks if given."""
+    builds for LAMINA_SPECULATIVE=draft), reporting num_blocks KV blocks."""
 
-    inner: object
     draft_runner: object
-    num_blocks: int
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-    def execute(self, batch):  # noqa: ANN001, ANN201 - Runner protocol
-        return self.inner.execute(batch)
-
-    def release(self, seq_ids):  # noqa: ANN001, ANN201
-        return self.inner.release(seq_ids)
 
 
 def _draft_runner(runner, engine_settings, model_path, weight_dtype: str = "auto"):
@@ -88,7 +77,7 @@ def make_drafting_core(runner, draft_runner, tokenizer, engine_settings):
 
     def build(num_blocks: int | None = None, draft=draft_runner, **overrides) -> EngineCore:
         settings = engine_settings.model_copy(update={**overrides, **SPECULATIVE})
-        wrapped = DraftingRunner(runner, draft, num_blocks or runner.num_blocks)
+        wrapped = DraftingRunner(runner, num_blocks or runner.num_blocks, draft)
         return EngineCore(wrapped, tokenizer, settings)
 
     return build
