@@ -15,6 +15,7 @@ import json
 import shutil
 import signal
 import subprocess
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -41,10 +42,18 @@ class SessionTopology:
     workdir: Path
     model: str
 
-    def upstreams_by_request_id(self) -> dict[str, str]:
-        lines = (self.workdir / "access.log").read_text().splitlines()
-        entries = [json.loads(line) for line in lines if line.strip()]
-        return {entry["request_id"]: entry["upstream"] for entry in entries}
+    def upstreams_by_request_id(self, expected: set[str]) -> dict[str, str]:
+        """request id -> upstream, from nginx's access log, once every expected id is in
+        it: nginx writes a request's line as the request ends, maybe just after the
+        client has its answer (up to 5 s, then what is there)."""
+        deadline = time.monotonic() + 5.0
+        while True:
+            lines = (self.workdir / "access.log").read_text().splitlines()
+            entries = [json.loads(line) for line in lines if line.strip()]
+            logged = {entry["request_id"]: entry["upstream"] for entry in entries}
+            if expected <= logged.keys() or time.monotonic() > deadline:
+                return logged
+            time.sleep(0.05)
 
     def counts(self) -> dict[str, tuple[float, float]]:
         alive = [r for r in self.replicas if r.process.poll() is None]
@@ -101,7 +110,7 @@ def test_each_session_sticks_to_one_replica(topology: SessionTopology) -> None:
                 )
                 assert response.status_code == 200, response.text
                 sent[f"user-{session}"].append(request_id)
-    upstreams = topology.upstreams_by_request_id()
+    upstreams = topology.upstreams_by_request_id({r for ids in sent.values() for r in ids})
     by_session = {s: {upstreams[r] for r in ids} for s, ids in sent.items()}
     assert all(len(used) == 1 for used in by_session.values()), by_session
     # 24 sessions all hashed onto one of two replicas: odds of about 1 in 8 million.
