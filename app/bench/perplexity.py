@@ -126,9 +126,12 @@ def lamina_perplexity(folder: Path, weight_dtype: str, chunks: Chunks, threads: 
     return math.exp(-sum(logprobs) / len(logprobs))
 
 
-def measure(args, folder: Path, precision: Precision, llama: LlamaCpp, text: Path) -> Row:
-    """Both perplexities in one precision, on the tokens llama.cpp chunked."""
-    gguf = ensure_gguf(llama, folder, precision.gguf_type, gguf_dir(folder, args.content_hash))
+def measure(
+    args, folder: Path, precision: Precision, llama: LlamaCpp, ggufs: Path, text: Path
+) -> Row:
+    """Both perplexities in one precision, on the tokens llama.cpp chunked (`ggufs`: the
+    folder of the model's cached GGUF conversions)."""
+    gguf = ensure_gguf(llama, folder, precision.gguf_type, ggufs)
     binary = llama.server.parent / PERPLEXITY
     with tempfile.TemporaryDirectory() as tmp:
         logits = Path(tmp) / "base.kld"
@@ -169,13 +172,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
     folder = model_folder(args)
-    args.content_hash = model_content_hash(folder)
     llama = find_or_build(args.llama_cpp_version, extra=(PERPLEXITY,))
+    ggufs = gguf_dir(folder, model_content_hash(folder))
     with tempfile.TemporaryDirectory() as tmp:
         text = args.text or Path(tmp) / "passage.txt"
         if args.text is None:
             text.write_text(PASSAGE)
-        rows = [measure(args, folder, p, llama, text) for p in args.precision_list]
+        rows = [measure(args, folder, p, llama, ggufs, text) for p in args.precision_list]
     table = markdown(rows)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
