@@ -298,10 +298,14 @@ class ModelRunner:
 
     def log_memory(self) -> MemoryReport:
         """Hand the heap's free memory back (what loading and warm-up freed), then log
-        where the memory goes: weights, packed copies, KV cache, process RSS."""
+        where the memory goes: weights, packed copies, KV cache, the draft model's, process
+        RSS."""
         if self.device.type == "cpu":
             release_freed_heap()
-        report = measure_memory(self.model, self.kv_cache)
+        draft = self.draft_runner
+        report = measure_memory(
+            self.model, self.kv_cache, None if draft is None else (draft.model, draft.kv_cache)
+        )
         report.log(self.device)
         return report
 

@@ -74,3 +74,27 @@ def test_the_runner_logs_where_memory_goes(tiny_model_path, caplog):
     assert 0 < record.kv_cache_resident_bytes < runner.kv_cache.num_bytes  # warm-up's blocks
     assert record.packed_weights_bytes == report.packed > 0
     assert record.rss_bytes > 0
+
+
+def test_the_draft_models_memory_is_accounted_on_its_own(tiny_model_path, caplog):
+    settings = Settings(
+        model=tiny_model_path,
+        device="cpu",
+        block_size=4,
+        kv_cache_gb=0.002,
+        speculative="draft",
+        speculative_model=tiny_model_path,  # a second copy of the same model
+    )
+    runner = ModelRunner.from_settings(settings)
+    runner.warmup()
+    with caplog.at_level(logging.INFO, logger="app.model.memory_report"):
+        report = runner.log_memory()
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("memory:")]
+    assert "draft model" in record.getMessage()
+    draft = runner.draft_runner
+    assert record.draft_model_bytes == report.weights + report.packed + report.tables
+    assert record.draft_kv_cache_reserved_bytes == draft.kv_cache.num_bytes
+    assert record.draft_kv_cache_resident_bytes == draft.kv_cache.num_resident_bytes
+    assert report.rest == report.rss - (
+        report.weights + report.packed + report.tables + report.kv_resident + report.draft.held
+    )
