@@ -7,13 +7,19 @@ STAMP := $(VENV)/.installed
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: run test install weights lint format bench-engine bench-serve bench-kernels gpu-check container-check system-deps clean
+.PHONY: run test setup install weights lint format bench-engine bench-serve bench-kernels gpu-check container-check system-deps clean
 
 run: weights
 	$(VENV)/bin/lamina serve
 
-test: weights system-deps
+test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The Debian packages (apt's downloads and dpkg) install on the other core while pip and
+# the weights take one: two jobs whatever make's own -j. A failed pip or weights step
+# fails `make test`; a package apt cannot install is reported and its tests skip.
+setup:
+	$(MAKE) --no-print-directory -j2 weights system-deps
 
 install: $(STAMP)
 
