@@ -1,7 +1,10 @@
 """Batch invariance through HTTP: a greedy or seeded request returns exactly the same
 token ids whether it runs alone or among 19 others sent at the same time.
 
-Uses TGI's /generate with details, which returns every generated token id.
+Uses TGI's /generate with details, which returns every generated token id. The server
+runs the default model cut to its first layers (`shallow_default_model_path`): the same
+kernels, shapes and real weights, at a fifth of the cost; invariance holds layer by layer,
+so depth adds time and no coverage (tests/perf/test_batch_invariance.py does the same).
 """
 
 from __future__ import annotations
@@ -37,14 +40,17 @@ async def generate(client: httpx.AsyncClient, url: str, payload: dict) -> list[i
     return [token["id"] for token in response.json()["details"]["tokens"]]
 
 
-def test_outputs_do_not_depend_on_batch_mates(api_server) -> None:
+# Crowds here test batching, not admission (as tests/api's shared server: api_server_env).
+@pytest.mark.lamina_server(model="shallow_default_model_path", LAMINA_MAX_ADMITTED_TOKENS="65536")
+def test_outputs_do_not_depend_on_batch_mates(lamina_server) -> None:
     payloads = [body(i, p) for i, p in enumerate(prompts())]
+    lamina_server.wait_ready(300.0)
 
     async def run() -> tuple[list[list[int]], list[list[int]]]:
         async with httpx.AsyncClient(timeout=300) as client:
-            alone = [await generate(client, api_server.url, p) for p in payloads]
+            alone = [await generate(client, lamina_server.url, p) for p in payloads]
             together = await asyncio.gather(
-                *(generate(client, api_server.url, p) for p in payloads)
+                *(generate(client, lamina_server.url, p) for p in payloads)
             )
         return alone, list(together)
 
