@@ -31,7 +31,7 @@ import pytest
 from safetensors import safe_open
 
 from tests.reliability.clients import stream_body, stream_request
-from tests.server_process import ServerProcess, engine_available
+from tests.server_process import SERVER_POOL, ServerProcess, engine_available, takes_servers
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -95,26 +95,51 @@ async def burst(url: str) -> list:
         return await asyncio.gather(*requests)
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
-@pytest.mark.parametrize("family", ["native", "torch"])
-def test_rss_is_one_copy_of_the_weights_and_the_cache_written(default_model_path, family):
-    if not engine_available():
-        pytest.skip("the engine is not in the tree")
-    weights, embedding, config = checkpoint_bytes(default_model_path)
-    env = {
-        "LAMINA_MODEL": str(default_model_path),
+def memory_env(model_dir: Path, family: str) -> dict[str, str]:
+    return {
+        "LAMINA_MODEL": str(model_dir),
         "LAMINA_KV_CACHE_GB": "",  # the default (1 GiB), not the tests' small one
         "LAMINA_NATIVE_KERNELS": "true" if family == "native" else "false",
     }
+
+
+def _planned_memory_server(request: pytest.FixtureRequest, item: pytest.Item) -> list[dict]:
+    if not engine_available():
+        return []
+    model_dir = request.getfixturevalue("default_model_path")
+    return [memory_env(model_dir, item.callspec.params["family"])]
+
+
+@pytest.fixture
+@takes_servers(_planned_memory_server)
+def memory_server(default_model_path: Path, family: str):
+    """The test's server, loaded ahead of time by the pool while earlier tests run (the
+    default model's start is seconds of one core): idle until taken, so its RSS at ready
+    is what a fresh start's would be."""
+    if not engine_available():
+        pytest.skip("the engine is not in the tree")
+    server = SERVER_POOL.start(memory_env(default_model_path, family))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+@pytest.mark.parametrize("family", ["native", "torch"])
+def test_rss_is_one_copy_of_the_weights_and_the_cache_written(
+    default_model_path, family, memory_server
+):
+    weights, embedding, config = checkpoint_bytes(default_model_path)
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     rope_tables = 2 * 4 * config["max_position_embeddings"] * head_dim
     block_bytes = 2 * config["num_hidden_layers"] * config["num_key_value_heads"]
     block_bytes *= BLOCK_SIZE * head_dim * 4
-    with ServerProcess(extra_env=env) as server:
-        ready_rss = rss_bytes(server.process.pid)
-        accounted = memory_line(server)
-        outcomes = asyncio.run(burst(server.url))
-        burst_rss = rss_bytes(server.process.pid)
+    server = memory_server
+    ready_rss = rss_bytes(server.process.pid)
+    accounted = memory_line(server)
+    outcomes = asyncio.run(burst(server.url))
+    burst_rss = rss_bytes(server.process.pid)
     assert all(o.complete for o in outcomes), [o for o in outcomes if not o.complete]
     print(f"{family}: ready {_mib(ready_rss)}, after {NUM_STREAMS} streams {_mib(burst_rss)}")
 
