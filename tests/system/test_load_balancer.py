@@ -19,13 +19,11 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
 import re
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,10 +34,11 @@ import httpx
 import pytest
 
 from app.bench.spawn import wait_until_answering
+from tests.server_process import engine_available, takes_servers
 from tests.system import deploy_files
+from tests.system.router_fleet import planned_replicas, start_replicas
 
 ROOT = Path(__file__).resolve().parents[2]
-READY_TIMEOUT_S = 240.0
 DRAIN_TIMEOUT_S = 30
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -104,32 +103,6 @@ class Topology:
         return [entry["upstream"] for entry in self.access_log()]
 
 
-def _start_replica(name: str, model_path: Path, workdir: Path) -> Replica:
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAMINA_")}
-    env.update(
-        LAMINA_MODEL=str(model_path),
-        LAMINA_HOST="127.0.0.1",
-        LAMINA_PORT=str(port),
-        LAMINA_DEVICE="cpu",
-        LAMINA_NUM_THREADS="1",
-        LAMINA_KV_CACHE_GB="0.25",
-        LAMINA_DRAIN_TIMEOUT_S=str(DRAIN_TIMEOUT_S),
-        LAMINA_LOG_FORMAT="text",
-        LAMINA_LOG_LEVEL="warning",
-    )
-    log_path = workdir / f"{name}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app", "serve"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    return Replica(name, port, process, log_path)
-
-
 def _stop(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     if process.poll() is None:
         process.send_signal(sig)
@@ -140,19 +113,25 @@ def _stop(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
             process.wait(timeout=10)
 
 
+def _nginx_found() -> bool:
+    return shutil.which("nginx") is not None or Path("/usr/sbin/nginx").exists()
+
+
 @pytest.fixture(scope="module")
+@takes_servers(planned_replicas(2, DRAIN_TIMEOUT_S, runs=_nginx_found))
 def topology(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
+    """Two replicas from the server pool (loaded while earlier tests run) behind nginx."""
     nginx_binary = _nginx_binary()
+    if not engine_available():
+        pytest.skip("the engine is not in the tree")
     workdir = tmp_path_factory.mktemp("load-balancer")
-    replicas = [_start_replica(name, tiny_model_path, workdir) for name in ("a", "b")]
+    servers = start_replicas(2, tiny_model_path, DRAIN_TIMEOUT_S)
+    replicas = [
+        Replica(name, server.port, server.process, server.log_path)
+        for name, server in zip(("a", "b"), servers, strict=True)
+    ]
     nginx = None
     try:
-        for replica in replicas:
-            try:
-                ready = f"{replica.url}/ready"
-                wait_until_answering(ready, replica.process, replica.name, READY_TIMEOUT_S)
-            except (RuntimeError, TimeoutError) as exc:
-                pytest.fail(f"replica {replica.name}: {exc}\n{replica.log_tail()}")
         listen_port = _free_port()
         config = loopback.write_loopback_config(workdir, listen_port, [r.address for r in replicas])
         nginx = subprocess.Popen(
