@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from app.native import build as native_build
+from tests.native_builds import CROSS_COMPILER, DRIVER, wait_for_prebuild
 
-DRIVER = Path(__file__).parents[1] / "native" / "kernel_driver.c"
-CROSS_COMPILER = "aarch64-linux-gnu-gcc"
 AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"  # Debian's libc6-arm64-cross
 ELF_MACHINE_AARCH64 = 183
 INSTALL_HINT = "(`make test` installs it when run as root on Debian)"
@@ -43,6 +42,7 @@ def test_the_driver_passes_on_this_cpu():
     compiler = native_build.find_compiler()
     if compiler is None:
         pytest.skip("no C compiler")
+    wait_for_prebuild()
     program = native_build.build_program(DRIVER, native_build.NATIVE, compiler)
     run_driver([str(program)])
 
@@ -53,6 +53,7 @@ def aarch64_driver() -> Path:
     compiler = CROSS_COMPILER if platform.machine() != "aarch64" else "gcc"
     if shutil.which(compiler) is None:
         pytest.skip(f"{CROSS_COMPILER} is not installed {INSTALL_HINT}")
+    wait_for_prebuild()
     return native_build.build_program(DRIVER, "armv8-a", compiler)
 
 
