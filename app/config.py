@@ -113,9 +113,10 @@ class Settings(BaseModel):
     )
     speculative_model: Path | None = Field(
         default=None,
-        description="speculative decoding `draft`: a local model folder sharing the served "
-        "model's tokenizer (checked at start-up): a smaller model of the same family, or the "
-        "served model itself with `LAMINA_SPECULATIVE_WEIGHT_DTYPE=int4`",
+        description="speculative decoding `draft`: a model folder, `.gguf` file or hub id (as "
+        "`LAMINA_MODEL`) sharing the served model's tokenizer (checked at start-up): a smaller "
+        "model of the same family, or the served model itself with "
+        "`LAMINA_SPECULATIVE_WEIGHT_DTYPE=int4`",
     )
     speculative_weight_dtype: Literal["auto", "float32", "float16", "bfloat16", "int8", "int4"] = (
         Field(

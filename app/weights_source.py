@@ -67,14 +67,16 @@ def parse_model_spec(value: str | Path) -> ModelSpec:
     return ModelSpec("hub", text, repo_id=match["repo"], revision=match["rev"])
 
 
-def resolve_model_folder(value: str | Path) -> Path:
+def resolve_model_folder(value: str | Path, setting: str = "LAMINA_MODEL") -> Path:
     """The local folder holding the model LAMINA_MODEL names (blocking: may download).
 
-    ModelSourceError when there is none; a folder's contents are checked by the loader.
+    ModelSourceError when there is none, naming `setting` (the variable that holds value:
+    LAMINA_SPECULATIVE_MODEL takes the same forms); a folder's contents are checked by the
+    loader.
     """
     spec = parse_model_spec(value)
     if spec.kind == "hub":
-        return hub_snapshot(spec)
+        return hub_snapshot(spec, setting)
     assert spec.path is not None
     if spec.kind == "gguf":
         from app.model.config import ModelLoadError
@@ -85,15 +87,16 @@ def resolve_model_folder(value: str | Path) -> Path:
         except ModelLoadError as exc:
             raise ModelSourceError(str(exc)) from None
     if not spec.path.is_dir():
+        default_hint = "run `lamina weights` to prepare the default model, or "
         raise ModelSourceError(
-            f"model folder {spec.path} does not exist: run `lamina weights` to prepare the "
-            "default model, or set LAMINA_MODEL to a Hugging Face folder, a .gguf file or a "
-            "hub id (org/name[@revision])"
+            f"model folder {spec.path} does not exist: "
+            f"{default_hint if setting == 'LAMINA_MODEL' else ''}set {setting} to a Hugging "
+            "Face folder, a .gguf file or a hub id (org/name[@revision])"
         )
     return spec.path
 
 
-def hub_snapshot(spec: ModelSpec) -> Path:
+def hub_snapshot(spec: ModelSpec, setting: str = "LAMINA_MODEL") -> Path:
     """The repository's snapshot folder in the hub cache, downloaded there if the network
     allows (huggingface_hub falls back to the cache when it does not)."""
     from huggingface_hub import constants, snapshot_download
@@ -107,7 +110,7 @@ def hub_snapshot(spec: ModelSpec) -> Path:
         raise ModelSourceError(
             f"hub model {spec.repo_id} at revision {revision} is neither downloadable{offline} "
             f"nor in the hub cache {constants.HF_HUB_CACHE} ({type(exc).__name__}: "
-            f"{reason[:300]}); LAMINA_MODEL {spec.text!r} is not a local folder either"
+            f"{reason[:300]}); {setting} {spec.text!r} is not a local folder either"
         ) from None
     logger.info("hub model %s at revision %s: %s", spec.repo_id, revision, folder)
     return Path(folder)

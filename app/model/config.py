@@ -143,15 +143,16 @@ class ModelConfig:
         return config
 
 
-def read_config_json(model_dir: str | Path) -> dict[str, Any]:
-    """config.json of a model folder, parsed."""
+def read_config_json(model_dir: str | Path, setting: str = "LAMINA_MODEL") -> dict[str, Any]:
+    """config.json of a model folder, parsed (`setting`: the variable naming the folder,
+    for the message when there is none)."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         ggufs = sorted(p.name for p in Path(model_dir).glob("*.gguf"))
         hint = (
-            f"; the folder holds {', '.join(ggufs)}: set LAMINA_MODEL to that file"
+            f"; the folder holds {', '.join(ggufs)}: set {setting} to that file"
             if ggufs
-            else "; LAMINA_MODEL may also name a .gguf file or a hub id (org/name)"
+            else f"; {setting} may also name a .gguf file or a hub id (org/name)"
         )
         raise ModelLoadError(
             f"{path} not found: a Hugging Face model folder has config.json, *.safetensors "

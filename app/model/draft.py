@@ -6,6 +6,9 @@ It must share the served model's tokenizer: its token ids are fed to the served 
 as draft tokens, so they must mean the same text. Start-up refuses a draft whose
 vocabulary (every token string and its id) differs, or whose logits are wider than the
 served model's (it could propose an id the served model has no embedding for).
+
+LAMINA_SPECULATIVE_MODEL takes what LAMINA_MODEL takes (a folder, a .gguf file, a hub id);
+every refusal names it, in one line, like a refused LAMINA_MODEL.
 """
 
 from __future__ import annotations
@@ -15,15 +18,31 @@ from pathlib import Path
 
 import torch
 
-from app.model.config import ModelConfig
+from app.model.config import ModelConfig, ModelLoadError, read_config_json
 from app.model.families import read_model_config
 from app.model.kv_cache import GIB, KVCache
+from app.weights_source import resolve_model_folder
 
 logger = logging.getLogger(__name__)
 
+DRAFT_SETTING = "LAMINA_SPECULATIVE_MODEL"
 
-class DraftModelError(ValueError):
-    """The configured draft model cannot draft for the served one."""
+
+class DraftModelError(ModelLoadError):
+    """The configured draft model cannot draft for the served one (a ModelLoadError: the
+    server reports it in one line, as a model it cannot run)."""
+
+
+def read_draft_config(speculative_model: str | Path) -> tuple[Path, ModelConfig]:
+    """The draft model's local folder (a .gguf file or a hub id becomes one, as for
+    LAMINA_MODEL) and its config. ModelSourceError or DraftModelError, naming
+    LAMINA_SPECULATIVE_MODEL, when it names no model lamina runs."""
+    folder = resolve_model_folder(speculative_model, setting=DRAFT_SETTING)
+    try:
+        read_config_json(folder, setting=DRAFT_SETTING)
+        return folder, read_model_config(folder)
+    except ModelLoadError as exc:
+        raise DraftModelError(f"the draft model {folder} ({DRAFT_SETTING}): {exc}") from None
 
 
 def check_draft_vocabulary(
@@ -65,7 +84,7 @@ def _check_same_vocabulary(target_dir: Path, draft_dir: Path) -> None:
         raise DraftModelError(
             f"the draft model {draft_dir} does not share the served model's tokenizer: "
             f"{len(target_vocab)} and {len(draft_vocab)} tokens, {len(differing)} (token, id) "
-            f"pairs in one only (e.g. {examples}); LAMINA_SPECULATIVE_MODEL must name a model "
+            f"pairs in one only (e.g. {examples}); {DRAFT_SETTING} must name a model "
             "with the same vocabulary"
         )
 
@@ -81,8 +100,7 @@ def load_draft(
     target's running sequences. The target builds the draft's runner from these."""
     from app.model.loader import load_model
 
-    draft_dir = Path(settings.speculative_model)
-    draft_config = read_model_config(draft_dir)
+    draft_dir, draft_config = read_draft_config(settings.speculative_model)
     check_draft_vocabulary(Path(settings.model), draft_dir, target.config, draft_config)
     if draft_config.max_position_embeddings < target.max_model_len:
         logger.warning(

@@ -15,9 +15,12 @@ from app.main import create_app
 
 
 @contextlib.asynccontextmanager
-async def served(model: object, timeout_s: float = 600.0) -> AsyncIterator[httpx.AsyncClient]:
-    """An AsyncClient on the app serving `model` once it is ready (small cache, no warm-up)."""
-    settings = Settings(model=model, device="cpu", kv_cache_gb=0.05, warmup=False)
+async def served(
+    model: object, timeout_s: float = 600.0, **more_settings: object
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An AsyncClient on the app serving `model` once it is ready (small cache, no warm-up;
+    more_settings: any other)."""
+    settings = Settings(model=model, device="cpu", kv_cache_gb=0.05, warmup=False, **more_settings)
     reasons: list[str] = []
     app = create_app(settings, on_fatal=reasons.append)
     async with app.router.lifespan_context(app):
@@ -32,11 +35,12 @@ async def served(model: object, timeout_s: float = 600.0) -> AsyncIterator[httpx
             yield client
 
 
-async def refusal(model: object, log_lines) -> str:
-    """The one error line of an app that cannot serve `model` (asserted: one line, no
-    traceback, the server never ready)."""
+async def refusal(model: object, log_lines, **more_settings: object) -> str:
+    """The one error line of an app that cannot serve `model` with more_settings
+    (asserted: one line, no traceback, the server never ready)."""
     reasons: list[str] = []
-    app = create_app(Settings(model=model, device="cpu", warmup=False), on_fatal=reasons.append)
+    settings = Settings(model=model, device="cpu", warmup=False, **more_settings)
+    app = create_app(settings, on_fatal=reasons.append)
     async with app.router.lifespan_context(app):
         for _ in range(6000):
             if reasons:
