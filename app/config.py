@@ -23,6 +23,22 @@ from app.weights import default_model_dir
 from app.weights_source import parse_model_spec, resolve_model_folder
 
 ENV_PREFIX = "LAMINA_"
+# The speculative_* settings each LAMINA_SPECULATIVE mode reads; it ignores the others.
+SPECULATIVE_SETTINGS_READ = {
+    "off": (),
+    "ngram": (
+        "speculative_tokens",
+        "speculative_ngram_min",
+        "speculative_ngram_max",
+        "speculative_max_batch",
+    ),
+    "draft": (
+        "speculative_model",
+        "speculative_weight_dtype",
+        "speculative_tokens",
+        "speculative_max_batch",
+    ),
+}
 
 
 class Settings(BaseModel):
@@ -350,6 +366,22 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return tuple(item.strip() for item in value.split(",") if item.strip())
         return value
+
+    def ignored_settings(self) -> list[str]:
+        """One line per LAMINA_SPECULATIVE_* variable set that LAMINA_SPECULATIVE's mode
+        ignores (a draft model named with speculation off), which start-up warns of
+        instead of letting it look in effect."""
+        read = SPECULATIVE_SETTINGS_READ[self.speculative]
+        ignored = sorted(
+            name
+            for name in self.model_fields_set
+            if name.startswith("speculative_") and name not in read
+        )
+        return [
+            f"{ENV_PREFIX}{name.upper()} is set but ignored: "
+            f"{ENV_PREFIX}SPECULATIVE={self.speculative} does not use it"
+            for name in ignored
+        ]
 
     @property
     def model_name(self) -> str:

@@ -90,6 +90,8 @@ def load_engine(settings: Settings) -> LoadedEngine:
     from app.model.families import read_model_config
     from app.model.runner import ModelRunner
 
+    for line in settings.ignored_settings():
+        logger.warning(line)
     settings = settings.with_model_folder()  # a .gguf or hub id becomes a local folder
     read_model_config(settings.model)  # a model lamina cannot run is refused before anything
     if settings.speculative == "draft":  # and so is a draft model

@@ -163,3 +163,27 @@ def test_a_failing_draft_model_turns_speculation_off_and_changes_nothing(caplog)
     speculator = scheduler.speculator
     assert not speculator.step_allows(1)
     assert "the draft model failed" in caplog.text
+
+
+def test_speculative_settings_the_mode_ignores_are_named():
+    draft_model = {"LAMINA_SPECULATIVE_MODEL": "/models/small"}
+    assert (
+        load_settings(environ={**draft_model, "LAMINA_SPECULATIVE": "draft"}).ignored_settings()
+        == []
+    )
+    ngram = load_settings(
+        environ={**draft_model, "LAMINA_SPECULATIVE": "ngram", "LAMINA_SPECULATIVE_TOKENS": "6"}
+    )
+    assert ngram.ignored_settings() == [
+        "LAMINA_SPECULATIVE_MODEL is set but ignored: LAMINA_SPECULATIVE=ngram does not use it"
+    ]
+    off = load_settings(environ={"LAMINA_SPECULATIVE_WEIGHT_DTYPE": "int4"})
+    assert off.ignored_settings() == [
+        "LAMINA_SPECULATIVE_WEIGHT_DTYPE is set but ignored: LAMINA_SPECULATIVE=off does not use it"
+    ]
+    draft = load_settings(
+        environ={**draft_model, "LAMINA_SPECULATIVE": "draft", "LAMINA_SPECULATIVE_NGRAM_MAX": "3"}
+    )
+    assert [line.split()[0] for line in draft.ignored_settings()] == [
+        "LAMINA_SPECULATIVE_NGRAM_MAX"
+    ]
