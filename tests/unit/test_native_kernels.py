@@ -280,15 +280,22 @@ def test_the_kernels_use_torchs_thread_count_whatever_their_openmp_runtime(kerne
 # --- building and caching ------------------------------------------------------------------
 
 
-def test_the_library_is_cached_per_source_compiler_and_cpu(tmp_path):
+def test_the_library_is_cached_per_source_compiler_and_cpu(tmp_path, monkeypatch):
     if native_build.find_compiler() is None:
         pytest.skip("no C compiler")
-    first = native_build.build_library(tmp_path).path
-    assert first.parent == tmp_path and first.name.startswith("lamina-kernels-")
+    # A one-function source: the caching is under test, not kernels.c (every test that
+    # loads the kernels compiles that for real), and -O3 on it costs seconds of CPU.
+    source = tmp_path / "src" / "kernels.c"
+    source.parent.mkdir()
+    source.write_text("int lamina_cache_probe(void) { return 1; }\n")
+    monkeypatch.setattr(native_build, "SOURCE", source)
+    cache = tmp_path / "cache"
+    first = native_build.build_library(cache).path
+    assert first.parent == cache and first.name.startswith("lamina-kernels-")
     built_at = first.stat().st_mtime_ns
-    assert native_build.build_library(tmp_path).path == first
+    assert native_build.build_library(cache).path == first
     assert first.stat().st_mtime_ns == built_at  # reused, not rebuilt
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary files left
+    assert [p.name for p in cache.iterdir()] == [first.name]  # no temporary files left
 
 
 def test_an_edit_to_any_part_of_the_source_is_a_new_library(tmp_path, monkeypatch):
