@@ -88,8 +88,15 @@ def speculator_from(settings: Settings, runner: Runner) -> Speculator | None:
         draft_runner = getattr(runner, "draft_runner", None)
         if draft_runner is None:
             raise ValueError("speculative=draft, but the runner loaded no draft model")
+        # A draft catches up like a prompt is computed while sequences decode
+        max_pass_tokens = (
+            settings.max_prefill_tokens_while_decoding or settings.max_num_batched_tokens
+        )
         return DraftModelSpeculator(
-            draft_runner, settings.speculative_tokens, settings.speculative_max_batch
+            draft_runner,
+            settings.speculative_tokens,
+            settings.speculative_max_batch,
+            max_pass_tokens=max_pass_tokens,
         )
     return NgramSpeculator(
         settings.speculative_tokens,

@@ -18,7 +18,15 @@ tokens 0..n-2 at T..T+n-2, and the accepted ones are the confirmed tokens there)
 shadow is cut back to that (`BlockManager.truncate` frees the blocks past it); the next
 draft catches up the one or two confirmed tokens after it. A sequence preempted,
 finished or aborted drops its shadow and its draft blocks; a sequence that did not
-draft for a while (paused, step too large) catches up the tokens it missed in one chunk.
+draft for a while (paused, step too large) catches up the tokens it missed.
+
+Catching up is bounded like a prompt: a step's first draft pass computes at most
+`max_pass_tokens` tokens (the engine passes the prompt tokens a step may compute while
+sequences decode). A shadow further behind than what is left of that (a sequence that
+just finished a long prompt, or one back from a pause) does not draft this step; it
+catches up a chunk in that pass instead, and drafts once it is close enough. Without
+the bound, the first draft after a long prompt computed the whole prompt in one pass,
+stalling every stream of the step for as long as an unchunked prefill.
 
 Lossless like prompt lookup: the target verifies every draft with the same accept rule
 (app/engine/speculative.py: `accepted_prefix`), so what the draft proposes only decides
@@ -45,30 +53,63 @@ _GREEDY = SamplingParams(max_tokens=None, temperature=0.0)
 class DraftModelSpeculator(Speculator):
     """Proposes drafts with a draft model's greedy tokens. Engine thread only."""
 
-    def __init__(self, draft_runner: Runner, num_tokens: int, max_batch: int, **rules) -> None:
+    def __init__(
+        self,
+        draft_runner: Runner,
+        num_tokens: int,
+        max_batch: int,
+        max_pass_tokens: int = 512,
+        **rules,
+    ) -> None:
         super().__init__(num_tokens, max_batch, **rules)
+        if max_pass_tokens < 1:
+            raise ValueError("need max_pass_tokens >= 1")
         self.runner = draft_runner
         self.block_manager = BlockManager(
             draft_runner.num_blocks, draft_runner.block_size, enable_prefix_caching=False
         )
+        self.max_pass_tokens = max_pass_tokens  # most tokens in a step's first draft pass
         self._shadows: dict[int, Sequence] = {}  # by the target sequence's seq_id
-        self._num_promised_blocks = 0  # free draft blocks planned this step, not yet taken
+        # Planned this step, taken by `drafts`: free draft blocks, first-pass tokens, and
+        # the shadows that only catch up (shadow, its sequence, tokens).
+        self._num_promised_blocks = 0
+        self._num_pass_tokens = 0
+        self._catch_ups: list[tuple[Sequence, Sequence, int]] = []
         self.num_forward_passes = 0  # the draft model's
 
     def _plan(self, seq: Sequence, max_tokens: int) -> int:
         """Up to max_tokens, as many as the draft cache's free blocks allow (never
         another sequence's blocks), counting those promised to sequences planned before
-        it this step; `drafts` takes them."""
+        it this step; `drafts` takes them. 0 when its catch-up does not fit in what is
+        left of the first pass: it catches up a chunk instead."""
         shadow = self._shadow(seq)
-        manager = self.block_manager
+        behind = seq.num_tokens - shadow.num_computed_tokens  # to compute before drafting
+        room = self.max_pass_tokens - self._num_pass_tokens
+        if behind > room:
+            self._plan_catch_up(seq, shadow, min(behind - 1, room))
+            return 0
         num_drafts = max_tokens
         while num_drafts:
-            missing = manager.num_missing_blocks(shadow, _num_new(shadow, seq, num_drafts))
-            if missing <= manager.num_free_blocks - self._num_promised_blocks:
-                self._num_promised_blocks += missing
+            if self._promise_blocks(shadow, _num_new(shadow, seq, num_drafts)):
+                self._num_pass_tokens += behind
                 return num_drafts
             num_drafts -= 1
         return 0
+
+    def _plan_catch_up(self, seq: Sequence, shadow: Sequence, num_tokens: int) -> None:
+        """Catch shadow up by num_tokens (never to seq's last token: drafting samples
+        there) in this step's first pass, if the draft cache has the blocks."""
+        if num_tokens > 0 and self._promise_blocks(shadow, num_tokens):
+            self._num_pass_tokens += num_tokens
+            self._catch_ups.append((shadow, seq, num_tokens))
+
+    def _promise_blocks(self, shadow: Sequence, num_new_tokens: int) -> bool:
+        """Set aside the free blocks shadow lacks for num_new_tokens more, if there are."""
+        missing = self.block_manager.num_missing_blocks(shadow, num_new_tokens)
+        if missing > self.block_manager.num_free_blocks - self._num_promised_blocks:
+            return False
+        self._num_promised_blocks += missing
+        return True
 
     def drafts(self, planned: SequenceOf[tuple[Sequence, int]]) -> list[tuple[int, ...]]:
         """Every planned sequence's draft: one batched pass per draft position. Ends the
@@ -78,9 +119,10 @@ class DraftModelSpeculator(Speculator):
         error) and this step's drafts repeat each sequence's last token: they are
         verified like any, so the output stays the output without speculation.
         """
-        self._num_promised_blocks = 0
+        self._num_promised_blocks = self._num_pass_tokens = 0
+        catch_ups, self._catch_ups = self._catch_ups, []
         try:
-            return self._propose(planned)
+            return self._propose(planned, catch_ups)
         except Exception:  # noqa: BLE001 - the served model can go on without a draft
             logger.exception("the draft model failed: speculative decoding is off from now on")
             self.max_batch = -1  # no step speculates any more
@@ -88,25 +130,37 @@ class DraftModelSpeculator(Speculator):
                 self._drop_shadow(seq_id)
             return [(seq.output_token_ids[-1],) * num_drafts for seq, num_drafts in planned]
 
-    def _propose(self, planned: SequenceOf[tuple[Sequence, int]]) -> list[tuple[int, ...]]:
+    def _propose(
+        self,
+        planned: SequenceOf[tuple[Sequence, int]],
+        catch_ups: list[tuple[Sequence, Sequence, int]],
+    ) -> list[tuple[int, ...]]:
         shadows = []
         for seq, num_drafts in planned:
             shadow = self._shadows[seq.seq_id]
             self.block_manager.append_slots(shadow, _num_new(shadow, seq, num_drafts))
             shadow.output_token_ids = list(seq.output_token_ids)
             shadows.append(shadow)
+        # Chunks that sample nothing, in the first pass only
+        chunks = []
+        for shadow, seq, num_tokens in catch_ups:
+            self.block_manager.append_slots(shadow, num_tokens)
+            shadow.output_token_ids = list(seq.output_token_ids)
+            chunks.append(ScheduledSeq(shadow, num_tokens, sample=False))
         tokens: list[list[int]] = [[] for _ in planned]
         active = list(range(len(planned)))
-        while active:
+        while active or chunks:
             items = [_catch_up(shadows[i]) for i in active]
-            num_batched = sum(item.num_new_tokens for item in items)
-            outputs = self.runner.execute(ScheduledBatch(items, num_batched))
+            batch_items = items + chunks
+            num_batched = sum(item.num_new_tokens for item in batch_items)
+            outputs = self.runner.execute(ScheduledBatch(batch_items, num_batched))
             self.num_forward_passes += 1
-            for item, output in zip(items, outputs, strict=True):
+            for item in batch_items:
                 item.seq.num_computed_tokens += item.num_new_tokens
+            for i, item, output in zip(active, items, outputs):
                 item.seq.output_token_ids.append(output.token_id)
-            for i, output in zip(active, outputs):
                 tokens[i].append(output.token_id)
+            chunks = []
             active = [i for i in active if len(tokens[i]) < planned[i][1]]
         return [tuple(draft) for draft in tokens]
 

@@ -42,6 +42,7 @@ def _run(
     eos_one_in: int = 0,
     num_spec_tokens: int = 4,
     draft_fails_on: int | None = None,
+    max_pass_tokens: int = 512,
 ) -> tuple[dict[str, list[int]], Scheduler]:
     manager = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching)
     draft_runner = FakeRunner(
@@ -50,7 +51,11 @@ def _run(
         next_token=copy_without_edits,
         fail_token_id=draft_fails_on,
     )
-    speculator = DraftModelSpeculator(draft_runner, num_spec_tokens, 64) if speculative else None
+    speculator = None
+    if speculative:
+        speculator = DraftModelSpeculator(
+            draft_runner, num_spec_tokens, 64, max_pass_tokens=max_pass_tokens
+        )
 
     def shadows_checked(scheduler: Scheduler) -> None:
         if speculator is not None:
@@ -113,6 +118,17 @@ def test_a_short_draft_cache_drafts_less_never_wrong():
     assert scheduler.speculator.stats.num_drafts > 0
 
 
+def test_a_long_prompt_is_caught_up_in_chunks_not_in_one_pass():
+    # The draft's first pass after a 40-token prompt held all of it (41 tokens)
+    prompts = _prompts([40, 3, 37])
+    plain, _ = _run(prompts, speculative=False)
+    fast, scheduler = _run(prompts, speculative=True, max_pass_tokens=8)
+    assert fast == plain
+    speculator = scheduler.speculator
+    assert max(num_tokens for _, num_tokens in speculator.runner.batch_sizes) <= 8
+    assert speculator.stats.num_accepted_tokens > 0
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     lengths=st.lists(st.integers(1, 40), min_size=1, max_size=6),
@@ -122,9 +138,17 @@ def test_a_short_draft_cache_drafts_less_never_wrong():
     prefix_caching=st.booleans(),
     eos_one_in=st.sampled_from([0, 9]),
     num_spec_tokens=st.integers(1, 6),
+    max_pass_tokens=st.integers(1, 48),
 )
 def test_identity_under_preemption_chunking_caching_and_stops(
-    lengths, num_blocks, num_draft_blocks, budget, prefix_caching, eos_one_in, num_spec_tokens
+    lengths,
+    num_blocks,
+    num_draft_blocks,
+    budget,
+    prefix_caching,
+    eos_one_in,
+    num_spec_tokens,
+    max_pass_tokens,
 ):
     prompts = _prompts(lengths)
     kwargs = dict(
@@ -134,14 +158,17 @@ def test_identity_under_preemption_chunking_caching_and_stops(
         eos_one_in=eos_one_in,
     )
     plain, _ = _run(prompts, speculative=False, **kwargs)
-    fast, _ = _run(
+    fast, fast_scheduler = _run(
         prompts,
         speculative=True,
         num_spec_tokens=num_spec_tokens,
         num_draft_blocks=num_draft_blocks,
+        max_pass_tokens=max_pass_tokens,
         **kwargs,
     )
     assert fast == plain
+    batch_sizes = fast_scheduler.speculator.runner.batch_sizes
+    assert all(num_tokens <= max_pass_tokens for _, num_tokens in batch_sizes)
 
 
 def test_draft_speculation_needs_a_draft_model():
