@@ -28,7 +28,6 @@ def planned_servers(request: pytest.FixtureRequest) -> Iterator[None]:
     `@takes_servers` fixtures will take (tests/server_process.py, ServerPool); stops
     those no test took."""
     planned: set[int] = set()  # fixtures wider than a test: planned once
-    envs: list[dict[str, str]] = []
     for item in request.session.items:
         info = getattr(item, "_fixtureinfo", None)
         for name in info.names_closure if info is not None else ():
@@ -39,8 +38,9 @@ def planned_servers(request: pytest.FixtureRequest) -> Iterator[None]:
                 planned.add(id(fixturedefs[-1]))
             planner = planner_of(fixturedefs[-1].func)
             if planner is not None:
-                envs.extend(planner(request, item))
-    SERVER_POOL.plan(envs)
+                # Planned as found: the first servers load while later planners make
+                # their models (the tiny and the shallow one, seconds each).
+                SERVER_POOL.plan(planner(request, item))
     yield
     SERVER_POOL.close()
 

@@ -152,10 +152,24 @@ def api_server_env(default_model_path: Path) -> dict[str, str]:
     return {"LAMINA_MODEL": str(default_model_path), "LAMINA_MAX_ADMITTED_TOKENS": "65536"}
 
 
+_API_SERVER_PLANNED = pytest.StashKey[bool]()
+
+
 def _planned_api_server(request: pytest.FixtureRequest, item: pytest.Item) -> list[dict[str, str]]:
-    if not engine_available():
+    """The session's api_server, planned once: at the first test that takes it, by name or
+    through live_server's real variant (which asks for it at run time, out of the
+    planner's sight); so it starts first when tests/api's first real test comes first."""
+    if not engine_available() or request.session.stash.get(_API_SERVER_PLANNED, False):
         return []
+    request.session.stash[_API_SERVER_PLANNED] = True
     return [api_server_env(request.getfixturevalue("default_model_path"))]
+
+
+def _planned_live_server(request: pytest.FixtureRequest, item: pytest.Item) -> list[dict[str, str]]:
+    callspec = getattr(item, "callspec", None)
+    if callspec is None or callspec.params.get("live_server") != "real":
+        return []
+    return _planned_api_server(request, item)
 
 
 @pytest.fixture(scope="session")
@@ -172,6 +186,7 @@ def api_server(default_model_path: Path) -> Iterator[LiveServer]:
 
 
 @pytest.fixture(params=["fake", pytest.param("real", marks=[pytest.mark.system, pytest.mark.slow])])
+@takes_servers(_planned_live_server)
 def live_server(request: pytest.FixtureRequest) -> LiveServer:
     """Each test using it runs twice: on the fake engine, then on the real server."""
     name = "threaded_fake_server" if request.param == "fake" else "api_server"
