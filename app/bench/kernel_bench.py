@@ -190,6 +190,7 @@ def bench_low_precision_matmuls(libraries: list[Library], config: ModelConfig, a
     hows = ", ".join(
         f"{prefix(library)}bf16 "
         + ("AVX512-BF16 dot products" if library.kernels.bf16_dot_product else "widened to FMAs")
+        + f", AMX tiles {library.kernels.amx_status}"
         for library in libraries
     )
     print(

@@ -26,6 +26,7 @@
  *   int8.h          int8 blocks with per-column scales, rows quantized per block: int8
  *                   dot products (AVX512-VNNI, vpmaddubsw, plain C), quantizing packer
  *   int4.h          4-bit blocks with scales and minima (Q4_1's scheme): the same
+ *   amx.h           AMX tiles for their dot products, 16 rows at a time, same bits
  *   matmul.h        the panel matmul, weight packing, the FMA peak
  *   attention.h     paged attention, with the next item prefetched
  *   decoder_stack.h a step's decoder layers in one parallel region
@@ -36,6 +37,7 @@
 #include "bf16.h"
 #include "int8.h"
 #include "int4.h"
+#include "amx.h"
 #include "matmul.h"
 #include "attention.h"
 #include "decoder_stack.h"

@@ -15,6 +15,8 @@ from app.native.panels import INT4, WEIGHT_KINDS, panel_shape, panels_fit
 from app.native.stack import StackDesc, StepDesc, work_floats
 
 _long, _float, _pointer = ctypes.c_long, ctypes.c_float, ctypes.c_void_p
+# lamina_amx_status()'s answers (amx.h: AMX_NOT_BUILT, _REFUSED, _TURNED_OFF, _IN_USE)
+AMX_STATUS = ("not built", "refused", "turned off", "in use")
 
 
 class NativeKernels:
@@ -43,6 +45,14 @@ class NativeKernels:
         # Whether bf16 matmuls run AVX512-BF16's dot product, or widen bf16 in the kernel
         # (the same bits but for denormals: bf16.h).
         self.bf16_dot_product = bool(library.lamina_bf16_dot_product())
+        # Whether int8 and 4-bit matmuls run 16-row tiles on AMX (amx.h): an index into AMX_STATUS.
+        # A library from before amx.h (tests.perf.kernel_ab's old one) has none.
+        self._amx_status: Callable[[], int] = lambda: 0
+        self._use_amx: Callable[[int], None] = lambda on: None
+        if hasattr(library, "lamina_amx_status"):
+            self._amx_status = library.lamina_amx_status
+            self._amx_status.argtypes, self._amx_status.restype = [], ctypes.c_int32
+            self._use_amx = _bind(library.lamina_use_amx, (ctypes.c_int32,))
         attention_args = (_pointer, _long, _pointer, _pointer, _long, _long, _pointer, _long)
         attention_args += (_pointer, _pointer, _pointer, _long, _long, _long, _long, _float)
         attention_args += (_long, _float)  # window, softcap
@@ -53,6 +63,17 @@ class NativeKernels:
         self._argmax_rows = _bind(library.lamina_argmax_rows, argmax_args)
         self._fma_peak = library.lamina_fma_peak
         self._fma_peak.argtypes, self._fma_peak.restype = [_long], ctypes.c_double
+
+    @property
+    def amx_status(self) -> str:
+        """AMX tiles for int8 and 4-bit matmuls (amx.h): "in use", "turned off" (use_amx), "refused"
+        (by the OS) or "not built" (the compiler or the CPU has no AMX-INT8)."""
+        return AMX_STATUS[self._amx_status()]
+
+    def use_amx(self, on: bool) -> None:
+        """AMX tiles off, or back on where built and permitted (the tests compare the bits;
+        AMX is on by default). Not while a matmul runs."""
+        self._use_amx(int(on))
 
     def _follow_torch_threads(self) -> None:
         """Before each call: the library's own OpenMP runtime uses torch's thread count."""

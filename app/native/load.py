@@ -9,7 +9,7 @@ import time
 
 from app.native.build import NativeBuildError, build_library
 from app.native.kernels import NativeKernels
-from app.native.self_check import check_library
+from app.native.self_check import check_amx_tiles, check_library
 
 logger = logging.getLogger("app.native")
 
@@ -26,13 +26,25 @@ def native_kernels() -> NativeKernels | None:
     except (NativeBuildError, OSError, AssertionError) as exc:
         logger.warning("native kernels unavailable (%s): using torch's kernels", exc)
         return None
+    if amx_mismatch := check_amx_tiles(kernels):
+        logger.warning("AMX tiles turned off: %s", amx_mismatch)
     runtime = "its own OpenMP runtime" if kernels.own_openmp else "torch's OpenMP threads"
     bf16 = "AVX512-BF16 dot products" if kernels.bf16_dot_product else "widened to fp32 FMAs"
     logger.info(
-        "native kernels ready: %s, on %s (%.1f s); bf16 weights: %s",
+        "native kernels ready: %s, on %s (%.1f s); bf16 weights: %s; AMX tiles: %s",
         kernels.build.describe(),
         runtime,
         time.perf_counter() - started,
         bf16,
+        AMX_LOG[kernels.amx_status],
     )
     return kernels
+
+
+# What the start-up line says of AMX tiles (amx.h), by NativeKernels.amx_status.
+AMX_LOG = {
+    "in use": "int8 and 4-bit matmul rows in 16s (the rest on VNNI)",
+    "turned off": "off (int8 and 4-bit on VNNI)",
+    "refused": "refused by the OS (arch_prctl XTILEDATA; int8 and 4-bit on VNNI)",
+    "not built": "none in this build (no AMX-INT8 on this CPU or in its target)",
+}

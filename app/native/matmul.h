@@ -1,5 +1,6 @@
 /* Part of kernels.c's one translation unit (after vector.h). */
 #pragma once
+#include "amx.h"
 #include "bf16.h"
 #include "int4.h"
 #include "int8.h"
@@ -248,6 +249,55 @@ DEFINE_MATMUL_UNITS(i8, i8_act, uint8_t, I8_BLOCK, WHOLE_PANEL_TILE_ROW, I8_BLOC
 DEFINE_MATMUL_UNITS(i4, i8_act, uint8_t, I8_BLOCK, WHOLE_PANEL_TILE_ROW, I4_BLOCK_BYTES,
                     I4_BLOCK_LINES)
 
+#if AMX_TILES
+/* matmul_units_i8's or _i4's work (nibbles) on 16-row AMX tiles (amx.h): M a multiple of
+ * 16, first a panel's first unit (as linear_phase's items are); the same bits, the same
+ * prefetch of the next panel by the tiles after a panel's first. */
+static void amx_units(int nibbles, const i8_act *x, long ldx, const uint8_t *panels,
+                      const float *bias, float *y, long M, long K, long N, long first,
+                      long last, int accumulate, int lookahead) {
+    vecf acc[AMX_ROWS][4];
+    long blocks = K / I8_BLOCK;
+    long block_bytes = nibbles ? I4_BLOCK_BYTES : I8_BLOCK_BYTES, panel_size = blocks * block_bytes;
+    amx_configure();
+    for (long unit = first; unit < last; unit += 4) {
+        long panel = unit / 4;
+        int nv = (int)(last - unit < 4 ? last - unit : 4);
+        const uint8_t *w = panels + panel * panel_size;
+        const void *next = lookahead && (panel + 1) * PANEL < N ? w + panel_size : 0;
+        for (long row = 0; row < M; row += AMX_ROWS) {
+            const char *ahead = /* the first tile: its unit walks read the panel strided */
+                prefetch_target(next, panel_size, row / AMX_ROWS + 1, panel_size / 64);
+            if (nibbles)
+                amx_tile_i4(x + row * ldx, ldx, w, blocks, nv, acc, ahead);
+            else
+                amx_tile_i8(x + row * ldx, ldx, w, blocks, nv, acc, ahead);
+            store_tile(acc, AMX_ROWS, nv, y + row * N, N, unit * LANES, N, bias, accumulate);
+        }
+    }
+    _tile_release(); /* the tile state back to its initial one: cheaper context switches */
+}
+#endif
+
+/* int8 (or 4-bit, nibbles) units: their rows in whole 16s on AMX tiles where in use, the
+ * rest (all of them elsewhere) on matmul_units_i8's (_i4's) own tiles. */
+static void matmul_units_quantized(int nibbles, const i8_act *x, long ldx, const uint8_t *panels,
+                                   const float *bias, float *y, long M, long K, long N,
+                                   long first, long last, int accumulate, int lookahead) {
+    long tiled = amx_in_use() ? M / AMX_ROWS * AMX_ROWS : 0;
+#if AMX_TILES
+    if (tiled)
+        amx_units(nibbles, x, ldx, panels, bias, y, tiled, K, N, first, last, accumulate,
+                  lookahead);
+#endif
+    if (M == tiled) return;
+    x += tiled * ldx, y += tiled * N, M -= tiled;
+    if (nibbles)
+        matmul_units_i4(x, ldx, panels, bias, y, M, K, N, first, last, accumulate, lookahead);
+    else
+        matmul_units_i8(x, ldx, panels, bias, y, M, K, N, first, last, accumulate, lookahead);
+}
+
 /* A linear layer's packed weight as the kernels see it. Rows of a matmul may take two
  * weight copies: rows [0, split) the first (prompt tokens), the rest the second
  * (generated tokens, fp16 panels with LAMINA_WEIGHT_DTYPE=float16). */
@@ -307,12 +357,11 @@ static void linear_phase(const linear_desc *w, const float *x, long ldx, long M,
                 matmul_units_bf16((const bf16_act *)rounded + row * width, width, panels,
                                   w->bias, yr, end - row, K, N, first, last, accumulate,
                                   lookahead);
-            else if (w->kind[kind] == WEIGHTS_I4)
-                matmul_units_i4((const i8_act *)rounded + row * blocks, blocks, panels, w->bias,
-                                yr, end - row, K, N, first, last, accumulate, lookahead);
-            else if (w->kind[kind] == WEIGHTS_I8)
-                matmul_units_i8((const i8_act *)rounded + row * blocks, blocks, panels, w->bias,
-                                yr, end - row, K, N, first, last, accumulate, lookahead);
+            else if (quantizes_rows(w->kind[kind]))
+                matmul_units_quantized(w->kind[kind] == WEIGHTS_I4,
+                                       (const i8_act *)rounded + row * blocks, blocks, panels,
+                                       w->bias, yr, end - row, K, N, first, last, accumulate,
+                                       lookahead);
             else if (w->kind[kind] == WEIGHTS_F16)
                 matmul_units_f16(xr, ldx, panels, w->bias, yr, end - row, K, N, first, last,
                                  accumulate, lookahead);

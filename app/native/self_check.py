@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from app.native.panels import INT4, weight_kind_name
 from app.native.stack import DecoderLayerWeights, PackedLinear, StackShape, describe_stack
 
 if TYPE_CHECKING:
@@ -29,6 +30,25 @@ def check_library(kernels: NativeKernels) -> None:
     _check_bf16_matmul(kernels, generator)
     _check_attention(kernels, generator)
     _check_decoder_stack(kernels, generator)
+
+
+def check_amx_tiles(kernels: NativeKernels) -> str:
+    """Where AMX tiles are in use (amx.h): int8 and 4-bit matmuls of 21 rows (a 16-row AMX
+    tile and 5 rows of VNNI tiles; 3 panels, one a part) must give the bits they give
+    without them. On a mismatch AMX is turned off; returns why (else "")."""
+    if kernels.amx_status != "in use":
+        return ""
+    generator = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(21, 96, generator=generator), torch.randn(150, 96, generator=generator)
+    for dtype in (torch.int8, INT4):
+        panels = kernels.pack_weight(weight, dtype=dtype)
+        kernels.use_amx(True)
+        tiled = kernels.matmul(x, panels, None, 150)
+        kernels.use_amx(False)
+        if not torch.equal(tiled, kernels.matmul(x, panels, None, 150)):
+            return f"their {weight_kind_name(dtype)} bits differed from the VNNI tiles' at start-up"
+    kernels.use_amx(True)
+    return ""
 
 
 def dense_causal_attention(

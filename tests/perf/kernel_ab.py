@@ -4,6 +4,9 @@ library packing its own panels, interleaved, best of --repeats; fp32 of the curr
 library beside them. For a kernel change, build the previous source's library first
 (`git stash; python -m app.native.build; git stash pop`: the path it prints) and pass it.
 
+Where the new library has AMX tiles in use (amx.h), it also runs with them turned off
+("vnni"), so "amx over vnni" is AMX's own gain, measured in the same library.
+
 Run: `.venv/bin/python -m tests.perf.kernel_ab OLD.so [--rows 1,8,32] [--threads 1]`
 """
 
@@ -50,6 +53,9 @@ def main() -> None:
         for which, kernels in libraries.items()
     }
     new = libraries["new"]
+    with_amx = new.amx_status == "in use"
+    if with_amx:  # the same panels, AMX turned off around each forward
+        variants |= {(name, "vnni"): variants[(name, "new")] for name in DTYPES}
     variants[("fp32", "new")] = (new, [new.pack_weight(w) for w in weights])
     del weights
     print(f"{len(SHAPES)} matmuls, {args.threads} threads, best of {args.repeats}, ms")
@@ -58,11 +64,17 @@ def main() -> None:
         best = dict.fromkeys(variants, float("inf"))
         for _ in range(args.repeats):
             for key, (kernels, panels) in variants.items():
+                new.use_amx(key[1] != "vnni")
                 best[key] = min(best[key], forward_ms(kernels, panels, xs))
+        new.use_amx(True)
         cells = "  ".join(f"{name} {which} {ms:.2f}" for (name, which), ms in best.items())
         speedups = "  ".join(
             f"{name} {best[(name, 'old')] / best[(name, 'new')]:.2f}x" for name in DTYPES
         )
+        if with_amx:
+            speedups += " | amx over vnni: " + "  ".join(
+                f"{name} {best[(name, 'vnni')] / best[(name, 'new')]:.2f}x" for name in DTYPES
+            )
         print(f"rows {rows:4d}: {cells}  | new over old: {speedups}", flush=True)
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from app.native import NativeKernels, native_kernels
 from app.native import build as native_build
+from app.native.load import AMX_LOG
 from app.native.panels import INT4, dequantize_int4, dequantize_int8, quantized_rows
 from app.native.self_check import check_library, dense_causal_attention
 
@@ -343,10 +344,12 @@ def test_the_start_up_log_says_which_kernels_run_and_why(tmp_path, monkeypatch, 
     if compiler is None:
         pytest.skip("no C compiler")
     with caplog.at_level("INFO", logger="app.native"):
-        assert native_kernels.__wrapped__() is not None
+        compiled = native_kernels.__wrapped__()
+    assert compiled is not None
     label = native_build.compiler_label(compiler)
     assert f"native kernels ready: -march=native for {native_build._cpu_model()}" in caplog.text
     assert f"built by {label} (lamina-kernels-" in caplog.text
+    assert f"; AMX tiles: {AMX_LOG[compiled.amx_status]}" in caplog.text
     built = native_build.build_portable(tmp_path)
     if not built:
         pytest.skip("no portable CPU levels known for this machine kind")
@@ -566,6 +569,77 @@ def test_quantized_bits_are_the_same_on_every_build(kernels, native, dtype):
     panels = native.pack_weight(weight, dtype=dtype)
     assert torch.equal(kernels.pack_weight(weight, dtype=dtype), panels)
     assert torch.equal(kernels.matmul(x, panels, None, 300), native.matmul(x, panels, None, 300))
+
+
+def skip_without_amx(kernels: NativeKernels) -> None:
+    if kernels.amx_status == "not built":
+        pytest.skip("no AMX tiles in this build: no AMX-INT8 on this CPU or in its target")
+    if kernels.amx_status == "refused":
+        pytest.skip("the OS refused the AMX tile state (arch_prctl XTILEDATA)")
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, INT4], ids=["int8", "int4"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_tiles_give_every_row_the_vnni_bits(native, threads, dtype):
+    """AMX tiles (amx.h) take an int8 or 4-bit matmul's rows in 16s, the VNNI tiles the rest:
+    with exact integer sums and the same fp32 steps, every row has the bits it has with
+    AMX turned off, and alone, whatever the row count (a part of a tile, tiles of both
+    kinds, row blocks of 48) and the thread count."""
+    skip_without_amx(native)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, weight, bias = randn(130, 1536), randn(600, 1536, seed=1), randn(600, seed=2)
+        x[3] *= 1e-30  # tiny scales
+        x[20, :32] = 0.0  # an all-zero block: scale 0
+        panels = native.pack_weight(weight, dtype=dtype)  # 600 columns: a last panel of 24
+        native.use_amx(False)
+        assert native.amx_status == "turned off"
+        without = native.matmul(x, panels, bias, 600)
+        alone = torch.cat([native.matmul(x[i : i + 1], panels, bias, 600) for i in range(130)])
+        native.use_amx(True)
+        assert native.amx_status == "in use"
+        assert torch.equal(without, alone)
+        for rows in (15, 16, 17, 31, 32, 33, 47, 48, 49, 64, 80, 97, 130):
+            assert torch.equal(native.matmul(x[:rows], panels, bias, 600), without[:rows]), rows
+            assert torch.equal(native.matmul(x[-rows:], panels, bias, 600), without[-rows:]), rows
+    finally:
+        native.use_amx(True)
+        torch.set_num_threads(previous)
+
+
+def test_amx_tiles_are_built_only_for_a_cpu_that_has_them(kernels):
+    """Only a -march=native build on a CPU with AMX-INT8 has AMX tiles; the portable
+    levels never do, so they run on any CPU of their level."""
+    has_amx = "amx_int8" in native_build._cpu_flags() and "amx_tile" in native_build._cpu_flags()
+    if kernels.build.level == native_build.NATIVE and has_amx:
+        assert kernels.amx_status in ("in use", "refused")
+    else:
+        assert kernels.amx_status == "not built"
+        kernels.use_amx(True)  # nothing to turn on
+        assert kernels.amx_status == "not built"
+
+
+def test_amx_tiles_that_disagree_at_start_up_are_turned_off(native, monkeypatch):
+    from app.native.self_check import check_amx_tiles
+
+    skip_without_amx(native)
+    assert check_amx_tiles(native) == "" and native.amx_status == "in use"
+    shifted = NativeKernels(native.build)  # the same library: the same AMX switch
+    real_matmul = shifted.matmul
+
+    def matmul_differing_with_amx(*args):
+        out = real_matmul(*args)
+        return out + 1.0 if shifted.amx_status == "in use" else out
+
+    monkeypatch.setattr(shifted, "matmul", matmul_differing_with_amx)
+    try:
+        assert check_amx_tiles(shifted) == (
+            "their int8 bits differed from the VNNI tiles' at start-up"
+        )
+        assert native.amx_status == "turned off"
+    finally:
+        native.use_amx(True)
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, INT4], ids=["int8", "int4"])

@@ -1,0 +1,221 @@
+/* Part of kernels.c's one translation unit (after int8.h and int4.h): Intel AMX tiles for
+ * the int8 and 4-bit matmuls' dot products, 16 rows at a time.
+ *
+ * A tile register holds up to 16 rows of 64 bytes. TDPBSUD multiplies a tile of signed
+ * bytes, 16 rows x 32 (16 rows' quantized block of 32 k: the i8_act blocks in place, a
+ * row's blocks 40 bytes apart) by a tile of unsigned bytes, 8 x 64 (a block's 8 quads
+ * of 16 columns x 4 k), into 16 x 16 int32 sums, exact: per row and column the sum of
+ * xq * w over the block, with w the packed q + 128 of int8 (so the sum is the VNNI
+ * path's dot plus 128 * sum(xq), subtracted here as it is there) or a nibble of int4
+ * (unpacked to bytes first). Then each element takes the fp32 steps of int8.h and int4.h,
+ * the same expressions in the same order, block after block: integer sums are exact, so
+ * a 16-row AMX tile gives every row the bits the 6-row VNNI tiles give it, and a matmul
+ * may mix them (rows past the last whole 16 take the VNNI tiles) without a row's bits
+ * ever depending on the row count.
+ *
+ * Compiled where the compiler targets AMX-INT8 (the -march=native build on a CPU that
+ * has it); the portable builds have none of it. Linux hands out AMX's tile state only on
+ * request (arch_prctl ARCH_REQ_XCOMP_PERM, once per process, at load): refused (a kernel
+ * before 5.16, a hypervisor that hides it), every matmul stays on VNNI and
+ * lamina_amx_status() says why. Each call loads its tile configuration and releases the
+ * tiles at its end: torch's oneDNN may configure tiles differently on the same threads.
+ */
+#pragma once
+#include "int4.h"
+#include "int8.h"
+
+/* gcc spells the targets __AMX_TILE__ and __AMX_INT8__, clang __AMXTILE__ and __AMXINT8__. */
+#if (defined(__AMX_TILE__) || defined(__AMXTILE__)) && \
+    (defined(__AMX_INT8__) || defined(__AMXINT8__)) && QUANT_WIDE && defined(__linux__)
+#define AMX_TILES 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define AMX_TILES 0
+#endif
+
+#define AMX_ROWS 16 /* rows per AMX tile: a tile register's 16 rows */
+
+/* lamina_amx_status(): whether the quantized matmuls use AMX tiles. */
+enum { AMX_NOT_BUILT = 0, AMX_REFUSED = 1, AMX_TURNED_OFF = 2, AMX_IN_USE = 3 };
+
+#if AMX_TILES
+static int amx_permitted, amx_wanted = 1;
+
+/* Ask Linux for the tile data state, once per process (the permission covers every
+ * thread), as the library loads. */
+__attribute__((constructor)) static void request_amx(void) {
+    const long request_permission = 0x1023, tile_data = 18; /* ARCH_REQ_XCOMP_PERM, XTILEDATA */
+    amx_permitted = syscall(SYS_arch_prctl, request_permission, tile_data) == 0;
+}
+
+static inline int amx_in_use(void) { return amx_permitted && amx_wanted; }
+
+/* LDTILECFG's 64 bytes: palette 1, then bytes per row and rows of each tile register. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} __attribute__((packed)) amx_config;
+
+/* Two sets of tiles, so the products of one block run while the vector units take the
+ * previous block's fp32 steps: set 0 in tmm0 (the int32 sums: 16 rows x 16 columns),
+ * tmm1 (16 rows' block of activations: 32 bytes each), tmm2 (a unit's 8 quads of
+ * weights: 8 x 64 bytes); set 1 in tmm3-5. */
+static void amx_configure(void) {
+    amx_config config = {.palette = 1};
+    for (int set = 0; set < 2; set++) {
+        config.rows[3 * set] = AMX_ROWS, config.bytes_per_row[3 * set] = 4 * LANES;
+        config.rows[3 * set + 1] = AMX_ROWS, config.bytes_per_row[3 * set + 1] = I8_BLOCK;
+        config.rows[3 * set + 2] = I8_QUADS, config.bytes_per_row[3 * set + 2] = 4 * LANES;
+    }
+    /* Not _tile_loadconfig: gcc 12's names one byte of the operand, and the optimizer
+     * then drops the stores to the others (seen: LDTILECFG faulted at -O3). */
+    __asm__ volatile("ldtilecfg %0" ::"m"(config));
+}
+
+/* A block's exact int32 sums for 16 rows x 16 columns into sums, on tiles C, A, B (a
+ * set: literal numbers, as the instructions name them): activations at x (16 rows'
+ * block, `stride` bytes apart), weights at quads (8 quads x 16 columns x 4 bytes,
+ * quad_stride bytes apart). */
+#define AMX_DOTS(C, A, B, x, stride, quads, quad_stride, sums)                             \
+    do {                                                                                   \
+        _tile_zero(C);                                                                     \
+        _tile_loadd(A, x, stride);                                                         \
+        _tile_loadd(B, quads, quad_stride);                                                \
+        _tile_dpbsud(C, A, B);                                                             \
+        _tile_stored(C, sums, 4 * LANES);                                                  \
+    } while (0)
+
+/* What a block's fp32 steps need of its 16 rows, side by side. */
+typedef struct {
+    int32_t offsets[AMX_ROWS]; /* int8: 128 * sum(xq), in TDPBSUD's sums as in VNNI's */
+    float scales[AMX_ROWS];    /* xs */
+    float sums[AMX_ROWS];      /* 4-bit: (float)sum(xq) */
+} amx_rows_block;
+
+/* Block b's fp32 steps for 16 rows of one unit, int8.h's and int4.h's (the same
+ * expressions, so the same contractions): int8 acc[r] += (float)(sums[r] - offset) *
+ * (xs * scale); 4-bit acc[r] += (float)sums[r] * (xs * scale), then acc[r] += (float)
+ * sum(xq) * (xs * minimum). xs and sum(xq) are broadcast from memory, where int8.h and
+ * int4.h add them to zero: the same values (a scale is never -0, nor a converted sum). */
+static inline __attribute__((always_inline)) void amx_steps(
+    int nibbles, const int32_t sums[AMX_ROWS][LANES], const amx_rows_block *rows,
+    const float *scales, vecf acc[AMX_ROWS]) {
+    vecf scale = load(scales), least = load(scales + PANEL); /* 4-bit: minima after scales */
+#pragma GCC unroll 16 /* the accumulators stay in registers */
+    for (int r = 0; r < AMX_ROWS; r++) {
+        __m512i sum = _mm512_load_si512(sums[r]);
+        vecf xs = (vecf)_mm512_set1_ps(rows->scales[r]);
+        if (!nibbles) sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(rows->offsets[r]));
+        acc[r] = acc[r] + int_to_float(sum) * (xs * scale);
+        if (nibbles) acc[r] = acc[r] + (vecf)_mm512_set1_ps(rows->sums[r]) * (xs * least);
+    }
+}
+
+/* 4-bit: a unit's 4 pairs of quads (64 bytes each, 256 apart) -> its 8 quads as bytes
+ * (the low nibbles of pair p are quad 2p, the high ones quad 2p + 1), 64 bytes apart. */
+static inline void amx_unpack_nibbles(const uint8_t *pairs, uint8_t quads[I8_QUADS][4 * LANES]) {
+    const __m512i low = _mm512_set1_epi8(15);
+    for (int p = 0; p < I4_PAIRS; p++) {
+        __m512i bytes = _mm512_loadu_si512(pairs + p * 4 * PANEL);
+        _mm512_store_si512(quads[2 * p], _mm512_and_si512(bytes, low));
+        _mm512_store_si512(quads[2 * p + 1], _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low));
+    }
+}
+
+/* Block b's products for unit v on tile set SET (0: tmm0-2, 1: tmm3-5) into sums. */
+#define AMX_BLOCK(SET, b, sums)                                                            \
+    do {                                                                                   \
+        const uint8_t *block = w + (b) * block_bytes + v * 4 * LANES;                      \
+        const uint8_t *quads = block;                                                      \
+        long quad_stride = 4 * PANEL;                                                      \
+        if (nibbles) {                                                                     \
+            amx_unpack_nibbles(block, unpacked[SET]);                                      \
+            quads = unpacked[SET][0], quad_stride = 4 * LANES;                             \
+        }                                                                                  \
+        if (SET)                                                                           \
+            AMX_DOTS(3, 4, 5, x + (b), stride, quads, quad_stride, sums);                  \
+        else                                                                               \
+            AMX_DOTS(0, 1, 2, x + (b), stride, quads, quad_stride, sums);                  \
+    } while (0)
+
+/* A tile of 16 rows x nv units of 16 columns over `blocks` blocks of int8 weights, or of
+ * 4-bit ones (nibbles): tile_i8_ROWS_4's or tile_i4_ROWS_4's work and bits. A unit at a
+ * time, its 16 fp32 sums in registers: x the rows' quantized blocks (row stride ldx
+ * blocks), w the panel; the sums in out; with `ahead`, the next panel prefetched
+ * meanwhile (a quarter per unit). The tiles take block b + 1 (on the other set) before
+ * the vector units take block b's steps.
+ * Slower on the Xeon (Sapphire Rapids class) this was measured on: a block of all 4 units
+ * at a time (their 64 sums in memory, the activations' tile loaded once per block), the
+ * sums starting from the offsets (a tile load) instead of zero, the activations copied
+ * to a contiguous tile first, a software prefetch of the weights. The tiles and the
+ * vector units did not run in parallel there: their times add. */
+static inline __attribute__((always_inline)) void amx_tile(
+    int nibbles, const i8_act *x, long ldx, const uint8_t *w, long blocks, int nv,
+    vecf out[AMX_ROWS][4], const char *ahead) {
+    int32_t sums[2][AMX_ROWS][LANES] __attribute__((aligned(64)));
+    uint8_t unpacked[2][I8_QUADS][4 * LANES] __attribute__((aligned(64))); /* 4-bit */
+    const long block_bytes = nibbles ? I4_BLOCK_BYTES : I8_BLOCK_BYTES;
+    const int block_lines = nibbles ? I4_BLOCK_LINES : I8_BLOCK_LINES;
+    const long stride = ldx * (long)sizeof(i8_act), scale_step = block_bytes / sizeof(float);
+    amx_rows_block *rows = malloc(sizeof(amx_rows_block) * blocks);
+    for (long b = 0; b < blocks; b++)
+        for (int r = 0; r < AMX_ROWS; r++) {
+            const i8_act *a = x + r * ldx + b;
+            rows[b].offsets[r] = 128 * a->sum;
+            rows[b].scales[r] = a->scale;
+            rows[b].sums[r] = (float)a->sum;
+        }
+    for (int v = 0; v < nv; v++) {
+        const float *scales = (const float *)(w + (nibbles ? I8_BLOCK * PANEL / 2 : I8_BLOCK * PANEL));
+        scales += v * LANES;
+        vecf acc[AMX_ROWS];
+        for (int r = 0; r < AMX_ROWS; r++) acc[r] = broadcast(0.0f);
+        AMX_BLOCK(0, 0, sums[0]);
+        for (long b = 0; b < blocks; b += 2) { /* block b on set 0, b + 1 on set 1 */
+            long next = b + 1;
+            for (int j = 2 * v; ahead && j < 2 * v + 2; j++)
+                prefetch_quad_step(ahead + b * block_bytes, j, block_lines);
+            if (next < blocks) AMX_BLOCK(1, next, sums[1]);
+            amx_steps(nibbles, sums[0], rows + b, scales + b * scale_step, acc);
+            if (next == blocks) break;
+            for (int j = 2 * v; ahead && j < 2 * v + 2; j++)
+                prefetch_quad_step(ahead + next * block_bytes, j, block_lines);
+            if (next + 1 < blocks) AMX_BLOCK(0, next + 1, sums[0]);
+            amx_steps(nibbles, sums[1], rows + next, scales + next * scale_step, acc);
+        }
+        for (int r = 0; r < AMX_ROWS; r++) out[r][v] = acc[r];
+    }
+    free(rows);
+}
+static void amx_tile_i8(const i8_act *x, long ldx, const uint8_t *w, long blocks, int nv,
+                        vecf out[AMX_ROWS][4], const char *ahead) {
+    amx_tile(0, x, ldx, w, blocks, nv, out, ahead);
+}
+static void amx_tile_i4(const i8_act *x, long ldx, const uint8_t *w, long blocks, int nv,
+                        vecf out[AMX_ROWS][4], const char *ahead) {
+    amx_tile(1, x, ldx, w, blocks, nv, out, ahead);
+}
+#else
+static inline int amx_in_use(void) { return 0; }
+#endif
+
+/* AMX_NOT_BUILT, AMX_REFUSED (by the OS), AMX_TURNED_OFF (lamina_use_amx) or AMX_IN_USE. */
+int32_t lamina_amx_status(void) {
+#if AMX_TILES
+    return !amx_permitted ? AMX_REFUSED : amx_wanted ? AMX_IN_USE : AMX_TURNED_OFF;
+#else
+    return AMX_NOT_BUILT;
+#endif
+}
+
+/* Turn AMX tiles off (0) or back on (1, where built and permitted): the tests compare a
+ * library's bits with and without them. Not while a matmul runs. */
+void lamina_use_amx(int32_t on) {
+#if AMX_TILES
+    amx_wanted = on != 0;
+#else
+    (void)on;
+#endif
+}
