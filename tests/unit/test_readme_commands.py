@@ -31,7 +31,9 @@ BENCH_PARSERS = {
     "perplexity": perplexity.parse_args,
     "serve": serve_bench.parse_args,
 }
-MAKE_TARGETS = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.MULTILINE))
+MAKEFILE = (ROOT / "Makefile").read_text()
+MAKE_TARGETS = set(re.findall(r"^([a-z][a-z-]*):", MAKEFILE, re.MULTILINE))
+MAKE_VARIABLES = set(re.findall(r"^([A-Z_]+)\s*[?:]?=", MAKEFILE, re.MULTILINE))
 
 
 def shell_lines(block: str) -> list[str]:
@@ -89,7 +91,10 @@ def test_readme_command_parses(line: str) -> None:
     load_settings(settings)  # raises SettingsError on an unknown name or a bad value
     program, args = words[0], words[1:]
     if program == "make":
-        assert set(args) <= MAKE_TARGETS, f"{line}: no such make target"
+        targets = [arg for arg in args if "=" not in arg]
+        assert set(targets) <= MAKE_TARGETS, f"{line}: no such make target"
+        variables = {arg.split("=", 1)[0] for arg in args if "=" in arg}
+        assert variables <= MAKE_VARIABLES, f"{line}: no such Makefile variable"
     elif program == "python":
         assert args[0] == "-m", line
         assert importlib.util.find_spec(args[1]) is not None, f"{line}: no module {args[1]}"
