@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from app.bench import peers_report as report
@@ -36,6 +38,7 @@ from app.bench.peers_servers import (
     LAMINA_GGUF,
     LAMINA_SPEC,
     LLAMA_CPP,
+    NO_REPACK,
     SPECULATION_ON,
     Precision,
     lamina_env,
@@ -51,8 +54,10 @@ from app.bench.peers_workload import (
     served_model,
     word_prompts,
 )
-from app.bench.spawn import spawned_server
+from app.bench.spawn import ServerExited, spawned_server
 
+# Attributes of the parsed arguments that are no settings of the run.
+NOT_SETTINGS = ("precision_list", "out", "model", "llama_cpp_fallbacks")
 QUICK = {"rounds": 1, "streams": "1,8", "requests_per_stream": 1}
 DEFAULTS = {"rounds": 2, "streams": "1,8,32", "requests_per_stream": 2}
 REPETITIVE_MAX_TOKENS = 256  # most of a corrected passage: long enough for lookup to pay
@@ -168,14 +173,30 @@ def run_llama_cpp(precision, round_index, args, llama, gguf: Path) -> list[repor
     """One llama-server per level: `-np` is the level's number of streams."""
     samples = []
     for streams in args.stream_levels:
-        log_path = args.out.parent / "peers_logs" / f"llama-server-{precision.name}.log"
-        with llama_server(llama.server, gguf, streams, args.threads, log_path) as url:
+        with contextlib.ExitStack() as stack:
+            url = enter_llama_server(stack, precision, streams, args, llama, gguf)
             model = served_model(url)
             warm_up(url, model)
             samples.append(
                 measure_cell(url, model, LLAMA_CPP, precision, round_index, streams, args)[0]
             )
     return samples
+
+
+def enter_llama_server(stack, precision, streams: int, args, llama, gguf: Path) -> str:
+    """A llama-server for `precision` in `stack`, its URL. One that crashes at load with
+    its defaults is started again with NO_REPACK, for this precision from then on, and
+    `args.llama_cpp_fallbacks` says so (the JSON and the table carry it)."""
+    log_path = args.out.parent / "peers_logs" / f"llama-server-{precision.name}.log"
+    start = partial(llama_server, llama.server, gguf, streams, args.threads, log_path)
+    if precision.name not in args.llama_cpp_fallbacks:
+        try:
+            return stack.enter_context(start())
+        except ServerExited as crash:
+            why = f"{crash} with its defaults; run with {' '.join(NO_REPACK)}"
+            args.llama_cpp_fallbacks[precision.name] = why
+            print(f"[peers] llama.cpp {precision.name}: {why}", flush=True)
+    return stack.enter_context(start(NO_REPACK))
 
 
 def lamina_series(args) -> list[str]:
@@ -247,17 +268,21 @@ def write_outputs(args, samples, series, llama, ggufs, started: str, texts: dict
     goals = report.goal_lines(lamina_ratios) if args.workload == "random" else []
     goals += report.speculation_lines(report.ratios(med, LAMINA_SPEC, LAMINA), identical)
     table = report.markdown_table(samples, series)
+    for name, why in args.llama_cpp_fallbacks.items():
+        table += f"\nllama.cpp {name}: {why}.\n"
     payload = {
         "benchmark": "lamina bench peers",
         "date": started,
         "commit": _commit(),
         "machine": report.machine(),
         "workload": args.workload,
-        "settings": {
-            k: v for k, v in vars(args).items() if k not in ("precision_list", "out", "model")
-        }
+        "settings": {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
         | {"model": str(args.model) if args.model else None},
-        "llama_cpp": {"version": llama.version, "server": str(llama.server)},
+        "llama_cpp": {
+            "version": llama.version,
+            "server": str(llama.server),
+            "flags_changed": args.llama_cpp_fallbacks,  # precision -> why
+        },
         "gguf_files": {k: {"path": str(v), "bytes": v.stat().st_size} for k, v in ggufs.items()},
         "samples": [asdict(s) for s in samples],
         "medians": [
@@ -284,6 +309,7 @@ def write_outputs(args, samples, series, llama, ggufs, started: str, texts: dict
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
+    args.llama_cpp_fallbacks = {}  # precision -> why llama-server runs without its defaults
     # A SIGTERM ends the run like Ctrl-C: the servers' `finally` blocks stop them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     folder = model_folder(args)

@@ -68,24 +68,36 @@ def lamina_env(precision: Precision, threads: int, model: Path, extra: dict | No
     }
 
 
+# llama-server's weight repacking off (its default is on: ggml's AMX and repacked CPU
+# buffers). Only where a server with the default crashed at load (llama-server 0.3.36's
+# copy with Q8_0 on a Xeon with AMX: SIGSEGV); the bench records it.
+NO_REPACK = ("--no-repack",)
+
+
 def llama_server_command(
-    server: Path, gguf: Path, port: int, streams: int, threads: int
+    server: Path, gguf: Path, port: int, streams: int, threads: int, extra: tuple[str, ...] = ()
 ) -> list[str]:
     """llama-server with one slot per stream and the same threads as lamina."""
     return [
         str(server), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
         "-np", str(streams), "-c", str(streams * CONTEXT_PER_SLOT),
-        "-t", str(threads), "-tb", str(threads), "--cont-batching",
+        "-t", str(threads), "-tb", str(threads), "--cont-batching", *extra,
     ]  # fmt: skip
 
 
 @contextlib.contextmanager
 def llama_server(
-    server: Path, gguf: Path, streams: int, threads: int, log_path: Path
+    server: Path,
+    gguf: Path,
+    streams: int,
+    threads: int,
+    log_path: Path,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[str]:
-    """A llama-server on a free loopback port until the block ends; its log to `log_path`."""
+    """A llama-server on a free loopback port until the block ends; its log to `log_path`.
+    Raises ServerExited if it exits before answering."""
     port = free_port()
-    command = llama_server_command(server, gguf, port, streams, threads)
+    command = llama_server_command(server, gguf, port, streams, threads, extra)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)

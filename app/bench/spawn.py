@@ -19,6 +19,10 @@ COMMANDS = {
 }
 
 
+class ServerExited(RuntimeError):
+    """The process exited before it answered (a crash at load, a bad flag)."""
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -33,7 +37,7 @@ def wait_until_answering(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode} before it was ready")
+            raise ServerExited(f"{what} exited with {process.returncode} before it was ready")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=2).status_code == 200:
                 return

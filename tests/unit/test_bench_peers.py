@@ -4,13 +4,16 @@ medians, ratios and goals. Nothing here builds llama.cpp or runs a server."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from app.bench import peers, peers_build, peers_gguf, peers_report, peers_servers, peers_workload
 from app.bench.peers_report import Sample
+from app.bench.spawn import ServerExited
 
 AVX512_CPU = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma avx512f avx512_bf16 ht\n"
 
@@ -265,3 +268,37 @@ def test_the_warm_up_prompt_is_no_levels_prompt():
         for streams in (1, 8, 32):
             bodies = peers.level_bodies(args, "m", round_index, streams)
             assert warm_up not in {body["prompt"] for body in bodies}
+
+
+def test_a_llama_server_that_crashes_at_load_is_run_without_repacking(tmp_path, monkeypatch):
+    """llama-server 0.3.36 segfaults at load on Q8_0 on an AMX Xeon with its default
+    weight repacking: that precision then runs with --no-repack, said once, and recorded."""
+    started = []  # (gguf name, extra flags) of every start
+
+    @contextlib.contextmanager
+    def fake_server(server, gguf, streams, threads, log_path, extra=()):
+        started.append((gguf.name, extra))
+        if gguf.name == "q8.gguf" and not extra:
+            raise ServerExited("llama-server exited with -11 before it was ready")
+        yield f"http://127.0.0.1:{streams}"
+
+    monkeypatch.setattr(peers, "llama_server", fake_server)
+    args = SimpleNamespace(out=tmp_path / "peers.json", threads=2, llama_cpp_fallbacks={})
+    llama = SimpleNamespace(server=Path("/b/llama-server"))
+    int8, fp32 = peers_servers.parse_precisions("int8,fp32")
+    with contextlib.ExitStack() as stack:
+        assert peers.enter_llama_server(stack, int8, 8, args, llama, Path("/q8.gguf")).endswith(
+            ":8"
+        )
+        peers.enter_llama_server(stack, int8, 32, args, llama, Path("/q8.gguf"))
+        peers.enter_llama_server(stack, fp32, 1, args, llama, Path("/f32.gguf"))
+    no_repack = ("--no-repack",)
+    assert started == [
+        ("q8.gguf", ()),
+        ("q8.gguf", no_repack),
+        ("q8.gguf", no_repack),
+        ("f32.gguf", ()),
+    ]
+    (why,) = args.llama_cpp_fallbacks.values()
+    assert list(args.llama_cpp_fallbacks) == ["int8"]
+    assert "exited with -11" in why and "--no-repack" in why
