@@ -191,6 +191,7 @@ def bench_low_precision_matmuls(libraries: list[Library], config: ModelConfig, a
         f"{prefix(library)}bf16 "
         + ("AVX512-BF16 dot products" if library.kernels.bf16_dot_product else "widened to FMAs")
         + f", AMX tiles {library.kernels.amx_status}"
+        + (" (bf16 too)" if library.kernels.amx_bf16 else "")
         for library in libraries
     )
     print(

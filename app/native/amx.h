@@ -21,6 +21,7 @@
  * tiles at its end: torch's oneDNN may configure tiles differently on the same threads.
  */
 #pragma once
+#include "bf16.h"
 #include "int4.h"
 #include "int8.h"
 
@@ -197,7 +198,75 @@ static void amx_tile_i4(const i8_act *x, long ldx, const uint8_t *w, long blocks
                         vecf out[AMX_ROWS][4], const char *ahead) {
     amx_tile(1, x, ldx, w, blocks, nv, out, ahead);
 }
+
+/* bf16 weights on AMX-BF16 (with VDPBF16PS's K-pair layout, which is TDPBF16PS's too):
+ * every row of a bf16 matmul, 16 at a time, whatever the row count. TDPBF16PS does not
+ * give VDPBF16PS's bits (docs/performance.md, "AMX tiles"), so no row may take the other
+ * instruction: a row's sums are its own 16-pair chunks in k order, accumulated in the C
+ * tile from zero, the same operations alone or among others (a tile's rows never touch
+ * each other). Its bits differ from those of a CPU without AMX-BF16. */
+#if (defined(__AMX_BF16__) || defined(__AMXBF16__)) && BF16_DOT
+#define AMX_BF16 1
+#define BF16_CHUNK_PAIRS (BF16_CHUNK_VALUES / 2) /* K-pairs per TDPBF16PS: 64 bytes a row */
+
+/* tmm0-3: 16 rows x 16 fp32 sums, one per unit of the panel; tmm4: 16 rows' chunk of
+ * activations; tmm5-7: a unit's chunk of weights, 16 K-pairs x 16 columns. 64 bytes a
+ * row each. */
+static void amx_configure_bf16(void) {
+    amx_config config = {.palette = 1};
+    for (int t = 0; t < 8; t++) config.rows[t] = AMX_ROWS, config.bytes_per_row[t] = 4 * LANES;
+    __asm__ volatile("ldtilecfg %0" ::"m"(config)); /* not _tile_loadconfig: see above */
+}
+
+/* One chunk of 16 K-pairs: the activations (x: 16 rows ldx values apart) into tmm4, then
+ * the 4 units' weights (wc: the chunk's first pair of the panel, 2 * PANEL values a pair)
+ * each into a B tile and onto its C tile. */
+static inline __attribute__((always_inline)) void amx_chunk_bf16(const bf16_act *x, long ldx,
+                                                                 const uint16_t *wc) {
+    const long pair_bytes = 2 * PANEL * sizeof(uint16_t), unit = 2 * LANES; /* values */
+    _tile_loadd(4, x, ldx * (long)sizeof(bf16_act));
+    _tile_loadd(5, wc, pair_bytes);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_loadd(6, wc + unit, pair_bytes);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_loadd(7, wc + 2 * unit, pair_bytes);
+    _tile_dpbf16ps(2, 4, 7);
+    _tile_loadd(5, wc + 3 * unit, pair_bytes);
+    _tile_dpbf16ps(3, 4, 5);
+}
+
+/* 16 rows x a whole panel (4 units: the panels are zero past N) over `pairs` K-pairs:
+ * x the rounded rows (ldx values apart, zeros past K to a whole chunk: bf16_row_width),
+ * w the panel; the fp32 sums in out. A last chunk of fewer than 16 pairs takes its
+ * weights from a zeroed copy (the panel ends there): its products past K are 0 x 0. */
+static void amx_tile_bf16(const bf16_act *x, long ldx, const uint16_t *w, long pairs,
+                          vecf out[AMX_ROWS][4]) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    long whole = pairs / BF16_CHUNK_PAIRS * BF16_CHUNK_PAIRS;
+    for (long k = 0; k < whole; k += BF16_CHUNK_PAIRS)
+        amx_chunk_bf16(x + 2 * k, ldx, w + k * 2 * PANEL);
+    if (whole < pairs) {
+        uint16_t tail[BF16_CHUNK_PAIRS][2 * PANEL] __attribute__((aligned(64))) = {{0}};
+        memcpy(tail, w + whole * 2 * PANEL, (pairs - whole) * sizeof tail[0]);
+        /* gcc's _tile_loadd does not tell the compiler it reads memory: without this the
+         * stores to tail were dropped (seen: NaN sums) */
+        __asm__ volatile("" ::: "memory");
+        amx_chunk_bf16(x + 2 * whole, ldx, tail[0]);
+    }
+    const long row_bytes = 4 * sizeof(vecf); /* out's rows: a unit's 16 sums after another */
+    _tile_stored(0, (char *)out, row_bytes);
+    _tile_stored(1, (char *)out + sizeof(vecf), row_bytes);
+    _tile_stored(2, (char *)out + 2 * sizeof(vecf), row_bytes);
+    _tile_stored(3, (char *)out + 3 * sizeof(vecf), row_bytes);
+}
 #else
+#define AMX_BF16 0
+#endif
+#else
+#define AMX_BF16 0
 static inline int amx_in_use(void) { return 0; }
 #endif
 
@@ -209,6 +278,9 @@ int32_t lamina_amx_status(void) {
     return AMX_NOT_BUILT;
 #endif
 }
+
+/* Whether bf16 matmuls take AMX tiles (TDPBF16PS, every row) while AMX is in use. */
+int32_t lamina_amx_bf16(void) { return AMX_BF16; }
 
 /* Turn AMX tiles off (0) or back on (1, where built and permitted): the tests compare a
  * library's bits with and without them. Not while a matmul runs. */

@@ -54,11 +54,19 @@ static inline uint16_t bf16_bits_scalar(float x) {
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
-/* x [M, K] (row stride ldx) -> out [M, K rounded up to even]: each value rounded to
- * bf16 once (a zero after K when K is odd), shared among the threads of the enclosing
- * parallel region; ends with the loop's barrier, so every thread sees every row. */
+/* Values per rounded row: K rounded up to whole chunks of 32 (16 K-pairs: a row of an
+ * AMX tile, amx.h), zeros past K, so an AMX tile's last chunk reads zeros, not the next
+ * row. The VDPBF16PS tiles read only the ceil(K / 2) pairs. */
+#define BF16_CHUNK_VALUES 32
+static inline long bf16_row_width(long K) {
+    return (K + BF16_CHUNK_VALUES - 1) / BF16_CHUNK_VALUES * BF16_CHUNK_VALUES;
+}
+
+/* x [M, K] (row stride ldx) -> out [M, bf16_row_width(K)]: each value rounded to bf16
+ * once (zeros after K), shared among the threads of the enclosing parallel region; ends
+ * with the loop's barrier, so every thread sees every row. */
 static void round_rows_bf16(const float *x, long ldx, long M, long K, bf16_act *out) {
-    long width = (K + 1) / 2 * 2;
+    long width = bf16_row_width(K);
 #pragma omp for schedule(static)
     for (long r = 0; r < M; r++) {
         const float *row = x + r * ldx;

@@ -173,7 +173,7 @@ void lamina_decoder_stack(const stack_desc *m, const step_desc *s) {
     long *claimed = calloc(m->num_layers, sizeof(long)); /* attention's item counter, a layer */
     long widest = H > q_size ? H : q_size; /* the matmuls' inputs: H, q_size or I features */
     widest = widest > I ? widest : I;
-    void *rounded = malloc(sizeof(float) * rounded_rows_floats(N, widest)); /* bf16 weights */
+    void *rounded = calloc(rounded_rows_floats(N, widest), sizeof(float)); /* bf16 weights */
 #pragma omp parallel
     {
         float *scratch = malloc(sizeof(float) * TILE * stride);

@@ -49,6 +49,8 @@ class NativeKernels:
         # A library from before amx.h (tests.perf.kernel_ab's old one) has none.
         self._amx_status: Callable[[], int] = lambda: 0
         self._use_amx: Callable[[int], None] = lambda on: None
+        # Whether bf16 matmuls take AMX tiles too, while AMX is in use (every row: amx.h).
+        self.amx_bf16 = hasattr(library, "lamina_amx_bf16") and bool(library.lamina_amx_bf16())
         if hasattr(library, "lamina_amx_status"):
             self._amx_status = library.lamina_amx_status
             self._amx_status.argtypes, self._amx_status.restype = [], ctypes.c_int32
@@ -66,8 +68,9 @@ class NativeKernels:
 
     @property
     def amx_status(self) -> str:
-        """AMX tiles for int8 and 4-bit matmuls (amx.h): "in use", "turned off" (use_amx), "refused"
-        (by the OS) or "not built" (the compiler or the CPU has no AMX-INT8)."""
+        """AMX tiles for int8 and 4-bit matmuls, and bf16 ones where amx_bf16 (amx.h): "in use",
+        "turned off" (use_amx), "refused" (by the OS) or "not built" (the compiler or the CPU
+        has no AMX-INT8)."""
         return AMX_STATUS[self._amx_status()]
 
     def use_amx(self, on: bool) -> None:

@@ -30,6 +30,8 @@ def native_kernels() -> NativeKernels | None:
         logger.warning("AMX tiles turned off: %s", amx_mismatch)
     runtime = "its own OpenMP runtime" if kernels.own_openmp else "torch's OpenMP threads"
     bf16 = "AVX512-BF16 dot products" if kernels.bf16_dot_product else "widened to fp32 FMAs"
+    if kernels.amx_bf16 and kernels.amx_status == "in use":
+        bf16 = "AMX tiles (TDPBF16PS), every row"
     logger.info(
         "native kernels ready: %s, on %s (%.1f s); bf16 weights: %s; AMX tiles: %s",
         kernels.build.describe(),
@@ -44,7 +46,7 @@ def native_kernels() -> NativeKernels | None:
 # What the start-up line says of AMX tiles (amx.h), by NativeKernels.amx_status.
 AMX_LOG = {
     "in use": "int8 and 4-bit matmul rows in 16s (the rest on VNNI)",
-    "turned off": "off (int8 and 4-bit on VNNI)",
+    "turned off": "off (int8 and 4-bit on VNNI, bf16 on AVX512-BF16)",
     "refused": "refused by the OS (arch_prctl XTILEDATA; int8 and 4-bit on VNNI)",
     "not built": "none in this build (no AMX-INT8 on this CPU or in its target)",
 }

@@ -298,6 +298,43 @@ static void matmul_units_quantized(int nibbles, const i8_act *x, long ldx, const
         matmul_units_i8(x, ldx, panels, bias, y, M, K, N, first, last, accumulate, lookahead);
 }
 
+#if AMX_BF16
+/* matmul_units_bf16's work on AMX tiles (amx.h), 16 rows at a time, the last tile's rows
+ * past M included (rounded_rows_floats keeps them readable; their sums are not stored):
+ * first a panel's first unit (as linear_phase's items are). */
+static void amx_units_bf16(const bf16_act *x, long ldx, const uint16_t *panels,
+                           const float *bias, float *y, long M, long K, long N, long first,
+                           long last, int accumulate) {
+    vecf acc[AMX_ROWS][4] __attribute__((aligned(64)));
+    long pairs = (K + 1) / 2, panel_size = pairs * 2 * PANEL;
+    amx_configure_bf16();
+    for (long unit = first; unit < last; unit += 4) {
+        int nv = (int)(last - unit < 4 ? last - unit : 4);
+        const uint16_t *w = panels + unit / 4 * panel_size;
+        for (long row = 0; row < M; row += AMX_ROWS) {
+            int rows = (int)(M - row < AMX_ROWS ? M - row : AMX_ROWS);
+            amx_tile_bf16(x + row * ldx, ldx, w, pairs, acc);
+            store_tile(acc, rows, nv, y + row * N, N, unit * LANES, N, bias, accumulate);
+        }
+    }
+    _tile_release();
+}
+#endif
+
+/* bf16 units: every row on AMX tiles where in use (each row's operations the same for
+ * any row count: its own 16-pair chunks in k order), else on matmul_units_bf16's. */
+static void matmul_units_bf16_any(const bf16_act *x, long ldx, const uint16_t *panels,
+                                  const float *bias, float *y, long M, long K, long N,
+                                  long first, long last, int accumulate, int lookahead) {
+#if AMX_BF16
+    if (amx_in_use()) {
+        amx_units_bf16(x, ldx, panels, bias, y, M, K, N, first, last, accumulate);
+        return;
+    }
+#endif
+    matmul_units_bf16(x, ldx, panels, bias, y, M, K, N, first, last, accumulate, lookahead);
+}
+
 /* A linear layer's packed weight as the kernels see it. Rows of a matmul may take two
  * weight copies: rows [0, split) the first (prompt tokens), the rest the second
  * (generated tokens, fp16 panels with LAMINA_WEIGHT_DTYPE=float16). */
@@ -310,8 +347,12 @@ typedef struct {
 
 /* Floats of scratch (bf16_act values fit in them) linear_phase needs for M rows of
  * K features: the rows rounded to bf16, when a weight is, or quantized to int8 blocks
- * (int8.h: 40 bytes per 32 features, less than 32 floats). */
-static inline long rounded_rows_floats(long M, long K) { return M * ((K + 1) / 2 * 2); }
+ * (int8.h: 40 bytes per 32 features, less than 32 floats). AMX_ROWS - 1 rows more: a
+ * 16-row AMX tile of bf16 rows starting at the last row reads them (amx.h); what they
+ * hold only reaches outputs that are never stored. */
+static inline long rounded_rows_floats(long M, long K) {
+    return (M + AMX_ROWS - 1) * bf16_row_width(K);
+}
 
 /* Whether weights of this kind multiply rows quantized to int8 blocks (int8.h). */
 static inline int quantizes_rows(int32_t kind) { return kind == WEIGHTS_I8 || kind == WEIGHTS_I4; }
@@ -331,7 +372,7 @@ static inline int quantizes_rows(int32_t kind) { return kind == WEIGHTS_I8 || ki
  * barrier more. Ends with the loop's barrier: y is complete for every thread. */
 static void linear_phase(const linear_desc *w, const float *x, long ldx, long M, long split,
                          float *y, int accumulate, void *rounded) {
-    long K = w->in_features, N = w->out_features, width = (K + 1) / 2 * 2;
+    long K = w->in_features, N = w->out_features, width = bf16_row_width(K);
     long blocks = K / I8_BLOCK; /* quantized blocks per row (int8 and 4-bit weights) */
     long units = (N + LANES - 1) / LANES, chunks = (units + 3) / 4; /* one panel each */
     long row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
@@ -354,9 +395,9 @@ static void linear_phase(const linear_desc *w, const float *x, long ldx, long M,
             float *yr = y + row * N;
             const void *panels = w->panels[kind];
             if (w->kind[kind] == WEIGHTS_BF16)
-                matmul_units_bf16((const bf16_act *)rounded + row * width, width, panels,
-                                  w->bias, yr, end - row, K, N, first, last, accumulate,
-                                  lookahead);
+                matmul_units_bf16_any((const bf16_act *)rounded + row * width, width, panels,
+                                      w->bias, yr, end - row, K, N, first, last, accumulate,
+                                      lookahead);
             else if (quantizes_rows(w->kind[kind]))
                 matmul_units_quantized(w->kind[kind] == WEIGHTS_I4,
                                        (const i8_act *)rounded + row * blocks, blocks, panels,
@@ -378,7 +419,7 @@ void lamina_matmul(const float *x, long ldx, const void *panels, int32_t kind, c
                    float *y, long M, long K, long N) {
     linear_desc w = {{panels, panels}, {kind, kind}, bias, K, N};
     int scratch = kind == WEIGHTS_BF16 || quantizes_rows(kind);
-    void *rounded = scratch ? malloc(sizeof(float) * rounded_rows_floats(M, K)) : 0;
+    void *rounded = scratch ? calloc(rounded_rows_floats(M, K), sizeof(float)) : 0;
     int parallel = M * K * N >= (1L << 18);
 #pragma omp parallel if (parallel)
     linear_phase(&w, x, ldx, M, M, y, 0, rounded);

@@ -35,7 +35,8 @@ def check_library(kernels: NativeKernels) -> None:
 def check_amx_tiles(kernels: NativeKernels) -> str:
     """Where AMX tiles are in use (amx.h): int8 and 4-bit matmuls of 21 rows (a 16-row AMX
     tile and 5 rows of VNNI tiles; 3 panels, one a part) must give the bits they give
-    without them. On a mismatch AMX is turned off; returns why (else "")."""
+    without them; bf16 ones (where on AMX) each row's bits alone, close to fp64. On a
+    mismatch AMX is turned off; returns why (else "")."""
     if kernels.amx_status != "in use":
         return ""
     generator = torch.Generator().manual_seed(1)
@@ -48,6 +49,24 @@ def check_amx_tiles(kernels: NativeKernels) -> str:
         if not torch.equal(tiled, kernels.matmul(x, panels, None, 150)):
             return f"their {weight_kind_name(dtype)} bits differed from the VNNI tiles' at start-up"
     kernels.use_amx(True)
+    if kernels.amx_bf16 and (why := _check_amx_bf16(kernels, x[:, :75], weight[:, :75])):
+        kernels.use_amx(False)
+        return why
+    return ""
+
+
+def _check_amx_bf16(kernels: NativeKernels, x: torch.Tensor, weight: torch.Tensor) -> str:
+    """bf16 on AMX tiles takes every row (no VDPBF16PS bits to match): 21 rows of 75
+    features (4 whole chunks of 16 K-pairs and a part) must give each row the bits it has
+    alone, and be close to fp64's product of the rounded inputs."""
+    panels = kernels.pack_weight(weight, dtype=torch.bfloat16)
+    tiled = kernels.matmul(x, panels, None, weight.shape[0])
+    alone = torch.cat([kernels.matmul(row[None], panels, None, weight.shape[0]) for row in x])
+    if not torch.equal(tiled, alone):
+        return "their bf16 bits for a row depended on the row count at start-up"
+    expected = x.bfloat16().double() @ weight.bfloat16().double().T
+    if not torch.allclose(tiled.double(), expected, **TOLERANCE):
+        return "their bf16 matmul disagreed with fp64 at start-up"
     return ""
 
 

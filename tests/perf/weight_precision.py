@@ -100,6 +100,8 @@ def matmul_kernels(runner) -> str:
     native = runner.model.native
     if native is not None and "native bfloat16 panels" in kinds:
         how = "AVX512-BF16 dot products" if native.bf16_dot_product else "widened to FMAs"
+        if native.amx_bf16 and native.amx_status == "in use":
+            how = "AMX tiles"
         described += f" ({how})"
     return described
 

@@ -489,9 +489,17 @@ def test_bf16_bits_are_the_same_on_every_build(kernels, native):
     panels and write out VDPBF16PS's two FMAs (odd k first); a native build on a CPU with
     the instruction uses it. Every build gives the native build's bits for normal inputs.
     Where the instruction flushes a denormal partial sum to zero, the FMAs keep it: the
-    one known difference."""
+    one known difference. (With AMX tiles for bf16 in use, the native build's bits differ:
+    test_amx_bf16_rows_have_their_own_bits_whatever_the_row_count; both compilers' native
+    builds give the same AMX bits: test_amx_bf16_bits_are_the_same_with_either_compiler.)"""
     x, weight = randn(37, 1536), randn(300, 1536, seed=1)
-    assert torch.equal(bf16_matmul(kernels, x, weight), bf16_matmul(native, x, weight))
+    native.use_amx(False)
+    kernels.use_amx(False)  # a native build by the other compiler
+    try:
+        assert torch.equal(bf16_matmul(kernels, x, weight), bf16_matmul(native, x, weight))
+    finally:
+        native.use_amx(True)
+        kernels.use_amx(True)
     tiny_x, tiny_w = torch.full((1, 2), 2.0**-70), torch.full((16, 2), 2.0**-70)
     expected = 0.0 if kernels.bf16_dot_product else 2 * 2.0**-140  # denormal products
     assert bf16_matmul(kernels, tiny_x, tiny_w)[0, 0].item() == expected
@@ -606,6 +614,47 @@ def test_amx_tiles_give_every_row_the_vnni_bits(native, threads, dtype):
     finally:
         native.use_amx(True)
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_bf16_rows_have_their_own_bits_whatever_the_row_count(native, threads):
+    """bf16 on AMX tiles (amx.h) takes every row, 16 at a time, the last tile in part: a
+    row's bits are the same alone as among 2..130 rows (row blocks of 48), with 1 or 2
+    threads, and close to fp64's product of the rounded inputs (an odd K: a part chunk
+    of K-pairs). AMX turned off, the rows take VDPBF16PS again."""
+    skip_without_amx(native)
+    if not native.amx_bf16:
+        pytest.skip("no AMX-BF16 in this build")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, weight, bias = randn(130, 1001), randn(600, 1001, seed=1), randn(600, seed=2)
+        panels = native.pack_weight(weight, dtype=torch.bfloat16)  # a last panel of 24
+        alone = torch.cat([native.matmul(x[i : i + 1], panels, bias, 600) for i in range(130)])
+        for rows in (2, 5, 15, 16, 17, 31, 32, 33, 47, 48, 49, 64, 97, 130):
+            assert torch.equal(native.matmul(x[:rows], panels, bias, 600), alone[:rows]), rows
+            assert torch.equal(native.matmul(x[-rows:], panels, bias, 600), alone[-rows:]), rows
+        rounded_x, rounded_w = x.bfloat16().double(), weight.bfloat16().double()
+        expected = rounded_x @ rounded_w.T + bias.double()
+        bound = 1002 * 2.0**-24 * (rounded_x.abs() @ rounded_w.abs().T + bias.abs().double())
+        assert ((alone.double() - expected).abs() <= bound).all()
+        native.use_amx(False)
+        without = native.matmul(x, panels, bias, 600)
+        assert not torch.equal(without, alone)  # TDPBF16PS's bits are not VDPBF16PS's
+        assert torch.equal(without[:7], native.matmul(x[:7], panels, bias, 600))
+        assert ((without.double() - expected).abs() <= bound).all()
+    finally:
+        native.use_amx(True)
+        torch.set_num_threads(previous)
+
+
+def test_amx_bf16_bits_are_the_same_with_either_compiler(kernels, native):
+    """TDPBF16PS's operations are the instruction's: any native build on AMX gives them."""
+    if not (native.amx_bf16 and kernels.amx_bf16):
+        pytest.skip("no AMX-BF16 in these builds")
+    skip_without_amx(native)
+    x, weight = randn(37, 1001), randn(300, 1001, seed=1)
+    assert torch.equal(bf16_matmul(kernels, x, weight), bf16_matmul(native, x, weight))
 
 
 def test_amx_tiles_are_built_only_for_a_cpu_that_has_them(kernels):
