@@ -26,7 +26,8 @@
  *   int8.h          int8 blocks with per-column scales, rows quantized per block: int8
  *                   dot products (AVX512-VNNI, vpmaddubsw, plain C), quantizing packer
  *   int4.h          4-bit blocks with scales and minima (Q4_1's scheme): the same
- *   amx.h           AMX tiles for their dot products, 16 rows at a time, same bits
+ *   amx.h           AMX tiles for their dot products, 16 rows at a time, same bits;
+ *                   bf16 matmuls on AMX (every row, its own bits) where in use
  *   matmul.h        the panel matmul, weight packing, the FMA peak
  *   attention.h     paged attention, with the next item prefetched
  *   decoder_stack.h a step's decoder layers in one parallel region
