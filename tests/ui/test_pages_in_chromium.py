@@ -73,12 +73,18 @@ def set_params(page, **values: object) -> None:
         page.fill(f"#{name}", str(value))
 
 
+# How long an answer may take: up to 200 tokens from a server that shares 2 cores with
+# the other pytest process of `make test` (tests/shards.py). A bound against a hang, not
+# a speed check: 60 s was once too short with a third CPU-heavy process running.
+ANSWER_TIMEOUT_MS = 180_000
+
+
 def chat(page, text: str) -> str:
     """Send `text`, wait for the answer's stats line; the answer's text."""
     page.fill("#user-input", text)
     page.click("#send")
     answer = page.locator(ANSWER).last
-    answer.locator(".stats").wait_for(timeout=60_000)
+    answer.locator(".stats").wait_for(timeout=ANSWER_TIMEOUT_MS)
     return answer.locator(".content").inner_text()
 
 
