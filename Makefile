@@ -12,10 +12,8 @@ PYTEST_ARGS ?=
 run: weights
 	$(VENV)/bin/lamina serve
 
-# Two pytest processes on disjoint test folders at once (tests/shards.py; one process when
-# PYTEST_ARGS names test paths, or with LAMINA_TEST_SHARDS=1).
 test: setup
-	$(PY) -m tests.shards $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The Debian packages (apt's downloads and dpkg) install on the other core while pip and
 # the weights take one: two jobs whatever make's own -j. A failed pip or weights step

@@ -73,9 +73,9 @@ def set_params(page, **values: object) -> None:
         page.fill(f"#{name}", str(value))
 
 
-# How long an answer may take: up to 200 tokens from a server that shares 2 cores with
-# the other pytest process of `make test` (tests/shards.py). A bound against a hang, not
-# a speed check: 60 s was once too short with a third CPU-heavy process running.
+# How long an answer may take: up to 200 tokens from a server on 2 shared cores. A bound
+# against a hang, not a speed check: 60 s was once too short on a machine with three
+# CPU-heavy processes besides the server.
 ANSWER_TIMEOUT_MS = 180_000
 
 
