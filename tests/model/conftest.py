@@ -73,3 +73,18 @@ def prompts(tokenizer) -> list[list[int]]:
         "def fibonacci(n):\n    if n < 2:\n        return n\n",
     ]
     return [chat] + [tokenizer.encode(text) for text in texts]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def gguf_cache(tmp_path, monkeypatch):
+    """An empty cache of GGUF conversions for the test (app.model.gguf_folder's)."""
+    from app.model import gguf_folder
+
+    cache = tmp_path / "gguf-cache"
+    monkeypatch.setattr(gguf_folder, "gguf_cache_dir", lambda: cache)
+    return cache

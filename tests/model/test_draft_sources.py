@@ -10,25 +10,12 @@ import shutil
 
 import pytest
 
-from app.model import gguf_folder
 from tests.model.gguf_writer import write_gguf
 from tests.model.serving import greedy, refusal, served
 
 pytestmark = pytest.mark.anyio
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 DRAFT = dict(speculative="draft", speculative_max_batch=64)
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def gguf_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "gguf-cache"
-    monkeypatch.setattr(gguf_folder, "gguf_cache_dir", lambda: cache)
-    return cache
 
 
 async def test_a_missing_draft_folder_is_one_line_naming_its_setting(

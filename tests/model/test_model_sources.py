@@ -28,18 +28,6 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def gguf_cache(tmp_path, monkeypatch):
-    cache = tmp_path / "gguf-cache"
-    monkeypatch.setattr(gguf_folder, "gguf_cache_dir", lambda: cache)
-    return cache
-
-
 def build_hub_cache(cache, folder):
     """huggingface_hub's cache layout holding `folder` as `org/tiny` at COMMIT, which the
     refs `main` and `v1` name."""
