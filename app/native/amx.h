@@ -95,6 +95,21 @@ typedef struct {
     float sums[AMX_ROWS];      /* 4-bit: (float)sum(xq) */
 } amx_rows_block;
 
+/* M rows' (a multiple of 16) quantized blocks (row stride ldx blocks) -> rows[M / 16][blocks]:
+ * each group of 16 rows, block by block, as amx_steps reads them. Gathered once per
+ * matmul call, for every panel the rows meet. */
+static void amx_gather_rows(const i8_act *x, long ldx, long M, long blocks, amx_rows_block *rows) {
+    for (long group = 0; group < M / AMX_ROWS; group++)
+        for (long b = 0; b < blocks; b++)
+            for (int r = 0; r < AMX_ROWS; r++) {
+                const i8_act *a = x + (group * AMX_ROWS + r) * ldx + b;
+                amx_rows_block *block = rows + group * blocks + b;
+                block->offsets[r] = 128 * a->sum;
+                block->scales[r] = a->scale;
+                block->sums[r] = (float)a->sum;
+            }
+}
+
 /* Block b's fp32 steps for 16 rows of one unit, int8.h's and int4.h's (the same
  * expressions, so the same contractions): int8 acc[r] += (float)(sums[r] - offset) *
  * (xs * scale); 4-bit acc[r] += (float)sums[r] * (xs * scale), then acc[r] += (float)
@@ -144,30 +159,23 @@ static inline void amx_unpack_nibbles(const uint8_t *pairs, uint8_t quads[I8_QUA
 /* A tile of 16 rows x nv units of 16 columns over `blocks` blocks of int8 weights, or of
  * 4-bit ones (nibbles): tile_i8_ROWS_4's or tile_i4_ROWS_4's work and bits. A unit at a
  * time, its 16 fp32 sums in registers: x the rows' quantized blocks (row stride ldx
- * blocks), w the panel; the sums in out; with `ahead`, the next panel prefetched
- * meanwhile (a quarter per unit). The tiles take block b + 1 (on the other set) before
- * the vector units take block b's steps.
+ * blocks), rows their scales and sums side by side (amx_gather_rows), w the panel; the
+ * sums in out; with `ahead`, the next panel prefetched meanwhile (a quarter per unit).
+ * The tiles take block b + 1 (on the other set) before the vector units take block b's
+ * steps.
  * Slower on the Xeon (Sapphire Rapids class) this was measured on: a block of all 4 units
  * at a time (their 64 sums in memory, the activations' tile loaded once per block), the
  * sums starting from the offsets (a tile load) instead of zero, the activations copied
  * to a contiguous tile first, a software prefetch of the weights. The tiles and the
  * vector units did not run in parallel there: their times add. */
 static inline __attribute__((always_inline)) void amx_tile(
-    int nibbles, const i8_act *x, long ldx, const uint8_t *w, long blocks, int nv,
-    vecf out[AMX_ROWS][4], const char *ahead) {
+    int nibbles, const i8_act *x, long ldx, const amx_rows_block *rows, const uint8_t *w,
+    long blocks, int nv, vecf out[AMX_ROWS][4], const char *ahead) {
     int32_t sums[2][AMX_ROWS][LANES] __attribute__((aligned(64)));
     uint8_t unpacked[2][I8_QUADS][4 * LANES] __attribute__((aligned(64))); /* 4-bit */
     const long block_bytes = nibbles ? I4_BLOCK_BYTES : I8_BLOCK_BYTES;
     const int block_lines = nibbles ? I4_BLOCK_LINES : I8_BLOCK_LINES;
     const long stride = ldx * (long)sizeof(i8_act), scale_step = block_bytes / sizeof(float);
-    amx_rows_block *rows = malloc(sizeof(amx_rows_block) * blocks);
-    for (long b = 0; b < blocks; b++)
-        for (int r = 0; r < AMX_ROWS; r++) {
-            const i8_act *a = x + r * ldx + b;
-            rows[b].offsets[r] = 128 * a->sum;
-            rows[b].scales[r] = a->scale;
-            rows[b].sums[r] = (float)a->sum;
-        }
     for (int v = 0; v < nv; v++) {
         const float *scales = (const float *)(w + (nibbles ? I8_BLOCK * PANEL / 2 : I8_BLOCK * PANEL));
         scales += v * LANES;
@@ -188,15 +196,14 @@ static inline __attribute__((always_inline)) void amx_tile(
         }
         for (int r = 0; r < AMX_ROWS; r++) out[r][v] = acc[r];
     }
-    free(rows);
 }
-static void amx_tile_i8(const i8_act *x, long ldx, const uint8_t *w, long blocks, int nv,
-                        vecf out[AMX_ROWS][4], const char *ahead) {
-    amx_tile(0, x, ldx, w, blocks, nv, out, ahead);
+static void amx_tile_i8(const i8_act *x, long ldx, const amx_rows_block *rows, const uint8_t *w,
+                        long blocks, int nv, vecf out[AMX_ROWS][4], const char *ahead) {
+    amx_tile(0, x, ldx, rows, w, blocks, nv, out, ahead);
 }
-static void amx_tile_i4(const i8_act *x, long ldx, const uint8_t *w, long blocks, int nv,
-                        vecf out[AMX_ROWS][4], const char *ahead) {
-    amx_tile(1, x, ldx, w, blocks, nv, out, ahead);
+static void amx_tile_i4(const i8_act *x, long ldx, const amx_rows_block *rows, const uint8_t *w,
+                        long blocks, int nv, vecf out[AMX_ROWS][4], const char *ahead) {
+    amx_tile(1, x, ldx, rows, w, blocks, nv, out, ahead);
 }
 
 /* bf16 weights on AMX-BF16 (with VDPBF16PS's K-pair layout, which is TDPBF16PS's too):

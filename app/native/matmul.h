@@ -259,6 +259,8 @@ static void amx_units(int nibbles, const i8_act *x, long ldx, const uint8_t *pan
     vecf acc[AMX_ROWS][4];
     long blocks = K / I8_BLOCK;
     long block_bytes = nibbles ? I4_BLOCK_BYTES : I8_BLOCK_BYTES, panel_size = blocks * block_bytes;
+    amx_rows_block *rows = malloc(sizeof(amx_rows_block) * (M / AMX_ROWS) * blocks);
+    amx_gather_rows(x, ldx, M, blocks, rows);
     amx_configure();
     for (long unit = first; unit < last; unit += 4) {
         long panel = unit / 4;
@@ -268,14 +270,16 @@ static void amx_units(int nibbles, const i8_act *x, long ldx, const uint8_t *pan
         for (long row = 0; row < M; row += AMX_ROWS) {
             const char *ahead = /* the first tile: its unit walks read the panel strided */
                 prefetch_target(next, panel_size, row / AMX_ROWS + 1, panel_size / 64);
+            const amx_rows_block *group = rows + row / AMX_ROWS * blocks;
             if (nibbles)
-                amx_tile_i4(x + row * ldx, ldx, w, blocks, nv, acc, ahead);
+                amx_tile_i4(x + row * ldx, ldx, group, w, blocks, nv, acc, ahead);
             else
-                amx_tile_i8(x + row * ldx, ldx, w, blocks, nv, acc, ahead);
+                amx_tile_i8(x + row * ldx, ldx, group, w, blocks, nv, acc, ahead);
             store_tile(acc, AMX_ROWS, nv, y + row * N, N, unit * LANES, N, bias, accumulate);
         }
     }
     _tile_release(); /* the tile state back to its initial one: cheaper context switches */
+    free(rows);
 }
 #endif
 
