@@ -94,10 +94,11 @@ def load_engine(settings: Settings) -> LoadedEngine:
         logger.warning(line)
     settings = settings.with_model_folder()  # a .gguf or hub id becomes a local folder
     read_model_config(settings.model)  # a model lamina cannot run is refused before anything
-    if settings.speculative == "draft":  # and so is a draft model
+    if settings.speculative == "draft":  # and so is a draft model, made a folder once
         from app.model.draft import read_draft_config
 
-        read_draft_config(settings.speculative_model)
+        draft_folder, _ = read_draft_config(settings.speculative_model)
+        settings = settings.model_copy(update={"speculative_model": draft_folder})
     raw_config = read_config_json(settings.model)
     http_tokenizer = Tokenizer(
         settings.model, settings.chat_control_tokens, settings.tool_call_format
