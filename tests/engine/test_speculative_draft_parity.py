@@ -16,8 +16,6 @@ draft up over the tokens it missed.
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -25,6 +23,7 @@ import pytest
 from app.core import SamplingParams
 from app.model.draft import DraftModelError
 from tests.engine.conftest import SizedRunner, drive
+from tests.model.helpers import copy_with_another_vocabulary
 
 SPECULATIVE = dict(speculative="draft", speculative_max_batch=64)
 
@@ -130,13 +129,7 @@ def test_a_draft_with_another_vocabulary_is_refused(
     runner, engine_settings, shallow_default_model_path, tmp_path
 ):
     # The same tokens, two of them with their ids swapped: the texts would differ.
-    folder = tmp_path / "other-vocabulary"
-    shutil.copytree(shallow_default_model_path, folder)
-    tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    vocab = tokenizer["model"]["vocab"]
-    first, second = (token for token, token_id in vocab.items() if token_id in (1000, 1001))
-    vocab[first], vocab[second] = vocab[second], vocab[first]
-    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    folder = copy_with_another_vocabulary(shallow_default_model_path, tmp_path / "vocabulary")
     settings = engine_settings.model_copy(
         update=dict(speculative="draft", speculative_model=folder)
     )

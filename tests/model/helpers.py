@@ -3,6 +3,8 @@ engine loop over a runner, and direct model calls through the paged cache."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -252,3 +254,15 @@ def check_logits_parity(
 
 PARITY_ATOL = 1e-4  # fp32 on the CPU, a few layers
 PARITY_BLOCK_SIZE = 4  # small blocks: every test crosses many block boundaries
+
+
+def copy_with_another_vocabulary(model_dir, out_dir):
+    """A copy of model_dir whose tokenizer swaps the ids of tokens 1000 and 1001: the same
+    token strings, but ids that mean other text (a draft model that must be refused)."""
+    shutil.copytree(model_dir, out_dir)
+    tokenizer = json.loads((out_dir / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = (token for token, token_id in vocab.items() if token_id in (1000, 1001))
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return out_dir

@@ -5,12 +5,10 @@ LAMINA_SPECULATIVE_MODEL (not LAMINA_MODEL) and says what would work."""
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 
 from tests.model.gguf_writer import write_gguf
+from tests.model.helpers import copy_with_another_vocabulary
 from tests.model.serving import greedy, refusal, served
 
 pytestmark = pytest.mark.anyio
@@ -36,13 +34,7 @@ async def test_a_draft_folder_without_config_json_is_one_line(tiny_model_path, t
 
 
 async def test_a_draft_with_another_vocabulary_is_one_line(tiny_model_path, tmp_path, log_lines):
-    folder = tmp_path / "other-vocabulary"
-    shutil.copytree(tiny_model_path, folder)
-    tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    vocab = tokenizer["model"]["vocab"]
-    first, second = (token for token, token_id in vocab.items() if token_id in (1000, 1001))
-    vocab[first], vocab[second] = vocab[second], vocab[first]
-    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    folder = copy_with_another_vocabulary(tiny_model_path, tmp_path / "other-vocabulary")
     message = await refusal(tiny_model_path, log_lines, speculative_model=folder, **DRAFT)
     assert "does not share the served model's tokenizer" in message
     assert "LAMINA_SPECULATIVE_MODEL must name a model with the same vocabulary" in message
