@@ -56,8 +56,6 @@ from app.bench.peers_workload import (
 )
 from app.bench.spawn import ServerExited, spawned_server
 
-# Attributes of the parsed arguments that are no settings of the run.
-NOT_SETTINGS = ("precision_list", "out", "model", "llama_cpp_fallbacks")
 QUICK = {"rounds": 1, "streams": "1,8", "requests_per_stream": 1}
 DEFAULTS = {"rounds": 2, "streams": "1,8,32", "requests_per_stream": 2}
 REPETITIVE_MAX_TOKENS = 256  # most of a corrected passage: long enough for lookup to pay
@@ -186,15 +184,15 @@ def run_llama_cpp(precision, round_index, args, llama, gguf: Path) -> list[repor
 def enter_llama_server(stack, precision, streams: int, args, llama, gguf: Path) -> str:
     """A llama-server for `precision` in `stack`, its URL. One that crashes at load with
     its defaults is started again with NO_REPACK, for this precision from then on, and
-    `args.llama_cpp_fallbacks` says so (the JSON and the table carry it)."""
+    `llama.flags_changed` says so (the JSON and the table carry it)."""
     log_path = args.out.parent / "peers_logs" / f"llama-server-{precision.name}.log"
     start = partial(llama_server, llama.server, gguf, streams, args.threads, log_path)
-    if precision.name not in args.llama_cpp_fallbacks:
+    if precision.name not in llama.flags_changed:
         try:
             return stack.enter_context(start())
         except ServerExited as crash:
             why = f"{crash} with its defaults; run with {' '.join(NO_REPACK)}"
-            args.llama_cpp_fallbacks[precision.name] = why
+            llama.flags_changed[precision.name] = why
             print(f"[peers] llama.cpp {precision.name}: {why}", flush=True)
     return stack.enter_context(start(NO_REPACK))
 
@@ -268,7 +266,7 @@ def write_outputs(args, samples, series, llama, ggufs, started: str, texts: dict
     goals = report.goal_lines(lamina_ratios) if args.workload == "random" else []
     goals += report.speculation_lines(report.ratios(med, LAMINA_SPEC, LAMINA), identical)
     table = report.markdown_table(samples, series)
-    for name, why in args.llama_cpp_fallbacks.items():
+    for name, why in llama.flags_changed.items():
         table += f"\nllama.cpp {name}: {why}.\n"
     payload = {
         "benchmark": "lamina bench peers",
@@ -276,12 +274,14 @@ def write_outputs(args, samples, series, llama, ggufs, started: str, texts: dict
         "commit": _commit(),
         "machine": report.machine(),
         "workload": args.workload,
-        "settings": {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
+        "settings": {
+            k: v for k, v in vars(args).items() if k not in ("precision_list", "out", "model")
+        }
         | {"model": str(args.model) if args.model else None},
         "llama_cpp": {
             "version": llama.version,
             "server": str(llama.server),
-            "flags_changed": args.llama_cpp_fallbacks,  # precision -> why
+            "flags_changed": llama.flags_changed,  # precision -> why
         },
         "gguf_files": {k: {"path": str(v), "bytes": v.stat().st_size} for k, v in ggufs.items()},
         "samples": [asdict(s) for s in samples],
@@ -309,7 +309,6 @@ def write_outputs(args, samples, series, llama, ggufs, started: str, texts: dict
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
-    args.llama_cpp_fallbacks = {}  # precision -> why llama-server runs without its defaults
     # A SIGTERM ends the run like Ctrl-C: the servers' `finally` blocks stop them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     folder = model_folder(args)

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # The llama-cpp-python release whose vendored llama.cpp is built; `--llama-cpp-version`.
@@ -49,12 +49,15 @@ NATIVE_FLAGS = (
 
 @dataclass(frozen=True)
 class LlamaCpp:
-    """Where one llama.cpp build lives: its sources (for the GGUF converter) and binaries."""
+    """Where one llama.cpp build lives: its sources (for the GGUF converter) and binaries,
+    and the precisions whose server runs without its defaults in this run, with why
+    (app/bench/peers.py: enter_llama_server)."""
 
     version: str
     source_dir: Path | None  # vendor/llama.cpp; None for a binary given with --llama-server
     server: Path
     quantize: Path | None
+    flags_changed: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def converter(self) -> Path | None:

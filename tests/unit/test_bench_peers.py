@@ -283,8 +283,8 @@ def test_a_llama_server_that_crashes_at_load_is_run_without_repacking(tmp_path, 
         yield f"http://127.0.0.1:{streams}"
 
     monkeypatch.setattr(peers, "llama_server", fake_server)
-    args = SimpleNamespace(out=tmp_path / "peers.json", threads=2, llama_cpp_fallbacks={})
-    llama = SimpleNamespace(server=Path("/b/llama-server"))
+    args = SimpleNamespace(out=tmp_path / "peers.json", threads=2)
+    llama = peers_build.LlamaCpp("0.3.36", None, Path("/b/llama-server"), None)
     int8, fp32 = peers_servers.parse_precisions("int8,fp32")
     with contextlib.ExitStack() as stack:
         assert peers.enter_llama_server(stack, int8, 8, args, llama, Path("/q8.gguf")).endswith(
@@ -299,6 +299,6 @@ def test_a_llama_server_that_crashes_at_load_is_run_without_repacking(tmp_path, 
         ("q8.gguf", no_repack),
         ("f32.gguf", ()),
     ]
-    (why,) = args.llama_cpp_fallbacks.values()
-    assert list(args.llama_cpp_fallbacks) == ["int8"]
+    (why,) = llama.flags_changed.values()
+    assert list(llama.flags_changed) == ["int8"]
     assert "exited with -11" in why and "--no-repack" in why
