@@ -31,6 +31,7 @@ from functools import partial
 from pathlib import Path
 
 from app.bench import peers_report as report
+from app.bench.out_file import json_out_argument
 from app.bench.peers_build import LLAMA_CPP_PYTHON_VERSION, find_or_build, given_server
 from app.bench.peers_gguf import ensure_gguf, gguf_dir, model_content_hash
 from app.bench.peers_servers import (
@@ -82,7 +83,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--llama-server", type=Path, help="an existing llama-server binary")
     parser.add_argument("--llama-cpp-version", default=LLAMA_CPP_PYTHON_VERSION)
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--out", type=Path, default=Path("bench_results/peers.json"))
+    default_out = Path("bench_results/peers.json")
+    parser.add_argument(
+        "--out",
+        type=json_out_argument(default_out),
+        default=default_out,
+        help="a .json file, or a folder to write peers.json into (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     for name, default in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, name) is None:
@@ -263,8 +270,8 @@ def write_outputs(args, samples, series, llama, ggufs, started: str, texts: dict
     med = report.medians(samples)
     lamina_ratios = report.ratios(med)
     identical = speculation_identical(texts)
-    goals = report.goal_lines(lamina_ratios) if args.workload == "random" else []
-    goals += report.speculation_lines(report.ratios(med, LAMINA_SPEC, LAMINA), identical)
+    summary_lines = report.ratio_lines(lamina_ratios) if args.workload == "random" else []
+    summary_lines += report.speculation_lines(report.ratios(med, LAMINA_SPEC, LAMINA), identical)
     table = report.markdown_table(samples, series)
     for name, why in llama.flags_changed.items():
         table += f"\nllama.cpp {name}: {why}.\n"
@@ -295,7 +302,7 @@ def write_outputs(args, samples, series, llama, ggufs, started: str, texts: dict
         ],
         "complete": final,
         "speculation_outputs": identical,
-        "goals": goals,
+        "summary": summary_lines,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2, default=str) + "\n")
@@ -303,7 +310,7 @@ def write_outputs(args, samples, series, llama, ggufs, started: str, texts: dict
     report.write_png(samples, series, args.out.with_suffix(".png"))
     if not final:
         return
-    print("\n" + table + "\n" + "\n".join(goals))
+    print("\n" + table + "\n" + "\n".join(summary_lines))
     print(f"wrote {args.out}, {args.out.with_suffix('.md')}, {args.out.with_suffix('.png')}")
 
 

@@ -1,4 +1,4 @@
-"""uvicorn's httptools protocol with the guards it lacks (issue 16, D1 and D5).
+"""uvicorn's httptools protocol with the guards it lacks against connection floods.
 
 - A connection cap: at `max_connections` open, a new connection takes the place of the
   one idle the longest (no request in flight: fresh, between requests, or still sending
