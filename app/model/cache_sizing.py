@@ -12,6 +12,7 @@ import torch
 
 from app.config import Settings
 from app.model.attention import AttentionGroup, AttentionMetadata, build_attention_metadata
+from app.model.config import ModelConfig
 from app.model.kv_cache import GIB, KVCache, bytes_per_block
 from app.model.llama import LlamaForCausalLM
 
@@ -24,12 +25,18 @@ def num_cache_blocks(
     device: torch.device,
     dtype: torch.dtype,
     max_model_len: int,
+    draft_config: ModelConfig | None = None,
 ) -> int:
-    """CPU: kv_cache_gb (GiB). CUDA: what gpu_memory_utilization leaves after profiling."""
+    """CPU: kv_cache_gb (GiB) for the served model's cache (a draft model's cache of as
+    many blocks comes on top, reported apart). CUDA: what gpu_memory_utilization leaves
+    after profiling, shared block for block with the draft model's cache when there is
+    one (`draft_config`; the draft's weights are loaded already, so they count as used)."""
     if device.type == "cuda" and settings.num_gpu_blocks_override:
         return settings.num_gpu_blocks_override
     per_block = bytes_per_block(model.config, settings.block_size, dtype)
     if device.type == "cuda":
+        if draft_config is not None:
+            per_block += bytes_per_block(draft_config, settings.block_size, dtype)
         budget = cuda_cache_budget_bytes(model, settings, device, dtype, max_model_len)
     else:
         budget = settings.kv_cache_gb * GIB

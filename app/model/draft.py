@@ -89,44 +89,55 @@ def _check_same_vocabulary(target_dir: Path, draft_dir: Path) -> None:
         )
 
 
-def load_draft(
+def load_draft_model(
     settings,  # noqa: ANN001 - app.config.Settings
-    target,  # noqa: ANN001 - the served model's ModelRunner
+    target_config: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_len: int,
     weight_dtype: torch.dtype | None,
-) -> tuple[torch.nn.Module, KVCache]:
-    """The draft model and its KV cache, on the target runner's device and dtypes
-    (weight_dtype: the target's linear-weight storage, None for the model dtype), with as
-    many KV blocks (of the same size) as the target's cache: a draft shadows at most the
-    target's running sequences. The target builds the draft's runner from these."""
+) -> torch.nn.Module:
+    """The draft model on the served model's device and dtype (weight_dtype: its
+    linear-weight storage, None for the model dtype). Loaded before the served model's
+    KV cache is sized, so that on a GPU the memory it takes is not promised to that cache."""
     from app.model.loader import load_model
 
     draft_dir, draft_config = read_draft_config(settings.speculative_model)
-    check_draft_vocabulary(Path(settings.model), draft_dir, target.config, draft_config)
-    if draft_config.max_position_embeddings < target.max_model_len:
+    check_draft_vocabulary(Path(settings.model), draft_dir, target_config, draft_config)
+    if draft_config.max_position_embeddings < max_model_len:
         logger.warning(
             "the draft model's max_position_embeddings %d is below max_model_len %d: its "
             "drafts for longer contexts may be poor (never wrong: they are verified)",
             draft_config.max_position_embeddings,
-            target.max_model_len,
+            max_model_len,
         )
     model = load_model(
         draft_dir,
-        target.device,
-        target.dtype,
-        max_positions=target.max_model_len,
+        device,
+        dtype,
+        max_positions=max_model_len,
         weight_dtype=weight_dtype,
         batch_invariant=settings.batch_invariant,
         kernels="auto" if settings.native_kernels else "torch",
     )
-    kv_cache = KVCache(
-        draft_config, target.num_blocks, target.block_size, target.device, target.dtype
-    )
+    logger.info("draft model %s: %d layers", draft_dir, draft_config.num_layers)
+    return model
+
+
+def draft_kv_cache(
+    draft_config: ModelConfig,
+    num_blocks: int,
+    block_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> KVCache:
+    """The draft's KV cache: as many blocks (of the same size) as the served model's, since
+    a draft shadows at most the served model's running sequences."""
+    kv_cache = KVCache(draft_config, num_blocks, block_size, device, dtype)
     logger.info(
-        "draft model %s: %d layers; its KV cache %d blocks of %d tokens (%.2f GiB)",
-        draft_dir,
-        draft_config.num_layers,
+        "the draft model's KV cache: %d blocks of %d tokens (%.2f GiB)",
         kv_cache.num_blocks,
         kv_cache.block_size,
         kv_cache.num_bytes / GIB,
     )
-    return model, kv_cache
+    return kv_cache

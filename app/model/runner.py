@@ -37,7 +37,7 @@ from app.model.config import ModelConfig, read_eos_token_ids
 from app.model.constraint_masks import ConstraintMasks, PendingMasks
 from app.model.cpu_threads import default_num_threads
 from app.model.cuda_graphs import DecodeGraphs
-from app.model.draft import load_draft
+from app.model.draft import draft_kv_cache, load_draft_model
 from app.model.families import read_model_config
 from app.model.fused_layers import run_decoder
 from app.model.gguf_folder import file_weight_dtype
@@ -107,6 +107,17 @@ def resolve_weight_dtype(name: str, device: torch.device, dtype: torch.dtype) ->
         logger.warning("weight_dtype=%s applies to the CPU only; ignored on %s", name, device)
         return None
     return _WEIGHT_DTYPES[name]
+
+
+def draft_weight_dtype(
+    settings: Settings, device: torch.device, dtype: torch.dtype
+) -> torch.dtype | None:
+    """The draft model's linear-weight storage: LAMINA_SPECULATIVE_WEIGHT_DTYPE, with
+    `auto` meaning the served model's."""
+    storage = settings.speculative_weight_dtype
+    if storage == "auto":
+        storage = weight_storage(settings, device, dtype)
+    return resolve_weight_dtype(storage, device, dtype)
 
 
 @dataclass
@@ -228,7 +239,24 @@ class ModelRunner:
             batch_invariant=settings.batch_invariant,
             kernels="auto" if settings.native_kernels else "torch",
         )
-        num_blocks = num_cache_blocks(model, settings, device, dtype, max_model_len)
+        draft_model = None
+        if settings.speculative == "draft":
+            draft_model = load_draft_model(
+                settings,
+                config,
+                device,
+                dtype,
+                max_model_len,
+                draft_weight_dtype(settings, device, dtype),
+            )
+        num_blocks = num_cache_blocks(
+            model,
+            settings,
+            device,
+            dtype,
+            max_model_len,
+            draft_config=draft_model.config if draft_model is not None else None,
+        )
         kv_cache = KVCache(config, num_blocks, settings.block_size, device, dtype)
         if num_blocks * settings.block_size < max_model_len:
             logger.warning(
@@ -254,21 +282,32 @@ class ModelRunner:
             cuda_graphs=settings.cuda_graphs,
             max_num_seqs=settings.max_num_seqs,
         )
-        if settings.speculative == "draft":
-            runner.draft_runner = runner.build_draft_runner(settings)
+        if draft_model is not None:
+            runner.draft_runner = runner.build_draft_runner(settings, draft_model)
         return runner
 
-    def build_draft_runner(self, settings: Settings) -> ModelRunner:
+    def build_draft_runner(
+        self, settings: Settings, model: torch.nn.Module | None = None
+    ) -> ModelRunner:
         """A runner of its own for the draft model `settings.speculative_model`
         (app/model/draft.py; raises DraftModelError for a draft with another vocabulary),
         with this one's device, dtype, context window and threads, its weights stored as
-        `settings.speculative_weight_dtype` (auto: as this one's). It runs past EOS: the
-        served model decides where the output stops."""
-        storage = settings.speculative_weight_dtype
-        if storage == "auto":
-            storage = weight_storage(settings, self.device, self.dtype)
-        weight_dtype = resolve_weight_dtype(storage, self.device, self.dtype)
-        model, kv_cache = load_draft(settings, self, weight_dtype)
+        `settings.speculative_weight_dtype` (auto: as this one's), and a KV cache of as
+        many blocks as this one's. `model`: the draft, when already loaded (start-up
+        loads it before sizing the caches). It runs past EOS: the served model decides
+        where the output stops."""
+        if model is None:
+            model = load_draft_model(
+                settings,
+                self.config,
+                self.device,
+                self.dtype,
+                self.max_model_len,
+                draft_weight_dtype(settings, self.device, self.dtype),
+            )
+        kv_cache = draft_kv_cache(
+            model.config, self.num_blocks, self.block_size, self.device, self.dtype
+        )
         return ModelRunner(
             model,
             kv_cache,
