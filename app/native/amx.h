@@ -78,14 +78,19 @@ static void amx_configure(void) {
 /* A block's exact int32 sums for 16 rows x 16 columns into sums, on tiles C, A, B (a
  * set: literal numbers, as the instructions name them): activations at x (16 rows'
  * block, `stride` bytes apart), weights at quads (8 quads x 16 columns x 4 bytes,
- * quad_stride bytes apart). */
+ * quad_stride bytes apart). gcc's _tile_loadd and _tile_stored do not tell the
+ * compiler that they read or write memory, so compiler barriers keep the 4-bit path's
+ * unpacked quads stored before the tile load (bf16's tail lost its stores without
+ * one) and the sums read after the tile store. */
 #define AMX_DOTS(C, A, B, x, stride, quads, quad_stride, sums)                             \
     do {                                                                                   \
         _tile_zero(C);                                                                     \
+        __asm__ volatile("" ::: "memory");                                                 \
         _tile_loadd(A, x, stride);                                                         \
         _tile_loadd(B, quads, quad_stride);                                                \
         _tile_dpbsud(C, A, B);                                                             \
         _tile_stored(C, sums, 4 * LANES);                                                  \
+        __asm__ volatile("" ::: "memory");                                                 \
     } while (0)
 
 /* What a block's fp32 steps need of its 16 rows, side by side. */
