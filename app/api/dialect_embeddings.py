@@ -54,28 +54,25 @@ class EmbeddingDialect(Dialect):
 
     id_prefix = "embd"
     input_param = "input"  # the body's field holding the inputs
-    body: Any  # the request (EmbeddingRequest or EmbedRequest), set by parse
-    model: str  # the served model's id
 
-    @classmethod
-    def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> Dialect:
+    def __init__(self, body: Any, serving: Serving, request_id: str, stream: bool):
         check_dimensions(body.dimensions, serving, "dimensions")
         limits = serving.limits
         max_inputs = limits.settings.max_prompts_per_request
-        parts = named_prompts(getattr(body, cls.input_param), cls.input_param, max_inputs, "inputs")
+        input_param = self.input_param
+        parts = named_prompts(getattr(body, input_param), input_param, max_inputs, "inputs")
         prompts = []
         for param, text_or_ids in parts:
             if text_or_ids == "":
                 raise invalid_request(f"`{param}` is an empty string", param=param)
-            prompt = cls.fit(encode_prompt(text_or_ids, param, serving.tokenizer), body, serving)
+            prompt = self.fit(encode_prompt(text_or_ids, param, serving.tokenizer), body, serving)
             fit_to_context(len(prompt), 0, limits, prompt_param=param)
             prompts.append(prompt)
         pooling = resolve_pooling(limits.settings.embedding_pooling, Path(serving.model.path))
         params = SamplingParams(max_tokens=0, temperature=0.0, pooling=pooling)
-        dialect = cls(request_id, prompts, [params] * len(prompts), 1, False)
-        dialect.body = body
-        dialect.model = serving.model.name
-        return dialect
+        super().__init__(request_id, prompts, [params] * len(prompts), 1, False)
+        self.body = body  # EmbeddingRequest or EmbedRequest
+        self.model = serving.model.name
 
     @staticmethod
     def fit(prompt: list[int], body: Any, serving: Serving) -> list[int]:

@@ -21,6 +21,7 @@ from app.api.schemas import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
+    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
@@ -40,7 +41,7 @@ from app.api.schemas import (
 )
 from app.api.sse import DONE, TextFrames, finite, sse_event
 from app.api.state import Serving
-from app.api.tool_calls import ToolCallStreams, ToolRequest, answer_message
+from app.api.tool_calls import ToolCallStreams, answer_message
 from app.core import FinishReason, TokenDelta, TokenLogprob
 
 
@@ -91,12 +92,14 @@ class OpenAIDialect(Dialect):
     chunk_model: ClassVar[type[CompletionChunk] | type[ChatCompletionChunk]]
     response_model: ClassVar[type[CompletionResponse] | type[ChatCompletionResponse]]
 
-    def __init__(self, *args: Any, body: Any, serving: Serving) -> None:
-        super().__init__(*args)
+    def __init__(self, *inputs: Any, body: Any, serving: Serving) -> None:
+        """`inputs`: Dialect's (request id, prompts, params, n, stream)."""
+        super().__init__(*inputs)
         self.model = serving.model.name
         self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
         self.want_logprobs = self.params[0].logprobs is not None
         self.token_bytes = serving.tokenizer.token_bytes
+        self.prompt_top = body.prompt_logprobs  # vLLM's `prompt_logprobs`, or None
         self.calls: ToolCallStreams | None = None  # chat with tools: each choice's parser
         self.text_frames = TextFrames(
             lambda index, text: self._chunk([self.chunk_choice(index, text)])
@@ -168,15 +171,10 @@ class CompletionDialect(OpenAIDialect):
     chunk_model = CompletionChunk
     response_model = CompletionResponse
 
-    @classmethod
-    def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> Dialect:
+    def __init__(self, body: CompletionRequest, serving: Serving, request_id: str, stream: bool):
         prompts, params, n = completion_inputs(body, serving.limits, serving.tokenizer)
-        dialect = cls(request_id, prompts, params, n, stream, body=body, serving=serving)
-        dialect.constraint = request_constraint(body.model_extra)
-        return dialect
-
-    def __init__(self, *args: Any, body: CompletionRequest, serving: Serving) -> None:
-        super().__init__(*args, body=body, serving=serving)
+        super().__init__(request_id, prompts, params, n, stream, body=body, serving=serving)
+        self.constraint = request_constraint(body.model_extra)
         self.echo: list[str] | None = None  # per prompt, with `echo`: as sent, or decoded
         if body.echo:
             decode = serving.tokenizer.decode
@@ -187,7 +185,6 @@ class CompletionDialect(OpenAIDialect):
         # `echo` with `logprobs`: the prompt's tokens lead the logprobs (their top-N too)
         self.echo_logprobs = bool(body.echo) and body.logprobs is not None
         self.num_top = body.logprobs or 0
-        self.vllm_prompt_top = body.prompt_logprobs  # vLLM's `prompt_logprobs`, or None
         self.token_text = serving.tokenizer.token_text
         self.offsets = [0] * self.num_choices  # text offset of each choice (logprobs)
 
@@ -215,8 +212,8 @@ class CompletionDialect(OpenAIDialect):
         if self.echo_logprobs:
             first_text = self.token_text(self.prompts[index // self.n][0])
             fields["logprobs"], _ = completion_logprobs(entries, 0, self.num_top, first_text)
-        if self.vllm_prompt_top is not None:
-            fields["prompt_logprobs"] = vllm_prompt_logprobs(entries, self.vllm_prompt_top)
+        if self.prompt_top is not None:
+            fields["prompt_logprobs"] = vllm_prompt_logprobs(entries, self.prompt_top)
         return fields
 
     def chunk_choice(
@@ -262,20 +259,15 @@ class ChatDialect(OpenAIDialect):
     chunk_model = ChatCompletionChunk
     response_model = ChatCompletionResponse
 
-    @classmethod
-    def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> Dialect:
+    def __init__(
+        self, body: ChatCompletionRequest, serving: Serving, request_id: str, stream: bool
+    ) -> None:
         prompts, params, n, tools = chat_inputs(body, serving.limits, serving.tokenizer)
-        dialect = cls(request_id, prompts, params, n, stream, body=body, serving=serving)
-        dialect.tools = tools
-        dialect.constraint = tools.joined_with(request_constraint(body.model_extra))
+        super().__init__(request_id, prompts, params, n, stream, body=body, serving=serving)
+        self.tools = tools
+        self.constraint = tools.joined_with(request_constraint(body.model_extra))
         if tools.parses_calls:
-            dialect.calls = ToolCallStreams(dialect.num_choices, tools.call_format)
-        return dialect
-
-    def __init__(self, *args: Any, body: Any, serving: Serving) -> None:
-        super().__init__(*args, body=body, serving=serving)
-        self.tools: ToolRequest | None = None
-        self.prompt_top = body.prompt_logprobs  # vLLM's `prompt_logprobs` (not streamed)
+            self.calls = ToolCallStreams(self.num_choices, tools.call_format)
 
     def response_fields(self, results: list[ChoiceResult]) -> dict[str, Any]:
         if self.prompt_top is None or not results:
@@ -320,7 +312,7 @@ class ChatDialect(OpenAIDialect):
     def final_choice(self, result: ChoiceResult) -> ChatChoice:
         message = ChatResponseMessage(content=result.text)
         num_calls = 0
-        if self.calls is not None and self.tools is not None:
+        if self.calls is not None:
             message = answer_message(result.text, self.tools.call_format)
             num_calls = len(message.tool_calls or ())
         return ChatChoice(

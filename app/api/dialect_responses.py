@@ -68,11 +68,11 @@ def new_response_id() -> str:
     return "resp_" + secrets.token_hex(16)
 
 
-def stored_conversation(store: ResponseStore | None, previous_id: str | None) -> list[ChatMessage]:
+def stored_conversation(store: ResponseStore, previous_id: str | None) -> list[ChatMessage]:
     """The conversation `previous_response_id` continues ([] without one)."""
     if previous_id is None:
         return []
-    stored = store.get(previous_id) if store is not None else None
+    stored = store.get(previous_id)
     if stored is None:
         raise response_not_found(previous_id, "previous_response_id")
     if stored.running:
@@ -86,22 +86,22 @@ def stored_conversation(store: ResponseStore | None, previous_id: str | None) ->
 class ResponsesDialect(Dialect):
     id_prefix = "resp"
 
-    @classmethod
-    def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> Dialect:
-        assert isinstance(body, ResponsesRequest)
+    def __init__(self, body: ResponsesRequest, serving: Serving, request_id: str, stream: bool):
         refuse_unimplemented(body.model_extra, RESPONSES_NOT_IMPLEMENTED)
         limits, settings = serving.limits, serving.limits.settings
-        metadata = check_metadata(body.metadata)
+        self.metadata = check_metadata(body.metadata)
         tools = response_tools(
             body.tools, body.tool_choice, body.parallel_tool_calls,
             serving.tokenizer.tool_call_format,
         )  # fmt: skip
-        conversation = stored_conversation(serving.responses, body.previous_response_id)
-        conversation += input_messages(body.input)
+        self.conversation = stored_conversation(serving.responses, body.previous_response_id)
+        self.conversation += input_messages(body.input)
         system = (
             [ChatMessage(role="system", content=body.instructions)] if body.instructions else []
         )
-        prompt = encode_chat(system + conversation, serving.tokenizer, True, tools.prompt_tools)
+        prompt = encode_chat(
+            system + self.conversation, serving.tokenizer, True, tools.prompt_tools
+        )
         max_tokens = at_most(body.max_output_tokens, settings.max_tokens_limit, "max_output_tokens")
         max_tokens = fit_to_context(
             len(prompt), max_tokens, limits,
@@ -112,28 +112,18 @@ class ResponsesDialect(Dialect):
             temperature=sampling_temperature(body.temperature),
             top_p=nucleus_top_p(body.top_p),
         )
-        dialect = cls(request_id, [prompt], [params], 1, stream, body=body, serving=serving)
-        dialect.conversation = conversation
-        dialect.metadata = metadata
-        dialect.tool_choice = tools.choice
-        dialect.tools_shown = [tool["function"] for tool in tools.tools]
-        dialect.constraint = tools.joined_with(text_format_constraint(body.text))
-        if tools.parses_calls:
-            dialect.items = OutputItems(dialect.writer, tools.call_format.new_parser())
-        return dialect
-
-    def __init__(self, *args: Any, body: ResponsesRequest, serving: Serving) -> None:
-        super().__init__(*args)
+        super().__init__(request_id, [prompt], [params], 1, stream)
+        self.constraint = tools.joined_with(text_format_constraint(body.text))
         self.response_id = new_response_id()
         self.body = body
         self.model = serving.model.name
         self.store = serving.responses if body.store is not False else None
+        self.tool_choice = tools.choice
+        self.tools_shown = [tool["function"] for tool in tools.tools]
         self.writer = EventWriter(keep=self.stream)
-        self.items = OutputItems(self.writer)  # plain text until parse offers tools
-        self.conversation: list[ChatMessage] = []
-        self.metadata: dict[str, str] = {}
-        self.tool_choice = "none"
-        self.tools_shown: list[dict[str, Any]] = []
+        # With tools, the text goes through the served model's call parser.
+        parser = tools.call_format.new_parser() if tools.parses_calls else None
+        self.items = OutputItems(self.writer, parser)
         self.run: Run | None = None
         self.stored: StoredResponse | None = None
         self.status = "in_progress"

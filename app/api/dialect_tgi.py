@@ -27,8 +27,7 @@ from app.api.schemas_tgi import (
 )
 from app.api.sse import finite, json_string, sse_event
 from app.api.state import Serving
-from app.core import FinishReason, SamplingParams, TokenDelta, TokenLogprob
-from app.tokenizer import Tokenizer
+from app.core import FinishReason, TokenDelta, TokenLogprob
 
 
 def tgi_finish_reason(
@@ -66,10 +65,7 @@ class TGIDialect(Dialect):
     def requested_priority(body: GenerateRequest) -> int | None:
         return body.parameters.priority
 
-    @classmethod
-    def parse(
-        cls, body: GenerateRequest, serving: Serving, request_id: str, stream: bool
-    ) -> TGIDialect:
+    def __init__(self, body: GenerateRequest, serving: Serving, request_id: str, stream: bool):
         prompt, params = tgi_inputs(body, serving.limits, serving.tokenizer)
         parameters = body.parameters
         if parameters.decoder_input_details and stream:
@@ -77,36 +73,12 @@ class TGIDialect(Dialect):
                 "`parameters.decoder_input_details` is not supported when streaming tokens",
                 param="parameters.decoder_input_details",
             )
-        dialect = cls(
-            request_id,
-            prompt,
-            params,
-            stream,
-            tokenizer=serving.tokenizer,
-            text_prefix=body.inputs if parameters.return_full_text else "",
-            want_details=bool(parameters.details),
-            num_top_tokens=parameters.top_n_tokens or 0,
-        )
-        dialect.constraint = tgi_grammar_constraint(parameters.grammar)
-        return dialect
-
-    def __init__(
-        self,
-        request_id: str,
-        prompt: list[int],
-        params: SamplingParams,
-        stream: bool,
-        *,
-        tokenizer: Tokenizer,
-        text_prefix: str = "",  # the input, with return_full_text
-        want_details: bool = False,
-        num_top_tokens: int = 0,
-    ) -> None:
         super().__init__(request_id, [prompt], [params], 1, stream)
-        self.tokenizer = tokenizer
-        self.text_prefix = text_prefix
-        self.want_details = want_details
-        self.num_top_tokens = num_top_tokens
+        self.constraint = tgi_grammar_constraint(parameters.grammar)
+        self.tokenizer = serving.tokenizer
+        self.text_prefix = body.inputs if parameters.return_full_text else ""
+        self.want_details = bool(parameters.details)
+        self.num_top_tokens = parameters.top_n_tokens or 0
         self.seed = None if params.greedy else params.seed
         self.num_events = 0
         self.text = ""  # everything generated so far

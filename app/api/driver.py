@@ -5,10 +5,10 @@
     request record -> answer (dialect)
 
 A `Dialect` (dialect_openai.py, dialect_tgi.py) parses its request into engine inputs
-and renders deltas, the final answer and the usage chunk; `drive` does the rest the
-same way for all of them. A request with several prompts becomes one engine request
-per prompt (each with its n choices); choice index = prompt index * n + delta.index,
-as OpenAI numbers them.
+when it is built and renders deltas, the final answer and the usage chunk; `drive`
+does the rest the same way for all of them. A request with several prompts becomes one
+engine request per prompt (each with its n choices); choice index = prompt index * n +
+delta.index, as OpenAI numbers them.
 
 A request ends early through one call, `engine.abort(request_id, reason)`: its
 deadline (the run's own timer) or the drain (which stops every run on `Serving.runs`)
@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeVar
 
@@ -43,7 +43,7 @@ from app.api.errors import (
 )
 from app.api.request_record import RequestRecord, Usage
 from app.api.route_facts import facts_for
-from app.api.sse import DONE, KEEPALIVE, EventStreamResponse, sse_error
+from app.api.sse import DONE, KEEPALIVE, EventStreamResponse, sse_event
 from app.api.state import Serving
 from app.core import FinishReason, PromptTokenLogprob, SamplingParams, TokenDelta, TokenLogprob
 from app.engine.request_stream import RequestStream, wait_for_delivery
@@ -105,10 +105,11 @@ class Call:
 class Dialect:
     """One request in one API's dialect: its engine inputs and how its answer looks.
 
-    A subclass is built by `parse(body, serving, request_id, stream)` (every check that
-    can refuse the request runs there, before any engine request or stream opens, so a
-    bad streaming request still gets a real 4xx status) and renders the answer from
-    deltas.
+    A subclass is built from the request, `Subclass(body, serving, request_id, stream)`:
+    its constructor parses the body (every check that can refuse the request runs
+    there, before any engine request or stream opens, so a bad streaming request still
+    gets a real 4xx status) and hands its engine inputs to this one. It renders the
+    answer from deltas.
     """
 
     id_prefix: ClassVar[str]  # of the response id, e.g. "chatcmpl"
@@ -133,11 +134,6 @@ class Dialect:
         self.constraint: RequestedConstraint | None = None  # what the body asks the output to match
         self.priority = 0  # the engine's scheduling priority: lower is served first
 
-    @classmethod
-    def parse(cls, body: Any, serving: Serving, request_id: str, stream: bool) -> Dialect:
-        """The request's engine inputs, or the 4xx that refuses it."""
-        raise NotImplementedError
-
     @staticmethod
     def requested_priority(body: Any) -> int | None:
         """The `priority` the body asks for (None: not sent)."""
@@ -145,7 +141,7 @@ class Dialect:
 
     async def compile_constraints(self, serving: Serving) -> None:
         """The async part of parsing: compile what the request asks the output to match
-        (`self.constraint`, set by `parse`) into its params (a 4xx if it cannot be),
+        (`self.constraint`, set by the constructor) into its params (a 4xx if it cannot be),
         before any engine request opens."""
         if self.constraint is None:
             return
@@ -177,8 +173,9 @@ class Dialect:
         cancel) keeps it."""
 
     def stream_failure(self, error: APIError, tgi: bool) -> bytes:
-        """The frames that end a stream cut short by `error` (its 200 is already sent)."""
-        return sse_error(error, tgi) + DONE
+        """The frames that end a stream cut short by `error`: its 200 is already sent, so
+        the error goes in an event (with TGI's `error_type` on TGI routes)."""
+        return sse_event(error.body(tgi)) + DONE
 
     def failed_answer(self, error: APIError) -> Any:
         """The answer to a request (not streaming) that `error` ended: the error itself,
@@ -187,6 +184,10 @@ class Dialect:
 
     def on_end(self) -> None:
         """The run ended, however it did (called once per close, maybe twice)."""
+
+
+# A dialect's class: built from (body, serving, request id, stream), it parses the body.
+DialectType = Callable[[Any, Serving, str, bool], Dialect]
 
 
 def is_failure(delta: TokenDelta) -> bool:
@@ -204,16 +205,16 @@ def estimated_tokens(dialect: Dialect, max_model_len: int) -> int:
     return total
 
 
-async def drive(call: Call, dialect_type: type[Dialect], body: Any, stream: bool):
+async def drive(call: Call, dialect_type: DialectType, body: Any, stream: bool):
     """Parse `body` in the route's dialect, run it and answer: an event stream, or the
     dialect's answer."""
     record, serving = call.record, call.serving
     # First: a request refused below still logs its end-user id (OpenAI's `user`).
     record.note_user(getattr(body, "user", None))
     serving.model.check_named(getattr(body, "model", None))  # TGI's bodies name none
-    dialect = dialect_type.parse(body, serving, record.request_id, stream)
+    dialect = dialect_type(body, serving, record.request_id, stream)
     dialect.priority = resolve_priority(
-        dialect_type.requested_priority(body), call.key_priority, dialect.priority_param
+        dialect.requested_priority(body), call.key_priority, dialect.priority_param
     )
     record.priority = dialect.priority
     # The weigh step of admission, before a grammar compiles or the engine sees anything.

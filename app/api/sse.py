@@ -17,8 +17,6 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.api.errors import APIError
-
 # The C encoder behind json.dumps(ensure_ascii=False): escapes quotes, backslashes and
 # control characters, and writes every other character as UTF-8, as pydantic does.
 json_string: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
@@ -40,12 +38,6 @@ def sse_event(payload: BaseModel | dict[str, Any]) -> bytes:
     else:
         text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return b"data: " + text.encode("utf-8") + b"\n\n"
-
-
-def sse_error(error: APIError, tgi: bool = False) -> bytes:
-    """An error after the stream began: the status is already 200, so it goes in an event
-    (with TGI's `error_type` on TGI routes)."""
-    return sse_event(error.body(tgi))
 
 
 def finite(logprob: float) -> float:

@@ -124,12 +124,12 @@ class Serving:
     model: ModelInfo
     limits: Limits
     keepalive_interval_s: float
+    # Stored responses of /v1/responses (`store`), in this process's memory.
+    responses: ResponseStore
     runs: set[Stoppable] = field(default_factory=set)  # generation requests running now
     # Compiles `response_format` grammars for the model's tokenizer (thread-safe, cached);
     # None when the engine cannot apply constraints: such requests are then a 400.
     constraints: ConstraintCompiler | None = None
-    # Stored responses of /v1/responses (`store`); None: nothing is stored.
-    responses: ResponseStore | None = None
 
 
 @dataclass

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 from app.api.dialect_tgi import TGIDialect
-from app.core import FinishReason, SamplingParams, TokenDelta, Usage
+from app.api.schemas_tgi import GenerateRequest
+from app.api.state import Limits
+from app.core import FinishReason, TokenDelta, Usage
+from tests.api.conftest import fake_settings
+
+PROMPT = "One two three"
 
 
 def render_all(deltas: list[TokenDelta], tokenizer) -> list[dict]:
-    dialect = TGIDialect(
-        "id", [1, 2, 3], SamplingParams(temperature=0.0), True, tokenizer=tokenizer
-    )
+    """The events of a greedy /generate_stream request of PROMPT, given the deltas."""
+    limits = Limits(fake_settings(tokenizer.model_dir), 2048, tokenizer.vocab_size)
+    serving = SimpleNamespace(limits=limits, tokenizer=tokenizer)
+    dialect = TGIDialect(GenerateRequest(inputs=PROMPT), serving, "id", True)
     frames = [frame for delta in deltas for frame in dialect.render_delta(0, delta)]
     return [json.loads(frame.decode()[len("data: ") :]) for frame in frames]
 
@@ -33,7 +40,7 @@ def test_text_goes_on_the_last_token_and_carries_over(http_tokenizer) -> None:
         "finish_reason": "length",
         "generated_tokens": 5,
         "seed": None,
-        "input_length": 3,
+        "input_length": len(http_tokenizer.encode(PROMPT)),
     }
     assert all(e["details"] is None for e in events[:-1])
 
