@@ -63,7 +63,7 @@ class LiveSnapshot:
     # Tokens sampled in each of the last `window_s` whole seconds, oldest first.
     output_tokens_per_second: list[int]
     recent_batch_sizes: list[int]  # sequences in each of the last steps, oldest first
-    steps_last_window: int
+    steps: int  # engine steps in the window
     ttft_s: Percentiles  # requests that got a first token in the window
     itl_s: Percentiles  # inter-token gaps in the window
     errors_by_reason: dict[str, int]  # since start
@@ -123,7 +123,7 @@ class LiveStats:
             output_tokens_per_s=sum(tokens[-RATE_SECONDS:]) / RATE_SECONDS,
             output_tokens_per_second=tokens,
             recent_batch_sizes=batch_sizes,
-            steps_last_window=sum(per_second.get(s, (0, 0))[1] for s in seconds),
+            steps=sum(per_second.get(s, (0, 0))[1] for s in seconds),
             ttft_s=percentiles(ttft),
             itl_s=percentiles(itl),
             errors_by_reason=errors,

@@ -130,7 +130,6 @@ class AdmissionController:
         self,
         max_queued: int,
         max_running: int,
-        server_timeout_s: float | None,
         *,
         max_sequences: int | None = None,
         max_tokens: int | None = None,
@@ -139,7 +138,6 @@ class AdmissionController:
     ) -> None:
         self.max_queued = max_queued
         self.max_running = max_running  # requests the scheduler can start at once
-        self.server_timeout_s = server_timeout_s  # LAMINA_REQUEST_TIMEOUT_S
         self.max_sequences = max_sequences  # None: unbounded
         self.max_tokens = max_tokens  # None: unbounded (until sized from the KV cache)
         self.client_share = client_share
@@ -162,7 +160,6 @@ class AdmissionController:
         return cls(
             settings.max_queued,
             settings.max_num_seqs,
-            settings.request_timeout_s,
             max_sequences=settings.max_num_seqs + queued_seqs,
             max_tokens=settings.max_admitted_tokens,
             client_share=settings.max_client_share,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from app.api.errors import APIError, invalid_request
+from app.api.errors import invalid_request
 from app.structured import CompiledConstraint, ConstraintCompiler, ConstraintError, ConstraintSpec
 
 PARAM = "response_format"
@@ -168,8 +168,4 @@ async def compile_constraint(
     except ConstraintError as exc:
         if requested.explain is not None:
             raise invalid_request(requested.explain(str(exc)), param=param) from None
-        raise constraint_refused(exc, param) from None
-
-
-def constraint_refused(exc: ConstraintError, param: str = PARAM) -> APIError:
-    return invalid_request(f"`{param}` cannot be enforced: {exc}", param=param)
+        raise invalid_request(f"`{param}` cannot be enforced: {exc}", param=param) from None

@@ -66,7 +66,11 @@ def _body_refusal(body: bytes) -> APIError | None:
         )
     offset = lone_surrogate_offset(body)
     if offset is not None:
-        return _lone_surrogate(offset)
+        return invalid_request(
+            f"request body is not valid Unicode text: a lone UTF-16 surrogate escape at "
+            f"byte {offset}; strings must be valid Unicode",
+            code="invalid_unicode",
+        )
     if body.count(b"[") + body.count(b"{") >= _DEPTH_CHECK_BRACKETS:
         try:
             json.loads(body)
@@ -82,14 +86,6 @@ def _body_refusal(body: bytes) -> APIError | None:
 
 def _too_large(limit_bytes: int, got: str) -> APIError:
     return request_too_large(f"request body is {got}; at most {limit_bytes} bytes are allowed")
-
-
-def _lone_surrogate(offset: int) -> APIError:
-    return invalid_request(
-        f"request body is not valid Unicode text: a lone UTF-16 surrogate escape at "
-        f"byte {offset}; strings must be valid Unicode",
-        code="invalid_unicode",
-    )
 
 
 class BodyGuard:

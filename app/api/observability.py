@@ -55,10 +55,6 @@ def accept_request_id(value: str | None) -> str | None:
     return value if _SAFE_REQUEST_ID.fullmatch(value) else None
 
 
-def generate_request_id() -> str:
-    return uuid.uuid4().hex
-
-
 # --- the middleware ----------------------------------------------------------------------
 
 
@@ -114,7 +110,7 @@ class ObservabilityMiddleware:
             return
         given = accept_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER))
         record = RequestRecord(
-            request_id=given or generate_request_id(),
+            request_id=given or uuid.uuid4().hex,
             id_from_client=given is not None,
             method=scope["method"],
             path=scope["path"],

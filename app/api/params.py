@@ -16,7 +16,7 @@ from app.api.prompts import check_token_ids, encode_chat, encode_prompt, named_p
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from app.api.schemas_tgi import GenerateParameters, GenerateRequest
 from app.api.state import Limits
-from app.api.tool_calls import ToolRequest, tool_request
+from app.api.tool_calls import ToolRequest, checked_tools
 from app.api.unimplemented import refuse_unimplemented
 from app.core import SamplingParams
 from app.tokenizer import Tokenizer
@@ -267,7 +267,9 @@ def chat_inputs(
             param="prompt_logprobs",
         )
     params = with_prompt_logprobs(params, body, limits, None)
-    tools = tool_request(body, tokenizer.tool_call_format)
+    tools = checked_tools(
+        body.tools or [], body.tool_choice, body.parallel_tool_calls, tokenizer.tool_call_format
+    )
     prompt = encode_chat(
         body.messages, tokenizer, body.add_generation_prompt is not False, tools.prompt_tools
     )

@@ -35,10 +35,10 @@ from app.api.schemas_embeddings import EmbeddingRequest, EmbeddingResponse, Embe
 from app.api.schemas_tgi import GenerateRequest, GenerateResponse, Info, StreamResponse
 from app.api.state import ServerState, ServingDep, StateDep, serving_or_503
 
-openai_router = APIRouter(tags=["OpenAI"])
+openai_router = APIRouter(tags=["OpenAI"], responses=ERROR_RESPONSES)
 tgi_router = APIRouter(tags=["TGI"])
 # Embeddings run through the same driver (admission, deadline, engine, usage, record).
-embeddings_router = APIRouter()
+embeddings_router = APIRouter(responses=ERROR_RESPONSES)
 
 
 async def admit(request: Request) -> AsyncIterator[Call]:
@@ -51,7 +51,7 @@ async def admit(request: Request) -> AsyncIterator[Call]:
     admission = state.admission
     client = client_of(request, bool(state.settings.api_keys))
     ticket = admission.admit(client)
-    deadline = Deadline.after(effective_timeout_s(header_s, admission.server_timeout_s))
+    deadline = Deadline.after(effective_timeout_s(header_s, state.settings.request_timeout_s))
     try:
         yield Call(request, serving, record, ticket, deadline, state.key_priorities.get(client))
     finally:
@@ -78,7 +78,6 @@ TGI_STREAM = RouteFacts(generates=True, tgi_errors=True, event_model=StreamRespo
 @openai_router.post(
     declare("/v1/completions", COMPLETIONS),
     response_model=CompletionResponse,
-    responses=ERROR_RESPONSES,
     summary="Complete a prompt (streams server-sent events when `stream` is true)",
 )
 async def create_completion(body: CompletionRequest, call: CallDep):
@@ -88,7 +87,6 @@ async def create_completion(body: CompletionRequest, call: CallDep):
 @openai_router.post(
     declare("/v1/chat/completions", CHAT),
     response_model=ChatCompletionResponse,
-    responses=ERROR_RESPONSES,
     summary="Answer a conversation (streams server-sent events when `stream` is true)",
 )
 async def create_chat_completion(body: ChatCompletionRequest, call: CallDep):
@@ -148,7 +146,6 @@ TGI_EMBED = RouteFacts(generates=True, tgi_errors=True)
 @embeddings_router.post(
     declare("/v1/embeddings", EMBEDDINGS),
     response_model=EmbeddingResponse,
-    responses=ERROR_RESPONSES,
     tags=["OpenAI"],
     summary="Embed texts or token ids: the model's final hidden states, pooled, unit length",
 )
@@ -159,7 +156,6 @@ async def create_embeddings(body: EmbeddingRequest, call: CallDep):
 @embeddings_router.post(
     declare("/embed", TGI_EMBED),
     response_model=list[list[float]],
-    responses=ERROR_RESPONSES,
     tags=["TGI"],
     summary="Embed texts (text-embeddings-inference): one vector per input",
 )

@@ -22,17 +22,15 @@ from app.api.schemas_misc import (
 )
 from app.api.state import Phase, Serving, ServingDep, StateDep
 
-health_router = APIRouter(tags=["Health"])
-router = APIRouter(tags=["Models and tokenizer"])
-worker_router = APIRouter(tags=["Routers in front of lamina"])
-
 UNAVAILABLE = {503: {"model": ErrorResponse, "description": "Not alive / not ready"}}
+health_router = APIRouter(tags=["Health"], responses=UNAVAILABLE)
+router = APIRouter(tags=["Models and tokenizer"], responses=ERROR_RESPONSES)
+worker_router = APIRouter(tags=["Routers in front of lamina"], responses=ERROR_RESPONSES)
 
 
 @health_router.get(
     declare("/health", PROBE),
     response_model=StatusResponse,
-    responses=UNAVAILABLE,
     summary="Liveness",
 )
 async def health(state: StateDep):
@@ -48,7 +46,6 @@ async def health(state: StateDep):
 @health_router.get(
     declare("/ready", PROBE),
     response_model=StatusResponse,
-    responses=UNAVAILABLE,
     summary="Readiness",
 )
 async def ready(state: StateDep):
@@ -70,18 +67,18 @@ def _model_card(serving: Serving) -> ModelCard:
     )
 
 
-@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+@router.get("/v1/models", response_model=ModelList)
 async def list_models(serving: ServingDep) -> ModelList:
     return ModelList(data=[_model_card(serving)])
 
 
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, serving: ServingDep) -> ModelCard:
     serving.model.check_named(model_id)
     return _model_card(serving)
 
 
-@router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+@router.post("/tokenize", response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, serving: ServingDep) -> TokenizeResponse:
     """Token ids of a prompt, or of chat messages rendered with the chat template."""
     serving.model.check_named(body.model)
@@ -98,7 +95,7 @@ async def tokenize(body: TokenizeRequest, serving: ServingDep) -> TokenizeRespon
     )
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+@router.post("/detokenize", response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, serving: ServingDep) -> DetokenizeResponse:
     serving.model.check_named(body.model)
     check_token_ids(body.tokens, "tokens", serving.limits.vocab_size)
@@ -121,7 +118,6 @@ async def detokenize(body: DetokenizeRequest, serving: ServingDep) -> Detokenize
 @worker_router.get(
     "/server_info",
     response_model=ServerInfo,
-    responses=ERROR_RESPONSES,
     summary="Served model and engine limits, for a router registering this replica",
 )
 async def server_info(serving: ServingDep, state: StateDep) -> ServerInfo:
@@ -139,7 +135,6 @@ async def server_info(serving: ServingDep, state: StateDep) -> ServerInfo:
 @worker_router.get(
     "/model_info",
     response_model=ModelInfoResponse,
-    responses=ERROR_RESPONSES,
     summary="The served model's type and architectures, for a router",
 )
 async def model_info(serving: ServingDep) -> ModelInfoResponse:

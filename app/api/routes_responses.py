@@ -23,7 +23,7 @@ from app.api.schemas_responses import (
 )
 from app.api.state import Serving, ServingDep
 
-responses_router = APIRouter(tags=["OpenAI"])
+responses_router = APIRouter(tags=["OpenAI"], responses=ERROR_RESPONSES)
 
 RESPONSES = RouteFacts(generates=True, event_model=ResponseStreamEvent)
 
@@ -31,7 +31,6 @@ RESPONSES = RouteFacts(generates=True, event_model=ResponseStreamEvent)
 @responses_router.post(
     declare("/v1/responses", RESPONSES),
     response_model=ResponseObject,
-    responses=ERROR_RESPONSES,
     summary="Create a response (streams typed server-sent events when `stream` is true)",
 )
 async def create_response(body: ResponsesRequest, call: CallDep):
@@ -39,7 +38,7 @@ async def create_response(body: ResponsesRequest, call: CallDep):
 
 
 def stored_or_404(serving: Serving, response_id: str) -> StoredResponse:
-    stored = serving.responses.get(response_id) if serving.responses is not None else None
+    stored = serving.responses.get(response_id)
     if stored is None:
         raise response_not_found(response_id)
     return stored
@@ -48,7 +47,6 @@ def stored_or_404(serving: Serving, response_id: str) -> StoredResponse:
 @responses_router.get(
     "/v1/responses/{response_id}",
     response_model=ResponseObject,
-    responses=ERROR_RESPONSES,
     summary="A stored response, as it is now (in_progress while it runs)",
 )
 async def retrieve_response(response_id: str, serving: ServingDep) -> ResponseObject:
@@ -58,20 +56,17 @@ async def retrieve_response(response_id: str, serving: ServingDep) -> ResponseOb
 @responses_router.delete(
     "/v1/responses/{response_id}",
     response_model=DeletedResponse,
-    responses=ERROR_RESPONSES,
     summary="Forget a stored response (one still running keeps running)",
 )
 async def delete_response(response_id: str, serving: ServingDep) -> DeletedResponse:
-    stored_or_404(serving, response_id)
-    assert serving.responses is not None
-    serving.responses.delete(response_id)
+    if not serving.responses.delete(response_id):
+        raise response_not_found(response_id)
     return DeletedResponse(id=response_id)
 
 
 @responses_router.post(
     "/v1/responses/{response_id}/cancel",
     response_model=ResponseObject,
-    responses=ERROR_RESPONSES,
     summary="Stop a running stored response now; it ends with status `cancelled`",
 )
 async def cancel_response(response_id: str, serving: ServingDep) -> ResponseObject:

@@ -17,7 +17,6 @@ from app import __version__
 from app.api.route_facts import PROBE, declare
 from app.api.state import ServerState, StateDep
 from app.config import Settings
-from app.live_stats import LiveSnapshot
 from app.metrics import read_engine_counters
 
 router = APIRouter(tags=["Health"])
@@ -94,18 +93,6 @@ def key_settings(settings: Settings) -> dict[str, object]:
     }
 
 
-def _last_minute(live: LiveSnapshot) -> LastMinute:
-    return LastMinute(
-        window_s=live.window_s,
-        output_tokens_per_s=live.output_tokens_per_s,
-        output_tokens_per_second=live.output_tokens_per_second,
-        recent_batch_sizes=live.recent_batch_sizes,
-        steps=live.steps_last_window,
-        ttft_s=LatencyPercentiles(**vars(live.ttft_s)),
-        itl_s=LatencyPercentiles(**vars(live.itl_s)),
-    )
-
-
 def _engine_now(state: ServerState) -> EngineNow | None:
     if state.serving is None:
         return None
@@ -136,7 +123,7 @@ async def status(request: Request, state: StateDep) -> StatusReport:
         uptime_s=round(time.monotonic() - state.started_monotonic, 3),
         model=model,
         engine=_engine_now(state),
-        last_minute=_last_minute(live),
+        last_minute=LastMinute.model_validate(live, from_attributes=True),
         errors_by_reason=live.errors_by_reason,
         settings=key_settings(state.settings),
     )

@@ -25,7 +25,6 @@ from typing import Any
 from app.api.constraints import RequestedConstraint
 from app.api.errors import invalid_request
 from app.api.schemas import (
-    ChatCompletionRequest,
     ChatResponseMessage,
     DeltaFunction,
     DeltaToolCall,
@@ -109,13 +108,6 @@ class ToolRequest:
         )
 
 
-def tool_request(body: ChatCompletionRequest, call_format: ToolCallFormat) -> ToolRequest:
-    """The request's tools, checked (a 400 naming the field on the first broken rule),
-    for a model that writes calls in `call_format`."""
-    tools, choice, parallel = body.tools or [], body.tool_choice, body.parallel_tool_calls
-    return checked_tools(tools, choice, parallel, call_format)
-
-
 def checked_tools(
     definitions: list[ToolDefinition],
     tool_choice: str | NamedToolChoice | None,
@@ -123,8 +115,9 @@ def checked_tools(
     call_format: ToolCallFormat,
     name_field: str = "function.name",
 ) -> ToolRequest:
-    """Tools in chat completions' shape, checked (the Responses API converts to it; its
-    tools name their function at `name_field` "name")."""
+    """Tools in chat completions' shape, checked: a 400 naming the field on the first
+    broken rule, for a model that writes calls in `call_format` (the Responses API
+    converts its tools to this shape; they name their function at `name_field` "name")."""
     tools = tuple(tool.model_dump(exclude_none=True) for tool in definitions)
     names = [tool["function"]["name"] for tool in tools]
     for index, name in enumerate(names):

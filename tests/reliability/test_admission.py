@@ -30,7 +30,7 @@ COMPLETION = {"prompt": "Hello", "max_tokens": 4}
 
 
 async def test_waiting_is_bounded_by_queue_plus_free_running_slots() -> None:
-    controller = AdmissionController(max_queued=2, max_running=3, server_timeout_s=None)
+    controller = AdmissionController(max_queued=2, max_running=3)
     tickets = [controller.admit() for _ in range(5)]  # 3 may start at once, 2 may wait
     with pytest.raises(APIError) as refused:
         controller.admit()
@@ -66,7 +66,7 @@ async def test_an_engine_backlog_leaves_only_the_queue() -> None:
         def stats(self) -> Stats:
             return Stats(self.backlog, self.running)
 
-    controller = AdmissionController(max_queued=1, max_running=8, server_timeout_s=None)
+    controller = AdmissionController(max_queued=1, max_running=8)
     engine = BusyEngine()
     controller.watch_backlog(engine)
     engine.backlog = 5  # e.g. a full KV cache: the engine cannot start what it has
@@ -93,7 +93,7 @@ async def test_sequences_waiting_only_for_a_slot_are_not_a_backlog() -> None:
         def stats(self) -> Stats:
             return Stats(num_waiting=1, num_running=2)
 
-    controller = AdmissionController(max_queued=2, max_running=2, server_timeout_s=None)
+    controller = AdmissionController(max_queued=2, max_running=2)
     controller.watch_backlog(FullEngine())
     tickets = [controller.admit() for _ in range(4)]
     with pytest.raises(APIError):
@@ -103,7 +103,7 @@ async def test_sequences_waiting_only_for_a_slot_are_not_a_backlog() -> None:
 
 
 async def test_wait_idle_returns_when_the_last_request_ends() -> None:
-    controller = AdmissionController(max_queued=4, max_running=4, server_timeout_s=None)
+    controller = AdmissionController(max_queued=4, max_running=4)
     ticket = controller.admit()
     assert not await controller.wait_idle(0.01)
     asyncio.get_running_loop().call_later(0.05, controller.release, ticket)
@@ -123,7 +123,7 @@ class FakeClock:
 
 def weighing_controller(share: float = 1.0, clock=None) -> AdmissionController:
     return AdmissionController(
-        max_queued=8, max_running=8, server_timeout_s=None, max_sequences=10,
+        max_queued=8, max_running=8, max_sequences=10,
         max_tokens=1000, client_share=share, clock=clock or FakeClock(),
     )  # fmt: skip
 
@@ -202,7 +202,7 @@ async def test_one_client_takes_everything_alone_and_its_share_once_another_wait
 
 
 async def test_the_gate_holds_a_client_to_its_share_of_requests() -> None:
-    controller = AdmissionController(max_queued=2, max_running=2, server_timeout_s=None,
+    controller = AdmissionController(max_queued=2, max_running=2,
                                      client_share=0.5, clock=FakeClock())  # fmt: skip
     held = [controller.admit("a") for _ in range(4)]  # alone: every place
     error = refusal(lambda: controller.admit("b"))
@@ -285,7 +285,7 @@ async def test_stopping_a_run_aborts_every_engine_request_and_answers_with_the_e
 ) -> None:
     engine = FakeEngine(http_tokenizer, token_interval_s=10.0)  # nothing arrives in time
     engine.start()
-    controller = AdmissionController(max_queued=4, max_running=4, server_timeout_s=None)
+    controller = AdmissionController(max_queued=4, max_running=4)
     ticket = controller.admit()
     run = new_run(engine, ticket, [[1, 2], [3, 4]], n=2)
     reader = asyncio.ensure_future(run.collect())
@@ -307,7 +307,7 @@ async def test_the_first_delta_starts_the_ticket_and_closing_aborts_what_runs(
 ) -> None:
     engine = FakeEngine(http_tokenizer, token_interval_s=0.01)
     engine.start()
-    controller = AdmissionController(max_queued=4, max_running=4, server_timeout_s=None)
+    controller = AdmissionController(max_queued=4, max_running=4)
     ticket = controller.admit()
     run = new_run(engine, ticket, [[1, 2]])
     assert await run.next_batch(None)

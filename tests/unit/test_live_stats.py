@@ -49,7 +49,7 @@ def test_tokens_per_second_series_and_rate() -> None:
     snap = live.snapshot()
     assert snap.output_tokens_per_second == [7, 0, 0, 5, 0, 0, 0, 0, 0, 8]
     assert snap.output_tokens_per_s == pytest.approx(8 / RATE_SECONDS)
-    assert snap.steps_last_window == 4
+    assert snap.steps == 4
     assert snap.recent_batch_sizes == [3, 4, 5, 8]
 
 
@@ -80,7 +80,7 @@ def test_latencies_older_than_the_window_are_dropped() -> None:
     )  # fmt: skip
     clock.now = 200.0
     snap = live.snapshot()
-    assert snap.itl_s.count == 0 and snap.ttft_s.p50 is None and snap.steps_last_window == 0
+    assert snap.itl_s.count == 0 and snap.ttft_s.p50 is None and snap.steps == 0
 
 
 def test_errors_are_counted_by_reason() -> None:
