@@ -45,10 +45,11 @@ from app.api.tool_calls import ToolCallStreams, answer_message
 from app.core import FinishReason, TokenDelta, TokenLogprob
 
 
-def finish_name(reason: FinishReason | None) -> FinishReasonName | None:
-    """OpenAI's finish_reason."""
+def finish_name(reason: FinishReason | None, num_calls: int = 0) -> FinishReasonName | None:
+    """OpenAI's finish_reason; "tool_calls" for a chat answer with calls that ended as its
+    grammar or EOS allowed."""
     if reason is FinishReason.STOP:
-        return "stop"
+        return "tool_calls" if num_calls else "stop"
     if reason is FinishReason.LENGTH:
         return "length"
     return None
@@ -295,19 +296,12 @@ class ChatDialect(OpenAIDialect):
             index=index,
             delta=ChatDelta(content=text or None, tool_calls=calls or None),
             logprobs=logprobs,
-            finish_reason=self._finish(delta.finish_reason, num_calls) if delta else None,
+            finish_reason=finish_name(delta.finish_reason, num_calls) if delta else None,
             stop_reason=delta.stop_reason if delta else None,
         )
 
     def delta_logprobs(self, index: int, delta: TokenDelta) -> ChatLogprobs:
         return chat_logprobs(delta.logprobs, self.token_bytes)
-
-    @staticmethod
-    def _finish(reason: FinishReason | None, num_calls: int) -> FinishReasonName | None:
-        """ "tool_calls" for an answer with calls that ended as its grammar or EOS allowed."""
-        if reason is FinishReason.STOP and num_calls:
-            return "tool_calls"
-        return finish_name(reason)
 
     def final_choice(self, result: ChoiceResult) -> ChatChoice:
         message = ChatResponseMessage(content=result.text)
@@ -321,6 +315,6 @@ class ChatDialect(OpenAIDialect):
             logprobs=(
                 chat_logprobs(result.logprobs, self.token_bytes) if self.want_logprobs else None
             ),
-            finish_reason=self._finish(result.finish_reason, num_calls),
+            finish_reason=finish_name(result.finish_reason, num_calls),
             stop_reason=result.stop_reason,
         )

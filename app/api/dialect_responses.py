@@ -231,9 +231,9 @@ class ResponsesDialect(Dialect):
 
     # --- streaming ---------------------------------------------------------------------------
 
-    def _lifecycle(self, event_type: str, usage: Usage | None = None, error: str | None = None):
-        response = self.snapshot(usage, error)
-        self.writer.emit(ResponseLifecycleEvent, event_type, response=response)
+    def _lifecycle(self, event_type: str, response: ResponseObject | None = None) -> None:
+        """A `response.*` event carrying `response` (default: the response as it is now)."""
+        self.writer.emit(ResponseLifecycleEvent, event_type, response=response or self.snapshot())
 
     def opening(self) -> list[bytes]:
         self._lifecycle("response.created")
@@ -249,9 +249,9 @@ class ResponsesDialect(Dialect):
     def closing(self, usage: Usage) -> list[bytes]:
         response = self._finish(self.end_status, usage)
         event = "response.incomplete" if response.status == "incomplete" else "response.completed"
-        self.writer.emit(ResponseLifecycleEvent, event, response=response)
+        self._lifecycle(event, response)
         return self.writer.take()
 
     def stream_failure(self, error: APIError, tgi: bool) -> bytes:
-        self.writer.emit(ResponseLifecycleEvent, "response.failed", response=self._failed(error))
+        self._lifecycle("response.failed", self._failed(error))
         return b"".join(self.writer.take())
