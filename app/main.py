@@ -225,7 +225,6 @@ async def _bring_up(
             kernels=loaded.kernels,
         ),
         limits=Limits(settings, max_model_len, loaded.tokenizer.vocab_size),
-        keepalive_interval_s=settings.keepalive_interval_s,
         constraints=loaded.constraints,
         responses=ResponseStore(
             settings.responses_store_max_entries, settings.responses_store_ttl_s

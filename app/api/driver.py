@@ -224,7 +224,7 @@ async def drive(call: Call, dialect_type: DialectType, body: Any, stream: bool):
     dialect.on_start(run)
     if dialect.stream:
         tgi_errors = facts_for(call.request.url.path).tgi_errors
-        frames = run.frames(serving.keepalive_interval_s, tgi_errors)
+        frames = run.frames(serving.limits.settings.keepalive_interval_s, tgi_errors)
         return EventStreamResponse(frames, on_close=run.aclose)
     try:
         results = await unless_disconnected(call.request, run.collect())

@@ -123,7 +123,6 @@ class Serving:
     tokenizer: Tokenizer  # the HTTP layer's own instance, used on the event-loop thread only
     model: ModelInfo
     limits: Limits
-    keepalive_interval_s: float
     # Stored responses of /v1/responses (`store`), in this process's memory.
     responses: ResponseStore
     runs: set[Stoppable] = field(default_factory=set)  # generation requests running now
