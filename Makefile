@@ -7,6 +7,14 @@ STAMP := $(VENV)/.installed
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
+# Python writes each module's bytecode on its first import (`make install` leaves that to
+# it: --no-compile below). An environment with PYTHONDONTWRITEBYTECODE set (Python
+# container images, CI machines) would instead compile from source every module that
+# every process imports, every time: `make test` starts ~40 servers and more Python
+# subprocesses, each then compiling torch, transformers and the app again (a server's
+# start measured 10 s of CPU against 5-7 s with the bytecode written; docs/testing.md).
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: run test setup install weights lint format bench-engine bench-serve bench-kernels gpu-check container-check system-deps clean
 
 run: weights
@@ -25,7 +33,7 @@ install: $(STAMP)
 
 # --no-compile: pip would byte-compile all ~20,000 modules of the environment (about 50 s
 # of CPU measured, 40 % of the install); Python compiles the ones a process imports, once,
-# on first import instead (docs/testing.md).
+# on first import instead (docs/testing.md), PYTHONDONTWRITEBYTECODE unexported above.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(HAS_CUDA),1)
