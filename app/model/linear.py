@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,7 +48,15 @@ from torch import nn
 
 from app.model.host_memory import HugePageArena
 from app.native import NativeKernels, native_kernels
-from app.native.panels import BLOCK_BYTES, INT4, WEIGHT_KINDS, fits_blocks, weight_kind_name
+from app.native.panels import (
+    BLOCK_BYTES,
+    INT4,
+    WEIGHT_KINDS,
+    Int4Blocks,
+    fits_blocks,
+    pack_int4,
+    weight_kind_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -305,13 +314,22 @@ class Linear(nn.Module):
             self.register_parameter("bias", None)
         self.kernel: LinearKernel | None = None  # every row, or generated-kind rows
         self.prompt_kernel: LinearKernel | None = None  # prompt-kind rows, if they differ
+        # Set by the loader for a GGUF file's projections (loader.use_files_int4_blocks),
+        # read by an int4 plan: the file's own 4-bit blocks, read when packed (its weights
+        # exactly, not requantized), or whether the file stores it wider than 4 bits (then
+        # it keeps int8 blocks, as the output head does).
+        self.file_int4: Callable[[], Int4Blocks] | None = None
+        self.keeps_int8 = False
 
     def prepare_for_inference(
         self, plan: KernelPlan, invariance: RowInvariance, keep_weight: bool = False
     ) -> None:
         """Build this layer's kernel(s); drop the loaded weight unless a kernel reads it
         or `keep_weight` (a tied weight another module also uses)."""
+        if plan.weight_dtype == INT4 and self.keeps_int8:
+            plan = dataclasses.replace(plan, weight_dtype=torch.int8)
         self.kernel = self._build_kernel(plan, invariance)
+        self.file_int4 = None  # packed, or not wanted: let the file's blocks go
         drops_weight = self.kernel.drops_weight
         if plan.prompt is not None:
             self.prompt_kernel = self._build_kernel(plan.prompt, invariance)
@@ -321,7 +339,10 @@ class Linear(nn.Module):
 
     def _build_kernel(self, plan: KernelPlan, invariance: RowInvariance) -> LinearKernel:
         kernel_type = _kernel_type(plan)
-        kernel = kernel_type(self.weight, self.bias, plan)
+        if kernel_type is NativeLinearKernel:
+            kernel = NativeLinearKernel(self.weight, self.bias, plan, self.file_int4)
+        else:
+            kernel = kernel_type(self.weight, self.bias, plan)
         if plan.batch_invariant and not kernel.rows_invariant:
             # each kernel pads to its own calibrated row count
             key = (kernel_type.__name__, plan.weight_dtype, self.in_features, self.out_features)
@@ -412,11 +433,19 @@ class NativeLinearKernel(LinearKernel):
     sums stay fp32 (with bf16 panels each input row is rounded to bf16 inside the kernel;
     with int8 and 4-bit blocks each row is quantized to int8 per block of 32 inside the
     kernel, each block's dot product summed exactly in int32: app/native/int8.h).
-    A layer whose inputs are not whole blocks (a multiple of 32) keeps fp32 panels."""
+    A layer whose inputs are not whole blocks (a multiple of 32) keeps fp32 panels.
+    4-bit panels are made from `file_int4`'s blocks when given (a GGUF file's own), not by
+    quantizing the weight."""
 
     rows_invariant = True  # each element sums its K products in order: same bits for any M
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, plan: KernelPlan) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        plan: KernelPlan,
+        file_int4: Callable[[], Int4Blocks] | None = None,
+    ) -> None:
         super().__init__(weight, bias, plan)
         self.native = plan.native
         self.out_features = weight.shape[0]
@@ -425,13 +454,24 @@ class NativeLinearKernel(LinearKernel):
             dtype = torch.float32
         self.matmul_dtype = dtype
         # [N/64, K, 64], on huge pages: a single stream reads every panel for every token
-        self.panels = self.native.pack_weight(
-            weight.detach().float(), plan.arena.empty, dtype=dtype
-        )
+        if dtype == INT4 and file_int4 is not None:
+            self.panels = pack_int4(_blocks_of(weight, file_int4), plan.arena.empty)
+        else:
+            self.panels = self.native.pack_weight(
+                weight.detach().float(), plan.arena.empty, dtype=dtype
+            )
         self.bias = None if bias is None else bias.detach().float().contiguous()
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         return self.native.matmul(x, self.panels, self.bias, self.out_features)
+
+
+def _blocks_of(weight: torch.Tensor, file_int4: Callable[[], Int4Blocks]) -> Int4Blocks:
+    blocks = file_int4()
+    if blocks.q.shape != weight.shape:
+        raise ValueError(f"the file's 4-bit blocks are {tuple(blocks.q.shape)}, the weight "
+                         f"{tuple(weight.shape)}")  # fmt: skip
+    return blocks
 
 
 def _kernel_type(plan: KernelPlan) -> type[LinearKernel]:

@@ -23,12 +23,20 @@ from pathlib import Path
 
 import torch
 
+from app.model.checkpoint_names import (
+    MERGED_PARTS,
+    NUM_PARTS,
+    RENAMED,
+    TOP_LEVEL,
+    split_layer_name,
+)
 from app.model.config import ModelConfig, ModelLoadError, read_config_json
 from app.model.families import build_model, read_model_config
 from app.model.fused_layers import why_not_fused
 from app.model.generic import load_generic
 from app.model.gguf_folder import TENSOR_TABLE
 from app.model.linear import kernel_plan
+from app.native.panels import INT4
 
 logger = logging.getLogger(__name__)
 
@@ -84,42 +92,6 @@ def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, reader.get_tensor(name)
 
 
-# HF projection name -> (our merged module, position of this part in the merged weight)
-_MERGED_PARTS = {
-    "self_attn.q_proj": ("attn.qkv_proj", 0),
-    "self_attn.k_proj": ("attn.qkv_proj", 1),
-    "self_attn.v_proj": ("attn.qkv_proj", 2),
-    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
-    "mlp.up_proj": ("mlp.gate_up_proj", 1),
-}
-_NUM_PARTS = {"attn.qkv_proj": 3, "mlp.gate_up_proj": 2}
-_RENAMED = {
-    "self_attn.o_proj": "attn.o_proj",
-    "mlp.down_proj": "mlp.down_proj",
-    "input_layernorm": "input_norm",
-    "post_attention_layernorm": "post_attention_norm",
-    "pre_feedforward_layernorm": "pre_feedforward_norm",  # Gemma's extra norms
-    "post_feedforward_layernorm": "post_feedforward_norm",
-    "self_attn.qkv_proj": "attn.qkv_proj",  # Phi-3 stores them merged already
-    "mlp.gate_up_proj": "mlp.gate_up_proj",
-    "self_attn.q_norm": "attn.q_norm",  # Qwen3's per-head norms
-    "self_attn.k_norm": "attn.k_norm",
-}
-_TOP_LEVEL = {
-    "model.embed_tokens.weight": "embed_tokens.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
-
-
-def _split_layer_name(name: str) -> tuple[str, str, str] | None:
-    """'model.layers.3.mlp.up_proj.weight' -> ('layers.3', 'mlp.up_proj', 'weight')."""
-    if not name.startswith("model.layers."):
-        return None
-    _, _, index, *rest = name.split(".")
-    return f"layers.{index}", ".".join(rest[:-1]), rest[-1]
-
-
 def convert_checkpoint(
     tensors: Iterator[tuple[str, torch.Tensor]],
     config: ModelConfig,
@@ -133,19 +105,19 @@ def convert_checkpoint(
         if name.endswith("rotary_emb.inv_freq"):
             continue  # old checkpoints saved it; we recompute it from the config
         tensor = tensor.to(device=device, dtype=dtype)
-        if name in _TOP_LEVEL:
-            state[_TOP_LEVEL[name]] = tensor
+        if name in TOP_LEVEL:
+            state[TOP_LEVEL[name]] = tensor
             continue
-        parts = _split_layer_name(name)
+        parts = split_layer_name(name)
         if parts is None:
             raise ModelLoadError(f"unexpected tensor {name!r} in the checkpoint")
         layer, module, kind = parts
-        if module in _RENAMED:
-            state[f"{layer}.{_RENAMED[module]}.{kind}"] = tensor
-        elif module in _MERGED_PARTS:
-            merged, position = _MERGED_PARTS[module]
+        if module in RENAMED:
+            state[f"{layer}.{RENAMED[module]}.{kind}"] = tensor
+        elif module in MERGED_PARTS:
+            merged, position = MERGED_PARTS[module]
             key = f"{layer}.{merged}.{kind}"
-            slots = pending.setdefault(key, [None] * _NUM_PARTS[merged])
+            slots = pending.setdefault(key, [None] * NUM_PARTS[merged])
             slots[position] = tensor
             if all(part is not None for part in slots):
                 state[key] = torch.cat(slots, dim=0)
@@ -200,6 +172,10 @@ def load_model(
     num_parameters = sum({t.data_ptr(): t.numel() for t in state.values()}.values())
     del state  # the modules hold what they need; nothing else may keep checkpoint views
     plan = kernel_plan(device, dtype, weight_dtype, batch_invariant, kernels)
+    if plan is not None and plan.weight_dtype == INT4 and (model_dir / TENSOR_TABLE).is_file():
+        from app.model.gguf_int4 import use_files_int4_blocks
+
+        use_files_int4_blocks(model, model_dir)
     model.finish_loading(device, max_positions or config.max_position_embeddings, plan)
     if device.type == "cpu":
         _copy_out_of_checkpoint(model)

@@ -3,6 +3,10 @@ kernels' entry points and the decoder stack's descriptions."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 PANEL_COLUMNS = 64  # columns per packed weight panel (vector.h: PANEL)
@@ -66,18 +70,90 @@ def dequantize_int8(panels: torch.Tensor, out_features: int) -> torch.Tensor:
     return _block_columns((q.float() - 128) * scales.unsqueeze(2), out_features)
 
 
-def dequantize_int4(panels: torch.Tensor, out_features: int) -> torch.Tensor:
-    """4-bit panels -> the fp32 weight [N, K] the kernel multiplies by: q * scale +
-    minimum per column and block, with one rounding (the kernel's FMA; here in fp64)."""
+@dataclass(frozen=True)
+class Int4Blocks:
+    """4-bit weights as int4 panels hold them, by column rather than packed: each column's
+    weights for 32 consecutive k are q * scale + minimum (int4.h)."""
+
+    q: torch.Tensor  # [N, K] uint8, each in [0, 15]
+    scales: torch.Tensor  # [N, K / 32] fp32
+    minima: torch.Tensor  # [N, K / 32] fp32
+
+    def values(self) -> torch.Tensor:  # [N, K] fp32
+        """q * scale + minimum with one rounding (the kernel's FMA; here in fp64)."""
+        scales = self.scales.double().repeat_interleave(INT8_BLOCK, dim=1)
+        minima = self.minima.double().repeat_interleave(INT8_BLOCK, dim=1)
+        return (self.q.double() * scales + minima).float()
+
+    @staticmethod
+    def cat(parts: Sequence[Int4Blocks]) -> Int4Blocks:
+        """The parts' rows one after another (q, k, v merged into one projection)."""
+        fields = ([p.q for p in parts], [p.scales for p in parts], [p.minima for p in parts])
+        # numpy: torch.cat of these took 10x longer at load
+        return Int4Blocks(
+            *(torch.from_numpy(np.concatenate([t.numpy() for t in f])) for f in fields)
+        )
+
+
+def pack_int4(
+    blocks: Int4Blocks, allocate: Callable[..., torch.Tensor] = torch.empty
+) -> torch.Tensor:
+    """Int4Blocks [N, K] -> 4-bit panels [ceil(N / 64), K / 32, 1536] as the native packer
+    lays them out (int4.h: byte (p, c, i) of a block holds q[8p + i][c] in its low nibble
+    and q[8p + 4 + i][c] in its high one; then 64 scales and 64 minima), zero columns past
+    N. The inverse of unpack_int4: the weights stay what they are, nothing is rounded.
+    (In numpy: torch's strided uint8 copies took 20x longer.)"""
+    out_features, in_features = blocks.q.shape
+    if not fits_blocks(in_features):
+        raise ValueError(f"4-bit panels need in_features divisible by {INT8_BLOCK}")
+    num_panels, num_blocks = -(-out_features // PANEL_COLUMNS), in_features // INT8_BLOCK
+    columns = num_panels * PANEL_COLUMNS  # zero columns fill the last panel
+
+    def padded(per_column: torch.Tensor) -> np.ndarray:  # [N, ...] -> [columns, ...]
+        out = np.zeros((columns, *per_column.shape[1:]), per_column.numpy().dtype)
+        out[:out_features] = per_column.numpy()
+        return out
+
+    # k = 8p + 4h + i: [column, block, p, h, i] -> bytes [column, block, p, i]
+    q = padded(blocks.q).reshape(columns, num_blocks, INT8_BLOCK // 8, 2, 4)
+    pairs = q[:, :, :, 0] | (q[:, :, :, 1] << 4)
+    # -> [panel, block, p, column in panel, i]
+    quads = pairs.reshape(num_panels, PANEL_COLUMNS, num_blocks, INT8_BLOCK // 8, 4)
+    panels = allocate(panel_shape(out_features, in_features, INT4), dtype=INT4)
+    out = panels.numpy()
+    nibble_bytes = INT8_BLOCK * PANEL_COLUMNS // 2
+    out[:, :, :nibble_bytes] = quads.transpose(0, 2, 3, 1, 4).reshape(num_panels, num_blocks, -1)
+    tail = out[:, :, nibble_bytes:].view(np.float32)  # [P, B, 128]: scales, then minima
+    for offset, per_column in ((0, blocks.scales), (PANEL_COLUMNS, blocks.minima)):
+        by_block = padded(per_column.float()).reshape(num_panels, PANEL_COLUMNS, num_blocks)
+        tail[:, :, offset : offset + PANEL_COLUMNS] = by_block.transpose(0, 2, 1)
+    return panels
+
+
+def unpack_int4(panels: torch.Tensor, out_features: int) -> Int4Blocks:
+    """4-bit panels -> the blocks they hold, by column [N, K] (pack_int4's inverse)."""
     num_panels, num_blocks, _ = panels.shape
     nibble_bytes = INT8_BLOCK * PANEL_COLUMNS // 2
     quad_pairs = INT8_BLOCK // 8  # byte (p, c, i): k = 8p + i low, 8p + 4 + i high
     pairs = panels[:, :, :nibble_bytes].reshape(num_panels, num_blocks, quad_pairs, -1, 4)
     halves = [(pairs & 15).transpose(3, 4), (pairs >> 4).transpose(3, 4)]  # [P, B, 4, 4, 64]
-    q = torch.stack(halves, dim=3).reshape(num_panels, num_blocks, INT8_BLOCK, -1).double()
-    tail = panels[:, :, nibble_bytes:].contiguous().view(torch.float32).double()
-    scales, minima = tail[..., :PANEL_COLUMNS], tail[..., PANEL_COLUMNS:]  # [P, B, 64]
-    return _block_columns((q * scales.unsqueeze(2) + minima.unsqueeze(2)).float(), out_features)
+    q = torch.stack(halves, dim=3).reshape(num_panels, num_blocks, INT8_BLOCK, -1)
+    tail = panels[:, :, nibble_bytes:].contiguous().view(torch.float32)  # [P, B, 128]
+
+    def by_column(per_block: torch.Tensor) -> torch.Tensor:  # [P, B, 64] -> [N, B]
+        return per_block.transpose(1, 2).reshape(-1, num_blocks)[:out_features]
+
+    return Int4Blocks(
+        _block_columns(q, out_features).contiguous(),
+        by_column(tail[..., :PANEL_COLUMNS]).contiguous(),
+        by_column(tail[..., PANEL_COLUMNS:]).contiguous(),
+    )
+
+
+def dequantize_int4(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    """4-bit panels -> the fp32 weight [N, K] the kernel multiplies by: q * scale +
+    minimum per column and block, with one rounding (the kernel's FMA; here in fp64)."""
+    return unpack_int4(panels, out_features).values()
 
 
 def quantized_rows(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ def write_gguf(
     arch: str = "llama",
     num_tokens: int | None = None,
     quant: str | None = None,
+    quant_overrides: dict[str, str] | None = None,
 ) -> Path:
     """`folder`'s model as the GGUF file `out` (architecture `arch`); returns `out`.
 
@@ -39,7 +41,10 @@ def write_gguf(
     model with a vocabulary that small: reading a GGUF's metadata takes seconds per
     100k tokens. quant: a GGML quant type (`Q8_0`, `Q4_1`, ...) for the layers'
     projections, quantized by the `gguf` package as llama.cpp's quantizer does; the
-    rest stays F32."""
+    rest stays F32. quant_overrides: another type for the projections whose Hugging
+    Face name contains a key ({"v_proj": "Q6_K"}: a mix like llama.cpp's Q4_K_M). Types
+    the package cannot quantize (Q4_K, Q6_K) get random blocks (random_blocks), so their
+    weights are the file's own, not the folder's."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -61,9 +66,14 @@ def write_gguf(
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = num_heads if "q_proj" in name else num_kv_heads
             weight = _llama_cpp_permute(weight, heads)
-        if quant is not None and name.endswith("_proj.weight"):
-            qtype = gguf.GGMLQuantizationType[quant]
-            raw = gguf.quants.quantize(weight, qtype)
+        overrides = [t for key, t in (quant_overrides or {}).items() if key in name]
+        name_quant = overrides[0] if overrides else quant
+        if name_quant is not None and name.endswith("_proj.weight"):
+            qtype = gguf.GGMLQuantizationType[name_quant]
+            try:
+                raw = gguf.quants.quantize(weight, qtype)
+            except NotImplementedError:
+                raw = random_blocks(name_quant, weight.shape, seed=zlib.crc32(name.encode()))
             writer.add_tensor(gguf_name, raw, raw_shape=raw.shape, raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name, weight)
@@ -75,6 +85,27 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+# Where each block of these types keeps its fp16 numbers (d, and dmin for Q4_K), by byte
+# offset: random bytes elsewhere are valid blocks, random fp16 there could be inf or NaN.
+_FP16_FIELDS = {"Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(quant: str, shape: tuple[int, int], seed: int) -> np.ndarray:
+    """A [rows, columns] tensor of GGML type `quant` (Q4_K or Q6_K), made of random blocks:
+    random scales, minima and weights, fp16 numbers in [1e-4, 2e-4]. Its bytes, [rows,
+    bytes per row]."""
+    import gguf
+
+    block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[quant]]
+    rows, columns = shape
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, columns // block_size, type_size), dtype=np.uint8)
+    for offset in _FP16_FIELDS[quant]:
+        numbers = rng.uniform(1e-4, 2e-4, blocks.shape[:2]).astype(np.float16)
+        blocks[..., offset : offset + 2] = numbers[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
 
 
 def _rope(config: dict) -> dict:

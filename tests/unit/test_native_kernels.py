@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from app.native import NativeKernels, native_kernels
 from app.native import build as native_build
 from app.native.load import AMX_LOG
-from app.native.panels import INT4, dequantize_int4, dequantize_int8, quantized_rows
+from app.native.panels import (
+    INT4,
+    dequantize_int4,
+    dequantize_int8,
+    pack_int4,
+    quantized_rows,
+    unpack_int4,
+)
 from app.native.self_check import check_library, dense_causal_attention
 
 
@@ -567,6 +574,20 @@ def test_int4_matmul_is_the_fp32_sum_of_the_dequantized_weights(
     bound = (in_features + 1) * 2.0**-24 * (quantized.abs() @ dequantized.abs().double().T)
     error = (kernels.matmul(x, panels, bias, out_features).double() - expected).abs()
     assert (error <= bound + 2.0**-24 * bias.abs().double()).all(), (error - bound).max()
+
+
+@pytest.mark.parametrize("out_features", [64, 100])
+def test_int4_blocks_pack_as_the_native_packer_lays_them_out(native, out_features):
+    """pack_int4 (blocks given, a GGUF file's) and the native packer (blocks quantized from
+    the weight) write the same bytes for the same blocks: unpacking the native panels and
+    packing them again gives them back, padding columns included."""
+    weight = randn(out_features, 96, seed=1)
+    weight[3, 32:64] = -0.5  # a constant block: scale 0
+    panels = native.pack_weight(weight, dtype=INT4)
+    blocks = unpack_int4(panels, out_features)
+    assert blocks.q.shape == (out_features, 96) and blocks.scales.shape == (out_features, 3)
+    assert torch.equal(pack_int4(blocks), panels)
+    assert torch.equal(blocks.values(), dequantize_int4(panels, out_features))
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, INT4], ids=["int8", "int4"])
