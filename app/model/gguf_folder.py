@@ -79,11 +79,8 @@ def _build(gguf_path: Path, cache_dir: Path, folder: Path) -> None:
 # The projections' GGML type -> the weight storage that keeps their values. Q8_0 blocks
 # are lamina's int8 blocks (32 weights, scale = largest / 127: llama.cpp's quantizer
 # gives the largest q = +-127), so they come back bit for bit. Every other quantized type
-# is held in int8 blocks too, within 1/32 of a 4-bit step of the file's values: int8 is
-# also the faster kernel (README, Weight precision), and int4's blocks are the file's only
-# for Q4_1 quantized without an importance matrix (an imatrix search moves the scale
-# and minimum); requantizing Q4_0 into them adds ~6 % RMS error
-# (docs/gguf-and-hub-models.md).
+# is held in int8 blocks too, within 1/32 of a 4-bit step of the file's values, though
+# LAMINA_WEIGHT_DTYPE=int4 holds Q4_0, Q4_1 and Q4_K exactly (gguf_int4.py).
 _WEIGHT_DTYPE_OF_TYPE = {"F32": None, "F16": "float16", "BF16": "bfloat16", "Q8_0": "int8"}
 _PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
