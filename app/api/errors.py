@@ -47,15 +47,10 @@ class APIError(Exception):
         self.headers = headers
 
     def body(self, tgi: bool = False) -> dict[str, Any]:
-        """The envelope; with `tgi`, also TGI's `error_type`."""
-        body: dict[str, Any] = {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        """The envelope (ErrorResponse, as /docs shows it); with `tgi`, also TGI's
+        `error_type`."""
+        detail = ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+        body = ErrorResponse(error=detail).model_dump()
         if tgi:
             body["error_type"] = tgi_error_type(self.status_code)
         return body
