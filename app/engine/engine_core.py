@@ -97,6 +97,7 @@ def speculator_from(settings: Settings, runner: Runner) -> Speculator | None:
             settings.speculative_tokens,
             settings.speculative_max_batch,
             max_pass_tokens=max_pass_tokens,
+            prefix_caching=settings.enable_prefix_caching,
         )
     return NgramSpeculator(
         settings.speculative_tokens,

@@ -5,7 +5,14 @@ The draft model is a second Runner (app/model/runner.py loads it, app/model/draf
 checks its vocabulary) with its own small paged KV cache, in the same engine thread.
 Each speculating sequence has a shadow `Sequence` here: the same prompt, its output
 followed by the draft tokens being proposed, and its own block table in the draft's
-cache (a BlockManager of its own, without prefix caching). A step's drafts are
+cache (a BlockManager of its own).
+
+Prefix caching (when the served model has it): a new shadow starts from the draft
+blocks of the longest cached prefix of its prompt, so a system prompt or a chat's
+earlier turns are not computed again by the draft either. Only blocks full of
+confirmed tokens are registered (after a verify step's rollback, and after catching
+up), never blocks holding draft tokens that may be rejected: a registered block's K/V
+are always those of the tokens its hash names. A step's drafts are
 proposed for every planned sequence at once: one batched forward pass catches each
 shadow up to its sequence's last known token and samples draft token 0 there, then
 one pass per further draft position computes the previous draft token and samples the
@@ -59,6 +66,7 @@ class DraftModelSpeculator(Speculator):
         num_tokens: int,
         max_batch: int,
         max_pass_tokens: int = 512,
+        prefix_caching: bool = True,
         **rules,
     ) -> None:
         super().__init__(num_tokens, max_batch, **rules)
@@ -66,7 +74,7 @@ class DraftModelSpeculator(Speculator):
             raise ValueError("need max_pass_tokens >= 1")
         self.runner = draft_runner
         self.block_manager = BlockManager(
-            draft_runner.num_blocks, draft_runner.block_size, enable_prefix_caching=False
+            draft_runner.num_blocks, draft_runner.block_size, enable_prefix_caching=prefix_caching
         )
         self.max_pass_tokens = max_pass_tokens  # most tokens in a step's first draft pass
         self._shadows: dict[int, Sequence] = {}  # by the target sequence's seq_id
@@ -157,6 +165,8 @@ class DraftModelSpeculator(Speculator):
             self.num_forward_passes += 1
             for item in batch_items:
                 item.seq.num_computed_tokens += item.num_new_tokens
+            for chunk in chunks:  # confirmed tokens only: a catch-up stops short of drafts
+                self.block_manager.cache_full_blocks(chunk.seq)
             for i, item, output in zip(active, items, outputs):
                 item.seq.output_token_ids.append(output.token_id)
                 tokens[i].append(output.token_id)
@@ -176,6 +186,7 @@ class DraftModelSpeculator(Speculator):
         shadow.num_computed_tokens = min(shadow.num_computed_tokens, num_valid)
         del shadow.output_token_ids[num_valid - shadow.num_prompt_tokens :]
         self.block_manager.truncate(shadow, shadow.num_computed_tokens)
+        self.block_manager.cache_full_blocks(shadow)  # what it holds now is confirmed
 
     def preempted(self, seq: Sequence) -> None:
         """Its draft K/V go too: the draft cache is memory like the target's."""
@@ -192,7 +203,7 @@ class DraftModelSpeculator(Speculator):
             self.runner.release([shadow.seq_id])
 
     def _shadow(self, seq: Sequence) -> Sequence:
-        """seq's shadow, created with nothing computed the first time."""
+        """seq's shadow, created the first time from its prompt's cached prefix, if any."""
         shadow = self._shadows.get(seq.seq_id)
         if shadow is None:
             shadow = Sequence(
@@ -201,8 +212,24 @@ class DraftModelSpeculator(Speculator):
                 params=_GREEDY,
                 max_tokens=seq.max_tokens,
             )
+            self._start_from_cached_prefix(shadow)
             self._shadows[seq.seq_id] = shadow
         return shadow
+
+    def _start_from_cached_prefix(self, shadow: Sequence) -> None:
+        """Give a new shadow the draft blocks of its prompt's longest cached prefix, as
+        computed tokens, unless reviving them (cached blocks no sequence holds leave the
+        free pool) would take blocks promised to sequences planned before it."""
+        manager = self.block_manager
+        cached_block_ids = manager.match_prefix(shadow)
+        if not cached_block_ids:
+            return
+        num_revived = sum(1 for b in cached_block_ids if manager.ref_count(b) == 0)
+        if num_revived > manager.num_free_blocks - self._num_promised_blocks:
+            return
+        num_cached = len(cached_block_ids) * manager.block_size
+        manager.allocate(shadow, num_cached, cached_block_ids)
+        shadow.num_computed_tokens = num_cached
 
 
 def _num_new(shadow: Sequence, seq: Sequence, num_drafts: int) -> int:

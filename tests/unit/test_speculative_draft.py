@@ -43,6 +43,7 @@ def _run(
     num_spec_tokens: int = 4,
     draft_fails_on: int | None = None,
     max_pass_tokens: int = 512,
+    draft_prefix_caching: bool | None = None,
 ) -> tuple[dict[str, list[int]], Scheduler]:
     manager = BlockManager(num_blocks, BLOCK_SIZE, prefix_caching)
     draft_runner = FakeRunner(
@@ -54,7 +55,11 @@ def _run(
     speculator = None
     if speculative:
         speculator = DraftModelSpeculator(
-            draft_runner, num_spec_tokens, 64, max_pass_tokens=max_pass_tokens
+            draft_runner,
+            num_spec_tokens,
+            64,
+            max_pass_tokens=max_pass_tokens,
+            prefix_caching=prefix_caching if draft_prefix_caching is None else draft_prefix_caching,
         )
 
     def shadows_checked(scheduler: Scheduler) -> None:
@@ -127,6 +132,28 @@ def test_a_long_prompt_is_caught_up_in_chunks_not_in_one_pass():
     speculator = scheduler.speculator
     assert max(num_tokens for _, num_tokens in speculator.runner.batch_sizes) <= 8
     assert speculator.stats.num_accepted_tokens > 0
+
+
+def test_a_shared_prompt_prefix_is_drafted_once():
+    # Three 40-token prompts sharing their first 36 tokens; the served model's prefix
+    # cache on in both runs, the draft's on in one. A shadow started after another one
+    # registered the prefix's draft blocks starts from them: the draft computes that many
+    # tokens fewer, and every token is still the one without speculation.
+    prompts = [prompt[:36] + [70 + i] * 4 for i, prompt in enumerate(_prompts([40] * 3))]
+    runs = {
+        caching: _run(
+            prompts, speculative=True, draft_prefix_caching=caching, max_num_batched_tokens=16
+        )
+        for caching in (False, True)
+    }
+    assert runs[True][0] == runs[False][0] == _run(prompts, speculative=False)[0]
+    computed = {
+        caching: sum(tokens for _, tokens in scheduler.speculator.runner.batch_sizes)
+        for caching, (_, scheduler) in runs.items()
+    }
+    hits = runs[True][1].speculator.block_manager.prefix_cache_hits
+    assert hits >= 32  # at least one later shadow found 8 or 9 of the prefix's blocks
+    assert computed[True] == computed[False] - hits
 
 
 @settings(max_examples=40, deadline=None)
