@@ -6,7 +6,8 @@ workload (streaming completions of 64-word prompts, 64 new tokens, ignore_eos) a
 lamina and llama.cpp, one server at a time, at each `--streams` level, for `--rounds`
 rounds, the order of the servers alternating from round to round. Precisions pair
 LAMINA_WEIGHT_DTYPE with a GGUF type: fp32/F32, fp16/F16, bf16/BF16, int8/Q8_0,
-int4/Q4_0, int4-q4_1/Q4_1. `--lamina-gguf` adds lamina serving llama.cpp's own file.
+int4/Q4_0, int4-q4_1/Q4_1, int4-q4_k_m/Q4_K_M. `--lamina-gguf` adds lamina serving
+llama.cpp's own file, its weights stored in the precision's LAMINA_WEIGHT_DTYPE.
 `--workload repetitive` runs prompts that ask to repeat a document, where prompt
 lookup helps.
 

@@ -1,4 +1,4 @@
-"""The served model as GGUF files for llama.cpp: F32, F16, BF16, Q8_0, Q4_0 and Q4_1.
+"""The served model as GGUF files for llama.cpp: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K_M.
 
 F32, F16, BF16 and Q8_0 come from llama.cpp's own converter (`convert_hf_to_gguf.py
 --outtype`, run with the `gguf-py` of the same sources); Q4_0 and Q4_1 from `llama-quantize` on
@@ -18,9 +18,9 @@ from pathlib import Path
 
 from app.bench.peers_build import LlamaCpp, cache_root
 
-# GGUF type -> the converter's --outtype; Q4_0 and Q4_1 are not: llama-quantize makes them.
+# GGUF type -> the converter's --outtype; the 4-bit types are not: llama-quantize makes them.
 CONVERTER_OUTTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
-QUANTIZED_FROM_F32 = ("Q4_0", "Q4_1")
+QUANTIZED_FROM_F32 = ("Q4_0", "Q4_1", "Q4_K_M")
 
 
 def model_content_hash(folder: Path) -> str:

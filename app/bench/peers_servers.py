@@ -35,6 +35,10 @@ PRECISIONS = {
         # int4 keeps a minimum per block like Q4_1 (Q4_0 is symmetric): the like-for-like
         # 4-bit pair, beside the Q4_0 that llama.cpp's users mostly run.
         Precision("int4-q4_1", "int4", "Q4_1"),
+        # Ollama's default 4-bit file: Q4_K blocks, some projections in Q6_K. With
+        # --lamina-gguf lamina serves that very file (its Q4_K blocks as they are, the
+        # Q6_K projections in int8 blocks): the same weights in both servers.
+        Precision("int4-q4_k_m", "int4", "Q4_K_M"),
     )
 }
 
@@ -58,11 +62,12 @@ def parse_precisions(text: str) -> list[Precision]:
 
 
 def lamina_env(precision: Precision, threads: int, model: Path, extra: dict | None = None) -> dict:
-    """LAMINA_* settings of the lamina series in `precision` (model: folder or .gguf)."""
-    weight_dtype = "auto" if model.suffix == ".gguf" else precision.lamina_weight_dtype
+    """LAMINA_* settings of the lamina series in `precision` (model: folder or .gguf).
+    The precision's weight storage on a GGUF file too: on the file of the pair that is
+    what `auto` picks, except for 4-bit files, which `auto` widens to int8."""
     return {
         "LAMINA_MODEL": str(model),
-        "LAMINA_WEIGHT_DTYPE": weight_dtype,  # auto on a GGUF file keeps its precision
+        "LAMINA_WEIGHT_DTYPE": precision.lamina_weight_dtype,
         "LAMINA_NUM_THREADS": str(threads),
         **(extra or {}),
     }

@@ -9,7 +9,8 @@ tokens: the chunk token ids are read back from the file `llama-perplexity` write
 `--kl-divergence-base`, each chunk goes through lamina's engine as a prompt with
 `prompt_logprobs` (the path a client's scoring request takes), and the same positions
 are averaged. Precisions pair LAMINA_WEIGHT_DTYPE with a GGUF type as in the peers
-bench (fp32/F32, fp16/F16, bf16/BF16, int8/Q8_0, int4/Q4_0, int4-q4_1/Q4_1).
+bench (fp32/F32, fp16/F16, bf16/BF16, int8/Q8_0, int4/Q4_0, int4-q4_1/Q4_1,
+int4-q4_k_m/Q4_K_M).
 
 Writes JSON and prints a markdown table. A benchmark, not a test.
 """

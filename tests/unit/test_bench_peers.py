@@ -53,13 +53,14 @@ def test_each_precision_pairs_a_lamina_weight_dtype_with_a_gguf_type():
         "int8": ("int8", "Q8_0"),
         "int4": ("int4", "Q4_0"),
         "int4-q4_1": ("int4", "Q4_1"),
+        "int4-q4_k_m": ("int4", "Q4_K_M"),
     }
     # Every GGUF type is one the converter writes or llama-quantize makes from F32.
     makers = set(peers_gguf.CONVERTER_OUTTYPES) | set(peers_gguf.QUANTIZED_FROM_F32)
     assert {p.gguf_type for p in peers_servers.PRECISIONS.values()} <= makers
 
 
-def test_lamina_env_stores_weights_in_the_precision_or_keeps_a_gguf_files():
+def test_lamina_env_stores_weights_in_the_precision_on_a_folder_or_a_gguf_file():
     int8 = peers_servers.PRECISIONS["int8"]
     folder_env = peers_servers.lamina_env(int8, 2, Path("/m/smollm2"))
     assert folder_env == {
@@ -68,7 +69,10 @@ def test_lamina_env_stores_weights_in_the_precision_or_keeps_a_gguf_files():
         "LAMINA_NUM_THREADS": "2",
     }
     gguf_env = peers_servers.lamina_env(int8, 2, Path("/c/Q8_0.gguf"))
-    assert gguf_env["LAMINA_WEIGHT_DTYPE"] == "auto"
+    assert gguf_env["LAMINA_MODEL"] == "/c/Q8_0.gguf" and gguf_env["LAMINA_WEIGHT_DTYPE"] == "int8"
+    # 4-bit files in int4, as llama.cpp keeps them, not the int8 that `auto` would pick
+    q4_k_m = peers_servers.lamina_env(peers_servers.PRECISIONS["int4-q4_k_m"], 2, Path("/c/x.gguf"))
+    assert q4_k_m["LAMINA_WEIGHT_DTYPE"] == "int4"
 
 
 def test_llama_server_gets_a_slot_per_stream_and_the_same_threads():
