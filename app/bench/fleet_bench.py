@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from app.bench import fleet
-from app.bench.out_file import json_out_argument
+from app.bench.out_file import add_json_out
 from app.bench.serve_client import RequestRecord
 from app.bench.serve_stats import percentile
 
@@ -56,13 +56,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--drain", action="store_true", help="add the drain run")
     parser.add_argument("--setups", default="nginx,router", help="which fronts, in order")
-    default_out = Path("bench_results/fleet_bench.json")
-    parser.add_argument(
-        "--out",
-        type=json_out_argument(default_out),
-        default=default_out,
-        help="a .json file, or a folder to write fleet_bench.json into (default: %(default)s)",
-    )
+    add_json_out(parser, Path("bench_results/fleet_bench.json"))
     return parser.parse_args(argv)
 
 

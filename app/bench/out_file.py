@@ -11,6 +11,16 @@ import argparse
 from pathlib import Path
 
 
+def add_json_out(parser: argparse.ArgumentParser, default: Path) -> None:
+    """`--out`: where the command writes its JSON (default `default`), or a folder for it."""
+    parser.add_argument(
+        "--out",
+        type=json_out_argument(default),
+        default=default,
+        help=f"a .json file, or a folder to write {default.name} into (default: {default})",
+    )
+
+
 def json_out_argument(default: Path):
     """An argparse `type` for `--out`: a path to a .json file, or a folder to write
     `default.name` into (an existing folder, or one written with a trailing slash)."""

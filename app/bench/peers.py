@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 
 from app.bench import peers_report as report
-from app.bench.out_file import json_out_argument
+from app.bench.out_file import add_json_out
 from app.bench.peers_build import LLAMA_CPP_PYTHON_VERSION, find_or_build, given_server
 from app.bench.peers_gguf import ensure_gguf, gguf_dir, model_content_hash
 from app.bench.peers_servers import (
@@ -84,13 +84,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--llama-server", type=Path, help="an existing llama-server binary")
     parser.add_argument("--llama-cpp-version", default=LLAMA_CPP_PYTHON_VERSION)
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    default_out = Path("bench_results/peers.json")
-    parser.add_argument(
-        "--out",
-        type=json_out_argument(default_out),
-        default=default_out,
-        help="a .json file, or a folder to write peers.json into (default: %(default)s)",
-    )
+    add_json_out(parser, Path("bench_results/peers.json"))
     args = parser.parse_args(argv)
     for name, default in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, name) is None:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from app.bench.corpus import PASSAGE
-from app.bench.out_file import json_out_argument
+from app.bench.out_file import add_json_out
 from app.bench.peers import model_folder
 from app.bench.peers_build import (
     LLAMA_CPP_PYTHON_VERSION,
@@ -165,13 +165,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--text", type=Path, help="a UTF-8 text file (default: a fixed passage)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llama-cpp-version", default=LLAMA_CPP_PYTHON_VERSION)
-    default_out = Path("bench_results/perplexity.json")
-    parser.add_argument(
-        "--out",
-        type=json_out_argument(default_out),
-        default=default_out,
-        help="a .json file, or a folder to write perplexity.json into (default: %(default)s)",
-    )
+    add_json_out(parser, Path("bench_results/perplexity.json"))
     args = parser.parse_args(argv)
     args.precision_list = parse_precisions(args.precisions)
     return args

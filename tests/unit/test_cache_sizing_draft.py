@@ -10,7 +10,6 @@ import torch
 
 from app.config import Settings
 from app.model import cache_sizing
-from app.model import runner as runner_module
 from app.model.kv_cache import GIB, bytes_per_block
 
 
@@ -58,33 +57,3 @@ def test_a_block_count_override_holds_for_both_caches(measured_budget):
 def test_on_the_cpu_the_setting_is_the_served_cache_alone():
     settings = Settings(kv_cache_gb=0.25)
     assert _blocks(settings, "cpu", DRAFT) == _blocks(settings, "cpu")
-
-
-def test_start_up_loads_the_draft_before_sizing_the_caches(tiny_model_path, monkeypatch):
-    loads, sizings = [], []
-    load_draft_model = runner_module.load_draft_model
-    num_cache_blocks = runner_module.num_cache_blocks
-
-    def load_and_count(*args, **kwargs):
-        loads.append(args)
-        return load_draft_model(*args, **kwargs)
-
-    def size_and_note(*args, draft_config=None, **kwargs):
-        sizings.append((len(loads), draft_config))
-        return num_cache_blocks(*args, draft_config=draft_config, **kwargs)
-
-    monkeypatch.setattr(runner_module, "load_draft_model", load_and_count)
-    monkeypatch.setattr(runner_module, "num_cache_blocks", size_and_note)
-    settings = Settings(
-        model=tiny_model_path,
-        device="cpu",
-        block_size=4,
-        kv_cache_gb=0.002,
-        speculative="draft",
-        speculative_model=tiny_model_path,
-    )
-    runner = runner_module.ModelRunner.from_settings(settings)
-    draft = runner.draft_runner
-    assert sizings == [(1, draft.config)]  # the draft was in memory when the cache was sized
-    assert len(loads) == 1  # and was not loaded again for its runner
-    assert draft.num_blocks == runner.num_blocks

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from app.config import Settings
+from app.model import runner as runner_module
 from app.model.kv_cache import KVCache
 from app.model.llama import PanelEmbedding
 from app.model.loader import load_model
@@ -76,16 +77,20 @@ def test_the_runner_logs_where_memory_goes(tiny_model_path, caplog):
     assert record.rss_bytes > 0
 
 
-def test_the_draft_models_memory_is_accounted_on_its_own(tiny_model_path, caplog):
-    settings = Settings(
-        model=tiny_model_path,
+def _drafting(model_path) -> Settings:
+    """The tiny model served with a second copy of itself as its draft."""
+    return Settings(
+        model=model_path,
         device="cpu",
         block_size=4,
         kv_cache_gb=0.002,
         speculative="draft",
-        speculative_model=tiny_model_path,  # a second copy of the same model
+        speculative_model=model_path,
     )
-    runner = ModelRunner.from_settings(settings)
+
+
+def test_the_draft_models_memory_is_accounted_on_its_own(tiny_model_path, caplog):
+    runner = ModelRunner.from_settings(_drafting(tiny_model_path))
     runner.warmup()
     with caplog.at_level(logging.INFO, logger="app.model.memory_report"):
         report = runner.log_memory()
@@ -98,3 +103,25 @@ def test_the_draft_models_memory_is_accounted_on_its_own(tiny_model_path, caplog
     assert report.rest == report.rss - (
         report.weights + report.packed + report.tables + report.kv_resident + report.draft.held
     )
+
+
+def test_start_up_loads_the_draft_before_sizing_the_caches(tiny_model_path, monkeypatch):
+    loads, sizings = [], []
+    load_draft_model = runner_module.load_draft_model
+    num_cache_blocks = runner_module.num_cache_blocks
+
+    def load_and_count(*args, **kwargs):
+        loads.append(args)
+        return load_draft_model(*args, **kwargs)
+
+    def size_and_note(*args, draft_config=None, **kwargs):
+        sizings.append((len(loads), draft_config))
+        return num_cache_blocks(*args, draft_config=draft_config, **kwargs)
+
+    monkeypatch.setattr(runner_module, "load_draft_model", load_and_count)
+    monkeypatch.setattr(runner_module, "num_cache_blocks", size_and_note)
+    runner = runner_module.ModelRunner.from_settings(_drafting(tiny_model_path))
+    draft = runner.draft_runner
+    assert sizings == [(1, draft.config)]  # the draft was in memory when the cache was sized
+    assert len(loads) == 1  # and was not loaded again for its runner
+    assert draft.num_blocks == runner.num_blocks
