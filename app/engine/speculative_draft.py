@@ -73,8 +73,13 @@ class DraftModelSpeculator(Speculator):
         if max_pass_tokens < 1:
             raise ValueError("need max_pass_tokens >= 1")
         self.runner = draft_runner
+        # A draft that computes prompt and generated tokens with different kernels (fp16
+        # weights) hashes token kinds too, as the served model's cache does (engine_core)
         self.block_manager = BlockManager(
-            draft_runner.num_blocks, draft_runner.block_size, enable_prefix_caching=prefix_caching
+            draft_runner.num_blocks,
+            draft_runner.block_size,
+            enable_prefix_caching=prefix_caching,
+            hash_token_kinds=getattr(draft_runner, "splits_rows", False),
         )
         self.max_pass_tokens = max_pass_tokens  # most tokens in a step's first draft pass
         self._shadows: dict[int, Sequence] = {}  # by the target sequence's seq_id

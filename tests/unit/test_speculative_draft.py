@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.config import SettingsError, load_settings
-from app.core import Sequence
+from app.core import SamplingParams, Sequence
 from app.engine.block_manager import BlockManager
 from app.engine.engine_core import speculator_from
 from app.engine.scheduler import Scheduler
@@ -154,6 +154,25 @@ def test_a_shared_prompt_prefix_is_drafted_once():
     hits = runs[True][1].speculator.block_manager.prefix_cache_hits
     assert hits >= 32  # at least one later shadow found 8 or 9 of the prefix's blocks
     assert computed[True] == computed[False] - hits
+
+
+@pytest.mark.parametrize("splits_rows", [False, True])
+def test_a_draft_that_splits_rows_by_kind_shares_no_generated_kv_with_prompts(splits_rows):
+    # A draft with fp16 weights computes prompt and generated tokens with different
+    # kernels (splits_rows): a shadow whose prompt repeats another's output may then
+    # start only from the blocks that were prompt in both, as the served model's cache.
+    draft_runner = FakeRunner(block_size=BLOCK_SIZE, num_blocks=16)
+    draft_runner.splits_rows = splits_rows
+    speculator = DraftModelSpeculator(draft_runner, 4, 64)
+    first = Sequence("r", list(range(6)), SamplingParams(), max_tokens=100)
+    shadow = speculator._shadow(first)  # blocks [0-3] prompt, [4-7] 2 prompt + 2 generated
+    shadow.output_token_ids += [6, 7, 8, 9, 10]
+    speculator.block_manager.append_slots(shadow, shadow.num_tokens)
+    shadow.num_computed_tokens = shadow.num_tokens
+    speculator.block_manager.cache_full_blocks(shadow)
+    follow_up = Sequence("r", list(range(13)), SamplingParams(), max_tokens=100)
+    num_shared_blocks = 1 if splits_rows else 2
+    assert speculator._shadow(follow_up).num_computed_tokens == num_shared_blocks * BLOCK_SIZE
 
 
 @settings(max_examples=40, deadline=None)
