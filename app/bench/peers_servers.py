@@ -37,7 +37,7 @@ PRECISIONS = {
         Precision("int4-q4_1", "int4", "Q4_1"),
         # Ollama's default 4-bit file: Q4_K blocks, some projections in Q6_K. With
         # --lamina-gguf lamina serves that very file (its Q4_K blocks as they are, the
-        # Q6_K projections in int8 blocks): the same weights in both servers.
+        # Q6_K projections and the head in int8 blocks): the same Q4_K weights in both servers.
         Precision("int4-q4_k_m", "int4", "Q4_K_M"),
     )
 }
