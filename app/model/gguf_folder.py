@@ -21,6 +21,7 @@ from pathlib import Path
 
 from app.model.config import ModelLoadError
 from app.model.gguf import gguf_config, open_gguf, tensor_table
+from app.model.gguf_int4 import EXACT_INT4_TYPES, WIDER_THAN_4_BITS, projection_types
 
 logger = logging.getLogger(__name__)
 
@@ -78,28 +79,31 @@ def _build(gguf_path: Path, cache_dir: Path, folder: Path) -> None:
 
 # The projections' GGML type -> the weight storage that keeps their values. Q8_0 blocks
 # are lamina's int8 blocks (32 weights, scale = largest / 127: llama.cpp's quantizer
-# gives the largest q = +-127), so they come back bit for bit. Every other quantized type
-# is held in int8 blocks too, within 1/32 of a 4-bit step of the file's values, though
-# LAMINA_WEIGHT_DTYPE=int4 holds Q4_0, Q4_1 and Q4_K exactly (gguf_int4.py).
+# gives the largest q = +-127), so they come back bit for bit.
 _WEIGHT_DTYPE_OF_TYPE = {"F32": None, "F16": "float16", "BF16": "bfloat16", "Q8_0": "int8"}
-_PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
 def file_weight_dtype(folder: Path) -> str | None:
     """LAMINA_WEIGHT_DTYPE's `auto` for a folder written from a GGUF file: the storage
     that keeps its projections' precision (None: the model dtype, for F32 files and
-    safetensors folders)."""
+    safetensors folders).
+
+    int4 where the 4-bit projections are Q4_0, Q4_1 or Q4_K, which int4 packs from the
+    file's own blocks (gguf_int4.py; wider ones, as Q4_K_M's Q6_K, in int8 blocks): the
+    file's values exactly, in two thirds of int8's memory, and on a 2-vCPU Xeon with AMX
+    1.28-1.29x int8's tokens/s for one stream, 1.06-1.07x at 8, 0.91-0.93x at 32
+    (docs/gguf-and-hub-models.md). int8 for any other quantized file (Q2_K, Q3_K, IQ types):
+    within 1/32 of a 4-bit step of its values, where int4 would requantize them."""
     path = folder / TENSOR_TABLE
     if not path.is_file():
         return None
-    table = json.loads(path.read_text())
-    types = {  # the projections' weights (their biases are always F32)
-        t["type"] for t in table if any(t["name"].endswith(f".{p}.weight") for p in _PROJECTIONS)
-    }
+    types = set(projection_types(json.loads(path.read_text())).values())
     if len(types) == 1 and next(iter(types)) in _WEIGHT_DTYPE_OF_TYPE:
         return _WEIGHT_DTYPE_OF_TYPE[next(iter(types))]
     if types <= {"F32", "F16", "BF16"}:
         return None  # mixed float types: the model dtype holds them all
+    if types & set(EXACT_INT4_TYPES) and types <= set(EXACT_INT4_TYPES) | WIDER_THAN_4_BITS:
+        return "int4"
     return "int8"
 
 

@@ -20,7 +20,6 @@ plan requantizes them, or keeps them in int8 blocks where the file holds them wi
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -34,7 +33,6 @@ from torch import nn
 from app.model.checkpoint_names import module_parts
 from app.model.config import read_config_json
 from app.model.gguf import _PERMUTED_QK, _unpermute, hf_tensor_name
-from app.model.gguf_folder import TENSOR_TABLE
 from app.native.panels import Int4Blocks
 
 EXACT_INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")
@@ -106,11 +104,11 @@ def int4_reader(
     return read
 
 
-def use_files_int4_blocks(model: nn.Module, model_dir: Path) -> None:
-    """Before an int4 plan packs a GGUF folder's model: give each projection the file's own
-    4-bit blocks where its parts are Q4_0, Q4_1 or Q4_K (no requantization), and keep in
-    int8 blocks those the file stores wider than its 4-bit ones (int4_storage)."""
-    table = json.loads((model_dir / TENSOR_TABLE).read_text())
+def use_files_int4_blocks(model: nn.Module, model_dir: Path, table: list[dict[str, Any]]) -> None:
+    """Before an int4 plan packs a GGUF folder's model (`table`: its gguf_tensors.json):
+    give each projection the file's own 4-bit blocks where its parts are Q4_0, Q4_1 or
+    Q4_K (no requantization), and keep in int8 blocks those the file stores wider than
+    its 4-bit ones (int4_storage)."""
     types = projection_types(table)
     read = int4_reader(next(model_dir.glob("*.gguf")), read_config_json(model_dir), table)
     file_has_4_bits = has_4_bit_projections(types)

@@ -175,7 +175,7 @@ def load_model(
     if plan is not None and plan.weight_dtype == INT4 and (model_dir / TENSOR_TABLE).is_file():
         from app.model.gguf_int4 import use_files_int4_blocks
 
-        use_files_int4_blocks(model, model_dir)
+        use_files_int4_blocks(model, model_dir, json.loads((model_dir / TENSOR_TABLE).read_text()))
     model.finish_loading(device, max_positions or config.max_position_embeddings, plan)
     if device.type == "cpu":
         _copy_out_of_checkpoint(model)

@@ -161,8 +161,9 @@ def test_quantized_projections_keep_their_values_in_the_same_blocks(
 
 def test_auto_weight_storage_follows_the_files_quant_type(tiny_models, tmp_path, caplog):
     """LAMINA_WEIGHT_DTYPE=auto keeps a quantized file's precision on the native CPU
-    kernels: int8 for Q8_0 (its own blocks) and for the other quantized types, F16 kept;
-    the model dtype for F32 files, and wherever the native kernels do not run."""
+    kernels: int8 for Q8_0 (its own blocks), int4 for Q4_0 and Q4_1 (their own blocks:
+    test_gguf_int4.py), F16 kept; the model dtype for F32 files, and wherever the native
+    kernels do not run."""
     from app.config import Settings
     from app.model.runner import weight_storage
 
@@ -170,8 +171,8 @@ def test_auto_weight_storage_follows_the_files_quant_type(tiny_models, tmp_path,
     cpu, fp32 = torch.device("cpu"), torch.float32
     expected = {
         ("llama", "Q8_0"): "int8",
-        ("llama", "Q4_1"): "int8",
-        ("llama", "Q4_0"): "int8",
+        ("llama", "Q4_1"): "int4",
+        ("llama", "Q4_0"): "int4",
         ("llama", "F16"): "float16",
         ("qwen2", "Q8_0"): "int8",  # its q/k/v biases stay F32 in the file
         ("qwen2", "F16"): "float16",

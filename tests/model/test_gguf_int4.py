@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from app.model import gguf_folder
+from app.model.gguf_folder import file_weight_dtype
 from app.model.gguf_int4 import decode_int4, int4_storage
 from app.model.linear import Linear
 from app.model.loader import load_model
@@ -117,6 +118,7 @@ def test_a_mix_keeps_its_wider_projections_in_int8_blocks(tiny_llama, tmp_path, 
     file_values, model = serve_gguf(
         tiny_llama, tmp_path / "mix.gguf", quant="Q4_K", quant_overrides=overrides
     )
+    assert file_weight_dtype(resolve_model_folder(tmp_path / "mix.gguf")) == "int4"  # auto
     kinds = {name: linear.kernel.panels.dtype for name, linear in projections(model).items()}
     assert kinds == {
         "layers.0.attn.qkv_proj": torch.int8,
