@@ -35,9 +35,10 @@ PRECISIONS = {
         # int4 keeps a minimum per block like Q4_1 (Q4_0 is symmetric): the like-for-like
         # 4-bit pair, beside the Q4_0 that llama.cpp's users mostly run.
         Precision("int4-q4_1", "int4", "Q4_1"),
-        # Ollama's default 4-bit file: Q4_K blocks, some projections in Q6_K. With
-        # --lamina-gguf lamina serves that very file (its Q4_K blocks as they are, the
-        # Q6_K projections and the head in int8 blocks): the same Q4_K weights in both servers.
+        # Ollama's default 4-bit file: Q4_K blocks, some projections in Q6_K (Q5_0 and
+        # Q8_0 where rows are no whole 256-weight superblocks, as the default model's
+        # 576). With --lamina-gguf lamina serves that very file: its Q4_K blocks as they
+        # are, the wider projections and the head in int8 blocks.
         Precision("int4-q4_k_m", "int4", "Q4_K_M"),
     )
 }
