@@ -47,7 +47,6 @@ logger = logging.getLogger(__name__)
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 _FP16_BYTES = 2
-_SUB_BLOCK = 32  # weights per lamina block, per Q4_0 / Q4_1 block and per Q4_K sub-block
 
 
 def projection_types(table: list[dict[str, Any]]) -> dict[str, str]:

@@ -314,7 +314,7 @@ class Linear(nn.Module):
             self.register_parameter("bias", None)
         self.kernel: LinearKernel | None = None  # every row, or generated-kind rows
         self.prompt_kernel: LinearKernel | None = None  # prompt-kind rows, if they differ
-        # Set by the loader for a GGUF file's projections (loader.use_files_int4_blocks),
+        # Set for a GGUF file's projections at load (gguf_int4.use_files_int4_blocks),
         # read by an int4 plan: the file's own 4-bit blocks, read when packed (its weights
         # exactly, not requantized), or whether the file stores it wider than 4 bits (then
         # it keeps int8 blocks, as the output head does).
