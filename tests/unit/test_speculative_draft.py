@@ -71,6 +71,10 @@ def _run(
         shadows_checked,
     )  # fmt: skip
     if speculator is not None:
+        # A draft whose K/V are not its tokens fails in its FakeRunner, which turns
+        # speculation off without changing any output: the identity checks alone would pass
+        if draft_fails_on is None:
+            assert speculator.max_batch >= 0, "the draft model failed: see the log"
         assert speculator.block_manager.num_used_blocks == 0, "a draft block leaked"
         assert not speculator._shadows, "a draft shadow outlived its sequence"
     return outputs, scheduler
