@@ -330,7 +330,7 @@ def _header(engines: list[Engine], args) -> str:
         else ""
     )
     precisions = "".join(
-        f"weights {e.weight_dtype}: matmuls in {e.runner.matmul_dtype}, "
+        f"weights {e.weight_dtype}: matmuls in {e.runner.kernel_summary()['matmul']}, "
         f"kernels={_kernels_label(e.runner.model)}, matmul peak {e.peak[0] / 1e9:.0f} "
         f"GFLOP/s ({e.peak[1]}, {e.peak[2]})\n"
         for e in engines

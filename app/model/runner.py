@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import math
 import threading
+from collections import Counter
 from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass
 
@@ -49,7 +50,7 @@ from app.model.loader import load_model
 from app.model.memory_report import MemoryReport, measure_memory
 from app.model.prompt_outputs import PromptOutputs
 from app.model.sampler import Sampler, SamplingRequest
-from app.native.panels import INT4
+from app.native.panels import INT4, weight_kind_name
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,26 @@ def draft_weight_dtype(
     if storage == "auto":
         storage = weight_storage(settings, device, dtype)
     return resolve_weight_dtype(storage, device, dtype)
+
+
+def matmul_storage(model: torch.nn.Module) -> str:
+    """How the linear layers' weights are stored, in words: one kind ("int4"), or each
+    kind with its number of projections ("int4 x 16, int8 x 104"), then the output
+    head's when it differs ("int4; head int8"). A GGUF file's 4-bit mix and int4's int8
+    head make one word misleading."""
+    head = getattr(model.lm_head, "kernel", None)
+    kinds = Counter(
+        weight_kind_name(module.kernel.matmul_dtype)
+        for module in model.modules()
+        if module is not model.lm_head and getattr(module, "kernel", None) is not None
+    )
+    layers = ", ".join(
+        kind if len(kinds) == 1 else f"{kind} x {count}" for kind, count in kinds.most_common()
+    )
+    head_kind = weight_kind_name(head.matmul_dtype if head is not None else model.dtype)
+    if not layers:
+        return head_kind
+    return layers if kinds.keys() == {head_kind} else f"{layers}; head {head_kind}"
 
 
 @dataclass
@@ -325,7 +346,7 @@ class ModelRunner:
         native = self.model.native
         summary = {
             "attention": self.attention_backend,
-            "matmul": str(self.matmul_dtype).removeprefix("torch."),
+            "matmul": matmul_storage(self.model),
             "native_library": native.build.describe() if native is not None else "none",
         }
         if self.device.type == "cpu":

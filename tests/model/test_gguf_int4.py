@@ -15,6 +15,7 @@ from app.model.gguf_folder import file_weight_dtype
 from app.model.gguf_int4 import decode_int4, int4_storage
 from app.model.linear import Linear
 from app.model.loader import load_model
+from app.model.runner import matmul_storage
 from app.native.panels import INT4, dequantize_int4, pack_int4
 from app.weights_source import resolve_model_folder
 from tests.model.gguf_writer import random_blocks, write_gguf
@@ -104,6 +105,7 @@ def test_int4_serves_the_files_4_bit_weights_exactly(tiny_llama, tmp_path, quant
         assert torch.equal(dequantize_int4(packed.kernel.panels, weight.shape[0]), weight), name
         assert packed.file_int4 is None  # read once, at packing
     assert model.lm_head.kernel.panels.dtype == torch.int8
+    assert matmul_storage(model) == "int4; head int8"  # what /status and the benches say
     assert model.fuse_layers
 
 
@@ -130,6 +132,7 @@ def test_a_mix_keeps_its_wider_projections_in_int8_blocks(tiny_llama, tmp_path, 
         "layers.1.mlp.gate_up_proj": INT4,
         "layers.1.mlp.down_proj": INT4,
     }
+    assert matmul_storage(model) == "int4 x 5, int8 x 3; head int8"
     for name, linear in projections(model).items():
         if kinds[name] == INT4:
             weight = file_values[name].weight
