@@ -51,8 +51,8 @@ def test_bench_engine_says_which_kernels_ran(native, tiny_model_path, capsys, mo
     argv += ["--prompt-len", "8", "--output-len", "4", "--no-baseline"]
     assert main([*argv, "--weight-dtype", "float32,bfloat16", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
-    assert "weights float32: matmuls in torch.float32, kernels=native, fused layers" in out
-    assert "weights bfloat16: matmuls in torch.bfloat16, kernels=native, fused layers" in out
+    assert "weights float32: matmuls in float32, kernels=native, fused layers" in out
+    assert "weights bfloat16: matmuls in bfloat16, kernels=native, fused layers" in out
     assert "FMA peak" in out and "best of 2" in out
     rows = table_rows(out)
     assert [(r[0], r[1]) for r in rows] == [("1", "float32"), ("1", "bfloat16")]
