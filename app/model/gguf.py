@@ -61,6 +61,13 @@ def open_gguf(path: Path):
     try:
         return GGUFReader(path)
     except (ValueError, KeyError, IndexError, OSError) as exc:
+        if isinstance(exc, ValueError) and "cannot reshape" in str(exc):
+            # The reader views each tensor's bytes in the memory map: a tensor running
+            # past the end of the file is a short slice that will not take its shape
+            raise ModelLoadError(
+                f"{path}: the file ends before its tensors' data does: a copy or download "
+                f"cut short? ({path.stat().st_size} bytes; {exc})"
+            ) from None
         # An unknown tensor type id fails here (GGMLQuantizationType(n)).
         raise ModelLoadError(
             f"{path}: not a GGUF file this `gguf` package can read ({exc}); lamina reads "

@@ -19,7 +19,7 @@ from app.model.kv_cache import KVCache
 from app.model.linear import Linear
 from app.model.loader import load_model
 from app.native.panels import INT4, dequantize_int4, dequantize_int8
-from app.weights_source import resolve_model_folder
+from app.weights_source import ModelSourceError, resolve_model_folder
 from tests.model.gguf_writer import write_gguf
 from tests.model.helpers import Chunk, NaiveBlockAllocator, model_logits, save_random_model
 
@@ -120,6 +120,14 @@ def test_the_gguf_folder_is_built_once(tiny_models, gguf_cache):
     assert resolve_model_folder(gguf_path) == first
     assert (first / "config.json").stat().st_mtime_ns == stamp
     assert not [p.name for p in gguf_cache.iterdir() if p.name.startswith(".")]  # no staging
+
+
+def test_a_file_cut_short_is_refused_as_such(tiny_models, tmp_path):
+    _, gguf_path = tiny_models["llama"]
+    short = tmp_path / "short.gguf"
+    short.write_bytes(gguf_path.read_bytes()[:-100])  # an interrupted download
+    with pytest.raises(ModelSourceError, match="ends before its tensors' data does"):
+        resolve_model_folder(short)
 
 
 # GGUF quant type -> lamina's weight dtype with the same blocks, and its dequantizer
