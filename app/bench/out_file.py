@@ -31,8 +31,9 @@ def json_out_argument(default: Path):
             return path / default.name
         if path.suffix != ".json":
             raise argparse.ArgumentTypeError(
-                f"{text}: expected a .json file or a folder (the table and the plot are "
-                "written beside the JSON, with its name)"
+                f"{text}: expected a .json file or a folder (an existing one, or a new one "
+                "written with a trailing /); the table and the plot are written beside the "
+                "JSON, with its name"
             )
         return path
 

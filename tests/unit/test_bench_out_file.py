@@ -29,6 +29,11 @@ def test_another_suffix_is_refused(tmp_path):
         json_out_argument(DEFAULT)(str(tmp_path / "results.txt"))
 
 
+def test_a_new_folder_without_a_slash_is_refused_saying_how_to_name_one(tmp_path):
+    with pytest.raises(argparse.ArgumentTypeError, match="written with a trailing /"):
+        json_out_argument(DEFAULT)(str(tmp_path / "results"))
+
+
 @pytest.mark.parametrize(
     ("parse", "name"),
     [
