@@ -88,3 +88,15 @@ def gguf_cache(tmp_path, monkeypatch):
     cache = tmp_path / "gguf-cache"
     monkeypatch.setattr(gguf_folder, "gguf_cache_dir", lambda: cache)
     return cache
+
+
+@pytest.fixture(scope="module")
+def module_gguf_cache(tmp_path_factory):
+    """An empty cache of GGUF conversions shared by a test module's tests (for modules
+    whose module-scoped models are converted once)."""
+    from app.model import gguf_folder
+
+    cache = tmp_path_factory.mktemp("gguf-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf_folder, "gguf_cache_dir", lambda: cache)
+        yield cache

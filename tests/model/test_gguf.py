@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from app.model import gguf_folder
 from app.model.config import ModelLoadError
 from app.model.gguf import _llama3_rope_scaling, llama3_rope_divisors
 from app.model.kv_cache import KVCache
@@ -46,13 +45,8 @@ NUM_TOKENS = 1024  # the tiny models' vocabulary: the default tokenizer's first 
 PROMPT = [1, 504, 345, 314, 649, 30, 216, 2, 17, 901, 12, 12, 1023]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def gguf_cache(tmp_path_factory):
-    """GGUF folders of these tests go to a temporary cache of their own."""
-    cache = tmp_path_factory.mktemp("gguf-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf_folder, "gguf_cache_dir", lambda: cache)
-        yield cache
+# GGUF folders of these tests go to a temporary cache of their own, built once per module.
+pytestmark = pytest.mark.usefixtures("module_gguf_cache")
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +107,13 @@ def test_rope_freqs_other_than_llama3s_are_refused(tmp_path):
         _llama3_rope_scaling(divisors, 500000.0, 64, tmp_path)
 
 
-def test_the_gguf_folder_is_built_once(tiny_models, gguf_cache):
+def test_the_gguf_folder_is_built_once(tiny_models, module_gguf_cache):
     _, gguf_path = tiny_models["llama"]
     first = resolve_model_folder(gguf_path)
     stamp = (first / "config.json").stat().st_mtime_ns
     assert resolve_model_folder(gguf_path) == first
     assert (first / "config.json").stat().st_mtime_ns == stamp
-    assert not [p.name for p in gguf_cache.iterdir() if p.name.startswith(".")]  # no staging
+    assert not [p.name for p in module_gguf_cache.iterdir() if p.name.startswith(".")]  # no staging
 
 
 def test_a_file_cut_short_is_refused_as_such(tiny_models, tmp_path):

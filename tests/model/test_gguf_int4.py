@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from app.model import gguf_folder
 from app.model.gguf_folder import file_weight_dtype
 from app.model.gguf_int4 import decode_int4, int4_storage
 from app.model.linear import Linear
@@ -26,13 +25,8 @@ NUM_TOKENS = 1024  # the tiny model's vocabulary: the default tokenizer's first 
 EXACT_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def gguf_cache(tmp_path_factory):
-    """GGUF folders of these tests go to a temporary cache of their own."""
-    cache = tmp_path_factory.mktemp("gguf-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(gguf_folder, "gguf_cache_dir", lambda: cache)
-        yield cache
+# GGUF folders of these tests go to a temporary cache of their own, built once per module.
+pytestmark = pytest.mark.usefixtures("module_gguf_cache")
 
 
 @pytest.fixture(scope="module")
