@@ -64,8 +64,9 @@ def parse_precisions(text: str) -> list[Precision]:
 
 def lamina_env(precision: Precision, threads: int, model: Path, extra: dict | None = None) -> dict:
     """LAMINA_* settings of the lamina series in `precision` (model: folder or .gguf).
-    The precision's weight storage on a GGUF file too: on the file of the pair that is
-    what `auto` picks, except for 4-bit files, which `auto` widens to int8."""
+    The precision's weight storage on a GGUF file too, named rather than left to `auto`
+    (which picks the same for each pair's file today), so that what a pair compares
+    does not move when `auto`'s rules do."""
     return {
         "LAMINA_MODEL": str(model),
         "LAMINA_WEIGHT_DTYPE": precision.lamina_weight_dtype,

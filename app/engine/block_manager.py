@@ -210,9 +210,12 @@ class BlockManager:
     ) -> bool:
         """Whether `allocate(seq, num_total_tokens, cached_block_ids)` would succeed."""
         num_new = self.num_blocks_for(num_total_tokens) - len(cached_block_ids)
-        # Reusing a cached block with ref count 0 takes it out of the free pool.
-        num_revived = sum(1 for b in cached_block_ids if self._blocks[b].ref_count == 0)
-        return num_new <= self.num_free_blocks - num_revived
+        return num_new <= self.num_free_blocks - self.num_revived(cached_block_ids)
+
+    def num_revived(self, cached_block_ids: SequenceOf[int]) -> int:
+        """Free blocks that sharing these cached blocks takes out of the free pool (the
+        ones no sequence holds: ref count 0)."""
+        return sum(1 for b in cached_block_ids if self._blocks[b].ref_count == 0)
 
     def allocate(
         self, seq: Sequence, num_total_tokens: int, cached_block_ids: SequenceOf[int] = ()

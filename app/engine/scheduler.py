@@ -414,7 +414,7 @@ class Scheduler:
             return False
         cached_block_ids, num_tokens = self._first_chunk(seq)
         needed = manager.num_blocks_for(num_tokens) - len(cached_block_ids)
-        needed += sum(1 for b in cached_block_ids if manager.ref_count(b) == 0)
+        needed += manager.num_revived(cached_block_ids)
         freed = sum(
             1 for victim in victims for b in victim.block_table if manager.ref_count(b) == 1
         )

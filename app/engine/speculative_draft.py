@@ -229,8 +229,9 @@ class DraftModelSpeculator(Speculator):
         cached_block_ids = manager.match_prefix(shadow)
         if not cached_block_ids:
             return
-        num_revived = sum(1 for b in cached_block_ids if manager.ref_count(b) == 0)
-        if num_revived > manager.num_free_blocks - self._num_promised_blocks:
+        if manager.num_revived(cached_block_ids) > (
+            manager.num_free_blocks - self._num_promised_blocks
+        ):
             return
         num_cached = len(cached_block_ids) * manager.block_size
         manager.allocate(shadow, num_cached, cached_block_ids)
