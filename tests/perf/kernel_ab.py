@@ -1,15 +1,16 @@
-"""A/B of two kernel libraries in one process: the int8 and 4-bit (or bf16) matmuls of one forward
-of the default model's shapes (every layer's qkv, o, gate_up, down, then the head), each
-library packing its own panels, interleaved, best of --repeats; fp32 of the current
-library beside them. For a kernel change, build the previous source's library first
-(`git stash; python -m app.native.build; git stash pop`: the path it prints) and pass it.
+"""A/B of two kernel libraries in one process: the int8 and 4-bit (or bf16, fp16, fp32)
+matmuls of one forward of the default model's shapes (every layer's qkv, o, gate_up, down,
+then the head), each library packing its own panels, interleaved, best of --repeats; fp32
+of the current library beside them. For a kernel change, build the previous source's
+library first (`git stash; python -m app.native.build; git stash pop`: the path it prints)
+and pass it.
 
 Where the new library has AMX tiles in use (amx.h), it also runs with them turned off
 ("vnni"; for bf16, AVX512-BF16's VDPBF16PS), so "amx over vnni" is AMX's own gain,
 measured in the same library.
 
 Run: `.venv/bin/python -m tests.perf.kernel_ab OLD.so [--rows 1,8,32] [--threads 1]
-[--dtypes int8,int4,bf16]`
+[--dtypes int8,int4,bf16,fp16,fp32]`
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from app.native.panels import INT4
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 576, 1536, 30, 49152  # SmolLM2-135M
 SHAPES = [(HIDDEN, 960), (HIDDEN, HIDDEN), (HIDDEN, 2 * INTERMEDIATE), (INTERMEDIATE, HIDDEN)]
 SHAPES = SHAPES * LAYERS + [(HIDDEN, VOCAB)]  # (in, out) of each matmul
-DTYPES = {"int8": torch.int8, "int4": INT4, "bf16": torch.bfloat16}
+DTYPES = {
+    "int8": torch.int8,
+    "int4": INT4,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+AMX_DTYPES = {"int8", "int4", "bf16"}  # the ones that take AMX tiles where in use
 
 
 def forward_ms(kernels: NativeKernels, panels: list[torch.Tensor], xs: dict) -> float:
@@ -59,8 +67,9 @@ def main() -> None:
     new = libraries["new"]
     with_amx = new.amx_status == "in use"
     if with_amx:  # the same panels, AMX turned off around each forward
-        variants |= {(name, "vnni"): variants[(name, "new")] for name in dtypes}
-    variants[("fp32", "new")] = (new, [new.pack_weight(w) for w in weights])
+        variants |= {(name, "vnni"): variants[(name, "new")] for name in AMX_DTYPES & set(dtypes)}
+    if "fp32" not in dtypes:  # the current library's fp32 beside the others, for scale
+        variants[("fp32", "new")] = (new, [new.pack_weight(w) for w in weights])
     del weights
     print(f"{len(SHAPES)} matmuls, {args.threads} threads, best of {args.repeats}, ms")
     for rows in map(int, args.rows.split(",")):
@@ -75,9 +84,11 @@ def main() -> None:
         speedups = "  ".join(
             f"{name} {best[(name, 'old')] / best[(name, 'new')]:.2f}x" for name in dtypes
         )
-        if with_amx:
+        if with_amx and AMX_DTYPES & set(dtypes):
             speedups += " | amx over vnni: " + "  ".join(
-                f"{name} {best[(name, 'vnni')] / best[(name, 'new')]:.2f}x" for name in dtypes
+                f"{name} {best[(name, 'vnni')] / best[(name, 'new')]:.2f}x"
+                for name in dtypes
+                if name in AMX_DTYPES
             )
         print(f"rows {rows:4d}: {cells}  | new over old: {speedups}", flush=True)
 
