@@ -3,7 +3,9 @@
 LAMINA_MODEL accepts
 - a local Hugging Face folder (config.json, *.safetensors, tokenizer files);
 - a single `.gguf` file: its metadata becomes a folder of its own (config, tokenizer,
-  chat template) and its tensors are dequantized at load (app/model/gguf_folder.py);
+  chat template) and its tensors are dequantized at load (app/model/gguf_folder.py).
+  A GGUF file is known by its name or, without the suffix, by its magic bytes: Ollama
+  keeps its models as blobs named `sha256-<digest>`;
 - a hub repository id, `org/name` or `org/name@revision`, that is not a local path:
   fetched with huggingface_hub into its standard cache (HF_HOME / HF_HUB_CACHE) when the
   network allows, and read from that cache offline (HF_HUB_OFFLINE=1).
@@ -23,6 +25,8 @@ from typing import Literal
 
 # `org/name`, optionally `@revision` (a branch, a tag or a commit hash).
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
+# The first bytes of every GGUF file.
+GGUF_MAGIC = b"GGUF"
 # What a hub snapshot needs: no pickle checkpoints, no GGUF copies of the same weights.
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
@@ -56,15 +60,26 @@ class ModelSpec:
 
 def parse_model_spec(value: str | Path) -> ModelSpec:
     """Classify LAMINA_MODEL. A path that exists, or looks like one (leading `/`, `.` or
-    `~`), is local; a missing `org/name[@rev]` is a hub id."""
+    `~`), is local; a missing `org/name[@rev]` is a hub id. A `.gguf` name, or a file
+    that starts as GGUF files do (an Ollama blob), is a GGUF file."""
     text = str(value)
     path = Path(text).expanduser()
-    if text.endswith(".gguf"):
+    if text.endswith(".gguf") or _starts_as_gguf(path):
         return ModelSpec("gguf", text, path=path)
     match = _HUB_ID.match(text)
     if path.exists() or match is None or text.startswith((".", "/", "~")):
         return ModelSpec("folder", text, path=path)
     return ModelSpec("hub", text, repo_id=match["repo"], revision=match["rev"])
+
+
+def _starts_as_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with path.open("rb") as file:
+            return file.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:  # unreadable: the loader names the problem
+        return False
 
 
 def resolve_model_folder(value: str | Path, setting: str = "LAMINA_MODEL") -> Path:

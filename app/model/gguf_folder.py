@@ -123,7 +123,10 @@ def _write_folder(gguf_path: Path, out: Path) -> None:
     _write_tokenizer(gguf_path, out)
     generation = {k: raw[k] for k in ("bos_token_id", "eos_token_id") if raw[k] is not None}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    (out / gguf_path.name).symlink_to(gguf_path)
+    # The loader finds the weights as the folder's *.gguf: an Ollama blob
+    # (sha256-<digest>) has no suffix of its own.
+    link_name = gguf_path.name if gguf_path.suffix == ".gguf" else f"{gguf_path.name}.gguf"
+    (out / link_name).symlink_to(gguf_path)
     (out / _DONE_MARKER).write_text(json.dumps(raw, indent=2) + "\n")
 
 

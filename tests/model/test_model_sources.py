@@ -141,6 +141,24 @@ def test_what_lamina_model_names():
     assert parse_model_spec("models/x.Q4_K_M.gguf").served_name == "x.Q4_K_M"
 
 
+def test_an_ollama_blob_is_read_as_the_gguf_file_it_is(tmp_path, tiny_model_path, gguf_cache):
+    """Ollama keeps a model as a blob named sha256-<digest>, without the .gguf suffix: it
+    is known by its magic bytes and loads as the same file named .gguf does."""
+    named = write_gguf(tiny_model_path, tmp_path / "tiny.gguf", num_tokens=1024)
+    blob = tmp_path / "blobs" / "sha256-0123456789abcdef"
+    blob.parent.mkdir()
+    shutil.copyfile(named, blob)
+    spec = parse_model_spec(blob)
+    assert (spec.kind, spec.served_name) == ("gguf", "sha256-0123456789abcdef")
+    from_blob = load_model(resolve_model_folder(blob), kernels="reference").state_dict()
+    from_named = load_model(resolve_model_folder(named), kernels="reference").state_dict()
+    assert from_blob.keys() == from_named.keys()
+    assert all(torch.equal(from_blob[name], from_named[name]) for name in from_named)
+    not_gguf = tmp_path / "notes"
+    not_gguf.write_text("GGU")
+    assert parse_model_spec(not_gguf).kind == "folder"
+
+
 async def test_a_folder_without_config_json_names_the_gguf_it_holds(
     tmp_path, default_gguf_path, log_lines
 ):
