@@ -24,6 +24,7 @@ from app.api.prompts import encode_prompt, named_prompts
 from app.api.request_record import Usage
 from app.api.schemas_embeddings import Embedding, EmbeddingResponse, EmbeddingUsage, EmbedRequest
 from app.api.state import Serving
+from app.api.unimplemented import EMBEDDINGS_NOT_IMPLEMENTED, refuse_unimplemented
 from app.core import SamplingParams
 from app.embedding_pooling import hidden_size, resolve_pooling
 
@@ -56,6 +57,7 @@ class EmbeddingDialect(Dialect):
     input_param = "input"  # the body's field holding the inputs
 
     def __init__(self, body: Any, serving: Serving, request_id: str, stream: bool):
+        refuse_unimplemented(body.model_extra, EMBEDDINGS_NOT_IMPLEMENTED)
         check_dimensions(body.dimensions, serving, "dimensions")
         limits = serving.limits
         max_inputs = limits.settings.max_prompts_per_request

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 from app.api.schemas import LaminaRequest, ModelName, Priority, _check_prompt
 
@@ -12,7 +12,10 @@ EmbeddingInput = str | list[str] | list[int] | list[list[int]]
 
 
 class EmbeddingRequest(LaminaRequest):
-    """POST /v1/embeddings."""
+    """POST /v1/embeddings. Unknown fields are kept so the ones that would change a vector
+    are refused by name (unimplemented.EMBEDDINGS_NOT_IMPLEMENTED)."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: ModelName = None
     input: EmbeddingInput = Field(
@@ -59,7 +62,9 @@ class EmbeddingResponse(BaseModel):
 
 
 class EmbedRequest(LaminaRequest):
-    """TGI's POST /embed (text-embeddings-inference)."""
+    """TGI's POST /embed (text-embeddings-inference); unknown fields kept as above."""
+
+    model_config = ConfigDict(extra="allow")
 
     inputs: str | list[str] = Field(description="A text or a list of texts")
     normalize: StrictBool | None = Field(

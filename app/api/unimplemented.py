@@ -6,6 +6,7 @@ does anyway (`tool_choice: "none"`). `response_format`, `guided_*`
 and `structured_outputs` are implemented (constraints.py); `tools`, `tool_choice` and
 `parallel_tool_calls` are fields of chat requests (tool_calls.py), so they reach this
 list only on /v1/completions.
+vLLM's extensions that would change the prompt or the output are refused the same way.
 Fields accepted and knowingly ignored are listed too; anything else unknown (a vendor
 extension) is ignored and logged at debug level (schemas.LaminaRequest).
 """
@@ -19,6 +20,8 @@ from app.api.errors import invalid_request
 
 _TOOLS = "tool calling is available on /v1/chat/completions only"
 _FUNCTIONS = "the legacy function-calling fields are not supported; send `tools`"
+_TEMPLATE = "the prompt is the model's own chat template, rendered as it is"
+_TOKEN_IDS = "tokens are returned as text (`/tokenize` gives their ids)"
 
 
 def _never(_value: Any) -> bool:
@@ -37,6 +40,38 @@ NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "web_search_options": (_never, "web search is not supported"),
     "suffix": (_never, "insertion (`suffix`) is not supported"),
     "best_of": (lambda value: value in (None, 1), "best-of is not supported (must be 1)"),
+    "reasoning_effort": (_never, "this server runs no reasoning model"),
+    # vLLM's extensions that change the prompt or the output (vLLM clients send them; the
+    # ones lamina implements are fields of schemas.py). Their default values pass.
+    "use_beam_search": (lambda value: value is False, "beam search is not supported"),
+    "length_penalty": (lambda value: value == 1, "beam search is not supported"),
+    "truncate_prompt_tokens": (_never, "prompts are never truncated here; shorten the prompt"),
+    "allowed_token_ids": (_never, "restricting the vocabulary is not supported; use `logit_bias`"),
+    "bad_words": (lambda value: value == [], "banned words are not supported; use `logit_bias`"),
+    "echo": (lambda value: value is False, "`echo` is a field of /v1/completions only"),
+    "continue_final_message": (lambda value: value is False, _TEMPLATE),
+    "chat_template": (_never, _TEMPLATE),
+    "chat_template_kwargs": (lambda value: value == {}, _TEMPLATE),
+    "documents": (lambda value: value == [], _TEMPLATE),
+    "mm_processor_kwargs": (lambda value: value == {}, "only text input is supported"),
+    "structural_tag": (_never, "send `response_format` or `structured_outputs`"),
+    "guided_whitespace_pattern": (_never, "JSON is always written compactly"),
+    "logits_processors": (lambda value: value == [], "custom logits processors are not supported"),
+    "return_tokens_as_token_ids": (lambda value: value is False, _TOKEN_IDS),
+    "return_token_ids": (lambda value: value is False, _TOKEN_IDS),
+    "cache_salt": (_never, "the prefix cache is shared by every request; it takes no salt"),
+    "vllm_xargs": (lambda value: value == {}, "vLLM's extra arguments are not supported"),
+}
+
+# The embedding routes (/v1/embeddings and TGI's /embed): vLLM's and text-embeddings-
+# inference's fields that would change a vector.
+EMBEDDINGS_NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "truncate_prompt_tokens": (_never, "inputs are never truncated on /v1/embeddings"),
+    "prompt_name": (_never, "prompts of a sentence-transformers config are not prepended"),
+    "truncation_direction": (
+        lambda value: value in ("Right", "right"),
+        "`truncate` keeps an input's start (Right) only",
+    ),
 }
 
 # POST /v1/responses: the request fields of OpenAI's Responses API that lamina does not

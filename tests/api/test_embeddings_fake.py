@@ -85,6 +85,28 @@ async def test_bad_requests_name_the_field(fake_app: FakeApp, body, param, words
         assert word in error["message"], error["message"]
 
 
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/embeddings", "truncate_prompt_tokens", 8),  # vLLM's
+        ("/embed", "prompt_name", "query"),  # text-embeddings-inference's
+        ("/embed", "truncation_direction", "Left"),
+    ],
+)
+async def test_a_field_that_would_change_the_vector_is_refused_by_name(
+    fake_app: FakeApp, path: str, field: str, value: object
+) -> None:
+    inputs = "input" if path == "/v1/embeddings" else "inputs"
+    before = len(fake_app.engine.requests)
+    response = await fake_app.client.post(path, json={inputs: "Hi", field: value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (field, "unsupported_field")
+    assert len(fake_app.engine.requests) == before  # nothing reached the engine
+    default = await fake_app.client.post(path, json={inputs: "Hi", "truncation_direction": "Right"})
+    assert default.status_code == 200, default.text
+
+
 async def test_priority_reaches_the_engine(fake_app: FakeApp) -> None:
     response = await embed(fake_app, input="Hi", priority=-3)
     assert response.status_code == 200

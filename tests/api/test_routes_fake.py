@@ -161,6 +161,17 @@ UNIMPLEMENTED_REQUESTS = [
     ("/v1/completions", "suffix", "end"),
     ("/v1/completions", "best_of", 3),
     ("/v1/chat/completions", "modalities", ["text", "audio"]),
+    # vLLM's extensions that would change the prompt or the output
+    ("/v1/chat/completions", "chat_template_kwargs", {"enable_thinking": False}),
+    ("/v1/chat/completions", "continue_final_message", True),
+    ("/v1/chat/completions", "chat_template", "{{ messages }}"),
+    ("/v1/chat/completions", "echo", True),
+    ("/v1/completions", "truncate_prompt_tokens", 8),
+    ("/v1/completions", "use_beam_search", True),
+    ("/v1/completions", "allowed_token_ids", [1, 2]),
+    ("/v1/chat/completions", "return_tokens_as_token_ids", True),
+    ("/v1/chat/completions", "cache_salt", "tenant-a"),
+    ("/v1/chat/completions", "reasoning_effort", "low"),
 ]
 
 
@@ -178,6 +189,21 @@ async def test_an_unimplemented_field_is_refused_by_name(
     assert error["param"] == field and error["code"] == "unsupported_field"
     assert f"`{field}` is not supported" in error["message"]
     assert len(fake_app.engine.requests) == before  # nothing reached the engine
+
+
+async def test_vllm_extensions_at_their_defaults_are_served(fake_app: FakeApp) -> None:
+    defaults = {
+        "use_beam_search": False,
+        "length_penalty": 1.0,
+        "bad_words": [],
+        "echo": False,
+        "continue_final_message": False,
+        "chat_template_kwargs": {},
+        "return_tokens_as_token_ids": False,
+    }
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **defaults}
+    response = await fake_app.client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
