@@ -25,6 +25,10 @@ from pydantic import (
 logger = logging.getLogger("lamina.api")
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# What an unset max_tokens becomes (params.fit_to_context).
+UNSET_MAX_TOKENS = (
+    "Unset: LAMINA_DEFAULT_MAX_TOKENS (1024 by default), at most what the context window leaves."
+)
 PRIORITY_DESCRIPTION = (
     "Scheduling priority (vLLM's): lower is served first. Default: the API key's priority "
     "(LAMINA_API_KEYS), else 0; a request may not ask for less than its key's."
@@ -112,7 +116,7 @@ class SamplingFields(LaminaRequest):
     max_tokens: StrictInt | None = Field(
         default=None,
         ge=1,
-        description="Most tokens to generate. Unset: until the context window is full.",
+        description="Most tokens to generate. " + UNSET_MAX_TOKENS,
     )
     max_completion_tokens: StrictInt | None = Field(
         default=None, ge=1, description="Alias of max_tokens (wins when both are set)."
@@ -213,7 +217,7 @@ class CompletionRequest(SamplingFields):
         default=None,
         ge=0,
         description="Most tokens to generate; 0: none (with `echo` and `logprobs`: the "
-        "prompt's log-probabilities only). Unset: until the context window is full.",
+        "prompt's log-probabilities only). " + UNSET_MAX_TOKENS,
     )
     max_completion_tokens: StrictInt | None = Field(
         default=None, ge=0, description="Alias of max_tokens (wins when both are set)."

@@ -13,7 +13,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictFloat, StrictInt
 
-from app.api.schemas import LaminaRequest, ModelName, ParallelToolCalls, Priority, Temperature
+from app.api.schemas import (
+    UNSET_MAX_TOKENS,
+    LaminaRequest,
+    ModelName,
+    ParallelToolCalls,
+    Priority,
+    Temperature,
+)
 
 ResponseStatus = Literal["completed", "failed", "in_progress", "cancelled", "incomplete"]
 
@@ -35,7 +42,7 @@ class ResponsesRequest(LaminaRequest):
         default=None, description="A system message before the input (not carried over)."
     )
     max_output_tokens: StrictInt | None = Field(
-        default=None, ge=1, description="Most tokens to generate."
+        default=None, ge=1, description="Most tokens to generate. " + UNSET_MAX_TOKENS
     )
     temperature: Temperature = None
     top_p: StrictFloat | None = Field(default=None, gt=0, le=1, description="Nucleus sampling.")

@@ -6,7 +6,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
-from app.api.schemas import INT64_MAX, PRIORITY_DESCRIPTION, LaminaRequest, Priority
+from app.api.schemas import (
+    INT64_MAX,
+    PRIORITY_DESCRIPTION,
+    UNSET_MAX_TOKENS,
+    LaminaRequest,
+    Priority,
+)
 
 TGIFinishReason = Literal["length", "eos_token", "stop_sequence"]
 
@@ -26,7 +32,7 @@ class GenerateParameters(LaminaRequest):
     or any of temperature, top_k, top_p is set; otherwise decoding is greedy."""
 
     max_new_tokens: StrictInt | None = Field(
-        default=None, ge=1, description="Most tokens to generate. Unset: until the context is full."
+        default=None, ge=1, description="Most tokens to generate. " + UNSET_MAX_TOKENS
     )
     do_sample: StrictBool | None = Field(
         default=None, description="Sample instead of greedy decoding"

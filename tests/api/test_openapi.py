@@ -41,3 +41,21 @@ async def test_openapi_describes_real_models(fake_app: FakeApp) -> None:
 async def test_docs_page_is_served(fake_app: FakeApp) -> None:
     response = await fake_app.client.get("/docs")
     assert response.status_code == 200 and "swagger" in response.text.lower()
+
+
+async def test_an_unset_max_tokens_is_described_as_served(fake_app: FakeApp) -> None:
+    """Unset, it is the bounded default of fit_to_context, never the whole window."""
+    components = (await fake_app.client.get("/openapi.json")).json()["components"]["schemas"]
+    fields = [
+        ("CompletionRequest", "max_tokens"),
+        ("ChatCompletionRequest", "max_tokens"),
+        ("GenerateParameters", "max_new_tokens"),
+        ("ResponsesRequest", "max_output_tokens"),
+    ]
+    for model, field in fields:
+        description = components[model]["properties"][field]["description"]
+        assert "LAMINA_DEFAULT_MAX_TOKENS" in description, (model, field)
+        assert "until the context" not in description, (model, field)
+    budget = await fake_app.client.post("/v1/completions", json={"prompt": "Hi"})
+    assert budget.status_code == 200
+    assert fake_app.engine.requests[-1].params.max_tokens == 1024
