@@ -62,9 +62,18 @@ def require_tokens(token_ids: list[int], param: str) -> list[int]:
 
 
 def message_text(message: ChatMessage, index: int) -> str:
-    """The text of one chat message; content parts must all be text."""
+    """The text of one chat message; content parts must all be text. Only an assistant
+    message that carries tool calls may have no content (as at OpenAI): elsewhere a
+    missing `content` is a client's mistake (a misspelt key) that would be answered as an
+    empty turn."""
     if message.content is None:
-        return ""
+        if message.role == "assistant" and message.tool_calls:
+            return ""
+        param = f"messages[{index}].content"
+        raise invalid_request(
+            f"`{param}` is required: only an assistant message with `tool_calls` may have none",
+            param,
+        )
     if isinstance(message.content, str):
         return message.content
     texts = []

@@ -300,6 +300,20 @@ def bad_requests(context: int) -> list[BadRequest]:
             words=("messages[0].role", "robot", "user"),
         ),
         BadRequest(
+            "message-content-misspelt",
+            CHAT,
+            {"messages": [{"role": "user", "contents": "Hi"}], "max_tokens": 4},
+            param="messages[0].content",
+            words=("messages[0].content", "required", "tool_calls"),
+        ),
+        BadRequest(
+            "message-content-null",
+            CHAT,
+            {"messages": [{"role": "assistant", "content": None}], "max_tokens": 4},
+            param="messages[0].content",
+            words=("messages[0].content", "required"),
+        ),
+        BadRequest(
             "message-image",
             CHAT,
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
