@@ -262,11 +262,16 @@ def tensor_table(reader) -> list[dict[str, Any]]:
 
 
 def iter_gguf_tensors(
-    path: Path, config: dict[str, Any], table: list[dict[str, Any]]
+    path: Path,
+    config: dict[str, Any],
+    table: list[dict[str, Any]],
+    from_file: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(transformers name, float32 tensor) for every tensor of `table` (tensor_table of
     the file, already checked), one at a time, so only one dequantized tensor is held
-    beyond what the caller keeps."""
+    beyond what the caller keeps. Those named in `from_file` (read by the kernels from
+    the file's own blocks) are not dequantized: an empty tensor of their shape on the
+    meta device stands for each."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quant_shape_to_byte_shape
 
@@ -278,8 +283,12 @@ def iter_gguf_tensors(
     for entry in table:
         if entry["name"] == "rope_freqs.weight":
             continue  # in config.json's rope_scaling; lamina computes the frequencies
-        qtype = GGMLQuantizationType[entry["type"]]
+        name = str(hf_tensor_name(entry["name"]))
         shape = tuple(reversed(entry["shape"]))  # ggml lists the fastest dimension first
+        if name in from_file:
+            yield name, torch.empty(shape, dtype=torch.float32, device="meta")
+            continue
+        qtype = GGMLQuantizationType[entry["type"]]
         raw = data[entry["offset"] : entry["offset"] + entry["num_bytes"]]
         values = dequantize(raw.reshape(quant_shape_to_byte_shape(shape, qtype)), qtype)
         values = values.reshape(shape)
@@ -288,4 +297,4 @@ def iter_gguf_tensors(
             values = _unpermute(values, heads[part])
         if not values.flags.writeable or not values.flags.c_contiguous:
             values = np.ascontiguousarray(values).copy()  # off the read-only memory map
-        yield str(hf_tensor_name(entry["name"])), torch.from_numpy(values)
+        yield name, torch.from_numpy(values)

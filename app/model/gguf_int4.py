@@ -103,27 +103,33 @@ def int4_reader(
     return read
 
 
-def use_files_int4_blocks(model: nn.Module, model_dir: Path, table: list[dict[str, Any]]) -> None:
+def use_files_int4_blocks(
+    model: nn.Module, model_dir: Path, table: list[dict[str, Any]]
+) -> frozenset[str]:
     """Before an int4 plan packs a GGUF folder's model (`table`: its gguf_tensors.json):
     give each projection the file's own 4-bit blocks where its parts are Q4_0, Q4_1 or
     Q4_K (no requantization), and keep in int8 blocks those the file stores wider than
-    its 4-bit ones (int4_storage)."""
+    its 4-bit ones (int4_storage). Returns the transformers names of the weights read
+    from the file's blocks, which the loader need not dequantize."""
     types = projection_types(table)
     read = int4_reader(next(model_dir.glob("*.gguf")), read_config_json(model_dir), table)
     file_has_4_bits = has_4_bit_projections(types)
     counts: dict[str, int] = {}
+    from_file: set[str] = set()
     for module_name, names in module_parts(list(types)).items():
         linear = model.get_submodule(module_name)
         storage = int4_storage([types[name] for name in names], file_has_4_bits)
         counts[storage] = counts.get(storage, 0) + 1
         if storage == "file":
             linear.file_int4 = partial(_read_int4_blocks, read, names)
+            from_file.update(names)
         linear.keeps_int8 = storage == "int8"
     logger.info(
         "int4 weights from the GGUF file: %d projections in its own 4-bit blocks, %d kept in "
         "int8 blocks (stored wider than 4 bits), %d requantized",
         counts.get("file", 0), counts.get("int8", 0), counts.get("int4", 0),
     )  # fmt: skip
+    return frozenset(from_file)
 
 
 def _read_int4_blocks(read, names: list[str]) -> Int4Blocks:

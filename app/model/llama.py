@@ -227,12 +227,26 @@ class LlamaForCausalLM(nn.Module):
         # call per step (fused_layers.run_decoder; the loader sets it where every Linear is
         # native); False, this forward's per-op path (tests and benchmarks compare).
         self.fuse_layers = False
+        # Shapes repeat across layers: each kernel shape's row invariance is calibrated once.
+        self.row_invariance = RowInvariance()
+
+    def pack_linears(self, root: nn.Module, plan: KernelPlan | None) -> None:
+        """Give every Linear under `root` that has no kernel yet its kernel (`plan`, the
+        head's plan for lm_head), which drops the loaded weight: the loader calls it on
+        each decoder layer as soon as the layer is loaded, finish_loading on the rest."""
+        if plan is None:
+            return  # F.linear on the loaded weights
+        for module in root.modules():
+            if isinstance(module, Linear) and module.kernel is None:
+                module_plan = head_plan(plan) if module is self.lm_head else plan
+                module.prepare_for_inference(module_plan, self.row_invariance)
 
     def finish_loading(
         self, device: torch.device, max_positions: int, plan: KernelPlan | None
     ) -> None:
         """After the weights were assigned: re-tie the head, build rope tables, and give
-        every Linear its kernel (`plan`; None keeps F.linear on the loaded weights)."""
+        every Linear not packed yet its kernel (`plan`; None keeps F.linear on the loaded
+        weights)."""
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         dtype = self.embed_tokens.weight.dtype
@@ -240,11 +254,7 @@ class LlamaForCausalLM(nn.Module):
         if plan is None:
             return
         self.native = plan.native
-        invariance = RowInvariance()  # shapes repeat across layers: calibrate each once
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module_plan = head_plan(plan) if module is self.lm_head else plan
-                module.prepare_for_inference(module_plan, invariance)
+        self.pack_linears(self, plan)
         panels = _fp32_panels(self.lm_head) if self.config.tie_word_embeddings else None
         if panels is not None:  # one copy of the tied matrix, not two
             self.embed_tokens = PanelEmbedding(panels)

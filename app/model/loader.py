@@ -6,7 +6,10 @@ Only safetensors and GGUF are read: pickle checkpoints (*.bin, *.pt) can run cod
 loaded.
 The model is built on the meta device (no memory, no random init) and the checkpoint
 tensors are assigned into it, after q/k/v and gate/up are merged into single weights
-so every layer runs two matmuls fewer per step.
+so every layer runs two matmuls fewer per step. Each decoder layer's linear weights are
+packed into their served storage as soon as the layer is loaded (layer_stream.py), so a
+load holds the served model plus one layer at the model dtype; a GGUF file's 4-bit
+projections served as int4 are read from its blocks and never dequantized.
 
 Checkpoint tensors are views of the file's memory map until something copies them: the
 kernels re-lay the linear weights out into memory of their own, and what is left (the
@@ -23,18 +26,12 @@ from pathlib import Path
 
 import torch
 
-from app.model.checkpoint_names import (
-    MERGED_PARTS,
-    NUM_PARTS,
-    RENAMED,
-    TOP_LEVEL,
-    split_layer_name,
-)
-from app.model.config import ModelConfig, ModelLoadError, read_config_json
+from app.model.config import ModelLoadError, read_config_json
 from app.model.families import build_model, read_model_config
 from app.model.fused_layers import why_not_fused
 from app.model.generic import load_generic
 from app.model.gguf_folder import TENSOR_TABLE
+from app.model.layer_stream import load_by_layer
 from app.model.linear import kernel_plan
 from app.native.panels import INT4
 
@@ -70,16 +67,19 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     )
 
 
-def checkpoint_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def checkpoint_tensors(
+    model_dir: Path, from_file: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(transformers name, tensor) of the folder's checkpoint: its safetensors, or the .gguf
-    file and tensor table of a folder gguf_folder.py wrote."""
+    file and tensor table of a folder gguf_folder.py wrote (the weights named in
+    `from_file`, which the kernels read from its blocks, as shapes on the meta device)."""
     table = model_dir / TENSOR_TABLE
     ggufs = sorted(model_dir.glob("*.gguf"))
     if table.is_file() and len(ggufs) == 1:
         from app.model.gguf import iter_gguf_tensors
 
         config = read_config_json(model_dir)
-        return iter_gguf_tensors(ggufs[0], config, json.loads(table.read_text()))
+        return iter_gguf_tensors(ggufs[0], config, json.loads(table.read_text()), from_file)
     return _iter_checkpoint(safetensors_files(model_dir))
 
 
@@ -90,47 +90,6 @@ def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
         with safe_open(str(path), framework="pt", device="cpu") as reader:
             for name in reader.keys():  # noqa: SIM118 - safe_open is not a mapping
                 yield name, reader.get_tensor(name)
-
-
-def convert_checkpoint(
-    tensors: Iterator[tuple[str, torch.Tensor]],
-    config: ModelConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    """HF tensor names -> our state dict, on `device` in `dtype`, with merged projections."""
-    state: dict[str, torch.Tensor] = {}
-    pending: dict[str, list[torch.Tensor | None]] = {}
-    for name, tensor in tensors:
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # old checkpoints saved it; we recompute it from the config
-        tensor = tensor.to(device=device, dtype=dtype)
-        if name in TOP_LEVEL:
-            state[TOP_LEVEL[name]] = tensor
-            continue
-        parts = split_layer_name(name)
-        if parts is None:
-            raise ModelLoadError(f"unexpected tensor {name!r} in the checkpoint")
-        layer, module, kind = parts
-        if module in RENAMED:
-            state[f"{layer}.{RENAMED[module]}.{kind}"] = tensor
-        elif module in MERGED_PARTS:
-            merged, position = MERGED_PARTS[module]
-            key = f"{layer}.{merged}.{kind}"
-            slots = pending.setdefault(key, [None] * NUM_PARTS[merged])
-            slots[position] = tensor
-            if all(part is not None for part in slots):
-                state[key] = torch.cat(slots, dim=0)
-                del pending[key]
-        else:
-            raise ModelLoadError(f"unexpected tensor {name!r} in the checkpoint")
-    if pending:
-        raise ModelLoadError(f"checkpoint lacks parts of: {', '.join(sorted(pending))}")
-    if config.tie_word_embeddings:
-        # The head reuses the embedding matrix; a saved copy (some checkpoints keep one)
-        # is ignored, exactly as transformers does for tied models.
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    return state
 
 
 def load_model(
@@ -160,25 +119,28 @@ def load_model(
             model_dir, config, device, dtype, weight_dtype, batch_invariant, kernels
         )
     logger.info("backend: native (lamina's own %s code)", config.architecture)
-    tensors = checkpoint_tensors(model_dir)
+    plan = kernel_plan(device, dtype, weight_dtype, batch_invariant, kernels)
     with torch.device("meta"):
         model = build_model(config)
-    state = convert_checkpoint(tensors, config, device, dtype)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"checkpoint does not match config.json: {exc}") from None
-    # A tied head is the embedding again: count each tensor once.
-    num_parameters = sum({t.data_ptr(): t.numel() for t in state.values()}.values())
-    del state  # the modules hold what they need; nothing else may keep checkpoint views
-    plan = kernel_plan(device, dtype, weight_dtype, batch_invariant, kernels)
+    from_file: frozenset[str] = frozenset()
     if plan is not None and plan.weight_dtype == INT4 and (model_dir / TENSOR_TABLE).is_file():
         from app.model.gguf_int4 import use_files_int4_blocks
 
-        use_files_int4_blocks(model, model_dir, json.loads((model_dir / TENSOR_TABLE).read_text()))
+        table = json.loads((model_dir / TENSOR_TABLE).read_text())
+        from_file = use_files_int4_blocks(model, model_dir, table)
+    # Each layer is packed as soon as it is loaded: one layer at `dtype` at a time.
+    num_parameters = load_by_layer(
+        model,
+        checkpoint_tensors(model_dir, from_file),
+        config,
+        device,
+        dtype,
+        lambda module: model.pack_linears(module, plan),
+    )
     model.finish_loading(device, max_positions or config.max_position_embeddings, plan)
     if device.type == "cpu":
         _copy_out_of_checkpoint(model)
+    _refuse_unread(model)
     reason = why_not_fused(model)
     model.fuse_layers = reason is None  # the path fused_layers.run_decoder takes
     logger.info(
@@ -222,6 +184,14 @@ def _copy_out_of_checkpoint(model: torch.nn.Module) -> None:
             if id(param) not in copies:
                 copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
             setattr(module, name, copies[id(param)])
+
+
+def _refuse_unread(model: torch.nn.Module) -> None:
+    """A weight left on the meta device (read from the file at packing, but never packed)
+    would fail at the first step: fail at load instead, naming it."""
+    unread = [name for name, param in model.named_parameters() if param.is_meta]
+    if unread:
+        raise RuntimeError(f"weights never read from the checkpoint: {', '.join(unread)}")
 
 
 def _kernel_note(plan) -> str:

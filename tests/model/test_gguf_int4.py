@@ -103,6 +103,30 @@ def test_int4_serves_the_files_4_bit_weights_exactly(tiny_llama, tmp_path, quant
     assert model.fuse_layers
 
 
+def test_int4_never_dequantizes_the_files_4_bit_projections(
+    tiny_llama, tmp_path, monkeypatch, native
+):
+    """The kernels read a Q4_0 file's projections from its blocks, so the loader does not
+    dequantize them at all (an 8B model's would be 28 GB of fp32): only the embedding,
+    the head and the norms are."""
+    served = resolve_model_folder(
+        write_gguf(tiny_llama, tmp_path / "Q4_0.gguf", num_tokens=NUM_TOKENS, quant="Q4_0")
+    )
+    dequantize = gguf.quants.dequantize
+    dequantized: list[int] = []
+
+    def counted(data, qtype):
+        values = dequantize(data, qtype)
+        dequantized.append(values.size)
+        return values
+
+    monkeypatch.setattr(gguf.quants, "dequantize", counted)
+    model = load_model(served, max_positions=256, weight_dtype=INT4)
+    hidden, num_layers = 256, 2
+    assert sum(dequantized) == 2 * NUM_TOKENS * hidden + (2 * num_layers + 1) * hidden
+    assert all(linear.kernel.panels.dtype == INT4 for linear in projections(model).values())
+
+
 def test_a_mix_keeps_its_wider_projections_in_int8_blocks(tiny_llama, tmp_path, native):
     """Q4_K_M's layout: Q4_K, with v and one layer's down projection in Q6_K. v's part
     puts the merged qkv in int8 blocks; layer 0's down too, layer 1's is the file's Q4_K;
