@@ -37,6 +37,50 @@
 
 #define AMX_ROWS 16 /* rows per AMX tile: a tile register's 16 rows */
 
+/* What the fp32 steps of the AMX tiles need of each quantized row, once more, block by
+ * block: row r's values of block b at b * stride + r (stride: the matmul's rows), so 16
+ * consecutive rows' values of a block, from any row, are 64 contiguous bytes. Written as
+ * the rows are quantized (amx_quantize_rows), once per matmul, for all its panels. */
+typedef struct {
+    float *scales;    /* xs */
+    int32_t *offsets; /* int8: 128 * sum(xq), in TDPBSUD's sums as in VNNI's */
+    float *sums;      /* 4-bit: (float)sum(xq) */
+    long stride;
+} amx_rows;
+
+/* Where amx_rows lives in a matmul's scratch: after the M rows' quantized blocks (40 bytes
+ * each of 32 k; the tables take 12 bytes per block and row more, within
+ * rounded_rows_floats' 4 bytes per k). */
+static inline amx_rows amx_rows_in(void *scratch, long M, long blocks) {
+    long rows_bytes = (M * blocks * (long)sizeof(i8_act) + 63) / 64 * 64;
+    float *tables = (float *)((char *)scratch + rows_bytes);
+    return (amx_rows){tables, (int32_t *)(tables + blocks * M), tables + 2 * blocks * M, M};
+}
+
+/* The same tables from row `row` on. */
+static inline amx_rows amx_rows_from(amx_rows rows, long row) {
+    return (amx_rows){rows.scales + row, rows.offsets + row, rows.sums + row, rows.stride};
+}
+
+/* quantize_rows_i8 (shared among the threads of the enclosing parallel region, ending
+ * with the loop's barrier), and each row's amx_rows values beside (amx_rows_in). Once per
+ * matmul: gathered per work item (a panel's rows) instead, as they were, the AMX int8 and
+ * 4-bit matmuls took 1.12-1.27x the time (single matmuls of the default model's shapes). */
+static void amx_quantize_rows(const float *x, long ldx, long M, long K, void *scratch) {
+    long blocks = K / I8_BLOCK;
+    i8_act *out = scratch;
+    amx_rows tables = amx_rows_in(scratch, M, blocks);
+#pragma omp for schedule(static)
+    for (long r = 0; r < M; r++)
+        for (long b = 0; b < blocks; b++) {
+            i8_act *a = out + r * blocks + b;
+            quantize_block_i8(x + r * ldx + b * I8_BLOCK, a);
+            tables.scales[b * M + r] = a->scale;
+            tables.offsets[b * M + r] = 128 * a->sum;
+            tables.sums[b * M + r] = (float)a->sum;
+        }
+}
+
 /* lamina_amx_status(): whether the quantized matmuls use AMX tiles. */
 enum { AMX_NOT_BUILT = 0, AMX_REFUSED = 1, AMX_TURNED_OFF = 2, AMX_IN_USE = 3 };
 
@@ -93,44 +137,24 @@ static void amx_configure(void) {
         __asm__ volatile("" ::: "memory");                                                 \
     } while (0)
 
-/* What a block's fp32 steps need of its 16 rows, side by side. */
-typedef struct {
-    int32_t offsets[AMX_ROWS]; /* int8: 128 * sum(xq), in TDPBSUD's sums as in VNNI's */
-    float scales[AMX_ROWS];    /* xs */
-    float sums[AMX_ROWS];      /* 4-bit: (float)sum(xq) */
-} amx_rows_block;
-
-/* M rows' (a multiple of 16) quantized blocks (row stride ldx blocks) -> rows[M / 16][blocks]:
- * each group of 16 rows, block by block, as amx_steps reads them. Gathered once per
- * matmul call, for every panel the rows meet. */
-static void amx_gather_rows(const i8_act *x, long ldx, long M, long blocks, amx_rows_block *rows) {
-    for (long group = 0; group < M / AMX_ROWS; group++)
-        for (long b = 0; b < blocks; b++)
-            for (int r = 0; r < AMX_ROWS; r++) {
-                const i8_act *a = x + (group * AMX_ROWS + r) * ldx + b;
-                amx_rows_block *block = rows + group * blocks + b;
-                block->offsets[r] = 128 * a->sum;
-                block->scales[r] = a->scale;
-                block->sums[r] = (float)a->sum;
-            }
-}
-
 /* Block b's fp32 steps for 16 rows of one unit, int8.h's and int4.h's (the same
  * expressions, so the same contractions): int8 acc[r] += (float)(sums[r] - offset) *
  * (xs * scale); 4-bit acc[r] += (float)sums[r] * (xs * scale), then acc[r] += (float)
  * sum(xq) * (xs * minimum). xs and sum(xq) are broadcast from memory, where int8.h and
  * int4.h add them to zero: the same values (a scale is never -0, nor a converted sum). */
 static inline __attribute__((always_inline)) void amx_steps(
-    int nibbles, const int32_t sums[AMX_ROWS][LANES], const amx_rows_block *rows,
+    int nibbles, const int32_t sums[AMX_ROWS][LANES], amx_rows rows, long b,
     const float *scales, vecf acc[AMX_ROWS]) {
+    const float *xs_of = rows.scales + b * rows.stride, *sum_of = rows.sums + b * rows.stride;
+    const int32_t *offset_of = rows.offsets + b * rows.stride;
     vecf scale = load(scales), least = load(scales + PANEL); /* 4-bit: minima after scales */
 #pragma GCC unroll 16 /* the accumulators stay in registers */
     for (int r = 0; r < AMX_ROWS; r++) {
         __m512i sum = _mm512_load_si512(sums[r]);
-        vecf xs = (vecf)_mm512_set1_ps(rows->scales[r]);
-        if (!nibbles) sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(rows->offsets[r]));
+        vecf xs = (vecf)_mm512_set1_ps(xs_of[r]);
+        if (!nibbles) sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(offset_of[r]));
         acc[r] = acc[r] + int_to_float(sum) * (xs * scale);
-        if (nibbles) acc[r] = acc[r] + (vecf)_mm512_set1_ps(rows->sums[r]) * (xs * least);
+        if (nibbles) acc[r] = acc[r] + (vecf)_mm512_set1_ps(sum_of[r]) * (xs * least);
     }
 }
 
@@ -164,7 +188,7 @@ static inline void amx_unpack_nibbles(const uint8_t *pairs, uint8_t quads[I8_QUA
 /* A tile of 16 rows x nv units of 16 columns over `blocks` blocks of int8 weights, or of
  * 4-bit ones (nibbles): tile_i8_ROWS_4's or tile_i4_ROWS_4's work and bits. A unit at a
  * time, its 16 fp32 sums in registers: x the rows' quantized blocks (row stride ldx
- * blocks), rows their scales and sums side by side (amx_gather_rows), w the panel; the
+ * blocks), rows their scales and sums (amx_rows, from x's first row), w the panel; the
  * sums in out; with `ahead`, the next panel prefetched meanwhile (a quarter per unit).
  * The tiles take block b + 1 (on the other set) before the vector units take block b's
  * steps.
@@ -174,8 +198,8 @@ static inline void amx_unpack_nibbles(const uint8_t *pairs, uint8_t quads[I8_QUA
  * to a contiguous tile first, a software prefetch of the weights. The tiles and the
  * vector units did not run in parallel there: their times add. */
 static inline __attribute__((always_inline)) void amx_tile(
-    int nibbles, const i8_act *x, long ldx, const amx_rows_block *rows, const uint8_t *w,
-    long blocks, int nv, vecf out[AMX_ROWS][4], const char *ahead) {
+    int nibbles, const i8_act *x, long ldx, amx_rows rows, const uint8_t *w, long blocks,
+    int nv, vecf out[AMX_ROWS][4], const char *ahead) {
     int32_t sums[2][AMX_ROWS][LANES] __attribute__((aligned(64)));
     uint8_t unpacked[2][I8_QUADS][4 * LANES] __attribute__((aligned(64))); /* 4-bit */
     const long block_bytes = nibbles ? I4_BLOCK_BYTES : I8_BLOCK_BYTES;
@@ -192,22 +216,22 @@ static inline __attribute__((always_inline)) void amx_tile(
             for (int j = 2 * v; ahead && j < 2 * v + 2; j++)
                 prefetch_quad_step(ahead + b * block_bytes, j, block_lines);
             if (next < blocks) AMX_BLOCK(1, next, sums[1]);
-            amx_steps(nibbles, sums[0], rows + b, scales + b * scale_step, acc);
+            amx_steps(nibbles, sums[0], rows, b, scales + b * scale_step, acc);
             if (next == blocks) break;
             for (int j = 2 * v; ahead && j < 2 * v + 2; j++)
                 prefetch_quad_step(ahead + next * block_bytes, j, block_lines);
             if (next + 1 < blocks) AMX_BLOCK(0, next + 1, sums[0]);
-            amx_steps(nibbles, sums[1], rows + next, scales + next * scale_step, acc);
+            amx_steps(nibbles, sums[1], rows, next, scales + next * scale_step, acc);
         }
         for (int r = 0; r < AMX_ROWS; r++) out[r][v] = acc[r];
     }
 }
-static void amx_tile_i8(const i8_act *x, long ldx, const amx_rows_block *rows, const uint8_t *w,
-                        long blocks, int nv, vecf out[AMX_ROWS][4], const char *ahead) {
+static void amx_tile_i8(const i8_act *x, long ldx, amx_rows rows, const uint8_t *w, long blocks,
+                        int nv, vecf out[AMX_ROWS][4], const char *ahead) {
     amx_tile(0, x, ldx, rows, w, blocks, nv, out, ahead);
 }
-static void amx_tile_i4(const i8_act *x, long ldx, const amx_rows_block *rows, const uint8_t *w,
-                        long blocks, int nv, vecf out[AMX_ROWS][4], const char *ahead) {
+static void amx_tile_i4(const i8_act *x, long ldx, amx_rows rows, const uint8_t *w, long blocks,
+                        int nv, vecf out[AMX_ROWS][4], const char *ahead) {
     amx_tile(1, x, ldx, rows, w, blocks, nv, out, ahead);
 }
 

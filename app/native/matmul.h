@@ -258,14 +258,12 @@ DEFINE_MATMUL_UNITS(i4, i8_act, uint8_t, I8_BLOCK, WHOLE_PANEL_TILE_ROW, I4_BLOC
 /* matmul_units_i8's or _i4's work (nibbles) on 16-row AMX tiles (amx.h): M a multiple of
  * 16, first a panel's first unit (as linear_phase's items are); the same bits, the same
  * prefetch of the next panel by the tiles after a panel's first. */
-static void amx_units(int nibbles, const i8_act *x, long ldx, const uint8_t *panels,
-                      const float *bias, float *y, long M, long K, long N, long first,
-                      long last, int accumulate, int lookahead) {
+static void amx_units(int nibbles, const i8_act *x, long ldx, amx_rows rows,
+                      const uint8_t *panels, const float *bias, float *y, long M, long K, long N,
+                      long first, long last, int accumulate, int lookahead) {
     vecf acc[AMX_ROWS][4];
     long blocks = K / I8_BLOCK;
     long block_bytes = nibbles ? I4_BLOCK_BYTES : I8_BLOCK_BYTES, panel_size = blocks * block_bytes;
-    amx_rows_block *rows = malloc(sizeof(amx_rows_block) * (M / AMX_ROWS) * blocks);
-    amx_gather_rows(x, ldx, M, blocks, rows);
     amx_configure();
     for (long unit = first; unit < last; unit += 4) {
         long panel = unit / 4;
@@ -275,7 +273,7 @@ static void amx_units(int nibbles, const i8_act *x, long ldx, const uint8_t *pan
         for (long row = 0; row < M; row += AMX_ROWS) {
             const char *ahead = /* the first tile: its unit walks read the panel strided */
                 prefetch_target(next, panel_size, row / AMX_ROWS + 1, panel_size / 64);
-            const amx_rows_block *group = rows + row / AMX_ROWS * blocks;
+            amx_rows group = amx_rows_from(rows, row);
             if (nibbles)
                 amx_tile_i4(x + row * ldx, ldx, group, w, blocks, nv, acc, ahead);
             else
@@ -284,20 +282,23 @@ static void amx_units(int nibbles, const i8_act *x, long ldx, const uint8_t *pan
         }
     }
     _tile_release(); /* the tile state back to its initial one: cheaper context switches */
-    free(rows);
 }
 #endif
 
-/* int8 (or 4-bit, nibbles) units: their rows in whole 16s on AMX tiles where in use, the
- * rest (all of them elsewhere) on matmul_units_i8's (_i4's) own tiles. */
-static void matmul_units_quantized(int nibbles, const i8_act *x, long ldx, const uint8_t *panels,
-                                   const float *bias, float *y, long M, long K, long N,
-                                   long first, long last, int accumulate, int lookahead) {
+/* int8 (or 4-bit, nibbles) units: their rows in whole 16s on AMX tiles where in use (rows:
+ * their amx_rows, from x's first row), the rest (all of them elsewhere) on
+ * matmul_units_i8's (_i4's) own tiles. */
+static void matmul_units_quantized(int nibbles, const i8_act *x, long ldx, amx_rows rows,
+                                   const uint8_t *panels, const float *bias, float *y, long M,
+                                   long K, long N, long first, long last, int accumulate,
+                                   int lookahead) {
     long tiled = amx_in_use() ? M / AMX_ROWS * AMX_ROWS : 0;
 #if AMX_TILES
     if (tiled)
-        amx_units(nibbles, x, ldx, panels, bias, y, tiled, K, N, first, last, accumulate,
+        amx_units(nibbles, x, ldx, rows, panels, bias, y, tiled, K, N, first, last, accumulate,
                   lookahead);
+#else
+    (void)rows;
 #endif
     if (M == tiled) return;
     x += tiled * ldx, y += tiled * N, M -= tiled;
@@ -387,8 +388,11 @@ static void linear_phase(const linear_desc *w, const float *x, long ldx, long M,
     long row_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
     if (w->kind[0] == WEIGHTS_BF16 || w->kind[1] == WEIGHTS_BF16)
         round_rows_bf16(x, ldx, M, K, rounded);
+    else if ((quantizes_rows(w->kind[0]) || quantizes_rows(w->kind[1])) && amx_in_use())
+        amx_quantize_rows(x, ldx, M, K, rounded); /* and the tables the AMX tiles read */
     else if (quantizes_rows(w->kind[0]) || quantizes_rows(w->kind[1]))
         quantize_rows_i8(x, ldx, M, K, rounded);
+    amx_rows tables = rounded ? amx_rows_in(rounded, M, blocks) : (amx_rows){0}; /* for AMX */
 #pragma omp for schedule(guided)
     for (long item = 0; item < chunks * row_blocks; item++) {
         long chunk = item / row_blocks, block = item % row_blocks;
@@ -409,9 +413,9 @@ static void linear_phase(const linear_desc *w, const float *x, long ldx, long M,
                                       lookahead);
             else if (quantizes_rows(w->kind[kind]))
                 matmul_units_quantized(w->kind[kind] == WEIGHTS_I4,
-                                       (const i8_act *)rounded + row * blocks, blocks, panels,
-                                       w->bias, yr, end - row, K, N, first, last, accumulate,
-                                       lookahead);
+                                       (const i8_act *)rounded + row * blocks, blocks,
+                                       amx_rows_from(tables, row), panels, w->bias, yr,
+                                       end - row, K, N, first, last, accumulate, lookahead);
             else if (w->kind[kind] == WEIGHTS_F16)
                 matmul_units_f16(xr, ldx, panels, w->bias, yr, end - row, K, N, first, last,
                                  accumulate, lookahead);
