@@ -103,3 +103,15 @@ def test_nginx_session_loopback_config_passes_nginx_t(tmp_path):
     )
     assert "hash $lamina_session_key consistent;" in config.read_text()
     run([nginx, "-t", "-p", str(tmp_path), "-c", str(config), "-e", str(tmp_path / "error.log")])
+
+
+def test_the_readmes_proxy_example_passes_nginx_t(tmp_path):
+    """README's 'Behind a proxy of your own' block, inside an http block, is valid nginx
+    and keeps what streaming needs."""
+    nginx = tool("nginx")
+    readme = (DEPLOY.parent / "README.md").read_text()
+    [block] = re.findall(r"^```nginx\n(.*?)^```", readme, re.DOTALL | re.MULTILINE)
+    assert "proxy_buffering off;" in block and "proxy_http_version 1.1;" in block
+    config = tmp_path / "nginx.conf"
+    config.write_text(f"pid {tmp_path}/nginx.pid;\nevents {{}}\nhttp {{\n{block}}}\n")
+    run([nginx, "-t", "-p", str(tmp_path), "-c", str(config), "-e", str(tmp_path / "error.log")])
