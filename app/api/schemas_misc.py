@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool, StrictInt
 
 from app.api.schemas import ChatMessage, LaminaRequest
 
@@ -30,10 +30,10 @@ class TokenizeRequest(LaminaRequest):
     messages: list[ChatMessage] | None = Field(
         default=None, description="Chat messages, rendered with the model's chat template"
     )
-    add_special_tokens: bool = Field(
+    add_special_tokens: StrictBool = Field(
         default=True, description="With `prompt`: add the tokenizer's special tokens (BOS)"
     )
-    add_generation_prompt: bool = Field(
+    add_generation_prompt: StrictBool = Field(
         default=True, description="With `messages`: end with the assistant turn's header"
     )
 
@@ -48,7 +48,7 @@ class DetokenizeRequest(LaminaRequest):
     """POST /detokenize."""
 
     model: str | None = None
-    tokens: list[int] = Field(description="Token ids to turn back into text")
+    tokens: list[StrictInt] = Field(description="Token ids to turn back into text")
 
 
 class DetokenizeResponse(BaseModel):

@@ -450,6 +450,20 @@ def bad_requests(context: int) -> list[BadRequest]:
             words=("exactly one",),
         ),
         BadRequest(
+            "detokenize-loose-id",
+            "/detokenize",
+            {"tokens": [5, "6"]},
+            param="tokens[1]",
+            words=("tokens[1]", "integer"),
+        ),
+        BadRequest(
+            "tokenize-loose-bool",
+            "/tokenize",
+            {"prompt": "Hi", "add_special_tokens": "no"},
+            param="add_special_tokens",
+            words=("add_special_tokens", "boolean", "no"),
+        ),
+        BadRequest(
             "detokenize-range",
             "/detokenize",
             {"tokens": [5, -3]},
