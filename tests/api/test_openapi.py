@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from tests.api.conftest import FakeApp
@@ -59,3 +62,15 @@ async def test_an_unset_max_tokens_is_described_as_served(fake_app: FakeApp) -> 
     budget = await fake_app.client.post("/v1/completions", json={"prompt": "Hi"})
     assert budget.status_code == 200
     assert fake_app.engine.requests[-1].params.max_tokens == 1024
+
+
+async def test_the_readmes_route_table_lists_every_route(fake_app: FakeApp) -> None:
+    """README.md's HTTP API table names every route /openapi.json describes."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme[readme.index("| Route | What |") : readme.index("### Examples")]
+    spans = re.findall(r"`([^`]*)`", table)  # `POST /v1/completions`, `GET`, ...
+    paths_in = (re.search(r"/\S*", span) for span in spans)
+    listed = {re.sub(r"\{[^}]*\}", "{}", found.group()) for found in paths_in if found}
+    paths = (await fake_app.client.get("/openapi.json")).json()["paths"]
+    missing = sorted({re.sub(r"\{[^}]*\}", "{}", path) for path in paths} - listed)
+    assert not missing, f"README.md's route table lacks {missing}"
