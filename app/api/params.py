@@ -17,7 +17,7 @@ from app.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFi
 from app.api.schemas_tgi import GenerateParameters, GenerateRequest
 from app.api.state import Limits
 from app.api.tool_calls import ToolRequest, checked_tools
-from app.api.unimplemented import refuse_unimplemented
+from app.api.unimplemented import STREAM_OPTIONS_NOT_IMPLEMENTED, refuse_unimplemented
 from app.core import SamplingParams
 from app.tokenizer import Tokenizer
 
@@ -215,6 +215,16 @@ def requested_max_tokens(body: CompletionRequest | ChatCompletionRequest) -> tup
     return body.max_tokens, "max_tokens"
 
 
+def refuse_unimplemented_fields(body: SamplingFields) -> None:
+    """400 for a field of an OpenAI body, or of its `stream_options`, that lamina does not
+    implement (unimplemented.py)."""
+    refuse_unimplemented(body.model_extra)
+    if body.stream_options is not None:
+        refuse_unimplemented(
+            body.stream_options.model_extra, STREAM_OPTIONS_NOT_IMPLEMENTED, "stream_options."
+        )
+
+
 def completion_inputs(
     body: CompletionRequest, limits: Limits, tokenizer: Tokenizer
 ) -> tuple[list[list[int]], list[SamplingParams], int]:
@@ -224,7 +234,7 @@ def completion_inputs(
     n = body.n or 1
     at_most(n, settings.max_n, "n")
     parts = named_prompts(body.prompt, "prompt", settings.max_prompts_per_request)
-    refuse_unimplemented(body.model_extra)
+    refuse_unimplemented_fields(body)
     max_tokens, max_tokens_param = requested_max_tokens(body)
     at_most(max_tokens, settings.max_tokens_limit, max_tokens_param)
     logprobs = at_most(body.logprobs, settings.max_top_logprobs, "logprobs")
@@ -253,7 +263,7 @@ def chat_inputs(
     settings = limits.settings
     n = body.n or 1
     at_most(n, settings.max_n, "n")
-    refuse_unimplemented(body.model_extra)
+    refuse_unimplemented_fields(body)
     max_tokens, max_tokens_param = requested_max_tokens(body)
     at_most(max_tokens, settings.max_tokens_limit, max_tokens_param)
     top_logprobs = at_most(body.top_logprobs, settings.max_top_logprobs, "top_logprobs")

@@ -99,6 +99,11 @@ def _check_prompt(value: Any) -> Any:
 
 
 class StreamOptions(LaminaRequest):
+    """Unknown options are kept so the ones lamina does not implement are refused by name
+    (unimplemented.STREAM_OPTIONS_NOT_IMPLEMENTED)."""
+
+    model_config = ConfigDict(extra="allow")
+
     include_usage: StrictBool | None = Field(
         default=None, description="Send a last chunk with token usage before `data: [DONE]`."
     )

@@ -7,9 +7,9 @@ and `structured_outputs` are implemented (constraints.py); `tools`, `tool_choice
 `parallel_tool_calls` are fields of chat requests (tool_calls.py), so they reach this
 list only on /v1/completions.
 vLLM's extensions that would change the prompt or the output are refused the same way.
-Fields accepted and knowingly ignored are listed too; anything else unknown (a vendor
-extension) is ignored and logged at debug level (schemas.LaminaRequest).
-"""
+OpenAI's bookkeeping fields (`metadata`, `store`, `service_tier`, ...) and anything else
+unknown (a vendor extension) are ignored and logged at debug level
+(schemas.LaminaRequest)."""
 
 from __future__ import annotations
 
@@ -89,20 +89,26 @@ RESPONSES_NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prompt_cache_retention": (_never, "the prefix cache has no retention setting"),
 }
 
-# OpenAI fields accepted without effect: bookkeeping for OpenAI's own platform.
-ACCEPTED_AND_IGNORED = frozenset(
-    {"metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key", "stream_options"}
-)
+# `stream_options` of the OpenAI routes: vLLM's option that would change the stream.
+STREAM_OPTIONS_NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "continuous_usage_stats": (
+        lambda value: value is False,
+        "usage is sent once, in a last chunk (`include_usage`)",
+    ),
+}
 
 
 def refuse_unimplemented(
     extra_fields: Mapping[str, Any] | None,
     rules: Mapping[str, tuple[Callable[[Any], bool], str]] = NOT_IMPLEMENTED,
+    within: str = "",
 ) -> None:
-    """400 for the first field of `rules` whose value asks for something new."""
+    """400 for the first field of `rules` whose value asks for something new (`within`:
+    the object holding the fields, as in `stream_options.`)."""
     for name, value in (extra_fields or {}).items():
         rule = rules.get(name)
         if rule is not None and value is not None and not rule[0](value):
+            param = within + name
             raise invalid_request(
-                f"`{name}` is not supported: {rule[1]}", param=name, code="unsupported_field"
+                f"`{param}` is not supported: {rule[1]}", param=param, code="unsupported_field"
             )

@@ -191,6 +191,22 @@ async def test_an_unimplemented_field_is_refused_by_name(
     assert len(fake_app.engine.requests) == before  # nothing reached the engine
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_vllms_continuous_usage_stats_is_refused_by_name(fake_app: FakeApp, path) -> None:
+    prompt = (
+        {"messages": [{"role": "user", "content": "Hi"}]} if "chat" in path else {"prompt": "Hi"}
+    )
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = {**prompt, "max_tokens": 2, "stream": True, "stream_options": options}
+    response = await fake_app.client.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    param = "stream_options.continuous_usage_stats"
+    assert (error["param"], error["code"]) == (param, "unsupported_field")
+    options["continuous_usage_stats"] = False
+    assert (await fake_app.client.post(path, json=body)).status_code == 200
+
+
 async def test_vllm_extensions_at_their_defaults_are_served(fake_app: FakeApp) -> None:
     defaults = {
         "use_beam_search": False,
