@@ -32,6 +32,33 @@ def grammar_tokenizer(model_dir: str | Path, vocab_size: int, eos_token_id: int)
     return llguidance.LLTokenizer(path.read_text(), n_vocab=vocab_size, eos_token=eos_token_id)
 
 
+# Tokens walked at compile time (probe_first_tokens): enough to enter a JSON value's
+# first string, number or key.
+PROBE_STEPS = 3
+
+
+def lowest_allowed(mask: bytes) -> int | None:
+    """The lowest token id a bitmask allows (bit t of the mask allows token t)."""
+    for index, value in enumerate(mask):
+        if value:
+            return index * 8 + (value & -value).bit_length() - 1
+    return None
+
+
+def probe_first_tokens(matcher: llguidance.LLMatcher, steps: int, kind: str) -> None:
+    """Walk `steps` tokens down the grammar (each time the lowest token allowed), so a
+    lexer that outgrows llguidance's limits on entering its first lexeme (a pattern
+    like `^(a{1000}){1000}$`) fails here, as a 400, and not in an engine step, as the
+    request's 500. Deeper lexemes are built lazily as before."""
+    for _ in range(steps):
+        if matcher.is_stopped():
+            return
+        token = lowest_allowed(matcher.compute_bitmask())
+        if token is None or matcher.is_error() or not matcher.consume_token(token):
+            reason = (matcher.get_error() or "no token is allowed").splitlines()[0]
+            raise ConstraintError(f"unsupported {kind} constraint: {reason}")
+
+
 @dataclass(eq=False)
 class CompiledConstraint:
     """A compiled constraint: immutable, shared by every request that asked for it.
@@ -110,6 +137,7 @@ class ConstraintCompiler:
         template.compute_bitmask()
         if template.is_error():
             raise ConstraintError(f"unsupported {spec.kind} constraint: {template.get_error()}")
+        probe_first_tokens(template.deep_copy(), PROBE_STEPS, spec.kind)
         return CompiledConstraint(key, spec.kind, len(grammar), template)
 
     def _lookup(self, key: str, count_miss: bool = True) -> CompiledConstraint | None:

@@ -16,6 +16,7 @@ from app.structured import (
     bitmask_words,
     grammar_tokenizer,
 )
+from app.structured.compiler import lowest_allowed
 
 EOS = 2
 VOCAB = 49152
@@ -121,11 +122,22 @@ def test_rollback_returns_to_an_earlier_state(compiler, hf_tokenizer):
         (ConstraintSpec("grammar", "start: undefined_rule"), "undefined_rule"),
         (ConstraintSpec("choice", ()), "non-empty list"),
         (ConstraintSpec("choice", ("a", 3)), "non-empty string"),
+        # A lexer too big for llguidance's limits, built lazily on the first token
+        (
+            ConstraintSpec("json_schema", {"type": "string", "pattern": "^(a{1000}){1000}$"}),
+            "too many expressions",
+        ),
+        (ConstraintSpec("regex", "(a{1000}){1000}"), "too many expressions"),
     ],
 )
 def test_what_cannot_compile_raises_an_error_naming_it(compiler, spec, named):
     with pytest.raises(ConstraintError, match=named):
         compiler.compile_sync(spec)
+
+
+def test_lowest_allowed():
+    assert lowest_allowed(bytes([0, 0b0010_1000])) == 11
+    assert lowest_allowed(bytes(4)) is None
 
 
 def test_unknown_kind_is_refused():
