@@ -59,6 +59,14 @@ TIMEOUT_RESPONSES = {
     for reason in (HEADER_TIMEOUT, BODY_TIMEOUT)
 }
 
+# What a request that is not HTTP/1.1 gets (uvicorn's own answer is plain text).
+MALFORMED_REQUEST_RESPONSE = _canned_response(
+    "400 Bad Request",
+    "the request is not valid HTTP/1.1: a malformed request line or header, or more bytes "
+    "than its Content-Length said",
+    "invalid_http_request",
+    "invalid_request_error",
+)
 
 # After a half-close, how often to check that the client is still there.
 PROBE_INTERVAL_S = 1.0
@@ -154,6 +162,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_started_at = self.loop.time()  # these bytes begin a request head
         super().data_received(data)
         self._update_read_deadline()
+
+    def send_400_response(self, msg: str) -> None:
+        """httptools could not parse the bytes: lamina's error envelope, then close (the
+        stream cannot be resynchronised)."""
+        self.transport.write(MALFORMED_REQUEST_RESPONSE)
+        self.transport.close()
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()

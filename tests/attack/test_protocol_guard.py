@@ -6,6 +6,7 @@ answered even when its answer comes late, and the fd-limit helpers."""
 from __future__ import annotations
 
 import asyncio
+import json
 import resource
 import socket
 import subprocess
@@ -107,6 +108,24 @@ def get(path: str, close: bool = True) -> bytes:
     return (
         f"GET {path} HTTP/1.1\r\nHost: x\r\n{'Connection: close' if close else ''}\r\n\r\n".encode()
     )
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n",
+        # A body longer than its Content-Length: the rest is read as a broken request.
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nabcdef",
+    ],
+)
+def test_a_request_that_is_not_http_gets_the_error_envelope(guarded, request_bytes) -> None:
+    port, _ = guarded
+    data = exchange(port, request_bytes)
+    last = data[data.rindex(b"HTTP/1.1 ") :]
+    head, _, body = last.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head
+    assert json.loads(body)["error"]["code"] == "invalid_http_request"
 
 
 def test_a_stream_longer_than_every_timeout_is_not_cut(guarded) -> None:
