@@ -28,3 +28,11 @@ def test_every_internal_link_reaches_a_heading() -> None:
     assert len(anchors) == len(set(anchors)), "two headings share an anchor"
     broken = sorted(set(re.findall(r"\]\(#([^)]+)\)", text)) - set(anchors))
     assert not broken, f"README.md links to headings that do not exist: {broken}"
+
+
+def test_every_repository_path_the_readme_names_exists() -> None:
+    """`docs/...`, `deploy/...`, `app/...` and `tests/...` in code spans name real files
+    or folders (spans with a pattern, `{a,b}` or `*`, are left out)."""
+    spans = re.findall(r"`((?:docs|deploy|app|tests)/[\w./-]+)`", README.read_text())
+    missing = sorted({span for span in spans if not (README.parent / span).exists()})
+    assert not missing, f"README.md names paths that do not exist: {missing}"
