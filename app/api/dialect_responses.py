@@ -117,7 +117,10 @@ class ResponsesDialect(Dialect):
         self.response_id = new_response_id()
         self.body = body
         self.model = serving.model.name
-        self.store = serving.responses if body.store is not False else None
+        # A store of no entries (LAMINA_RESPONSES_STORE_MAX_ENTRIES=0) keeps nothing: the
+        # response then says `store: false`.
+        keeps = body.store is not False and serving.responses.max_entries > 0
+        self.store = serving.responses if keeps else None
         self.tool_choice = tools.choice
         self.tools_shown = [tool["function"] for tool in tools.tools]
         self.writer = EventWriter(keep=self.stream)

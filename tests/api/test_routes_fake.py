@@ -528,3 +528,21 @@ async def test_logprob_bytes_are_the_tokens_own_bytes(
         assert bytes(entry["bytes"]) == http_tokenizer.token_bytes(token_id)
         for top in entry["top_logprobs"]:
             assert top["bytes"] and (top["token"] != "\ufffd" or top["bytes"] != [239, 191, 189])
+
+
+async def test_a_server_that_stores_no_responses_says_store_false(
+    default_model_path, http_tokenizer
+) -> None:
+    """LAMINA_RESPONSES_STORE_MAX_ENTRIES=0 keeps nothing: a response asked to be stored
+    says it was not, rather than `store: true` and a 404 on the follow-up."""
+    settings = fake_settings(default_model_path, responses_store_max_entries=0)
+    async with running_fake_app(settings, FakeEngine(http_tokenizer)) as fake:
+        body = {"input": "Hi", "max_output_tokens": 2, "store": True}
+        response = await fake.client.post("/v1/responses", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["store"] is False
+    async with running_fake_app(
+        fake_settings(default_model_path), FakeEngine(http_tokenizer)
+    ) as fake:
+        response = await fake.client.post("/v1/responses", json=body)
+        assert response.json()["store"] is True
