@@ -76,3 +76,13 @@ def test_a_document_without_markers_is_refused(tmp_path: Path) -> None:
     document.write_text("no markers here\n")
     with pytest.raises(settings_doc.MarkersMissing):
         settings_doc.main(["--write", str(document)])
+
+
+def test_defaults_quoted_in_the_readmes_prose_are_the_settings() -> None:
+    """`LAMINA_X` (N) or (default N) outside the table says N is X's default: it must be."""
+    text = README.read_text()
+    quoted = re.findall(r"`LAMINA_([A-Z_]+)`\s*\((?:default\s*)?(\d[\d.,]*)", text)
+    assert quoted, "the pattern no longer finds the README's quoted defaults"
+    for name, value in quoted:
+        field = Settings.model_fields[name.lower()]
+        assert float(value.rstrip(".,").replace(",", "")) == float(field.default), (name, value)
