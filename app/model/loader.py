@@ -11,10 +11,9 @@ packed into their served storage as soon as the layer is loaded (layer_stream.py
 load holds the served model plus one layer at the model dtype; a GGUF file's 4-bit
 projections served as int4 are read from its blocks and never dequantized.
 
-Checkpoint tensors are views of the file's memory map until something copies them: the
-kernels re-lay the linear weights out into memory of their own, and what is left (the
-embedding, the norms) is copied once loading ends, so the map, which holds the whole
-file resident once it was read, is released with the last view.
+Checkpoint tensors are read from the files into memory of their own, not mapped
+(safetensors_reader.py, gguf.py): a map would keep every page read resident until the
+load ends, the whole file beside the packed copies.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from app.model.generic import load_generic
 from app.model.gguf_folder import TENSOR_TABLE
 from app.model.layer_stream import load_by_layer
 from app.model.linear import kernel_plan
+from app.model.safetensors_reader import read_safetensors
 from app.native.panels import INT4
 
 logger = logging.getLogger(__name__)
@@ -84,12 +84,8 @@ def checkpoint_tensors(
 
 
 def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
-
     for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as reader:
-            for name in reader.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, reader.get_tensor(name)
+        yield from read_safetensors(path)
 
 
 def load_model(
@@ -138,8 +134,6 @@ def load_model(
         lambda module: model.pack_linears(module, plan),
     )
     model.finish_loading(device, max_positions or config.max_position_embeddings, plan)
-    if device.type == "cpu":
-        _copy_out_of_checkpoint(model)
     _refuse_unread(model)
     reason = why_not_fused(model)
     model.fuse_layers = reason is None  # the path fused_layers.run_decoder takes
@@ -170,20 +164,6 @@ def _load_generic(model_dir, config, device, dtype, weight_dtype, batch_invarian
         logger.warning("weight_dtype applies to the native families only: ignored for %s",
                        config.architecture)  # fmt: skip
     return load_generic(model_dir, config, device, dtype, plan)
-
-
-def _copy_out_of_checkpoint(model: torch.nn.Module) -> None:
-    """Give every parameter still held memory of its own (a tied weight stays one).
-
-    On the CPU an unconverted parameter is a view of the checkpoint's memory map, which
-    keeps the whole file mapped and resident; the copies let the map go.
-    """
-    copies: dict[int, torch.nn.Parameter] = {}
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if id(param) not in copies:
-                copies[id(param)] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
-            setattr(module, name, copies[id(param)])
 
 
 def _refuse_unread(model: torch.nn.Module) -> None:

@@ -1,19 +1,24 @@
 """The loader packs each decoder layer as soon as it is loaded (app/model/layer_stream.py):
 at most about one layer's linear weights at the model dtype are alive at once, whatever
-the number of layers, so a model loads in about the memory it is served in; a checkpoint
-that does not fit the config is still refused by name."""
+the number of layers, and the checkpoint is read, never mapped (a map holds every page
+read until the load ends), so a model loads in about the memory it is served in; a
+checkpoint that does not fit the config is still refused by name."""
 
 from __future__ import annotations
 
 import gc
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from app.model.config import ModelLoadError
 from app.model.linear import Linear
 from app.model.loader import load_model
+from app.model.safetensors_reader import read_safetensors
 from tests.model.helpers import save_random_llama
 
 NUM_LAYERS = 6
@@ -43,29 +48,64 @@ def live_projection_bytes() -> int:
     return sum(nbytes for _, nbytes in seen)
 
 
+@dataclass
+class WhilePacking:
+    """What each Linear saw as it started packing."""
+
+    projection_bytes: list[int] = field(default_factory=list)  # live_projection_bytes()
+    maps: list[str] = field(default_factory=list)  # /proc/self/maps ("" without /proc)
+
+
 @pytest.fixture
-def peak_while_packing(monkeypatch):
-    """The largest live_projection_bytes() seen as each Linear starts packing."""
-    samples: list[int] = []
+def while_packing(monkeypatch) -> WhilePacking:
+    seen = WhilePacking()
     prepare = Linear.prepare_for_inference
+    maps = Path("/proc/self/maps")
 
     def sampled(self, *args, **kwargs):
-        samples.append(live_projection_bytes())
+        seen.projection_bytes.append(live_projection_bytes())
+        seen.maps.append(maps.read_text() if maps.is_file() else "")
         return prepare(self, *args, **kwargs)
 
     monkeypatch.setattr(Linear, "prepare_for_inference", sampled)
-    return samples
+    return seen
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_one_layer_of_fp32_linear_weights_at_a_time(tmp_path, peak_while_packing, tied):
+def test_one_layer_of_fp32_linear_weights_at_a_time(tmp_path, while_packing, tied):
     """bf16 storage from an fp32 checkpoint of 6 layers: while any Linear packs, the fp32
-    projection weights alive are at most one layer's (the whole model's before)."""
+    projection weights alive are at most one layer's (the whole model's before), and the
+    checkpoint file is not mapped."""
     save_random_llama(tmp_path, num_hidden_layers=NUM_LAYERS, tie_word_embeddings=tied)
     load_model(tmp_path, weight_dtype=torch.bfloat16)
-    assert len(peak_while_packing) == 4 * NUM_LAYERS + 1  # every Linear, and the head
-    assert max(peak_while_packing) <= ONE_LAYER_BYTES
+    assert len(while_packing.projection_bytes) == 4 * NUM_LAYERS + 1  # and the head
+    assert max(while_packing.projection_bytes) <= ONE_LAYER_BYTES
     assert live_projection_bytes() == 0  # nothing kept beyond the packed copies
+    checkpoint = str(tmp_path / "model.safetensors")
+    assert not any(checkpoint in maps for maps in while_packing.maps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_the_reader_gives_safetensors_own_tensors(tmp_path, dtype):
+    tensors = {
+        "b.matrix": torch.arange(35).reshape(5, 7).to(dtype),
+        "a.scalar": torch.tensor(3).to(dtype),
+        "c.empty": torch.zeros(0, 4, dtype=dtype),
+    }
+    save_file(tensors, tmp_path / "t.safetensors")
+    got = list(read_safetensors(tmp_path / "t.safetensors"))
+    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as reader:
+        assert [name for name, _ in got] == list(reader.keys())  # the same order
+    for name, tensor in got:
+        assert tensor.dtype == dtype and torch.equal(tensor, tensors[name]), name
+
+
+def test_a_cut_short_safetensors_file_is_named(tmp_path):
+    save_file({"w": torch.ones(64, 64)}, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ModelLoadError, match="'w' lies past the end of the file"):
+        list(read_safetensors(tmp_path / "model.safetensors"))
 
 
 def test_a_missing_tensor_is_named(tmp_path):
