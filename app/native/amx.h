@@ -169,13 +169,31 @@ static inline void amx_unpack_nibbles(const uint8_t *pairs, uint8_t quads[I8_QUA
     }
 }
 
+/* 4-bit: a whole panel's nibbles -> bytes, as int8's panel lays its weights out (blocks of
+ * 8 quads x 64 columns x 4 bytes, I8_BLOCK * PANEL bytes each) into `quads`: once per
+ * panel for all the 16-row tiles of a call, instead of once per tile. */
+static void amx_unpack_panel(const uint8_t *w, long blocks, uint8_t *quads) {
+    const __m512i low = _mm512_set1_epi8(15);
+    for (long b = 0; b < blocks; b++)
+        for (int p = 0; p < I4_PAIRS; p++)
+            for (int i = 0; i < 4 * PANEL; i += 64) { /* the pair's 4 units */
+                __m512i bytes = _mm512_loadu_si512(w + b * I4_BLOCK_BYTES + p * 4 * PANEL + i);
+                uint8_t *even = quads + b * I8_BLOCK * PANEL + 2 * p * 4 * PANEL + i;
+                _mm512_store_si512(even, _mm512_and_si512(bytes, low));
+                _mm512_store_si512(even + 4 * PANEL,
+                                   _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low));
+            }
+}
+
 /* Block b's products for unit v on tile set SET (0: tmm0-2, 1: tmm3-5) into sums. */
 #define AMX_BLOCK(SET, b, sums)                                                            \
     do {                                                                                   \
         const uint8_t *block = w + (b) * block_bytes + v * 4 * LANES;                      \
         const uint8_t *quads = block;                                                      \
         long quad_stride = 4 * PANEL;                                                      \
-        if (nibbles) {                                                                     \
+        if (nibbles && bytes) /* amx_unpack_panel's */                                     \
+            quads = bytes + (b) * I8_BLOCK * PANEL + v * 4 * LANES;                        \
+        else if (nibbles) {                                                                \
             amx_unpack_nibbles(block, unpacked[SET]);                                      \
             quads = unpacked[SET][0], quad_stride = 4 * LANES;                             \
         }                                                                                  \
@@ -188,8 +206,9 @@ static inline void amx_unpack_nibbles(const uint8_t *pairs, uint8_t quads[I8_QUA
 /* A tile of 16 rows x nv units of 16 columns over `blocks` blocks of int8 weights, or of
  * 4-bit ones (nibbles): tile_i8_ROWS_4's or tile_i4_ROWS_4's work and bits. A unit at a
  * time, its 16 fp32 sums in registers: x the rows' quantized blocks (row stride ldx
- * blocks), rows their scales and sums (amx_rows, from x's first row), w the panel; the
- * sums in out; with `ahead`, the next panel prefetched meanwhile (a quarter per unit).
+ * blocks), rows their scales and sums (amx_rows, from x's first row), w the panel (4-bit:
+ * its nibbles as bytes in `bytes` where amx_unpack_panel made them, else unpacked here
+ * block by block); the sums in out; with `ahead`, the next panel prefetched meanwhile (a quarter per unit).
  * The tiles take block b + 1 (on the other set) before the vector units take block b's
  * steps.
  * Slower on the Xeon (Sapphire Rapids class) this was measured on: a block of all 4 units
@@ -198,8 +217,8 @@ static inline void amx_unpack_nibbles(const uint8_t *pairs, uint8_t quads[I8_QUA
  * to a contiguous tile first, a software prefetch of the weights. The tiles and the
  * vector units did not run in parallel there: their times add. */
 static inline __attribute__((always_inline)) void amx_tile(
-    int nibbles, const i8_act *x, long ldx, amx_rows rows, const uint8_t *w, long blocks,
-    int nv, vecf out[AMX_ROWS][4], const char *ahead) {
+    int nibbles, const i8_act *x, long ldx, amx_rows rows, const uint8_t *w,
+    const uint8_t *bytes, long blocks, int nv, vecf out[AMX_ROWS][4], const char *ahead) {
     int32_t sums[2][AMX_ROWS][LANES] __attribute__((aligned(64)));
     uint8_t unpacked[2][I8_QUADS][4 * LANES] __attribute__((aligned(64))); /* 4-bit */
     const long block_bytes = nibbles ? I4_BLOCK_BYTES : I8_BLOCK_BYTES;
@@ -228,11 +247,12 @@ static inline __attribute__((always_inline)) void amx_tile(
 }
 static void amx_tile_i8(const i8_act *x, long ldx, amx_rows rows, const uint8_t *w, long blocks,
                         int nv, vecf out[AMX_ROWS][4], const char *ahead) {
-    amx_tile(0, x, ldx, rows, w, blocks, nv, out, ahead);
+    amx_tile(0, x, ldx, rows, w, 0, blocks, nv, out, ahead);
 }
-static void amx_tile_i4(const i8_act *x, long ldx, amx_rows rows, const uint8_t *w, long blocks,
-                        int nv, vecf out[AMX_ROWS][4], const char *ahead) {
-    amx_tile(1, x, ldx, rows, w, blocks, nv, out, ahead);
+static void amx_tile_i4(const i8_act *x, long ldx, amx_rows rows, const uint8_t *w,
+                        const uint8_t *bytes, long blocks, int nv, vecf out[AMX_ROWS][4],
+                        const char *ahead) {
+    amx_tile(1, x, ldx, rows, w, bytes, blocks, nv, out, ahead);
 }
 
 /* bf16 weights on AMX-BF16 (with VDPBF16PS's K-pair layout, which is TDPBF16PS's too):

@@ -264,24 +264,28 @@ static void amx_units(int nibbles, const i8_act *x, long ldx, amx_rows rows,
     vecf acc[AMX_ROWS][4];
     long blocks = K / I8_BLOCK;
     long block_bytes = nibbles ? I4_BLOCK_BYTES : I8_BLOCK_BYTES, panel_size = blocks * block_bytes;
+    /* 4-bit with two 16-row tiles or more: each panel's nibbles unpacked once for them all */
+    uint8_t *bytes = nibbles && M > AMX_ROWS ? aligned_alloc(64, blocks * I8_BLOCK * PANEL) : 0;
     amx_configure();
     for (long unit = first; unit < last; unit += 4) {
         long panel = unit / 4;
         int nv = (int)(last - unit < 4 ? last - unit : 4);
         const uint8_t *w = panels + panel * panel_size;
         const void *next = lookahead && (panel + 1) * PANEL < N ? w + panel_size : 0;
+        if (bytes) amx_unpack_panel(w, blocks, bytes);
         for (long row = 0; row < M; row += AMX_ROWS) {
             const char *ahead = /* the first tile: its unit walks read the panel strided */
                 prefetch_target(next, panel_size, row / AMX_ROWS + 1, panel_size / 64);
             amx_rows group = amx_rows_from(rows, row);
             if (nibbles)
-                amx_tile_i4(x + row * ldx, ldx, group, w, blocks, nv, acc, ahead);
+                amx_tile_i4(x + row * ldx, ldx, group, w, bytes, blocks, nv, acc, ahead);
             else
                 amx_tile_i8(x + row * ldx, ldx, group, w, blocks, nv, acc, ahead);
             store_tile(acc, AMX_ROWS, nv, y + row * N, N, unit * LANES, N, bias, accumulate);
         }
     }
     _tile_release(); /* the tile state back to its initial one: cheaper context switches */
+    free(bytes);
 }
 #endif
 
