@@ -66,7 +66,10 @@ NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
 # The embedding routes (/v1/embeddings and TGI's /embed): vLLM's and text-embeddings-
 # inference's fields that would change a vector.
 EMBEDDINGS_NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "truncate_prompt_tokens": (_never, "inputs are never truncated on /v1/embeddings"),
+    "truncate_prompt_tokens": (
+        _never,
+        "inputs are not cut to a token count (TGI's /embed takes `truncate`)",
+    ),
     "prompt_name": (_never, "prompts of a sentence-transformers config are not prepended"),
     "truncation_direction": (
         lambda value: value in ("Right", "right"),
