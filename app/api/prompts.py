@@ -76,6 +76,9 @@ def message_text(message: ChatMessage, index: int) -> str:
         )
     if isinstance(message.content, str):
         return message.content
+    if not message.content:  # as at OpenAI: a list of parts holds at least one
+        param = f"messages[{index}].content"
+        raise invalid_request(f"`{param}` is an empty list: it must hold at least one part", param)
     texts = []
     for part_index, part in enumerate(message.content):
         param = f"messages[{index}].content[{part_index}]"

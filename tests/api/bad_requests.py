@@ -307,6 +307,13 @@ def bad_requests(context: int) -> list[BadRequest]:
             words=("messages[0].content", "required", "tool_calls"),
         ),
         BadRequest(
+            "message-content-no-parts",
+            CHAT,
+            {"messages": [{"role": "user", "content": []}], "max_tokens": 4},
+            param="messages[0].content",
+            words=("messages[0].content", "empty list"),
+        ),
+        BadRequest(
             "message-content-null",
             CHAT,
             {"messages": [{"role": "assistant", "content": None}], "max_tokens": 4},
