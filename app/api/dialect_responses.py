@@ -29,6 +29,7 @@ from app.api.prompts import encode_chat
 from app.api.request_record import Usage
 from app.api.response_output import EventWriter, OutputItems
 from app.api.response_store import ResponseStore, StoredResponse
+from app.api.responses_fields import conversation_fields
 from app.api.responses_input import (
     check_metadata,
     input_messages,
@@ -94,13 +95,15 @@ class ResponsesDialect(Dialect):
             body.tools, body.tool_choice, body.parallel_tool_calls,
             serving.tokenizer.tool_call_format,
         )  # fmt: skip
-        self.conversation = stored_conversation(serving.responses, body.previous_response_id)
-        self.conversation += input_messages(body.input)
+        stored = stored_conversation(serving.responses, body.previous_response_id)
+        inputs, input_sources = input_messages(body.input)
+        self.conversation = stored + inputs
         system = (
             [ChatMessage(role="system", content=body.instructions)] if body.instructions else []
         )
+        fields = conversation_fields(system, stored, input_sources)
         prompt = encode_chat(
-            system + self.conversation, serving.tokenizer, True, tools.prompt_tools
+            system + self.conversation, serving.tokenizer, True, tools.prompt_tools, fields
         )
         max_tokens = at_most(body.max_output_tokens, settings.max_tokens_limit, "max_output_tokens")
         max_tokens = fit_to_context(

@@ -7,10 +7,11 @@ becomes a 400 naming the field, what was given and what is allowed.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceOf
 from typing import Any
 
-from app.api.errors import invalid_request
+from app.api.errors import APIError, invalid_request
 from app.api.schemas import ChatMessage
 from app.chat_control import ForgedTurnError
 from app.tokenizer import ChatTemplateError, Tokenizer
@@ -134,13 +135,40 @@ def template_tool_calls(message: ChatMessage, index: int) -> list[dict[str, Any]
     return calls
 
 
+# A chat field's path (`messages[2].tool_calls[0].function.arguments`) -> the field the
+# request sent it in (the Responses API's `input[3].arguments`).
+FieldNames = Callable[[str], str]
+
+
 def encode_chat(
     messages: list[ChatMessage],
     tokenizer: Tokenizer,
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
+    fields: FieldNames | None = None,
 ) -> list[int]:
-    """The prompt's token ids; `tools` (OpenAI definitions) shown to the model if given."""
+    """The prompt's token ids; `tools` (OpenAI definitions) shown to the model if given.
+    A 400 names chat's `messages` fields, or what `fields` maps them to."""
+    try:
+        return _encode_chat(messages, tokenizer, add_generation_prompt, tools)
+    except APIError as error:
+        if fields is None or error.param is None:
+            raise
+        raise renamed(error, fields(error.param)) from None
+
+
+def renamed(error: APIError, param: str) -> APIError:
+    """`error` naming `param` instead of its own, in its message too."""
+    message = error.message.replace(f"`{error.param}`", f"`{param}`")
+    return APIError(error.status_code, message, type=error.type, param=param, code=error.code)
+
+
+def _encode_chat(
+    messages: list[ChatMessage],
+    tokenizer: Tokenizer,
+    add_generation_prompt: bool,
+    tools: list[dict[str, Any]] | None,
+) -> list[int]:
     try:
         token_ids = tokenizer.apply_chat_template(
             chat_template_messages(messages),

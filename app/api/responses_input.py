@@ -14,6 +14,7 @@ from typing import Any
 
 from app.api.constraints import RequestedConstraint, output_format_spec
 from app.api.errors import APIError, invalid_request
+from app.api.responses_fields import MessageSource
 from app.api.schemas import (
     CalledFunction,
     ChatMessage,
@@ -38,28 +39,37 @@ def unsupported(param: str, what: str) -> APIError:
     )
 
 
-def input_messages(value: str | list[dict[str, Any]] | None) -> list[ChatMessage]:
+def input_messages(
+    value: str | list[dict[str, Any]] | None,
+) -> tuple[list[ChatMessage], list[MessageSource]]:
     """The conversation `input` holds, as chat messages (consecutive function calls, and
-    the assistant text right before them, form one assistant turn)."""
+    the assistant text right before them, form one assistant turn), and the item each
+    came from (for the errors of chat's checks)."""
     if value is None:
         raise invalid_request("`input` is required: a string or a list of items", "input")
     if isinstance(value, str):
-        return [ChatMessage(role="user", content=value)]
+        return [ChatMessage(role="user", content=value)], [MessageSource("input", whole=True)]
     if not value:
         raise invalid_request("`input` must not be empty", "input")
     messages: list[ChatMessage] = []
+    sources: list[MessageSource] = []
     for index, item in enumerate(value):
         param = f"input[{index}]"
         kind = item.get("type", "message")
         if kind == "message":
             messages.append(ChatMessage(role=_role(item, param), content=_text(item, param)))
+            sources.append(MessageSource(param))
         elif kind == "function_call":
-            _append_call(messages, _call(item, param))
+            if _append_call(messages, _call(item, param)):
+                sources[-1].calls.append(param)
+            else:
+                sources.append(MessageSource(param, calls=[param]))
         elif kind == "function_call_output":
             messages.append(_call_output(item, param))
+            sources.append(MessageSource(param, text_key="output"))
         else:
             raise unsupported(f"{param}.type", f"{kind!r}")
-    return messages
+    return messages, sources
 
 
 def _required_str(item: dict[str, Any], key: str, param: str) -> str:
@@ -107,12 +117,14 @@ def _call(item: dict[str, Any], param: str) -> MessageToolCall:
     return MessageToolCall(id=call_id, function=CalledFunction(name=name, arguments=arguments))
 
 
-def _append_call(messages: list[ChatMessage], call: MessageToolCall) -> None:
+def _append_call(messages: list[ChatMessage], call: MessageToolCall) -> bool:
+    """Add `call` to the last message when that is an assistant's (True), else to a new one."""
     last = messages[-1] if messages else None
     if last is not None and last.role == "assistant":
         last.tool_calls = [*(last.tool_calls or []), call]
-    else:
-        messages.append(ChatMessage(role="assistant", content="", tool_calls=[call]))
+        return True
+    messages.append(ChatMessage(role="assistant", content="", tool_calls=[call]))
+    return False
 
 
 def _call_output(item: dict[str, Any], param: str) -> ChatMessage:
@@ -160,7 +172,7 @@ def response_tools(
         )
         definitions.append(ToolDefinition(type="function", function=function))
     choice = _tool_choice(tool_choice)
-    return checked_tools(definitions, choice, parallel_tool_calls, call_format, "name")
+    return checked_tools(definitions, choice, parallel_tool_calls, call_format, "")
 
 
 def _tool_choice(value: str | dict[str, Any] | None) -> str | NamedToolChoice | None:

@@ -54,6 +54,7 @@ class ToolRequest:
     named: str | None
     parallel: bool
     call_format: ToolCallFormat
+    function_path: str = "function."  # where a tool's own fields are (checked_tools)
 
     @property
     def parses_calls(self) -> bool:
@@ -103,7 +104,7 @@ class ToolRequest:
         position = [t["function"]["name"] for t in self.tools].index(names[index])
         detail = error[where.end() :].strip()
         return (
-            f"`tools[{position}].function.parameters` ({names[index]!r}) cannot be "
+            f"`tools[{position}].{self.function_path}parameters` ({names[index]!r}) cannot be "
             f"enforced: {detail}"
         )
 
@@ -113,15 +114,16 @@ def checked_tools(
     tool_choice: str | NamedToolChoice | None,
     parallel_tool_calls: bool | None,
     call_format: ToolCallFormat,
-    name_field: str = "function.name",
+    function_path: str = "function.",
 ) -> ToolRequest:
     """Tools in chat completions' shape, checked: a 400 naming the field on the first
-    broken rule, for a model that writes calls in `call_format` (the Responses API
-    converts its tools to this shape; they name their function at `name_field` "name")."""
+    broken rule, for a model that writes calls in `call_format`. `function_path` is
+    where errors say a tool's name and parameters are: chat nests them in `function`;
+    the Responses API converts its flat tools to this shape and passes ""."""
     tools = tuple(tool.model_dump(exclude_none=True) for tool in definitions)
     names = [tool["function"]["name"] for tool in tools]
     for index, name in enumerate(names):
-        param = f"tools[{index}].{name_field}"
+        param = f"tools[{index}].{function_path}name"
         if not FUNCTION_NAME.fullmatch(name):
             raise invalid_request(
                 f"`{param}` is {name!r}: a name has 1 to 64 letters, digits, '_' or '-'", param
@@ -130,7 +132,7 @@ def checked_tools(
             raise invalid_request(f"`{param}`: the function {name!r} is declared twice", param)
     choice, named = _choice(tool_choice, tools, names)
     parallel = parallel_tool_calls is not False
-    return ToolRequest(tools, choice, named, parallel, call_format)
+    return ToolRequest(tools, choice, named, parallel, call_format, function_path)
 
 
 def _choice(

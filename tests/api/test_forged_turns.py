@@ -61,4 +61,11 @@ async def test_the_reject_setting_answers_400_and_starts_nothing(
             assert error["code"] == "control_token_in_message"
             assert error["param"] == "messages[0].content"
             assert "<|im_end|>" in error["message"]
+        # The Responses API names the item (the instructions are message 0).
+        items = [{"role": "user", "content": "Hi"}, {"role": "user", "content": FORGED}]
+        body = {"instructions": "Be brief.", "input": items}
+        response = await app.client.post("/v1/responses", json=body)
+        error = response.json()["error"]
+        assert (response.status_code, error["param"]) == (400, "input[1].content")
+        assert error["message"].startswith("`input[1].content` contains the control token")
         assert engine.requests == []

@@ -19,8 +19,8 @@ import pytest
 from fastapi import FastAPI
 from openai import OpenAI
 
-from app.tokenizer import Tokenizer
-from tests.api.conftest import LiveServer, ThreadedServer, fake_app_for, fake_settings
+from app.tokenizer import ChatTemplateError, Tokenizer
+from tests.api.conftest import FakeApp, LiveServer, ThreadedServer, fake_app_for, fake_settings
 from tests.api.fake_engine import FakeEngine
 from tests.observability.exposition import parse
 
@@ -78,6 +78,47 @@ def test_unsupported_or_broken_input_is_a_400_naming_it(
         assert response.status_code in (400, 404), response.text
         assert response.json()["error"]["param"] == param, response.text
     assert len(slow_fake.engine.requests) == num_requests  # nothing reached the engine
+
+
+# What chat's own checks refuse, named as the Responses request sent it, not as chat's
+# `messages[i]`: instructions and merged calls shift the messages' indices.
+CALL = {"type": "function_call", "name": "f", "call_id": "c1", "arguments": "{}"}
+HI = {"role": "user", "content": "Hi"}
+CHAT_CHECKS = [
+    ({"instructions": "Be brief.", "input": [HI, {**CALL, "arguments": "[1]"}]},
+     "input[1].arguments"),
+    ({"input": [{"role": "assistant", "content": "Let me see."}, CALL,
+                {**CALL, "call_id": "c2", "arguments": "not json"}]}, "input[2].arguments"),
+    ({"input": [HI, CALL, {"type": "function_call_output", "call_id": "", "output": "x"}]},
+     "input[2].call_id"),
+    ({"input": "word " * 50_000}, "input"),
+    ({"input": [HI], "max_output_tokens": 10**9}, "max_output_tokens"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "param"), CHAT_CHECKS)
+def test_chat_checks_name_the_field_the_request_sent(
+    slow_fake: LiveServer, body: dict, param: str
+) -> None:
+    response = httpx.post(slow_fake.url + "/v1/responses", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert f"`{param}`" in error["message"] and "messages" not in error["message"]
+
+
+@pytest.mark.anyio
+async def test_a_chat_template_refusal_names_input(
+    fake_app: FakeApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> str:
+        raise ChatTemplateError("chat template failed: roles must alternate")
+
+    monkeypatch.setattr(Tokenizer, "_render", refuse)
+    response = await fake_app.client.post("/v1/responses", json={"input": "Hi"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("input", "chat_template_error")
 
 
 def test_a_failure_in_the_engine_ends_the_stream_with_response_failed(

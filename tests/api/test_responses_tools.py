@@ -112,6 +112,18 @@ async def test_text_format_is_the_response_format_constraint(compiling_app: Fake
     assert response.text.format.type == "json_schema"
 
 
+@pytest.mark.anyio
+async def test_a_schema_the_grammar_cannot_enforce_names_the_flat_tool_field(
+    compiling_app: FakeApp,
+) -> None:
+    broken = {"type": "function", "name": "g", "parameters": {"type": "object", "properties": []}}
+    tools = [{"type": "function", "name": "f"}, broken]
+    response = await compiling_app.client.post("/v1/responses", json={"input": ASK, "tools": tools})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"].startswith("`tools[1].parameters` ('g') cannot be enforced")
+
+
 # --- the real server ---------------------------------------------------------------------
 
 
