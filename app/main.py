@@ -29,6 +29,7 @@ from app.api.auth import ApiKeyAuth
 from app.api.debug_hooks import install_test_hooks
 from app.api.engine_client import EngineClient
 from app.api.errors import install_error_handlers
+from app.api.head import HeadAsGet
 from app.api.middleware import BodyGuard
 from app.api.observability import install_observability
 from app.api.openapi import install_openapi
@@ -349,6 +350,8 @@ def create_app(
         )
     if settings.ui:  # outside the key check: the pages must load to ask for the key
         app.add_middleware(UiPages)
+    # Outside the rest, which then see the GET; inside observability, which logs HEAD.
+    app.add_middleware(HeadAsGet, router=app.router)
     install_observability(app, settings, metrics)  # last: its middleware is the outermost
     return app
 

@@ -216,10 +216,14 @@ async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code == 404:
         error = not_found(f"no route for {method} {path}", code="route_not_found")
     elif exc.status_code == 405:
-        allowed = headers.get("allow") or headers.get("Allow") or "?"
+        allowed = headers.pop("allow", None) or headers.pop("Allow", None)
+        if allowed:
+            if "GET" in allowed.split(", ") and "HEAD" not in allowed:
+                allowed += ", HEAD"  # answered on every GET route (head.py)
+            headers["Allow"] = allowed
         error = APIError(
             405,
-            f"method {method} is not allowed on {path}; allowed: {allowed}",
+            f"method {method} is not allowed on {path}; allowed: {allowed or '?'}",
             type="invalid_request_error",
             code="method_not_allowed",
             headers=headers,

@@ -546,3 +546,34 @@ async def test_a_server_that_stores_no_responses_says_store_false(
     ) as fake:
         response = await fake.client.post("/v1/responses", json=body)
         assert response.json()["store"] is True
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/v1/models", "/info"])
+async def test_head_answers_like_get_without_a_body(fake_app: FakeApp, path: str) -> None:
+    got = await fake_app.client.get(path)
+    head = await fake_app.client.head(path)
+    assert head.status_code == got.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert int(head.headers["content-length"]) == len(got.content) > 0
+
+
+async def test_other_wrong_methods_stay_405_and_allow_names_head(fake_app: FakeApp) -> None:
+    response = await fake_app.client.delete("/health")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, HEAD"
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert "allowed: GET, HEAD" in response.json()["error"]["message"]
+    # A POST route takes no HEAD: 405, as before.
+    head = await fake_app.client.head("/v1/chat/completions")
+    assert head.status_code == 405 and head.headers["allow"] == "POST"
+    paths = fake_app.app.openapi()["paths"].values()
+    assert not any("head" in operations for operations in paths)
+
+
+async def test_a_head_counts_under_its_route(fake_app: FakeApp) -> None:
+    await fake_app.client.head("/health")
+    metrics = (await fake_app.client.get("/metrics")).text
+    assert any(
+        'method="HEAD"' in line and 'route="/health"' in line for line in metrics.split("\n")
+    )
