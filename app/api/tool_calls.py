@@ -33,6 +33,7 @@ from app.api.schemas import (
     ResponseToolCall,
     ToolDefinition,
 )
+from app.structured.spec import number_out_of_range
 from app.structured.tool_grammar import FIRST_FUNCTION_LINE, tool_call_spec
 from app.tools import ArgumentsText, CallOpened, ContentText, ToolCallFormat, parse_output
 
@@ -69,6 +70,7 @@ class ToolRequest:
         """The grammar that makes calls valid (None with "none")."""
         if not self.parses_calls:
             return None
+        self._check_numbers()
         functions = [(t["function"]["name"], t["function"].get("parameters")) for t in self.tools]
         if self.named is not None:
             functions = [f for f in functions if f[0] == self.named]
@@ -80,6 +82,17 @@ class ToolRequest:
         spec = tool_call_spec(functions, required, parallel, self.call_format)
         names = [name for name, _ in functions]
         return RequestedConstraint(spec, param, explain=lambda error: self._explain(error, names))
+
+    def _check_numbers(self) -> None:
+        """A parameters schema with a number the grammar engine cannot take is a 400 here:
+        inlined in the calls' grammar it would fail with no word of where."""
+        for position, tool in enumerate(self.tools):
+            problem = number_out_of_range(tool["function"].get("parameters") or {})
+            if problem is not None:
+                field = f"tools[{position}].{self.function_path}parameters"
+                name = tool["function"]["name"]
+                message = f"`{field}` ({name!r}) cannot be enforced: {problem}"
+                raise invalid_request(message, param="tools")
 
     def joined_with(self, requested: RequestedConstraint | None) -> RequestedConstraint | None:
         """The request's one constraint: the calls' grammar, or `requested` (what the

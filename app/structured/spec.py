@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,16 @@ CONSTRAINT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar", 
 # A grammar that allows free whitespace lets a small model pad forever (newlines until
 # max_tokens); a schema's own "x-guidance" options may still ask for it.
 JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+
+
+# The numbers llguidance takes in a schema: 64-bit floats, and integers that fit i64 or
+# u64. A larger integer fails with "Value is not JSON serializable"; a float beyond f64
+# (Python reads 1e400 as infinity) reaches it as null.
+MIN_SCHEMA_INT, MAX_SCHEMA_INT = -(2**63), 2**64 - 1
+NUMBERS_ALLOWED = (
+    f"a schema's numbers must be finite 64-bit floats or integers from {MIN_SCHEMA_INT} "
+    f"to {MAX_SCHEMA_INT}"
+)
 
 
 class ConstraintError(ValueError):
@@ -86,7 +97,28 @@ def _schema_dict(value: Any) -> dict:
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, dict):
         raise ConstraintError(f"a JSON schema must be an object, not {type(schema).__name__}")
+    problem = number_out_of_range(schema)
+    if problem is not None:
+        raise ConstraintError(problem)
     return schema
+
+
+def number_out_of_range(schema: Any) -> str | None:
+    """What is wrong with a number in `schema` that llguidance cannot take, naming where
+    it is (`properties.age.maximum`); None when every number fits."""
+    pending: list[tuple[str, Any]] = [("", schema)]  # a stack: schemas nest deeply
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, dict):
+            pending += [(f"{where}.{key}" if where else str(key), v) for key, v in value.items()]
+        elif isinstance(value, list):
+            pending += [(f"{where}[{index}]", v) for index, v in enumerate(value)]
+        elif isinstance(value, float) and not math.isfinite(value):
+            beyond = f"is beyond a 64-bit float (it reads as {value})"
+            return f"`{where}` in the schema {beyond}; {NUMBERS_ALLOWED}"
+        elif isinstance(value, int) and not MIN_SCHEMA_INT <= value <= MAX_SCHEMA_INT:
+            return f"`{where}` in the schema is {value}; {NUMBERS_ALLOWED}"
+    return None
 
 
 def choice_lark(choices: Any) -> str:

@@ -157,6 +157,33 @@ async def test_an_uncompilable_schema_is_a_400_before_the_engine(
 
 
 @pytest.mark.parametrize(
+    ("bound", "what"),
+    [("1e400", "is beyond a 64-bit float (it reads as inf)"), (str(2**70), f"is {2**70}")],
+)
+async def test_an_out_of_range_number_in_a_schema_is_a_400_naming_it(
+    compiling_app: FakeApp, bound: str, what: str
+) -> None:
+    """Sent as text: Python's json reads 1e400 as infinity, and writes it back otherwise."""
+    schema = '{"type": "object", "properties": {"age": {"type": "integer", "maximum": %s}}}'
+    response_format = '{"type": "json_schema", "json_schema": {"name": "p", "schema": %s}}'
+    body = '{"messages": [{"role": "user", "content": "Hi"}], "response_format": %s}' % (
+        response_format % (schema % bound)
+    )
+    response = await compiling_app.client.post(
+        "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "response_format")
+    assert error["message"] == (
+        "`response_format` cannot be enforced: invalid json_schema constraint: "
+        f"`properties.age.maximum` in the schema {what}; a schema's numbers must be finite "
+        f"64-bit floats or integers from {-(2**63)} to {2**64 - 1}"
+    )
+    assert compiling_app.engine.requests == []
+
+
+@pytest.mark.parametrize(
     "response_format",
     [
         {"type": "json_schema"},

@@ -313,6 +313,12 @@ REFUSED = [
         "JSON object",
     ),
     ({"functions": [{"name": "f"}]}, "functions", "send `tools`"),
+    (
+        {"tools": [_tool("f", {"type": "object", "properties": {"n": {"maximum": 2**70}}})]},
+        "tools",
+        f"`tools[0].function.parameters` ('f') cannot be enforced: `properties.n.maximum` in the "
+        f"schema is {2**70}; a schema's numbers must be finite",
+    ),
 ]  # fmt: skip
 
 
