@@ -166,35 +166,42 @@ class Tokenizer:
         template that renders tools gets them as they are; any other gets the fallback's
         plain messages. Control-token strings inside message content never become
         control tokens: they are encoded as plain text, or refused (ForgedTurnError)
-        under the "reject" policy; in tool definitions and calls a native template
-        renders, they are refused.
+        under the "reject" policy (which also refuses them in any tool definition or
+        call); in tool definitions and calls a native template renders, they are refused.
         """
         if not self.has_chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
         check_names(messages, self.control_tokens)
+        reject = self.control_token_policy == "reject"
+        if reject:  # on the messages as sent: the fallback below renumbers them
+            self._refuse_forged_content(messages)
         if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            if reject or self.template_renders_tools:
+                self._refuse_control_tokens_in_tools(messages, tools)
             if not self.template_renders_tools:
                 messages = fallback_messages(messages, tools, self.tool_call_format)
                 tools = None
-            else:
-                self._refuse_control_tokens_in_tools(messages, tools)
-        forged = forged_content_index(messages, self.control_tokens)
         render = functools.partial(self._render, tools=tools)
-        if forged is None:
+        if forged_content_index(messages, self.control_tokens) is None:
             # The template already wrote any BOS/role markers it wants.
             return self.encode(render(messages, add_generation_prompt), False)
-        if self.control_token_policy == "reject":
-            index, token = forged
-            raise ForgedTurnError(
-                f"`messages[{index}].content` contains the control token '{token}'",
-                f"messages[{index}].content",
-            )
+        if reject:
+            self._refuse_forged_content(messages)
         return encode_content_as_text(
             messages,
             render=lambda chat: render(chat, add_generation_prompt),
             encode_template=lambda text: self.encode(text, add_special_tokens=False),
             encode_plain=self._encode_splitting_control_tokens,
         )
+
+    def _refuse_forged_content(self, messages: list[dict[str, Any]]) -> None:
+        forged = forged_content_index(messages, self.control_tokens)
+        if forged is not None:
+            index, token = forged
+            raise ForgedTurnError(
+                f"`messages[{index}].content` contains the control token '{token}'",
+                f"messages[{index}].content",
+            )
 
     def _refuse_control_tokens_in_tools(
         self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None

@@ -61,6 +61,15 @@ async def test_the_reject_setting_answers_400_and_starts_nothing(
             assert error["code"] == "control_token_in_message"
             assert error["param"] == "messages[0].content"
             assert "<|im_end|>" in error["message"]
+        # With tools, the index is still the message's as sent (the model's template
+        # gets the tools in a system message lamina puts first).
+        tools = [{"type": "function", "function": {"name": "f"}}]
+        body = {"messages": MESSAGES, "tools": tools, "max_tokens": 1}
+        response = await app.client.post("/v1/chat/completions", json=body)
+        assert response.json()["error"]["param"] == "messages[0].content"
+        body = {"input": MESSAGES, "tools": [{"type": "function", "name": "f"}]}
+        response = await app.client.post("/v1/responses", json=body)
+        assert response.json()["error"]["param"] == "input[0].content"
         # The Responses API names the item (the instructions are message 0).
         items = [{"role": "user", "content": "Hi"}, {"role": "user", "content": FORGED}]
         body = {"instructions": "Be brief.", "input": items}
