@@ -7,7 +7,8 @@ its linear weights into their served storage, which drops the loaded copies), so
 holds one layer at the model dtype beside what is served, not the whole model: an 8B
 model in 4 bits starts in about its served size plus one layer, not 32 GB of fp32. An
 untied head is handed over the same way; the embedding, the norms and a tied head wait
-for the end (finish_loading).
+for the end (finish_loading). The embedding keeps a bf16 or fp16 file's dtype under an
+fp32 model (embedding.py: every value exact, half the memory).
 
 A tensor on the meta device stands for a weight the kernels read from the file itself
 (a GGUF file's 4-bit blocks, gguf_int4.py): only its shape is needed, so it is never
@@ -29,8 +30,10 @@ from app.model.checkpoint_names import (
     split_layer_name,
 )
 from app.model.config import ModelConfig, ModelLoadError
+from app.model.embedding import stored_dtype
 
 _HEAD = "lm_head"
+_EMBEDDING = "model.embed_tokens.weight"
 
 
 def converted_tensors(
@@ -42,7 +45,9 @@ def converted_tensors(
     for name, tensor in tensors:
         if name.endswith("rotary_emb.inv_freq"):
             continue  # old checkpoints saved it; we recompute it from the config
-        tensor = _to(tensor, device, dtype)
+        # The embedding keeps a narrower file dtype the model dtype holds exactly
+        target = stored_dtype(tensor.dtype, dtype) if name == _EMBEDDING else dtype
+        tensor = _to(tensor, device, target)
         if name in TOP_LEVEL:
             yield TOP_LEVEL[name], tensor
             continue

@@ -18,6 +18,7 @@ from torch import nn
 
 from app.model.attention import AttentionMetadata, paged_attention
 from app.model.config import Family, ModelConfig, rope_inverse_frequencies
+from app.model.embedding import PanelEmbedding, TokenEmbedding
 from app.model.kv_cache import KVCache
 from app.model.linear import (
     KernelPlan,
@@ -25,6 +26,7 @@ from app.model.linear import (
     NativeLinearKernel,
     RowInvariance,
     RowKinds,
+    TorchLinearKernel,
     head_plan,
 )
 from app.native import NativeKernels
@@ -174,30 +176,18 @@ class LlamaDecoderLayer(nn.Module):
         return x.add_(self.mlp(self.post_attention_norm(x), kinds))
 
 
-class PanelEmbedding(nn.Module):
-    """The input embedding of a tied head, read from the head's fp32 panels.
-
-    A tied head's weight is the embedding matrix; once the native kernel has packed it
-    into panels ([ceil(vocab / 64), hidden, 64], token t in column t % 64 of panel
-    t // 64), keeping the matrix as well would hold the same numbers twice (113 MB for
-    SmolLM2-135M). Gathering a token's row across its panel copies the same bits.
-    """
-
-    def __init__(self, panels: torch.Tensor) -> None:
-        super().__init__()
-        self.panels = panels  # [ceil(vocab / 64), hidden, 64] fp32, shared with lm_head
-        self.columns = panels.shape[2]
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [N] int64 -> [N, hidden]
-        return self.panels[input_ids // self.columns, :, input_ids % self.columns]
-
-
-def _fp32_panels(linear: Linear) -> torch.Tensor | None:
-    """The fp32 panels one of `linear`'s kernels holds (the prompt kernel's, with fp16
-    weights), or None when no kernel packs the weight in full precision."""
-    for kernel in (linear.prompt_kernel, linear.kernel):
+def _embedding_from_head(head: Linear, embedding: nn.Module) -> nn.Module | None:
+    """A tied embedding read from the copy of the matrix the head keeps, where that copy
+    holds the embedding's values exactly (fp32 panels of the native kernel, a torch
+    kernel's weight, the weight itself without a kernel); None where none does."""
+    out_dtype = embedding.out_dtype
+    if head.kernel is None:
+        return TokenEmbedding.over(head.weight, out_dtype)
+    for kernel in (head.prompt_kernel, head.kernel):
         if isinstance(kernel, NativeLinearKernel) and kernel.panels.dtype == torch.float32:
-            return kernel.panels
+            return PanelEmbedding(kernel.panels, out_dtype)
+        if isinstance(kernel, TorchLinearKernel) and embedding.exact_in(kernel.weight.dtype):
+            return TokenEmbedding.over(kernel.weight, out_dtype)
     return None
 
 
@@ -208,15 +198,8 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        # An uninitialised weight (the checkpoint replaces it): nn.Embedding's random
-        # init on the meta device goes through torch._refs, whose import of torch._dynamo
-        # costs about a second of every start-up.
-        self.embed_tokens = nn.Embedding(
-            config.vocab_size,
-            config.hidden_size,
-            _weight=torch.empty(config.vocab_size, config.hidden_size),  # [vocab, hidden]
-        )
-        self.embed_tokens.weight.requires_grad_(False)
+        # Stored as the checkpoint has it where the model dtype holds it exactly (embedding.py)
+        self.embed_tokens: nn.Module = TokenEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -244,20 +227,25 @@ class LlamaForCausalLM(nn.Module):
     def finish_loading(
         self, device: torch.device, max_positions: int, plan: KernelPlan | None
     ) -> None:
-        """After the weights were assigned: re-tie the head, build rope tables, and give
-        every Linear not packed yet its kernel (`plan`; None keeps F.linear on the loaded
-        weights)."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        dtype = self.embed_tokens.weight.dtype
+        """After the weights were assigned: the embedding as served (embedding.py), the
+        head re-tied, rope tables built, and every Linear not packed yet given its kernel
+        (`plan`; None keeps F.linear on the loaded weights)."""
+        dtype = self.norm.weight.dtype  # the model dtype (the embedding may be narrower)
+        self.embed_tokens = self.embed_tokens.finish(device, dtype)
+        tied = self.config.tie_word_embeddings
+        if tied:
+            weight = self.embed_tokens.tied_weight()  # [vocab, hidden]
+            if plan is None:  # F.linear multiplies at the model dtype
+                weight = weight.to(dtype)
+            self.lm_head.weight = nn.Parameter(weight, requires_grad=False)
         self.rotary.build_cache(max_positions, device, dtype)
-        if plan is None:
-            return
-        self.native = plan.native
-        self.pack_linears(self, plan)
-        panels = _fp32_panels(self.lm_head) if self.config.tie_word_embeddings else None
-        if panels is not None:  # one copy of the tied matrix, not two
-            self.embed_tokens = PanelEmbedding(panels)
+        if plan is not None:
+            self.native = plan.native
+            self.pack_linears(self, plan)
+        if tied:  # one copy of the tied matrix where the head's holds it exactly
+            self.embed_tokens = _embedding_from_head(self.lm_head, self.embed_tokens) or (
+                self.embed_tokens
+            )
 
     @property
     def device(self) -> torch.device:

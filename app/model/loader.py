@@ -9,7 +9,8 @@ tensors are assigned into it, after q/k/v and gate/up are merged into single wei
 so every layer runs two matmuls fewer per step. Each decoder layer's linear weights are
 packed into their served storage as soon as the layer is loaded (layer_stream.py), so a
 load holds the served model plus one layer at the model dtype; a GGUF file's 4-bit
-projections served as int4 are read from its blocks and never dequantized.
+projections served as int4 are read from its blocks and never dequantized, and so is its
+Q8_0 embedding (app/model/embedding.py).
 
 Checkpoint tensors are read from the files into memory of their own, not mapped
 (safetensors_reader.py, gguf.py): a map would keep every page read resident until the
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from app.model.config import ModelLoadError, read_config_json
+from app.model.embedding import use_files_q8_0_embedding
 from app.model.families import build_model, read_model_config
 from app.model.fused_layers import why_not_fused
 from app.model.generic import load_generic
@@ -118,12 +120,15 @@ def load_model(
     plan = kernel_plan(device, dtype, weight_dtype, batch_invariant, kernels)
     with torch.device("meta"):
         model = build_model(config)
-    from_file: frozenset[str] = frozenset()
-    if plan is not None and plan.weight_dtype == INT4 and (model_dir / TENSOR_TABLE).is_file():
-        from app.model.gguf_int4 import use_files_int4_blocks
-
+    from_file: frozenset[str] = frozenset()  # weights read from a GGUF file's blocks
+    ggufs = sorted(model_dir.glob("*.gguf"))
+    if (model_dir / TENSOR_TABLE).is_file() and len(ggufs) == 1:  # as checkpoint_tensors
         table = json.loads((model_dir / TENSOR_TABLE).read_text())
-        from_file = use_files_int4_blocks(model, model_dir, table)
+        from_file = use_files_q8_0_embedding(model, ggufs[0], table)
+        if plan is not None and plan.weight_dtype == INT4:
+            from app.model.gguf_int4 import use_files_int4_blocks
+
+            from_file |= use_files_int4_blocks(model, model_dir, table)
     # Each layer is packed as soon as it is loaded: one layer at `dtype` at a time.
     num_parameters = load_by_layer(
         model,

@@ -34,6 +34,7 @@ def write_gguf(
     num_tokens: int | None = None,
     quant: str | None = None,
     quant_overrides: dict[str, str] | None = None,
+    embedding_quant: str | None = None,
 ) -> Path:
     """`folder`'s model as the GGUF file `out` (architecture `arch`); returns `out`.
 
@@ -44,7 +45,8 @@ def write_gguf(
     rest stays F32. quant_overrides: another type for the projections whose Hugging
     Face name contains a key ({"v_proj": "Q6_K"}: a mix like llama.cpp's Q4_K_M). Types
     the package cannot quantize (Q4_K, Q6_K) get random blocks (random_blocks), so their
-    weights are the file's own, not the folder's."""
+    weights are the file's own, not the folder's. embedding_quant: a type for
+    token_embd (llama.cpp's Q4_1 and Q4_0 files keep it in Q8_0)."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -67,8 +69,12 @@ def write_gguf(
             heads = num_heads if "q_proj" in name else num_kv_heads
             weight = _llama_cpp_permute(weight, heads)
         overrides = [t for key, t in (quant_overrides or {}).items() if key in name]
-        name_quant = overrides[0] if overrides else quant
-        if name_quant is not None and name.endswith("_proj.weight"):
+        name_quant = None
+        if name.endswith("_proj.weight"):
+            name_quant = overrides[0] if overrides else quant
+        elif name == "model.embed_tokens.weight":
+            name_quant = embedding_quant
+        if name_quant is not None:
             qtype = gguf.GGMLQuantizationType[name_quant]
             try:
                 raw = gguf.quants.quantize(weight, qtype)

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from app.config import Settings
 from app.model import runner as runner_module
+from app.model.embedding import PanelEmbedding, TokenEmbedding
 from app.model.kv_cache import KVCache
-from app.model.llama import PanelEmbedding
 from app.model.loader import load_model
 from app.model.memory_report import measure_memory
 from app.model.runner import ModelRunner
@@ -40,10 +40,10 @@ def test_a_tied_embedding_is_read_from_the_head_panels(native, tied_model_path):
 
 def test_an_untied_or_unpacked_embedding_stays_a_matrix(tmp_path, tied_model_path):
     untied = save_random_llama(tmp_path)
-    assert isinstance(load_model(untied).embed_tokens, torch.nn.Embedding)
+    assert isinstance(load_model(untied).embed_tokens, TokenEmbedding)
     for kernels in ("torch", "reference"):  # no fp32 panels to read from
         model = load_model(tied_model_path, kernels=kernels)
-        assert isinstance(model.embed_tokens, torch.nn.Embedding)
+        assert isinstance(model.embed_tokens, TokenEmbedding)
 
 
 def test_the_report_counts_each_copy_once(native, tied_model_path):
