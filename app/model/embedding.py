@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 Q8_0_BLOCK = 32  # weights per Q8_0 block: one fp16 scale, 32 int8
 _FP16_BYTES = 2
+_ROWS_PER_SLICE = 4096  # of a Q8_0 matrix dequantized for a tied head
 
 
 def stored_dtype(file_dtype: torch.dtype, model_dtype: torch.dtype) -> torch.dtype:
@@ -103,8 +104,14 @@ class Q8_0Embedding(nn.Module):
         return dtype == torch.float32
 
     def tied_weight(self) -> torch.Tensor:
-        """The whole matrix dequantized at the model dtype, for a tied head to pack."""
-        return self(torch.arange(self.q.shape[0], device=self.q.device))
+        """The whole matrix dequantized at the model dtype, for a tied head to pack, a
+        slice of rows at a time: the whole of it at once would hold two fp32 copies."""
+        vocab, hidden = self.q.shape
+        matrix = torch.empty(vocab, hidden, dtype=self.out_dtype, device=self.q.device)
+        for start in range(0, vocab, _ROWS_PER_SLICE):
+            ids = torch.arange(start, min(start + _ROWS_PER_SLICE, vocab), device=self.q.device)
+            matrix[start : start + len(ids)] = self(ids)
+        return matrix  # [vocab, hidden]
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [N] int64 -> [N, hidden]
         q = self.q[input_ids].float()  # [N, hidden]
