@@ -269,9 +269,9 @@ def iter_gguf_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(transformers name, float32 tensor) for every tensor of `table` (tensor_table of
     the file, already checked), one at a time, so only one dequantized tensor is held
-    beyond what the caller keeps. Those named in `from_file` (read by the kernels from
-    the file's own blocks) are not dequantized: an empty tensor of their shape on the
-    meta device stands for each."""
+    beyond what the caller keeps. Those named in `from_file` (read from the file's own
+    blocks when packed: 4-bit projections, a Q8_0 embedding) are not dequantized: an
+    empty tensor of their shape on the meta device stands for each."""
     from gguf import GGMLQuantizationType
 
     permuted = config["model_type"] in _PERMUTED_QK
