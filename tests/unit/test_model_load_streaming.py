@@ -108,28 +108,31 @@ def test_a_cut_short_safetensors_file_is_named(tmp_path):
         list(read_safetensors(tmp_path / "model.safetensors"))
 
 
-def test_a_missing_tensor_is_named(tmp_path):
-    save_random_llama(tmp_path, num_hidden_layers=3)
-    state = load_file(tmp_path / "model.safetensors")
+def _drop_o_proj(state):
     del state["model.layers.1.self_attn.o_proj.weight"]
-    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match=r"missing: layers\.1\.attn\.o_proj\.weight$"):
-        load_model(tmp_path)
 
 
-def test_a_layer_the_config_lacks_is_named(tmp_path):
-    save_random_llama(tmp_path, num_hidden_layers=3)
-    state = load_file(tmp_path / "model.safetensors")
+def _add_a_fourth_layer(state):
     state["model.layers.3.input_layernorm.weight"] = torch.ones(HIDDEN)
-    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match=r"unexpected: layers\.3\.input_norm\.weight$"):
-        load_model(tmp_path)
 
 
-def test_a_wrong_shape_is_named(tmp_path):
+def _widen_down_proj(state):
+    state["model.layers.2.mlp.down_proj.weight"] = torch.ones(HIDDEN, INTERMEDIATE + 1)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_drop_o_proj, r"missing: layers\.1\.attn\.o_proj\.weight$"),
+        (_add_a_fourth_layer, r"unexpected: layers\.3\.input_norm\.weight$"),
+        (_widen_down_proj, r"config.json in layers\.2: .*mlp\.down_proj\.weight"),
+    ],
+    ids=["missing tensor", "layer the config lacks", "wrong shape"],
+)
+def test_a_checkpoint_that_does_not_fit_is_named(tmp_path, edit, message):
     save_random_llama(tmp_path, num_hidden_layers=3)
     state = load_file(tmp_path / "model.safetensors")
-    state["model.layers.2.mlp.down_proj.weight"] = torch.ones(HIDDEN, INTERMEDIATE + 1)
+    edit(state)
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelLoadError, match=r"config.json in layers\.2: .*mlp\.down_proj\.weight"):
+    with pytest.raises(ModelLoadError, match=message):
         load_model(tmp_path)
