@@ -38,9 +38,11 @@ def stored_dtype(file_dtype: torch.dtype, model_dtype: torch.dtype) -> torch.dty
     return model_dtype
 
 
-def _exact_in(stored: torch.dtype, copy: torch.dtype) -> bool:
-    """Whether a copy in dtype `copy` of values stored as `stored` keeps them exactly."""
-    return copy == torch.float32 or copy == stored
+def _same_rows(copy: torch.dtype, stored: torch.dtype, out: torch.dtype) -> bool:
+    """Whether a copy of the matrix converted to dtype `copy` gives the rows an embedding
+    stored as `stored` serves at `out`: fp32 and `stored` hold the values exactly, and
+    `out` rounds them once, as the lookup does."""
+    return copy in (torch.float32, stored, out)
 
 
 class TokenEmbedding(nn.Module):
@@ -79,8 +81,9 @@ class TokenEmbedding(nn.Module):
         q, scales = self.file_q8_0()
         return Q8_0Embedding(q.to(device), scales.to(device), dtype)
 
-    def exact_in(self, dtype: torch.dtype) -> bool:
-        return _exact_in(self.weight.dtype, dtype)
+    def same_rows_from(self, dtype: torch.dtype) -> bool:
+        """Whether a copy of the matrix converted to `dtype` serves the same rows."""
+        return _same_rows(dtype, self.weight.dtype, self.out_dtype)
 
     def tied_weight(self) -> torch.Tensor:
         """The matrix a tied head packs: the stored one (the kernels convert it)."""
@@ -100,8 +103,10 @@ class Q8_0Embedding(nn.Module):
         self.scales = nn.Parameter(scales, requires_grad=False)  # [vocab, hidden / 32] fp16
         self.out_dtype = out_dtype
 
-    def exact_in(self, dtype: torch.dtype) -> bool:
-        return dtype == torch.float32
+    def same_rows_from(self, dtype: torch.dtype) -> bool:
+        """Whether a copy of the matrix converted to `dtype` serves the same rows (the
+        blocks' values need fp32's 24 significant bits)."""
+        return _same_rows(dtype, torch.float32, self.out_dtype)
 
     def tied_weight(self) -> torch.Tensor:
         """The whole matrix dequantized at the model dtype, for a tied head to pack, a

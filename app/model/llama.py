@@ -178,15 +178,16 @@ class LlamaDecoderLayer(nn.Module):
 
 def _embedding_from_head(head: Linear, embedding: nn.Module) -> nn.Module | None:
     """A tied embedding read from the copy of the matrix the head keeps, where that copy
-    holds the embedding's values exactly (fp32 panels of the native kernel, a torch
-    kernel's weight, the weight itself without a kernel); None where none does."""
+    gives the rows the embedding serves (fp32 panels of the native kernel, a torch
+    kernel's weight in fp32, the stored dtype or the model dtype, the weight itself
+    without a kernel); None where none does."""
     out_dtype = embedding.out_dtype
     if head.kernel is None:
         return TokenEmbedding.over(head.weight, out_dtype)
     for kernel in (head.prompt_kernel, head.kernel):
         if isinstance(kernel, NativeLinearKernel) and kernel.panels.dtype == torch.float32:
             return PanelEmbedding(kernel.panels, out_dtype)
-        if isinstance(kernel, TorchLinearKernel) and embedding.exact_in(kernel.weight.dtype):
+        if isinstance(kernel, TorchLinearKernel) and embedding.same_rows_from(kernel.weight.dtype):
             return TokenEmbedding.over(kernel.weight, out_dtype)
     return None
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.model import loader
+from app.model import linear, loader
 from app.model.embedding import PanelEmbedding, Q8_0Embedding
 from app.model.kv_cache import KVCache
 from app.model.loader import load_model
@@ -92,3 +92,27 @@ def test_the_default_gguf_serves_the_same_logits(native, monkeypatch, default_gg
     folder = resolve_model_folder(default_gguf_path)
     model = _check_same_as_dequantized(monkeypatch, folder, WEIGHT_DTYPES[weight], PROMPT[:6])
     assert isinstance(model.embed_tokens, Q8_0Embedding)  # 29 MiB, not 108
+
+
+def test_a_bf16_model_reads_a_tied_q8_0_embedding_from_the_heads_bf16_weight(
+    q8_0_embedding_gguf, monkeypatch
+):
+    """The path CUDA takes (torch's kernel on the weight at the model dtype), on the CPU:
+    the head's bf16 matrix serves the rows the Q8_0 blocks would, rounded to bf16 once."""
+    monkeypatch.setattr(linear, "onednn_available", lambda dtype: False)
+    model = load_model(q8_0_embedding_gguf, dtype=torch.bfloat16, kernels="torch")
+    old = _dequantized_load_at(monkeypatch, q8_0_embedding_gguf, torch.bfloat16)
+    ids = torch.arange(model.config.vocab_size)
+    assert torch.equal(model.embed(ids), old.embed(ids))
+    assert model.embed(ids).dtype == torch.bfloat16
+    if model.config.tie_word_embeddings:  # one bf16 matrix, the head's
+        assert isinstance(model.lm_head.kernel, linear.TorchLinearKernel)
+        assert model.embed_tokens.weight.data_ptr() == model.lm_head.kernel.weight.data_ptr()
+    else:
+        assert isinstance(model.embed_tokens, Q8_0Embedding)
+
+
+def _dequantized_load_at(monkeypatch, folder, dtype):
+    with monkeypatch.context() as patch:
+        patch.setattr(loader, "use_files_q8_0_embedding", lambda *args: frozenset())
+        return load_model(folder, dtype=dtype, kernels="torch")
