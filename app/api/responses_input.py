@@ -98,6 +98,11 @@ def _text(item: dict[str, Any], param: str, key: str = "content") -> str:
         raise invalid_request(
             f"`{param}.{key}` must be a string or a list of text parts", f"{param}.{key}"
         )
+    if not content and key == "content":  # as chat's messages: a list holds one part or more
+        raise invalid_request(
+            f"`{param}.content` is an empty list: it must hold at least one part",
+            f"{param}.content",
+        )
     texts = []
     for index, part in enumerate(content):
         part_param = f"{param}.{key}[{index}]"

@@ -27,6 +27,7 @@ from tests.observability.exposition import parse
 IMAGE = {"type": "input_image", "image_url": "https://example.com/a.png"}
 REFUSED = [
     ({"input": [{"role": "user", "content": [IMAGE]}]}, "input[0].content[0].type"),
+    ({"input": [{"role": "user", "content": []}]}, "input[0].content"),
     ({"input": [{"type": "input_file", "file_id": "f"}]}, "input[0].type"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
     ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
