@@ -27,6 +27,8 @@ _DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
 _HEADER_SIZE_BYTES = 8
+_MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+_ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -49,10 +51,22 @@ def _header(file, path: Path) -> tuple[dict, int]:
     """The JSON header (without __metadata__) and where the data starts."""
     try:
         (size,) = struct.unpack("<Q", file.read(_HEADER_SIZE_BYTES))
+        # Checked before it is read: another file in the weights' place (a Git LFS
+        # pointer, a web page) gives a size of exabytes, which read() would allocate.
+        if size > min(_MAX_HEADER_BYTES, path.stat().st_size - _HEADER_SIZE_BYTES):
+            raise ValueError(f"a header of {size} bytes")
         header = json.loads(file.read(size))
     except (struct.error, ValueError) as exc:
         raise ModelLoadError(f"{path}: not a safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path}: not a safetensors file (its header is not an object)")
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        if not (isinstance(entry, dict) and entry.keys() >= _ENTRY_FIELDS):
+            raise ModelLoadError(
+                f"{path}: not a safetensors file (tensor {name!r} lacks one of "
+                f"{', '.join(sorted(_ENTRY_FIELDS))})"
+            )
     return header, _HEADER_SIZE_BYTES + size
 
 

@@ -108,6 +108,28 @@ def test_a_cut_short_safetensors_file_is_named(tmp_path):
         list(read_safetensors(tmp_path / "model.safetensors"))
 
 
+def _with_header(header: bytes) -> bytes:
+    return len(header).to_bytes(8, "little") + header
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        # a Git LFS pointer saved in the weights' place: its first 8 bytes read as a
+        # header of exabytes, which must not be allocated
+        b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n",
+        _with_header(b"[1, 2]"),  # a header that is not an object
+        _with_header(b'{"w": [1]}'),  # an entry that is not an object
+        _with_header(b'{"w": {"dtype": "F32"}}'),  # an entry without a shape or offsets
+    ],
+    ids=["lfs-pointer", "header-list", "entry-list", "entry-fields"],
+)
+def test_a_file_that_is_not_safetensors_is_named(tmp_path, content):
+    (tmp_path / "model.safetensors").write_bytes(content)
+    with pytest.raises(ModelLoadError, match="model.safetensors: not a safetensors file"):
+        list(read_safetensors(tmp_path / "model.safetensors"))
+
+
 def _drop_o_proj(state):
     del state["model.layers.1.self_attn.o_proj.weight"]
 
