@@ -237,8 +237,9 @@ def check_tensors(reader, path: Path) -> None:
         raise ModelLoadError(f"{path}: tensor 'token_embd.weight' is missing")
 
 
-def _unpermute(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k permutation: per head, [dim/2 pairs, 2] -> [2, dim/2]."""
+def _unpermute(weight: Any, num_heads: int) -> Any:
+    """Undo llama.cpp's q/k permutation: per head, [dim/2 pairs, 2] -> [2, dim/2]. An
+    ndarray or a tensor (both reshape and swap axes alike)."""
     # [num_heads * head_dim, in] -> [num_heads, head_dim/2, 2, in] -> swap -> back
     half = weight.shape[0] // num_heads // 2
     grouped = weight.reshape(num_heads, half, 2, *weight.shape[1:])
@@ -261,17 +262,25 @@ def tensor_table(reader) -> list[dict[str, Any]]:
     ]
 
 
+# Half-precision tensors are yielded as stored, not dequantized to fp32: the loader
+# converts each to the model dtype (exactly, as dequantizing did), except the input
+# embedding, which keeps the file's fp16/bf16 where that holds it exactly
+# (embedding.stored_dtype): half the memory, and no fp32 copy of each tensor on the way.
+_HALF_TYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def iter_gguf_tensors(
     path: Path,
     config: dict[str, Any],
     table: list[dict[str, Any]],
     from_file: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(transformers name, float32 tensor) for every tensor of `table` (tensor_table of
+    """(transformers name, tensor) for every tensor of `table` (tensor_table of
     the file, already checked), one at a time, so only one dequantized tensor is held
     beyond what the caller keeps. Those named in `from_file` (read from the file's own
     blocks when packed: 4-bit projections, a Q8_0 embedding) are not dequantized: an
-    empty tensor of their shape on the meta device stands for each."""
+    empty tensor of their shape on the meta device stands for each. A tensor is float32,
+    or float16/bfloat16 where the file stores it so."""
     from gguf import GGMLQuantizationType
 
     permuted = config["model_type"] in _PERMUTED_QK
@@ -285,8 +294,15 @@ def iter_gguf_tensors(
             if name in from_file:
                 yield name, torch.empty(shape, dtype=torch.float32, device="meta")
                 continue
-            values = dequantize(_read(file, entry), GGMLQuantizationType[entry["type"]], shape)
             part = entry["name"].split(".")[2] if entry["name"].startswith("blk.") else ""
+            if entry["type"] in _HALF_TYPES:  # kept as stored (see _HALF_TYPES)
+                half = torch.from_numpy(_read(file, entry)).view(_HALF_TYPES[entry["type"]])
+                half = half.reshape(shape)
+                if permuted and part in heads:
+                    half = _unpermute(half, heads[part]).contiguous()
+                yield name, half
+                continue
+            values = dequantize(_read(file, entry), GGMLQuantizationType[entry["type"]], shape)
             if permuted and part in heads:
                 values = np.ascontiguousarray(_unpermute(values, heads[part]))
             yield name, torch.from_numpy(values)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.model import linear, loader
+from app.model import gguf, linear, loader
 from app.model.embedding import PanelEmbedding, Q8_0Embedding
 from app.model.kv_cache import KVCache
 from app.model.loader import load_model
@@ -116,3 +116,27 @@ def _dequantized_load_at(monkeypatch, folder, dtype):
     with monkeypatch.context() as patch:
         patch.setattr(loader, "use_files_q8_0_embedding", lambda *args: frozenset())
         return load_model(folder, dtype=dtype, kernels="torch")
+
+
+@pytest.mark.parametrize("half", ["F16", "BF16"])
+def test_a_half_precision_embedding_stays_as_the_file_stores_it(
+    native, monkeypatch, tmp_path, default_model_path, half
+):
+    """An F16/BF16 token_embd (an F16 file's) is kept in the file's dtype, its rows the
+    fp32 values of before bit for bit; the projections (F16 too, q and k permuted by
+    llama.cpp) serve the same logits as when every tensor was dequantized to fp32."""
+    folder = save_random_model(tmp_path / "tiny", "LlamaConfig", seed=7, vocab_size=NUM_TOKENS)
+    for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (folder / file).write_bytes((default_model_path / file).read_bytes())
+    out = tmp_path / "tiny.gguf"
+    write_gguf(folder, out, num_tokens=NUM_TOKENS, quant=half, embedding_quant=half)
+    gguf_folder = resolve_model_folder(out)
+    new = load_model(gguf_folder)
+    assert new.embed_tokens.weight.dtype == gguf._HALF_TYPES[half]
+    with monkeypatch.context() as patch:  # as before: every tensor dequantized to fp32
+        patch.setattr(gguf, "_HALF_TYPES", {})
+        old = load_model(gguf_folder)
+    assert old.embed_tokens.weight.dtype == torch.float32
+    ids = torch.arange(new.config.vocab_size)
+    assert torch.equal(new.embed(ids), old.embed_tokens.weight)
+    assert torch.equal(_logits(new, PROMPT), _logits(old, PROMPT))
