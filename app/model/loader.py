@@ -69,19 +69,30 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     )
 
 
-def checkpoint_tensors(
-    model_dir: Path, from_file: frozenset[str] = frozenset()
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(transformers name, tensor) of the folder's checkpoint: its safetensors, or the .gguf
-    file and tensor table of a folder gguf_folder.py wrote (the weights named in
-    `from_file`, which the kernels read from its blocks, as shapes on the meta device)."""
+def gguf_checkpoint(model_dir: Path) -> tuple[Path, list[dict]] | None:
+    """The .gguf file and tensor table of a folder gguf_folder.py wrote; None for a
+    safetensors folder."""
     table = model_dir / TENSOR_TABLE
     ggufs = sorted(model_dir.glob("*.gguf"))
     if table.is_file() and len(ggufs) == 1:
+        return ggufs[0], json.loads(table.read_text())
+    return None
+
+
+def checkpoint_tensors(
+    model_dir: Path,
+    gguf: tuple[Path, list[dict]] | None,
+    from_file: frozenset[str] = frozenset(),
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers name, tensor) of the folder's checkpoint: its safetensors, or the
+    `gguf` file and tensor table (gguf_checkpoint) of a folder gguf_folder.py wrote (the
+    weights named in `from_file`, which the kernels read from its blocks, as shapes on
+    the meta device)."""
+    if gguf is not None:
         from app.model.gguf import iter_gguf_tensors
 
-        config = read_config_json(model_dir)
-        return iter_gguf_tensors(ggufs[0], config, json.loads(table.read_text()), from_file)
+        path, table = gguf
+        return iter_gguf_tensors(path, read_config_json(model_dir), table, from_file)
     return _iter_checkpoint(safetensors_files(model_dir))
 
 
@@ -121,10 +132,10 @@ def load_model(
     with torch.device("meta"):
         model = build_model(config)
     from_file: frozenset[str] = frozenset()  # weights read from a GGUF file's blocks
-    ggufs = sorted(model_dir.glob("*.gguf"))
-    if (model_dir / TENSOR_TABLE).is_file() and len(ggufs) == 1:  # as checkpoint_tensors
-        table = json.loads((model_dir / TENSOR_TABLE).read_text())
-        from_file = use_files_q8_0_embedding(model, ggufs[0], table)
+    gguf = gguf_checkpoint(model_dir)
+    if gguf is not None:
+        gguf_path, table = gguf
+        from_file = use_files_q8_0_embedding(model, gguf_path, table)
         if plan is not None and plan.weight_dtype == INT4:
             from app.model.gguf_int4 import use_files_int4_blocks
 
@@ -132,7 +143,7 @@ def load_model(
     # Each layer is packed as soon as it is loaded: one layer at `dtype` at a time.
     num_parameters = load_by_layer(
         model,
-        checkpoint_tensors(model_dir, from_file),
+        checkpoint_tensors(model_dir, gguf, from_file),
         config,
         device,
         dtype,
