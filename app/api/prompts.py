@@ -62,6 +62,11 @@ def require_tokens(token_ids: list[int], param: str) -> list[int]:
     return token_ids
 
 
+def no_parts(param: str) -> APIError:
+    """The 400 for a content list without parts (as at OpenAI: a list holds one or more)."""
+    return invalid_request(f"`{param}` is an empty list: it must hold at least one part", param)
+
+
 def message_text(message: ChatMessage, index: int) -> str:
     """The text of one chat message; content parts must all be text. Only an assistant
     message that carries tool calls may have no content (as at OpenAI): elsewhere a
@@ -77,9 +82,8 @@ def message_text(message: ChatMessage, index: int) -> str:
         )
     if isinstance(message.content, str):
         return message.content
-    if not message.content:  # as at OpenAI: a list of parts holds at least one
-        param = f"messages[{index}].content"
-        raise invalid_request(f"`{param}` is an empty list: it must hold at least one part", param)
+    if not message.content:
+        raise no_parts(f"messages[{index}].content")
     texts = []
     for part_index, part in enumerate(message.content):
         param = f"messages[{index}].content[{part_index}]"

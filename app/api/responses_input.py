@@ -14,6 +14,7 @@ from typing import Any
 
 from app.api.constraints import RequestedConstraint, output_format_spec
 from app.api.errors import APIError, invalid_request
+from app.api.prompts import no_parts
 from app.api.responses_fields import MessageSource
 from app.api.schemas import (
     CalledFunction,
@@ -98,11 +99,8 @@ def _text(item: dict[str, Any], param: str, key: str = "content") -> str:
         raise invalid_request(
             f"`{param}.{key}` must be a string or a list of text parts", f"{param}.{key}"
         )
-    if not content and key == "content":  # as chat's messages: a list holds one part or more
-        raise invalid_request(
-            f"`{param}.content` is an empty list: it must hold at least one part",
-            f"{param}.content",
-        )
+    if not content and key == "content":  # as chat's messages[i].content
+        raise no_parts(f"{param}.content")
     texts = []
     for index, part in enumerate(content):
         part_param = f"{param}.{key}[{index}]"
